@@ -1,0 +1,506 @@
+//! `SPIKE_*` environment variables turned into validated, immutable configuration.
+//!
+//! Every variable of DESIGN.md §7 is read here and nowhere else. Parsing takes a lookup
+//! function instead of reading the process environment directly, so tests can feed it a map.
+//! Errors name the variable and say what is wrong in one line; values of variables that may
+//! hold credentials (the database URL) are never echoed.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::Uri;
+
+use crate::identity::SvidPaths;
+
+/// One configuration problem, named by its variable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A variable holds a value that cannot be used.
+    #[error("{var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+    /// A required variable is unset or empty.
+    #[error("{var} must be set: {hint}")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    /// The SVID files could not be located.
+    #[error("{0}")]
+    Svid(#[from] crate::identity::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where configuration values come from: the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment. Empty values count as unset, as SPIKE does.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<S: std::hash::BuildHasher> Source for std::collections::HashMap<String, String, S> {
+    fn get(&self, name: &str) -> Option<String> {
+        std::collections::HashMap::get(self, name)
+            .filter(|v| !v.trim().is_empty())
+            .cloned()
+    }
+}
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "spike.ist";
+pub const DEFAULT_NEXUS_ADDR: &str = ":8553";
+pub const DEFAULT_KEEPER_ADDR: &str = ":8443";
+pub const DEFAULT_API_URL: &str = "https://localhost:8553";
+/// How often servers look for rotated SVID files on disk.
+pub const SVID_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What every server process needs: who it is and which trust domain it serves.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// `SPIKE_TRUST_ROOT`: the only trust domain whose SVIDs are accepted.
+    pub trust_domain: String,
+    /// This process's SVID files (`SPIKE_SVID_DIR` and the single-file overrides).
+    pub svid: SvidPaths,
+}
+
+impl Identity {
+    pub fn from_source(env: &impl Source) -> Result<Identity> {
+        let trust_domain = trust_domain(env)?;
+        let path = |name| env.get(name).map(PathBuf::from);
+        let svid = SvidPaths::resolve(
+            path("SPIKE_SVID_DIR"),
+            path("SPIKE_SVID_CERT"),
+            path("SPIKE_SVID_KEY"),
+            path("SPIKE_SVID_BUNDLE"),
+        )?;
+        Ok(Identity { trust_domain, svid })
+    }
+}
+
+/// `SPIKE_TRUST_ROOT`, validated as a SPIFFE trust domain name.
+pub fn trust_domain(env: &impl Source) -> Result<String> {
+    let td = env
+        .get("SPIKE_TRUST_ROOT")
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+    crate::identity::SpiffeId::parse(&format!("spiffe://{td}")).map_err(|e| Error::Invalid {
+        var: "SPIKE_TRUST_ROOT",
+        reason: format!("{td:?} is not a valid trust domain ({e})"),
+    })?;
+    Ok(td)
+}
+
+/// `spike keeper` configuration.
+#[derive(Clone, Debug)]
+pub struct KeeperConfig {
+    /// `SPIKE_KEEPER_TLS_PORT`: where the Keeper listens.
+    pub listen: SocketAddr,
+    pub identity: Identity,
+}
+
+impl KeeperConfig {
+    pub fn from_source(env: &impl Source) -> Result<KeeperConfig> {
+        Ok(KeeperConfig {
+            listen: listen_addr(env, "SPIKE_KEEPER_TLS_PORT", DEFAULT_KEEPER_ADDR)?,
+            identity: Identity::from_source(env)?,
+        })
+    }
+}
+
+/// Which backing store Nexus uses (`SPIKE_NEXUS_BACKEND_STORE`).
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// In-process only; for tests and ephemeral dev clusters.
+    Memory,
+    /// `SPIKE_NEXUS_DATA_DIR/spike.db`.
+    Sqlite { data_dir: PathBuf },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Sqlite { .. } => "sqlite",
+        }
+    }
+}
+
+/// `spike nexus` configuration.
+#[derive(Clone, Debug)]
+pub struct NexusConfig {
+    /// `SPIKE_NEXUS_TLS_PORT`.
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    /// `SPIKE_NEXUS_KEEPER_PEERS`, in order: position i (1-based) is Shamir index i.
+    pub keeper_peers: Vec<Uri>,
+    /// `SPIKE_NEXUS_SHAMIR_SHARES`.
+    pub shares: u8,
+    /// `SPIKE_NEXUS_SHAMIR_THRESHOLD`.
+    pub threshold: u8,
+    /// `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`: how often every Keeper is sent its shard again.
+    pub keeper_update_interval: Duration,
+    /// `SPIKE_NEXUS_RECOVERY_MAX_INTERVAL`: the longest wait between two attempts to collect
+    /// shards while the root key is not loaded.
+    pub recovery_max_interval: Duration,
+    /// `SPIKE_NEXUS_KEEPER_TIMEOUT`: one request to one Keeper, connection included.
+    pub keeper_timeout: Duration,
+    /// `SPIKE_NEXUS_BACKEND_STORE` and its settings.
+    pub backend: Backend,
+    /// `SPIKE_NEXUS_MAX_SECRET_VERSIONS`.
+    pub max_secret_versions: u32,
+    /// `SPIKE_NEXUS_MAX_BODY_BYTES`: requests with a larger body get 413.
+    pub max_body_bytes: usize,
+}
+
+impl NexusConfig {
+    pub fn from_source(env: &impl Source) -> Result<NexusConfig> {
+        let listen = listen_addr(env, "SPIKE_NEXUS_TLS_PORT", DEFAULT_NEXUS_ADDR)?;
+        let shares = number::<u8>(env, "SPIKE_NEXUS_SHAMIR_SHARES", 3)?;
+        let threshold = number::<u8>(env, "SPIKE_NEXUS_SHAMIR_THRESHOLD", 2)?;
+        if shares == 0 {
+            return Err(invalid(
+                "SPIKE_NEXUS_SHAMIR_SHARES",
+                "must be between 1 and 255",
+            ));
+        }
+        if threshold == 0 || threshold > shares {
+            return Err(invalid(
+                "SPIKE_NEXUS_SHAMIR_THRESHOLD",
+                format!(
+                    "must be between 1 and SPIKE_NEXUS_SHAMIR_SHARES ({shares}), got {threshold}"
+                ),
+            ));
+        }
+        let keeper_peers = keeper_peers(env)?;
+        if keeper_peers.len() != usize::from(shares) {
+            return Err(invalid(
+                "SPIKE_NEXUS_KEEPER_PEERS",
+                format!(
+                    "lists {} Keeper(s) but SPIKE_NEXUS_SHAMIR_SHARES is {shares}: give one Keeper URL per share",
+                    keeper_peers.len()
+                ),
+            ));
+        }
+        let backend = match env
+            .get("SPIKE_NEXUS_BACKEND_STORE")
+            .unwrap_or_else(|| "sqlite".into())
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "sqlite" => Backend::Sqlite {
+                data_dir: env
+                    .get("SPIKE_NEXUS_DATA_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/spike")),
+            },
+            "memory" => Backend::Memory,
+            other => {
+                return Err(invalid(
+                    "SPIKE_NEXUS_BACKEND_STORE",
+                    format!("unknown backend {other:?} (expected sqlite or memory)"),
+                ));
+            }
+        };
+        let max_secret_versions = number::<u32>(env, "SPIKE_NEXUS_MAX_SECRET_VERSIONS", 10)?;
+        if max_secret_versions == 0 {
+            return Err(invalid(
+                "SPIKE_NEXUS_MAX_SECRET_VERSIONS",
+                "must be at least 1",
+            ));
+        }
+        let max_body_bytes = number::<usize>(env, "SPIKE_NEXUS_MAX_BODY_BYTES", 1 << 20)?;
+        if max_body_bytes < 1024 {
+            return Err(invalid(
+                "SPIKE_NEXUS_MAX_BODY_BYTES",
+                "must be at least 1024",
+            ));
+        }
+        Ok(NexusConfig {
+            listen,
+            identity: Identity::from_source(env)?,
+            keeper_peers,
+            shares,
+            threshold,
+            keeper_update_interval: duration(
+                env,
+                "SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL",
+                Duration::from_secs(300),
+            )?,
+            recovery_max_interval: duration(
+                env,
+                "SPIKE_NEXUS_RECOVERY_MAX_INTERVAL",
+                Duration::from_secs(10),
+            )?,
+            keeper_timeout: duration(env, "SPIKE_NEXUS_KEEPER_TIMEOUT", Duration::from_secs(5))?,
+            backend,
+            max_secret_versions,
+            max_body_bytes,
+        })
+    }
+}
+
+fn invalid(var: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        var,
+        reason: reason.into(),
+    }
+}
+
+fn number<T: std::str::FromStr>(env: &impl Source, var: &'static str, default: T) -> Result<T> {
+    match env.get(var) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| invalid(var, format!("{v:?} is not a valid number in range"))),
+    }
+}
+
+fn duration(env: &impl Source, var: &'static str, default: Duration) -> Result<Duration> {
+    match env.get(var) {
+        None => Ok(default),
+        Some(v) => match parse_duration(&v) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(invalid(
+                var,
+                format!("{v:?} is not a positive duration (examples: 5m, 30s, 500ms, 1h30m)"),
+            )),
+        },
+    }
+}
+
+/// Parses Go-style durations as SPIKE writes them: `300ms`, `2s`, `5m`, `1h30m`.
+/// A bare number is taken as seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.checked_mul(60)?),
+            "h" => Duration::from_secs(value.checked_mul(3600)?),
+            _ => return None,
+        };
+        total = total.checked_add(unit)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+/// `:8553`, `8553`, `127.0.0.1:8553` or `[::1]:8553`.
+fn listen_addr(env: &impl Source, var: &'static str, default: &str) -> Result<SocketAddr> {
+    let text = env.get(var).unwrap_or_else(|| default.to_string());
+    parse_listen_addr(&text).ok_or_else(|| {
+        invalid(
+            var,
+            format!(
+                "{text:?} is not a listen address (examples: :8553, 127.0.0.1:8553, [::1]:8553)"
+            ),
+        )
+    })
+}
+
+pub fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    if let Some(port) = text
+        .strip_prefix(':')
+        .or(Some(text).filter(|t| !t.contains(':')))
+    {
+        let port: u16 = port.parse().ok()?;
+        return Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    text.parse().ok()
+}
+
+fn keeper_peers(env: &impl Source) -> Result<Vec<Uri>> {
+    const VAR: &str = "SPIKE_NEXUS_KEEPER_PEERS";
+    let text = env.get(VAR).ok_or(Error::Missing {
+        var: VAR,
+        hint: "a comma-separated list of Keeper URLs such as https://10.0.0.1:8443,https://10.0.0.2:8443",
+    })?;
+    let mut peers: Vec<Uri> = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        let uri = parse_https_url(item).map_err(|reason| invalid(VAR, reason))?;
+        if peers.contains(&uri) {
+            return Err(invalid(VAR, format!("{item:?} is listed twice")));
+        }
+        peers.push(uri);
+    }
+    Ok(peers)
+}
+
+/// An `https://host[:port]` URL with nothing after the authority but an optional `/`.
+pub fn parse_https_url(item: &str) -> std::result::Result<Uri, String> {
+    let uri: Uri = item
+        .parse()
+        .map_err(|_| format!("{item:?} is not a URL (expected https://host:port)"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{item:?} must start with https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{item:?} has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{item:?} must not have a path or query"));
+    }
+    Ok(uri)
+}
+
+/// `SPIKE_NEXUS_API_URL`: one URL or a comma-separated list, for clients.
+pub fn api_urls(env: &impl Source) -> Result<Vec<Uri>> {
+    const VAR: &str = "SPIKE_NEXUS_API_URL";
+    let text = env.get(VAR).unwrap_or_else(|| DEFAULT_API_URL.to_string());
+    text.split(',')
+        .map(|item| parse_https_url(item.trim()).map_err(|reason| invalid(VAR, reason)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.entry("SPIKE_SVID_DIR".into())
+            .or_insert_with(|| "/nonexistent/svid".into());
+        map
+    }
+
+    const PEERS: &str = "https://127.0.0.1:8443,https://127.0.0.1:8543,https://127.0.0.1:8643";
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        for bad in ["", "m", "5x", "-1s", "1.5s", "s5"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen_addr(":8553").unwrap().port(), 8553);
+        assert_eq!(parse_listen_addr("8553").unwrap().port(), 8553);
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:9").unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert!(parse_listen_addr("[::1]:9").unwrap().is_ipv6());
+        assert!(parse_listen_addr("localhost:x").is_none());
+    }
+
+    #[test]
+    fn nexus_defaults() {
+        let cfg = NexusConfig::from_source(&env(&[("SPIKE_NEXUS_KEEPER_PEERS", PEERS)])).unwrap();
+        assert_eq!((cfg.shares, cfg.threshold), (3, 2));
+        assert_eq!(cfg.keeper_update_interval, Duration::from_secs(300));
+        assert_eq!(cfg.listen.port(), 8553);
+        assert_eq!(cfg.identity.trust_domain, "spike.ist");
+        assert_eq!(cfg.max_secret_versions, 10);
+        assert!(matches!(cfg.backend, Backend::Sqlite { .. }));
+    }
+
+    #[test]
+    fn nexus_rejects_bad_values_with_the_variable_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("SPIKE_NEXUS_SHAMIR_THRESHOLD", "4")],
+                "SPIKE_NEXUS_SHAMIR_THRESHOLD",
+            ),
+            (
+                &[("SPIKE_NEXUS_SHAMIR_THRESHOLD", "0")],
+                "SPIKE_NEXUS_SHAMIR_THRESHOLD",
+            ),
+            (
+                &[("SPIKE_NEXUS_SHAMIR_SHARES", "256")],
+                "SPIKE_NEXUS_SHAMIR_SHARES",
+            ),
+            (
+                &[("SPIKE_NEXUS_SHAMIR_SHARES", "2")],
+                "SPIKE_NEXUS_KEEPER_PEERS",
+            ),
+            (
+                &[("SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL", "soon")],
+                "SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL",
+            ),
+            (
+                &[("SPIKE_NEXUS_BACKEND_STORE", "etcd")],
+                "SPIKE_NEXUS_BACKEND_STORE",
+            ),
+            (
+                &[("SPIKE_NEXUS_TLS_PORT", "nowhere")],
+                "SPIKE_NEXUS_TLS_PORT",
+            ),
+            (&[("SPIKE_TRUST_ROOT", "Bad_Domain!")], "SPIKE_TRUST_ROOT"),
+        ];
+        for (pairs, var) in cases {
+            let mut all = vec![("SPIKE_NEXUS_KEEPER_PEERS", PEERS)];
+            all.extend_from_slice(pairs);
+            let err = NexusConfig::from_source(&env(&all))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn keeper_peer_urls_are_checked() {
+        for bad in [
+            "http://127.0.0.1:1,https://a:2,https://b:3",
+            "https://,https://a:2,https://b:3",
+            "https://a:1/x,https://a:2,https://b:3",
+            "https://a:1,https://a:1,https://b:3",
+            "not a url,https://a:2,https://b:3",
+        ] {
+            let err = NexusConfig::from_source(&env(&[("SPIKE_NEXUS_KEEPER_PEERS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("SPIKE_NEXUS_KEEPER_PEERS"), "{bad}: {err}");
+        }
+        let err = NexusConfig::from_source(&env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("SPIKE_NEXUS_KEEPER_PEERS must be set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn svid_files_must_be_given() {
+        let mut map = HashMap::new();
+        map.insert("SPIKE_NEXUS_KEEPER_PEERS".to_string(), PEERS.to_string());
+        let err = NexusConfig::from_source(&map).unwrap_err().to_string();
+        assert!(err.contains("SPIKE_SVID"), "{err}");
+    }
+}

@@ -1,0 +1,222 @@
+//! SPIKE's recovery-shard text format: `spike:<index>:<64 lowercase hex>`.
+//!
+//! This is what `spike operator recover` writes to each `spike.recovery.<i>.txt`
+//! file (no trailing newline) and what `spike operator restore` reads back.
+//! Parsing errors say what is wrong without ever echoing the hex value.
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::key::{HEX_LOWER, KEY_LEN};
+use super::shamir::Share;
+use super::{Error, Result};
+
+/// Required first field.
+const PREFIX: &str = "spike";
+/// Length of the hex field.
+const HEX_LEN: usize = 2 * KEY_LEN;
+
+/// Encodes a shard as `spike:<index>:<64 lowercase hex>`, no trailing newline.
+pub fn encode_recovery_shard(share: &Share) -> Zeroizing<String> {
+    // "spike:" + up to 3 digits + ":" + 64 hex; reserved up front so the
+    // string never reallocates and leaves copies behind.
+    let mut out = Zeroizing::new(String::with_capacity(PREFIX.len() + 5 + HEX_LEN));
+    out.push_str(PREFIX);
+    out.push(':');
+    out.push_str(&share.index.to_string());
+    out.push(':');
+    for b in share.value() {
+        out.push(char::from(HEX_LOWER[usize::from(b >> 4)]));
+        out.push(char::from(HEX_LOWER[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+fn hex_nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn parse_index(text: &str) -> Result<u8> {
+    if text.is_empty() || !text.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(Error::RecoveryShardIndexNotDecimal);
+    }
+    let value = text.bytes().fold(0u64, |acc, c| {
+        acc.saturating_mul(10).saturating_add(u64::from(c - b'0'))
+    });
+    match u8::try_from(value) {
+        Ok(index) if index >= 1 => Ok(index),
+        _ => Err(Error::RecoveryShardIndexOutOfRange { index: value }),
+    }
+}
+
+/// Parses `spike:<index>:<64 hex>` (surrounding whitespace ignored; upper-case
+/// hex accepted) into a validated [`Share`].
+pub fn decode_recovery_shard(text: &str) -> Result<Share> {
+    let text = text.trim();
+    let parts = text.split(':').count();
+    if parts != 3 {
+        return Err(Error::RecoveryShardFormat { parts });
+    }
+    let mut fields = text.splitn(3, ':');
+    let (Some(prefix), Some(index), Some(hex)) = (fields.next(), fields.next(), fields.next())
+    else {
+        return Err(Error::RecoveryShardFormat { parts });
+    };
+    if prefix != PREFIX {
+        return Err(Error::RecoveryShardPrefix);
+    }
+    let index = parse_index(index)?;
+    if hex.len() != HEX_LEN {
+        return Err(Error::RecoveryShardHexLength {
+            len: hex.chars().count(),
+        });
+    }
+    let mut value = Zeroizing::new([0u8; KEY_LEN]);
+    for (out, pair) in value.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        match (hex_nibble(pair[0]), hex_nibble(pair[1])) {
+            (Some(hi), Some(lo)) => *out = (hi << 4) | lo,
+            _ => return Err(Error::RecoveryShardNotHex),
+        }
+    }
+    let mut copy = *value;
+    let share = Share::new(index, copy);
+    copy.zeroize();
+    share
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+
+    const N_HEX: &str = "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551";
+    const GOOD_HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn round_trip() {
+        let s = Share::new(7, [0xab; 32]).unwrap();
+        let text = encode_recovery_shard(&s);
+        assert_eq!(text.as_str(), format!("spike:7:{}", "ab".repeat(32)));
+        let back = decode_recovery_shard(&text).unwrap();
+        assert!(back.ct_eq(&s));
+        // Surrounding whitespace and newline, upper-case hex.
+        let back = decode_recovery_shard(&format!("  spike:7:{}\r\n", "AB".repeat(32))).unwrap();
+        assert!(back.ct_eq(&s));
+        for idx in [1u8, 10, 100, 255] {
+            let s = Share::new(idx, [0x11; 32]).unwrap();
+            let t = encode_recovery_shard(&s);
+            assert!(!t.ends_with('\n'));
+            assert_eq!(decode_recovery_shard(&t).unwrap().index, idx);
+        }
+        // Leading zeros in the index are still a decimal integer.
+        assert_eq!(
+            decode_recovery_shard(&format!("spike:007:{GOOD_HEX}"))
+                .unwrap()
+                .index,
+            7
+        );
+    }
+
+    fn err(text: &str) -> Error {
+        let e = decode_recovery_shard(text).unwrap_err();
+        let msg = e.to_string();
+        // The message never contains the hex value (or a big chunk of it).
+        for hex in [GOOD_HEX, N_HEX] {
+            assert!(!msg.to_lowercase().contains(&hex[..16]), "{msg}");
+        }
+        assert!(
+            !msg.contains("0123456789") && !msg.contains("ffffffff"),
+            "{msg}"
+        );
+        e
+    }
+
+    #[test]
+    fn malformed() {
+        assert_eq!(
+            err(&format!("spoke:1:{GOOD_HEX}")),
+            Error::RecoveryShardPrefix
+        );
+        assert_eq!(
+            err(&format!("SPIKE:1:{GOOD_HEX}")),
+            Error::RecoveryShardPrefix
+        );
+        assert_eq!(err(&format!(":1:{GOOD_HEX}")), Error::RecoveryShardPrefix);
+        assert_eq!(err(GOOD_HEX), Error::RecoveryShardFormat { parts: 1 });
+        assert_eq!(
+            err(&format!("spike:{GOOD_HEX}")),
+            Error::RecoveryShardFormat { parts: 2 }
+        );
+        assert_eq!(
+            err(&format!("spike:1:{GOOD_HEX}:")),
+            Error::RecoveryShardFormat { parts: 4 }
+        );
+        assert_eq!(err(""), Error::RecoveryShardFormat { parts: 1 });
+        assert_eq!(
+            err(&format!("spike:0:{GOOD_HEX}")),
+            Error::RecoveryShardIndexOutOfRange { index: 0 }
+        );
+        assert_eq!(
+            err(&format!("spike:256:{GOOD_HEX}")),
+            Error::RecoveryShardIndexOutOfRange { index: 256 }
+        );
+        assert_eq!(
+            err(&format!("spike:99999999999999999999999:{GOOD_HEX}")),
+            Error::RecoveryShardIndexOutOfRange { index: u64::MAX }
+        );
+        for bad in ["x", "", "-1", "+1", " 1", "1a", "0x1"] {
+            assert_eq!(
+                err(&format!("spike:{bad}:{GOOD_HEX}")),
+                Error::RecoveryShardIndexNotDecimal,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            err(&format!("spike:1:{}", &GOOD_HEX[..62])),
+            Error::RecoveryShardHexLength { len: 62 }
+        );
+        assert_eq!(
+            err(&format!("spike:1:{GOOD_HEX}00")),
+            Error::RecoveryShardHexLength { len: 66 }
+        );
+        assert_eq!(err("spike:1:"), Error::RecoveryShardHexLength { len: 0 });
+        let mut non_hex = GOOD_HEX.to_string();
+        non_hex.replace_range(10..11, "g");
+        assert_eq!(
+            err(&format!("spike:1:{non_hex}")),
+            Error::RecoveryShardNotHex
+        );
+        let mut spaced = GOOD_HEX.to_string();
+        spaced.replace_range(30..31, " ");
+        assert_eq!(
+            err(&format!("spike:1:{spaced}")),
+            Error::RecoveryShardNotHex
+        );
+        assert_eq!(
+            err(&format!("spike:1:{N_HEX}")),
+            Error::ShareValueOutOfRange { index: 1 }
+        );
+        assert_eq!(
+            err(&format!("spike:1:{}", "f".repeat(64))),
+            Error::ShareValueOutOfRange { index: 1 }
+        );
+        let mut n_plus_1 = N_HEX.to_string();
+        n_plus_1.replace_range(63..64, "2");
+        assert_eq!(
+            err(&format!("spike:2:{n_plus_1}")),
+            Error::ShareValueOutOfRange { index: 2 }
+        );
+        assert_eq!(
+            err(&format!("spike:4:{}", "0".repeat(64))),
+            Error::ShareValueZero { index: 4 }
+        );
+        assert_eq!(
+            Error::RecoveryShardIndexOutOfRange { index: 0 }.to_string(),
+            "recovery shard index 0 is out of range 1..=255"
+        );
+    }
+}

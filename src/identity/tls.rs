@@ -1,0 +1,802 @@
+//! rustls configurations for SPIFFE mutual TLS: certificates come from the
+//! current SVID (so rotation applies to new connections), peers are verified
+//! by chaining to the trust bundle and checking their SPIFFE ID. Host names
+//! are never checked: SVIDs may carry only a URI SAN.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+use x509_parser::extensions::GeneralName;
+
+use super::spiffe::{Role, SpiffeId, validate_trust_domain};
+use super::svid::SvidSource;
+use super::{Error, Result};
+
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// The ring crypto provider every configuration in this module uses.
+pub(super) fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    provider().signature_verification_algorithms
+}
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The SPIFFE ID of a leaf certificate; `context` names it in errors.
+pub(super) fn peer_spiffe_id_in(cert: &CertificateDer<'_>, context: &str) -> Result<SpiffeId> {
+    let ident_err = |reason: String| Error::CertificateIdentity {
+        context: context.to_string(),
+        reason,
+    };
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| Error::BadCertificate {
+            context: context.to_string(),
+            reason: e.to_string(),
+        })?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| ident_err(format!("malformed subjectAltName extension: {e}")))?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u)
+                        if u.len() >= 7 && u[..7].eq_ignore_ascii_case("spiffe:") =>
+                    {
+                        Some(*u)
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [] => Err(ident_err("no spiffe:// URI SAN (not an X.509 SVID)".into())),
+        [one] => SpiffeId::parse(one).map_err(|e| ident_err(e.to_string())),
+        many => Err(ident_err(format!(
+            "{} spiffe:// URI SANs, an SVID must have exactly one",
+            many.len()
+        ))),
+    }
+}
+
+/// The SPIFFE ID of a peer, from the leaf (first) certificate of its chain,
+/// e.g. `conn.peer_certificates()`.
+pub fn peer_spiffe_id(certs: &[CertificateDer<'_>]) -> Result<SpiffeId> {
+    match certs.first() {
+        Some(leaf) => peer_spiffe_id_in(leaf, "peer certificate"),
+        None => Err(Error::CertificateIdentity {
+            context: "peer certificate".into(),
+            reason: "the peer presented no certificate".into(),
+        }),
+    }
+}
+
+/// What a server demands of client certificates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A verified client certificate whose SPIFFE ID has one of these roles is
+    /// required at the handshake; anything else fails the handshake (Keeper).
+    Require(Vec<Role>),
+    /// Ask for a client certificate and verify it if presented, but let
+    /// connections without one through; authorization happens per request
+    /// (Nexus).
+    Optional,
+}
+
+/// What a client demands of the server's SPIFFE ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedPeer {
+    /// The server must have this role in the trust domain.
+    Role(Role),
+    /// Any SPIFFE ID in the trust domain.
+    Any,
+}
+
+/// Carries an [`Error`] inside a rustls error; its `Debug` is the readable
+/// message, because rustls displays the inner error with `{:?}`.
+struct Reason(Error);
+
+impl fmt::Debug for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Reason {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn other_error(e: Error) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Reason(e)))))
+}
+
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as W;
+    let ce = match e {
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => CertificateError::BadEncoding,
+        W::CertExpired { .. } | W::InvalidCertValidity => CertificateError::Expired,
+        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        W::UnknownIssuer => CertificateError::UnknownIssuer,
+        W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}
+
+/// Verifies `end_entity` (+ intermediates) against `roots` for `usage`, then
+/// returns its SPIFFE ID, which must be in `trust_domain`.
+fn verify_svid(
+    roots: &[TrustAnchor<'_>],
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+    trust_domain: &str,
+) -> std::result::Result<SpiffeId, rustls::Error> {
+    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+    cert.verify_for_usage(
+        algorithms().all,
+        roots,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(pki_error)?;
+    let id = peer_spiffe_id_in(end_entity, "peer certificate").map_err(other_error)?;
+    if id.trust_domain() != trust_domain {
+        return Err(other_error(Error::ForeignTrustDomain {
+            id: id.to_string(),
+            expected: trust_domain.to_string(),
+        }));
+    }
+    Ok(id)
+}
+
+fn role_error(id: &SpiffeId, trust_domain: &str, allowed: &[Role]) -> rustls::Error {
+    let names: Vec<String> = allowed.iter().map(|r| r.to_string()).collect();
+    let role = Role::of(id, trust_domain).map_or_else(|| "none".to_string(), |r| r.to_string());
+    other_error(Error::PeerNotAllowed {
+        id: id.to_string(),
+        reason: format!("its role is {role}, allowed: {}", names.join(", ")),
+    })
+}
+
+#[derive(Debug)]
+struct ServerResolver(Arc<SvidSource>);
+
+impl ResolvesServerCert for ServerResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(self.0.current().certified_key()))
+    }
+}
+
+#[derive(Debug)]
+struct ClientResolver(Arc<SvidSource>);
+
+impl ResolvesClientCert for ClientResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(self.0.current().certified_key()))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies client SVIDs against the current trust bundle and SPIFFE ID policy.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    source: Arc<SvidSource>,
+    trust_domain: String,
+    auth: ClientAuth,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        matches!(self.auth, ClientAuth::Require(_))
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let svid = self.source.current();
+        let id = verify_svid(
+            svid.trust_anchors(),
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            &self.trust_domain,
+        )?;
+        if let ClientAuth::Require(roles) = &self.auth {
+            match Role::of(&id, &self.trust_domain) {
+                Some(role) if roles.contains(&role) => {}
+                _ => return Err(role_error(&id, &self.trust_domain, roles)),
+            }
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Where the server verifier gets its trust anchors.
+enum Roots {
+    Source(Arc<SvidSource>),
+    Fixed(Vec<TrustAnchor<'static>>),
+}
+
+/// Verifies server SVIDs: chain to the trust bundle + SPIFFE ID policy; the
+/// server name the client connected to is deliberately ignored.
+struct SpiffeServerVerifier {
+    roots: Roots,
+    trust_domain: String,
+    expected: ExpectedPeer,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let verify = |roots: &[TrustAnchor<'_>]| {
+            verify_svid(
+                roots,
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+                &self.trust_domain,
+            )
+        };
+        let id = match &self.roots {
+            Roots::Source(source) => verify(source.current().trust_anchors())?,
+            Roots::Fixed(roots) => verify(roots)?,
+        };
+        if let ExpectedPeer::Role(want) = self.expected {
+            if Role::of(&id, &self.trust_domain) != Some(want) {
+                return Err(role_error(&id, &self.trust_domain, &[want]));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// A server configuration presenting the current SVID and verifying clients
+/// per `auth`. TLS 1.3 and 1.2, ALPN `http/1.1`, ring provider.
+pub fn server_config(
+    source: &Arc<SvidSource>,
+    trust_domain: &str,
+    auth: ClientAuth,
+) -> Result<Arc<ServerConfig>> {
+    validate_trust_domain(trust_domain)?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        source: Arc::clone(source),
+        trust_domain: trust_domain.to_string(),
+        auth,
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(ServerResolver(Arc::clone(source))));
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client configuration presenting the current SVID (none if `source` is
+/// `None`) and verifying the server against `bundle_override` if given, else
+/// the SVID's current trust bundle. The server's SPIFFE ID must be in
+/// `trust_domain` and match `expected`. The server name is not checked.
+pub fn client_config(
+    source: Option<&Arc<SvidSource>>,
+    bundle_override: Option<Vec<CertificateDer<'static>>>,
+    trust_domain: &str,
+    expected: ExpectedPeer,
+) -> Result<Arc<ClientConfig>> {
+    validate_trust_domain(trust_domain)?;
+    let roots = match (bundle_override, source) {
+        (Some(bundle), _) => {
+            if bundle.is_empty() {
+                return Err(Error::NoTrustBundle);
+            }
+            let anchors = bundle
+                .iter()
+                .map(|c| {
+                    webpki::anchor_from_trusted_cert(c)
+                        .map(|a| a.to_owned())
+                        .map_err(|e| Error::BadCertificate {
+                            context: "trust bundle".into(),
+                            reason: format!("not usable as a trust anchor: {e}"),
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Roots::Fixed(anchors)
+        }
+        (None, Some(source)) => Roots::Source(Arc::clone(source)),
+        (None, None) => return Err(Error::NoTrustBundle),
+    };
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots,
+        trust_domain: trust_domain.to_string(),
+        expected,
+    });
+    // `dangerous()` is just rustls's name for "custom verifier": this one does
+    // full chain verification plus the SPIFFE ID check.
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match source {
+        Some(source) => {
+            builder.with_client_cert_resolver(Arc::new(ClientResolver(Arc::clone(source))))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::super::pki;
+    use super::super::svid::SvidPaths;
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::{Duration, SystemTime};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const TD: &str = "spike.ist";
+
+    /// Test PKI: a CA for spike.ist, plus helpers to mint SVIDs.
+    struct Pki {
+        tmp: tempfile::TempDir,
+        ca: PathBuf,
+    }
+
+    impl Pki {
+        fn new(td: &str) -> Pki {
+            let tmp = tempfile::tempdir().unwrap();
+            let ca = tmp.path().join("ca");
+            pki::init(&ca, td).unwrap();
+            Pki { tmp, ca }
+        }
+
+        fn dir(&self, name: &str) -> PathBuf {
+            self.tmp.path().join(name.replace(['/', ':'], "_"))
+        }
+
+        fn svid(&self, id: &str) -> Arc<SvidSource> {
+            let out = self.dir(id);
+            pki::issue(&self.ca, &SpiffeId::parse(id).unwrap(), &out, &[], &[]).unwrap();
+            SvidSource::load(SvidPaths::resolve(Some(out), None, None, None).unwrap()).unwrap()
+        }
+
+        fn expired_svid(&self, id: &str) -> Arc<SvidSource> {
+            let out = self.dir(id);
+            let now = SystemTime::now();
+            pki::issue_with_validity(
+                &self.ca,
+                &SpiffeId::parse(id).unwrap(),
+                &out,
+                &[],
+                &[],
+                now - Duration::from_secs(2 * 86_400),
+                now - Duration::from_secs(86_400),
+            )
+            .unwrap();
+            SvidSource::load(SvidPaths::resolve(Some(out), None, None, None).unwrap()).unwrap()
+        }
+
+        fn ca_pem(&self) -> Vec<u8> {
+            std::fs::read(self.ca.join("ca.pem")).unwrap()
+        }
+    }
+
+    type ServerResult = std::result::Result<Option<SpiffeId>, String>;
+
+    /// Runs a server accepting one connection and a client connecting to it;
+    /// returns what the server saw (peer ID) and whether the client got a reply.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        name: &str,
+    ) -> (ServerResult, std::result::Result<(), String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_task = async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_HTTP1));
+            let peer = match tls.get_ref().1.peer_certificates() {
+                Some(certs) => Some(peer_spiffe_id(certs).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            tls.write_all(b"k").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            Ok(peer)
+        };
+        let server_name = ServerName::try_from(name.to_string()).unwrap();
+        let client_task = async move {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let mut tls = tokio_rustls::TlsConnector::from(client)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            assert_eq!(&b, b"k");
+            Ok(())
+        };
+        let limit = Duration::from_secs(10);
+        let (s, c) = tokio::join!(
+            tokio::time::timeout(limit, server_task),
+            tokio::time::timeout(limit, client_task)
+        );
+        (s.expect("server timed out"), c.expect("client timed out"))
+    }
+
+    fn client(source: Option<&Arc<SvidSource>>, bundle: Option<&Pki>) -> Arc<ClientConfig> {
+        let bundle = bundle.map(|p| {
+            CertificateDer::pem_slice_iter(&p.ca_pem())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .unwrap()
+        });
+        client_config(source, bundle, TD, ExpectedPeer::Any).unwrap()
+    }
+
+    use rustls::pki_types::pem::PemObject;
+
+    #[tokio::test]
+    async fn require_accepts_allowed_role() {
+        let pki = Pki::new(TD);
+        let keeper = pki.svid("spiffe://spike.ist/spike/keeper/1");
+        let nexus = pki.svid("spiffe://spike.ist/spike/nexus");
+        let server = server_config(&keeper, TD, ClientAuth::Require(vec![Role::Nexus])).unwrap();
+        let client =
+            client_config(Some(&nexus), None, TD, ExpectedPeer::Role(Role::Keeper)).unwrap();
+        let (s, c) = handshake(server, client, "127.0.0.1").await;
+        assert_eq!(
+            s.unwrap().unwrap().as_str(),
+            "spiffe://spike.ist/spike/nexus"
+        );
+        c.unwrap();
+    }
+
+    async fn assert_refused(server: Arc<ServerConfig>, client: Arc<ClientConfig>, want: &str) {
+        let (s, c) = handshake(server, client, "localhost").await;
+        let err = s.expect_err("server should refuse");
+        assert!(
+            err.contains(want),
+            "server error {err:?} should contain {want:?}"
+        );
+        assert!(c.is_err(), "client should fail too");
+    }
+
+    #[tokio::test]
+    async fn require_refuses_other_roles_and_missing_cert() {
+        let pki = Pki::new(TD);
+        let keeper = pki.svid("spiffe://spike.ist/spike/keeper");
+        let server = server_config(&keeper, TD, ClientAuth::Require(vec![Role::Nexus])).unwrap();
+        for id in [
+            "spiffe://spike.ist/app/web",
+            "spiffe://spike.ist/spike/keeper/2",
+            "spiffe://spike.ist/spike/nexusx",
+        ] {
+            let src = pki.svid(id);
+            assert_refused(server.clone(), client(Some(&src), None), "not allowed").await;
+        }
+        // No client certificate at all.
+        assert_refused(
+            server.clone(),
+            client(None, Some(&pki)),
+            "peer sent no certificates",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn require_refuses_foreign_ca_and_expired() {
+        let pki = Pki::new(TD);
+        let keeper = pki.svid("spiffe://spike.ist/spike/keeper");
+        let server = server_config(&keeper, TD, ClientAuth::Require(vec![Role::Nexus])).unwrap();
+
+        // A CA for another trust domain.
+        let other = Pki::new("other.org");
+        let foreign = other.svid("spiffe://other.org/spike/nexus");
+        let c = client_config(
+            Some(&foreign),
+            Some(pki_bundle(&pki)),
+            TD,
+            ExpectedPeer::Any,
+        )
+        .unwrap();
+        assert_refused(server.clone(), c, "UnknownIssuer").await;
+
+        // Another CA claiming the same trust domain.
+        let impostor = Pki::new(TD);
+        let fake = impostor.svid("spiffe://spike.ist/spike/nexus");
+        let c = client_config(Some(&fake), Some(pki_bundle(&pki)), TD, ExpectedPeer::Any).unwrap();
+        // Same issuer name, different key: webpki reports the bad signature.
+        assert_refused(server.clone(), c, "BadSignature").await;
+
+        // An expired certificate from the right CA.
+        let expired = pki.expired_svid("spiffe://spike.ist/spike/nexus");
+        assert_refused(server, client(Some(&expired), None), "Expired").await;
+    }
+
+    fn pki_bundle(p: &Pki) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(&p.ca_pem())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn foreign_trust_domain_refused_even_if_ca_trusted() {
+        // The server trusts both CAs, but still only accepts its trust domain.
+        let pki = Pki::new(TD);
+        let other = Pki::new("other.org");
+        let out = pki.dir("nexus-server");
+        pki::issue(
+            &pki.ca,
+            &SpiffeId::parse("spiffe://spike.ist/spike/nexus").unwrap(),
+            &out,
+            &[],
+            &[],
+        )
+        .unwrap();
+        let both = pki.dir("both.pem");
+        std::fs::write(&both, [pki.ca_pem(), other.ca_pem()].concat()).unwrap();
+        let nexus =
+            SvidSource::load(SvidPaths::resolve(Some(out), None, None, Some(both)).unwrap())
+                .unwrap();
+        assert_eq!(nexus.current().bundle().len(), 2);
+        let server = server_config(&nexus, TD, ClientAuth::Optional).unwrap();
+        let foreign = other.svid("spiffe://other.org/app");
+        let c = client_config(
+            Some(&foreign),
+            Some(pki_bundle(&pki)),
+            "other.org",
+            ExpectedPeer::Any,
+        )
+        .unwrap();
+        // The client accepts nothing from spike.ist when it expects other.org.
+        let (s, cr) = handshake(server.clone(), c, "localhost").await;
+        assert!(s.is_err() && cr.is_err());
+        let c = client_config(
+            Some(&foreign),
+            Some(pki_bundle(&pki)),
+            TD,
+            ExpectedPeer::Any,
+        )
+        .unwrap();
+        assert_refused(server, c, "not in trust domain spike.ist").await;
+    }
+
+    #[tokio::test]
+    async fn optional_accepts_no_cert_and_reports_peer() {
+        let pki = Pki::new(TD);
+        let nexus = pki.svid("spiffe://spike.ist/spike/nexus");
+        let server = server_config(&nexus, TD, ClientAuth::Optional).unwrap();
+
+        let (s, c) = handshake(server.clone(), client(None, Some(&pki)), "localhost").await;
+        assert_eq!(s.unwrap(), None);
+        c.unwrap();
+
+        let pilot = pki.svid("spiffe://spike.ist/spike/pilot/role/superuser");
+        let cfg = client_config(Some(&pilot), None, TD, ExpectedPeer::Role(Role::Nexus)).unwrap();
+        let (s, c) = handshake(server.clone(), cfg, "127.0.0.1").await;
+        let peer = s.unwrap().unwrap();
+        assert_eq!(Role::of(&peer, TD), Some(Role::Superuser));
+        c.unwrap();
+
+        // A presented certificate is still verified.
+        let expired = pki.expired_svid("spiffe://spike.ist/app");
+        assert_refused(server, client(Some(&expired), None), "Expired").await;
+    }
+
+    #[tokio::test]
+    async fn client_checks_server_role() {
+        let pki = Pki::new(TD);
+        let nexus = pki.svid("spiffe://spike.ist/spike/nexus");
+        let server = server_config(&nexus, TD, ClientAuth::Optional).unwrap();
+        let me = pki.svid("spiffe://spike.ist/spike/nexus/2");
+        let cfg = client_config(Some(&me), None, TD, ExpectedPeer::Role(Role::Keeper)).unwrap();
+        let (s, c) = handshake(server.clone(), cfg, "127.0.0.1").await;
+        let err = c.unwrap_err();
+        assert!(err.contains("not allowed"), "{err}");
+        assert!(s.is_err());
+
+        // The server certificate has no DNS SAN; any server name works.
+        for name in ["localhost", "127.0.0.1", "nexus.example"] {
+            let cfg = client_config(Some(&me), None, TD, ExpectedPeer::Role(Role::Nexus)).unwrap();
+            let (s, c) = handshake(server.clone(), cfg, name).await;
+            s.unwrap();
+            c.unwrap();
+        }
+
+        // Server from a CA the client does not trust.
+        let other = Pki::new(TD);
+        let fake = other.svid("spiffe://spike.ist/spike/nexus");
+        let server = server_config(&fake, TD, ClientAuth::Optional).unwrap();
+        let (_, c) = handshake(server, client(None, Some(&pki)), "localhost").await;
+        let err = c.unwrap_err();
+        assert!(err.contains("BadSignature"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rotation_applies_to_new_connections() {
+        let pki = Pki::new(TD);
+        let server_src = pki.svid("spiffe://spike.ist/spike/keeper");
+        let server = server_config(&server_src, TD, ClientAuth::Optional).unwrap();
+        let cfg = client_config(
+            None,
+            Some(pki_bundle(&pki)),
+            TD,
+            ExpectedPeer::Role(Role::Nexus),
+        )
+        .unwrap();
+        let (_, c) = handshake(server.clone(), cfg.clone(), "localhost").await;
+        assert!(c.is_err());
+        let dir = server_src.paths().cert.parent().unwrap().to_path_buf();
+        pki::issue(
+            &pki.ca,
+            &SpiffeId::parse("spiffe://spike.ist/spike/nexus").unwrap(),
+            &dir,
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(server_src.reload_if_changed().unwrap());
+        let (s, c) = handshake(server, cfg, "localhost").await;
+        s.unwrap();
+        c.unwrap();
+    }
+
+    #[test]
+    fn config_errors() {
+        let e = client_config(None, None, TD, ExpectedPeer::Any).unwrap_err();
+        assert!(matches!(e, Error::NoTrustBundle), "{e}");
+        let e = client_config(None, Some(vec![]), TD, ExpectedPeer::Any).unwrap_err();
+        assert!(matches!(e, Error::NoTrustBundle), "{e}");
+        let pki = Pki::new(TD);
+        let e = client_config(None, Some(pki_bundle(&pki)), "Bad", ExpectedPeer::Any).unwrap_err();
+        assert!(matches!(e, Error::InvalidTrustDomain { .. }), "{e}");
+        let e = peer_spiffe_id(&[]).unwrap_err().to_string();
+        assert!(e.contains("no certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn mutual_tls12_works() {
+        let pki = Pki::new(TD);
+        let keeper = pki.svid("spiffe://spike.ist/spike/keeper");
+        let nexus = pki.svid("spiffe://spike.ist/spike/nexus");
+        let server = server_config(&keeper, TD, ClientAuth::Require(vec![Role::Nexus])).unwrap();
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: Roots::Source(Arc::clone(&nexus)),
+            trust_domain: TD.to_string(),
+            expected: ExpectedPeer::Role(Role::Keeper),
+        });
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(ClientResolver(Arc::clone(&nexus))));
+        cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        let (s, c) = handshake(server.clone(), Arc::new(cfg), "127.0.0.1").await;
+        assert_eq!(
+            s.unwrap().unwrap().as_str(),
+            "spiffe://spike.ist/spike/nexus"
+        );
+        c.unwrap();
+    }
+}

@@ -1,0 +1,228 @@
+//! `spike keeper`: holds one Shamir shard of the root key, in memory only.
+//!
+//! A Keeper knows nothing of other Keepers or of the key. Only Nexus identities get through its
+//! TLS handshake (and each request checks the role again). Nexus pushes the shard with
+//! `/v1/store/contribute` and reads it back with `/v1/store/shard` (SPIKE's routes and shapes).
+//! The shard is kept with its Shamir index when Nexus sends one, so a reordered peer list in
+//! Nexus cannot silently relabel it. A restarted Keeper is empty until Nexus refills it.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::config::KeeperConfig;
+use crate::crypto::Share;
+use crate::identity::{ClientAuth, Role, SvidSource};
+use crate::transport::{self, Handler, Peer};
+
+/// Largest request body a Keeper reads: a shard request is well under 1 KiB.
+const MAX_BODY: usize = 4096;
+
+pub const CONTRIBUTE_PATH: &str = "/v1/store/contribute";
+pub const SHARD_PATH: &str = "/v1/store/shard";
+
+/// Why the Keeper could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error(
+        "this Keeper's SVID is {0}, which is not a Keeper identity (expected spiffe://<trust domain>/spike/keeper[/...])"
+    )]
+    NotAKeeper(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// `POST /v1/store/contribute` body. `id` is our addition (SPIKE sends only `shard`).
+#[derive(Deserialize)]
+pub struct ContributeRequest {
+    pub shard: Option<[u8; 32]>,
+    #[serde(default)]
+    pub id: Option<u8>,
+}
+
+/// `POST /v1/store/shard` answer: SPIKE's shape (with its capitalised `Err`), plus `id`.
+#[derive(Serialize, Deserialize)]
+pub struct ShardResponse {
+    pub shard: Option<[u8; 32]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u8>,
+    #[serde(rename = "Err", alias = "err", default)]
+    pub err: String,
+}
+
+/// The shard this Keeper holds.
+struct Held {
+    /// The Shamir index Nexus sent with the shard, if it sent one.
+    index: Option<u8>,
+    value: Zeroizing<[u8; 32]>,
+}
+
+/// The Keeper's request handler and its only state.
+pub struct Keeper {
+    /// The trust domain whose Nexus may talk to us.
+    trust_domain: String,
+    /// The shard, if Nexus has sent one since this process started.
+    shard: Mutex<Option<Held>>,
+}
+
+impl Keeper {
+    pub fn new(trust_domain: String) -> Keeper {
+        Keeper {
+            trust_domain,
+            shard: Mutex::new(None),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        // The Option is replaced whole, so a panic elsewhere cannot leave it half-written.
+        self.shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contribute(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let Ok(mut req) = serde_json::from_slice::<ContributeRequest>(body) else {
+            return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+        };
+        let Some(value) = req.shard.take().map(Zeroizing::new) else {
+            return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+        };
+        // Share::new checks the index range and that the value is a non-zero scalar below the
+        // group order; SPIKE's Nexus sends no index, so check the value under index 1.
+        if let Err(e) = Share::new(req.id.unwrap_or(1), *value) {
+            tracing::warn!(error = %e, "refused a malformed shard");
+            return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+        }
+        let mut held = self.held();
+        let changed = held
+            .as_ref()
+            .is_none_or(|h| h.index != req.id || *h.value != *value);
+        *held = Some(Held {
+            index: req.id,
+            value,
+        });
+        drop(held);
+        if changed {
+            tracing::info!(index = ?req.id, "holding a new shard");
+        } else {
+            tracing::debug!(index = ?req.id, "shard refreshed");
+        }
+        transport::json(StatusCode::OK, &serde_json::json!({}))
+    }
+
+    fn shard(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+            return shard_error(StatusCode::BAD_REQUEST, "api_bad_request");
+        }
+        let held = self.held();
+        let Some(h) = held.as_ref() else {
+            drop(held);
+            tracing::info!("asked for a shard while holding none");
+            return shard_error(StatusCode::BAD_REQUEST, "api_bad_request");
+        };
+        let mut reply = ShardResponse {
+            shard: Some(*h.value),
+            id: h.index,
+            err: String::new(),
+        };
+        drop(held);
+        let resp = transport::json(StatusCode::OK, &reply);
+        reply.shard.zeroize();
+        resp
+    }
+}
+
+fn shard_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+    transport::json(
+        status,
+        &ShardResponse {
+            shard: None,
+            id: None,
+            err: code.to_string(),
+        },
+    )
+}
+
+impl Handler for Keeper {
+    async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST {
+            return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+        }
+        // The handshake already refused anyone but Nexus; check again so a configuration
+        // mistake in the TLS layer cannot open the shard.
+        let is_nexus = peer
+            .id
+            .as_ref()
+            .is_some_and(|id| Role::of(id, &self.trust_domain) == Some(Role::Nexus));
+        if !is_nexus {
+            tracing::warn!(peer = ?peer.id.as_ref().map(|id| id.to_string()), "refused a caller that is not Nexus");
+            return transport::error(StatusCode::UNAUTHORIZED, "access_unauthorized");
+        }
+        let path = req.uri().path().to_string();
+        if path != CONTRIBUTE_PATH && path != SHARD_PATH {
+            return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+        }
+        let body = match transport::read_body(req.into_body(), MAX_BODY).await {
+            Ok(body) => body,
+            Err(transport::BodyError::TooLarge(_)) => {
+                return transport::error(StatusCode::PAYLOAD_TOO_LARGE, "api_bad_request");
+            }
+            Err(transport::BodyError::Read) => {
+                return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+            }
+        };
+        let resp = if path == CONTRIBUTE_PATH {
+            self.contribute(&body)
+        } else {
+            self.shard(&body)
+        };
+        // The request body may hold a shard: wipe our copy.
+        if let Ok(mut owned) = body.try_into_mut() {
+            owned.zeroize();
+        }
+        resp
+    }
+}
+
+/// Runs a Keeper until `shutdown` completes.
+pub async fn run(
+    cfg: KeeperConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let td = cfg.identity.trust_domain.clone();
+    let source = SvidSource::load(cfg.identity.svid.clone())?;
+    let me = source.current().id().clone();
+    if Role::of(&me, &td) != Some(Role::Keeper) {
+        return Err(Error::NotAKeeper(me.to_string()));
+    }
+    let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
+    let tls = crate::identity::server_config(&source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(cfg.listen);
+    tracing::info!(%addr, id = %me, "keeper listening on {addr}; holding no shard until Nexus sends one");
+    let keeper = Arc::new(Keeper::new(td));
+    transport::serve(
+        listener,
+        tls,
+        keeper,
+        transport::Limits::default(),
+        shutdown,
+    )
+    .await;
+    tracing::info!("keeper stopped; shard wiped");
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The `spike` executable: logging, argument parsing, dispatch, and turning errors into a
+//! one-line message and an exit status (0 success, 1 runtime error, 2 usage or configuration).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use spike::cli::{Cli, Command, PkiCommand};
+use spike::config::{self, ProcessEnv};
+
+fn init_logging() {
+    let level = std::env::var("SPIKE_SYSTEM_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(level.to_ascii_lowercase())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var("SPIKE_SYSTEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A failure, with the exit status it maps to.
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+fn runtime(e: impl std::fmt::Display) -> Failure {
+    Failure::Runtime(e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let name = match &cli.command {
+        Command::Nexus => "spike nexus",
+        Command::Keeper => "spike keeper",
+        Command::Pki { .. } => "spike pki",
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("{name}: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("{name}: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime_builder() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime)
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Nexus => {
+            let cfg = config::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
+            runtime_builder()?
+                .block_on(spike::nexus::run(cfg, spike::shutdown_signal()))
+                .map_err(runtime)
+        }
+        Command::Keeper => {
+            let cfg = config::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
+            runtime_builder()?
+                .block_on(spike::keeper::run(cfg, spike::shutdown_signal()))
+                .map_err(runtime)
+        }
+        Command::Pki { command } => pki(command),
+    }
+}
+
+fn pki(command: PkiCommand) -> Result<(), Failure> {
+    use spike::identity::{SpiffeId, pki};
+    match command {
+        PkiCommand::Init { dir, trust_domain } => {
+            pki::init(&dir, &trust_domain).map_err(runtime)?;
+            eprintln!(
+                "created CA for trust domain {trust_domain} in {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        PkiCommand::Issue {
+            dir,
+            spiffe_id,
+            out,
+            dns,
+            ip,
+        } => {
+            let id = SpiffeId::parse(&spiffe_id).map_err(usage)?;
+            pki::issue(&dir, &id, &out, &dns, &ip).map_err(runtime)?;
+            eprintln!("issued SVID for {id} in {}", out.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! Keeper synchronisation: rebuild (or, once per deployment, create) the root key, then keep
+//! every Keeper filled.
+//!
+//! Each recovery attempt asks every Keeper for its shard at once and reads the verifier:
+//!
+//! | store verifier | shards in hand | what happens |
+//! |---|---|---|
+//! | present | ≥ threshold | try threshold-sized combinations until one opens the verifier; Keepers whose shard differs from the key's are reported and refilled |
+//! | present | < threshold, every Keeper answered | `awaiting_restore`: the key is gone from the Keepers; never create one |
+//! | present | < threshold, some Keeper silent | `awaiting_keepers` |
+//! | absent | none, ≥ threshold Keepers answered empty | new deployment: create a key, write its verifier create-if-absent; the loser of a race discards its key and recovers from the Keepers |
+//! | absent | ≥ threshold, all consistent | adopt the Keepers' key (a SPIKE deployment has no verifier) and write its verifier |
+//!
+//! Attempts repeat with capped exponential backoff until the key is loaded. From then on the
+//! shards are pushed at once and every `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{StatusCode, Uri};
+use zeroize::Zeroize;
+
+use super::{Nexus, Phase};
+use crate::client::{HttpsClient, Timeouts};
+use crate::crypto::{RootKey, Share, Verifier};
+use crate::keeper::{CONTRIBUTE_PATH, SHARD_PATH, ShardResponse};
+use crate::store::Store;
+
+/// First wait between two recovery attempts.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Most key combinations tried against the verifier in one attempt.
+const MAX_COMBINATIONS: usize = 10_000;
+
+/// Owns the background task; stops it on drop.
+pub struct SyncGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for SyncGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
+    let client = HttpsClient::new(
+        tls,
+        Timeouts {
+            connect: nexus.config.keeper_timeout,
+            request: nexus.config.keeper_timeout,
+            max_response: 4096,
+        },
+    );
+    SyncGuard(tokio::spawn(run(nexus, client)))
+}
+
+async fn run(nexus: Arc<Nexus>, client: HttpsClient) {
+    let mut backoff = INITIAL_BACKOFF;
+    while nexus.keys().is_none() {
+        match attempt(&nexus, &client).await {
+            Outcome::Loaded => break,
+            Outcome::Retry => {
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(nexus.config.recovery_max_interval);
+            }
+            Outcome::RetrySoon => tokio::time::sleep(jitter(INITIAL_BACKOFF)).await,
+        }
+    }
+    loop {
+        push_all(&nexus, &client).await;
+        tokio::time::sleep(nexus.config.keeper_update_interval).await;
+    }
+}
+
+/// Up to ±25 % of `d`, so instances started together do not stay in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let spread = d / 2;
+    d - d / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
+enum Outcome {
+    Loaded,
+    Retry,
+    /// Another instance just created the key: its shards are on their way.
+    RetrySoon,
+}
+
+/// What one Keeper said.
+enum Answer {
+    Shard(Share),
+    Empty,
+    Unreachable,
+}
+
+async fn ask(client: &HttpsClient, url: &Uri, position: u8) -> Answer {
+    let reply = match client.post_json(url, SHARD_PATH, b"{}".to_vec()).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::warn!(keeper = %url, error = %e, "keeper did not answer");
+            return Answer::Unreachable;
+        }
+    };
+    let parsed = serde_json::from_slice::<ShardResponse>(&reply.body);
+    match (reply.status, parsed) {
+        (StatusCode::OK, Ok(mut resp)) => {
+            let Some(value) = resp.shard.take() else {
+                tracing::warn!(keeper = %url, "keeper answered without a shard");
+                return Answer::Unreachable;
+            };
+            let index = resp.id.unwrap_or(position);
+            if index != position {
+                tracing::warn!(keeper = %url, position, index, "keeper holds the shard of another index (was SPIKE_NEXUS_KEEPER_PEERS reordered?); using the index it holds");
+            }
+            let share = Share::new(index, value);
+            let mut value = value;
+            value.zeroize();
+            match share {
+                Ok(share) => Answer::Shard(share),
+                Err(e) => {
+                    tracing::warn!(keeper = %url, error = %e, "keeper returned an invalid shard");
+                    Answer::Unreachable
+                }
+            }
+        }
+        (StatusCode::BAD_REQUEST, Ok(resp)) if resp.shard.is_none() => Answer::Empty,
+        (status, _) => {
+            tracing::warn!(keeper = %url, %status, "keeper gave an unexpected answer");
+            Answer::Unreachable
+        }
+    }
+}
+
+async fn attempt(nexus: &Arc<Nexus>, client: &HttpsClient) -> Outcome {
+    let threshold = usize::from(nexus.config.threshold);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, url) in nexus.peers().iter().enumerate() {
+        let client = client.clone();
+        let url = url.clone();
+        // Peer count is validated to be at most 255 (one per share).
+        let position = u8::try_from(i + 1).unwrap_or(u8::MAX);
+        tasks.spawn(async move { (url.to_string(), ask(&client, &url, position).await) });
+    }
+    let mut shards: Vec<(String, Share)> = Vec::new();
+    let mut answered = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((url, answer)) = joined else { continue };
+        match answer {
+            Answer::Shard(share) => {
+                answered += 1;
+                shards.push((url, share));
+            }
+            Answer::Empty => answered += 1,
+            Answer::Unreachable => {}
+        }
+    }
+    let everyone_answered = answered == nexus.peers().len();
+
+    let verifier = match nexus.store.verifier().await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key verifier");
+            nexus.set_phase(Phase::StoreUnavailable);
+            return Outcome::Retry;
+        }
+    };
+
+    match verifier {
+        Some(verifier) => {
+            if let Some(key) = find_key(&shards, threshold, |k| k.opens(&verifier)) {
+                return load(
+                    nexus,
+                    client,
+                    key,
+                    &shards,
+                    "recovered the root key from Keepers",
+                )
+                .await;
+            }
+            if shards.len() >= threshold {
+                tracing::error!(
+                    shards = shards.len(),
+                    "no combination of Keeper shards opens the store's verifier: Keepers hold shards of another key"
+                );
+            }
+            nexus.set_phase(if everyone_answered {
+                Phase::AwaitingRestore
+            } else {
+                Phase::AwaitingKeepers {
+                    have: shards.len(),
+                    need: threshold,
+                }
+            });
+            Outcome::Retry
+        }
+        None if shards.is_empty() => {
+            if answered < threshold {
+                nexus.set_phase(Phase::AwaitingKeepers {
+                    have: 0,
+                    need: threshold,
+                });
+                return Outcome::Retry;
+            }
+            let key = match RootKey::generate() {
+                Ok(key) => key,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot generate a root key");
+                    return Outcome::Retry;
+                }
+            };
+            create(
+                nexus,
+                client,
+                key,
+                &shards,
+                "created a new root key for a new deployment",
+            )
+            .await
+        }
+        None => {
+            // Shards but no verifier: a deployment whose store never had one (SPIKE's) or one
+            // whose store was replaced. Adopt the Keepers' key only if every shard agrees.
+            let Some(key) = find_key(&shards, threshold, |_| true) else {
+                nexus.set_phase(Phase::AwaitingKeepers {
+                    have: shards.len(),
+                    need: threshold,
+                });
+                return Outcome::Retry;
+            };
+            let all_agree = crate::crypto::split(&key, nexus.config.threshold, nexus.config.shares)
+                .map(|expected| {
+                    shards.iter().all(|(_, s)| {
+                        expected
+                            .get(usize::from(s.index) - 1)
+                            .is_some_and(|e| e.ct_eq(s))
+                    })
+                })
+                .unwrap_or(false);
+            if !all_agree {
+                tracing::error!(
+                    "Keepers hold shards that do not agree and the store has no verifier: refusing to guess the root key"
+                );
+                nexus.set_phase(Phase::AwaitingRestore);
+                return Outcome::Retry;
+            }
+            create(
+                nexus,
+                client,
+                key,
+                &shards,
+                "adopted the Keepers' root key and recorded its verifier",
+            )
+            .await
+        }
+    }
+}
+
+/// Writes the verifier for `key` if none exists, then loads the key; if another instance won,
+/// drops `key` and asks for a prompt retry.
+async fn create(
+    nexus: &Arc<Nexus>,
+    client: &HttpsClient,
+    key: RootKey,
+    shards: &[(String, Share)],
+    what: &str,
+) -> Outcome {
+    let verifier: Verifier = match key.make_verifier() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot seal the root-key verifier");
+            return Outcome::Retry;
+        }
+    };
+    match nexus.store.create_verifier(&verifier).await {
+        Ok(true) => load(nexus, client, key, shards, what).await,
+        Ok(false) => {
+            tracing::info!(
+                "another Nexus instance created the root key first; recovering it from the Keepers"
+            );
+            Outcome::RetrySoon
+        }
+        Err(e) => {
+            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot write the root-key verifier");
+            nexus.set_phase(Phase::StoreUnavailable);
+            Outcome::Retry
+        }
+    }
+}
+
+async fn load(
+    nexus: &Arc<Nexus>,
+    client: &HttpsClient,
+    key: RootKey,
+    shards: &[(String, Share)],
+    what: &str,
+) -> Outcome {
+    let keys = match nexus.install(key) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot split the root key with the configured Shamir parameters");
+            return Outcome::Retry;
+        }
+    };
+    let inconsistent: Vec<String> = shards
+        .iter()
+        .filter(|(_, s)| {
+            !keys
+                .shards
+                .get(usize::from(s.index) - 1)
+                .is_some_and(|e| e.ct_eq(s))
+        })
+        .map(|(url, _)| url.clone())
+        .collect();
+    for url in &inconsistent {
+        tracing::error!(keeper = %url, "keeper held a shard inconsistent with the root key; it is being refilled");
+    }
+    nexus.set_inconsistent(inconsistent);
+    tracing::info!(key_id = %keys.key_id, "{what}");
+    push_all(nexus, client).await;
+    Outcome::Loaded
+}
+
+/// Tries threshold-sized combinations of shards with distinct indices (in a stable order)
+/// and returns the first key that `accept` takes.
+fn find_key(
+    shards: &[(String, Share)],
+    threshold: usize,
+    accept: impl Fn(&RootKey) -> bool,
+) -> Option<RootKey> {
+    // One candidate list per index, so a combination never uses one index twice.
+    let mut by_index: BTreeMap<u8, Vec<&Share>> = BTreeMap::new();
+    for (_, s) in shards {
+        let list = by_index.entry(s.index).or_default();
+        if !list.iter().any(|o| o.ct_eq(s)) {
+            list.push(s);
+        }
+    }
+    let indices: Vec<u8> = by_index.keys().copied().collect();
+    if indices.len() < threshold || threshold == 0 {
+        return None;
+    }
+    let mut tried = 0;
+    let mut found = None;
+    for_each_combination(indices.len(), threshold, &mut |chosen| {
+        // Each chosen index may have several candidate values; walk their product.
+        let lists: Vec<&Vec<&Share>> = chosen.iter().map(|&i| &by_index[&indices[i]]).collect();
+        let mut pick = vec![0usize; lists.len()];
+        loop {
+            if tried >= MAX_COMBINATIONS {
+                return true;
+            }
+            tried += 1;
+            let subset: Vec<Share> = lists
+                .iter()
+                .zip(&pick)
+                .map(|(l, &p)| l[p].clone())
+                .collect();
+            if let Ok(key) = crate::crypto::combine(&subset)
+                && accept(&key)
+            {
+                found = Some(key);
+                return true;
+            }
+            // Next element of the product.
+            let mut pos = 0;
+            loop {
+                if pos == pick.len() {
+                    return false;
+                }
+                pick[pos] += 1;
+                if pick[pos] < lists[pos].len() {
+                    break;
+                }
+                pick[pos] = 0;
+                pos += 1;
+            }
+        }
+    });
+    found
+}
+
+/// Calls `f` with every `k`-subset of `0..n` in lexicographic order until it returns `true`.
+fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool) {
+    let mut idx: Vec<usize> = (0..k).collect();
+    loop {
+        if f(&idx) {
+            return;
+        }
+        let Some(i) = (0..k).rev().find(|&i| idx[i] != i + n - k) else {
+            return;
+        };
+        idx[i] += 1;
+        for j in i + 1..k {
+            idx[j] = idx[j - 1] + 1;
+        }
+    }
+}
+
+/// Sends every Keeper its shard, all at once.
+async fn push_all(nexus: &Arc<Nexus>, client: &HttpsClient) {
+    let Some(keys) = nexus.keys() else { return };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (url, share) in nexus.peers().iter().zip(keys.shards.iter()) {
+        let client = client.clone();
+        let url = url.clone();
+        // The body holds the shard; the client takes ownership and hyper drops it after
+        // writing (best effort: hyper's buffers are not zeroized).
+        let body = serde_json::to_vec(&serde_json::json!({
+            "shard": share.value(),
+            "id": share.index,
+        }))
+        .unwrap_or_default();
+        tasks.spawn(async move {
+            match client.post_json(&url, CONTRIBUTE_PATH, body).await {
+                Ok(reply) if reply.status == StatusCode::OK => {
+                    tracing::debug!(keeper = %url, "shard sent");
+                }
+                Ok(reply) => {
+                    tracing::warn!(keeper = %url, status = %reply.status, "keeper refused its shard");
+                }
+                Err(e) => tracing::warn!(keeper = %url, error = %e, "cannot send shard to keeper"),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_combination;
+
+    #[test]
+    fn combinations_are_complete_and_ordered() {
+        let mut seen = Vec::new();
+        for_each_combination(4, 2, &mut |c| {
+            seen.push(c.to_vec());
+            false
+        });
+        assert_eq!(
+            seen,
+            vec![
+                vec![0, 1],
+                vec![0, 2],
+                vec![0, 3],
+                vec![1, 2],
+                vec![1, 3],
+                vec![2, 3]
+            ]
+        );
+        let mut count = 0;
+        for_each_combination(3, 3, &mut |_| {
+            count += 1;
+            false
+        });
+        assert_eq!(count, 1);
+    }
+}

@@ -1,0 +1,213 @@
+//! `spike nexus`: the secrets API server.
+//!
+//! Nexus is stateless. It starts without a key, answers `503` until [`keepers`] has rebuilt the
+//! root key from Keeper shards (or created it, exactly once, for a new deployment), and then
+//! serves every request from the backing store. Its only in-memory state is [`Nexus`]: the key
+//! material and the lifecycle phase that `/health` reports.
+//!
+//! - [`keepers`]: collect shards, check them against the store's verifier, create the first
+//!   key, push shards back to Keepers periodically.
+//! - [`routes`]: the HTTP surface (SPIKE's routes, `/health`).
+
+pub mod keepers;
+pub mod routes;
+
+use std::sync::{Arc, RwLock};
+
+use hyper::Uri;
+
+use crate::config::NexusConfig;
+use crate::crypto::{RootKey, Share};
+use crate::identity::{ClientAuth, ExpectedPeer, Role, SvidSource};
+use crate::store::{AnyStore, Store};
+use crate::transport;
+
+/// Why Nexus could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error(
+        "this Nexus's SVID is {0}, which is not a Nexus identity (expected spiffe://<trust domain>/spike/nexus[/...])"
+    )]
+    NotANexus(String),
+    #[error("cannot open the backing store: {0}")]
+    Store(#[from] crate::store::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where Nexus is in the root-key lifecycle (DESIGN.md §1.4). `/health` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Fewer than `threshold` Keepers have answered with a shard so far.
+    AwaitingKeepers { have: usize, need: usize },
+    /// A root key exists (the store holds its verifier) but the Keepers no longer hold enough
+    /// of it: an operator must restore from recovery shards. Nexus never creates a key here.
+    AwaitingRestore,
+    /// The store could not be read while looking for the verifier.
+    StoreUnavailable,
+    /// The root key is loaded.
+    Ready,
+}
+
+impl Phase {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::AwaitingKeepers { .. } => "awaiting_keepers",
+            Phase::AwaitingRestore => "awaiting_restore",
+            Phase::StoreUnavailable => "store_unavailable",
+            Phase::Ready => "ready",
+        }
+    }
+}
+
+/// Key material derived once when the root key is loaded.
+pub struct Keys {
+    /// The root key itself; zeroized on drop.
+    pub root: RootKey,
+    /// Public fingerprint of the root key, for logs and `/health`.
+    pub key_id: String,
+    /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
+    /// pure function of the key, so computing them once is not a cache of state.
+    pub shards: Vec<Share>,
+}
+
+/// Nexus's in-memory state, shared by the routes and the Keeper task.
+pub struct Nexus {
+    /// The store every request reads and writes.
+    pub store: AnyStore,
+    /// Validated configuration.
+    pub config: NexusConfig,
+    /// The loaded key, once there is one.
+    keys: RwLock<Option<Arc<Keys>>>,
+    /// Lifecycle phase while there is no key.
+    phase: RwLock<Phase>,
+    /// Keepers whose shard did not match the loaded key at recovery (URL list), for `/health`.
+    inconsistent: RwLock<Vec<String>>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Values behind these locks are replaced whole, so a poisoned lock still holds a
+    // consistent value.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Nexus {
+    pub fn new(config: NexusConfig, store: AnyStore) -> Nexus {
+        let need = usize::from(config.threshold);
+        Nexus {
+            store,
+            config,
+            keys: RwLock::new(None),
+            phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
+            inconsistent: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The loaded key material, if any.
+    pub fn keys(&self) -> Option<Arc<Keys>> {
+        read(&self.keys).clone()
+    }
+
+    pub fn phase(&self) -> Phase {
+        read(&self.phase).clone()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let mut current = write(&self.phase);
+        if *current != phase {
+            tracing::info!(status = phase.as_str(), detail = ?phase, "nexus status changed");
+            *current = phase;
+        }
+    }
+
+    /// Installs the root key. Returns `false` (and changes nothing) if a key is already
+    /// loaded, so two paths racing to load it cannot replace each other's.
+    fn install(&self, root: RootKey) -> Result<Arc<Keys>, crate::crypto::Error> {
+        let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
+        let key_id = root.key_id();
+        let keys = Arc::new(Keys {
+            root,
+            key_id,
+            shards,
+        });
+        let mut slot = write(&self.keys);
+        if let Some(existing) = slot.as_ref() {
+            return Ok(Arc::clone(existing));
+        }
+        *slot = Some(Arc::clone(&keys));
+        drop(slot);
+        self.set_phase(Phase::Ready);
+        Ok(keys)
+    }
+
+    pub fn inconsistent_keepers(&self) -> Vec<String> {
+        read(&self.inconsistent).clone()
+    }
+
+    fn set_inconsistent(&self, urls: Vec<String>) {
+        *write(&self.inconsistent) = urls;
+    }
+
+    /// The Keeper URLs, in Shamir index order.
+    pub fn peers(&self) -> &[Uri] {
+        &self.config.keeper_peers
+    }
+}
+
+/// Runs Nexus until `shutdown` completes.
+pub async fn run(
+    config: NexusConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let td = config.identity.trust_domain.clone();
+    let source = SvidSource::load(config.identity.svid.clone())?;
+    let me = source.current().id().clone();
+    if Role::of(&me, &td) != Some(Role::Nexus) {
+        return Err(Error::NotANexus(me.to_string()));
+    }
+    let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
+    let server_tls = crate::identity::server_config(&source, &td, ClientAuth::Optional)?;
+    let keeper_tls =
+        crate::identity::client_config(Some(&source), None, &td, ExpectedPeer::Role(Role::Keeper))?;
+    let store = AnyStore::open(&config.backend).await?;
+    let listen = config.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(listen);
+    let nexus = Arc::new(Nexus::new(config, store));
+    tracing::info!(
+        %addr,
+        id = %me,
+        backend = nexus.store.backend(),
+        keepers = nexus.peers().len(),
+        threshold = nexus.config.threshold,
+        "nexus listening on {addr}"
+    );
+    let sync = keepers::spawn(Arc::clone(&nexus), keeper_tls);
+    let handler = Arc::new(routes::Api::new(Arc::clone(&nexus)));
+    transport::serve(
+        listener,
+        server_tls,
+        handler,
+        transport::Limits::default(),
+        shutdown,
+    )
+    .await;
+    drop(sync);
+    tracing::info!("nexus stopped");
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The embedded default store: one SQLite file, `SPIKE_NEXUS_DATA_DIR/spike.db`.
+//!
+//! The file is created with mode 0600 in a 0700 directory, runs in WAL mode with
+//! `synchronous=FULL` (a commit is on disk before it is acknowledged) and a busy timeout, so
+//! several Nexus processes on one machine can share it. SQLite calls block, so they run on
+//! tokio's blocking pool, never on the async workers: one writer connection (SQLite allows one
+//! writer at a time anyway) and a small pool of reader connections that WAL lets run while a
+//! write is in progress.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Error, Result, Store};
+use crate::crypto::Verifier;
+
+const BACKEND: &str = "sqlite";
+/// The schema this code writes; `PRAGMA user_version` records what a file holds.
+const SCHEMA_VERSION: i64 = 1;
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle reader connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS root_key_verifier (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    key_id     TEXT    NOT NULL,
+    sealed     BLOB    NOT NULL,
+    created_at INTEGER NOT NULL
+);
+";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The database file, for opening more reader connections.
+    path: PathBuf,
+    /// The one connection that writes.
+    writer: Mutex<Connection>,
+    /// Idle read-only connections.
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        reason: reason.to_string(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned mutex means a blocking task panicked mid-call; the connection itself is still
+    // usable (SQLite rolls back an unfinished transaction), so keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `data_dir/spike.db` and brings its schema up to date.
+    pub async fn open(data_dir: &Path) -> Result<SqliteStore> {
+        let data_dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir))
+            .await
+            .map_err(unavailable)?
+    }
+
+    fn open_blocking(data_dir: &Path) -> Result<SqliteStore> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("spike.db");
+        // Create the file ourselves so it is 0600 from its first byte.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let writer = open_connection(&path)?;
+        writer
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        migrate(&writer)?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(writer),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` on a reader connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let conn = match lock(&inner.readers).pop() {
+                Some(conn) => conn,
+                None => open_connection(&inner.path)?,
+            };
+            let out = f(&conn).map_err(unavailable);
+            let mut idle = lock(&inner.readers);
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction on the writer connection; the
+    /// transaction commits only if `f` succeeds.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&inner.writer);
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let out = f(&tx).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+/// Creates or upgrades the schema. Runs in an immediate transaction, so two processes opening
+/// a new file at once take turns and the second finds the work done.
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+    let result = (|| -> rusqlite::Result<Option<i64>> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Ok(Some(version));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(None)
+    })();
+    match result {
+        Ok(None) => conn.execute_batch("COMMIT").map_err(unavailable),
+        Ok(Some(version)) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(Error::Corrupt {
+                backend: BACKEND,
+                reason: format!(
+                    "database schema version {version} is newer than this spike understands ({SCHEMA_VERSION}); upgrade spike"
+                ),
+            })
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(unavailable(e))
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn verifier(&self) -> Result<Option<Verifier>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT key_id, sealed FROM root_key_verifier WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Verifier {
+                        key_id: r.get(0)?,
+                        sealed: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn create_verifier(&self, verifier: &Verifier) -> Result<bool> {
+        let verifier = verifier.clone();
+        self.write(move |tx| {
+            let inserted = tx.execute(
+                "INSERT INTO root_key_verifier (id, key_id, sealed, created_at)
+                 VALUES (1, ?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+                params![verifier.key_id, verifier.sealed, now_unix()],
+            )?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+}
