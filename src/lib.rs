@@ -6,6 +6,7 @@
 //!
 //! | module | concern |
 //! |---|---|
+//! | [`api`] | the wire protocol: routes, JSON shapes, error codes (shared by server and client) |
 //! | [`config`] | `SPIKE_*` environment → validated, immutable configuration |
 //! | [`crypto`] | root key, AES-256-GCM, HKDF sub-keys, Shamir shards, recovery-shard text |
 //! | [`identity`] | SPIFFE IDs, SVID files and their reload, rustls configs, dev PKI |
@@ -16,6 +17,7 @@
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
 //! | [`cli`] | clap definitions of every subcommand |
 
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;

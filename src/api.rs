@@ -1,0 +1,365 @@
+//! Nexus's wire protocol: SPIKE's routes and JSON shapes, shared by the server ([`crate::nexus`])
+//! and the client ([`crate::client`]), so the two cannot drift apart.
+//!
+//! Every route is `POST` with a JSON body; the operation is the exact path plus `?action=`.
+//! Errors are `{"err": "<code>"}` with the status of [`ErrorCode::status`].
+//!
+//! | path | `?action=` | request | 200 response | permission (path checked) |
+//! |---|---|---|---|---|
+//! | `/v1/store/secrets` | — | [`SecretPutRequest`] `{"path","values":{k:v},"cas"?}` | [`SecretPutResponse`] `{"version"}` | `write` (path) |
+//! | `/v1/store/secrets` | `get` | [`SecretGetRequest`] `{"path","version"?}` | [`SecretGetResponse`] `{"data":{k:v},"version"}` | `read` (path) |
+//! | `/v1/store/secrets` | `delete` | [`SecretVersionsRequest`] `{"path","versions":[n]}` | `{}` | `write` (path) |
+//! | `/v1/store/secrets` | `undelete` | [`SecretVersionsRequest`] | `{}` | `write` (path) |
+//! | `/v1/store/secrets` | `list` | [`SecretListRequest`] `{"prefix"?}` | [`SecretListResponse`] `{"keys":[..]}` | `list` (`spike/system/secret`, or each path) |
+//! | `/v1/store/secrets/metadata` | `get` | [`SecretGetRequest`] | [`SecretMetadataResponse`] | `read` (path) |
+//! | `/v1/acl/policy` | — | [`PolicyPutRequest`] `{"name","spiffeidPattern","pathPattern","permissions"}` | `{}` | `write` (`spike/system/acl`) |
+//! | `/v1/acl/policy` | `get` | [`PolicyIdRequest`] `{"id": name}` | [`Policy`] (note `spiffiedPattern`) | `read` (`spike/system/acl`) |
+//! | `/v1/acl/policy` | `delete` | [`PolicyIdRequest`] | `{}` | `write` (`spike/system/acl`) |
+//! | `/v1/acl/policy` | `list` | [`PolicyListRequest`] `{"spiffeidPattern"?,"pathPattern"?}` | [`PolicyListResponse`] `{"policies":[..]}` | `list` (`spike/system/acl`) |
+//! | `/v1/cipher/encrypt` | — | [`EncryptRequest`] or raw bytes (`application/octet-stream`) | [`EncryptResponse`] or `0x01‖nonce‖ct` | `execute` (`spike/system/cipher/exec`) |
+//! | `/v1/cipher/decrypt` | — | [`DecryptRequest`] or `0x01‖nonce‖ct` | [`DecryptResponse`] or raw bytes | `execute` (`spike/system/cipher/exec`) |
+//!
+//! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `version` in put
+//! and get answers, `prefix` on list, 413 for bodies over the limit, and list answers filtered
+//! to what the caller may list. Superuser operators bypass policies.
+
+use std::collections::BTreeMap;
+
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+
+pub const SECRETS_PATH: &str = "/v1/store/secrets";
+pub const SECRET_METADATA_PATH: &str = "/v1/store/secrets/metadata";
+pub const POLICY_PATH: &str = "/v1/acl/policy";
+pub const ENCRYPT_PATH: &str = "/v1/cipher/encrypt";
+pub const DECRYPT_PATH: &str = "/v1/cipher/decrypt";
+pub const RECOVER_PATH: &str = "/v1/operator/recover";
+pub const RESTORE_PATH: &str = "/v1/operator/restore";
+pub const HEALTH_PATH: &str = "/health";
+
+/// The version byte that starts every cipher stream.
+pub const CIPHER_VERSION: u8 = 1;
+
+/// Stable error codes: SPIKE's, plus ours for what SPIKE does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: malformed request, unknown route or action, invalid input.
+    ApiBadRequest,
+    /// 401: the caller's identity may not do this.
+    AccessUnauthorized,
+    /// 404: no such secret, version or policy.
+    ApiNotFound,
+    /// 409: `cas` did not match the current version (ours).
+    ApiConflict,
+    /// 413: the body is over the limit (ours).
+    ApiRequestTooLarge,
+    /// 500: anything else; details are in the server log only.
+    ApiInternalError,
+    /// 503: the root key is not loaded yet.
+    StateNotReady,
+    /// 503: the backing store is not answering (ours).
+    StoreUnavailable,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::ApiBadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::AccessUnauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::ApiNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::ApiConflict => StatusCode::CONFLICT,
+            ErrorCode::ApiRequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::ApiInternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::StateNotReady | ErrorCode::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::ApiBadRequest => "api_bad_request",
+            ErrorCode::AccessUnauthorized => "access_unauthorized",
+            ErrorCode::ApiNotFound => "api_not_found",
+            ErrorCode::ApiConflict => "api_conflict",
+            ErrorCode::ApiRequestTooLarge => "api_request_too_large",
+            ErrorCode::ApiInternalError => "api_internal_error",
+            ErrorCode::StateNotReady => "state_not_ready",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// `{"err": "<code>"}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub err: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretPutRequest {
+    pub path: String,
+    #[serde(default)]
+    pub values: BTreeMap<String, String>,
+    /// Check-and-set: the version that must be current (0: the path must hold no live version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cas: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretPutResponse {
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretGetRequest {
+    pub path: String,
+    /// 0 or absent: the current version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretGetResponse {
+    pub data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretVersionsRequest {
+    pub path: String,
+    /// Empty: the current version. `0` also means the current version.
+    #[serde(default)]
+    pub versions: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SecretListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretListResponse {
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    pub created_time: String,
+    pub version: u64,
+    pub deleted_time: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretMetadata {
+    pub current_version: u64,
+    pub oldest_version: u64,
+    pub created_time: String,
+    pub updated_time: String,
+    pub max_versions: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretMetadataResponse {
+    /// Keyed by the decimal version number, as Go encodes `map[int]T`.
+    pub versions: BTreeMap<String, VersionInfo>,
+    pub metadata: SecretMetadata,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPutRequest {
+    pub name: String,
+    /// SPIKE's request key is `spiffeidPattern`; older SDKs sent `spiffedPattern`.
+    #[serde(alias = "spiffedPattern", alias = "spiffiedPattern")]
+    pub spiffeid_pattern: String,
+    pub path_pattern: String,
+    pub permissions: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyIdRequest {
+    /// The policy's name (SPIKE kept the field name `id`).
+    pub id: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffeid_pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_pattern: Option<String>,
+}
+
+/// A policy as SPIKE returns it: note the `spiffiedPattern` key and the always-empty `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "spiffiedPattern", alias = "spiffeidPattern")]
+    pub spiffeid_pattern: String,
+    pub path_pattern: String,
+    pub permissions: Vec<String>,
+    #[serde(default)]
+    pub created_at: String,
+    #[serde(default)]
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyListResponse {
+    pub policies: Vec<Policy>,
+}
+
+/// Base64 (standard, padded) byte strings, as Go encodes `[]byte`.
+pub mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EncryptRequest {
+    #[serde(with = "b64")]
+    pub plaintext: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EncryptResponse {
+    pub version: u8,
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "b64")]
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecryptRequest {
+    pub version: u8,
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "b64")]
+    pub ciphertext: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DecryptResponse {
+    #[serde(with = "b64")]
+    pub plaintext: Vec<u8>,
+}
+
+/// RFC 3339 in UTC with nanoseconds, as Go encodes `time.Time`.
+pub fn rfc3339(unix_nanos: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_nanos))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_nanos() -> i64 {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_uses_spikes_response_key_and_accepts_both_request_keys() {
+        let p = Policy {
+            id: String::new(),
+            name: "web".into(),
+            spiffeid_pattern: "^spiffe://spike.ist/web$".into(),
+            path_pattern: "^secrets/web/.*$".into(),
+            permissions: vec!["read".into()],
+            created_at: rfc3339(0),
+            updated_at: rfc3339(1_500_000_000),
+        };
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["spiffiedPattern"], "^spiffe://spike.ist/web$");
+        assert_eq!(json["id"], "");
+        assert_eq!(json["createdAt"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["updatedAt"], "1970-01-01T00:00:01.5Z");
+        for key in ["spiffeidPattern", "spiffedPattern"] {
+            let req: PolicyPutRequest = serde_json::from_str(&format!(
+                r#"{{"name":"n","{key}":"x","pathPattern":"p","permissions":["read"]}}"#
+            ))
+            .unwrap();
+            assert_eq!(req.spiffeid_pattern, "x");
+        }
+    }
+
+    #[test]
+    fn shapes_match_spike() {
+        let meta = SecretMetadataResponse {
+            versions: [(
+                "1".to_string(),
+                VersionInfo {
+                    created_time: rfc3339(0),
+                    version: 1,
+                    deleted_time: None,
+                },
+            )]
+            .into(),
+            metadata: SecretMetadata {
+                current_version: 1,
+                oldest_version: 1,
+                created_time: rfc3339(0),
+                updated_time: rfc3339(0),
+                max_versions: 10,
+            },
+        };
+        let json = serde_json::to_value(&meta).unwrap();
+        assert_eq!(json["versions"]["1"]["deletedTime"], serde_json::Value::Null);
+        assert_eq!(json["versions"]["1"]["createdTime"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["metadata"]["currentVersion"], 1);
+        assert_eq!(json["metadata"]["maxVersions"], 10);
+        let enc = EncryptResponse {
+            version: 1,
+            nonce: vec![0; 12],
+            ciphertext: vec![1, 2, 3],
+        };
+        assert_eq!(
+            serde_json::to_string(&enc).unwrap(),
+            r#"{"version":1,"nonce":"AAAAAAAAAAAAAAAA","ciphertext":"AQID"}"#
+        );
+        let get: SecretGetRequest = serde_json::from_str(r#"{"path":"a/b"}"#).unwrap();
+        assert_eq!(get.version, None);
+        assert_eq!(ErrorCode::ApiBadRequest.as_str(), "api_bad_request");
+        assert_eq!(
+            serde_json::to_string(&ErrorCode::StateNotReady).unwrap(),
+            r#""state_not_ready""#
+        );
+    }
+}
