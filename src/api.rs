@@ -341,7 +341,10 @@ mod tests {
             },
         };
         let json = serde_json::to_value(&meta).unwrap();
-        assert_eq!(json["versions"]["1"]["deletedTime"], serde_json::Value::Null);
+        assert_eq!(
+            json["versions"]["1"]["deletedTime"],
+            serde_json::Value::Null
+        );
         assert_eq!(json["versions"]["1"]["createdTime"], "1970-01-01T00:00:00Z");
         assert_eq!(json["metadata"]["currentVersion"], 1);
         assert_eq!(json["metadata"]["maxVersions"], 10);

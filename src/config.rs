@@ -157,6 +157,9 @@ pub struct NexusConfig {
     pub max_secret_versions: u32,
     /// `SPIKE_NEXUS_MAX_BODY_BYTES`: requests with a larger body get 413.
     pub max_body_bytes: usize,
+    /// `SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE`: largest plaintext or ciphertext the cipher API
+    /// takes (SPIKE's variable and default).
+    pub max_cipher_bytes: usize,
 }
 
 impl NexusConfig {
@@ -222,7 +225,10 @@ impl NexusConfig {
                 "must be at least 1024",
             ));
         }
+        let max_cipher_bytes =
+            number::<usize>(env, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", 65_536)?;
         Ok(NexusConfig {
+            max_cipher_bytes,
             listen,
             identity: Identity::from_source(env)?,
             keeper_peers,

@@ -183,6 +183,23 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>>
     resp
 }
 
+/// A non-JSON response (cipher streams, their text errors).
+pub fn bytes(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-cache, must-revalidate, private"),
+    );
+    resp
+}
+
 /// SPIKE's error body: `{"err": "<code>"}`.
 pub fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "err": code }))

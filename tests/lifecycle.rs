@@ -125,14 +125,16 @@ async fn two_nexus_started_together_on_an_empty_store_make_exactly_one_key() {
     assert_eq!(created, 1, "{}", c.dump_logs());
     // One verifier row, with that key id.
     let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
-    let (rows, id): (i64, String) = db
-        .query_row(
-            "SELECT count(*), max(key_id) FROM root_key_verifier",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((rows, id), (1, ka));
+    let rows: Vec<Vec<u8>> = db
+        .prepare("SELECT value FROM kv WHERE ns = 'system'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    let stored: serde_json::Value = serde_json::from_slice(&rows[0]).unwrap();
+    assert_eq!(stored["key_id"], ka);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,10 +162,11 @@ async fn keepers_lost_while_the_verifier_exists_means_awaiting_restore_and_no_ne
         assert_eq!(c.keeper_shard(i).await, None, "{}", c.dump_logs());
     }
     let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
-    let id: String = db
-        .query_row("SELECT key_id FROM root_key_verifier", [], |r| r.get(0))
+    let stored: Vec<u8> = db
+        .query_row("SELECT value FROM kv WHERE ns = 'system'", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(id, original);
+    let stored: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(stored["key_id"], original);
     // API routes are gated with SPIKE's code.
     let su = c.pki.issue("superuser", "/spike/pilot/role/superuser");
     let reply = client(Some(&su), &c.pki, Role::Nexus)

@@ -7,17 +7,23 @@
 //!
 //! - [`keepers`]: collect shards, check them against the store's verifier, create the first
 //!   key, push shards back to Keepers periodically.
-//! - [`routes`]: the HTTP surface (SPIKE's routes, `/health`).
+//! - [`routes`]: the HTTP surface (SPIKE's routes, `/health`), identity and policy checks,
+//!   audit lines.
+//! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 
+pub mod cipher;
 pub mod keepers;
+pub mod policy;
 pub mod routes;
+pub mod secrets;
 
 use std::sync::{Arc, RwLock};
 
 use hyper::Uri;
 
+use crate::api::ErrorCode;
 use crate::config::NexusConfig;
-use crate::crypto::{RootKey, Share};
+use crate::crypto::{AeadKey, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role, SvidSource};
 use crate::store::{AnyStore, Store};
 use crate::transport;
@@ -39,6 +45,50 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Why an API request failed. The message goes to the log; the caller sees only [`ErrorCode`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not authorised")]
+    Unauthorized,
+    #[error("not found")]
+    NotFound,
+    #[error("check-and-set failed: expected version {expected}, current is {current}")]
+    CasMismatch { expected: u64, current: u64 },
+    #[error("request body over the limit")]
+    TooLarge,
+    #[error("root key not loaded")]
+    NotReady,
+    #[error("gave up after too many concurrent writers")]
+    Contended,
+    #[error("{0}")]
+    Store(#[from] crate::store::Error),
+    #[error("crypto: {0}")]
+    Crypto(#[from] crate::crypto::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::BadRequest(_) => ErrorCode::ApiBadRequest,
+            ApiError::Unauthorized => ErrorCode::AccessUnauthorized,
+            ApiError::NotFound => ErrorCode::ApiNotFound,
+            ApiError::CasMismatch { .. } => ErrorCode::ApiConflict,
+            ApiError::TooLarge => ErrorCode::ApiRequestTooLarge,
+            ApiError::NotReady => ErrorCode::StateNotReady,
+            ApiError::Contended => ErrorCode::StoreUnavailable,
+            ApiError::Store(crate::store::Error::Unavailable { .. }) => ErrorCode::StoreUnavailable,
+            ApiError::Store(_) | ApiError::Crypto(_) | ApiError::Internal(_) => {
+                ErrorCode::ApiInternalError
+            }
+        }
+    }
 }
 
 /// Where Nexus is in the root-key lifecycle (DESIGN.md §1.4). `/health` reports it.
@@ -75,6 +125,12 @@ pub struct Keys {
     /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
     /// pure function of the key, so computing them once is not a cache of state.
     pub shards: Vec<Share>,
+    /// Seals secret versions at rest.
+    pub secrets: AeadKey,
+    /// Seals policies at rest.
+    pub policies: AeadKey,
+    /// The cipher API's key.
+    pub cipher: AeadKey,
 }
 
 /// Nexus's in-memory state, shared by the routes and the Keeper task.
@@ -130,12 +186,15 @@ impl Nexus {
         }
     }
 
-    /// Installs the root key. Returns `false` (and changes nothing) if a key is already
-    /// loaded, so two paths racing to load it cannot replace each other's.
+    /// Installs the root key and derives its sub-keys. If a key is already loaded, that one is
+    /// kept and returned, so two paths racing to load it cannot replace each other's.
     fn install(&self, root: RootKey) -> Result<Arc<Keys>, crate::crypto::Error> {
         let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
         let key_id = root.key_id();
         let keys = Arc::new(Keys {
+            secrets: root.derive("spike/secrets/v1"),
+            policies: root.derive("spike/policies/v1"),
+            cipher: root.derive("spike/cipher/v1"),
             root,
             key_id,
             shards,

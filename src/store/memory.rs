@@ -1,23 +1,34 @@
 //! An in-process store with the same semantics as the durable ones, for tests and ephemeral
 //! development clusters. Nothing survives the process.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Result, Store};
-use crate::crypto::Verifier;
+use super::{Entry, Expect, Namespace, Result, Revision, Store, Written};
 
 #[derive(Default)]
 pub struct MemoryStore {
-    /// The root-key verifier; set at most once.
-    verifier: Mutex<Option<Verifier>>,
+    /// (namespace, key) → (value, revision counter). One lock: the store is for tests.
+    data: Mutex<Data>,
+}
+
+#[derive(Default)]
+struct Data {
+    entries: BTreeMap<(Namespace, String), (Vec<u8>, u64)>,
+    /// Revisions are never reused, even across delete and re-create.
+    last_revision: u64,
 }
 
 impl MemoryStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Verifier>> {
-        // A poisoned lock only means another thread panicked while holding it; the data (a
-        // plain Option) cannot be left half-written, so carry on with it.
-        self.verifier.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Data> {
+        // Every mutation below is a single map operation, so a poisoned lock still guards a
+        // consistent map.
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn revision(n: u64) -> Revision {
+    Revision(n.to_string())
 }
 
 impl Store for MemoryStore {
@@ -29,16 +40,72 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn verifier(&self) -> Result<Option<Verifier>> {
-        Ok(self.lock().clone())
+    async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
+        Ok(self
+            .lock()
+            .entries
+            .get(&(ns, key.to_string()))
+            .map(|(value, rev)| Entry {
+                value: value.clone(),
+                revision: revision(*rev),
+            }))
     }
 
-    async fn create_verifier(&self, verifier: &Verifier) -> Result<bool> {
-        let mut slot = self.lock();
-        if slot.is_some() {
-            return Ok(false);
+    async fn put(
+        &self,
+        ns: Namespace,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<Written> {
+        let mut data = self.lock();
+        let current = data
+            .entries
+            .get(&(ns, key.to_string()))
+            .map(|(_, r)| revision(*r));
+        let holds = match (&expect, &current) {
+            (Expect::Absent, None) => true,
+            (Expect::Revision(want), Some(have)) => want == have,
+            _ => false,
+        };
+        if !holds {
+            return Ok(Written::Conflict);
         }
-        *slot = Some(verifier.clone());
-        Ok(true)
+        data.last_revision += 1;
+        let rev = data.last_revision;
+        data.entries.insert((ns, key.to_string()), (value, rev));
+        Ok(Written::Done(revision(rev)))
+    }
+
+    async fn delete(&self, ns: Namespace, key: &str, rev: &Revision) -> Result<bool> {
+        let mut data = self.lock();
+        let k = (ns, key.to_string());
+        match data.entries.get(&k) {
+            Some((_, have)) if revision(*have) == *rev => {
+                data.entries.remove(&k);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .lock()
+            .entries
+            .keys()
+            .filter(|(n, k)| *n == ns && k.starts_with(prefix))
+            .map(|(_, k)| k.clone())
+            .collect())
+    }
+
+    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .lock()
+            .entries
+            .iter()
+            .filter(|((n, _), _)| *n == ns)
+            .map(|((_, k), (v, _))| (k.clone(), v.clone()))
+            .collect())
     }
 }

@@ -9,8 +9,9 @@
 //! # Consistency contract
 //! Nexus keeps no cache: every request reads and writes the store, so any number of Nexus
 //! instances on one store agree. The store's own conditional writes arbitrate between them:
-//! [`Store::create_verifier`] is create-if-absent, so when several instances start on an empty
-//! store exactly one root key wins. A write returns only once the store says it is durable.
+//! every [`Store::put`] is create-if-absent or compare-and-set on a [`Revision`], so two
+//! writers never both succeed from the same starting point, and the root-key verifier is
+//! create-if-absent, so when several instances start on an empty store exactly one key wins. A write returns only once the store says it is durable.
 //!
 //! Every backend implements [`Store`]; [`AnyStore`] picks one at run time, and the conformance
 //! suite in `tests/` runs the same checks against each.
@@ -44,7 +45,62 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The operations Nexus needs from a backing store.
+/// A store's namespaces: one key space each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Namespace {
+    /// Secret records, keyed by secret path.
+    Secrets,
+    /// Policies, keyed by policy name.
+    Policies,
+    /// Deployment-wide records such as the root-key verifier.
+    System,
+}
+
+impl Namespace {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Namespace::Secrets => "secrets",
+            Namespace::Policies => "policies",
+            Namespace::System => "system",
+        }
+    }
+}
+
+/// An opaque token naming one stored version of a value: a counter in SQL stores, an ETag in
+/// object stores. Two reads return equal revisions only if nothing was written in between.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revision(pub String);
+
+/// A stored value and its revision.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub value: Vec<u8>,
+    pub revision: Revision,
+}
+
+/// The condition a conditional write must meet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist (create-if-absent).
+    Absent,
+    /// The key must still be at this revision (compare-and-set).
+    Revision(Revision),
+}
+
+/// What a conditional write did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The value is durably stored at this new revision.
+    Done(Revision),
+    /// The condition did not hold: someone else wrote first. Nothing changed.
+    Conflict,
+}
+
+/// The key of the root-key verifier in [`Namespace::System`].
+const VERIFIER_KEY: &str = "root-key-verifier";
+
+/// The operations Nexus needs from a backing store: a small key-value interface whose writes
+/// are conditional, so that concurrent writers — in one process or many — never lose updates.
 pub trait Store: Send + Sync + 'static {
     /// A short name for logs and `/health` (`sqlite`, `memory`, ...).
     fn backend(&self) -> &'static str;
@@ -52,12 +108,85 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds when the store answers; used by `/health` and the watchdog.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// The value at `key`, with its revision.
+    fn get(&self, ns: Namespace, key: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
+
+    /// Writes `value` at `key` only if `expect` holds; returns once the write is durable.
+    fn put(
+        &self,
+        ns: Namespace,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> impl Future<Output = Result<Written>> + Send;
+
+    /// Removes `key` if it is still at `revision`. `Ok(false)` when it is gone or changed.
+    fn delete(
+        &self,
+        ns: Namespace,
+        key: &str,
+        revision: &Revision,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The keys of `ns` that start with `prefix`, sorted.
+    fn list(&self, ns: Namespace, prefix: &str)
+    -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Every (key, value) of `ns`, sorted by key.
+    fn scan(&self, ns: Namespace) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>>> + Send;
+
     /// The root-key verifier, if a root key was ever created for this store.
-    fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send;
+    fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send {
+        async move {
+            let Some(entry) = self.get(Namespace::System, VERIFIER_KEY).await? else {
+                return Ok(None);
+            };
+            serde_json::from_slice::<StoredVerifier>(&entry.value)
+                .map(|v| Some(v.into()))
+                .map_err(|e| Error::Corrupt {
+                    backend: self.backend(),
+                    reason: format!("root-key verifier: {e}"),
+                })
+        }
+    }
 
     /// Stores `verifier` only if the store has none yet. Returns `true` when this call created
     /// it and `false` when another writer got there first (the existing one is left untouched).
-    fn create_verifier(&self, verifier: &Verifier) -> impl Future<Output = Result<bool>> + Send;
+    fn create_verifier(&self, verifier: &Verifier) -> impl Future<Output = Result<bool>> + Send {
+        let value = serde_json::to_vec(&StoredVerifier::from(verifier.clone())).unwrap_or_default();
+        async move {
+            let written = self
+                .put(Namespace::System, VERIFIER_KEY, value, Expect::Absent)
+                .await?;
+            Ok(matches!(written, Written::Done(_)))
+        }
+    }
+}
+
+/// The verifier as stored: JSON with the sealed value in base64.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredVerifier {
+    key_id: String,
+    #[serde(with = "crate::api::b64")]
+    sealed: Vec<u8>,
+}
+
+impl From<Verifier> for StoredVerifier {
+    fn from(v: Verifier) -> Self {
+        StoredVerifier {
+            key_id: v.key_id,
+            sealed: v.sealed,
+        }
+    }
+}
+
+impl From<StoredVerifier> for Verifier {
+    fn from(v: StoredVerifier) -> Self {
+        Verifier {
+            key_id: v.key_id,
+            sealed: v.sealed,
+        }
+    }
 }
 
 /// The store chosen by configuration.
@@ -96,11 +225,29 @@ impl Store for AnyStore {
         delegate!(self, s => s.ping().await)
     }
 
-    async fn verifier(&self) -> Result<Option<Verifier>> {
-        delegate!(self, s => s.verifier().await)
+    async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
+        delegate!(self, s => s.get(ns, key).await)
     }
 
-    async fn create_verifier(&self, verifier: &Verifier) -> Result<bool> {
-        delegate!(self, s => s.create_verifier(verifier).await)
+    async fn put(
+        &self,
+        ns: Namespace,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<Written> {
+        delegate!(self, s => s.put(ns, key, value, expect).await)
+    }
+
+    async fn delete(&self, ns: Namespace, key: &str, revision: &Revision) -> Result<bool> {
+        delegate!(self, s => s.delete(ns, key, revision).await)
+    }
+
+    async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
+        delegate!(self, s => s.list(ns, prefix).await)
+    }
+
+    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
+        delegate!(self, s => s.scan(ns).await)
     }
 }

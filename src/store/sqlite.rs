@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Error, Result, Store};
-use crate::crypto::Verifier;
+use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
 
 const BACKEND: &str = "sqlite";
 /// The schema this code writes; `PRAGMA user_version` records what a file holds.
@@ -26,13 +25,21 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle reader connections kept open.
 const MAX_IDLE_READERS: usize = 8;
 
+/// One table of sealed values. `revision` comes from `sequence`, so a revision is never
+/// reused, even for a key that was deleted and created again.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS root_key_verifier (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    key_id     TEXT    NOT NULL,
-    sealed     BLOB    NOT NULL,
-    created_at INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS kv (
+    ns       TEXT    NOT NULL,
+    key      TEXT    NOT NULL,
+    value    BLOB    NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (ns, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sequence (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
 );
+INSERT INTO sequence (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 ";
 
 #[derive(Clone)]
@@ -186,11 +193,8 @@ fn migrate(conn: &Connection) -> Result<()> {
     }
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+fn parse_revision(rev: &Revision) -> Option<i64> {
+    rev.0.parse().ok()
 }
 
 impl Store for SqliteStore {
@@ -202,32 +206,100 @@ impl Store for SqliteStore {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
-    async fn verifier(&self) -> Result<Option<Verifier>> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT key_id, sealed FROM root_key_verifier WHERE id = 1",
-                [],
-                |r| {
-                    Ok(Verifier {
-                        key_id: r.get(0)?,
-                        sealed: r.get(1)?,
+    async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
+        let key = key.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value, revision FROM kv WHERE ns = ?1 AND key = ?2")?
+                .query_row(params![ns.as_str(), key], |r| {
+                    Ok(Entry {
+                        value: r.get(0)?,
+                        revision: Revision(r.get::<_, i64>(1)?.to_string()),
                     })
-                },
-            )
-            .optional()
+                })
+                .optional()
         })
         .await
     }
 
-    async fn create_verifier(&self, verifier: &Verifier) -> Result<bool> {
-        let verifier = verifier.clone();
+    async fn put(
+        &self,
+        ns: Namespace,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<Written> {
+        let key = key.to_string();
+        let expected = match &expect {
+            Expect::Absent => None,
+            Expect::Revision(rev) => match parse_revision(rev) {
+                Some(n) => Some(n),
+                // Not a revision this store ever handed out: the condition cannot hold.
+                None => return Ok(Written::Conflict),
+            },
+        };
         self.write(move |tx| {
-            let inserted = tx.execute(
-                "INSERT INTO root_key_verifier (id, key_id, sealed, created_at)
-                 VALUES (1, ?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
-                params![verifier.key_id, verifier.sealed, now_unix()],
+            let next: i64 = tx
+                .prepare_cached(
+                    "UPDATE sequence SET value = value + 1 WHERE id = 1 RETURNING value",
+                )?
+                .query_row([], |r| r.get(0))?;
+            let changed = match expected {
+                None => tx
+                    .prepare_cached(
+                        "INSERT INTO kv (ns, key, value, revision) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (ns, key) DO NOTHING",
+                    )?
+                    .execute(params![ns.as_str(), key, value, next])?,
+                Some(rev) => tx
+                    .prepare_cached(
+                        "UPDATE kv SET value = ?3, revision = ?4
+                         WHERE ns = ?1 AND key = ?2 AND revision = ?5",
+                    )?
+                    .execute(params![ns.as_str(), key, value, next, rev])?,
+            };
+            Ok(if changed == 1 {
+                Written::Done(Revision(next.to_string()))
+            } else {
+                Written::Conflict
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, ns: Namespace, key: &str, revision: &Revision) -> Result<bool> {
+        let Some(rev) = parse_revision(revision) else {
+            return Ok(false);
+        };
+        let key = key.to_string();
+        self.write(move |tx| {
+            let n = tx
+                .prepare_cached("DELETE FROM kv WHERE ns = ?1 AND key = ?2 AND revision = ?3")?
+                .execute(params![ns.as_str(), key, rev])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
+        let prefix = prefix.to_string();
+        self.read(move |c| {
+            // Range scan on the primary key; `substr` keeps LIKE's wildcards out of it.
+            let mut stmt = c.prepare_cached(
+                "SELECT key FROM kv WHERE ns = ?1 AND key >= ?2 AND substr(key, 1, length(?2)) = ?2
+                 ORDER BY key",
             )?;
-            Ok(inserted == 1)
+            let rows = stmt.query_map(params![ns.as_str(), prefix], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT key, value FROM kv WHERE ns = ?1 ORDER BY key")?;
+            let rows = stmt.query_map(params![ns.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
         })
         .await
     }

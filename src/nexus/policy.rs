@@ -1,0 +1,534 @@
+//! Policies: who (a SPIFFE-ID pattern) may do what (permissions) where (a path pattern), with
+//! SPIKE's semantics (DESIGN.md §4, reference §6.2–6.3).
+//!
+//! - Patterns are regular expressions matched anywhere in the string unless anchored
+//!   (`^...$`), compiled with a size limit. Compiled forms are memoised by their source text;
+//!   that is a pure function of the text, not a cache of state: every check reads every policy
+//!   from the store.
+//! - Permissions: `read`, `write`, `list`, `execute`, `super` (everything). A policy grants a
+//!   request when both patterns match and it holds every wanted permission (or `super`); there
+//!   are no deny rules.
+//! - The reserved pseudo-paths `spike/system/acl` (policy management), `spike/system/secret`
+//!   (listing) and `spike/system/cipher/exec` (the cipher) are reachable only by a policy whose
+//!   path pattern matches them as a whole (`^(?:pattern)$`) and whose SPIFFE-ID pattern is
+//!   anchored or a deliberate catch-all. Policies that would reach them by substring accident
+//!   are refused at creation and ignored at check time.
+//!
+//! Stored sealed in [`Namespace::Policies`] under the policy name, with the name as associated
+//! data.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::api::{self, Policy, PolicyPutRequest};
+use crate::crypto::AeadKey;
+use crate::identity::SpiffeId;
+use crate::store::{Expect, Namespace, Store, Written};
+
+pub const ACL_PATH: &str = "spike/system/acl";
+pub const SECRET_LIST_PATH: &str = "spike/system/secret";
+pub const CIPHER_PATH: &str = "spike/system/cipher/exec";
+const RESERVED: [&str; 3] = [ACL_PATH, SECRET_LIST_PATH, CIPHER_PATH];
+
+/// Compiled-program size limit for one pattern.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+const MAX_PATTERN_LEN: usize = 500;
+const MAX_NAME_LEN: usize = 250;
+/// Memoised compiled patterns kept at most.
+const MAX_COMPILED: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    Read,
+    Write,
+    List,
+    Execute,
+    Super,
+}
+
+impl Permission {
+    pub fn parse(s: &str) -> Option<Permission> {
+        Some(match s {
+            "read" => Permission::Read,
+            "write" => Permission::Write,
+            "list" => Permission::List,
+            "execute" => Permission::Execute,
+            "super" => Permission::Super,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::List => "list",
+            Permission::Execute => "execute",
+            Permission::Super => "super",
+        }
+    }
+}
+
+/// A policy as stored (inside the sealed value).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub name: String,
+    pub spiffeid_pattern: String,
+    pub path_pattern: String,
+    pub permissions: Vec<Permission>,
+    pub created: i64,
+    pub updated: i64,
+}
+
+impl StoredPolicy {
+    pub fn to_api(&self) -> Policy {
+        Policy {
+            id: String::new(),
+            name: self.name.clone(),
+            spiffeid_pattern: self.spiffeid_pattern.clone(),
+            path_pattern: self.path_pattern.clone(),
+            permissions: self
+                .permissions
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+            created_at: api::rfc3339(self.created),
+            updated_at: api::rfc3339(self.updated),
+        }
+    }
+}
+
+fn aad(name: &str) -> Vec<u8> {
+    format!("spike/policy/v1\0{name}").into_bytes()
+}
+
+/// Compiles `pattern` (memoised by its text).
+fn compile(pattern: &str) -> Result<Arc<Regex>, regex::Error> {
+    static COMPILED: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
+    let memo = COMPILED.get_or_init(Default::default);
+    if let Some(re) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(pattern) {
+        return Ok(Arc::clone(re));
+    }
+    let re = Arc::new(
+        RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()?,
+    );
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if memo.len() >= MAX_COMPILED {
+        memo.clear();
+    }
+    memo.insert(pattern.to_string(), Arc::clone(&re));
+    Ok(re)
+}
+
+fn full_match(pattern: &str, text: &str) -> bool {
+    compile(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(text))
+}
+
+/// Whether a SPIFFE-ID pattern is anchored at both ends or deliberately matches anything.
+fn id_pattern_is_deliberate(pattern: &str) -> bool {
+    (pattern.starts_with('^') && pattern.ends_with('$'))
+        || full_match(pattern, "spiffe://catch-all.probe.invalid/any/path/at-all")
+}
+
+/// May this policy reach the reserved `path`? (Only asked when the path pattern matched.)
+fn reserved_ok(p: &StoredPolicy, path: &str) -> bool {
+    !RESERVED.contains(&path)
+        || (full_match(&p.path_pattern, path) && id_pattern_is_deliberate(&p.spiffeid_pattern))
+}
+
+fn spiffe_pattern_syntax_ok(p: &str) -> bool {
+    // SPIKE's shape check: optional '^', literal "spiffe://", then a restricted character set,
+    // optional '$'.
+    let body = p.strip_prefix('^').unwrap_or(p);
+    let body = body.strip_suffix('$').unwrap_or(body);
+    let Some(rest) = body.strip_prefix("spiffe://") else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    '\\' | '.' | '-' | '*' | '(' | ')' | '+' | '?' | '[' | ']' | '/' | '_'
+                )
+        })
+}
+
+fn path_pattern_syntax_ok(p: &str) -> bool {
+    p.chars().all(|c| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '.' | '_'
+                    | '-'
+                    | '/'
+                    | '^'
+                    | '$'
+                    | '('
+                    | ')'
+                    | '?'
+                    | '+'
+                    | '*'
+                    | '|'
+                    | '['
+                    | ']'
+                    | '{'
+                    | '}'
+                    | '\\'
+            )
+    })
+}
+
+/// Validates a policy name (SPIKE's rule).
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' '))
+    {
+        return Err(ApiError::BadRequest(
+            "invalid policy name: 1 to 250 letters, digits, '-', '_' or spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a policy from a request and returns its stored form (times set by the caller).
+pub fn validate(req: &PolicyPutRequest) -> Result<StoredPolicy, ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    validate_name(&req.name)?;
+    let id = &req.spiffeid_pattern;
+    let path = &req.path_pattern;
+    if id.is_empty() || id.len() > MAX_PATTERN_LEN || !spiffe_pattern_syntax_ok(id) {
+        return bad("invalid spiffeidPattern: must start with spiffe:// (optionally ^) and use only letters, digits and .-_/*()+?[]\\".into());
+    }
+    if path.is_empty() || path.len() > MAX_PATTERN_LEN || !path_pattern_syntax_ok(path) {
+        return bad(
+            "invalid pathPattern: 1 to 500 of letters, digits and ._-/^$()?+*|[]{}\\".into(),
+        );
+    }
+    for (what, p) in [("spiffeidPattern", id), ("pathPattern", path)] {
+        if let Err(e) = compile(p) {
+            let reason = match e {
+                regex::Error::CompiledTooBig(_) => "too large once compiled".to_string(),
+                _ => "not a valid regular expression".to_string(),
+            };
+            return bad(format!("invalid {what}: {reason}"));
+        }
+    }
+    let mut permissions = Vec::new();
+    for p in &req.permissions {
+        let perm = Permission::parse(p).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid permission {p:?}: expected read, write, list, execute or super"
+            ))
+        })?;
+        if !permissions.contains(&perm) {
+            permissions.push(perm);
+        }
+    }
+    if permissions.is_empty() {
+        return bad("a policy needs at least one permission".into());
+    }
+    let policy = StoredPolicy {
+        name: req.name.clone(),
+        spiffeid_pattern: id.clone(),
+        path_pattern: path.clone(),
+        permissions,
+        created: 0,
+        updated: 0,
+    };
+    // Refuse policies that would reach a reserved path by substring accident.
+    let path_re = compile(path).map_err(|_| ApiError::BadRequest("invalid pathPattern".into()))?;
+    for reserved in RESERVED {
+        if path_re.is_match(reserved) && !reserved_ok(&policy, reserved) {
+            return bad(format!(
+                "pathPattern {path:?} matches the reserved path {reserved} by accident: write ^{reserved}$ (or ^spike/system/.*$) and anchor spiffeidPattern with ^...$ to grant it"
+            ));
+        }
+    }
+    Ok(policy)
+}
+
+/// Creates or replaces a policy (keeping its creation time).
+pub async fn put(
+    store: &impl Store,
+    key: &AeadKey,
+    req: &PolicyPutRequest,
+) -> Result<(), ApiError> {
+    let mut policy = validate(req)?;
+    for _ in 0..50 {
+        let existing = store.get(Namespace::Policies, &policy.name).await?;
+        let now = api::now_nanos();
+        let (created, expect) = match &existing {
+            Some(entry) => (
+                open(key, &policy.name, &entry.value)
+                    .map(|p| p.created)
+                    .unwrap_or(now),
+                Expect::Revision(entry.revision.clone()),
+            ),
+            None => (now, Expect::Absent),
+        };
+        policy.created = created;
+        policy.updated = now;
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(&policy).map_err(|e| ApiError::Internal(e.to_string()))?,
+        );
+        let sealed = key.seal(&aad(&policy.name), &plain)?;
+        if let Written::Done(_) = store
+            .put(Namespace::Policies, &policy.name, sealed, expect)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Contended)
+}
+
+fn open(key: &AeadKey, name: &str, sealed: &[u8]) -> Result<StoredPolicy, ApiError> {
+    let plain = key.open(&aad(name), sealed).map_err(|_| {
+        ApiError::Internal(format!("policy {name:?} does not open under this root key"))
+    })?;
+    serde_json::from_slice(&plain)
+        .map_err(|e| ApiError::Internal(format!("policy {name:?} is malformed: {e}")))
+}
+
+pub async fn get(store: &impl Store, key: &AeadKey, name: &str) -> Result<StoredPolicy, ApiError> {
+    validate_name(name)?;
+    let entry = store
+        .get(Namespace::Policies, name)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    open(key, name, &entry.value)
+}
+
+pub async fn delete(store: &impl Store, name: &str) -> Result<(), ApiError> {
+    validate_name(name)?;
+    for _ in 0..50 {
+        let entry = store
+            .get(Namespace::Policies, name)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        if store
+            .delete(Namespace::Policies, name, &entry.revision)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Contended)
+}
+
+/// Every policy, read from the store now. A policy that does not open is skipped and logged
+/// (one bad row must not lock everyone out).
+pub async fn all(store: &impl Store, key: &AeadKey) -> Result<Vec<StoredPolicy>, ApiError> {
+    let rows = store.scan(Namespace::Policies).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, sealed)| match open(key, &name, &sealed) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(policy = %name, error = %e, "ignoring a policy that does not open");
+                None
+            }
+        })
+        .collect())
+}
+
+/// Does `policy` apply to `caller` on `path` (patterns and the reserved-path rule)?
+pub fn applies(policy: &StoredPolicy, caller: &SpiffeId, path: &str) -> bool {
+    let (Ok(id_re), Ok(path_re)) = (
+        compile(&policy.spiffeid_pattern),
+        compile(&policy.path_pattern),
+    ) else {
+        return false;
+    };
+    id_re.is_match(caller.as_str()) && path_re.is_match(path) && reserved_ok(policy, path)
+}
+
+/// Does `policy`'s SPIFFE-ID pattern name `caller`?
+pub fn names(policy: &StoredPolicy, caller: &SpiffeId) -> bool {
+    compile(&policy.spiffeid_pattern).is_ok_and(|re| re.is_match(caller.as_str()))
+}
+
+/// Does `policy` hold every permission in `want`?
+pub fn grants(policy: &StoredPolicy, want: &[Permission]) -> bool {
+    policy.permissions.contains(&Permission::Super)
+        || want.iter().all(|w| policy.permissions.contains(w))
+}
+
+/// Whether any of `policies` lets `caller` do `want` on `path`.
+pub fn allowed(
+    policies: &[StoredPolicy],
+    caller: &SpiffeId,
+    path: &str,
+    want: &[Permission],
+) -> bool {
+    policies
+        .iter()
+        .any(|p| applies(p, caller, path) && grants(p, want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, path: &str, perms: &[&str]) -> PolicyPutRequest {
+        PolicyPutRequest {
+            name: "p".into(),
+            spiffeid_pattern: id.into(),
+            path_pattern: path.into(),
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn substring_semantics_unless_anchored() {
+        let p = validate(&req("spiffe://spike.ist/web", "secrets/web", &["read"])).unwrap();
+        let web = id("spiffe://spike.ist/web");
+        assert!(allowed(
+            std::slice::from_ref(&p),
+            &web,
+            "secrets/web/db",
+            &[Permission::Read]
+        ));
+        assert!(allowed(
+            std::slice::from_ref(&p),
+            &web,
+            "x/secrets/web",
+            &[Permission::Read]
+        ));
+        assert!(!allowed(
+            std::slice::from_ref(&p),
+            &web,
+            "secrets/web/db",
+            &[Permission::Write]
+        ));
+        assert!(allowed(
+            std::slice::from_ref(&p),
+            &id("spiffe://spike.ist/webby"),
+            "secrets/web",
+            &[Permission::Read]
+        ));
+        let anchored = validate(&req(
+            "^spiffe://spike.ist/web$",
+            "^secrets/web/[^/]+$",
+            &["read", "write"],
+        ))
+        .unwrap();
+        assert!(allowed(
+            std::slice::from_ref(&anchored),
+            &web,
+            "secrets/web/db",
+            &[Permission::Read, Permission::Write]
+        ));
+        assert!(!allowed(
+            std::slice::from_ref(&anchored),
+            &web,
+            "secrets/web/db/x",
+            &[Permission::Read]
+        ));
+        assert!(!allowed(
+            &[anchored],
+            &id("spiffe://spike.ist/webby"),
+            "secrets/web/db",
+            &[Permission::Read]
+        ));
+        let sup = validate(&req("^spiffe://spike.ist/admin$", ".*", &["super"])).unwrap();
+        assert!(allowed(
+            &[sup],
+            &id("spiffe://spike.ist/admin"),
+            "anything",
+            &[Permission::Write, Permission::List]
+        ));
+    }
+
+    #[test]
+    fn reserved_paths_need_whole_match_and_an_anchored_id() {
+        // Substring accidents are refused at creation...
+        for (i, p) in [
+            ("spiffe://spike.ist/w", "acl"),
+            ("spiffe://spike.ist/w", "system"),
+            ("^spiffe://spike.ist/w$", "spike"),
+            ("spiffe://spike.ist/w", ".*"),
+        ] {
+            let err = validate(&req(i, p, &["write"])).unwrap_err().to_string();
+            assert!(err.contains("reserved path"), "{i} {p}: {err}");
+        }
+        // ...deliberate grants are allowed.
+        let ok = validate(&req(
+            "^spiffe://spike.ist/ops$",
+            "^spike/system/acl$",
+            &["write"],
+        ))
+        .unwrap();
+        assert!(allowed(
+            std::slice::from_ref(&ok),
+            &id("spiffe://spike.ist/ops"),
+            ACL_PATH,
+            &[Permission::Write]
+        ));
+        assert!(!allowed(
+            &[ok],
+            &id("spiffe://spike.ist/ops"),
+            SECRET_LIST_PATH,
+            &[Permission::Write]
+        ));
+        let all = validate(&req("spiffe://.*", ".*", &["list"])).unwrap();
+        assert!(allowed(
+            &[all],
+            &id("spiffe://spike.ist/x"),
+            SECRET_LIST_PATH,
+            &[Permission::List]
+        ));
+        // A stored policy that slipped through (written by an older version) is ignored for
+        // reserved paths.
+        let sneaky = StoredPolicy {
+            name: "s".into(),
+            spiffeid_pattern: "spiffe://spike.ist/w".into(),
+            path_pattern: "acl".into(),
+            permissions: vec![Permission::Super],
+            created: 0,
+            updated: 0,
+        };
+        assert!(!allowed(
+            &[sneaky],
+            &id("spiffe://spike.ist/w"),
+            ACL_PATH,
+            &[Permission::Write]
+        ));
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_a_reason() {
+        let cases = [
+            req("spiffe://spike.ist/(", "x", &["read"]),
+            req("spiffe://spike.ist/w", "a(", &["read"]),
+            req("http://x", "x", &["read"]),
+            req("spiffe://spike.ist/w", "x", &[]),
+            req("spiffe://spike.ist/w", "x", &["admin"]),
+            req("spiffe://spike.ist/w", "a b", &["read"]),
+            req("spiffe://spike.ist/w", "(a{1000}){1000}", &["read"]),
+        ];
+        for r in cases {
+            let e = validate(&r).unwrap_err();
+            assert!(matches!(e, ApiError::BadRequest(_)), "{r:?}");
+        }
+        let mut r = req("spiffe://spike.ist/w", "x", &["read"]);
+        r.name = "bad/name".into();
+        assert!(validate(&r).is_err());
+    }
+}

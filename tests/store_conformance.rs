@@ -1,0 +1,250 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! One conformance suite for the `Store` trait, run against every backend. A backend passes
+//! when it gives exactly the semantics Nexus relies on: conditional writes that never let two
+//! writers both win, revisions that change on every write, sorted prefix listing, create-if-
+//! absent for the root-key verifier, and all of it across independent handles on one store
+//! (two handles on one SQLite file behave like two processes).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use spike::crypto::Verifier;
+use spike::store::memory::MemoryStore;
+use spike::store::sqlite::SqliteStore;
+use spike::store::{Expect, Namespace, Store, Written};
+
+async fn basic_kv(s: &impl Store) {
+    let ns = Namespace::Secrets;
+    assert!(s.get(ns, "a").await.unwrap().is_none());
+    let Written::Done(r1) = s
+        .put(ns, "a", b"one".to_vec(), Expect::Absent)
+        .await
+        .unwrap()
+    else {
+        panic!("create failed")
+    };
+    // Create-if-absent refuses an existing key and changes nothing.
+    assert_eq!(
+        s.put(ns, "a", b"other".to_vec(), Expect::Absent)
+            .await
+            .unwrap(),
+        Written::Conflict
+    );
+    let e = s.get(ns, "a").await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), &e.revision), (&b"one"[..], &r1));
+    // Compare-and-set on the current revision works once; the old revision is then stale.
+    let Written::Done(r2) = s
+        .put(ns, "a", b"two".to_vec(), Expect::Revision(r1.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("cas failed")
+    };
+    assert_ne!(r1, r2);
+    assert_eq!(
+        s.put(ns, "a", b"three".to_vec(), Expect::Revision(r1.clone()))
+            .await
+            .unwrap(),
+        Written::Conflict
+    );
+    assert_eq!(s.get(ns, "a").await.unwrap().unwrap().value, b"two");
+    // A revision that was never handed out is just a conflict.
+    assert_eq!(
+        s.put(
+            ns,
+            "a",
+            b"x".to_vec(),
+            Expect::Revision(spike::store::Revision("nonsense".into()))
+        )
+        .await
+        .unwrap(),
+        Written::Conflict
+    );
+    // Namespaces are separate key spaces.
+    assert!(s.get(Namespace::Policies, "a").await.unwrap().is_none());
+    // Delete needs the current revision; a deleted key can be created again with a fresh
+    // revision (no ABA).
+    assert!(!s.delete(ns, "a", &r1).await.unwrap());
+    assert!(s.delete(ns, "a", &r2).await.unwrap());
+    assert!(s.get(ns, "a").await.unwrap().is_none());
+    assert!(!s.delete(ns, "a", &r2).await.unwrap());
+    let Written::Done(r3) = s
+        .put(ns, "a", b"again".to_vec(), Expect::Absent)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_ne!(r3, r1);
+    assert_ne!(r3, r2);
+    assert!(s.delete(ns, "a", &r3).await.unwrap());
+}
+
+async fn listing(s: &impl Store) {
+    let ns = Namespace::Secrets;
+    for k in ["b/2", "a/1", "b/1", "b", "c%", "c_x", "ba"] {
+        s.put(ns, k, vec![1], Expect::Absent).await.unwrap();
+    }
+    s.put(Namespace::Policies, "b/zzz", vec![1], Expect::Absent)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list(ns, "").await.unwrap(),
+        vec!["a/1", "b", "b/1", "b/2", "ba", "c%", "c_x"]
+    );
+    assert_eq!(s.list(ns, "b/").await.unwrap(), vec!["b/1", "b/2"]);
+    assert_eq!(
+        s.list(ns, "b").await.unwrap(),
+        vec!["b", "b/1", "b/2", "ba"]
+    );
+    // LIKE wildcards in a prefix are literal characters.
+    assert_eq!(s.list(ns, "c%").await.unwrap(), vec!["c%"]);
+    assert_eq!(s.list(ns, "c_").await.unwrap(), vec!["c_x"]);
+    assert!(s.list(ns, "zz").await.unwrap().is_empty());
+    let all = s.scan(Namespace::Policies).await.unwrap();
+    assert_eq!(all, vec![("b/zzz".to_string(), vec![1])]);
+}
+
+async fn verifier(s: &impl Store) {
+    assert!(s.verifier().await.unwrap().is_none());
+    let v1 = Verifier {
+        key_id: "k1".into(),
+        sealed: vec![1, 2, 3],
+    };
+    let v2 = Verifier {
+        key_id: "k2".into(),
+        sealed: vec![4],
+    };
+    assert!(s.create_verifier(&v1).await.unwrap());
+    assert!(!s.create_verifier(&v2).await.unwrap());
+    assert_eq!(s.verifier().await.unwrap(), Some(v1));
+}
+
+/// Many writers, through several handles, each doing read → compare-and-set until it wins:
+/// every increment lands exactly once.
+async fn concurrent_writers<S: Store>(handles: Vec<Arc<S>>) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 10;
+    let ns = Namespace::Secrets;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let s = Arc::clone(&handles[w % handles.len()]);
+        tasks.spawn(async move {
+            let mut wins = 0;
+            let mut conflicts = 0;
+            while wins < EACH {
+                let (count, expect) = match s.get(ns, "counter").await.unwrap() {
+                    Some(e) => (
+                        String::from_utf8(e.value)
+                            .unwrap()
+                            .parse::<usize>()
+                            .unwrap(),
+                        Expect::Revision(e.revision),
+                    ),
+                    None => (0, Expect::Absent),
+                };
+                match s
+                    .put(ns, "counter", (count + 1).to_string().into_bytes(), expect)
+                    .await
+                    .unwrap()
+                {
+                    Written::Done(_) => wins += 1,
+                    Written::Conflict => conflicts += 1,
+                }
+            }
+            conflicts
+        });
+    }
+    let mut conflicts = 0;
+    while let Some(c) = tasks.join_next().await {
+        conflicts += c.unwrap();
+    }
+    let value = handles[0].get(ns, "counter").await.unwrap().unwrap().value;
+    assert_eq!(
+        String::from_utf8(value).unwrap(),
+        (WRITERS * EACH).to_string()
+    );
+    println!(
+        "concurrent writers: {} increments, {conflicts} conflicts retried",
+        WRITERS * EACH
+    );
+}
+
+/// Many distinct keys written concurrently: all present, listing sorted and complete.
+async fn many_keys<S: Store>(handles: Vec<Arc<S>>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let s = Arc::clone(&handles[i % handles.len()]);
+        tasks.spawn(async move {
+            s.put(
+                Namespace::Policies,
+                &format!("p{i:03}"),
+                vec![i as u8],
+                Expect::Absent,
+            )
+            .await
+            .unwrap()
+        });
+    }
+    while let Some(w) = tasks.join_next().await {
+        assert!(matches!(w.unwrap(), Written::Done(_)));
+    }
+    let listed: BTreeSet<String> = handles[0]
+        .list(Namespace::Policies, "p")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(listed.len(), 100);
+}
+
+macro_rules! conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn basic_kv_semantics() {
+                let (_guard, handles) = $make;
+                basic_kv(&*handles[0]).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn prefix_listing() {
+                let (_guard, handles) = $make;
+                listing(&*handles[0]).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn verifier_is_create_if_absent() {
+                let (_guard, handles) = $make;
+                verifier(&*handles[0]).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_compare_and_set_loses_nothing() {
+                let (_guard, handles) = $make;
+                concurrent_writers(handles).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn many_keys_concurrently() {
+                let (_guard, handles) = $make;
+                many_keys(handles).await;
+            }
+        }
+    };
+}
+
+conformance!(memory, {
+    let s = Arc::new(MemoryStore::default());
+    ((), vec![s])
+});
+
+conformance!(sqlite, {
+    let dir = tempfile::tempdir().unwrap();
+    // Two independent handles on one file: separate connections, like two processes.
+    let a = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
+    let b = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
+    (dir, vec![a, b])
+});
