@@ -16,12 +16,16 @@
 //! | [`keeper`] | `spike keeper`, the in-memory shard holder |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
 //! | [`cli`] | clap definitions of every subcommand |
+//! | [`commands`] | `spike secret`, `spike policy`, `spike cipher`: the client commands |
+//! | [`dev`] | `spike dev`: the whole local system in one process |
 
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod dev;
 pub mod identity;
 pub mod keeper;
 pub mod nexus;

@@ -42,7 +42,9 @@ fn main() -> ExitCode {
     let name = match &cli.command {
         Command::Nexus => "spike nexus",
         Command::Keeper => "spike keeper",
+        Command::Dev(_) => "spike dev",
         Command::Pki { .. } => "spike pki",
+        Command::Secret { .. } | Command::Policy { .. } | Command::Cipher { .. } => "spike",
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,8 +80,35 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .block_on(spike::keeper::run(cfg, spike::shutdown_signal()))
                 .map_err(runtime)
         }
+        Command::Dev(args) => {
+            runtime_builder()?
+                .block_on(spike::dev::run(args))
+                .map_err(|e| match e {
+                    spike::dev::Error::Usage(msg) => Failure::Usage(msg),
+                    spike::dev::Error::Runtime(msg) => Failure::Runtime(msg),
+                })
+        }
         Command::Pki { command } => pki(command),
+        Command::Secret { format, command } => {
+            client(spike::commands::secret::run(format, command))
+        }
+        Command::Policy { format, command } => {
+            client(spike::commands::policy::run(format, command))
+        }
+        Command::Cipher { format, command } => {
+            client(spike::commands::cipher::run(format, command))
+        }
     }
+}
+
+/// Runs a client command (`secret`, `policy`, `cipher`); the logic is in `spike::commands`.
+fn client(
+    command: impl std::future::Future<Output = spike::commands::Result<()>>,
+) -> Result<(), Failure> {
+    spike::commands::block_on(command).map_err(|e| match e.exit_code() {
+        2 => Failure::Usage(e.to_string()),
+        _ => Failure::Runtime(e.to_string()),
+    })
 }
 
 fn pki(command: PkiCommand) -> Result<(), Failure> {

@@ -4,6 +4,10 @@
 //! command makes one call, so a pool would only add state. Every address a host name resolves
 //! to is tried in turn; a failure before the request was written is reported as
 //! [`Error::Unsent`], the only kind a caller may retry for a non-idempotent request.
+//!
+//! [`api`] is the typed Nexus client the CLI commands use, with failover over a URL list.
+
+pub mod api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
