@@ -15,6 +15,7 @@
 //! | [`client`] | the HTTPS client for Nexus→Keeper and CLI→Nexus calls |
 //! | [`keeper`] | `spike keeper`, the in-memory shard holder |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
+//! | [`systemd`] | sd_notify readiness, status, watchdog |
 //! | [`cli`] | clap definitions of every subcommand |
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod keeper;
 pub mod nexus;
 pub mod store;
+pub mod systemd;
 pub mod transport;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -50,4 +52,5 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("shutdown requested");
+    systemd::stopping();
 }
