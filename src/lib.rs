@@ -15,6 +15,7 @@
 //! | [`client`] | the HTTPS client for Nexus→Keeper and CLI→Nexus calls |
 //! | [`keeper`] | `spike keeper`, the in-memory shard holder |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
+//! | [`systemd`] | sd_notify readiness, status, watchdog |
 //! | [`cli`] | clap definitions of every subcommand |
 //! | [`commands`] | `spike secret`, `spike policy`, `spike cipher`: the client commands |
 //! | [`dev`] | `spike dev`: the whole local system in one process |
@@ -30,6 +31,7 @@ pub mod identity;
 pub mod keeper;
 pub mod nexus;
 pub mod store;
+pub mod systemd;
 pub mod transport;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -54,4 +56,5 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("shutdown requested");
+    systemd::stopping();
 }

@@ -113,6 +113,10 @@ impl Keeper {
         drop(held);
         if changed {
             tracing::info!(index = ?req.id, "holding a new shard");
+            crate::systemd::status(&match req.id {
+                Some(i) => format!("holding shard {i}"),
+                None => "holding a shard".to_string(),
+            });
         } else {
             tracing::debug!(index = ?req.id, "shard refreshed");
         }
@@ -215,6 +219,9 @@ pub async fn run(
     let addr = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(%addr, id = %me, "keeper listening on {addr}; holding no shard until Nexus sends one");
     let keeper = Arc::new(Keeper::new(td));
+    crate::systemd::ready("holding no shard (waiting for Nexus)");
+    // A Keeper has no dependency to check: a ping shows the event loop still runs.
+    let _watchdog = crate::systemd::spawn_watchdog(|| async { true });
     transport::serve(
         listener,
         tls,

@@ -50,6 +50,8 @@ pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
             max_response: 4096,
         },
     );
+    // The restore route pushes shards with the same client.
+    let _ = nexus.keeper_client.set(client.clone());
     SyncGuard(tokio::spawn(run(nexus, client)))
 }
 
@@ -324,7 +326,7 @@ async fn load(
 
 /// Tries threshold-sized combinations of shards with distinct indices (in a stable order)
 /// and returns the first key that `accept` takes.
-fn find_key(
+pub(super) fn find_key(
     shards: &[(String, Share)],
     threshold: usize,
     accept: impl Fn(&RootKey) -> bool,
@@ -399,7 +401,7 @@ fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool)
 }
 
 /// Sends every Keeper its shard, all at once.
-async fn push_all(nexus: &Arc<Nexus>, client: &HttpsClient) {
+pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &HttpsClient) {
     let Some(keys) = nexus.keys() else { return };
     let mut tasks = tokio::task::JoinSet::new();
     for (url, share) in nexus.peers().iter().zip(keys.shards.iter()) {

@@ -14,6 +14,7 @@
 pub mod cipher;
 pub mod keepers;
 pub mod policy;
+pub mod recovery;
 pub mod routes;
 pub mod secrets;
 
@@ -106,6 +107,18 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// A line for `systemctl status`.
+    pub fn describe(&self) -> String {
+        match self {
+            Phase::AwaitingKeepers { have, need } => {
+                format!("awaiting keepers ({have}/{need} shards)")
+            }
+            Phase::AwaitingRestore => "awaiting restore from recovery shards".into(),
+            Phase::StoreUnavailable => "store unavailable".into(),
+            Phase::Ready => "ready".into(),
+        }
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Phase::AwaitingKeepers { .. } => "awaiting_keepers",
@@ -145,6 +158,10 @@ pub struct Nexus {
     phase: RwLock<Phase>,
     /// Keepers whose shard did not match the loaded key at recovery (URL list), for `/health`.
     inconsistent: RwLock<Vec<String>>,
+    /// The client that talks to Keepers, set when the Keeper task starts.
+    keeper_client: std::sync::OnceLock<crate::client::HttpsClient>,
+    /// Recovery shards submitted by operators, until `threshold` of them rebuild the key.
+    pending_restore: std::sync::Mutex<Vec<Share>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -166,6 +183,8 @@ impl Nexus {
             keys: RwLock::new(None),
             phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
             inconsistent: RwLock::new(Vec::new()),
+            keeper_client: std::sync::OnceLock::new(),
+            pending_restore: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -182,6 +201,7 @@ impl Nexus {
         let mut current = write(&self.phase);
         if *current != phase {
             tracing::info!(status = phase.as_str(), detail = ?phase, "nexus status changed");
+            crate::systemd::status(&phase.describe());
             *current = phase;
         }
     }
@@ -256,6 +276,27 @@ pub async fn run(
         threshold = nexus.config.threshold,
         "nexus listening on {addr}"
     );
+    crate::systemd::ready(&nexus.phase().describe());
+    let watchdog = {
+        let nexus = Arc::clone(&nexus);
+        crate::systemd::spawn_watchdog(move || {
+            let nexus = Arc::clone(&nexus);
+            async move {
+                match nexus.store.ping().await {
+                    Ok(()) => {
+                        if nexus.keys().is_some() {
+                            crate::systemd::status("ready");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        crate::systemd::status(&format!("store unavailable: {e}"));
+                        false
+                    }
+                }
+            }
+        })
+    };
     let sync = keepers::spawn(Arc::clone(&nexus), keeper_tls);
     let handler = Arc::new(routes::Api::new(Arc::clone(&nexus)));
     transport::serve(
@@ -267,6 +308,7 @@ pub async fn run(
     )
     .await;
     drop(sync);
+    drop(watchdog);
     tracing::info!("nexus stopped");
     Ok(())
 }

@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::policy::{self, Permission};
-use super::{ApiError, Keys, Nexus, Phase, cipher, secrets};
+use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::api::{self, Empty};
 use crate::identity::{Role, SpiffeId};
 use crate::store::Store;
@@ -51,6 +51,8 @@ enum Route {
     PolicyList,
     Encrypt,
     Decrypt,
+    Recover,
+    Restore,
 }
 
 impl Route {
@@ -68,6 +70,8 @@ impl Route {
             (api::POLICY_PATH, "list") => Route::PolicyList,
             (api::ENCRYPT_PATH, "") => Route::Encrypt,
             (api::DECRYPT_PATH, "") => Route::Decrypt,
+            (api::RECOVER_PATH, "") => Route::Recover,
+            (api::RESTORE_PATH, "") => Route::Restore,
             _ => return None,
         })
     }
@@ -86,6 +90,8 @@ impl Route {
             Route::PolicyList => "policy.list",
             Route::Encrypt => "cipher.encrypt",
             Route::Decrypt => "cipher.decrypt",
+            Route::Recover => "operator.recover",
+            Route::Restore => "operator.restore",
         }
     }
 }
@@ -126,12 +132,6 @@ fn classify(id: &SpiffeId, trust_domain: &str) -> Caller {
 
 pub struct Api {
     nexus: Arc<Nexus>,
-}
-
-/// What one request did, for the audit line.
-struct Outcome {
-    resp: Response<Full<Bytes>>,
-    resource: String,
 }
 
 impl Api {
@@ -288,6 +288,16 @@ impl Api {
                     .collect();
                 ok(&api::PolicyListResponse { policies })
             }
+            Route::Recover => {
+                if Role::of(caller, &cfg.identity.trust_domain) != Some(Role::Recover) {
+                    return Err(ApiError::Unauthorized);
+                }
+                let _: Empty = parse(&body)?;
+                ok(&recovery::export(&self.nexus, keys)?)
+            }
+            Route::Restore => Err(ApiError::Internal(
+                "restore is routed before the key gate".into(),
+            )),
             Route::Encrypt | Route::Decrypt => {
                 if kind != Caller::Lite {
                     self.authorize(
@@ -487,18 +497,34 @@ impl Handler for Api {
         let Some(route) = Route::find(&path, action(req.uri().query())) else {
             return error_response(&ApiError::BadRequest("unknown route".into()));
         };
+        let started = Instant::now();
+        if route == Route::Restore {
+            // The escape hatch works without a key (that is its point); only restore operators.
+            let result = self.restore(req, caller).await;
+            return self.audited(caller, route, "", started, result);
+        }
         let Some(keys) = self.nexus.keys() else {
             return error_response(&ApiError::NotReady);
         };
-        let started = Instant::now();
-        let mut outcome = Outcome {
-            resp: Response::default(),
-            resource: String::new(),
-        };
+        let mut resource = String::new();
         let result = self
-            .dispatch(route, req, caller, &keys, &mut outcome.resource)
+            .dispatch(route, req, caller, &keys, &mut resource)
             .await;
-        outcome.resp = match result {
+        self.audited(caller, route, &resource, started, result)
+    }
+}
+
+impl Api {
+    /// Turns a result into a response, logging failures and writing the audit line.
+    fn audited(
+        &self,
+        caller: &SpiffeId,
+        route: Route,
+        resource: &str,
+        started: Instant,
+        result: Result<Response<Full<Bytes>>, ApiError>,
+    ) -> Response<Full<Bytes>> {
+        let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
@@ -515,7 +541,7 @@ impl Handler for Api {
                         );
                     }
                     _ => {
-                        tracing::debug!(caller = %caller, action = route.name(), error = %e, "request refused")
+                        tracing::info!(caller = %caller, action = route.name(), error = %e, "request refused")
                     }
                 }
                 error_response(&e)
@@ -525,12 +551,36 @@ impl Handler for Api {
             target: "spike::audit",
             caller = %caller,
             action = route.name(),
-            resource = %outcome.resource,
-            status = outcome.resp.status().as_u16(),
+            resource = %resource,
+            status = resp.status().as_u16(),
             micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "audit"
         );
-        outcome.resp
+        resp
+    }
+
+    /// `/v1/operator/restore`: restore-role operators only, with or without a key.
+    async fn restore(
+        &self,
+        req: Request<Incoming>,
+        caller: &SpiffeId,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        if Role::of(caller, &self.nexus.config.identity.trust_domain) != Some(Role::Restore) {
+            return Err(ApiError::Unauthorized);
+        }
+        let body = self.body(req).await?;
+        let r: recovery::RestoreRequest = parse(&body)?;
+        ok(&recovery::restore(&self.nexus, &r).await?)
+    }
+
+    async fn body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+        match transport::read_body(req.into_body(), self.nexus.config.max_body_bytes).await {
+            Ok(body) => Ok(body),
+            Err(transport::BodyError::TooLarge(_)) => Err(ApiError::TooLarge),
+            Err(transport::BodyError::Read) => Err(ApiError::BadRequest(
+                "request body could not be read".into(),
+            )),
+        }
     }
 }
 

@@ -203,7 +203,12 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        // Touch the file (a constant SELECT would not), so a locked or vanished database shows.
+        self.read(|c| {
+            c.prepare_cached("SELECT value FROM sequence WHERE id = 1")?
+                .query_row([], |_| Ok(()))
+        })
+        .await
     }
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {

@@ -1,0 +1,229 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! Recovery shards over the wire: export while healthy, lose every Keeper and Nexus, restore
+//! into one named instance, and let the others recover from the refilled Keepers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::{StatusCode, Uri};
+use serde_json::{Value, json};
+use spike::client::HttpsClient;
+use spike::identity::Role;
+
+async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
+    let reply = client
+        .post_json(url, path, serde_json::to_vec(&body).unwrap())
+        .await
+        .unwrap();
+    (
+        reply.status,
+        serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_drill_over_the_api() {
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[]);
+    let url = c.nexus[n].url();
+    let anon = c.anonymous();
+    let key_id = wait_status(&anon, &url, "ready").await["key_id"].clone();
+    let su = client(
+        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
+        &c.pki,
+        Role::Nexus,
+    );
+    let recover = client(
+        Some(&c.pki.issue("rec", "/spike/pilot/role/recover")),
+        &c.pki,
+        Role::Nexus,
+    );
+    let restore = client(
+        Some(&c.pki.issue("res", "/spike/pilot/role/restore")),
+        &c.pki,
+        Role::Nexus,
+    );
+    for i in 0..5 {
+        let (s, _) = call(
+            &su,
+            &url,
+            "/v1/store/secrets",
+            json!({"path": format!("app/s{i}"), "values": {"v": i.to_string()}}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // Only the recover role may export; restore is refused on a healthy Nexus.
+    assert_eq!(
+        call(&su, &url, "/v1/operator/recover", json!({})).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&restore, &url, "/v1/operator/recover", json!({}))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, exported) = call(&recover, &url, "/v1/operator/recover", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let shards = exported["shards"].as_object().unwrap().clone();
+    assert_eq!(
+        shards.keys().cloned().collect::<Vec<_>>(),
+        vec!["1", "2", "3"]
+    );
+    // Recovery shards are not the Keepers' shards.
+    let k1 = c.keeper_shard(0).await.unwrap().1;
+    assert_ne!(
+        serde_json::from_value::<[u8; 32]>(shards["1"].clone()).unwrap(),
+        k1
+    );
+    assert_eq!(
+        call(
+            &restore,
+            &url,
+            "/v1/operator/restore",
+            json!({"id": 1, "shard": shards["1"]})
+        )
+        .await
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    // The recover role cannot read secrets.
+    assert_eq!(
+        call(
+            &recover,
+            &url,
+            "/v1/store/secrets?action=get",
+            json!({"path": "app/s1"})
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Disaster: every Nexus and every Keeper gone; Keepers come back empty.
+    c.nexus[n].kill();
+    for k in c.keepers.iter_mut() {
+        k.restart();
+    }
+    c.nexus[n].restart();
+    let url = c.nexus[n].url();
+    wait_status(&anon, &url, "awaiting_restore").await;
+
+    // Bad shards first: out of range, zero, a tampered set (rejected, pending dropped).
+    assert_eq!(
+        call(
+            &restore,
+            &url,
+            "/v1/operator/restore",
+            json!({"id": 0, "shard": shards["1"]})
+        )
+        .await
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        call(
+            &restore,
+            &url,
+            "/v1/operator/restore",
+            json!({"id": 1, "shard": vec![0u8; 32]})
+        )
+        .await
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        call(
+            &su,
+            &url,
+            "/v1/operator/restore",
+            json!({"id": 1, "shard": shards["1"]})
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut tampered: [u8; 32] = serde_json::from_value(shards["2"].clone()).unwrap();
+    tampered[31] ^= 1;
+    let (s, b) = call(
+        &restore,
+        &url,
+        "/v1/operator/restore",
+        json!({"id": 1, "shard": shards["1"]}),
+    )
+    .await;
+    assert_eq!(
+        (s, b),
+        (
+            StatusCode::OK,
+            json!({"collected": 1, "remaining": 1, "restored": false})
+        )
+    );
+    let (s, _) = call(
+        &restore,
+        &url,
+        "/v1/operator/restore",
+        json!({"id": 2, "shard": tampered}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        health(&anon, &url).await.unwrap().1["status"],
+        "awaiting_restore"
+    );
+
+    // The real thing: threshold shards (any two) restore the key and refill the Keepers.
+    let (_, b) = call(
+        &restore,
+        &url,
+        "/v1/operator/restore",
+        json!({"id": 3, "shard": shards["3"]}),
+    )
+    .await;
+    assert_eq!(
+        b,
+        json!({"collected": 1, "remaining": 1, "restored": false})
+    );
+    let (s, b) = call(
+        &restore,
+        &url,
+        "/v1/operator/restore",
+        json!({"id": 2, "shard": shards["2"]}),
+    )
+    .await;
+    assert_eq!(
+        (s, b),
+        (
+            StatusCode::OK,
+            json!({"collected": 2, "remaining": 0, "restored": true})
+        )
+    );
+    let body = wait_status(&anon, &url, "ready").await;
+    assert_eq!(body["key_id"], key_id);
+    for i in 0..3 {
+        wait_for("keeper refilled", Duration::from_secs(10), || {
+            c.keeper_shard(i)
+        })
+        .await;
+    }
+    // A second Nexus becomes ready from the Keepers alone.
+    let m = c.start_nexus(&[]);
+    let url2 = c.nexus[m].url();
+    assert_eq!(wait_status(&anon, &url2, "ready").await["key_id"], key_id);
+    for i in 0..5 {
+        let (s, b) = call(
+            &su,
+            &url2,
+            "/v1/store/secrets?action=get",
+            json!({"path": format!("app/s{i}")}),
+        )
+        .await;
+        assert_eq!(
+            (s, b["data"]["v"].as_str()),
+            (StatusCode::OK, Some(i.to_string().as_str()))
+        );
+    }
+}
