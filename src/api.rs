@@ -18,6 +18,8 @@
 //! | `/v1/acl/policy` | `list` | [`PolicyListRequest`] `{"spiffeidPattern"?,"pathPattern"?}` | [`PolicyListResponse`] `{"policies":[..]}` | `list` (`spike/system/acl`) |
 //! | `/v1/cipher/encrypt` | — | [`EncryptRequest`] or raw bytes (`application/octet-stream`) | [`EncryptResponse`] or `0x01‖nonce‖ct` | `execute` (`spike/system/cipher/exec`) |
 //! | `/v1/cipher/decrypt` | — | [`DecryptRequest`] or `0x01‖nonce‖ct` | [`DecryptResponse`] or raw bytes | `execute` (`spike/system/cipher/exec`) |
+//! | `/v1/operator/recover` | — | `{}` | [`RecoverResponse`] `{"shards":{"1":[32 ints],..}}` | recover-role operators only |
+//! | `/v1/operator/restore` | — | [`RestoreRequest`] `{"id","shard":[32 ints]}` | [`RestoreResponse`] `{"collected","remaining","restored"}` | restore-role operators only; works without a key |
 //!
 //! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `version` in put
 //! and get answers, `prefix` on list, 413 for bodies over the limit, and list answers filtered
@@ -272,6 +274,41 @@ pub struct DecryptRequest {
 pub struct DecryptResponse {
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
+}
+
+/// `/v1/operator/recover` answer: index (decimal string) → 32-byte shard, as SPIKE encodes
+/// `map[int]*[32]byte`. Zeroized on drop.
+#[derive(Serialize, Deserialize)]
+pub struct RecoverResponse {
+    pub shards: BTreeMap<String, [u8; 32]>,
+}
+
+impl Drop for RecoverResponse {
+    fn drop(&mut self) {
+        for v in self.shards.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
+
+/// `/v1/operator/restore` request: one shard and its index. Zeroized on drop.
+#[derive(Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub id: u64,
+    pub shard: Option<[u8; 32]>,
+}
+
+impl Drop for RestoreRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.shard);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreResponse {
+    pub collected: usize,
+    pub remaining: usize,
+    pub restored: bool,
 }
 
 /// RFC 3339 in UTC with nanoseconds, as Go encodes `time.Time`.

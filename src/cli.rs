@@ -51,6 +51,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CipherCommand,
     },
+    /// Recovery shards: export them while healthy, restore from them when every Keeper is lost.
+    Recover {
+        #[command(subcommand)]
+        command: RecoverCommand,
+    },
     /// Development and test PKI: a trust-domain CA and SVIDs for every role.
     Pki {
         #[command(subcommand)]
@@ -240,4 +245,24 @@ pub struct CipherIo {
     /// Output file, created with mode 0600 (default: stdout).
     #[arg(long, short = 'o', value_name = "F")]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoverCommand {
+    /// Write the recovery shards to DIR/spike.recovery.<i>.txt (0600, never overwritten).
+    /// Needs an operator SVID with the recover role.
+    Export {
+        /// Directory for the shard files (created 0700 if missing).
+        dir: PathBuf,
+    },
+    /// Send one recovery shard to one Nexus instance that reports awaiting_restore.
+    /// Run once per shard, up to the threshold, against the same instance. Needs an operator
+    /// SVID with the restore role.
+    Restore {
+        /// The one Nexus instance to restore (pending shards live in its memory).
+        #[arg(long)]
+        nexus: String,
+        /// A spike.recovery.<i>.txt file, or - for standard input.
+        file: PathBuf,
+    },
 }

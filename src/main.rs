@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         Command::Keeper => "spike keeper",
         Command::Dev(_) => "spike dev",
         Command::Pki { .. } => "spike pki",
-        Command::Secret { .. } | Command::Policy { .. } | Command::Cipher { .. } => "spike",
+        Command::Secret { .. }
+        | Command::Policy { .. }
+        | Command::Cipher { .. }
+        | Command::Recover { .. } => "spike",
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,6 +101,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Cipher { format, command } => {
             client(spike::commands::cipher::run(format, command))
         }
+        Command::Recover { command } => client(spike::commands::recover::run(command)),
     }
 }
 

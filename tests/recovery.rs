@@ -227,3 +227,131 @@ async fn the_recovery_drill_over_the_api() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_drill_with_the_cli() {
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[]);
+    let anon = c.anonymous();
+    let key_id = wait_status(&anon, &c.nexus[n].url(), "ready").await["key_id"].clone();
+    let su_dir = c.pki.issue("su", "/spike/pilot/role/superuser");
+    let rec_dir = c.pki.issue("rec", "/spike/pilot/role/recover");
+    let res_dir = c.pki.issue("res", "/spike/pilot/role/restore");
+    let url = c.nexus[n].url().to_string();
+    let url = url.trim_end_matches('/');
+    let as_id = |svid: &std::path::Path| {
+        vec![
+            ("SPIKE_NEXUS_API_URL".to_string(), url.to_string()),
+            (
+                "SPIKE_SVID_DIR".to_string(),
+                svid.to_str().unwrap().to_string(),
+            ),
+        ]
+    };
+    let spike = |args: &[&str], env: &[(String, String)]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_spike(args, &env)
+    };
+    let (code, _, err) = spike(
+        &["secret", "put", "drill/marker", "v=kept"],
+        &as_id(&su_dir),
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let out = c.dir.path().join("shards");
+    let out_s = out.to_str().unwrap();
+    // Only the recover role may export.
+    let (code, _, err) = spike(&["recover", "export", out_s], &as_id(&su_dir));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("recover role"), "{err}");
+    let (code, _, err) = spike(&["recover", "export", out_s], &as_id(&rec_dir));
+    assert_eq!(code, 0, "{err}");
+    let mut files = Vec::new();
+    for i in 1..=3 {
+        let path = out.join(format!("spike.recovery.{i}.txt"));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with(&format!("spike:{i}:")) && text.len() == 8 + 64,
+            "{text}"
+        );
+        files.push((path, text));
+    }
+    // Never overwritten.
+    let (code, _, err) = spike(&["recover", "export", out_s], &as_id(&rec_dir));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("never overwritten"), "{err}");
+    assert_eq!(std::fs::read_to_string(&files[0].0).unwrap(), files[0].1);
+
+    // Lose everything; Keepers come back empty.
+    c.nexus[n].kill();
+    for k in c.keepers.iter_mut() {
+        k.restart();
+    }
+    c.nexus[n].restart();
+    wait_status(&anon, &c.nexus[n].url(), "awaiting_restore").await;
+    // A tampered file is refused before it leaves the machine.
+    let bad = c.dir.path().join("bad.txt");
+    std::fs::write(&bad, files[0].1.replace("spike:1:", "spike:0:")).unwrap();
+    let (code, _, err) = spike(
+        &["recover", "restore", "--nexus", url, bad.to_str().unwrap()],
+        &as_id(&res_dir),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a valid recovery shard"), "{err}");
+    // Superusers cannot restore.
+    let f1 = files[0].0.to_str().unwrap();
+    let (code, _, err) = spike(&["recover", "restore", "--nexus", url, f1], &as_id(&su_dir));
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = spike(
+        &["recover", "restore", "--nexus", url, f1],
+        &as_id(&res_dir),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 collected, 1 more needed"), "{err}");
+    let (code, _, err) = spike(
+        &[
+            "recover",
+            "restore",
+            "--nexus",
+            url,
+            files[2].0.to_str().unwrap(),
+        ],
+        &as_id(&res_dir),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restored"), "{err}");
+    assert_eq!(
+        wait_status(&anon, &c.nexus[n].url(), "ready").await["key_id"],
+        key_id
+    );
+    // Restore on a healthy Nexus is refused.
+    let (code, _, err) = spike(
+        &["recover", "restore", "--nexus", url, f1],
+        &as_id(&res_dir),
+    );
+    assert_eq!(code, 1, "{err}");
+    // A second Nexus recovers from the refilled Keepers alone; the secret is there.
+    let m = c.start_nexus(&[]);
+    assert_eq!(
+        wait_status(&anon, &c.nexus[m].url(), "ready").await["key_id"],
+        key_id
+    );
+    let url2 = c.nexus[m].url().to_string();
+    let env2 = vec![
+        (
+            "SPIKE_NEXUS_API_URL".to_string(),
+            url2.trim_end_matches('/').to_string(),
+        ),
+        (
+            "SPIKE_SVID_DIR".to_string(),
+            su_dir.to_str().unwrap().to_string(),
+        ),
+    ];
+    let (code, out, err) = spike(&["secret", "get", "drill/marker", "v"], &env2);
+    assert_eq!((code, out.trim()), (0, "kept"), "{err}");
+}

@@ -270,6 +270,23 @@ impl NexusClient {
         Ok(resp.plaintext)
     }
 
+    /// The recovery shards of the root key (recover-role operators only).
+    pub async fn recover(&self) -> Result<api::RecoverResponse> {
+        self.json(api::RECOVER_PATH, &api::Empty {}, Effect::None)
+            .await
+    }
+
+    /// Sends one recovery shard towards a restore. Restore state lives in one instance's
+    /// memory, so build this client with that instance's URL only.
+    pub async fn restore(&self, req: &api::RestoreRequest) -> Result<api::RestoreResponse> {
+        self.json(api::RESTORE_PATH, req, Effect::Write).await
+    }
+
+    /// The same client aimed at other Nexus URLs.
+    pub fn with_urls(self, urls: Vec<Uri>) -> NexusClient {
+        NexusClient { urls, ..self }
+    }
+
     /// POSTs `req` as JSON and parses a 200 answer as `T`.
     async fn json<Req: Serialize, T: DeserializeOwned>(
         &self,

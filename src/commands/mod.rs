@@ -1,4 +1,5 @@
-//! The client commands: `spike secret`, `spike policy`, `spike cipher` (DESIGN.md §7).
+//! The client commands: `spike secret`, `spike policy`, `spike cipher`, `spike recover`
+//! (DESIGN.md §7).
 //!
 //! Each command checks its arguments first (a mistake there exits 2 before anything is loaded
 //! or sent), then builds a [`NexusClient`] from the client environment, makes one call, and
@@ -13,6 +14,7 @@
 
 pub mod cipher;
 pub mod policy;
+pub mod recover;
 pub mod secret;
 
 use std::future::Future;

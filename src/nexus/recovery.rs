@@ -10,48 +10,12 @@
 //! the Keepers on their own. Any consistent set restores: our recovery shards, or SPIKE's
 //! (which are Keeper-polynomial shards). Restore is refused once the key is loaded.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
-
 use super::{ApiError, Keys, Nexus, keepers};
+use crate::api::{RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::crypto::Share;
 use crate::store::Store;
-
-#[derive(Serialize, Deserialize)]
-pub struct RecoverResponse {
-    /// Index (decimal string) → 32-byte shard, as SPIKE encodes `map[int]*[32]byte`.
-    pub shards: BTreeMap<String, [u8; 32]>,
-}
-
-impl Drop for RecoverResponse {
-    fn drop(&mut self) {
-        for v in self.shards.values_mut() {
-            v.zeroize();
-        }
-    }
-}
-
-#[derive(Deserialize)]
-pub struct RestoreRequest {
-    pub id: u64,
-    pub shard: Option<[u8; 32]>,
-}
-
-impl Drop for RestoreRequest {
-    fn drop(&mut self) {
-        self.shard.zeroize();
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RestoreResponse {
-    pub collected: usize,
-    pub remaining: usize,
-    pub restored: bool,
-}
 
 /// The recovery shards of the loaded key.
 pub fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {

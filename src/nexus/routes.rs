@@ -569,7 +569,7 @@ impl Api {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;
-        let r: recovery::RestoreRequest = parse(&body)?;
+        let r: api::RestoreRequest = parse(&body)?;
         ok(&recovery::restore(&self.nexus, &r).await?)
     }
 

@@ -1,0 +1,154 @@
+//! `spike recover export DIR` and `spike recover restore --nexus URL FILE` (DESIGN.md §1.5).
+//!
+//! Export asks Nexus for the recovery shards (recover-role operators only) and writes one file
+//! per shard, `DIR/spike.recovery.<i>.txt`, mode 0600, content `spike:<i>:<hex>` (SPIKE's
+//! format); it never overwrites a file. Restore validates one shard file before it leaves the
+//! machine and sends it to the one Nexus instance named (restore-role operators only), because
+//! pending shards live in that instance's memory.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use hyper::Uri;
+
+use super::{Error, Op, Result, connect, nexus_failure};
+use crate::api::RestoreRequest;
+use crate::cli::RecoverCommand;
+use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
+use crate::identity::Role;
+
+fn file_name(dir: &Path, index: u8) -> PathBuf {
+    dir.join(format!("spike.recovery.{index}.txt"))
+}
+
+pub async fn run(command: RecoverCommand) -> Result<()> {
+    match command {
+        RecoverCommand::Export { dir } => export(&dir).await,
+        RecoverCommand::Restore { nexus, file } => restore(&nexus, &file).await,
+    }
+}
+
+fn require_role(client: &crate::client::api::NexusClient, role: Role, what: &str) -> Result<()> {
+    let td = client.caller().trust_domain().to_string();
+    if Role::of(client.caller(), &td) != Some(role) {
+        return Err(Error::Usage(format!(
+            "{what} needs an operator SVID with the {role} role (spiffe://{td}/spike/pilot/role/{role}); SPIKE_SVID_DIR names {}",
+            client.caller()
+        )));
+    }
+    Ok(())
+}
+
+async fn export(dir: &Path) -> Result<()> {
+    let client = connect()?;
+    require_role(&client, Role::Recover, "recover export")?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let op = Op {
+        permission: "recover",
+        resource: "the recovery shards",
+        subject: "the root key".into(),
+        invalid_hint: "recovery needs a Nexus that has its root key",
+        write: false,
+    };
+    let resp = client
+        .recover()
+        .await
+        .map_err(|e| nexus_failure(&client, &op, e))?;
+    let mut shares = Vec::new();
+    for (index, value) in &resp.shards {
+        let index: u8 = index
+            .parse()
+            .map_err(|_| Error::Failed(format!("Nexus sent a shard with index {index:?}")))?;
+        let share = Share::new(index, *value)
+            .map_err(|e| Error::Failed(format!("Nexus sent an invalid shard: {e}")))?;
+        shares.push(share);
+    }
+    if shares.is_empty() {
+        return Err(Error::Failed("Nexus sent no recovery shards".into()));
+    }
+    // Refuse before writing anything if any target exists.
+    for s in &shares {
+        let path = file_name(dir, s.index);
+        if path.exists() {
+            return Err(Error::Usage(format!(
+                "{} already exists; recovery files are never overwritten (move the old set away first)",
+                path.display()
+            )));
+        }
+    }
+    for s in &shares {
+        let path = file_name(dir, s.index);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::Failed(format!("cannot create {}: {e}", path.display())))?;
+        file.write_all(encode_recovery_shard(s).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
+    }
+    eprintln!(
+        "wrote {} recovery shards to {} (mode 0600). A threshold of them (SPIKE_NEXUS_SHAMIR_THRESHOLD, 2 by default) rebuilds the root key: keep them apart, encrypted and offline.",
+        shares.len(),
+        dir.display(),
+    );
+    Ok(())
+}
+
+async fn restore(nexus: &str, file: &Path) -> Result<()> {
+    let url: Uri =
+        crate::config::parse_https_url(nexus).map_err(|e| Error::Usage(format!("--nexus: {e}")))?;
+    let text = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::Usage(format!("cannot read the shard from stdin: {e}")))?;
+        zeroize::Zeroizing::new(text)
+    } else {
+        zeroize::Zeroizing::new(
+            std::fs::read_to_string(file)
+                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", file.display())))?,
+        )
+    };
+    let share = decode_recovery_shard(&text).map_err(|e| {
+        Error::Usage(format!(
+            "{} is not a valid recovery shard: {e}",
+            file.display()
+        ))
+    })?;
+    let client = connect()?.with_urls(vec![url.clone()]);
+    require_role(&client, Role::Restore, "recover restore")?;
+    let op = Op {
+        permission: "restore",
+        resource: "the root key",
+        subject: "the restore".into(),
+        invalid_hint: "restore is refused by a Nexus that already has its root key, and a set of shards that does not rebuild this deployment's key is dropped (start again with a consistent set)",
+        write: true,
+    };
+    let req = RestoreRequest {
+        id: u64::from(share.index),
+        shard: Some(*share.value()),
+    };
+    let resp = client
+        .restore(&req)
+        .await
+        .map_err(|e| nexus_failure(&client, &op, e))?;
+    if resp.restored {
+        eprintln!(
+            "restored: Nexus at {url} has its root key again and is refilling the Keepers; other instances will recover from them"
+        );
+    } else {
+        eprintln!(
+            "shard {} accepted by {url}: {} collected, {} more needed",
+            share.index, resp.collected, resp.remaining
+        );
+    }
+    Ok(())
+}
