@@ -37,7 +37,10 @@
 //! guarantee only affects a policy rewritten while it is being deleted.
 //!
 //! # Availability
-//! Every call is bounded by [`REQUEST_TIMEOUT`] (connection, retries and body included), so a hung
+//! Reads are retried (3 attempts, short backoff); conditional writes are not, because a write
+//! whose response was lost and that was sent again would fail its own condition and be reported
+//! as a conflict it did not have. A failed write is `Unavailable`: it may or may not have
+//! happened, and the caller's next read tells. Every call is bounded by [`REQUEST_TIMEOUT`] (connection, retries and body included), so a hung
 //! or unreachable server turns into [`Error::Unavailable`] and a 503 from Nexus, never a hung
 //! request. Network errors, timeouts, 5xx and throttling are `Unavailable`; so are
 //! authorization failures, with S3's error code in the reason. Reasons never contain the
@@ -76,8 +79,13 @@ pub struct S3Store {
 }
 
 struct Inner {
-    /// The SDK client: connection pool, signing, retries, timeouts.
+    /// The SDK client for reads: connection pool, signing, retries, timeouts.
     client: Client,
+    /// The same without retries, for conditional writes and deletes: a write whose response was
+    /// lost and that the SDK sent again would fail its own condition and look like a lost race
+    /// (the root-key verifier's creator would discard its key). Without retries such a write is
+    /// an honest `Unavailable`: it may or may not have happened.
+    writer: Client,
     bucket: String,
     /// `SPIKE_NEXUS_S3_PREFIX`, prepended to every object key.
     prefix: String,
@@ -215,9 +223,11 @@ impl S3Store {
         if let Some(endpoint) = &cfg.endpoint {
             conf = conf.endpoint_url(endpoint.trim_end_matches('/'));
         }
+        let writer = conf.clone().retry_config(RetryConfig::disabled()).build();
         Ok(S3Store {
             inner: Arc::new(Inner {
                 client: Client::from_conf(conf.build()),
+                writer: Client::from_conf(writer),
                 bucket: cfg.bucket.clone(),
                 prefix: cfg.prefix.clone(),
             }),
@@ -361,7 +371,7 @@ impl Store for S3Store {
         bounded("PutObject", async {
             let req = self
                 .inner
-                .client
+                .writer
                 .put_object()
                 .bucket(&self.inner.bucket)
                 .key(self.object(ns, key))
@@ -394,7 +404,7 @@ impl Store for S3Store {
             }
             let out = self
                 .inner
-                .client
+                .writer
                 .delete_object()
                 .bucket(&self.inner.bucket)
                 .key(self.object(ns, key))
