@@ -262,3 +262,46 @@ async fn throughput_through_one_nexus_on_s3() {
         assert_eq!(other, 0);
     }
 }
+
+/// A server that accepts connections and never answers must not hang a store call: every
+/// operation fails as `Unavailable` within the store's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_server_gives_unavailable_within_the_deadline() {
+    use spike::store::s3::{REQUEST_TIMEOUT, S3Store};
+    use spike::store::{Error, Expect, Namespace, Store};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let store = S3Store::open(&spike::config::S3Config {
+        endpoint: Some(format!("http://{addr}")),
+        bucket: "b".into(),
+        prefix: "p/".into(),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: spike::config::S3Credentials {
+            access_key_id: "id".into(),
+            secret_access_key: "hung-secret".into(),
+            session_token: None,
+        },
+    })
+    .unwrap();
+    let limit = REQUEST_TIMEOUT + Duration::from_secs(2);
+    let t = Instant::now();
+    let err = store.get(Namespace::Secrets, "x").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(!err.to_string().contains("hung-secret"), "{err}");
+    let err = store
+        .put(Namespace::Secrets, "x", vec![1], Expect::Absent)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(store.ping().await.is_err());
+    assert!(store.list(Namespace::Secrets, "").await.is_err());
+    assert!(t.elapsed() < limit * 4, "took {:?}", t.elapsed());
+    println!("hung server: four calls failed in {:?}", t.elapsed());
+}
