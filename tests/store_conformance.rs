@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use spike::crypto::Verifier;
 use spike::store::memory::MemoryStore;
+use spike::store::s3::S3Store;
 use spike::store::sqlite::SqliteStore;
 use spike::store::{Expect, Namespace, Store, Written};
 
@@ -247,4 +248,47 @@ conformance!(sqlite, {
     let a = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
     let b = Arc::new(SqliteStore::open(dir.path()).await.unwrap());
     (dir, vec![a, b])
+});
+
+/// An S3 configuration for the server `./test` starts (scripts/s3.sh), on a prefix no other
+/// test uses, so tests run in parallel and runs never see each other's objects.
+fn s3_config() -> spike::config::S3Config {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: the S3 conformance tests need an S3 test server; run ./test, \
+                 or eval \"$(scripts/s3.sh start DIR)\" first"
+            )
+        })
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    spike::config::S3Config {
+        endpoint: Some(var("SPIKE_TEST_S3_ENDPOINT")),
+        bucket: var("SPIKE_TEST_S3_BUCKET"),
+        prefix: format!(
+            "conformance/{}-{nanos}-{}/",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ),
+        region: var("SPIKE_TEST_S3_REGION"),
+        path_style: true,
+        credentials: spike::config::S3Credentials {
+            access_key_id: var("SPIKE_TEST_S3_ACCESS_KEY_ID"),
+            secret_access_key: var("SPIKE_TEST_S3_SECRET_ACCESS_KEY"),
+            session_token: None,
+        },
+    }
+}
+
+conformance!(s3, {
+    let cfg = s3_config();
+    // Two independent clients (own connection pools) on one prefix, like two Nexus processes.
+    let a = Arc::new(S3Store::open(&cfg).unwrap());
+    let b = Arc::new(S3Store::open(&cfg).unwrap());
+    ((), vec![a, b])
 });

@@ -331,10 +331,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             Roots::Source(source) => verify(source.current().trust_anchors())?,
             Roots::Fixed(roots) => verify(roots)?,
         };
-        if let ExpectedPeer::Role(want) = self.expected {
-            if Role::of(&id, &self.trust_domain) != Some(want) {
-                return Err(role_error(&id, &self.trust_domain, &[want]));
-            }
+        if let ExpectedPeer::Role(want) = self.expected
+            && Role::of(&id, &self.trust_domain) != Some(want)
+        {
+            return Err(role_error(&id, &self.trust_domain, &[want]));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -17,6 +17,7 @@
 //! suite in `tests/` runs the same checks against each.
 
 pub mod memory;
+pub mod s3;
 pub mod sqlite;
 
 use std::future::Future;
@@ -193,6 +194,7 @@ impl From<StoredVerifier> for Verifier {
 pub enum AnyStore {
     Memory(memory::MemoryStore),
     Sqlite(sqlite::SqliteStore),
+    S3(s3::S3Store),
 }
 
 impl AnyStore {
@@ -203,6 +205,7 @@ impl AnyStore {
             Backend::Sqlite { data_dir } => {
                 AnyStore::Sqlite(sqlite::SqliteStore::open(data_dir).await?)
             }
+            Backend::S3(cfg) => AnyStore::S3(s3::S3Store::open(cfg)?),
         })
     }
 }
@@ -212,6 +215,7 @@ macro_rules! delegate {
         match $self {
             AnyStore::Memory($store) => $call,
             AnyStore::Sqlite($store) => $call,
+            AnyStore::S3($store) => $call,
         }
     };
 }
