@@ -17,6 +17,7 @@
 //! suite in `tests/` runs the same checks against each.
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -193,6 +194,7 @@ impl From<StoredVerifier> for Verifier {
 pub enum AnyStore {
     Memory(memory::MemoryStore),
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
 }
 
 impl AnyStore {
@@ -203,6 +205,9 @@ impl AnyStore {
             Backend::Sqlite { data_dir } => {
                 AnyStore::Sqlite(sqlite::SqliteStore::open(data_dir).await?)
             }
+            Backend::Postgres { url } => {
+                AnyStore::Postgres(postgres::PostgresStore::open(url.expose()).await?)
+            }
         })
     }
 }
@@ -212,6 +217,7 @@ macro_rules! delegate {
         match $self {
             AnyStore::Memory($store) => $call,
             AnyStore::Sqlite($store) => $call,
+            AnyStore::Postgres($store) => $call,
         }
     };
 }
