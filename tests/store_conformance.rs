@@ -275,9 +275,20 @@ async fn postgres_migrations_are_safe_under_concurrent_starts() {
     while let Some(r) = tasks.join_next().await {
         stores.push(r.unwrap().unwrap());
     }
-    assert!(stores[0].create_verifier(&Verifier { key_id: "k".into(), sealed: vec![1] }).await.unwrap());
+    assert!(
+        stores[0]
+            .create_verifier(&Verifier {
+                key_id: "k".into(),
+                sealed: vec![1]
+            })
+            .await
+            .unwrap()
+    );
     for s in &stores {
         assert_eq!(s.verifier().await.unwrap().unwrap().key_id, "k");
     }
-    println!("postgres: {} instances migrated one database concurrently", stores.len());
+    println!(
+        "postgres: {} instances migrated one database concurrently",
+        stores.len()
+    );
 }

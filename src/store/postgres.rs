@@ -103,7 +103,10 @@ enum Tls {
         root: Option<PathBuf>,
     },
     /// `verify-ca` (`check_name == false`) or `verify-full`.
-    Verify { root: PathBuf, check_name: bool },
+    Verify {
+        root: PathBuf,
+        check_name: bool,
+    },
 }
 
 /// A URL split into what tokio-postgres parses itself and the TLS settings it does not know.
@@ -242,8 +245,9 @@ fn tls_config(tls: &Tls) -> Result<ClientConfig> {
         .with_safe_default_protocol_versions()
         .map_err(|e| unavailable(format!("TLS setup: {e}")))?;
     let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match tls {
-        Tls::Disable
-        | Tls::Opportunistic { root: None, .. } => Arc::new(danger::NoServerAuth(provider)),
+        Tls::Disable | Tls::Opportunistic { root: None, .. } => {
+            Arc::new(danger::NoServerAuth(provider))
+        }
         Tls::Opportunistic {
             root: Some(root), ..
         } => danger::ChainOnly::new(load_roots(root)?, provider)?,
@@ -538,7 +542,12 @@ mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn verify_tls13_signature(
@@ -547,7 +556,12 @@ mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
