@@ -432,3 +432,71 @@ ha_suite!(
         (dir, env, server)
     }
 );
+
+/// A quick figure, not a check: secret writes and reads per second through one Nexus on
+/// PostgreSQL at 32 concurrent clients, a few seconds each. Run with
+/// `cargo test --release --test ha -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run by hand"]
+async fn postgres_throughput_through_one_nexus() {
+    const CONCURRENCY: usize = 32;
+    const PHASE: Duration = Duration::from_secs(4);
+    let url = common::postgres::fresh_database().await;
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&pairs(&postgres_env(&url)));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = superuser(&c);
+    for write in [true, false] {
+        let started = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..CONCURRENCY {
+            let (su, url) = (su.clone(), url.clone());
+            tasks.spawn(async move {
+                let (mut ok, mut failed) = (0usize, 0usize);
+                // Bounded by time and by count.
+                for i in 0..100_000usize {
+                    if started.elapsed() >= PHASE {
+                        break;
+                    }
+                    let path = format!("bench/{t}");
+                    let (s, _) = if write {
+                        call(
+                            &su,
+                            &url,
+                            SECRETS,
+                            json!({"path": path, "values": {"v": i.to_string()}}),
+                        )
+                        .await
+                    } else {
+                        call(
+                            &su,
+                            &url,
+                            "/v1/store/secrets?action=get",
+                            json!({"path": path}),
+                        )
+                        .await
+                    };
+                    if s == StatusCode::OK {
+                        ok += 1
+                    } else {
+                        failed += 1
+                    }
+                }
+                (ok, failed)
+            });
+        }
+        let (mut ok, mut failed) = (0, 0);
+        while let Some(r) = tasks.join_next().await {
+            let (o, f) = r.unwrap();
+            ok += o;
+            failed += f;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "postgres via one Nexus, {CONCURRENCY} concurrent clients: {} {:.0} requests/s ({ok} ok, {failed} failed in {secs:.1}s)",
+            if write { "writes" } else { "reads" },
+            ok as f64 / secs
+        );
+    }
+}

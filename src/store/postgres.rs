@@ -43,7 +43,7 @@ const BACKEND: &str = "postgres";
 /// The schema this code writes; `schema_version` records what a database holds.
 const SCHEMA_VERSION: i32 = 1;
 /// The advisory lock that serialises migrations across instances ("spike" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7370_696b_65;
+const MIGRATION_LOCK: i64 = 0x73_7069_6b65;
 /// The longest any one store operation may take, waiting for a connection included.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections kept per Nexus instance.
@@ -250,11 +250,11 @@ fn tls_config(tls: &Tls) -> Result<ClientConfig> {
         }
         Tls::Opportunistic {
             root: Some(root), ..
-        } => danger::ChainOnly::new(load_roots(root)?, provider)?,
+        } => danger::ChainOnly::verifier(load_roots(root)?, provider)?,
         Tls::Verify {
             root,
             check_name: false,
-        } => danger::ChainOnly::new(load_roots(root)?, provider)?,
+        } => danger::ChainOnly::verifier(load_roots(root)?, provider)?,
         Tls::Verify {
             root,
             check_name: true,
@@ -574,7 +574,7 @@ mod danger {
     pub struct ChainOnly(Arc<WebPkiServerVerifier>);
 
     impl ChainOnly {
-        pub fn new(
+        pub fn verifier(
             roots: rustls::RootCertStore,
             provider: Arc<CryptoProvider>,
         ) -> super::Result<Arc<dyn ServerCertVerifier>> {
