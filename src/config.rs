@@ -123,6 +123,30 @@ pub enum Backend {
     Sqlite { data_dir: PathBuf },
     /// An S3-compatible bucket (`SPIKE_NEXUS_S3_*`).
     S3(S3Config),
+    /// `SPIKE_NEXUS_DB_URL`, a libpq-style URL. Its `Debug` form hides it: it may hold a
+    /// password.
+    Postgres { url: SecretUrl },
+}
+
+/// A connection URL that may carry credentials: never printed.
+#[derive(Clone)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: String) -> SecretUrl {
+        SecretUrl(url)
+    }
+
+    /// The URL itself, for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretUrl(..)")
+    }
 }
 
 impl Backend {
@@ -131,6 +155,7 @@ impl Backend {
             Backend::Memory => "memory",
             Backend::Sqlite { .. } => "sqlite",
             Backend::S3(_) => "s3",
+            Backend::Postgres { .. } => "postgres",
         }
     }
 }
@@ -307,11 +332,17 @@ impl NexusConfig {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/spike")),
             },
             "memory" => Backend::Memory,
+            "postgres" | "postgresql" => Backend::Postgres {
+                url: SecretUrl::new(env.get("SPIKE_NEXUS_DB_URL").ok_or(Error::Missing {
+                    var: "SPIKE_NEXUS_DB_URL",
+                    hint: "SPIKE_NEXUS_BACKEND_STORE=postgres needs a URL such as postgres://spike@db.example:5432/spike?sslmode=verify-full&sslrootcert=/etc/spike/db-ca.pem",
+                })?),
+            },
             "s3" => Backend::S3(S3Config::from_source(env)?),
             other => {
                 return Err(invalid(
                     "SPIKE_NEXUS_BACKEND_STORE",
-                    format!("unknown backend {other:?} (expected sqlite, s3 or memory)"),
+                    format!("unknown backend {other:?} (expected sqlite, postgres, s3 or memory)"),
                 ));
             }
         };
@@ -604,6 +635,31 @@ mod tests {
             err.contains("SPIKE_NEXUS_KEEPER_PEERS must be set"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn postgres_backend_needs_a_url_and_never_shows_it() {
+        let err = NexusConfig::from_source(&env(&[
+            ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
+            ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("SPIKE_NEXUS_DB_URL must be set"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let url = "postgres://spike:TopSecretPw@db:5432/spike";
+        let cfg = NexusConfig::from_source(&env(&[
+            ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
+            ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
+            ("SPIKE_NEXUS_DB_URL", url),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.backend.name(), "postgres");
+        assert!(!format!("{cfg:?}").contains("TopSecretPw"));
+        let Backend::Postgres { url: got } = &cfg.backend else {
+            panic!("{:?}", cfg.backend)
+        };
+        assert_eq!(got.expose(), url);
     }
 
     #[test]

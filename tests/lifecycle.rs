@@ -212,11 +212,13 @@ async fn a_keeper_with_a_wrong_shard_is_detected_routed_around_and_refilled() {
         serde_json::json!([bad]),
         "{body}"
     );
-    assert_eq!(
-        c.keeper_shard(1).await,
-        Some(good),
-        "the wrong shard was replaced"
-    );
+    // Nexus reports ready when it has the key and pushes the shards right after: wait for it.
+    wait_for(
+        "the wrong shard to be replaced",
+        Duration::from_secs(30),
+        || async { (c.keeper_shard(1).await == Some(good)).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

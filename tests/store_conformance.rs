@@ -5,11 +5,14 @@
 //! absent for the root-key verifier, and all of it across independent handles on one store
 //! (two handles on one SQLite file behave like two processes).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use spike::crypto::Verifier;
 use spike::store::memory::MemoryStore;
+use spike::store::postgres::PostgresStore;
 use spike::store::s3::S3Store;
 use spike::store::sqlite::SqliteStore;
 use spike::store::{Expect, Namespace, Store, Written};
@@ -292,3 +295,43 @@ conformance!(s3, {
     let b = Arc::new(S3Store::open(&cfg).unwrap());
     ((), vec![a, b])
 });
+conformance!(postgres, {
+    // A fresh database on the server `./test` started; two independent pools on it, like two
+    // Nexus instances.
+    let url = common::postgres::fresh_database().await;
+    let a = Arc::new(PostgresStore::open(&url).await.unwrap());
+    let b = Arc::new(PostgresStore::open(&url).await.unwrap());
+    ((), vec![a, b])
+});
+
+/// Several instances starting at once on an empty database: the advisory lock serialises the
+/// migration, every one of them opens, and they share one schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrations_are_safe_under_concurrent_starts() {
+    let url = common::postgres::fresh_database().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        tasks.spawn(async move { PostgresStore::open(&url).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        stores.push(r.unwrap().unwrap());
+    }
+    assert!(
+        stores[0]
+            .create_verifier(&Verifier {
+                key_id: "k".into(),
+                sealed: vec![1]
+            })
+            .await
+            .unwrap()
+    );
+    for s in &stores {
+        assert_eq!(s.verifier().await.unwrap().unwrap().key_id, "k");
+    }
+    println!(
+        "postgres: {} instances migrated one database concurrently",
+        stores.len()
+    );
+}

@@ -148,6 +148,7 @@ async fn update<T>(
         match store.put(Namespace::Secrets, path, bytes, expect).await? {
             Written::Done(_) => return Ok(out),
             Written::Conflict => {
+                tracing::debug!(path, attempt, "secret write conflict; retrying");
                 // Someone else wrote first; back off a little (more on each retry) and redo
                 // the change on what they wrote.
                 let spread = u64::from(attempt.min(20)) * 250 + 50;

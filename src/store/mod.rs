@@ -17,6 +17,7 @@
 //! suite in `tests/` runs the same checks against each.
 
 pub mod memory;
+pub mod postgres;
 pub mod s3;
 pub mod sqlite;
 
@@ -195,6 +196,7 @@ pub enum AnyStore {
     Memory(memory::MemoryStore),
     Sqlite(sqlite::SqliteStore),
     S3(s3::S3Store),
+    Postgres(postgres::PostgresStore),
 }
 
 impl AnyStore {
@@ -206,6 +208,9 @@ impl AnyStore {
                 AnyStore::Sqlite(sqlite::SqliteStore::open(data_dir).await?)
             }
             Backend::S3(cfg) => AnyStore::S3(s3::S3Store::open(cfg)?),
+            Backend::Postgres { url } => {
+                AnyStore::Postgres(postgres::PostgresStore::open(url.expose()).await?)
+            }
         })
     }
 }
@@ -216,6 +221,7 @@ macro_rules! delegate {
             AnyStore::Memory($store) => $call,
             AnyStore::Sqlite($store) => $call,
             AnyStore::S3($store) => $call,
+            AnyStore::Postgres($store) => $call,
         }
     };
 }

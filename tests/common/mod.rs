@@ -4,6 +4,8 @@
 //! Every wait is a bounded poll that fails the test with the process logs when it runs out.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;

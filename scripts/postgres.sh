@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 server for tests, on 127.0.0.1 only.
+#
+#   scripts/postgres.sh start DIR          initdb into DIR on first use (trust auth, a free port,
+#                                          unix socket in DIR), start it, create database
+#                                          spike_test, and print
+#                                          SPIKE_TEST_POSTGRES_URL=postgres://spike@127.0.0.1:PORT/spike_test
+#                                          Starting DIR again reuses its data and its port.
+#   scripts/postgres.sh stop DIR [MODE]    stop it (pg_ctl MODE: fast (default), immediate, smart)
+#
+# PostgreSQL refuses to run as root, so as root the server runs as the unprivileged user
+# spike-test (created if missing); DIR and its parents must be reachable by that user. If the
+# PostgreSQL 15 binaries are missing they are installed with apt-get (when root), or the script
+# says what to install.
+set -euo pipefail
+
+usage() { echo "usage: $0 start DIR | stop DIR [fast|immediate|smart]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+cmd=$1
+dir=$2
+mode=${3:-fast}
+
+find_bin() {
+  for d in "${SPIKE_PG_BIN:-}" /usr/lib/postgresql/15/bin; do
+    if [ -n "$d" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+
+if ! bin=$(find_bin); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "postgres.sh: PostgreSQL 15 not found; installing postgresql-15 with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q postgresql-15 >&2 || { apt-get update -q >&2 && apt-get install -y -q postgresql-15 >&2; }
+  fi
+  bin=$(find_bin) || { echo "postgres.sh: PostgreSQL 15 binaries not found in /usr/lib/postgresql/15/bin; install the postgresql-15 package (or set SPIKE_PG_BIN)" >&2; exit 1; }
+fi
+
+# Run a PostgreSQL binary as the unprivileged user when we are root.
+if [ "$(id -u)" = 0 ]; then
+  user=spike-test
+  id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$user"
+  as_pg() { runuser -u "$user" -- "$@"; }
+else
+  user=$(id -un)
+  as_pg() { "$@"; }
+fi
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pick_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 30000 ))
+    if ! port_in_use "$p"; then echo "$p"; return 0; fi
+  done
+  echo "postgres.sh: no free port found" >&2
+  return 1
+}
+
+case "$cmd" in
+  start)
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    data="$dir/data"
+    if [ "$(id -u)" = 0 ]; then
+      chown "$user" "$dir"
+      chmod 700 "$dir"
+      if ! as_pg test -w "$dir"; then
+        echo "postgres.sh: user $user cannot reach $dir (a parent directory is closed); use a directory whose parents are searchable" >&2
+        exit 1
+      fi
+    fi
+    if [ ! -f "$data/PG_VERSION" ]; then
+      as_pg "$bin/initdb" -D "$data" -U spike --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; exit 1; }
+      cat >>"$data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+max_connections = 400
+shared_buffers = 32MB
+log_min_messages = warning
+CONF
+      # Trust only on loopback and the private socket.
+      cat >"$data/pg_hba.conf" <<HBA
+local all all trust
+host  all all 127.0.0.1/32 trust
+HBA
+    fi
+    started=0
+    for _ in 1 2 3 4 5; do
+      port=$(cat "$dir/port" 2>/dev/null || pick_port)
+      echo "$port" >"$dir/port"
+      if as_pg "$bin/pg_ctl" -D "$data" -o "-p $port" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
+        started=1
+        break
+      fi
+      # Port taken between the check and the bind (another test's server): pick another,
+      # unless this directory already had a port that clients know.
+      if [ -f "$dir/url" ]; then break; fi
+      rm -f "$dir/port"
+    done
+    if [ "$started" != 1 ]; then
+      echo "postgres.sh: PostgreSQL did not start; its log:" >&2
+      tail -n 30 "$dir/server.log" >&2 || true
+      exit 1
+    fi
+    if ! as_pg "$bin/psql" -h "$dir" -p "$port" -U spike -d postgres -Atqc "SELECT 1 FROM pg_database WHERE datname = 'spike_test'" | grep -q 1; then
+      as_pg "$bin/psql" -h "$dir" -p "$port" -U spike -d postgres -qc "CREATE DATABASE spike_test" >/dev/null
+    fi
+    url="postgres://spike@127.0.0.1:$port/spike_test?sslmode=disable"
+    echo "$url" >"$dir/url"
+    echo "SPIKE_TEST_POSTGRES_URL=$url"
+    ;;
+  stop)
+    dir=$(cd "$dir" 2>/dev/null && pwd) || exit 0
+    if [ -f "$dir/data/postmaster.pid" ]; then
+      as_pg "$bin/pg_ctl" -D "$dir/data" -m "$mode" -w -t 60 stop >/dev/null
+    fi
+    ;;
+  *) usage ;;
+esac
