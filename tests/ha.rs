@@ -5,7 +5,7 @@
 //!
 //! The test bodies take a backend as data — the Nexus environment pairs that select it, and for
 //! the outage test a way to stop and start the store — so every HA backend runs the same
-//! bodies through [`ha_suite!`]. PostgreSQL is the first.
+//! bodies through [`ha_suite!`]: PostgreSQL and S3.
 
 mod common;
 
@@ -410,6 +410,27 @@ macro_rules! ha_suite {
         }
     };
 }
+
+impl Outage for common::s3::S3Server {
+    fn take_down(&self) {
+        self.stop();
+    }
+    fn bring_back(&self) {
+        self.restart();
+    }
+}
+
+ha_suite!(
+    s3,
+    fresh = ((), common::s3::shared_env("ha")),
+    outage = {
+        // A server of this test's own: stopping the shared one would break the other tests.
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::s3::S3Server::start(&dir.path().join("s3"));
+        let env = server.nexus_env("outage/");
+        (dir, env, server)
+    }
+);
 
 fn postgres_env(url: &str) -> BackendEnv {
     vec![

@@ -4,83 +4,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::s3::S3Server;
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::{Value, json};
 use spike::client::HttpsClient;
 use spike::identity::Role;
-
-/// An S3 test server of this test's own, stopped on drop.
-struct S3Server {
-    dir: PathBuf,
-    env: HashMap<String, String>,
-}
-
-impl S3Server {
-    fn start(dir: &Path) -> S3Server {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/s3.sh");
-        let out = Command::new("bash")
-            .args([script, "start", dir.to_str().unwrap()])
-            .output()
-            .expect("run scripts/s3.sh");
-        assert!(
-            out.status.success(),
-            "scripts/s3.sh start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        S3Server {
-            dir: dir.to_path_buf(),
-            env,
-        }
-    }
-
-    fn stop(&self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/s3.sh");
-        let status = Command::new("bash")
-            .args([script, "stop", self.dir.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// The Nexus environment for this server's bucket under `prefix`.
-    fn nexus_env(&self, prefix: &str) -> Vec<(String, String)> {
-        let v = |k: &str| self.env[k].clone();
-        vec![
-            ("SPIKE_NEXUS_BACKEND_STORE".into(), "s3".into()),
-            (
-                "SPIKE_NEXUS_S3_ENDPOINT".into(),
-                v("SPIKE_TEST_S3_ENDPOINT"),
-            ),
-            ("SPIKE_NEXUS_S3_BUCKET".into(), v("SPIKE_TEST_S3_BUCKET")),
-            ("SPIKE_NEXUS_S3_REGION".into(), v("SPIKE_TEST_S3_REGION")),
-            ("SPIKE_NEXUS_S3_PREFIX".into(), prefix.into()),
-            ("AWS_ACCESS_KEY_ID".into(), v("SPIKE_TEST_S3_ACCESS_KEY_ID")),
-            (
-                "AWS_SECRET_ACCESS_KEY".into(),
-                v("SPIKE_TEST_S3_SECRET_ACCESS_KEY"),
-            ),
-        ]
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
@@ -186,7 +118,7 @@ async fn nexus_on_s3_serves_two_instances_and_survives_the_store_going_away() {
 
     // It comes back on the same data: both instances resume without a restart and every
     // acknowledged write is there.
-    let _restarted = S3Server::start(&s3.dir);
+    s3.restart();
     wait_status(&anon, &url1, "ready").await;
     wait_status(&anon, &url2, "ready").await;
     for url in [&url1, &url2] {

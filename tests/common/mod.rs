@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod s3;
 
 use std::collections::HashMap;
 use std::fs;
