@@ -454,17 +454,27 @@ ha_suite!(
     }
 );
 
-/// A quick figure, not a check: secret writes and reads per second through one Nexus on
-/// PostgreSQL at 32 concurrent clients, a few seconds each. Run with
+/// Quick figures, not checks: secret writes and reads per second through one Nexus at 32
+/// concurrent clients (a new TLS connection per request), a few seconds each. Run with
 /// `cargo test --release --test ha -- --ignored --nocapture throughput`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement; run by hand"]
 async fn postgres_throughput_through_one_nexus() {
+    let url = common::postgres::fresh_database().await;
+    throughput("postgres", postgres_env(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run by hand"]
+async fn sqlite_throughput_through_one_nexus() {
+    throughput("sqlite", Vec::new()).await;
+}
+
+async fn throughput(name: &str, backend: BackendEnv) {
     const CONCURRENCY: usize = 32;
     const PHASE: Duration = Duration::from_secs(4);
-    let url = common::postgres::fresh_database().await;
     let mut c = Cluster::new(3);
-    let n = c.start_nexus(&pairs(&postgres_env(&url)));
+    let n = c.start_nexus(&pairs(&backend));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
     let su = superuser(&c);
@@ -515,7 +525,7 @@ async fn postgres_throughput_through_one_nexus() {
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "postgres via one Nexus, {CONCURRENCY} concurrent clients: {} {:.0} requests/s ({ok} ok, {failed} failed in {secs:.1}s)",
+            "{name} via one Nexus, {CONCURRENCY} concurrent clients: {} {:.0} requests/s ({ok} ok, {failed} failed in {secs:.1}s)",
             if write { "writes" } else { "reads" },
             ok as f64 / secs
         );
