@@ -103,11 +103,14 @@ pub struct KeeperConfig {
     /// `SPIKE_KEEPER_TLS_PORT`: where the Keeper listens.
     pub listen: SocketAddr,
     pub identity: Identity,
+    /// Connection limits and timeouts of the HTTPS server.
+    pub server: crate::transport::Limits,
 }
 
 impl KeeperConfig {
     pub fn from_source(env: &impl Source) -> Result<KeeperConfig> {
         Ok(KeeperConfig {
+            server: server_limits(env)?,
             listen: listen_addr(env, "SPIKE_KEEPER_TLS_PORT", DEFAULT_KEEPER_ADDR)?,
             identity: Identity::from_source(env)?,
         })
@@ -288,6 +291,8 @@ pub struct NexusConfig {
     /// `SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE`: largest plaintext or ciphertext the cipher API
     /// takes (SPIKE's variable and default).
     pub max_cipher_bytes: usize,
+    /// Connection limits and timeouts of the HTTPS server.
+    pub server: crate::transport::Limits,
 }
 
 impl NexusConfig {
@@ -363,6 +368,7 @@ impl NexusConfig {
         let max_cipher_bytes =
             number::<usize>(env, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", 65_536)?;
         Ok(NexusConfig {
+            server: server_limits(env)?,
             max_cipher_bytes,
             listen,
             identity: Identity::from_source(env)?,
@@ -385,6 +391,35 @@ impl NexusConfig {
             max_body_bytes,
         })
     }
+}
+
+/// The HTTPS server's limits: `SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT` (SPIKE's name),
+/// `SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT`, `SPIKE_HTTP_SERVER_MAX_CONNECTIONS`,
+/// `SPIKE_HTTP_SERVER_DRAIN_TIMEOUT`.
+fn server_limits(env: &impl Source) -> Result<crate::transport::Limits> {
+    let d = crate::transport::Limits::default();
+    let max_connections =
+        number::<usize>(env, "SPIKE_HTTP_SERVER_MAX_CONNECTIONS", d.max_connections)?;
+    if max_connections == 0 {
+        return Err(invalid(
+            "SPIKE_HTTP_SERVER_MAX_CONNECTIONS",
+            "must be at least 1",
+        ));
+    }
+    Ok(crate::transport::Limits {
+        max_connections,
+        handshake_timeout: duration(
+            env,
+            "SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT",
+            d.handshake_timeout,
+        )?,
+        header_timeout: duration(
+            env,
+            "SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT",
+            d.header_timeout,
+        )?,
+        drain_timeout: duration(env, "SPIKE_HTTP_SERVER_DRAIN_TIMEOUT", d.drain_timeout)?,
+    })
 }
 
 fn invalid(var: &'static str, reason: impl Into<String>) -> Error {

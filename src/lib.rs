@@ -15,6 +15,7 @@
 //! | [`client`] | the HTTPS client for Nexus→Keeper and CLI→Nexus calls |
 //! | [`keeper`] | `spike keeper`, the in-memory shard holder |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
+//! | [`hardening`] | non-dumpable process, no core files, key pages locked in memory |
 //! | [`systemd`] | sd_notify readiness, status, watchdog |
 //! | [`cli`] | clap definitions of every subcommand |
 //! | [`commands`] | `spike secret`, `spike policy`, `spike cipher`: the client commands |
@@ -27,6 +28,7 @@ pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod hardening;
 pub mod identity;
 pub mod keeper;
 pub mod nexus;

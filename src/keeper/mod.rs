@@ -202,6 +202,7 @@ pub async fn run(
     cfg: KeeperConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    crate::hardening::harden_process();
     let td = cfg.identity.trust_domain.clone();
     let source = SvidSource::load(cfg.identity.svid.clone())?;
     let me = source.current().id().clone();
@@ -219,17 +220,12 @@ pub async fn run(
     let addr = listener.local_addr().unwrap_or(cfg.listen);
     tracing::info!(%addr, id = %me, "keeper listening on {addr}; holding no shard until Nexus sends one");
     let keeper = Arc::new(Keeper::new(td));
+    // The shard lives inline in the Keeper, which lives as long as the process.
+    crate::hardening::lock(&*keeper, "keeper shard");
     crate::systemd::ready("holding no shard (waiting for Nexus)");
     // A Keeper has no dependency to check: a ping shows the event loop still runs.
     let _watchdog = crate::systemd::spawn_watchdog(|| async { true });
-    transport::serve(
-        listener,
-        tls,
-        keeper,
-        transport::Limits::default(),
-        shutdown,
-    )
-    .await;
+    transport::serve(listener, tls, keeper, cfg.server, shutdown).await;
     tracing::info!("keeper stopped; shard wiped");
     Ok(())
 }

@@ -223,6 +223,8 @@ impl Nexus {
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
         }
+        crate::hardening::lock(&*keys, "root key");
+        crate::hardening::lock_slice(&keys.shards, "keeper shards");
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
@@ -248,6 +250,7 @@ pub async fn run(
     config: NexusConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    crate::hardening::harden_process();
     let td = config.identity.trust_domain.clone();
     let source = SvidSource::load(config.identity.svid.clone())?;
     let me = source.current().id().clone();
@@ -303,7 +306,7 @@ pub async fn run(
         listener,
         server_tls,
         handler,
-        transport::Limits::default(),
+        nexus.config.server.clone(),
         shutdown,
     )
     .await;
