@@ -21,10 +21,10 @@
 //! | `/v1/operator/recover` | — | `{}` | [`RecoverResponse`] `{"shards":{"1":[32 ints],..}}` | recover-role operators only |
 //! | `/v1/operator/restore` | — | [`RestoreRequest`] `{"id","shard":[32 ints]}` | [`RestoreResponse`] `{"collected","remaining","restored"}` | restore-role operators only; works without a key |
 //!
-//! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `request_id` on put
-//! (a replayed put returns the version the first one made instead of writing again), `version` in put
-//! and get answers, `prefix` on list, 413 for bodies over the limit, and list answers filtered
-//! to what the caller may list. Superuser operators bypass policies.
+//! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `request_id` on
+//! put (a replayed put returns the version the first one made instead of writing again),
+//! `version` in put and get answers, `prefix` on list, 413 for bodies over the limit, and list
+//! answers filtered to what the caller may list. Superuser operators bypass policies.
 
 use std::collections::BTreeMap;
 
