@@ -6,7 +6,7 @@
 //!
 //! | path | `?action=` | request | 200 response | permission (path checked) |
 //! |---|---|---|---|---|
-//! | `/v1/store/secrets` | — | [`SecretPutRequest`] `{"path","values":{k:v},"cas"?}` | [`SecretPutResponse`] `{"version"}` | `write` (path) |
+//! | `/v1/store/secrets` | — | [`SecretPutRequest`] `{"path","values":{k:v},"cas"?,"request_id"?}` | [`SecretPutResponse`] `{"version"}` | `write` (path) |
 //! | `/v1/store/secrets` | `get` | [`SecretGetRequest`] `{"path","version"?}` | [`SecretGetResponse`] `{"data":{k:v},"version"}` | `read` (path) |
 //! | `/v1/store/secrets` | `delete` | [`SecretVersionsRequest`] `{"path","versions":[n]}` | `{}` | `write` (path) |
 //! | `/v1/store/secrets` | `undelete` | [`SecretVersionsRequest`] | `{}` | `write` (path) |
@@ -21,9 +21,10 @@
 //! | `/v1/operator/recover` | — | `{}` | [`RecoverResponse`] `{"shards":{"1":[32 ints],..}}` | recover-role operators only |
 //! | `/v1/operator/restore` | — | [`RestoreRequest`] `{"id","shard":[32 ints]}` | [`RestoreResponse`] `{"collected","remaining","restored"}` | restore-role operators only; works without a key |
 //!
-//! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `version` in put
-//! and get answers, `prefix` on list, 413 for bodies over the limit, and list answers filtered
-//! to what the caller may list. Superuser operators bypass policies.
+//! Our additions keep SPIKE's shapes intact: `cas` on put (409 on mismatch), `request_id` on
+//! put (a replayed put returns the version the first one made instead of writing again),
+//! `version` in put and get answers, `prefix` on list, 413 for bodies over the limit, and list
+//! answers filtered to what the caller may list. Superuser operators bypass policies.
 
 use std::collections::BTreeMap;
 
@@ -110,6 +111,11 @@ pub struct SecretPutRequest {
     /// Check-and-set: the version that must be current (0: the path must hold no live version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cas: Option<u64>,
+    /// Idempotency key of one logical write (the client sends 128 random bits as hex): a put
+    /// whose id is among the last ones applied to the path returns the version that one made
+    /// and writes nothing, so a client may resend a put whose answer it never got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

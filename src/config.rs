@@ -547,6 +547,20 @@ pub fn parse_https_url(item: &str) -> std::result::Result<Uri, String> {
     Ok(uri)
 }
 
+/// Default of `SPIKE_HTTP_CLIENT_DIALER_TIMEOUT`: short, because a client with several Nexus
+/// addresses moves on to the next one when a connect times out.
+pub const DEFAULT_DIALER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `SPIKE_HTTP_CLIENT_DIALER_TIMEOUT` (SPIKE's name): the TCP connect timeout of clients, per
+/// address.
+pub fn dialer_timeout(env: &impl Source) -> Result<Duration> {
+    duration(
+        env,
+        "SPIKE_HTTP_CLIENT_DIALER_TIMEOUT",
+        DEFAULT_DIALER_TIMEOUT,
+    )
+}
+
 /// `SPIKE_NEXUS_API_URL`: one URL or a comma-separated list, for clients.
 pub fn api_urls(env: &impl Source) -> Result<Vec<Uri>> {
     const VAR: &str = "SPIKE_NEXUS_API_URL";

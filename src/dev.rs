@@ -225,6 +225,7 @@ fn client(tls: Arc<rustls::ClientConfig>) -> HttpsClient {
         tls,
         Timeouts {
             connect: Duration::from_secs(2),
+            handshake: Duration::from_secs(2),
             request: Duration::from_secs(5),
             max_response: 1 << 20,
         },

@@ -4,18 +4,32 @@
 //! URL or a comma-separated list), `SPIKE_TRUST_ROOT` and the caller's SVID files
 //! (`SPIKE_SVID_DIR` or the single-file overrides). The server must prove the Nexus SPIFFE ID.
 //!
-//! Failover over the URL list, in order:
-//! - [`client::Error::Unsent`] (nothing reached the server) or a `503` answer (this instance
-//!   has no root key yet, or its store is down): try the next URL, for every request.
-//! - [`client::Error::NoAnswer`] (the request may have reached a server): try the next URL only
-//!   for requests without effect on the stored state (reads, lists, the cipher); a write stops
-//!   there, because replaying it elsewhere could apply it twice.
+//! Failover. Every URL is resolved to all its addresses (DNS round-robin: each address is an
+//! instance), and the (URL, address) pairs are tried in turn, starting at a random position so
+//! that many clients spread over the instances:
+//! - [`client::Error::Unsent`] (nothing reached the server: refused, connect timeout of
+//!   `SPIKE_HTTP_CLIENT_DIALER_TIMEOUT`, failed handshake) or a `503` answer (this instance has
+//!   no root key yet, or its store is down): try the next address, for every request.
+//! - [`client::Error::NoAnswer`] (the request may have reached a server): try the next address
+//!   only when a replay cannot apply the request twice: reads, lists and the cipher change
+//!   nothing; a secret put carries a `request_id` that Nexus remembers, so a replay returns the
+//!   version the first one made; delete, undelete and policy put leave the same state when
+//!   replayed, and a `404` to a replayed policy delete or undelete means the first one was
+//!   applied. Only an operator's restore stops at `NoAnswer`.
 //! - Any other answer is final.
 //!
-//! When every URL fails, the error is the last `503` answer if there was one (it says more than a
-//! refused connection), else every transport failure, in the order tried.
+//! An address that failed (either way) is remembered for [`BACKOFF`] within the process and
+//! tried only after every other address. Up to [`ROUNDS`] passes are made over the list, with
+//! a short pause between them, so a single load balancer address gets a second chance when the
+//! instance behind it died mid-request.
+//!
+//! When every address fails, the error is the last `503` answer if there was one (it says more
+//! than a refused connection), else every transport failure, in the order tried.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::{StatusCode, Uri};
@@ -84,8 +98,85 @@ pub type Result<T> = std::result::Result<T, Error>;
 enum Effect {
     /// Reads and the cipher: no stored state changes, so a replay is harmless.
     None,
+    /// Changes stored state, but a replay leaves the state the first one made (a put with a
+    /// request id, delete, undelete, policy put and delete).
+    Idempotent,
     /// Changes stored state: replayed only when it cannot have been sent.
     Write,
+}
+
+/// How long an address that failed is tried only after the others.
+pub const BACKOFF: Duration = Duration::from_secs(5);
+/// Passes over the address list before giving up.
+pub const ROUNDS: u32 = 3;
+/// Pause before the second pass (twice that before the third).
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Addresses that failed recently in this process, with when.
+static FAILED: Mutex<BTreeMap<SocketAddr, Instant>> = Mutex::new(BTreeMap::new());
+
+fn failed_recently(addr: &SocketAddr, now: Instant) -> bool {
+    FAILED
+        .lock()
+        .map(|f| {
+            f.get(addr)
+                .is_some_and(|at| now.saturating_duration_since(*at) < BACKOFF)
+        })
+        .unwrap_or(false)
+}
+
+fn mark(addr: SocketAddr, failed: bool) {
+    if let Ok(mut f) = FAILED.lock() {
+        let now = Instant::now();
+        f.retain(|_, at| now.saturating_duration_since(*at) < BACKOFF);
+        if failed {
+            f.insert(addr, now);
+        } else {
+            f.remove(&addr);
+        }
+    }
+}
+
+/// `items` rotated to start at `start`, then those that failed recently moved to the end
+/// (each group keeping its order).
+fn order<T: Clone>(items: &[T], start: usize, failed: impl Fn(&T) -> bool) -> Vec<T> {
+    let n = items.len();
+    let rotated = (0..n).map(|i| items[(start + i) % n.max(1)].clone());
+    let (fresh, stale): (Vec<T>, Vec<T>) = rotated.partition(|x| !failed(x));
+    fresh.into_iter().chain(stale).collect()
+}
+
+/// `n` random bytes from the system's secure generator.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // Should the system generator fail, the clock's nanoseconds stand in: the offset only
+    // spreads load, and a request id only has to differ from this path's other recent ids.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_le_bytes();
+        for (b, n) in bytes.iter_mut().zip(nanos.iter().cycle()) {
+            *b = *n;
+        }
+    }
+    bytes
+}
+
+/// A fresh `request_id` for one logical put: 128 random bits as hex.
+pub fn new_request_id() -> String {
+    random_bytes::<16>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The result of a send, and whether the request was sent again after a `NoAnswer` (so an
+/// error may be the echo of the first one having been applied).
+struct Outcome {
+    result: Result<(String, Bytes)>,
+    replayed: bool,
 }
 
 const JSON: &str = "application/json";
@@ -114,8 +205,12 @@ impl NexusClient {
             ExpectedPeer::Role(Role::Nexus),
         )?;
         let caller = source.current().id().clone();
+        let timeouts = Timeouts {
+            connect: config::dialer_timeout(env)?,
+            ..Timeouts::default()
+        };
         Ok(NexusClient::new(
-            HttpsClient::new(tls, Timeouts::default()),
+            HttpsClient::new(tls, timeouts),
             urls,
             caller,
         ))
@@ -137,19 +232,34 @@ impl NexusClient {
     }
 
     /// Writes a new version of `path`; returns its number. `cas`: the version that must be
-    /// current (0: the path must hold no live version), else 409 `api_conflict`.
+    /// current (0: the path must hold no live version), else 409 `api_conflict`. The put
+    /// carries a fresh request id, so it is resent after a lost answer without writing twice.
     pub async fn secret_put(
         &self,
         path: &str,
         values: BTreeMap<String, String>,
         cas: Option<u64>,
     ) -> Result<u64> {
+        self.secret_put_with_id(path, values, cas, new_request_id())
+            .await
+    }
+
+    /// [`NexusClient::secret_put`] with the caller's request id: sending the same id again
+    /// (from any client, to any instance) returns the version the first put made.
+    pub async fn secret_put_with_id(
+        &self,
+        path: &str,
+        values: BTreeMap<String, String>,
+        cas: Option<u64>,
+        request_id: String,
+    ) -> Result<u64> {
         let req = SecretPutRequest {
             path: path.to_string(),
             values,
             cas,
+            request_id: Some(request_id),
         };
-        let resp: SecretPutResponse = self.json(SECRETS_PATH, &req, Effect::Write).await?;
+        let resp: SecretPutResponse = self.json(SECRETS_PATH, &req, Effect::Idempotent).await?;
         Ok(resp.version)
     }
 
@@ -169,6 +279,7 @@ impl NexusClient {
     }
 
     /// Restores soft-deleted `versions` of `path` (empty: the current or latest deleted one).
+    /// A `404` to a replay (after a lost answer) counts as done: the first one restored them.
     pub async fn secret_undelete(&self, path: &str, versions: Vec<u64>) -> Result<()> {
         self.versions_call("undelete", path, versions).await
     }
@@ -178,10 +289,25 @@ impl NexusClient {
             path: path.to_string(),
             versions,
         };
-        let _: api::Empty = self
-            .json(&action(SECRETS_PATH, verb), &req, Effect::Write)
-            .await?;
-        Ok(())
+        self.idempotent_call(&action(SECRETS_PATH, verb), &req)
+            .await
+    }
+
+    /// Sends a request whose replay leaves the same state; a `404` to a replay is success
+    /// (only undelete and policy delete answer 404 to their own earlier success).
+    async fn idempotent_call<Req: Serialize>(&self, path: &str, req: &Req) -> Result<()> {
+        let body = encode(path, req)?;
+        let outcome = self.attempt(path, JSON, body, Effect::Idempotent).await;
+        match outcome.result {
+            Ok(_) => Ok(()),
+            Err(Error::Api { status, .. })
+                if outcome.replayed && status == StatusCode::NOT_FOUND =>
+            {
+                tracing::debug!("{path}: 404 to a replay; the first attempt was applied");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The secret paths the caller may list, under `prefix` if given.
@@ -209,7 +335,7 @@ impl NexusClient {
 
     /// Creates or replaces the policy `policy.name`.
     pub async fn policy_put(&self, policy: &PolicyPutRequest) -> Result<()> {
-        let _: api::Empty = self.json(POLICY_PATH, policy, Effect::Write).await?;
+        let _: api::Empty = self.json(POLICY_PATH, policy, Effect::Idempotent).await?;
         Ok(())
     }
 
@@ -222,15 +348,14 @@ impl NexusClient {
             .await
     }
 
-    /// Deletes the policy called `name`.
+    /// Deletes the policy called `name`. A `404` to a replay (after a lost answer) counts as
+    /// done: the first one deleted it.
     pub async fn policy_delete(&self, name: &str) -> Result<()> {
         let req = PolicyIdRequest {
             id: name.to_string(),
         };
-        let _: api::Empty = self
-            .json(&action(POLICY_PATH, "delete"), &req, Effect::Write)
-            .await?;
-        Ok(())
+        self.idempotent_call(&action(POLICY_PATH, "delete"), &req)
+            .await
     }
 
     /// Every policy, or those whose patterns equal the filter's.
@@ -294,10 +419,7 @@ impl NexusClient {
         req: &Req,
         effect: Effect,
     ) -> Result<T> {
-        let body = serde_json::to_vec(req).map_err(|e| Error::Malformed {
-            url: path.to_string(),
-            reason: format!("cannot encode the request: {e}"),
-        })?;
+        let body = encode(path, req)?;
         let (url, reply) = self.send(path, JSON, body, effect).await?;
         serde_json::from_slice(&reply).map_err(|e| Error::Malformed {
             url,
@@ -305,8 +427,8 @@ impl NexusClient {
         })
     }
 
-    /// Sends one request, failing over along the URL list; returns the answering URL and the
-    /// body of its 200 answer.
+    /// Sends one request, failing over (see the module docs); returns the answering URL and
+    /// the body of its 200 answer.
     async fn send(
         &self,
         path: &str,
@@ -314,39 +436,134 @@ impl NexusClient {
         body: Vec<u8>,
         effect: Effect,
     ) -> Result<(String, Bytes)> {
-        let mut attempts = Vec::new();
-        let mut unavailable = None;
-        for base in &self.urls {
-            let url = base.to_string().trim_end_matches('/').to_string();
-            match self.http.post(base, path, content_type, body.clone()).await {
-                Ok(reply) if reply.status == StatusCode::OK => return Ok((url, reply.body)),
-                Ok(reply) => {
-                    let err = Error::Api {
-                        code: error_code(&reply.body),
-                        status: reply.status,
-                        url,
-                    };
-                    if reply.status != StatusCode::SERVICE_UNAVAILABLE {
-                        return Err(err);
+        self.attempt(path, content_type, body, effect).await.result
+    }
+
+    /// Every (URL, address) pair to try, in list order, each with its place in that order;
+    /// resolution failures go to `attempts`.
+    async fn candidates(&self, attempts: &mut BTreeMap<Place, client::Error>) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = Vec::new();
+        for (i, base) in self.urls.iter().enumerate() {
+            match self.http.resolve(base).await {
+                Ok(addrs) => {
+                    for (j, addr) in addrs.into_iter().enumerate() {
+                        if !out.iter().any(|c| c.base == *base && c.addr == addr) {
+                            out.push(Candidate {
+                                place: (i, j),
+                                base: base.clone(),
+                                addr,
+                            });
+                        }
                     }
-                    tracing::debug!("{err}; trying the next Nexus");
-                    unavailable = Some(err);
-                }
-                Err(e @ client::Error::Unsent { .. }) => {
-                    tracing::debug!("{e}; trying the next Nexus");
-                    attempts.push(e);
                 }
                 Err(e) => {
-                    let last = effect == Effect::Write;
-                    attempts.push(e);
-                    if last {
-                        break;
+                    attempts.insert((i, 0), e);
+                }
+            }
+        }
+        out
+    }
+
+    async fn attempt(
+        &self,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+        effect: Effect,
+    ) -> Outcome {
+        // The last failure of each address, in list order: a message names each once.
+        let mut attempts = BTreeMap::new();
+        let mut unavailable = None;
+        let mut maybe_sent = false;
+        let mut replayed = false;
+        let transport = |attempts: BTreeMap<Place, client::Error>| Error::Transport {
+            attempts: attempts.into_values().collect(),
+        };
+        let candidates = self.candidates(&mut attempts).await;
+        let start = u64::from_le_bytes(random_bytes::<8>()) as usize % candidates.len().max(1);
+        for round in 0..ROUNDS {
+            if candidates.is_empty() {
+                break;
+            }
+            if round > 0 {
+                tokio::time::sleep(ROUND_PAUSE * round).await;
+            }
+            let now = Instant::now();
+            for c in order(&candidates, start, |c| failed_recently(&c.addr, now)) {
+                let url = c.base.to_string().trim_end_matches('/').to_string();
+                replayed |= maybe_sent;
+                let sent = self
+                    .http
+                    .post_to(&c.base, c.addr, path, content_type, body.clone())
+                    .await;
+                match sent {
+                    Ok(reply) if reply.status == StatusCode::OK => {
+                        mark(c.addr, false);
+                        return Outcome {
+                            result: Ok((url, reply.body)),
+                            replayed,
+                        };
+                    }
+                    Ok(reply) => {
+                        let err = Error::Api {
+                            code: error_code(&reply.body),
+                            status: reply.status,
+                            url,
+                        };
+                        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+                            mark(c.addr, false);
+                            return Outcome {
+                                result: Err(err),
+                                replayed,
+                            };
+                        }
+                        mark(c.addr, true);
+                        tracing::debug!("{err} ({}); trying the next Nexus", c.addr);
+                        unavailable = Some(err);
+                    }
+                    Err(e @ client::Error::Unsent { .. }) => {
+                        mark(c.addr, true);
+                        tracing::debug!("{e}; trying the next Nexus");
+                        attempts.insert(c.place, e);
+                    }
+                    Err(e) => {
+                        mark(c.addr, true);
+                        tracing::debug!("{e}; the request may have reached it");
+                        attempts.insert(c.place, e);
+                        if effect == Effect::Write {
+                            return Outcome {
+                                result: Err(transport(attempts)),
+                                replayed,
+                            };
+                        }
+                        maybe_sent = true;
                     }
                 }
             }
         }
-        Err(unavailable.unwrap_or(Error::Transport { attempts }))
+        Outcome {
+            result: Err(unavailable.unwrap_or_else(|| transport(attempts))),
+            replayed,
+        }
     }
+}
+
+/// Where an address stands in the URL list: (URL index, index among its addresses).
+type Place = (usize, usize);
+
+/// One address of one URL.
+#[derive(Clone)]
+struct Candidate {
+    place: Place,
+    base: Uri,
+    addr: SocketAddr,
+}
+
+fn encode<Req: Serialize>(path: &str, req: &Req) -> Result<Vec<u8>> {
+    serde_json::to_vec(req).map_err(|e| Error::Malformed {
+        url: path.to_string(),
+        reason: format!("cannot encode the request: {e}"),
+    })
 }
 
 fn action(path: &str, verb: &str) -> String {
@@ -382,6 +599,35 @@ mod tests {
         assert_eq!(error_code(b"decryption failed\n"), "decryption failed");
         assert_eq!(error_code(b""), "unknown");
         assert_eq!(error_code(b"<html>oops</html>"), "unknown");
+    }
+
+    #[test]
+    fn order_rotates_then_puts_recent_failures_last() {
+        let items = [1, 2, 3, 4];
+        assert_eq!(order(&items, 0, |_| false), vec![1, 2, 3, 4]);
+        assert_eq!(order(&items, 2, |_| false), vec![3, 4, 1, 2]);
+        assert_eq!(order(&items, 2, |x| *x == 3), vec![4, 1, 2, 3]);
+        // Every address failed: all are still tried, in rotation order.
+        assert_eq!(order(&items, 1, |_| true), vec![2, 3, 4, 1]);
+        assert!(order::<u8>(&[], 0, |_| false).is_empty());
+    }
+
+    #[test]
+    fn failed_addresses_are_remembered_briefly() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        mark(addr, true);
+        assert!(failed_recently(&addr, Instant::now()));
+        assert!(!failed_recently(&addr, Instant::now() + BACKOFF));
+        mark(addr, false);
+        assert!(!failed_recently(&addr, Instant::now()));
+    }
+
+    #[test]
+    fn request_ids_are_128_random_bits_in_hex() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]

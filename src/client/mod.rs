@@ -4,12 +4,15 @@
 //! command makes one call, so a pool would only add state. Every address a host name resolves
 //! to is tried in turn; a failure before the request was written is reported as
 //! [`Error::Unsent`], the only kind a caller may retry for a non-idempotent request.
+//! [`HttpsClient::resolve`] and [`HttpsClient::request_to`] expose the two halves, so a caller
+//! that fails over (as [`api`] does) can also move on from an address that answers `503`.
 //!
 //! [`api`] is the typed Nexus client the CLI commands use, with failover over a URL list.
 
 pub mod api;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,8 +50,12 @@ pub struct Reply {
 /// Timeouts and limits of one client.
 #[derive(Clone, Debug)]
 pub struct Timeouts {
-    /// TCP connect to one address.
+    /// TCP connect to one address: how long a dead address can hold a caller up.
     pub connect: Duration,
+    /// TLS handshake once connected. Apart from `connect` because behind a TCP load balancer a
+    /// connection is accepted at once and the handshake waits for the balancer to find a
+    /// live server.
+    pub handshake: Duration,
     /// From the first byte written to the last byte of the response.
     pub request: Duration,
     /// Largest response body accepted.
@@ -59,6 +66,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             connect: Duration::from_secs(3),
+            handshake: Duration::from_secs(10),
             request: Duration::from_secs(30),
             max_response: 64 << 20,
         }
@@ -69,6 +77,9 @@ impl Default for Timeouts {
 pub struct HttpsClient {
     tls: TlsConnector,
     timeouts: Timeouts,
+    /// Addresses for host names, consulted before the system resolver (like curl's
+    /// `--resolve`): lets tests give a name several addresses without editing `/etc/hosts`.
+    hosts: Option<Arc<HashMap<String, Vec<IpAddr>>>>,
 }
 
 impl HttpsClient {
@@ -76,7 +87,59 @@ impl HttpsClient {
         HttpsClient {
             tls: TlsConnector::from(tls),
             timeouts,
+            hosts: None,
         }
+    }
+
+    /// The same client resolving the names in `hosts` to the given addresses, in that order.
+    pub fn with_hosts(self, hosts: HashMap<String, Vec<IpAddr>>) -> HttpsClient {
+        HttpsClient {
+            hosts: Some(Arc::new(hosts)),
+            ..self
+        }
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Every address `base`'s host resolves to, in the resolver's order. An IP literal is its
+    /// own address.
+    pub async fn resolve(&self, base: &Uri) -> Result<Vec<SocketAddr>> {
+        let unsent = |reason: String| Error::Unsent {
+            url: base.to_string().trim_end_matches('/').to_string(),
+            reason,
+        };
+        let host = bare_host(base).ok_or_else(|| unsent("URL has no host".into()))?;
+        let port = base.port_u16().unwrap_or(443);
+        if let Some(ips) = self.hosts.as_ref().and_then(|h| h.get(&host)) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(
+            self.timeouts.connect,
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| unsent("name resolution timed out".into()))?
+        .map_err(|e| unsent(format!("cannot resolve {host}: {e}")))?
+        .collect();
+        if addrs.is_empty() {
+            return Err(unsent(format!("{host} resolved to no address")));
+        }
+        Ok(addrs)
+    }
+
+    /// `POST base + path` to one of `base`'s addresses, without trying any other.
+    pub async fn post_to(
+        &self,
+        base: &Uri,
+        addr: SocketAddr,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> Result<Reply> {
+        self.request_to(Method::POST, base, addr, path, Some((content_type, body)))
+            .await
     }
 
     /// `POST base + path` with a JSON body.
@@ -102,10 +165,37 @@ impl HttpsClient {
         self.request(Method::GET, base, path, None).await
     }
 
+    /// Sends to the first of `base`'s addresses that accepts a connection.
     async fn request(
         &self,
         method: Method,
         base: &Uri,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<Reply> {
+        let mut last = None;
+        for addr in self.resolve(base).await? {
+            match self
+                .request_to(method.clone(), base, addr, path, body.clone())
+                .await
+            {
+                Err(e @ Error::Unsent { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        // resolve() returns at least one address, so an error was recorded.
+        Err(last.unwrap_or_else(|| Error::Unsent {
+            url: base.to_string(),
+            reason: "no address".into(),
+        }))
+    }
+
+    /// Sends one request to `addr`, one of `base`'s addresses.
+    pub async fn request_to(
+        &self,
+        method: Method,
+        base: &Uri,
+        addr: SocketAddr,
         path: &str,
         body: Option<(&'static str, Vec<u8>)>,
     ) -> Result<Reply> {
@@ -114,52 +204,28 @@ impl HttpsClient {
             url: url.clone(),
             reason,
         };
-        let host = base
-            .host()
-            .ok_or_else(|| unsent("URL has no host".into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = base.port_u16().unwrap_or(443);
+        let host = bare_host(base).ok_or_else(|| unsent("URL has no host".into()))?;
         let authority = base
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_else(|| host.clone());
-        let server_name = server_name(&host);
-
-        let addrs: Vec<SocketAddr> = tokio::time::timeout(
-            self.timeouts.connect,
-            tokio::net::lookup_host((host.as_str(), port)),
+        let tcp = match tokio::time::timeout(self.timeouts.connect, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unsent(format!("connect to {addr} failed: {e}"))),
+            Err(_) => return Err(unsent(format!("connect to {addr} timed out"))),
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = match tokio::time::timeout(
+            self.timeouts.handshake,
+            self.tls.connect(server_name(&host), tcp),
         )
         .await
-        .map_err(|_| unsent("name resolution timed out".into()))?
-        .map_err(|e| unsent(format!("cannot resolve {host}: {e}")))?
-        .collect();
-        let mut last_error = format!("{host} resolved to no address");
-        let mut stream = None;
-        for addr in addrs {
-            match tokio::time::timeout(self.timeouts.connect, TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => {
-                    let _ = tcp.set_nodelay(true);
-                    match tokio::time::timeout(
-                        self.timeouts.connect,
-                        self.tls.connect(server_name.clone(), tcp),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => {
-                            stream = Some(tls);
-                            break;
-                        }
-                        Ok(Err(e)) => last_error = format!("TLS handshake with {addr} failed: {e}"),
-                        Err(_) => last_error = format!("TLS handshake with {addr} timed out"),
-                    }
-                }
-                Ok(Err(e)) => last_error = format!("connect to {addr} failed: {e}"),
-                Err(_) => last_error = format!("connect to {addr} timed out"),
-            }
-        }
-        let stream = stream.ok_or_else(|| unsent(last_error))?;
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(unsent(format!("TLS handshake with {addr} failed: {e}"))),
+            Err(_) => return Err(unsent(format!("TLS handshake with {addr} timed out"))),
+        };
 
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -183,7 +249,7 @@ impl HttpsClient {
             .map_err(|e| unsent(format!("invalid request: {e}")))?;
         let no_answer = |reason: String| Error::NoAnswer {
             url: url.clone(),
-            reason,
+            reason: format!("{reason} (from {addr})"),
         };
         let max = self.timeouts.max_response;
         let exchange = async {
@@ -205,6 +271,16 @@ impl HttpsClient {
         driver.abort();
         result
     }
+}
+
+/// The host of a URL without IPv6 brackets.
+fn bare_host(base: &Uri) -> Option<String> {
+    Some(
+        base.host()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
 }
 
 /// The TLS server name for a host. SPIFFE verification ignores it (identity comes from the URI

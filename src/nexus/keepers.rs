@@ -46,6 +46,7 @@ pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
         tls,
         Timeouts {
             connect: nexus.config.keeper_timeout,
+            handshake: nexus.config.keeper_timeout,
             request: nexus.config.keeper_timeout,
             max_response: 4096,
         },

@@ -203,8 +203,11 @@ impl Api {
                     &keys.secrets,
                     &r.path,
                     &r.values,
-                    r.cas,
-                    cfg.max_secret_versions,
+                    secrets::PutOptions {
+                        cas: r.cas,
+                        request_id: r.request_id.as_deref(),
+                        max_versions: cfg.max_secret_versions,
+                    },
                 )
                 .await?;
                 ok(&api::SecretPutResponse { version })

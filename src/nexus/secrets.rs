@@ -30,6 +30,10 @@ pub const MAX_KEY_LEN: usize = 250;
 pub const RESERVED_PREFIX: &str = "spike/system/";
 /// Attempts at a read-modify-write before giving up under contention.
 const MAX_ATTEMPTS: u32 = 200;
+/// Request ids of puts remembered per record, with the version each made.
+pub const REMEMBERED_REQUESTS: usize = 16;
+/// Longest `request_id` accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
 
 /// A secret as stored.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -44,6 +48,51 @@ pub struct Record {
     pub updated: i64,
     pub max_versions: u32,
     pub versions: BTreeMap<u64, Version>,
+    /// The last [`REMEMBERED_REQUESTS`] puts that carried a `request_id`, oldest first: a put
+    /// replaying one of them returns its version instead of writing again. Kept in the record
+    /// so the check and the write are one compare-and-set, whichever instance takes the replay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<Applied>,
+}
+
+/// A put that carried a request id, and the version it made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub id: String,
+    pub version: u64,
+}
+
+impl Record {
+    /// The version a put with request id `id` made, if it is still remembered.
+    pub fn applied(&self, id: &str) -> Option<u64> {
+        self.requests.iter().find(|a| a.id == id).map(|a| a.version)
+    }
+
+    /// Remembers that the put with request id `id` made `version`, forgetting the oldest
+    /// beyond [`REMEMBERED_REQUESTS`].
+    pub fn remember(&mut self, id: &str, version: u64) {
+        self.requests.push(Applied {
+            id: id.to_string(),
+            version,
+        });
+        let excess = self.requests.len().saturating_sub(REMEMBERED_REQUESTS);
+        self.requests.drain(..excess);
+    }
+}
+
+/// Checks a put's request id: 1 to 64 letters, digits, '-' or '_'.
+pub fn validate_request_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty()
+        || id.len() > MAX_REQUEST_ID_LEN
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    {
+        return Err(ApiError::BadRequest(
+            "invalid request_id: 1 to 64 letters, digits, '-' or '_'".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,11 +180,12 @@ async fn load(
 }
 
 /// Applies `change` to the record at `path` (or `None`) and writes the result with
-/// compare-and-set, retrying from a fresh read when another writer got in between.
+/// compare-and-set, retrying from a fresh read when another writer got in between. A change
+/// that returns no record writes nothing.
 async fn update<T>(
     store: &impl Store,
     path: &str,
-    mut change: impl FnMut(Option<Record>) -> Result<(Record, T), ApiError>,
+    mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
     for attempt in 0..MAX_ATTEMPTS {
         let (record, expect) = match load(store, path).await? {
@@ -143,6 +193,9 @@ async fn update<T>(
             None => (None, Expect::Absent),
         };
         let (record, out) = change(record)?;
+        let Some(record) = record else {
+            return Ok(out);
+        };
         let bytes = serde_json::to_vec(&record)
             .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))?;
         match store.put(Namespace::Secrets, path, bytes, expect).await? {
@@ -165,22 +218,45 @@ async fn update<T>(
     Err(ApiError::Contended)
 }
 
-/// Writes a new version; returns its number.
+/// What a put asks for besides the path and the values.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PutOptions<'a> {
+    /// Check-and-set: the version that must be current.
+    pub cas: Option<u64>,
+    /// Idempotency key: a put with an id already applied to the record returns that version.
+    pub request_id: Option<&'a str>,
+    /// Versions kept.
+    pub max_versions: u32,
+}
+
+/// Writes a new version; returns its number. A put whose `request_id` the record remembers
+/// writes nothing and returns the version the first one made (before `cas` is checked: the
+/// first one passed it).
 pub async fn put(
     store: &impl Store,
     key: &AeadKey,
     path: &str,
     values: &BTreeMap<String, String>,
-    cas: Option<u64>,
-    max_versions: u32,
+    opts: PutOptions<'_>,
 ) -> Result<u64, ApiError> {
+    let PutOptions {
+        cas,
+        request_id,
+        max_versions,
+    } = opts;
     validate_path(path)?;
     validate_values(values)?;
+    if let Some(id) = request_id {
+        validate_request_id(id)?;
+    }
     let plaintext = Zeroizing::new(
         serde_json::to_vec(values)
             .map_err(|e| ApiError::Internal(format!("cannot encode values: {e}")))?,
     );
     update(store, path, |record| {
+        if let Some(version) = request_id.and_then(|id| record.as_ref()?.applied(id)) {
+            return Ok((None, version));
+        }
         let now = api::now_nanos();
         let mut record = record.unwrap_or_else(|| Record {
             created: now,
@@ -212,7 +288,10 @@ pub async fn put(
             record.versions.pop_first();
         }
         record.oldest = lowest_live(&record);
-        Ok((record, version))
+        if let Some(id) = request_id {
+            record.remember(id, version);
+        }
+        Ok((Some(record), version))
     })
     .await
 }
@@ -297,7 +376,7 @@ pub async fn delete(store: &impl Store, path: &str, versions: &[u64]) -> Result<
         }
         record.oldest = lowest_live(&record);
         record.updated = now;
-        Ok((record, ()))
+        Ok((Some(record), ()))
     })
     .await
 }
@@ -340,7 +419,7 @@ pub async fn undelete(store: &impl Store, path: &str, versions: &[u64]) -> Resul
         }
         record.oldest = lowest_live(&record);
         record.updated = api::now_nanos();
-        Ok((record, ()))
+        Ok((Some(record), ()))
     })
     .await
 }
@@ -402,6 +481,123 @@ mod tests {
         [("k".to_string(), v.to_string())].into()
     }
 
+    fn opts(cas: Option<u64>, max_versions: u32) -> PutOptions<'static> {
+        PutOptions {
+            cas,
+            request_id: None,
+            max_versions,
+        }
+    }
+
+    fn with_id(id: &str) -> PutOptions<'_> {
+        PutOptions {
+            cas: None,
+            request_id: Some(id),
+            max_versions: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_request_id_returns_the_first_version_and_writes_nothing() {
+        let s = MemoryStore::default();
+        let k = key();
+        assert_eq!(
+            put(&s, &k, "p", &vals("a"), with_id("r1")).await.unwrap(),
+            1
+        );
+        let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        // The replay carries the same values; even different ones would not be written.
+        assert_eq!(
+            put(&s, &k, "p", &vals("a"), with_id("r1")).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            put(&s, &k, "p", &vals("zz"), with_id("r1")).await.unwrap(),
+            1
+        );
+        let after = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(before.revision, after.revision, "a replay wrote the record");
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("a"), 1));
+        // Another id, or no id, is a new write.
+        assert_eq!(
+            put(&s, &k, "p", &vals("b"), with_id("r2")).await.unwrap(),
+            2
+        );
+        assert_eq!(
+            put(&s, &k, "p", &vals("c"), opts(None, 10)).await.unwrap(),
+            3
+        );
+        assert_eq!(
+            put(&s, &k, "p", &vals("b"), with_id("r2")).await.unwrap(),
+            2
+        );
+        // A replay is answered before check-and-set: the first attempt passed it.
+        let cas = PutOptions {
+            cas: Some(3),
+            request_id: Some("r3"),
+            max_versions: 10,
+        };
+        assert_eq!(put(&s, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(put(&s, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("d"), 4));
+    }
+
+    #[test]
+    fn a_record_remembers_the_last_sixteen_request_ids() {
+        let mut r = Record::default();
+        for v in 1..=20u64 {
+            r.remember(&format!("id{v}"), v);
+        }
+        assert_eq!(r.requests.len(), REMEMBERED_REQUESTS);
+        assert_eq!(r.applied("id4"), None);
+        assert_eq!(r.applied("id5"), Some(5));
+        assert_eq!(r.applied("id20"), Some(20));
+        // Old records without the field still load, and records without ids do not grow it.
+        let old: Record = serde_json::from_str(
+            r#"{"current":1,"oldest":1,"last":1,"created":0,"updated":0,"max_versions":10,"versions":{}}"#,
+        )
+        .unwrap();
+        assert!(old.requests.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("requests"));
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_checked() {
+        let s = MemoryStore::default();
+        let k = key();
+        for bad in ["", "a b", "é", &"a".repeat(65)] {
+            assert!(
+                matches!(
+                    put(&s, &k, "p", &vals("a"), with_id(bad)).await,
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let hex = "0123456789abcdef0123456789abcdef";
+        assert_eq!(put(&s, &k, "p", &vals("a"), with_id(hex)).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_replays_of_one_request_make_one_version() {
+        let s = std::sync::Arc::new(MemoryStore::default());
+        let k = std::sync::Arc::new(key());
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (s, k) = (s.clone(), k.clone());
+            tasks.spawn(async move {
+                put(&*s, &k, "p", &vals("x"), with_id("same"))
+                    .await
+                    .unwrap()
+            });
+        }
+        while let Some(v) = tasks.join_next().await {
+            assert_eq!(v.unwrap(), 1);
+        }
+        let m = metadata(&*s, "p", None).await.unwrap();
+        assert_eq!(m.versions.len(), 1);
+    }
+
     #[test]
     fn paths() {
         for ok in ["a", "secrets/db/creds", "a.b/c-d_e", "x/(y)|z"] {
@@ -433,7 +629,7 @@ mod tests {
         let k = key();
         for i in 1..=3 {
             assert_eq!(
-                put(&s, &k, "p", &vals(&i.to_string()), None, 10)
+                put(&s, &k, "p", &vals(&i.to_string()), opts(None, 10))
                     .await
                     .unwrap(),
                 i
@@ -472,7 +668,7 @@ mod tests {
         ));
         // Pruning keeps the newest max_versions and never reuses numbers.
         for _ in 0..5 {
-            put(&s, &k, "p", &vals("x"), None, 2).await.unwrap();
+            put(&s, &k, "p", &vals("x"), opts(None, 2)).await.unwrap();
         }
         let m = metadata(&s, "p", None).await.unwrap();
         assert_eq!(
@@ -490,15 +686,25 @@ mod tests {
     async fn check_and_set() {
         let s = MemoryStore::default();
         let k = key();
-        assert_eq!(put(&s, &k, "p", &vals("a"), Some(0), 10).await.unwrap(), 1);
+        assert_eq!(
+            put(&s, &k, "p", &vals("a"), opts(Some(0), 10))
+                .await
+                .unwrap(),
+            1
+        );
         assert!(matches!(
-            put(&s, &k, "p", &vals("b"), Some(0), 10).await,
+            put(&s, &k, "p", &vals("b"), opts(Some(0), 10)).await,
             Err(ApiError::CasMismatch {
                 expected: 0,
                 current: 1
             })
         ));
-        assert_eq!(put(&s, &k, "p", &vals("b"), Some(1), 10).await.unwrap(), 2);
+        assert_eq!(
+            put(&s, &k, "p", &vals("b"), opts(Some(1), 10))
+                .await
+                .unwrap(),
+            2
+        );
         assert_eq!(get(&s, &k, "p", None).await.unwrap().0, vals("b"));
     }
 
@@ -506,8 +712,12 @@ mod tests {
     async fn a_version_moved_to_another_path_does_not_open() {
         let s = MemoryStore::default();
         let k = key();
-        put(&s, &k, "a", &vals("secret-a"), None, 10).await.unwrap();
-        put(&s, &k, "b", &vals("secret-b"), None, 10).await.unwrap();
+        put(&s, &k, "a", &vals("secret-a"), opts(None, 10))
+            .await
+            .unwrap();
+        put(&s, &k, "b", &vals("secret-b"), opts(None, 10))
+            .await
+            .unwrap();
         let a = s.get(Namespace::Secrets, "a").await.unwrap().unwrap();
         let b = s.get(Namespace::Secrets, "b").await.unwrap().unwrap();
         s.put(
@@ -532,7 +742,7 @@ mod tests {
         for i in 0..50 {
             let (s, k) = (s.clone(), k.clone());
             tasks.spawn(async move {
-                put(&*s, &k, "p", &vals(&i.to_string()), None, 100)
+                put(&*s, &k, "p", &vals(&i.to_string()), opts(None, 100))
                     .await
                     .unwrap()
             });

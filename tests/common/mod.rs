@@ -273,6 +273,7 @@ pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
         tls,
         Timeouts {
             connect: Duration::from_secs(3),
+            handshake: Duration::from_secs(3),
             request: Duration::from_secs(10),
             max_response: 1 << 20,
         },
