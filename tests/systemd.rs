@@ -125,3 +125,59 @@ async fn keeper_reports_ready_and_its_shard() {
     // No WATCHDOG_USEC, no pings.
     assert!(pings(&sock.messages()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_stop_while_the_store_is_unreachable_and_resume_after() {
+    let mut c = Cluster::new(3);
+    let pg_parent = c.dir.path().join("pgparent");
+    std::fs::create_dir_all(&pg_parent).unwrap();
+    let pg = common::postgres::PgServer::start(&pg_parent);
+    let sock = NotifySocket::bind(c.dir.path(), "notify-pg.sock");
+    let n = c.start_nexus(&[
+        ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
+        ("SPIKE_NEXUS_DB_URL", &pg.url),
+        ("NOTIFY_SOCKET", sock.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "600000"),
+    ]);
+    wait_status(&c.anonymous(), &c.nexus[n].url(), "ready").await;
+    sock.wait_for("three pings while healthy", |m| pings(m).len() >= 3);
+
+    pg.stop("immediate");
+    // Once the failure is seen (a status line says so), no ping follows it.
+    sock.wait_for("store unavailable status", |m| {
+        m.iter()
+            .any(|(_, t)| t.contains("STATUS=store unavailable"))
+    });
+    let seen_at = sock
+        .messages()
+        .iter()
+        .find(|(_, t)| t.contains("STATUS=store unavailable"))
+        .map(|(t, _)| *t)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = pings(&sock.messages())
+        .into_iter()
+        .filter(|t| *t > seen_at)
+        .count();
+    assert_eq!(
+        during,
+        0,
+        "watchdog pinged while the store was down: {:?}",
+        sock.texts()
+    );
+    assert!(
+        c.nexus[n].is_running(),
+        "Nexus must not exit when its store goes away"
+    );
+
+    pg.restart();
+    let before = pings(&sock.messages()).len();
+    sock.wait_for("pings again after the store is back", |m| {
+        pings(m).len() >= before + 2
+    });
+    println!(
+        "{} notify messages, {} pings; none for 2 s of store outage",
+        sock.messages().len(),
+        pings(&sock.messages()).len()
+    );
+}
