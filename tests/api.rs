@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use common::*;
 use hyper::{StatusCode, Uri};
-use serde_json::{Value, json};
+use serde_json::json;
 use spike::client::HttpsClient;
 use spike::identity::Role;
 
@@ -33,15 +33,6 @@ impl Fixture {
         let dir: PathBuf = self.c.pki.issue(name, path);
         client(Some(&dir), &self.c.pki, Role::Nexus)
     }
-}
-
-async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
-    let reply = client
-        .post_json(url, path, serde_json::to_vec(&body).unwrap())
-        .await
-        .unwrap();
-    let value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-    (reply.status, value)
 }
 
 const SECRETS: &str = "/v1/store/secrets";

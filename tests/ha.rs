@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::postgres::PgServer;
 use common::*;
 use hyper::{StatusCode, Uri};
-use serde_json::{Value, json};
+use serde_json::json;
 use spike::client::HttpsClient;
 use spike::identity::Role;
 
@@ -42,10 +42,6 @@ impl Outage for PgServer {
     }
 }
 
-fn pairs(env: &BackendEnv) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
 /// Starts `n` Nexus instances at the same moment (one thread each) and returns their URLs.
 fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
     let first = c.nexus.len();
@@ -68,23 +64,6 @@ fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri>
     });
     c.nexus.extend(procs);
     c.nexus[first..].iter().map(Proc::url).collect()
-}
-
-async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
-    match client
-        .post_json(url, path, serde_json::to_vec(&body).unwrap())
-        .await
-    {
-        Ok(reply) => (
-            reply.status,
-            serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
-        ),
-        // No answer at all (connection refused or reset): report it as a failed call.
-        Err(e) => (
-            StatusCode::BAD_GATEWAY,
-            json!({"client_error": e.to_string()}),
-        ),
-    }
 }
 
 fn superuser(c: &Cluster) -> HttpsClient {

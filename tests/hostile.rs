@@ -11,21 +11,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use hyper::{StatusCode, Uri};
-use serde_json::{Value, json};
-use spike::client::HttpsClient;
-use spike::identity::Role;
+use hyper::StatusCode;
+use serde_json::json;
 
-async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
-    let reply = client
-        .post_json(url, path, serde_json::to_vec(&body).unwrap())
-        .await
-        .unwrap();
-    (
-        reply.status,
-        serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
-    )
-}
+use spike::identity::Role;
 
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";

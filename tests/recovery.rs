@@ -7,21 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hyper::{StatusCode, Uri};
-use serde_json::{Value, json};
-use spike::client::HttpsClient;
-use spike::identity::Role;
+use hyper::StatusCode;
+use serde_json::json;
 
-async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
-    let reply = client
-        .post_json(url, path, serde_json::to_vec(&body).unwrap())
-        .await
-        .unwrap();
-    (
-        reply.status,
-        serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
-    )
-}
+use spike::identity::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recovery_drill_over_the_api() {

@@ -14,19 +14,6 @@ use serde_json::{Value, json};
 use spike::client::HttpsClient;
 use spike::identity::Role;
 
-fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
-async fn call(client: &HttpsClient, url: &Uri, path: &str, body: Value) -> (StatusCode, Value) {
-    let reply = client
-        .post_json(url, path, serde_json::to_vec(&body).unwrap())
-        .await
-        .unwrap();
-    let value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-    (reply.status, value)
-}
-
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
 

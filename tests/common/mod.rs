@@ -430,3 +430,32 @@ impl Cluster {
             .collect()
     }
 }
+
+/// POSTs `body` as JSON and returns the status and the parsed answer (`Null` if not JSON).
+/// No answer at all (refused, reset) is reported as 502 with `client_error`, so outage tests
+/// can count it and other tests fail on the status.
+pub async fn call(
+    client: &HttpsClient,
+    url: &Uri,
+    path: &str,
+    body: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    match client
+        .post_json(url, path, serde_json::to_vec(&body).unwrap())
+        .await
+    {
+        Ok(reply) => (
+            reply.status,
+            serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null),
+        ),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            serde_json::json!({ "client_error": e.to_string() }),
+        ),
+    }
+}
+
+/// Borrowed `(name, value)` pairs from owned ones, for `Cluster::start_nexus`.
+pub fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
