@@ -24,7 +24,67 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::identity::{SpiffeId, peer_spiffe_id};
+use crate::identity::{ReloaderGuard, Role, SpiffeId, SvidSource, peer_spiffe_id};
+
+/// Why a server could not start: its identity or its listener.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error(
+        "this process's SVID is {id}, which is not a {role} identity (expected {expected}[/...])"
+    )]
+    WrongRole {
+        id: String,
+        role: Role,
+        expected: String,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A server's own identity: its SVID files (watched for rotation while the guard lives).
+pub struct OwnIdentity {
+    pub source: Arc<SvidSource>,
+    pub id: SpiffeId,
+    /// Keeps the SVID reloader running.
+    _reloader: ReloaderGuard,
+}
+
+impl OwnIdentity {
+    /// Loads this process's SVID, checks that it carries `role`, and starts watching the files.
+    pub fn load(identity: &crate::config::Identity, role: Role) -> Result<OwnIdentity, StartError> {
+        let td = &identity.trust_domain;
+        let source = SvidSource::load(identity.svid.clone())?;
+        let id = source.current().id().clone();
+        if Role::of(&id, td) != Some(role) {
+            return Err(StartError::WrongRole {
+                id: id.to_string(),
+                role,
+                expected: role.base_id(td).unwrap_or_default(),
+            });
+        }
+        let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
+        Ok(OwnIdentity {
+            source,
+            id,
+            _reloader,
+        })
+    }
+}
+
+/// Binds the listener, and returns it with the address it really got (port 0 resolved).
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    Ok((listener, bound))
+}
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]

@@ -446,5 +446,5 @@ fn invalid_configuration_exits_non_zero_with_one_line() {
         ],
     );
     assert_ne!(code, 0);
-    assert!(err.contains("not a Keeper identity"), "{err}");
+    assert!(err.contains("not a keeper identity"), "{err}");
 }

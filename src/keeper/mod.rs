@@ -17,7 +17,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::KeeperConfig;
 use crate::crypto::Share;
-use crate::identity::{ClientAuth, Role, SvidSource};
+use crate::identity::{ClientAuth, Role};
 use crate::transport::{self, Handler, Peer};
 
 /// Largest request body a Keeper reads: a shard request is well under 1 KiB.
@@ -27,21 +27,7 @@ pub const CONTRIBUTE_PATH: &str = "/v1/store/contribute";
 pub const SHARD_PATH: &str = "/v1/store/shard";
 
 /// Why the Keeper could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    #[error("{0}")]
-    Identity(#[from] crate::identity::Error),
-    #[error(
-        "this Keeper's SVID is {0}, which is not a Keeper identity (expected spiffe://<trust domain>/spike/keeper[/...])"
-    )]
-    NotAKeeper(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub type Error = transport::StartError;
 
 /// `POST /v1/store/contribute` body. `id` is our addition (SPIKE sends only `shard`).
 #[derive(Deserialize)]
@@ -204,21 +190,11 @@ pub async fn run(
 ) -> Result<(), Error> {
     crate::hardening::harden_process();
     let td = cfg.identity.trust_domain.clone();
-    let source = SvidSource::load(cfg.identity.svid.clone())?;
-    let me = source.current().id().clone();
-    if Role::of(&me, &td) != Some(Role::Keeper) {
-        return Err(Error::NotAKeeper(me.to_string()));
-    }
-    let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
-    let tls = crate::identity::server_config(&source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(cfg.listen);
-    tracing::info!(%addr, id = %me, "keeper listening on {addr}; holding no shard until Nexus sends one");
+    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper)?;
+    let tls =
+        crate::identity::server_config(&own.source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
+    let (listener, addr) = transport::bind(cfg.listen).await?;
+    tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
     let keeper = Arc::new(Keeper::new(td));
     // The shard lives inline in the Keeper, which lives as long as the process.
     crate::hardening::lock(&*keeper, "keeper shard");

@@ -25,7 +25,7 @@ use hyper::Uri;
 use crate::api::ErrorCode;
 use crate::config::NexusConfig;
 use crate::crypto::{AeadKey, RootKey, Share};
-use crate::identity::{ClientAuth, ExpectedPeer, Role, SvidSource};
+use crate::identity::{ClientAuth, ExpectedPeer, Role};
 use crate::store::{AnyStore, Store};
 use crate::transport;
 
@@ -34,18 +34,11 @@ use crate::transport;
 #[non_exhaustive]
 pub enum Error {
     #[error("{0}")]
+    Start(#[from] transport::StartError),
+    #[error("{0}")]
     Identity(#[from] crate::identity::Error),
-    #[error(
-        "this Nexus's SVID is {0}, which is not a Nexus identity (expected spiffe://<trust domain>/spike/nexus[/...])"
-    )]
-    NotANexus(String),
     #[error("cannot open the backing store: {0}")]
     Store(#[from] crate::store::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 /// Why an API request failed. The message goes to the log; the caller sees only [`ErrorCode`].
@@ -252,28 +245,20 @@ pub async fn run(
 ) -> Result<(), Error> {
     crate::hardening::harden_process();
     let td = config.identity.trust_domain.clone();
-    let source = SvidSource::load(config.identity.svid.clone())?;
-    let me = source.current().id().clone();
-    if Role::of(&me, &td) != Some(Role::Nexus) {
-        return Err(Error::NotANexus(me.to_string()));
-    }
-    let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
-    let server_tls = crate::identity::server_config(&source, &td, ClientAuth::Optional)?;
-    let keeper_tls =
-        crate::identity::client_config(Some(&source), None, &td, ExpectedPeer::Role(Role::Keeper))?;
+    let own = transport::OwnIdentity::load(&config.identity, Role::Nexus)?;
+    let server_tls = crate::identity::server_config(&own.source, &td, ClientAuth::Optional)?;
+    let keeper_tls = crate::identity::client_config(
+        Some(&own.source),
+        None,
+        &td,
+        ExpectedPeer::Role(Role::Keeper),
+    )?;
     let store = AnyStore::open(&config.backend).await?;
-    let listen = config.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: listen,
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(listen);
+    let (listener, addr) = transport::bind(config.listen).await?;
     let nexus = Arc::new(Nexus::new(config, store));
     tracing::info!(
         %addr,
-        id = %me,
+        id = %own.id,
         backend = nexus.store.backend(),
         keepers = nexus.peers().len(),
         threshold = nexus.config.threshold,
