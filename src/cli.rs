@@ -249,7 +249,7 @@ pub struct CipherIo {
 
 #[derive(Debug, Subcommand)]
 pub enum RecoverCommand {
-    /// Write the recovery shards to DIR/spike.recovery.<i>.txt (0600, never overwritten).
+    /// Write the recovery shards to DIR/spike.recovery.N.txt (0600, never overwritten).
     /// Needs an operator SVID with the recover role.
     Export {
         /// Directory for the shard files (created 0700 if missing).
@@ -262,7 +262,7 @@ pub enum RecoverCommand {
         /// The one Nexus instance to restore (pending shards live in its memory).
         #[arg(long)]
         nexus: String,
-        /// A spike.recovery.<i>.txt file, or - for standard input.
+        /// A spike.recovery.N.txt file, or - for standard input.
         file: PathBuf,
     },
 }
