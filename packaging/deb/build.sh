@@ -106,6 +106,9 @@ spike: non-standard-file-perm 0640 != 0644 [etc/spike/keeper.env]
 spike: non-standard-file-perm 0640 != 0644 [etc/spike/nexus.env]
 # unsafe-libyaml (via serde_yaml_ng) is a Rust translation of libyaml, not the C library.
 spike: embedded-library libyaml [usr/bin/spike]
+# The release binary is static-pie: an ET_DYN file with no DT_NEEDED, which lintian takes for
+# a shared library without dependencies.
+spike: shared-library-lacks-prerequisites [usr/bin/spike]
 EOF
 chmod 0644 "$pkg/usr/share/lintian/overrides/spike"
 
