@@ -26,6 +26,7 @@ die() {
 }
 
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found (Debian package dpkg)"
+command -v file >/dev/null || die "file not found (Debian package file)"
 [[ -x "$bin" ]] || die "no executable at $bin (build it with packaging/build-release.sh, or pass BINARY)"
 
 description="$(file -b "$bin")"
