@@ -1,5 +1,7 @@
 //! Command-line definitions for every `spike` subcommand (clap derive). The forms listed in
 //! DESIGN.md §7 are a contract with operators' scripts: flags may be added, never renamed.
+//! The shell completions ([`completions`]) and the man pages in `man/`
+//! (`cargo run --example manpages`) are generated from these definitions.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -61,6 +63,21 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Print a shell completion script, e.g. `spike completions bash > /etc/bash_completion.d/spike`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script for `shell` (`spike completions SHELL`). Built in memory because
+/// clap_complete panics on a failed write; the caller reports a closed stdout as an error.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "spike", &mut script);
+    script
 }
 
 #[derive(Debug, Subcommand)]

@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Keeper => "spike keeper",
         Command::Dev(_) => "spike dev",
         Command::Pki { .. } => "spike pki",
+        Command::Completions { .. } => "spike",
         Command::Secret { .. }
         | Command::Policy { .. }
         | Command::Cipher { .. }
@@ -102,6 +103,12 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             client(spike::commands::cipher::run(format, command))
         }
         Command::Recover { command } => client(spike::commands::recover::run(command)),
+        Command::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&spike::cli::completions(shell))
+                .map_err(runtime)
+        }
     }
 }
 
