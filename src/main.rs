@@ -80,7 +80,12 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Keeper => {
             let cfg = config::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
-            runtime_builder()?
+            // A Keeper answers a few requests per interval: one thread is plenty and keeps its
+            // memory small.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(runtime)?
                 .block_on(spike::keeper::run(cfg, spike::shutdown_signal()))
                 .map_err(runtime)
         }

@@ -166,6 +166,17 @@ fn validate_values(values: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// One of a fixed set of queues, chosen by the path's hash: writers of the same path share one.
+fn write_turn(path: &str) -> &'static tokio::sync::Mutex<()> {
+    use std::hash::{Hash, Hasher};
+    const STRIPES: usize = 256;
+    static TURNS: std::sync::OnceLock<Vec<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
+    let turns = TURNS.get_or_init(|| (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    &turns[(h.finish() as usize) % STRIPES]
+}
+
 /// Reads the record at `path` with its revision.
 async fn load(
     store: &impl Store,
@@ -187,6 +198,10 @@ async fn update<T>(
     path: &str,
     mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
+    // Writers of one path inside this instance take turns, so they do not spend store round
+    // trips losing compare-and-set races to each other. This is only a queue: other instances
+    // still race, and the compare-and-set below is what keeps every write honest.
+    let _turn = write_turn(path).lock().await;
     for attempt in 0..MAX_ATTEMPTS {
         let (record, expect) = match load(store, path).await? {
             Some((record, rev)) => (Some(record), Expect::Revision(rev)),
