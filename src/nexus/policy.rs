@@ -163,28 +163,9 @@ fn spiffe_pattern_syntax_ok(p: &str) -> bool {
 }
 
 fn path_pattern_syntax_ok(p: &str) -> bool {
-    p.chars().all(|c| {
-        c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                '.' | '_'
-                    | '-'
-                    | '/'
-                    | '^'
-                    | '$'
-                    | '('
-                    | ')'
-                    | '?'
-                    | '+'
-                    | '*'
-                    | '|'
-                    | '['
-                    | ']'
-                    | '{'
-                    | '}'
-                    | '\\'
-            )
-    })
+    // Secret-path characters plus the anchors.
+    p.chars()
+        .all(|c| super::secrets::is_path_char(c) || c == '^' || c == '$')
 }
 
 /// Validates a policy name (SPIKE's rule).

@@ -109,6 +109,28 @@ fn aad(path: &str, version: u64) -> Vec<u8> {
     format!("spike/secret/v1\0{path}\0{version}").into_bytes()
 }
 
+/// SPIKE's secret-path characters: letters, digits and `._-/()?+*|[]{}\`.
+pub fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '.' | '_'
+                | '-'
+                | '/'
+                | '('
+                | ')'
+                | '?'
+                | '+'
+                | '*'
+                | '|'
+                | '['
+                | ']'
+                | '{'
+                | '}'
+                | '\\'
+        )
+}
+
 /// Checks a secret path: SPIKE's character set and length, no empty, `.` or `..` segment, and
 /// nothing under the reserved `spike/system/` prefix.
 pub fn validate_path(path: &str) -> Result<(), ApiError> {
@@ -116,26 +138,7 @@ pub fn validate_path(path: &str) -> Result<(), ApiError> {
     if path.is_empty() || path.len() > MAX_PATH_LEN {
         return bad("must be 1 to 500 characters");
     }
-    if !path.chars().all(|c| {
-        c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                '.' | '_'
-                    | '-'
-                    | '/'
-                    | '('
-                    | ')'
-                    | '?'
-                    | '+'
-                    | '*'
-                    | '|'
-                    | '['
-                    | ']'
-                    | '{'
-                    | '}'
-                    | '\\'
-            )
-    }) {
+    if !path.chars().all(is_path_char) {
         return bad("allowed characters are letters, digits and ._-/()?+*|[]{}\\");
     }
     if path
