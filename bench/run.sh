@@ -128,7 +128,7 @@ spike_target() { # NAME BACKEND-ENV...
   local t0 t1
   t0=$(date +%s%N)
   env SPIKE_SVID_DIR="$work/nexus" SPIKE_NEXUS_TLS_PORT=127.0.0.1:0 SPIKE_NEXUS_KEEPER_PEERS="$peers" \
-    SPIKE_SYSTEM_LOG_LEVEL=warn,spike::nexus=info "$@" "$spike" nexus >"$work/$name.log" 2>&1 &
+    SPIKE_SYSTEM_LOG_LEVEL=info "$@" "$spike" nexus >"$work/$name.log" 2>&1 &
   pid=$!; pids+=("$pid")
   for _ in $(seq 1 200); do
     addr=$(grep -o 'listening on [0-9.:]*' "$work/$name.log" | head -1 | sed 's/listening on //') || true
