@@ -15,6 +15,7 @@
 //! | [`client`] | the HTTPS client for Nexus→Keeper and CLI→Nexus calls |
 //! | [`keeper`] | `spike keeper`, the in-memory shard holder |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
+//! | [`fuzzing`] | entry points for fuzzing the decoders of untrusted input |
 //! | [`hardening`] | non-dumpable process, no core files, key pages locked in memory |
 //! | [`systemd`] | sd_notify readiness, status, watchdog |
 //! | [`cli`] | clap definitions of every subcommand |
@@ -28,6 +29,7 @@ pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod fuzzing;
 pub mod hardening;
 pub mod identity;
 pub mod keeper;
