@@ -85,6 +85,17 @@ fn subject(path: &str, version: Option<u64>) -> String {
 }
 
 /// Runs one `spike secret` command.
+/// What a read of `path` (at `version`) asks of Nexus, for error messages.
+fn read_op(path: &str, version: Option<u64>) -> Op<'_> {
+    Op {
+        permission: "read",
+        resource: path,
+        subject: subject(path, version),
+        invalid_hint: INVALID_SECRET,
+        write: false,
+    }
+}
+
 pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
     match command {
         SecretCommand::Put { path, values, cas } => {
@@ -123,13 +134,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
         }
         SecretCommand::Get { path, key, version } => {
             let client = connect()?;
-            let op = Op {
-                permission: "read",
-                resource: &path,
-                subject: subject(&path, version),
-                invalid_hint: INVALID_SECRET,
-                write: false,
-            };
+            let op = read_op(&path, version);
             let resp = client
                 .secret_get(&path, version)
                 .await
@@ -185,13 +190,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
         }
         SecretCommand::Metadata { path, version } => {
             let client = connect()?;
-            let op = Op {
-                permission: "read",
-                resource: &path,
-                subject: subject(&path, version),
-                invalid_hint: INVALID_SECRET,
-                write: false,
-            };
+            let op = read_op(&path, version);
             let resp = client
                 .secret_metadata(&path, version)
                 .await
