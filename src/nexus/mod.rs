@@ -132,7 +132,7 @@ pub struct Keys {
     /// pure function of the key, so computing them once is not a cache of state.
     pub shards: Vec<Share>,
     /// Seals secret versions at rest.
-    pub secrets: AeadKey,
+    pub secrets: Arc<AeadKey>,
     /// Seals policies at rest.
     pub policies: AeadKey,
     /// The cipher API's key.
@@ -205,7 +205,7 @@ impl Nexus {
         let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
         let key_id = root.key_id();
         let keys = Arc::new(Keys {
-            secrets: root.derive("spike/secrets/v1"),
+            secrets: Arc::new(root.derive("spike/secrets/v1")),
             policies: root.derive("spike/policies/v1"),
             cipher: root.derive("spike/cipher/v1"),
             root,

@@ -12,6 +12,7 @@
 //! an acknowledged write. `cas` (check-and-set) is evaluated against each fresh read.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -169,15 +170,197 @@ fn validate_values(values: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// One of a fixed set of queues, chosen by the path's hash: writers of the same path share one.
-fn write_turn(path: &str) -> &'static tokio::sync::Mutex<()> {
+/// Writers of one path inside this instance take turns through one of a fixed set of
+/// stripes, chosen by the path's hash.
+///
+/// Puts go further: they queue in the stripe, and one task applies every queued put of a path
+/// to one read of the record, in arrival order, and writes the result with one compare-and-set
+/// — a group commit. Each put still gets its own version, its own check-and-set and request-id
+/// check, and its answer only once the write holding it is durable; a record that would have
+/// taken `n` store round trips (and `n` fsyncs) takes one. Between instances nothing changes:
+/// the compare-and-set is what keeps every write honest.
+struct Stripe {
+    /// Held while a record of this stripe's paths is being changed: by a batch of puts, or by
+    /// one delete or undelete.
+    turn: tokio::sync::Mutex<()>,
+    queue: std::sync::Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    puts: Vec<QueuedPut>,
+    /// Whether a task is applying this queue; the put that finds none starts one.
+    flushing: bool,
+}
+
+/// Applies one put to the record (created when `None`); leaves it untouched on error.
+type Change = Box<dyn FnMut(&mut Option<Record>) -> Result<Applies, ApiError> + Send>;
+
+/// What a put did to the record.
+enum Applies {
+    /// Wrote this new version.
+    Wrote(u64),
+    /// Replayed a remembered request id: the version it made, nothing written.
+    Replayed(u64),
+}
+
+struct QueuedPut {
+    path: String,
+    change: Change,
+    done: tokio::sync::oneshot::Sender<Result<u64, ApiError>>,
+}
+
+/// Puts of one path applied together at most (each still a version of its own).
+const MAX_BATCH: usize = 128;
+
+fn stripe(path: &str) -> &'static Stripe {
     use std::hash::{Hash, Hasher};
     const STRIPES: usize = 256;
-    static TURNS: std::sync::OnceLock<Vec<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
-    let turns = TURNS.get_or_init(|| (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect());
+    static STRIPES_: std::sync::OnceLock<Vec<Stripe>> = std::sync::OnceLock::new();
+    let stripes = STRIPES_.get_or_init(|| {
+        (0..STRIPES)
+            .map(|_| Stripe {
+                turn: tokio::sync::Mutex::new(()),
+                queue: std::sync::Mutex::new(Queue::default()),
+            })
+            .collect()
+    });
     let mut h = std::collections::hash_map::DefaultHasher::new();
     path.hash(&mut h);
-    &turns[(h.finish() as usize) % STRIPES]
+    &stripes[(h.finish() as usize) % STRIPES]
+}
+
+fn lock_queue(stripe: &Stripe) -> std::sync::MutexGuard<'_, Queue> {
+    // Every change under this lock is a single push, drain or flag flip: a poisoned lock still
+    // guards a consistent queue.
+    stripe.queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Queues a put and waits for its answer. The batch runs in a task of its own, so a caller
+/// that goes away (a client hanging up) never cuts short a write that holds other callers'
+/// puts.
+async fn queue_put<S: Store + Clone>(
+    store: &S,
+    path: &str,
+    change: Change,
+) -> Result<u64, ApiError> {
+    let stripe = stripe(path);
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let start = {
+        let mut queue = lock_queue(stripe);
+        queue.puts.push(QueuedPut {
+            path: path.to_string(),
+            change,
+            done,
+        });
+        !std::mem::replace(&mut queue.flushing, true)
+    };
+    if start {
+        tokio::spawn(flush(stripe, store.clone()));
+    }
+    answer.await.unwrap_or_else(|_| {
+        Err(ApiError::Internal(
+            "a queued secret write was dropped".into(),
+        ))
+    })
+}
+
+/// Applies a stripe's queued puts, a path's batch at a time, until the queue is empty.
+async fn flush<S: Store>(stripe: &'static Stripe, store: S) {
+    loop {
+        let turn = stripe.turn.lock().await;
+        let batch: Vec<QueuedPut> = {
+            let mut queue = lock_queue(stripe);
+            let Some(first) = queue.puts.first() else {
+                queue.flushing = false;
+                return;
+            };
+            let path = first.path.clone();
+            let mut batch = Vec::new();
+            let mut rest = Vec::new();
+            for put in queue.puts.drain(..) {
+                if put.path == path && batch.len() < MAX_BATCH {
+                    batch.push(put);
+                } else {
+                    rest.push(put);
+                }
+            }
+            queue.puts = rest;
+            batch
+        };
+        apply_batch(&store, batch).await;
+        drop(turn);
+    }
+}
+
+/// Applies `batch` (puts of one path, in order) to one read of the record and writes it with
+/// one compare-and-set, retrying from a fresh read when another writer got in between; then
+/// answers every put.
+async fn apply_batch<S: Store>(store: &S, mut batch: Vec<QueuedPut>) {
+    let path = batch[0].path.clone();
+    let outcome = async {
+        for attempt in 0..MAX_ATTEMPTS {
+            let (mut record, expect) = match load(store, &path).await? {
+                Some((record, rev)) => (Some(record), Expect::Revision(rev)),
+                None => (None, Expect::Absent),
+            };
+            let mut wrote = false;
+            let answers: Vec<Result<u64, ApiError>> = batch
+                .iter_mut()
+                .map(|put| match (put.change)(&mut record) {
+                    Ok(Applies::Wrote(v)) => {
+                        wrote = true;
+                        Ok(v)
+                    }
+                    Ok(Applies::Replayed(v)) => Ok(v),
+                    Err(e) => Err(e),
+                })
+                .collect();
+            let Some(record) = record.filter(|_| wrote) else {
+                return Ok(answers);
+            };
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))?;
+            match store.put(Namespace::Secrets, &path, bytes, expect).await? {
+                Written::Done(_) => return Ok(answers),
+                Written::Conflict => {
+                    tracing::debug!(path, attempt, "secret write conflict; retrying");
+                    backoff(attempt).await;
+                }
+            }
+        }
+        Err(ApiError::Contended)
+    }
+    .await;
+    match outcome {
+        Ok(answers) => {
+            for (put, answer) in batch.into_iter().zip(answers) {
+                let _ = put.done.send(answer);
+            }
+        }
+        Err(e) => {
+            for put in batch {
+                let _ = put.done.send(Err(match &e {
+                    ApiError::Store(e) => ApiError::Store(e.clone()),
+                    ApiError::Contended => ApiError::Contended,
+                    other => ApiError::Internal(other.to_string()),
+                }));
+            }
+        }
+    }
+}
+
+/// After a lost compare-and-set: wait a little (more on each retry), with jitter, so the
+/// writers of several instances spread out.
+async fn backoff(attempt: u32) {
+    let spread = u64::from(attempt.min(20)) * 250 + 50;
+    let jitter = u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0),
+    ) % spread;
+    tokio::time::sleep(Duration::from_micros(jitter)).await;
 }
 
 /// Reads the record at `path` with its revision.
@@ -204,7 +387,7 @@ async fn update<T>(
     // Writers of one path inside this instance take turns, so they do not spend store round
     // trips losing compare-and-set races to each other. This is only a queue: other instances
     // still race, and the compare-and-set below is what keeps every write honest.
-    let _turn = write_turn(path).lock().await;
+    let _turn = stripe(path).turn.lock().await;
     for attempt in 0..MAX_ATTEMPTS {
         let (record, expect) = match load(store, path).await? {
             Some((record, rev)) => (Some(record), Expect::Revision(rev)),
@@ -220,16 +403,7 @@ async fn update<T>(
             Written::Done(_) => return Ok(out),
             Written::Conflict => {
                 tracing::debug!(path, attempt, "secret write conflict; retrying");
-                // Someone else wrote first; back off a little (more on each retry) and redo
-                // the change on what they wrote.
-                let spread = u64::from(attempt.min(20)) * 250 + 50;
-                let jitter = u64::from(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.subsec_nanos())
-                        .unwrap_or(0),
-                ) % spread;
-                tokio::time::sleep(Duration::from_micros(jitter)).await;
+                backoff(attempt).await;
             }
         }
     }
@@ -249,10 +423,10 @@ pub struct PutOptions<'a> {
 
 /// Writes a new version; returns its number. A put whose `request_id` the record remembers
 /// writes nothing and returns the version the first one made (before `cas` is checked: the
-/// first one passed it).
-pub async fn put(
-    store: &impl Store,
-    key: &AeadKey,
+/// first one passed it). Concurrent puts of one path are committed together ([`Stripe`]).
+pub async fn put<S: Store + Clone>(
+    store: &S,
+    key: &Arc<AeadKey>,
     path: &str,
     values: &BTreeMap<String, String>,
     opts: PutOptions<'_>,
@@ -271,25 +445,30 @@ pub async fn put(
         serde_json::to_vec(values)
             .map_err(|e| ApiError::Internal(format!("cannot encode values: {e}")))?,
     );
-    update(store, path, |record| {
-        if let Some(version) = request_id.and_then(|id| record.as_ref()?.applied(id)) {
-            return Ok((None, version));
+    let key = Arc::clone(key);
+    let owned_path = path.to_string();
+    let request_id = request_id.map(str::to_string);
+    let change: Change = Box::new(move |record: &mut Option<Record>| {
+        if let Some(version) = request_id
+            .as_deref()
+            .and_then(|id| record.as_ref()?.applied(id))
+        {
+            return Ok(Applies::Replayed(version));
         }
+        let current = record.as_ref().map_or(0, |r| r.current);
+        if let Some(expected) = cas
+            && expected != current
+        {
+            return Err(ApiError::CasMismatch { expected, current });
+        }
+        let version = record.as_ref().map_or(0, |r| r.last) + 1;
+        // The only step that can fail once the checks pass, done before the record changes.
+        let sealed = key.seal(&aad(&owned_path, version), &plaintext)?;
         let now = api::now_nanos();
-        let mut record = record.unwrap_or_else(|| Record {
+        let record = record.get_or_insert_with(|| Record {
             created: now,
             ..Record::default()
         });
-        if let Some(expected) = cas
-            && expected != record.current
-        {
-            return Err(ApiError::CasMismatch {
-                expected,
-                current: record.current,
-            });
-        }
-        let version = record.last + 1;
-        let sealed = key.seal(&aad(path, version), &plaintext)?;
         record.versions.insert(
             version,
             Version {
@@ -305,13 +484,13 @@ pub async fn put(
         while record.versions.len() > max_versions as usize {
             record.versions.pop_first();
         }
-        record.oldest = lowest_live(&record);
-        if let Some(id) = request_id {
+        record.oldest = lowest_live(record);
+        if let Some(id) = &request_id {
             record.remember(id, version);
         }
-        Ok((Some(record), version))
-    })
-    .await
+        Ok(Applies::Wrote(version))
+    });
+    queue_put(store, path, change).await
 }
 
 fn lowest_live(record: &Record) -> u64 {
@@ -491,8 +670,8 @@ mod tests {
     use crate::crypto::RootKey;
     use crate::store::memory::MemoryStore;
 
-    fn key() -> AeadKey {
-        RootKey::generate().unwrap().derive("test")
+    fn key() -> Arc<AeadKey> {
+        Arc::new(RootKey::generate().unwrap().derive("test"))
     }
 
     fn vals(v: &str) -> BTreeMap<String, String> {
@@ -750,6 +929,100 @@ mod tests {
             get(&s, &k, "b", None).await,
             Err(ApiError::Internal(_))
         ));
+    }
+
+    /// A store that counts the writes that reach it.
+    #[derive(Clone, Default)]
+    struct Counting {
+        inner: MemoryStore,
+        puts: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Store for Counting {
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+        async fn ping(&self) -> crate::store::Result<()> {
+            self.inner.ping().await
+        }
+        async fn get(
+            &self,
+            ns: Namespace,
+            key: &str,
+        ) -> crate::store::Result<Option<crate::store::Entry>> {
+            self.inner.get(ns, key).await
+        }
+        async fn put(
+            &self,
+            ns: Namespace,
+            key: &str,
+            value: Vec<u8>,
+            expect: Expect,
+        ) -> crate::store::Result<Written> {
+            self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.put(ns, key, value, expect).await
+        }
+        async fn delete(
+            &self,
+            ns: Namespace,
+            key: &str,
+            revision: &crate::store::Revision,
+        ) -> crate::store::Result<bool> {
+            self.inner.delete(ns, key, revision).await
+        }
+        async fn list(&self, ns: Namespace, prefix: &str) -> crate::store::Result<Vec<String>> {
+            self.inner.list(ns, prefix).await
+        }
+        async fn scan(&self, ns: Namespace) -> crate::store::Result<Vec<(String, Vec<u8>)>> {
+            self.inner.scan(ns).await
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_puts_of_one_path_commit_together_and_each_keeps_its_own_version() {
+        let s = Counting::default();
+        let k = key();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let (s, k) = (s.clone(), k.clone());
+            tasks.spawn(async move {
+                // Every fourth put carries a check-and-set that only version 0 passes: exactly
+                // one of them (whichever comes first) may succeed, inside a batch or not.
+                let cas = (i % 4 == 0).then_some(0);
+                let out = put(&s, &k, "p", &vals(&i.to_string()), opts(cas, 100)).await;
+                (i, out)
+            });
+        }
+        let mut versions = std::collections::BTreeMap::new();
+        let mut cas_ok = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, out) = joined.unwrap();
+            match out {
+                Ok(v) => {
+                    cas_ok += usize::from(i % 4 == 0);
+                    assert!(versions.insert(v, i).is_none(), "version {v} given twice");
+                }
+                Err(ApiError::CasMismatch { expected: 0, .. }) => assert_eq!(i % 4, 0),
+                Err(e) => panic!("put {i}: {e}"),
+            }
+        }
+        assert_eq!(cas_ok, 1, "exactly one check-and-set on version 0 succeeds");
+        assert_eq!(versions.len(), 64 - 16 + 1);
+        let expected: Vec<u64> = (1..=versions.len() as u64).collect();
+        assert_eq!(versions.keys().copied().collect::<Vec<_>>(), expected);
+        // Every version holds the value of the put that was told that version.
+        for (v, i) in &versions {
+            assert_eq!(
+                get(&s, &k, "p", Some(*v)).await.unwrap().0,
+                vals(&i.to_string())
+            );
+        }
+        let writes = s.puts.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            writes < versions.len(),
+            "{writes} store writes for {} versions: puts were not committed together",
+            versions.len()
+        );
     }
 
     #[tokio::test]

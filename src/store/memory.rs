@@ -2,14 +2,15 @@
 //! development clusters. Nothing survives the process.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{Entry, Expect, Namespace, Result, Revision, Store, Written};
 
-#[derive(Default)]
+/// Clones share one map.
+#[derive(Clone, Default)]
 pub struct MemoryStore {
     /// (namespace, key) → (value, revision counter). One lock: the store is for tests.
-    data: Mutex<Data>,
+    data: Arc<Mutex<Data>>,
 }
 
 #[derive(Default)]

@@ -28,7 +28,7 @@ use crate::crypto::Verifier;
 
 /// Why a store operation failed. Reasons name the backend and never carry secret values or
 /// connection credentials.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The store cannot be reached or refused to work; retrying later may succeed.
@@ -191,7 +191,8 @@ impl From<StoredVerifier> for Verifier {
     }
 }
 
-/// The store chosen by configuration.
+/// The store chosen by configuration. Clones share one store (connections, pools).
+#[derive(Clone)]
 pub enum AnyStore {
     Memory(memory::MemoryStore),
     Sqlite(sqlite::SqliteStore),
