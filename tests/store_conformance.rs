@@ -107,6 +107,20 @@ async fn listing(s: &impl Store) {
     assert!(s.list(ns, "zz").await.unwrap().is_empty());
     let all = s.scan(Namespace::Policies).await.unwrap();
     assert_eq!(all, vec![("b/zzz".to_string(), vec![1])]);
+    // The scan and the read together give what each gives alone.
+    let (rows, entry) = s
+        .scan_and_get(Namespace::Policies, ns, "b/1")
+        .await
+        .unwrap();
+    assert_eq!(rows, all);
+    let alone = s.get(ns, "b/1").await.unwrap().unwrap();
+    let entry = entry.unwrap();
+    assert_eq!((entry.value, entry.revision), (alone.value, alone.revision));
+    let (rows, entry) = s
+        .scan_and_get(Namespace::System, ns, "absent")
+        .await
+        .unwrap();
+    assert!(rows.is_empty() && entry.is_none());
 }
 
 async fn verifier(s: &impl Store) {

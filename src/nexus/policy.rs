@@ -312,9 +312,13 @@ pub async fn delete(store: &impl Store, name: &str) -> Result<(), ApiError> {
 /// Every policy, read from the store now. A policy that does not open is skipped and logged
 /// (one bad row must not lock everyone out).
 pub async fn all(store: &impl Store, key: &AeadKey) -> Result<Vec<StoredPolicy>, ApiError> {
-    let rows = store.scan(Namespace::Policies).await?;
-    Ok(rows
-        .into_iter()
+    Ok(open_all(key, store.scan(Namespace::Policies).await?))
+}
+
+/// Opens the rows of a scan of [`Namespace::Policies`], skipping (and logging) any that do not
+/// open.
+pub fn open_all(key: &AeadKey, rows: Vec<(String, Vec<u8>)>) -> Vec<StoredPolicy> {
+    rows.into_iter()
         .filter_map(|(name, sealed)| match open(key, &name, &sealed) {
             Ok(p) => Some(p),
             Err(e) => {
@@ -322,7 +326,7 @@ pub async fn all(store: &impl Store, key: &AeadKey) -> Result<Vec<StoredPolicy>,
                 None
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Does `policy` apply to `caller` on `path` (patterns and the reserved-path rule)?

@@ -30,7 +30,7 @@ use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::api::{self, Empty};
 use crate::identity::{Role, SpiffeId};
-use crate::store::Store;
+use crate::store::{Entry, Namespace, Store};
 use crate::transport::{self, Handler, Peer};
 
 /// How long `/health` waits for the store before calling it unavailable.
@@ -130,6 +130,32 @@ fn classify(id: &SpiffeId, trust_domain: &str) -> Caller {
     }
 }
 
+/// What a caller's role alone decides: superusers may, everyone but workloads may not.
+fn granted_by_role(kind: Caller) -> Result<(), ApiError> {
+    match kind {
+        Caller::Superuser => Ok(()),
+        Caller::Workload | Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Whether the policies in `rows` (a scan of [`Namespace::Policies`]) let `caller` do `want`
+/// on `path`.
+fn granted(
+    keys: &Keys,
+    caller: &SpiffeId,
+    rows: Vec<(String, Vec<u8>)>,
+    path: &str,
+    want: &[Permission],
+) -> Result<(), ApiError> {
+    let policies = policy::open_all(&keys.policies, rows);
+    if policy::allowed(&policies, caller, path, want) {
+        Ok(())
+    } else {
+        tracing::info!(caller = %caller, path, want = ?want, "no policy grants this");
+        Err(ApiError::Unauthorized)
+    }
+}
+
 pub struct Api {
     nexus: Arc<Nexus>,
 }
@@ -153,17 +179,39 @@ impl Api {
         want: &[Permission],
     ) -> Result<(), ApiError> {
         match kind {
-            Caller::Superuser => Ok(()),
             Caller::Workload => {
-                let policies = policy::all(self.store(), &keys.policies).await?;
-                if policy::allowed(&policies, caller, path, want) {
-                    Ok(())
-                } else {
-                    tracing::info!(caller = %caller, path, want = ?want, "no policy grants this");
-                    Err(ApiError::Unauthorized)
-                }
+                let rows = self.store().scan(Namespace::Policies).await?;
+                granted(keys, caller, rows, path, want)
             }
-            Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
+            _ => granted_by_role(kind),
+        }
+    }
+
+    /// Reads the secret record at `path` for a caller that wants to read it, refusing unless
+    /// `caller` may: for a workload, the policies and the record are read together (one
+    /// transaction where the store has them), and the record is only looked at once a policy
+    /// grants the read.
+    async fn authorized_read(
+        &self,
+        keys: &Keys,
+        caller: &SpiffeId,
+        kind: Caller,
+        path: &str,
+    ) -> Result<Option<Entry>, ApiError> {
+        let want = [Permission::Read];
+        match kind {
+            Caller::Workload => {
+                let (rows, entry) = self
+                    .store()
+                    .scan_and_get(Namespace::Policies, Namespace::Secrets, path)
+                    .await?;
+                granted(keys, caller, rows, path, &want)?;
+                Ok(entry)
+            }
+            _ => {
+                granted_by_role(kind)?;
+                Ok(self.store().get(Namespace::Secrets, path).await?)
+            }
         }
     }
 
@@ -216,10 +264,9 @@ impl Api {
                 let r: api::SecretGetRequest = parse(&body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
-                self.authorize(keys, caller, kind, &r.path, &[Permission::Read])
-                    .await?;
+                let entry = self.authorized_read(keys, caller, kind, &r.path).await?;
                 let (data, version) =
-                    secrets::get(store, &keys.secrets, &r.path, r.version).await?;
+                    secrets::open_version(&keys.secrets, &r.path, entry.as_ref(), r.version)?;
                 ok(&api::SecretGetResponse { data, version })
             }
             Route::SecretDelete | Route::SecretUndelete => {

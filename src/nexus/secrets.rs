@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use super::ApiError;
 use crate::api::{self, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::crypto::AeadKey;
-use crate::store::{Expect, Namespace, Store, Written};
+use crate::store::{Entry, Expect, Namespace, Store, Written};
 
 /// Longest secret path accepted (SPIKE's limit).
 pub const MAX_PATH_LEN: usize = 500;
@@ -371,9 +371,12 @@ async fn load(
     let Some(entry) = store.get(Namespace::Secrets, path).await? else {
         return Ok(None);
     };
-    let record: Record = serde_json::from_slice(&entry.value)
-        .map_err(|e| ApiError::Internal(format!("secret record at {path:?} is malformed: {e}")))?;
-    Ok(Some((record, entry.revision)))
+    Ok(Some((decode(path, &entry.value)?, entry.revision)))
+}
+
+fn decode(path: &str, stored: &[u8]) -> Result<Record, ApiError> {
+    serde_json::from_slice(stored)
+        .map_err(|e| ApiError::Internal(format!("secret record at {path:?} is malformed: {e}")))
 }
 
 /// Applies `change` to the record at `path` (or `None`) and writes the result with
@@ -520,7 +523,18 @@ pub async fn get(
     version: Option<u64>,
 ) -> Result<(BTreeMap<String, String>, u64), ApiError> {
     validate_path(path)?;
-    let (record, _) = load(store, path).await?.ok_or(ApiError::NotFound)?;
+    let entry = store.get(Namespace::Secrets, path).await?;
+    open_version(key, path, entry.as_ref(), version)
+}
+
+/// Opens a version (0 or `None`: the current one) of the record `entry` read from `path`.
+pub fn open_version(
+    key: &AeadKey,
+    path: &str,
+    entry: Option<&Entry>,
+    version: Option<u64>,
+) -> Result<(BTreeMap<String, String>, u64), ApiError> {
+    let record = decode(path, &entry.ok_or(ApiError::NotFound)?.value)?;
     let wanted = match version {
         None | Some(0) => record.current,
         Some(v) => v,

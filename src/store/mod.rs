@@ -80,6 +80,9 @@ pub struct Entry {
     pub revision: Revision,
 }
 
+/// The (key, value) pairs of a scan, sorted by key.
+pub type Rows = Vec<(String, Vec<u8>)>;
+
 /// The condition a conditional write must meet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
@@ -135,7 +138,19 @@ pub trait Store: Send + Sync + 'static {
     -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Every (key, value) of `ns`, sorted by key.
-    fn scan(&self, ns: Namespace) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>>> + Send;
+    fn scan(&self, ns: Namespace) -> impl Future<Output = Result<Rows>> + Send;
+
+    /// Every (key, value) of `scan_ns` and the value at `key` in `ns`, read together: in one
+    /// transaction (one consistent snapshot) where the store has them. The default makes both
+    /// reads at once. Used by a workload's secret read: the policies and the secret.
+    fn scan_and_get(
+        &self,
+        scan_ns: Namespace,
+        ns: Namespace,
+        key: &str,
+    ) -> impl Future<Output = Result<(Rows, Option<Entry>)>> + Send {
+        async move { tokio::try_join!(self.scan(scan_ns), self.get(ns, key)) }
+    }
 
     /// The root-key verifier, if a root key was ever created for this store.
     fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send {
@@ -258,7 +273,16 @@ impl Store for AnyStore {
         delegate!(self, s => s.list(ns, prefix).await)
     }
 
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn scan(&self, ns: Namespace) -> Result<Rows> {
         delegate!(self, s => s.scan(ns).await)
+    }
+
+    async fn scan_and_get(
+        &self,
+        scan_ns: Namespace,
+        ns: Namespace,
+        key: &str,
+    ) -> Result<(Rows, Option<Entry>)> {
+        delegate!(self, s => s.scan_and_get(scan_ns, ns, key).await)
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
+use super::{Entry, Error, Expect, Namespace, Result, Revision, Rows, Store, Written};
 
 const BACKEND: &str = "sqlite";
 /// The schema this code writes; `PRAGMA user_version` records what a file holds.
@@ -273,17 +273,7 @@ impl Store for SqliteStore {
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
         let key = key.to_string();
-        self.read(move |c| {
-            c.prepare_cached("SELECT value, revision FROM kv WHERE ns = ?1 AND key = ?2")?
-                .query_row(params![ns.as_str(), key], |r| {
-                    Ok(Entry {
-                        value: r.get(0)?,
-                        revision: Revision(r.get::<_, i64>(1)?.to_string()),
-                    })
-                })
-                .optional()
-        })
-        .await
+        self.read(move |c| get_entry(c, ns, &key)).await
     }
 
     async fn put(
@@ -360,18 +350,54 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn scan(&self, ns: Namespace) -> Result<Rows> {
+        self.read(move |c| scan_rows(c, ns)).await
+    }
+
+    async fn scan_and_get(
+        &self,
+        scan_ns: Namespace,
+        ns: Namespace,
+        key: &str,
+    ) -> Result<(Rows, Option<Entry>)> {
+        let key = key.to_string();
         self.read(move |c| {
-            // The namespace is in the text, not bound: SQLite re-plans a statement on every
-            // new binding of a parameter that constrains part of an index (STAT4), and the
-            // policy scan runs on every request.
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT key, value FROM kv WHERE ns = '{}' ORDER BY key",
-                ns.as_str()
-            ))?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
+            // One read transaction: one snapshot, and the file and WAL locks taken once.
+            c.prepare_cached("BEGIN")?.execute([])?;
+            let out = scan_rows(c, scan_ns).and_then(|rows| Ok((rows, get_entry(c, ns, &key)?)));
+            // Nothing was written, so ending the transaction either way is the same; a failed
+            // read must not leave it open on this thread's connection.
+            let end = c.prepare_cached("COMMIT").and_then(|mut s| s.execute([]));
+            if end.is_err() {
+                let _ = c.execute_batch("ROLLBACK");
+            }
+            let out = out?;
+            end?;
+            Ok(out)
         })
         .await
     }
+}
+
+fn get_entry(c: &Connection, ns: Namespace, key: &str) -> rusqlite::Result<Option<Entry>> {
+    c.prepare_cached("SELECT value, revision FROM kv WHERE ns = ?1 AND key = ?2")?
+        .query_row(params![ns.as_str(), key], |r| {
+            Ok(Entry {
+                value: r.get(0)?,
+                revision: Revision(r.get::<_, i64>(1)?.to_string()),
+            })
+        })
+        .optional()
+}
+
+fn scan_rows(c: &Connection, ns: Namespace) -> rusqlite::Result<Rows> {
+    // The namespace is in the text, not bound: SQLite re-plans a statement on every new
+    // binding of a parameter that constrains part of an index (STAT4), and the policy scan
+    // runs on every request.
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT key, value FROM kv WHERE ns = '{}' ORDER BY key",
+        ns.as_str()
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
