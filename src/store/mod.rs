@@ -231,28 +231,36 @@ impl AnyStore {
     }
 }
 
+/// Awaits the same call on whichever backend this is. The network backends' futures are
+/// boxed: an aws-sdk-s3 call's state runs to kilobytes, and an unboxed one would make every
+/// request's future that size (and copy it) whatever the backend.
 macro_rules! delegate {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
-            AnyStore::Memory($store) => $call,
-            AnyStore::Sqlite($store) => $call,
-            AnyStore::S3($store) => $call,
-            AnyStore::Postgres($store) => $call,
+            AnyStore::Memory($store) => $call.await,
+            AnyStore::Sqlite($store) => $call.await,
+            AnyStore::S3($store) => Box::pin($call).await,
+            AnyStore::Postgres($store) => Box::pin($call).await,
         }
     };
 }
 
 impl Store for AnyStore {
     fn backend(&self) -> &'static str {
-        delegate!(self, s => s.backend())
+        match self {
+            AnyStore::Memory(s) => s.backend(),
+            AnyStore::Sqlite(s) => s.backend(),
+            AnyStore::S3(s) => s.backend(),
+            AnyStore::Postgres(s) => s.backend(),
+        }
     }
 
     async fn ping(&self) -> Result<()> {
-        delegate!(self, s => s.ping().await)
+        delegate!(self, s => s.ping())
     }
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
-        delegate!(self, s => s.get(ns, key).await)
+        delegate!(self, s => s.get(ns, key))
     }
 
     async fn put(
@@ -262,19 +270,19 @@ impl Store for AnyStore {
         value: Vec<u8>,
         expect: Expect,
     ) -> Result<Written> {
-        delegate!(self, s => s.put(ns, key, value, expect).await)
+        delegate!(self, s => s.put(ns, key, value, expect))
     }
 
     async fn delete(&self, ns: Namespace, key: &str, revision: &Revision) -> Result<bool> {
-        delegate!(self, s => s.delete(ns, key, revision).await)
+        delegate!(self, s => s.delete(ns, key, revision))
     }
 
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
-        delegate!(self, s => s.list(ns, prefix).await)
+        delegate!(self, s => s.list(ns, prefix))
     }
 
     async fn scan(&self, ns: Namespace) -> Result<Rows> {
-        delegate!(self, s => s.scan(ns).await)
+        delegate!(self, s => s.scan(ns))
     }
 
     async fn scan_and_get(
@@ -283,6 +291,6 @@ impl Store for AnyStore {
         ns: Namespace,
         key: &str,
     ) -> Result<(Rows, Option<Entry>)> {
-        delegate!(self, s => s.scan_and_get(scan_ns, ns, key).await)
+        delegate!(self, s => s.scan_and_get(scan_ns, ns, key))
     }
 }
