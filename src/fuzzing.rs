@@ -2,9 +2,10 @@
 //! and must return without panicking; where a decoder accepts the input, the invariants it
 //! promises are checked (a panic is a finding).
 //!
-//! `fuzz/` holds cargo-fuzz targets that call these for coverage-guided runs
-//! (`cargo fuzz run <target>`); `tests/fuzz_smoke.rs` runs each on a bounded, deterministic set
-//! of random and mutated inputs in every `./test`.
+//! `fuzz/` holds cargo-fuzz targets that call these for coverage-guided runs: `./test` runs
+//! each under libFuzzer for a bounded time (`scripts/fuzz.sh`, `fuzz/README.md`).
+//! `tests/fuzz_smoke.rs` runs each on a bounded, deterministic set of random and mutated inputs
+//! in every `cargo test`, and holds the regression inputs.
 
 use crate::api;
 use crate::crypto::{RootKey, decode_recovery_shard, encode_recovery_shard};

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
-//! Faults with real processes: a Nexus SIGKILLed in the middle of a stream of writes, a hung
-//! (SIGSTOPped) Keeper and a hung store, Keepers killed and restarted in a loop under load.
+//! Faults with real processes: a Nexus SIGKILLed in the middle of a stream of writes (and the
+//! unanswered puts replayed with their request ids), a hung (SIGSTOPped) Keeper and a hung
+//! store (PostgreSQL, S3), Keepers killed and restarted in a loop under load.
 //! Every test is bounded in time and count, prints what it did and counted, and asserts on
 //! outcomes (nothing acknowledged is lost, nothing that should succeed fails), never timings.
 
@@ -19,6 +20,8 @@ use spike::identity::Role;
 
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
+const LIST: &str = "/v1/store/secrets?action=list";
+const METADATA: &str = "/v1/store/secrets/metadata?action=get";
 
 fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
@@ -27,6 +30,107 @@ fn signal(pid: u32, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Processes held with SIGSTOP. SIGCONT on [`Frozen::thaw`], or on drop when an assertion fails
+/// first: a server left stopped would hang its own cleanup (and PostgreSQL's `pg_ctl stop`).
+struct Frozen(Vec<u32>);
+
+impl Frozen {
+    fn freeze(pids: Vec<u32>) -> Frozen {
+        for &pid in &pids {
+            signal(pid, "STOP");
+        }
+        Frozen(pids)
+    }
+
+    fn thaw(mut self) {
+        for pid in std::mem::take(&mut self.0) {
+            signal(pid, "CONT");
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// `pid` and its direct children, from /proc.
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    pids.extend(
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|child| {
+                // "pid (comm) state ppid ...": comm may hold spaces, so parse after the last ')'.
+                std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let ppid = s.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                        ppid.parse::<u32>().ok()
+                    })
+                    == Some(pid)
+            }),
+    );
+    pids
+}
+
+/// Puts `{"v": value}` to `path` as the logical write `request_id`.
+async fn put_with_id(
+    su: &HttpsClient,
+    url: &Uri,
+    path: &str,
+    value: &str,
+    request_id: &str,
+) -> (StatusCode, serde_json::Value) {
+    call(
+        su,
+        url,
+        SECRETS,
+        json!({"path": path, "values": {"v": value}, "request_id": request_id}),
+    )
+    .await
+}
+
+/// Every version of `path` with its value, oldest first. Checks that the metadata's current
+/// version is the highest one.
+async fn history(su: &HttpsClient, url: &Uri, path: &str) -> Vec<(u64, String)> {
+    let (s, m) = call(su, url, METADATA, json!({"path": path})).await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    let mut versions: Vec<u64> = m["versions"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(
+        m["metadata"]["currentVersion"].as_u64(),
+        versions.last().copied(),
+        "{m}"
+    );
+    let mut out = Vec::new();
+    for v in versions {
+        let (s, b) = call(su, url, GET, json!({"path": path, "version": v})).await;
+        assert_eq!(s, StatusCode::OK, "{path} v{v}: {b}");
+        out.push((v, b["data"]["v"].as_str().unwrap().to_string()));
+    }
+    out
+}
+
+/// The Nexus environment for the PostgreSQL database at `url`.
+fn postgres_env(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("SPIKE_NEXUS_BACKEND_STORE".into(), "postgres".into()),
+        ("SPIKE_NEXUS_DB_URL".into(), url.into()),
+    ]
 }
 
 /// Acknowledged writes: (path, version) → value.
@@ -135,14 +239,171 @@ async fn sigkill_of_nexus_mid_writes_loses_no_acknowledged_write_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_nexus_mid_writes_loses_no_acknowledged_write_on_postgres() {
     let url = common::postgres::fresh_database().await;
-    let backend = vec![
-        (
-            "SPIKE_NEXUS_BACKEND_STORE".to_string(),
-            "postgres".to_string(),
-        ),
-        ("SPIKE_NEXUS_DB_URL".to_string(), url),
-    ];
-    kill_nexus_mid_writes(backend, "postgres").await;
+    kill_nexus_mid_writes(postgres_env(&url), "postgres").await;
+}
+
+/// Concurrent writers on one path, each with one put in flight at a time and each stopping at
+/// its first unanswered put: at a SIGKILL at most this many puts are in doubt. It is kept below
+/// the request ids a record remembers (`REMEMBERED_REQUESTS`, 16), which bounds how many puts
+/// may land between an unanswered one and its replay while the replay is still recognised:
+/// the in-doubt puts of the other writers, plus the few puts the queue commits in the instant
+/// between an unanswered put's commit and the SIGKILL.
+const REPLAY_WRITERS: usize = 6;
+const _: () = assert!(REPLAY_WRITERS < spike::nexus::secrets::REMEMBERED_REQUESTS);
+
+/// What one writer did in one round: its acknowledged puts (index, version) and the put it
+/// sent without seeing an answer, if any.
+struct WriterRound {
+    acked: Vec<(usize, u64)>,
+    in_doubt: Option<usize>,
+}
+
+/// The logical write number `i` of writer `w`: its value, and its request id.
+fn logical(w: usize, i: usize) -> String {
+    format!("w{w}-i{i}")
+}
+
+/// Writers stream puts with distinct request ids to one path; Nexus is SIGKILLed mid-stream
+/// and restarted on the same store; the client then resends every put it did not see
+/// acknowledged, with the same request id. Repeated over a few rounds. Afterwards the path's
+/// history holds each logical write exactly once: as many versions as logical writes,
+/// acknowledged ones at their acknowledged version, each writer's writes in its order.
+/// Whether an unanswered put had been applied before the SIGKILL depends on where the kill
+/// falls: the test counts those (one to three in three rounds on this machine) and resends each
+/// twice, but requires none, which would be an assertion on timing.
+async fn replay_after_sigkill(backend: &[(String, String)], name: &str) {
+    const PATH: &str = "replay/x";
+    const ROUNDS: usize = 3;
+    let mut c = Cluster::new(3);
+    let mut env = pairs(backend);
+    env.push(("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "100000"));
+    let n = c.start_nexus(&env);
+    let mut url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = client(
+        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
+        &c.pki,
+        Role::Nexus,
+    );
+    // (writer, index) → version, for every logical write that is in the history by now.
+    let mut applied: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+    let mut next = [0usize; REPLAY_WRITERS];
+    let (mut acked_total, mut resent, mut found_applied) = (0, 0, 0);
+    for _ in 0..ROUNDS {
+        let acked_now = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (w, &start) in next.iter().enumerate() {
+            let (su, url, acked_now) = (su.clone(), url.clone(), acked_now.clone());
+            tasks.spawn(async move {
+                let mut round = WriterRound {
+                    acked: Vec::new(),
+                    in_doubt: None,
+                };
+                // Bounded: the SIGKILL comes long before this.
+                for i in start..start + 5_000 {
+                    let id = logical(w, i);
+                    let (s, b) = put_with_id(&su, &url, PATH, &id, &id).await;
+                    if s == StatusCode::OK {
+                        round.acked.push((i, b["version"].as_u64().unwrap()));
+                        acked_now.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // No answer: applied or not, the writer cannot tell. It stops here, so
+                        // it has at most one put in doubt and its order is kept.
+                        round.in_doubt = Some(i);
+                        break;
+                    }
+                }
+                (w, round)
+            });
+        }
+        wait_for("30 acknowledged puts", Duration::from_secs(30), || {
+            let n = acked_now.load(Ordering::Relaxed);
+            async move { (n >= 30).then_some(()) }
+        })
+        .await;
+        c.nexus[n].kill();
+        let mut in_doubt = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let (w, round) = r.unwrap();
+            for (i, v) in round.acked {
+                assert!(applied.insert((w, i), v).is_none());
+                acked_total += 1;
+            }
+            let i = round.in_doubt.expect("every writer meets the SIGKILL");
+            in_doubt.push((w, i));
+            next[w] = i + 1;
+        }
+        assert!(in_doubt.len() <= REPLAY_WRITERS);
+
+        c.nexus[n].restart();
+        url = c.nexus[n].url();
+        wait_status(&c.anonymous(), &url, "ready").await;
+        let (_, m) = call(&su, &url, METADATA, json!({"path": PATH})).await;
+        let current = m["metadata"]["currentVersion"].as_u64().unwrap();
+        // Resend each unanswered put with its request id; a second resend of the same id must
+        // return the same version.
+        for &(w, i) in &in_doubt {
+            let id = logical(w, i);
+            let (s, b) = put_with_id(&su, &url, PATH, &id, &id).await;
+            assert_eq!(s, StatusCode::OK, "resent {id}: {b}");
+            let v = b["version"].as_u64().unwrap();
+            let (s, again) = put_with_id(&su, &url, PATH, &id, &id).await;
+            assert_eq!((s, again["version"].as_u64()), (StatusCode::OK, Some(v)));
+            if v <= current {
+                // Applied before the SIGKILL; the resend wrote nothing.
+                found_applied += 1;
+            }
+            assert!(applied.insert((w, i), v).is_none());
+            resent += 1;
+        }
+    }
+
+    let history = history(&su, &url, PATH).await;
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut duplicated = 0;
+    for (v, value) in &history {
+        if seen.insert(value, *v).is_some() {
+            duplicated += 1;
+        }
+    }
+    let lost = applied
+        .keys()
+        .filter(|&&(w, i)| !seen.contains_key(logical(w, i).as_str()))
+        .count();
+    println!(
+        "replay {name}: {ROUNDS} SIGKILLs of Nexus, {REPLAY_WRITERS} writers on one path; \
+         {acked_total} puts acknowledged, {resent} unanswered and resent with their request_id \
+         ({found_applied} had been applied before the SIGKILL and were not applied again); \
+         history {} versions for {} logical writes, {lost} lost, {duplicated} duplicated",
+        history.len(),
+        applied.len()
+    );
+    // Exactly the logical writes, each at the version its (last) answer named...
+    let expected: BTreeMap<u64, String> = applied
+        .iter()
+        .map(|(&(w, i), &v)| (v, logical(w, i)))
+        .collect();
+    assert_eq!(
+        history,
+        expected.into_iter().collect::<Vec<_>>(),
+        "history of {PATH}"
+    );
+    // ...and each writer's writes in its order.
+    for w in 0..REPLAY_WRITERS {
+        let versions: Vec<u64> = applied.range((w, 0)..(w + 1, 0)).map(|(_, v)| *v).collect();
+        assert!(versions.is_sorted(), "writer {w}: {versions:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_puts_replayed_after_a_nexus_sigkill_apply_once_on_sqlite() {
+    replay_after_sigkill(&[], "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_puts_replayed_after_a_nexus_sigkill_apply_once_on_postgres() {
+    let url = common::postgres::fresh_database().await;
+    replay_after_sigkill(&postgres_env(&url), "postgres").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,16 +451,16 @@ async fn a_hung_keeper_hurts_no_request_and_no_new_nexus() {
     println!("hung keeper: {ops} requests during the hang, 0 failed; a new Nexus became ready");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_store_gives_503_and_recovers_without_a_restart() {
+/// The store's processes are stopped (hung, not dead): reads, writes, lists and /health get
+/// 503 `store_unavailable` (every store call has a deadline, below the client's 10 s); after
+/// SIGCONT Nexus is ready again without a restart. A put answered 503 is in doubt (its request
+/// may wait in the stopped server's socket and apply when it resumes), so it is resent with its
+/// `request_id` and must then appear exactly once: the path's history is exactly the
+/// acknowledged writes plus the resent ones, nothing lost, nothing twice.
+async fn hung_store(name: &str, backend: &[(String, String)], store_pids: &dyn Fn() -> Vec<u32>) {
+    const PATH: &str = "h/x";
     let mut c = Cluster::new(3);
-    let pg_parent = c.dir.path().join("pgparent");
-    std::fs::create_dir_all(&pg_parent).unwrap();
-    let pg = common::postgres::PgServer::start(&pg_parent);
-    let n = c.start_nexus(&[
-        ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
-        ("SPIKE_NEXUS_DB_URL", &pg.url),
-    ]);
+    let n = c.start_nexus(&pairs(backend));
     let url = c.nexus[n].url();
     let anon = c.anonymous();
     wait_status(&anon, &url, "ready").await;
@@ -208,19 +469,93 @@ async fn a_hung_store_gives_503_and_recovers_without_a_restart() {
         &c.pki,
         Role::Nexus,
     );
-    let mut acked = Vec::new();
+    // version → value of every write that must be in the history at the end.
+    let mut expected = BTreeMap::new();
     for i in 0..5 {
-        let (s, b) = call(
-            &su,
-            &url,
-            SECRETS,
-            json!({"path": "h/x", "values": {"v": i.to_string()}}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK);
-        acked.push((b["version"].as_u64().unwrap(), i.to_string()));
+        let value = format!("before-{i}");
+        let (s, b) = put_with_id(&su, &url, PATH, &value, &value).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        expected.insert(b["version"].as_u64().unwrap(), value);
     }
-    let postmaster: u32 = std::fs::read_to_string(pg_parent.join("pg/data/postmaster.pid"))
+
+    let pids = store_pids();
+    let frozen = Frozen::freeze(pids.clone());
+    let (mut probes, mut in_doubt) = (0, Vec::new());
+    // Two rounds: the second meets the connections the first gave up on, and new ones that
+    // the kernel still accepts into the stopped server's backlog.
+    for round in 1..=2 {
+        let id = format!("during-{round}");
+        let (put, get, list, h) = tokio::join!(
+            put_with_id(&su, &url, PATH, &id, &id),
+            call(&su, &url, GET, json!({"path": PATH})),
+            call(&su, &url, LIST, json!({})),
+            health(&anon, &url),
+        );
+        probes += 4;
+        for (what, (s, b)) in [("put", put), ("get", get), ("list", list)] {
+            assert_eq!(
+                (s, b),
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"err": "store_unavailable"})
+                ),
+                "{what} while the store hangs, round {round}"
+            );
+        }
+        let (s, h) = h.expect("Nexus answers /health while the store hangs");
+        assert_eq!(
+            (s, h["status"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")),
+            "{h}"
+        );
+        in_doubt.push(id);
+    }
+    assert!(c.nexus[n].is_running(), "Nexus died while the store hung");
+    frozen.thaw();
+
+    wait_status(&anon, &url, "ready").await;
+    let (_, m) = call(&su, &url, METADATA, json!({"path": PATH})).await;
+    let before_resend = m["metadata"]["currentVersion"].as_u64().unwrap();
+    let mut found_applied = 0;
+    for id in &in_doubt {
+        let (s, b) = put_with_id(&su, &url, PATH, id, id).await;
+        assert_eq!(s, StatusCode::OK, "resent {id}: {b}");
+        let v = b["version"].as_u64().unwrap();
+        if v <= before_resend {
+            found_applied += 1;
+        }
+        assert!(
+            expected.insert(v, id.clone()).is_none(),
+            "{id} got v{v} twice"
+        );
+    }
+    let (s, b) = put_with_id(&su, &url, PATH, "after", "after").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    expected.insert(b["version"].as_u64().unwrap(), "after".into());
+
+    let history = history(&su, &url, PATH).await;
+    let expected: Vec<(u64, String)> = expected.into_iter().collect();
+    let lost = expected.iter().filter(|e| !history.contains(e)).count();
+    let extra = history.len() + lost - expected.len();
+    println!(
+        "hung store {name}: {} store process(es) stopped; {probes} requests while hung (put, get, list, \
+         /health, twice), all 503 store_unavailable; ready after SIGCONT without a restart; {} \
+         puts answered 503 resent with their request_id ({found_applied} found already \
+         applied); history {} versions = 5 before + {} resent + 1 after, {lost} lost, {extra} \
+         extra",
+        pids.len(),
+        in_doubt.len(),
+        history.len(),
+        in_doubt.len()
+    );
+    assert_eq!(history, expected, "history of {PATH} after the hang");
+    assert!(c.nexus[n].is_running());
+}
+
+/// PostgreSQL's postmaster and its backends: stopping only the postmaster would leave the
+/// backends of open connections serving.
+fn postgres_pids(pg_dir: &std::path::Path) -> Vec<u32> {
+    let postmaster: u32 = std::fs::read_to_string(pg_dir.join("data/postmaster.pid"))
         .unwrap()
         .lines()
         .next()
@@ -228,68 +563,33 @@ async fn a_hung_store_gives_503_and_recovers_without_a_restart() {
         .trim()
         .parse()
         .unwrap();
-    // Hang the whole server (postmaster and its backends), not just the listener.
-    let group: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit(')').next().map(str::to_string))
-                .and_then(|rest| {
-                    rest.split_whitespace()
-                        .nth(1)
-                        .map(|p| p == postmaster.to_string())
-                })
-                .unwrap_or(false)
-                || *pid == postmaster
-        })
-        .collect();
-    for pid in &group {
-        signal(*pid, "STOP");
-    }
-    let (s, b) = call(&su, &url, GET, json!({"path": "h/x"})).await;
-    assert_eq!(
-        (s, b),
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"err": "store_unavailable"})
-        )
-    );
-    let (s, _) = call(
-        &su,
-        &url,
-        SECRETS,
-        json!({"path": "h/x", "values": {"v": "during"}}),
-    )
+    with_children(postmaster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_store_gives_503_and_recovers_without_a_restart() {
+    // A server of this test's own: stopping the shared one would break the other tests.
+    let parent = tempfile::tempdir().unwrap();
+    let pg = common::postgres::PgServer::start(parent.path());
+    hung_store("postgres", &postgres_env(&pg.url), &|| {
+        postgres_pids(&pg.dir)
+    })
     .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    let (s, h) = health(&anon, &url).await.unwrap();
-    assert_eq!(
-        (s, h["status"].as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable"))
-    );
-    for pid in &group {
-        signal(*pid, "CONT");
-    }
-    wait_status(&anon, &url, "ready").await;
-    for (v, value) in &acked {
-        let (s, b) = call(&su, &url, GET, json!({"path": "h/x", "version": v})).await;
-        assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!(value)));
-    }
-    let (s, _) = call(
-        &su,
-        &url,
-        SECRETS,
-        json!({"path": "h/x", "values": {"v": "after"}}),
-    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_server_gives_503_and_recovers_without_a_restart() {
+    // A server of this test's own (scripts/s3.sh): stopping the shared one would break the
+    // other tests. It is one Python process (threads, no children).
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = common::s3::S3Server::start(&dir.path().join("s3"));
+    let backend = s3.nexus_env("hung/");
+    let pid_file = s3.dir.join("pid");
+    hung_store("s3", &backend, &|| {
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        with_children(pid.trim().parse().unwrap())
+    })
     .await;
-    assert_eq!(s, StatusCode::OK);
-    assert!(c.nexus[n].is_running());
-    println!(
-        "hung store: {} processes stopped; reads and writes got 503, health store_unavailable; resumed, 5 acknowledged writes intact",
-        group.len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,13 +723,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
                     }
                     _ => {
                         counts[2].fetch_add(1, Ordering::Relaxed);
-                        call(
-                            &su,
-                            url,
-                            "/v1/store/secrets?action=list",
-                            json!({"prefix": "load/"}),
-                        )
-                        .await
+                        call(&su, url, LIST, json!({"prefix": "load/"})).await
                     }
                 };
                 if s != StatusCode::OK {
@@ -455,13 +749,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
             "{path}"
         );
         for u in &urls {
-            let (_, m) = call(
-                &su,
-                u,
-                "/v1/store/secrets/metadata?action=get",
-                json!({"path": path}),
-            )
-            .await;
+            let (_, m) = call(&su, u, METADATA, json!({"path": path})).await;
             assert_eq!(
                 m["metadata"]["currentVersion"],
                 versions.len() as u64,

@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! Each fuzzing entry point (`spike::fuzzing`) on a bounded, deterministic set of inputs:
 //! random bytes, and mutations (bit flips, truncations, splices) of valid seeds. A panic fails
-//! the test. Coverage-guided runs: the cargo-fuzz targets in `fuzz/`.
+//! the test. Coverage-guided runs: the cargo-fuzz targets in `fuzz/`, run by `./test` for a
+//! bounded time (`scripts/fuzz.sh`). An input libFuzzer found crashing belongs in the seeds here,
+//! as a regression case.
 
 type Target = fn(&[u8]);
 
