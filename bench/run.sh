@@ -244,7 +244,7 @@ spike_measure() {
 
 log "spike on SQLite: 3 Keepers and a Nexus"
 start_keepers
-for i in 0 1 2; do echo -e "keeper-$((i + 1)) (idle)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t-" >>"$memory"; done
+for i in 0 1 2; do echo -e "keeper-$((i + 1)) (idle)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t-\t$(status_kb "${keeper_pids[$i]}" RssAnon)" >>"$memory"; done
 start_nexus nexus-sqlite-first SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="$work/sqlite"
 first_ready_ms=$ready_ms
 spike_prepare
@@ -254,10 +254,10 @@ stop "$nexus_pid"
 start_nexus nexus-sqlite SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="$work/sqlite"
 recover_ready_ms=$ready_ms
 nexus_listen=
-echo -e "nexus sqlite (idle, just recovered)\t$(status_kb "$nexus_pid" VmRSS)\t-" >>"$memory"
+echo -e "nexus sqlite (idle, just recovered)\t$(status_kb "$nexus_pid" VmRSS)\t-\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
 spike_measure "spike sqlite"
-echo -e "nexus sqlite (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)" >>"$memory"
-for i in 0 1 2; do echo -e "keeper-$((i + 1)) (end)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t$(status_kb "${keeper_pids[$i]}" VmHWM)" >>"$memory"; done
+echo -e "nexus sqlite (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
+for i in 0 1 2; do echo -e "keeper-$((i + 1)) (end)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t$(status_kb "${keeper_pids[$i]}" VmHWM)\t$(status_kb "${keeper_pids[$i]}" RssAnon)" >>"$memory"; done
 stop "$nexus_pid"
 
 if [ "$smoke" = 0 ]; then
@@ -268,14 +268,14 @@ if [ "$smoke" = 0 ]; then
   pg_url=$(scripts/postgres.sh start "$work/pg" | sed -n 's/^SPIKE_TEST_POSTGRES_URL=//p')
   start_nexus nexus-pg SPIKE_NEXUS_BACKEND_STORE=postgres SPIKE_NEXUS_DB_URL="$pg_url"
   spike_prepare
-  echo -e "nexus postgres (idle)\t$(status_kb "$nexus_pid" VmRSS)\t-" >>"$memory"
+  echo -e "nexus postgres (idle)\t$(status_kb "$nexus_pid" VmRSS)\t-\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
   spike_measure "spike postgres"
-  echo -e "nexus postgres (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)" >>"$memory"
+  echo -e "nexus postgres (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
   pg_rss=0
   # This server's postmaster and its children only (other PostgreSQL servers may be running).
   pg_main=$(head -n 1 "$work/pg/data/postmaster.pid")
   for p in "$pg_main" $(pgrep -P "$pg_main" || true); do pg_rss=$(( pg_rss + $(status_kb "$p" VmRSS) )); done
-  echo -e "postgres (postmaster + backends, shared buffers counted in each)\t$pg_rss\t-" >>"$memory"
+  echo -e "postgres (postmaster + backends, shared buffers counted in each)\t$pg_rss\t-\t-" >>"$memory"
   stop "$nexus_pid"
   for p in "${keeper_pids[@]}"; do stop "$p"; done
   scripts/postgres.sh stop "$work/pg" fast >/dev/null; pg_started=0
@@ -333,13 +333,13 @@ HCL
     sleep 0.1
   done
   unset BAO_TOKEN
-  echo -e "openbao (idle, unsealed)\t$(status_kb "$bao_pid" VmRSS)\t-" >>"$memory"
+  echo -e "openbao (idle, unsealed)\t$(status_kb "$bao_pid" VmRSS)\t-\t$(status_kb "$bao_pid" RssAnon)" >>"$memory"
   server_pid=$bao_pid
   measure "openbao kv2" \
     "https://127.0.0.1:$bao_port/v1/secret/data/bench/r" '' \
     "https://127.0.0.1:$bao_port/v1/secret/data/bench/w" '{"data":{"username":"admin-admin-admin","password":"s3cret-s3cret-s3cret"}}' \
     GET "X-Vault-Token: $bench_token"
-  echo -e "openbao (after load)\t$(status_kb "$bao_pid" VmRSS)\t$(status_kb "$bao_pid" VmHWM)" >>"$memory"
+  echo -e "openbao (after load)\t$(status_kb "$bao_pid" VmRSS)\t$(status_kb "$bao_pid" VmHWM)\t$(status_kb "$bao_pid" RssAnon)" >>"$memory"
   stop "$bao_pid"
 fi
 
@@ -351,7 +351,7 @@ log "bare mTLS: fixed body ($conns connections, ${secs}s)"
 t0=$(cpu_ticks "$bare_pid")
 oha_run "$work/oha-bare.json" "https://$addr/" POST '{"path":"bench/r"}' "$conns"
 record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body" $(( $(cpu_ticks "$bare_pid") - t0 ))
-echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)" >>"$memory"
+echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)\t$(status_kb "$bare_pid" RssAnon)" >>"$memory"
 stop "$bare_pid"
 
 # ---------------------------------------------------------------- report
@@ -371,8 +371,10 @@ for r in rows:
     print(fmt(r[:7]))
 PY
 echo
-echo "| process | VmRSS MiB | peak VmHWM MiB |"
-echo "|---|---:|---:|"
-awk -F'\t' '{ hwm = ($3 == "-") ? "-" : sprintf("%.1f", $3 / 1024); printf "| %s | %.1f | %s |\n", $1, $2 / 1024, hwm }' "$memory"
+# RssAnon: memory the process wrote itself; the rest of VmRSS is mapped file pages (the
+# executable's code and data, shared libraries), shared with every process mapping them.
+echo "| process | VmRSS MiB | peak VmHWM MiB | of which RssAnon MiB |"
+echo "|---|---:|---:|---:|"
+awk -F'\t' '{ hwm = ($3 == "-") ? "-" : sprintf("%.1f", $3 / 1024); anon = ($4 == "-") ? "-" : sprintf("%.1f", $4 / 1024); printf "| %s | %.1f | %s | %s |\n", $1, $2 / 1024, hwm, anon }' "$memory"
 echo
 echo "Nexus ready after start: ${first_ready_ms} ms (new deployment: creates the root key), ${recover_ready_ms} ms (restart: rebuilds it from the Keepers' shards); measured from spawn to the first ready /health, polled every 5 ms with curl"

@@ -143,6 +143,8 @@ pub struct Keys {
 pub struct Nexus {
     /// The store every request reads and writes.
     pub store: AnyStore,
+    /// Queues of this instance's secret writes to the store.
+    pub writers: secrets::Writers,
     /// Validated configuration.
     pub config: NexusConfig,
     /// The loaded key, once there is one.
@@ -172,6 +174,7 @@ impl Nexus {
         let need = usize::from(config.threshold);
         Nexus {
             store,
+            writers: secrets::Writers::default(),
             config,
             keys: RwLock::new(None),
             phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),

@@ -117,11 +117,15 @@ enum Caller {
 }
 
 fn classify(id: &SpiffeId, trust_domain: &str) -> Caller {
-    let lite = format!("spiffe://{trust_domain}/spike/workload/role/lite");
+    const LITE: &str = "/spike/workload/role/lite";
     match Role::of(id, trust_domain) {
         Some(Role::Superuser) => Caller::Superuser,
+        // Role::of has checked the trust domain.
         Some(Role::Workload)
-            if id.as_str() == lite || id.as_str().starts_with(&format!("{lite}/")) =>
+            if id
+                .path()
+                .strip_prefix(LITE)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) =>
         {
             Caller::Lite
         }
@@ -248,6 +252,7 @@ impl Api {
                     .await?;
                 let version = secrets::put(
                     store,
+                    &self.nexus.writers,
                     &keys.secrets,
                     &r.path,
                     &r.values,
@@ -276,9 +281,9 @@ impl Api {
                 self.authorize(keys, caller, kind, &r.path, &[Permission::Write])
                     .await?;
                 if route == Route::SecretDelete {
-                    secrets::delete(store, &r.path, &r.versions).await?;
+                    secrets::delete(store, &self.nexus.writers, &r.path, &r.versions).await?;
                 } else {
-                    secrets::undelete(store, &r.path, &r.versions).await?;
+                    secrets::undelete(store, &self.nexus.writers, &r.path, &r.versions).await?;
                 }
                 ok(&Empty {})
             }

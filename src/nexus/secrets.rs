@@ -213,21 +213,41 @@ struct QueuedPut {
 /// Puts of one path applied together at most (each still a version of its own).
 const MAX_BATCH: usize = 128;
 
-fn stripe(path: &str) -> &'static Stripe {
-    use std::hash::{Hash, Hasher};
-    const STRIPES: usize = 256;
-    static STRIPES_: std::sync::OnceLock<Vec<Stripe>> = std::sync::OnceLock::new();
-    let stripes = STRIPES_.get_or_init(|| {
-        (0..STRIPES)
-            .map(|_| Stripe {
-                turn: tokio::sync::Mutex::new(()),
-                queue: std::sync::Mutex::new(Queue::default()),
-            })
-            .collect()
-    });
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    path.hash(&mut h);
-    &stripes[(h.finish() as usize) % STRIPES]
+/// Stripes per [`Writers`].
+const STRIPES: usize = 256;
+
+/// The write queues of one store ([`Stripe`]s). Each Nexus has its own, so puts are only ever
+/// committed together with puts to the same store.
+#[derive(Clone)]
+pub struct Writers {
+    stripes: Arc<[Stripe]>,
+}
+
+impl Default for Writers {
+    fn default() -> Writers {
+        Writers {
+            stripes: (0..STRIPES)
+                .map(|_| Stripe {
+                    turn: tokio::sync::Mutex::new(()),
+                    queue: std::sync::Mutex::new(Queue::default()),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Writers {
+    /// The index of the stripe `path` belongs to.
+    fn stripe_of(&self, path: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut h);
+        (h.finish() as usize) % self.stripes.len()
+    }
+
+    fn stripe(&self, path: &str) -> &Stripe {
+        &self.stripes[self.stripe_of(path)]
+    }
 }
 
 fn lock_queue(stripe: &Stripe) -> std::sync::MutexGuard<'_, Queue> {
@@ -241,10 +261,12 @@ fn lock_queue(stripe: &Stripe) -> std::sync::MutexGuard<'_, Queue> {
 /// puts.
 async fn queue_put<S: Store + Clone>(
     store: &S,
+    writers: &Writers,
     path: &str,
     change: Change,
 ) -> Result<u64, ApiError> {
-    let stripe = stripe(path);
+    let index = writers.stripe_of(path);
+    let stripe = &writers.stripes[index];
     let (done, answer) = tokio::sync::oneshot::channel();
     let start = {
         let mut queue = lock_queue(stripe);
@@ -256,7 +278,7 @@ async fn queue_put<S: Store + Clone>(
         !std::mem::replace(&mut queue.flushing, true)
     };
     if start {
-        tokio::spawn(flush(stripe, store.clone()));
+        tokio::spawn(flush(writers.clone(), index, store.clone()));
     }
     answer.await.unwrap_or_else(|_| {
         Err(ApiError::Internal(
@@ -266,7 +288,8 @@ async fn queue_put<S: Store + Clone>(
 }
 
 /// Applies a stripe's queued puts, a path's batch at a time, until the queue is empty.
-async fn flush<S: Store>(stripe: &'static Stripe, store: S) {
+async fn flush<S: Store>(writers: Writers, index: usize, store: S) {
+    let stripe = &writers.stripes[index];
     loop {
         let turn = stripe.turn.lock().await;
         let batch: Vec<QueuedPut> = {
@@ -384,13 +407,14 @@ fn decode(path: &str, stored: &[u8]) -> Result<Record, ApiError> {
 /// that returns no record writes nothing.
 async fn update<T>(
     store: &impl Store,
+    writers: &Writers,
     path: &str,
     mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
     // Writers of one path inside this instance take turns, so they do not spend store round
     // trips losing compare-and-set races to each other. This is only a queue: other instances
     // still race, and the compare-and-set below is what keeps every write honest.
-    let _turn = stripe(path).turn.lock().await;
+    let _turn = writers.stripe(path).turn.lock().await;
     for attempt in 0..MAX_ATTEMPTS {
         let (record, expect) = match load(store, path).await? {
             Some((record, rev)) => (Some(record), Expect::Revision(rev)),
@@ -429,6 +453,7 @@ pub struct PutOptions<'a> {
 /// first one passed it). Concurrent puts of one path are committed together ([`Stripe`]).
 pub async fn put<S: Store + Clone>(
     store: &S,
+    writers: &Writers,
     key: &Arc<AeadKey>,
     path: &str,
     values: &BTreeMap<String, String>,
@@ -493,7 +518,7 @@ pub async fn put<S: Store + Clone>(
         }
         Ok(Applies::Wrote(version))
     });
-    queue_put(store, path, change).await
+    queue_put(store, writers, path, change).await
 }
 
 fn lowest_live(record: &Record) -> u64 {
@@ -558,9 +583,14 @@ pub fn open_version(
 }
 
 /// Soft-deletes versions (empty or `0`: the current one).
-pub async fn delete(store: &impl Store, path: &str, versions: &[u64]) -> Result<(), ApiError> {
+pub async fn delete(
+    store: &impl Store,
+    writers: &Writers,
+    path: &str,
+    versions: &[u64],
+) -> Result<(), ApiError> {
     validate_path(path)?;
-    update(store, path, |record| {
+    update(store, writers, path, |record| {
         let mut record = record.ok_or(ApiError::NotFound)?;
         let now = api::now_nanos();
         let targets: Vec<u64> = if versions.is_empty() {
@@ -594,9 +624,14 @@ pub async fn delete(store: &impl Store, path: &str, versions: &[u64]) -> Result<
 
 /// Restores soft-deleted versions (empty: the current one, or the highest deleted one when no
 /// version is current). `NotFound` when nothing was restored.
-pub async fn undelete(store: &impl Store, path: &str, versions: &[u64]) -> Result<(), ApiError> {
+pub async fn undelete(
+    store: &impl Store,
+    writers: &Writers,
+    path: &str,
+    versions: &[u64],
+) -> Result<(), ApiError> {
     validate_path(path)?;
-    update(store, path, |record| {
+    update(store, writers, path, |record| {
         let mut record = record.ok_or(ApiError::NotFound)?;
         let targets: Vec<u64> = if versions.is_empty() || versions == [0] {
             if record.current != 0 {
@@ -712,18 +747,25 @@ mod tests {
     async fn a_replayed_request_id_returns_the_first_version_and_writes_nothing() {
         let s = MemoryStore::default();
         let k = key();
+        let w = Writers::default();
         assert_eq!(
-            put(&s, &k, "p", &vals("a"), with_id("r1")).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("a"), with_id("r1"))
+                .await
+                .unwrap(),
             1
         );
         let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
         // The replay carries the same values; even different ones would not be written.
         assert_eq!(
-            put(&s, &k, "p", &vals("a"), with_id("r1")).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("a"), with_id("r1"))
+                .await
+                .unwrap(),
             1
         );
         assert_eq!(
-            put(&s, &k, "p", &vals("zz"), with_id("r1")).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("zz"), with_id("r1"))
+                .await
+                .unwrap(),
             1
         );
         let after = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
@@ -731,15 +773,21 @@ mod tests {
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("a"), 1));
         // Another id, or no id, is a new write.
         assert_eq!(
-            put(&s, &k, "p", &vals("b"), with_id("r2")).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("b"), with_id("r2"))
+                .await
+                .unwrap(),
             2
         );
         assert_eq!(
-            put(&s, &k, "p", &vals("c"), opts(None, 10)).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("c"), opts(None, 10))
+                .await
+                .unwrap(),
             3
         );
         assert_eq!(
-            put(&s, &k, "p", &vals("b"), with_id("r2")).await.unwrap(),
+            put(&s, &w, &k, "p", &vals("b"), with_id("r2"))
+                .await
+                .unwrap(),
             2
         );
         // A replay is answered before check-and-set: the first attempt passed it.
@@ -748,8 +796,8 @@ mod tests {
             request_id: Some("r3"),
             max_versions: 10,
         };
-        assert_eq!(put(&s, &k, "p", &vals("d"), cas).await.unwrap(), 4);
-        assert_eq!(put(&s, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(put(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(put(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("d"), 4));
     }
 
@@ -776,28 +824,35 @@ mod tests {
     async fn request_ids_are_checked() {
         let s = MemoryStore::default();
         let k = key();
+        let w = Writers::default();
         for bad in ["", "a b", "é", &"a".repeat(65)] {
             assert!(
                 matches!(
-                    put(&s, &k, "p", &vals("a"), with_id(bad)).await,
+                    put(&s, &w, &k, "p", &vals("a"), with_id(bad)).await,
                     Err(ApiError::BadRequest(_))
                 ),
                 "{bad:?}"
             );
         }
         let hex = "0123456789abcdef0123456789abcdef";
-        assert_eq!(put(&s, &k, "p", &vals("a"), with_id(hex)).await.unwrap(), 1);
+        assert_eq!(
+            put(&s, &w, &k, "p", &vals("a"), with_id(hex))
+                .await
+                .unwrap(),
+            1
+        );
     }
 
     #[tokio::test]
     async fn concurrent_replays_of_one_request_make_one_version() {
         let s = std::sync::Arc::new(MemoryStore::default());
-        let k = std::sync::Arc::new(key());
+        let k = key();
+        let w = Writers::default();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..20 {
-            let (s, k) = (s.clone(), k.clone());
+            let (s, k, w) = (s.clone(), k.clone(), w.clone());
             tasks.spawn(async move {
-                put(&*s, &k, "p", &vals("x"), with_id("same"))
+                put(&*s, &w, &k, "p", &vals("x"), with_id("same"))
                     .await
                     .unwrap()
             });
@@ -838,9 +893,10 @@ mod tests {
     async fn versions_delete_undelete_prune() {
         let s = MemoryStore::default();
         let k = key();
+        let w = Writers::default();
         for i in 1..=3 {
             assert_eq!(
-                put(&s, &k, "p", &vals(&i.to_string()), opts(None, 10))
+                put(&s, &w, &k, "p", &vals(&i.to_string()), opts(None, 10))
                     .await
                     .unwrap(),
                 i
@@ -848,13 +904,13 @@ mod tests {
         }
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("3"), 3));
         assert_eq!(get(&s, &k, "p", Some(1)).await.unwrap(), (vals("1"), 1));
-        delete(&s, "p", &[]).await.unwrap();
+        delete(&s, &w, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 2);
         assert!(matches!(
             get(&s, &k, "p", Some(3)).await,
             Err(ApiError::NotFound)
         ));
-        delete(&s, "p", &[1, 2]).await.unwrap();
+        delete(&s, &w, "p", &[1, 2]).await.unwrap();
         assert!(matches!(
             get(&s, &k, "p", None).await,
             Err(ApiError::NotFound)
@@ -864,9 +920,9 @@ mod tests {
             (m.metadata.current_version, m.metadata.oldest_version),
             (0, 0)
         );
-        undelete(&s, "p", &[]).await.unwrap();
+        undelete(&s, &w, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 3);
-        undelete(&s, "p", &[1]).await.unwrap();
+        undelete(&s, &w, "p", &[1]).await.unwrap();
         let m = metadata(&s, "p", None).await.unwrap();
         assert_eq!(
             (m.metadata.current_version, m.metadata.oldest_version),
@@ -874,12 +930,14 @@ mod tests {
         );
         assert!(m.versions["2"].deleted_time.is_some());
         assert!(matches!(
-            undelete(&s, "p", &[3]).await,
+            undelete(&s, &w, "p", &[3]).await,
             Err(ApiError::NotFound)
         ));
         // Pruning keeps the newest max_versions and never reuses numbers.
         for _ in 0..5 {
-            put(&s, &k, "p", &vals("x"), opts(None, 2)).await.unwrap();
+            put(&s, &w, &k, "p", &vals("x"), opts(None, 2))
+                .await
+                .unwrap();
         }
         let m = metadata(&s, "p", None).await.unwrap();
         assert_eq!(
@@ -897,21 +955,22 @@ mod tests {
     async fn check_and_set() {
         let s = MemoryStore::default();
         let k = key();
+        let w = Writers::default();
         assert_eq!(
-            put(&s, &k, "p", &vals("a"), opts(Some(0), 10))
+            put(&s, &w, &k, "p", &vals("a"), opts(Some(0), 10))
                 .await
                 .unwrap(),
             1
         );
         assert!(matches!(
-            put(&s, &k, "p", &vals("b"), opts(Some(0), 10)).await,
+            put(&s, &w, &k, "p", &vals("b"), opts(Some(0), 10)).await,
             Err(ApiError::CasMismatch {
                 expected: 0,
                 current: 1
             })
         ));
         assert_eq!(
-            put(&s, &k, "p", &vals("b"), opts(Some(1), 10))
+            put(&s, &w, &k, "p", &vals("b"), opts(Some(1), 10))
                 .await
                 .unwrap(),
             2
@@ -923,10 +982,11 @@ mod tests {
     async fn a_version_moved_to_another_path_does_not_open() {
         let s = MemoryStore::default();
         let k = key();
-        put(&s, &k, "a", &vals("secret-a"), opts(None, 10))
+        let w = Writers::default();
+        put(&s, &w, &k, "a", &vals("secret-a"), opts(None, 10))
             .await
             .unwrap();
-        put(&s, &k, "b", &vals("secret-b"), opts(None, 10))
+        put(&s, &w, &k, "b", &vals("secret-b"), opts(None, 10))
             .await
             .unwrap();
         let a = s.get(Namespace::Secrets, "a").await.unwrap().unwrap();
@@ -996,14 +1056,15 @@ mod tests {
     async fn concurrent_puts_of_one_path_commit_together_and_each_keeps_its_own_version() {
         let s = Counting::default();
         let k = key();
+        let w = Writers::default();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..64u64 {
-            let (s, k) = (s.clone(), k.clone());
+            let (s, k, w) = (s.clone(), k.clone(), w.clone());
             tasks.spawn(async move {
                 // Every fourth put carries a check-and-set that only version 0 passes: exactly
                 // one of them (whichever comes first) may succeed, inside a batch or not.
                 let cas = (i % 4 == 0).then_some(0);
-                let out = put(&s, &k, "p", &vals(&i.to_string()), opts(cas, 100)).await;
+                let out = put(&s, &w, &k, "p", &vals(&i.to_string()), opts(cas, 100)).await;
                 (i, out)
             });
         }
@@ -1042,12 +1103,13 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writers_never_share_a_version() {
         let s = std::sync::Arc::new(MemoryStore::default());
-        let k = std::sync::Arc::new(key());
+        let k = key();
+        let w = Writers::default();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..50 {
-            let (s, k) = (s.clone(), k.clone());
+            let (s, k, w) = (s.clone(), k.clone(), w.clone());
             tasks.spawn(async move {
-                put(&*s, &k, "p", &vals(&i.to_string()), opts(None, 100))
+                put(&*s, &w, &k, "p", &vals(&i.to_string()), opts(None, 100))
                     .await
                     .unwrap()
             });

@@ -362,18 +362,33 @@ impl Store for SqliteStore {
     ) -> Result<(Rows, Option<Entry>)> {
         let key = key.to_string();
         self.read(move |c| {
-            // One read transaction: one snapshot, and the file and WAL locks taken once.
-            c.prepare_cached("BEGIN")?.execute([])?;
-            let out = scan_rows(c, scan_ns).and_then(|rows| Ok((rows, get_entry(c, ns, &key)?)));
-            // Nothing was written, so ending the transaction either way is the same; a failed
-            // read must not leave it open on this thread's connection.
-            let end = c.prepare_cached("COMMIT").and_then(|mut s| s.execute([]));
-            if end.is_err() {
-                let _ = c.execute_batch("ROLLBACK");
+            // One statement, so one read transaction: one snapshot, the WAL read lock taken
+            // once. The scanned rows come first (revision NULL), the key's row (if any) last.
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT key, value, NULL FROM kv WHERE ns = '{}'
+                 UNION ALL
+                 SELECT key, value, revision FROM kv WHERE ns = '{}' AND key = ?1",
+                scan_ns.as_str(),
+                ns.as_str()
+            ))?;
+            let mut rows = Vec::new();
+            let mut entry = None;
+            let mut found = stmt.query(params![key])?;
+            while let Some(row) = found.next()? {
+                match row.get::<_, Option<i64>>(2)? {
+                    None => rows.push((row.get(0)?, row.get(1)?)),
+                    Some(revision) => {
+                        entry = Some(Entry {
+                            value: row.get(1)?,
+                            revision: Revision(revision.to_string()),
+                        })
+                    }
+                }
             }
-            let out = out?;
-            end?;
-            Ok(out)
+            // The primary key gives them in key order; a compound statement does not promise
+            // it, so make sure (linear on sorted input).
+            rows.sort_by(|a: &(String, Vec<u8>), b| a.0.cmp(&b.0));
+            Ok((rows, entry))
         })
         .await
     }
