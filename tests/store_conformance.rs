@@ -116,6 +116,18 @@ async fn listing(s: &impl Store) {
     let alone = s.get(ns, "b/1").await.unwrap().unwrap();
     let entry = entry.unwrap();
     assert_eq!((entry.value, entry.revision), (alone.value, alone.revision));
+    // Several scanned rows come back in key order.
+    s.put(Namespace::Policies, "a/0", vec![2], Expect::Absent)
+        .await
+        .unwrap();
+    let (rows, _) = s
+        .scan_and_get(Namespace::Policies, ns, "b/1")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![("a/0".to_string(), vec![2]), ("b/zzz".to_string(), vec![1])]
+    );
     let (rows, entry) = s
         .scan_and_get(Namespace::System, ns, "absent")
         .await

@@ -507,6 +507,46 @@ impl Store for PostgresStore {
         })
         .await
     }
+
+    async fn scan_and_get(
+        &self,
+        scan_ns: Namespace,
+        ns: Namespace,
+        key: &str,
+    ) -> Result<(super::Rows, Option<Entry>)> {
+        self.run(async |c| {
+            // One statement: one round trip and one snapshot. The scanned rows carry a NULL
+            // revision; the key's row, if any, its own.
+            let stmt = c
+                .prepare_cached(
+                    "(SELECT key, value, NULL::bigint FROM kv WHERE ns = $1 ORDER BY key)
+                     UNION ALL
+                     (SELECT key, value, revision FROM kv WHERE ns = $2 AND key = $3)",
+                )
+                .await?;
+            let found = c
+                .query(&stmt, &[&scan_ns.as_str(), &ns.as_str(), &key])
+                .await?;
+            let mut rows = Vec::new();
+            let mut entry = None;
+            for r in found {
+                match r.get::<_, Option<i64>>(2) {
+                    None => rows.push((r.get(0), r.get(1))),
+                    Some(n) => {
+                        entry = Some(Entry {
+                            value: r.get(1),
+                            revision: revision(n),
+                        })
+                    }
+                }
+            }
+            // UNION ALL keeps each branch's rows together but does not promise the order
+            // inside them; make sure (linear on sorted input).
+            rows.sort_by(|a: &(String, Vec<u8>), b| a.0.cmp(&b.0));
+            Ok((rows, entry))
+        })
+        .await
+    }
 }
 
 /// Certificate verifiers weaker than full WebPKI server authentication, for the `sslmode`
