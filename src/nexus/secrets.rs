@@ -289,13 +289,34 @@ async fn queue_put<S: Store + Clone>(
 
 /// Applies a stripe's queued puts, a path's batch at a time, until the queue is empty.
 async fn flush<S: Store>(writers: Writers, index: usize, store: S) {
+    /// Should this task end any other way than by emptying the queue (a panic, or its runtime
+    /// shutting down), the stripe must not be left marked as flushing with nobody flushing it:
+    /// the queued callers get an error and the next put starts a new task.
+    struct Finish<'a> {
+        stripe: &'a Stripe,
+        emptied: bool,
+    }
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            if !self.emptied {
+                let mut queue = lock_queue(self.stripe);
+                queue.flushing = false;
+                queue.puts.clear();
+            }
+        }
+    }
     let stripe = &writers.stripes[index];
+    let mut finish = Finish {
+        stripe,
+        emptied: false,
+    };
     loop {
         let turn = stripe.turn.lock().await;
         let batch: Vec<QueuedPut> = {
             let mut queue = lock_queue(stripe);
             let Some(first) = queue.puts.first() else {
                 queue.flushing = false;
+                finish.emptied = true;
                 return;
             };
             let path = first.path.clone();
