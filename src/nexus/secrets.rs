@@ -342,39 +342,21 @@ async fn flush<S: Store>(writers: Writers, index: usize, store: S) {
 /// answers every put.
 async fn apply_batch<S: Store>(store: &S, mut batch: Vec<QueuedPut>) {
     let path = batch[0].path.clone();
-    let outcome = async {
-        for attempt in 0..MAX_ATTEMPTS {
-            let (mut record, expect) = match load(store, &path).await? {
-                Some((record, rev)) => (Some(record), Expect::Revision(rev)),
-                None => (None, Expect::Absent),
-            };
-            let mut wrote = false;
-            let answers: Vec<Result<u64, ApiError>> = batch
-                .iter_mut()
-                .map(|put| match (put.change)(&mut record) {
-                    Ok(Applies::Wrote(v)) => {
-                        wrote = true;
-                        Ok(v)
-                    }
-                    Ok(Applies::Replayed(v)) => Ok(v),
-                    Err(e) => Err(e),
-                })
-                .collect();
-            let Some(record) = record.filter(|_| wrote) else {
-                return Ok(answers);
-            };
-            let bytes = serde_json::to_vec(&record)
-                .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))?;
-            match store.put(Namespace::Secrets, &path, bytes, expect).await? {
-                Written::Done(_) => return Ok(answers),
-                Written::Conflict => {
-                    tracing::debug!(path, attempt, "secret write conflict; retrying");
-                    backoff(attempt).await;
+    let outcome = read_modify_write(store, &path, |mut record| {
+        let mut wrote = false;
+        let answers: Vec<Result<u64, ApiError>> = batch
+            .iter_mut()
+            .map(|put| match (put.change)(&mut record) {
+                Ok(Applies::Wrote(v)) => {
+                    wrote = true;
+                    Ok(v)
                 }
-            }
-        }
-        Err(ApiError::Contended)
-    }
+                Ok(Applies::Replayed(v)) => Ok(v),
+                Err(e) => Err(e),
+            })
+            .collect();
+        Ok((record.filter(|_| wrote), answers))
+    })
     .await;
     match outcome {
         Ok(answers) => {
@@ -423,19 +405,28 @@ fn decode(path: &str, stored: &[u8]) -> Result<Record, ApiError> {
         .map_err(|e| ApiError::Internal(format!("secret record at {path:?} is malformed: {e}")))
 }
 
-/// Applies `change` to the record at `path` (or `None`) and writes the result with
-/// compare-and-set, retrying from a fresh read when another writer got in between. A change
-/// that returns no record writes nothing.
+/// [`read_modify_write`] of the record at `path`, in the path's turn.
 async fn update<T>(
     store: &impl Store,
     writers: &Writers,
     path: &str,
-    mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
+    change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
     // Writers of one path inside this instance take turns, so they do not spend store round
     // trips losing compare-and-set races to each other. This is only a queue: other instances
-    // still race, and the compare-and-set below is what keeps every write honest.
+    // still race, and the compare-and-set is what keeps every write honest.
     let _turn = writers.stripe(path).turn.lock().await;
+    read_modify_write(store, path, change).await
+}
+
+/// Reads the record at `path`, gives it to `change`, and writes the record `change` returns
+/// with compare-and-set (nothing when it returns none), retrying from a fresh read when
+/// another writer got in between. Callers hold the path's turn.
+async fn read_modify_write<T>(
+    store: &impl Store,
+    path: &str,
+    mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
+) -> Result<T, ApiError> {
     for attempt in 0..MAX_ATTEMPTS {
         let (record, expect) = match load(store, path).await? {
             Some((record, rev)) => (Some(record), Expect::Revision(rev)),
