@@ -83,6 +83,30 @@ pub struct Entry {
 /// The (key, value) pairs of a scan, sorted by key.
 pub type Rows = Vec<(String, Vec<u8>)>;
 
+/// Splits what a SQL backend's one-statement [`Store::scan_and_get`] returns — the scanned rows
+/// with no revision, the key's row with its revision — into the scan, sorted by key, and the
+/// entry. The statement's two branches arrive together, but a compound statement does not
+/// promise the order inside them; the sort is linear on sorted input.
+fn split_scan_and_get(
+    found: impl IntoIterator<Item = (String, Vec<u8>, Option<i64>)>,
+) -> (Rows, Option<Entry>) {
+    let mut rows = Vec::new();
+    let mut entry = None;
+    for (key, value, revision) in found {
+        match revision {
+            None => rows.push((key, value)),
+            Some(n) => {
+                entry = Some(Entry {
+                    value,
+                    revision: Revision(n.to_string()),
+                })
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    (rows, entry)
+}
+
 /// The condition a conditional write must meet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {

@@ -527,23 +527,9 @@ impl Store for PostgresStore {
             let found = c
                 .query(&stmt, &[&scan_ns.as_str(), &ns.as_str(), &key])
                 .await?;
-            let mut rows = Vec::new();
-            let mut entry = None;
-            for r in found {
-                match r.get::<_, Option<i64>>(2) {
-                    None => rows.push((r.get(0), r.get(1))),
-                    Some(n) => {
-                        entry = Some(Entry {
-                            value: r.get(1),
-                            revision: revision(n),
-                        })
-                    }
-                }
-            }
-            // UNION ALL keeps each branch's rows together but does not promise the order
-            // inside them; make sure (linear on sorted input).
-            rows.sort_by(|a: &(String, Vec<u8>), b| a.0.cmp(&b.0));
-            Ok((rows, entry))
+            Ok(super::split_scan_and_get(
+                found.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))),
+            ))
         })
         .await
     }

@@ -371,24 +371,10 @@ impl Store for SqliteStore {
                 scan_ns.as_str(),
                 ns.as_str()
             ))?;
-            let mut rows = Vec::new();
-            let mut entry = None;
-            let mut found = stmt.query(params![key])?;
-            while let Some(row) = found.next()? {
-                match row.get::<_, Option<i64>>(2)? {
-                    None => rows.push((row.get(0)?, row.get(1)?)),
-                    Some(revision) => {
-                        entry = Some(Entry {
-                            value: row.get(1)?,
-                            revision: Revision(revision.to_string()),
-                        })
-                    }
-                }
-            }
-            // The primary key gives them in key order; a compound statement does not promise
-            // it, so make sure (linear on sorted input).
-            rows.sort_by(|a: &(String, Vec<u8>), b| a.0.cmp(&b.0));
-            Ok((rows, entry))
+            let found = stmt
+                .query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::split_scan_and_get(found))
         })
         .await
     }
