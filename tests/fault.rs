@@ -16,7 +16,6 @@ use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
 use spike::client::HttpsClient;
-use spike::identity::Role;
 
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
@@ -191,11 +190,7 @@ async fn kill_nexus_mid_writes(backend: Vec<(String, String)>, name: &str) {
     let n = c.start_nexus(&env);
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Default::default();
     let failed = Arc::new(AtomicUsize::new(0));
@@ -280,11 +275,7 @@ async fn replay_after_sigkill(backend: &[(String, String)], name: &str) {
     let n = c.start_nexus(&env);
     let mut url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     // (writer, index) → version, for every logical write that is in the history by now.
     let mut applied: BTreeMap<(usize, usize), u64> = BTreeMap::new();
     let mut next = [0usize; REPLAY_WRITERS];
@@ -415,11 +406,7 @@ async fn a_hung_keeper_hurts_no_request_and_no_new_nexus() {
     ]);
     let url = c.nexus[n].url();
     let key_id = wait_status(&c.anonymous(), &url, "ready").await["key_id"].clone();
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     let keeper = c.keepers[1].pid();
     signal(keeper, "STOP");
     let started = Instant::now();
@@ -464,11 +451,7 @@ async fn hung_store(name: &str, backend: &[(String, String)], store_pids: &dyn F
     let url = c.nexus[n].url();
     let anon = c.anonymous();
     wait_status(&anon, &url, "ready").await;
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     // version → value of every write that must be in the history at the end.
     let mut expected = BTreeMap::new();
     for i in 0..5 {
@@ -601,11 +584,7 @@ async fn keeper_churn_under_load_fails_no_request() {
     ]);
     let url = c.nexus[n].url();
     let key_id = wait_status(&c.anonymous(), &url, "ready").await["key_id"].clone();
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Default::default();
     let failed = Arc::new(AtomicUsize::new(0));
@@ -665,11 +644,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
     for u in &urls {
         wait_status(&c.anonymous(), u, "ready").await;
     }
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
     let acked: Acked = Default::default();
     let counts = Arc::new([
         AtomicUsize::new(0),

@@ -30,12 +30,8 @@ async fn traversal_anchor_escapes_and_malformed_json_change_nothing() {
     let n = c.start_nexus(&[]);
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
-    let web = client(Some(&c.pki.issue("web", "/app/web")), &c.pki, Role::Nexus);
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let web = c.api_client("web", "/app/web");
     call(
         &su,
         &url,
@@ -254,7 +250,7 @@ async fn expired_foreign_and_wrong_role_identities_are_refused() {
         ("k", "/spike/keeper/7"),
         ("su2", "/spike/pilot/role/superuser"),
     ] {
-        let who = client(Some(&c.pki.issue(name, path)), &c.pki, Role::Nexus);
+        let who = c.api_client(name, path);
         assert_eq!(
             call(&who, &url, "/v1/operator/recover", json!({})).await.0,
             StatusCode::UNAUTHORIZED,
@@ -288,16 +284,8 @@ async fn secret_values_and_key_material_never_reach_the_logs() {
     let n = c.start_nexus(&[("SPIKE_SYSTEM_LOG_LEVEL", "trace")]);
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
-    let rec = client(
-        Some(&c.pki.issue("rec", "/spike/pilot/role/recover")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let rec = c.api_client("rec", "/spike/pilot/role/recover");
     let marker = "hunter2-marker-5821-zyx";
     let b64_marker = "aHVudGVyMi1tYXJrZXItNTgyMS16eXg=";
     // Every route, with the marker wherever a value goes, including failing requests.

@@ -140,6 +140,21 @@ struct Tally {
     failures: Vec<String>,
 }
 
+impl Tally {
+    /// Every operation ran and none failed, and every acknowledged write read back
+    /// (`mismatches` lists those that did not); `context` explains a failure.
+    fn assert_nothing_lost(&self, mismatches: &[String], context: impl Fn() -> String) {
+        assert!(
+            self.failures.is_empty(),
+            "failed operations: {:#?}\n{}",
+            self.failures,
+            context()
+        );
+        assert_eq!(self.puts + self.gets, OPS);
+        assert!(mismatches.is_empty(), "{mismatches:#?}\n{}", context());
+    }
+}
+
 /// Runs [`OPS`] `spike secret put/get` commands through `url` on [`WORKERS`] threads;
 /// `midway` runs once half of them are done, while the rest are in flight.
 fn client_loop(url: &str, svid: &Path, tag: &str, midway: impl FnOnce()) -> Tally {
@@ -325,15 +340,7 @@ async fn haproxy_in_front_of_three_nexus_survives_a_killed_instance() {
         haproxy_status(stats),
         marked_down.as_secs_f64(),
     );
-    let context = || format!("{}{}", c.dump_logs(), lb.logs());
-    assert!(
-        tally.failures.is_empty(),
-        "failed operations: {:#?}\n{}",
-        tally.failures,
-        context()
-    );
-    assert_eq!(tally.puts + tally.gets, OPS);
-    assert!(mismatches.is_empty(), "{mismatches:#?}\n{}", context());
+    tally.assert_nothing_lost(&mismatches, || format!("{}{}", c.dump_logs(), lb.logs()));
 }
 
 /// The shipped nginx template with its `${VAR}` placeholders filled in.
@@ -407,15 +414,9 @@ async fn nginx_in_front_of_three_nexus_survives_a_killed_instance() {
         tally.acked.len(),
         mismatches.len(),
     );
-    let context = || format!("{}{}\n{errors}", c.dump_logs(), lb.logs());
-    assert!(
-        tally.failures.is_empty(),
-        "failed operations: {:#?}\n{}",
-        tally.failures,
-        context()
-    );
-    assert_eq!(tally.puts + tally.gets, OPS);
-    assert!(mismatches.is_empty(), "{mismatches:#?}\n{}", context());
+    tally.assert_nothing_lost(&mismatches, || {
+        format!("{}{}\n{errors}", c.dump_logs(), lb.logs())
+    });
 }
 
 fn nexus_client(

@@ -10,8 +10,6 @@ use common::*;
 use hyper::StatusCode;
 use serde_json::json;
 
-use spike::identity::Role;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recovery_drill_over_the_api() {
     let mut c = Cluster::new(3);
@@ -19,21 +17,9 @@ async fn the_recovery_drill_over_the_api() {
     let url = c.nexus[n].url();
     let anon = c.anonymous();
     let key_id = wait_status(&anon, &url, "ready").await["key_id"].clone();
-    let su = client(
-        Some(&c.pki.issue("su", "/spike/pilot/role/superuser")),
-        &c.pki,
-        Role::Nexus,
-    );
-    let recover = client(
-        Some(&c.pki.issue("rec", "/spike/pilot/role/recover")),
-        &c.pki,
-        Role::Nexus,
-    );
-    let restore = client(
-        Some(&c.pki.issue("res", "/spike/pilot/role/restore")),
-        &c.pki,
-        Role::Nexus,
-    );
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let recover = c.api_client("rec", "/spike/pilot/role/recover");
+    let restore = c.api_client("res", "/spike/pilot/role/restore");
     for i in 0..5 {
         let (s, _) = call(
             &su,

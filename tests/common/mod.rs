@@ -394,6 +394,15 @@ impl Cluster {
         self.nexus.len() - 1
     }
 
+    /// A client of Nexus's API with a new SVID for `spiffe_path` in this cluster's trust domain.
+    pub fn api_client(&self, name: &str, spiffe_path: &str) -> HttpsClient {
+        client(
+            Some(&self.pki.issue(name, spiffe_path)),
+            &self.pki,
+            Role::Nexus,
+        )
+    }
+
     /// A client with no certificate, for `/health`.
     pub fn anonymous(&self) -> HttpsClient {
         client(None, &self.pki, Role::Nexus)
