@@ -6,19 +6,33 @@ use std::process::ExitCode;
 use clap::Parser;
 use spike::cli::{Cli, Command, PkiCommand};
 use spike::config::{self, ProcessEnv};
+use tracing_subscriber::filter::Targets;
+
+/// The static (musl) release build allocates with mimalloc: see Cargo.toml.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // `info`, or per-target levels such as `spike=debug,hyper=warn`. A plain target filter, not
+    // `EnvFilter`: that one compiles regular expressions at every start, which is most of the
+    // code a Keeper would otherwise map for nothing.
     let level = std::env::var("SPIKE_SYSTEM_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(level.to_ascii_lowercase())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter: Targets = level
+        .to_ascii_lowercase()
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     if std::env::var("SPIKE_SYSTEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
 }
 
