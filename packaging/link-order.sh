@@ -3,8 +3,8 @@
 # are linked next to each other at the start of .text, so each process maps only the pages that
 # hold code it runs. The kernel maps executable pages 64 KiB at a time (fault-around); in
 # compiler order, the few functions a Keeper runs are spread over most of the 13 MB of code, and
-# every one of them drags in its cold neighbours. Measured: a Keeper 10.0 -> 5.6 MiB resident
-# when idle, 11.3 -> 7.1 MiB after serving Nexus (bench/README.md).
+# every one of them drags in its cold neighbours. Measured on the static build: a Keeper
+# 8.0 -> 5.1 MiB resident when idle, 10.0 -> 6.5 MiB after serving Nexus (bench/README.md).
 #
 #   packaging/link-order.sh record         run a Keeper and a Nexus under valgrind's callgrind,
 #                                          exercise them, and rewrite packaging/link-order.txt

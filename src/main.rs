@@ -17,8 +17,8 @@ fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     // `info`, or per-target levels such as `spike=debug,hyper=warn`. A plain target filter, not
-    // `EnvFilter`: that one compiles regular expressions at every start, which is most of the
-    // code a Keeper would otherwise map for nothing.
+    // `EnvFilter`, which compiles regular expressions at every start: code no server otherwise
+    // runs (a Keeper never does), mapped into every process.
     let level = std::env::var("SPIKE_SYSTEM_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     let filter: Targets = level
         .to_ascii_lowercase()
