@@ -39,27 +39,39 @@ resolve() {
 
 # Build, resolve the order against the symbols of that build, and link once more with it. The link
 # is rust-lld's, which rustc ships (GNU ld cannot order symbols); the flags are the bin target's
-# only, so nothing but the final link is redone.
+# only, so nothing but the final link is redone. The ordering file is named after its content and
+# the first build reuses the last one, so a build with nothing changed links nothing.
 build() {
   local target=${1:-} args=() dir
   dir="${CARGO_TARGET_DIR:-$PWD/target}"
   if [ -n "$target" ]; then args=(--target "$target"); dir="$dir/$target"; fi
-  cargo build --release --locked "${args[@]}" --bin spike >&2
-  local bin="$dir/release/spike"
-  local host gcc_ld
+  dir="$dir/release"
+  local bin="$dir/spike" host gcc_ld
   host=$(rustc -vV | sed -n 's/^host: //p')
   gcc_ld="$(rustc --print sysroot)/lib/rustlib/$host/bin/gcc-ld"
   if [ ! -x "$gcc_ld/ld.lld" ]; then
     echo "link-order.sh: $gcc_ld/ld.lld not found; $bin stays in compiler order (larger resident size)" >&2
+    cargo build --release --locked "${args[@]}" --bin spike >&2
     echo "$bin"
     return
   fi
-  local order="$dir/release/spike.link-order"
-  resolve "$bin" >"$order"
+  ordered() { # ORDER_FILE: build the executable linked in that order
+    cargo rustc --release --locked "${args[@]}" --bin spike -- \
+      -C link-arg=-fuse-ld=lld -C "link-arg=-B$gcc_ld" \
+      -C "link-arg=-Wl,--symbol-ordering-file=$1" -C link-arg=-Wl,--no-warn-symbol-ordering >&2
+  }
+  local last="" order
+  [ -f "$dir/spike.link-order.last" ] && last=$(cat "$dir/spike.link-order.last")
+  if [ -n "$last" ] && [ -f "$last" ]; then ordered "$last"; else cargo build --release --locked "${args[@]}" --bin spike >&2; fi
+  resolve "$bin" >"$dir/spike.link-order.new"
+  order="$dir/spike.link-order.$(sha256sum "$dir/spike.link-order.new" | cut -c1-16)"
+  mv "$dir/spike.link-order.new" "$order"
   echo "link-order.sh: $(wc -l <"$order") symbols for the $(wc -l <"$list") functions in $list" >&2
-  cargo rustc --release --locked "${args[@]}" --bin spike -- \
-    -C link-arg=-fuse-ld=lld -C "link-arg=-B$gcc_ld" \
-    -C "link-arg=-Wl,--symbol-ordering-file=$order" -C link-arg=-Wl,--no-warn-symbol-ordering >&2
+  if [ "$order" != "$last" ]; then
+    ordered "$order"
+    echo "$order" >"$dir/spike.link-order.last"
+    [ -n "$last" ] && rm -f "$last"
+  fi
   echo "$bin"
 }
 
