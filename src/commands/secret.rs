@@ -84,7 +84,6 @@ fn subject(path: &str, version: Option<u64>) -> String {
     }
 }
 
-/// Runs one `spike secret` command.
 /// What a read of `path` (at `version`) asks of Nexus, for error messages.
 fn read_op(path: &str, version: Option<u64>) -> Op<'_> {
     Op {
@@ -96,6 +95,7 @@ fn read_op(path: &str, version: Option<u64>) -> Op<'_> {
     }
 }
 
+/// Runs one `spike secret` command.
 pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
     match command {
         SecretCommand::Put { path, values, cas } => {
