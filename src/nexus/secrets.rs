@@ -552,18 +552,6 @@ fn highest_live(record: &Record) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads a version (0 or `None`: the current one); returns its data and number.
-pub async fn get(
-    store: &impl Store,
-    key: &AeadKey,
-    path: &str,
-    version: Option<u64>,
-) -> Result<(BTreeMap<String, String>, u64), ApiError> {
-    validate_path(path)?;
-    let entry = store.get(Namespace::Secrets, path).await?;
-    open_version(key, path, entry.as_ref(), version)
-}
-
 /// Opens a version (0 or `None`: the current one) of the record `entry` read from `path`.
 pub fn open_version(
     key: &AeadKey,
@@ -733,6 +721,18 @@ mod tests {
 
     fn key() -> Arc<AeadKey> {
         Arc::new(RootKey::generate().unwrap().derive("test"))
+    }
+
+    /// A read as Nexus serves it to a superuser: the record, then the version opened.
+    async fn get(
+        store: &impl Store,
+        key: &AeadKey,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<(BTreeMap<String, String>, u64), ApiError> {
+        validate_path(path)?;
+        let entry = store.get(Namespace::Secrets, path).await?;
+        open_version(key, path, entry.as_ref(), version)
     }
 
     fn vals(v: &str) -> BTreeMap<String, String> {
