@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
-use spike::cli::Cli;
+use spike::entry::cli::Cli;
 
 #[allow(dead_code)] // not called when the test includes this file as a module
 fn main() -> io::Result<()> {

@@ -5,10 +5,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use spike::api::PolicyPutRequest;
 use spike::crypto::{RootKey, combine, split};
 use spike::identity::SpiffeId;
 use spike::nexus::policy::{self, Permission};
+use spike::protocol::nexus::PolicyPutRequest;
 
 fn time(name: &str, iterations: u32, mut f: impl FnMut()) {
     for _ in 0..iterations / 10 {

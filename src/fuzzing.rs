@@ -7,24 +7,24 @@
 //! `tests/fuzz_smoke.rs` runs each on a bounded, deterministic set of random and mutated inputs
 //! in every `cargo test`, and holds the regression inputs.
 
-use crate::api;
 use crate::crypto::{RootKey, decode_recovery_shard, encode_recovery_shard};
 use crate::nexus::{cipher, policy, secrets};
+use crate::protocol::nexus as wire;
 
 /// Every JSON request body Nexus and Keeper decode.
 pub fn request_json(data: &[u8]) {
-    let _ = serde_json::from_slice::<api::SecretPutRequest>(data);
-    let _ = serde_json::from_slice::<api::SecretGetRequest>(data);
-    let _ = serde_json::from_slice::<api::SecretVersionsRequest>(data);
-    let _ = serde_json::from_slice::<api::SecretListRequest>(data);
-    let _ = serde_json::from_slice::<api::PolicyPutRequest>(data);
-    let _ = serde_json::from_slice::<api::PolicyIdRequest>(data);
-    let _ = serde_json::from_slice::<api::PolicyListRequest>(data);
-    let _ = serde_json::from_slice::<api::EncryptRequest>(data);
-    let _ = serde_json::from_slice::<api::DecryptRequest>(data);
-    let _ = serde_json::from_slice::<api::RestoreRequest>(data);
-    let _ = serde_json::from_slice::<crate::keeper::ContributeRequest>(data);
-    let _ = serde_json::from_slice::<crate::keeper::ShardResponse>(data);
+    let _ = serde_json::from_slice::<wire::SecretPutRequest>(data);
+    let _ = serde_json::from_slice::<wire::SecretGetRequest>(data);
+    let _ = serde_json::from_slice::<wire::SecretVersionsRequest>(data);
+    let _ = serde_json::from_slice::<wire::SecretListRequest>(data);
+    let _ = serde_json::from_slice::<wire::PolicyPutRequest>(data);
+    let _ = serde_json::from_slice::<wire::PolicyIdRequest>(data);
+    let _ = serde_json::from_slice::<wire::PolicyListRequest>(data);
+    let _ = serde_json::from_slice::<wire::EncryptRequest>(data);
+    let _ = serde_json::from_slice::<wire::DecryptRequest>(data);
+    let _ = serde_json::from_slice::<wire::RestoreRequest>(data);
+    let _ = serde_json::from_slice::<crate::protocol::keeper::ContributeRequest>(data);
+    let _ = serde_json::from_slice::<crate::protocol::keeper::ShardResponse>(data);
 }
 
 /// Secret-path validation: an accepted path has no empty, `.` or `..` segment and is not
@@ -50,7 +50,7 @@ pub fn policy_pattern(data: &[u8]) {
     let id = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
     let perms = parts.next().unwrap_or_default();
-    let req = api::PolicyPutRequest {
+    let req = wire::PolicyPutRequest {
         name: "fuzz".into(),
         spiffeid_pattern: id,
         path_pattern: path,

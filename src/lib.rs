@@ -1,64 +1,33 @@
 //! `spike`: a SPIFFE-native secrets manager after SPIKE, built for high availability on bare
-//! metal and VMs. One crate, one binary; the modules below are shared by every subcommand.
+//! metal and VMs. One crate, one binary; each folder under `src/` is one part of the system.
 //!
-//! The data path reads one way — request → identity → policy → store → crypto → response —
-//! and no module reaches back up.
+//! A request flows one way — transport → identity → policy → store → crypto → response — and a
+//! part imports only the parts below it in this table (`tests/layers.rs` enforces it):
 //!
-//! | module | concern |
-//! |---|---|
-//! | [`api`] | the wire protocol: routes, JSON shapes, error codes (shared by server and client) |
-//! | [`config`] | `SPIKE_*` environment → validated, immutable configuration |
-//! | [`crypto`] | root key, AES-256-GCM, HKDF sub-keys, Shamir shards, recovery-shard text |
-//! | [`identity`] | SPIFFE IDs, SVID files and their reload, rustls configs, dev PKI |
-//! | [`store`] | the backing-store trait and its backends |
-//! | [`transport`] | the HTTPS server loop and HTTP helpers shared by Nexus and Keeper |
-//! | [`client`] | the HTTPS client for Nexus→Keeper and CLI→Nexus calls |
-//! | [`keeper`] | `spike keeper`, the in-memory shard holder |
-//! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, health |
-//! | [`fuzzing`] | entry points for fuzzing the decoders of untrusted input |
-//! | [`hardening`] | non-dumpable process, no core files, key pages locked in memory |
-//! | [`systemd`] | sd_notify readiness, status, watchdog |
-//! | [`cli`] | clap definitions of every subcommand |
-//! | [`commands`] | `spike secret`, `spike policy`, `spike cipher`: the client commands |
-//! | [`dev`] | `spike dev`: the whole local system in one process |
+//! | part | concern | may import |
+//! |---|---|---|
+//! | [`entry`] | the command line, `spike dev` | everything |
+//! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, policies, secrets, health | client, store, transport, identity, protocol, crypto, platform |
+//! | [`keeper`] | `spike keeper`: one shard in memory | transport, identity, protocol, crypto, platform |
+//! | [`client`] | the Nexus and Keeper clients and the CLI verbs | transport, identity, protocol, crypto, platform |
+//! | [`store`] | the backing-store trait, its backends and their settings | protocol, crypto, platform |
+//! | [`transport`] | HTTPS over mutual TLS: the server loop and the client | identity, protocol, platform |
+//! | [`identity`] | SPIFFE IDs, SVIDs, rustls verifiers, dev PKI | protocol, platform |
+//! | [`protocol`] | the wire types of Nexus and Keeper and the rules both ends apply | crypto, platform |
+//! | [`crypto`] | root key, AEAD, Shamir shards, recovery-shard text | platform |
+//! | [`platform`] | environment as configuration, systemd, hardening, signals | — |
+//!
+//! The design, the wire contract and the decisions that differ from SPIKE are in `docs/`.
 
-pub mod api;
-pub mod cli;
 pub mod client;
-pub mod commands;
-pub mod config;
 pub mod crypto;
-pub mod dev;
+pub mod entry;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod hardening;
 pub mod identity;
 pub mod keeper;
 pub mod nexus;
+pub mod platform;
+pub mod protocol;
 pub mod store;
-pub mod systemd;
 pub mod transport;
-
-/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutdown requested");
-    systemd::stopping();
-}

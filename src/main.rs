@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spike::cli::{Cli, Command, PkiCommand};
-use spike::config::{self, ProcessEnv};
+use spike::entry::cli::{Cli, Command, PkiCommand};
+use spike::platform::env::ProcessEnv;
 use tracing_subscriber::filter::Targets;
 
 /// The static (musl) release build allocates with mimalloc: see Cargo.toml.
@@ -87,55 +87,47 @@ fn runtime_builder() -> Result<tokio::runtime::Runtime, Failure> {
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Nexus => {
-            let cfg = config::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
+            let cfg = spike::nexus::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
             runtime_builder()?
-                .block_on(spike::nexus::run(cfg, spike::shutdown_signal()))
+                .block_on(spike::nexus::run(cfg, spike::platform::shutdown_signal()))
                 .map_err(runtime)
         }
         Command::Keeper => {
-            let cfg = config::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
+            let cfg = spike::keeper::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
             // A Keeper answers a few requests per interval: one thread is plenty and keeps its
             // memory small.
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(runtime)?
-                .block_on(spike::keeper::run(cfg, spike::shutdown_signal()))
+                .block_on(spike::keeper::run(cfg, spike::platform::shutdown_signal()))
                 .map_err(runtime)
         }
-        Command::Dev(args) => {
-            runtime_builder()?
-                .block_on(spike::dev::run(args))
-                .map_err(|e| match e {
-                    spike::dev::Error::Usage(msg) => Failure::Usage(msg),
-                    spike::dev::Error::Runtime(msg) => Failure::Runtime(msg),
-                })
-        }
+        Command::Dev(args) => runtime_builder()?
+            .block_on(spike::entry::dev::run(args))
+            .map_err(|e| match e {
+                spike::entry::dev::Error::Usage(msg) => Failure::Usage(msg),
+                spike::entry::dev::Error::Runtime(msg) => Failure::Runtime(msg),
+            }),
         Command::Pki { command } => pki(command),
-        Command::Secret { format, command } => {
-            client(spike::commands::secret::run(format, command))
-        }
-        Command::Policy { format, command } => {
-            client(spike::commands::policy::run(format, command))
-        }
-        Command::Cipher { format, command } => {
-            client(spike::commands::cipher::run(format, command))
-        }
-        Command::Recover { command } => client(spike::commands::recover::run(command)),
+        Command::Secret { format, command } => client(spike::client::secret::run(format, command)),
+        Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
+        Command::Cipher { format, command } => client(spike::client::cipher::run(format, command)),
+        Command::Recover { command } => client(spike::client::recover::run(command)),
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout()
-                .write_all(&spike::cli::completions(shell))
+                .write_all(&spike::entry::cli::completions(shell))
                 .map_err(runtime)
         }
     }
 }
 
-/// Runs a client command (`secret`, `policy`, `cipher`); the logic is in `spike::commands`.
+/// Runs a client command (`secret`, `policy`, `cipher`); the logic is in `spike::client`.
 fn client(
-    command: impl std::future::Future<Output = spike::commands::Result<()>>,
+    command: impl std::future::Future<Output = spike::client::run::Result<()>>,
 ) -> Result<(), Failure> {
-    spike::commands::block_on(command).map_err(|e| match e.exit_code() {
+    spike::client::run::block_on(command).map_err(|e| match e.exit_code() {
         2 => Failure::Usage(e.to_string()),
         _ => Failure::Runtime(e.to_string()),
     })

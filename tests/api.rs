@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
-use spike::client::HttpsClient;
 use spike::identity::Role;
+use spike::transport::HttpsClient;
 
 struct Fixture {
     c: Cluster,

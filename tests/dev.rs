@@ -212,7 +212,7 @@ fn dev_runs_stops_cleanly_and_restarts_with_the_same_key() {
     ] {
         assert!(dir.join(name).join("svid.pem").exists(), "{name}");
     }
-    let shards = dir.join(spike::dev::SHARDS_FILE);
+    let shards = dir.join(spike::entry::dev::SHARDS_FILE);
     let mode = std::fs::metadata(&shards).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&shards).unwrap();
@@ -245,7 +245,7 @@ fn ephemeral_dev_writes_no_shards_file() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["backend"], "memory");
     dev.stop();
-    assert!(!dir.join(spike::dev::SHARDS_FILE).exists());
+    assert!(!dir.join(spike::entry::dev::SHARDS_FILE).exists());
     assert!(!dir.join("data").join("spike.db").exists());
 }
 

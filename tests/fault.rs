@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
-use spike::client::HttpsClient;
+use spike::transport::HttpsClient;
 
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";

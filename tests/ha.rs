@@ -18,8 +18,8 @@ use common::postgres::PgServer;
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
-use spike::client::HttpsClient;
 use spike::identity::Role;
+use spike::transport::HttpsClient;
 
 const SECRETS: &str = "/v1/store/secrets";
 

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use spike::client::api::NexusClient;
+use spike::client::nexus::NexusClient;
 use spike::identity::{Role, SpiffeId};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -447,7 +447,7 @@ fn reads_logged(p: &Proc) -> usize {
 ///
 /// No name on this machine resolves to several addresses (`localhost` is 127.0.0.1 only) and
 /// `/etc/hosts` is not ours to edit, so the client's resolver is given the name's addresses
-/// ([`spike::client::HttpsClient::with_hosts`]); everything after resolution is the real path.
+/// ([`spike::transport::HttpsClient::with_hosts`]); everything after resolution is the real path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_with_several_addresses_skips_the_dead_one() {
     let db = common::postgres::fresh_database().await;
@@ -570,7 +570,7 @@ async fn a_put_replayed_through_another_instance_makes_one_version() {
         }))
         .unwrap()
     };
-    let id = spike::client::api::new_request_id();
+    let id = spike::client::nexus::new_request_id();
     let mut versions = Vec::new();
     for n in [a, b, a] {
         let reply = http

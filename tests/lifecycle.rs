@@ -240,8 +240,8 @@ async fn keepers_refuse_everyone_but_nexus_and_other_trust_domains() {
         assert!(
             matches!(
                 err,
-                Err(spike::client::Error::Unsent { .. })
-                    | Err(spike::client::Error::NoAnswer { .. })
+                Err(spike::transport::client::Error::Unsent { .. })
+                    | Err(spike::transport::client::Error::NoAnswer { .. })
             ),
             "{what} got through: {err:?}"
         );

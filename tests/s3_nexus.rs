@@ -11,8 +11,8 @@ use common::s3::S3Server;
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::{Value, json};
-use spike::client::HttpsClient;
 use spike::identity::Role;
+use spike::transport::HttpsClient;
 
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
@@ -196,13 +196,13 @@ async fn a_hung_s3_server_gives_unavailable_within_the_deadline() {
             held.push(sock);
         }
     });
-    let store = S3Store::open(&spike::config::S3Config {
+    let store = S3Store::open(&spike::store::S3Config {
         endpoint: Some(format!("http://{addr}")),
         bucket: "b".into(),
         prefix: "p/".into(),
         region: "us-east-1".into(),
         path_style: true,
-        credentials: spike::config::S3Credentials {
+        credentials: spike::store::S3Credentials {
             access_key_id: "id".into(),
             secret_access_key: "hung-secret".into(),
             session_token: None,

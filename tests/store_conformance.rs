@@ -281,7 +281,7 @@ conformance!(sqlite, {
 
 /// An S3 configuration for the server `./test` starts (scripts/s3.sh), on a prefix no other
 /// test uses, so tests run in parallel and runs never see each other's objects.
-fn s3_config() -> spike::config::S3Config {
+fn s3_config() -> spike::store::S3Config {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let var = |name: &str| {
@@ -296,7 +296,7 @@ fn s3_config() -> spike::config::S3Config {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    spike::config::S3Config {
+    spike::store::S3Config {
         endpoint: Some(var("SPIKE_TEST_S3_ENDPOINT")),
         bucket: var("SPIKE_TEST_S3_BUCKET"),
         prefix: format!(
@@ -306,7 +306,7 @@ fn s3_config() -> spike::config::S3Config {
         ),
         region: var("SPIKE_TEST_S3_REGION"),
         path_style: true,
-        credentials: spike::config::S3Credentials {
+        credentials: spike::store::S3Credentials {
             access_key_id: var("SPIKE_TEST_S3_ACCESS_KEY_ID"),
             secret_access_key: var("SPIKE_TEST_S3_SECRET_ACCESS_KEY"),
             session_token: None,

@@ -5,11 +5,13 @@
 //! Certificates may carry only a URI SAN (no DNS name), so peer verification is
 //! "chains to the trust bundle" + "SPIFFE ID check", never a hostname check.
 
+pub mod config;
 pub mod pki;
 mod spiffe;
 mod svid;
 mod tls;
 
+pub use config::{DEFAULT_TRUST_DOMAIN, IdentityConfig, SVID_RELOAD_INTERVAL};
 pub use spiffe::{Role, SpiffeId};
 pub use svid::{ReloaderGuard, Svid, SvidPaths, SvidSource};
 pub use tls::{ClientAuth, ExpectedPeer, client_config, peer_spiffe_id, server_config};

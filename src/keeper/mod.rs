@@ -12,40 +12,18 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::config::KeeperConfig;
+pub mod config;
+
 use crate::crypto::Share;
 use crate::identity::{ClientAuth, Role};
+use crate::protocol::keeper::{CONTRIBUTE_PATH, ContributeRequest, SHARD_PATH, ShardResponse};
 use crate::transport::{self, Handler, Peer};
+pub use config::KeeperConfig;
 
 /// Largest request body a Keeper reads: a shard request is well under 1 KiB.
 const MAX_BODY: usize = 4096;
-
-pub const CONTRIBUTE_PATH: &str = "/v1/store/contribute";
-pub const SHARD_PATH: &str = "/v1/store/shard";
-
-/// Why the Keeper could not start.
-pub type Error = transport::StartError;
-
-/// `POST /v1/store/contribute` body. `id` is our addition (SPIKE sends only `shard`).
-#[derive(Deserialize)]
-pub struct ContributeRequest {
-    pub shard: Option<[u8; 32]>,
-    #[serde(default)]
-    pub id: Option<u8>,
-}
-
-/// `POST /v1/store/shard` answer: SPIKE's shape (with its capitalised `Err`), plus `id`.
-#[derive(Serialize, Deserialize)]
-pub struct ShardResponse {
-    pub shard: Option<[u8; 32]>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u8>,
-    #[serde(rename = "Err", alias = "err", default)]
-    pub err: String,
-}
 
 /// The shard this Keeper holds.
 struct Held {
@@ -99,7 +77,7 @@ impl Keeper {
         drop(held);
         if changed {
             tracing::info!(index = ?req.id, "holding a new shard");
-            crate::systemd::status(&match req.id {
+            crate::platform::systemd::status(&match req.id {
                 Some(i) => format!("holding shard {i}"),
                 None => "holding a shard".to_string(),
             });
@@ -187,8 +165,8 @@ impl Handler for Keeper {
 pub async fn run(
     cfg: KeeperConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
-    crate::hardening::harden_process();
+) -> Result<(), transport::StartError> {
+    crate::platform::hardening::harden_process();
     let td = cfg.identity.trust_domain.clone();
     let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper)?;
     let tls =
@@ -197,10 +175,10 @@ pub async fn run(
     tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
     let keeper = Arc::new(Keeper::new(td));
     // The shard lives inline in the Keeper, which lives as long as the process.
-    crate::hardening::lock(&*keeper, "keeper shard");
-    crate::systemd::ready("holding no shard (waiting for Nexus)");
+    crate::platform::hardening::lock(&*keeper, "keeper shard");
+    crate::platform::systemd::ready("holding no shard (waiting for Nexus)");
     // A Keeper has no dependency to check: a ping shows the event loop still runs.
-    let _watchdog = crate::systemd::spawn_watchdog(|| async { true });
+    let _watchdog = crate::platform::systemd::spawn_watchdog(|| async { true });
     transport::serve(listener, tls, keeper, cfg.server, shutdown).await;
     tracing::info!("keeper stopped; shard wiped");
     Ok(())

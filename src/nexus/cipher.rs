@@ -3,14 +3,14 @@
 //!
 //! Stream mode (request `Content-Type: application/octet-stream`): the body is the plaintext and
 //! the answer `0x01 ‖ nonce(12) ‖ ciphertext ‖ tag`, and the reverse for decryption. JSON mode:
-//! [`crate::api::EncryptRequest`] / [`crate::api::DecryptRequest`] with base64 fields. Both
+//! [`crate::protocol::nexus::EncryptRequest`] / [`crate::protocol::nexus::DecryptRequest`] with base64 fields. Both
 //! modes produce the same ciphertext format, so either can open the other's output.
 
 use zeroize::Zeroizing;
 
 use super::ApiError;
-use crate::api::CIPHER_VERSION;
 use crate::crypto::AeadKey;
+use crate::protocol::nexus::CIPHER_VERSION;
 
 pub const NONCE_LEN: usize = 12;
 

@@ -22,10 +22,10 @@ use hyper::{StatusCode, Uri};
 use zeroize::Zeroize;
 
 use super::{Nexus, Phase};
-use crate::client::{HttpsClient, Timeouts};
 use crate::crypto::{RootKey, Share, Verifier};
-use crate::keeper::{CONTRIBUTE_PATH, SHARD_PATH, ShardResponse};
+use crate::protocol::keeper::{CONTRIBUTE_PATH, SHARD_PATH, ShardResponse};
 use crate::store::Store;
+use crate::transport::{HttpsClient, Timeouts};
 
 /// First wait between two recovery attempts.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);

@@ -12,6 +12,7 @@
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 
 pub mod cipher;
+pub mod config;
 pub mod keepers;
 pub mod policy;
 pub mod recovery;
@@ -22,12 +23,12 @@ use std::sync::{Arc, RwLock};
 
 use hyper::Uri;
 
-use crate::api::ErrorCode;
-use crate::config::NexusConfig;
 use crate::crypto::{AeadKey, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role};
+use crate::protocol::nexus::ErrorCode;
 use crate::store::{AnyStore, Store};
 use crate::transport;
+pub use config::NexusConfig;
 
 /// Why Nexus could not start.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +155,7 @@ pub struct Nexus {
     /// Keepers whose shard did not match the loaded key at recovery (URL list), for `/health`.
     inconsistent: RwLock<Vec<String>>,
     /// The client that talks to Keepers, set when the Keeper task starts.
-    keeper_client: std::sync::OnceLock<crate::client::HttpsClient>,
+    keeper_client: std::sync::OnceLock<crate::transport::HttpsClient>,
     /// Recovery shards submitted by operators, until `threshold` of them rebuild the key.
     pending_restore: std::sync::Mutex<Vec<Share>>,
 }
@@ -197,7 +198,7 @@ impl Nexus {
         let mut current = write(&self.phase);
         if *current != phase {
             tracing::info!(status = phase.as_str(), detail = ?phase, "nexus status changed");
-            crate::systemd::status(&phase.describe());
+            crate::platform::systemd::status(&phase.describe());
             *current = phase;
         }
     }
@@ -219,8 +220,8 @@ impl Nexus {
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
         }
-        crate::hardening::lock(&*keys, "root key");
-        crate::hardening::lock_slice(&keys.shards, "keeper shards");
+        crate::platform::hardening::lock(&*keys, "root key");
+        crate::platform::hardening::lock_slice(&keys.shards, "keeper shards");
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
@@ -246,7 +247,7 @@ pub async fn run(
     config: NexusConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    crate::hardening::harden_process();
+    crate::platform::hardening::harden_process();
     let td = config.identity.trust_domain.clone();
     let own = transport::OwnIdentity::load(&config.identity, Role::Nexus)?;
     let server_tls = crate::identity::server_config(&own.source, &td, ClientAuth::Optional)?;
@@ -267,21 +268,21 @@ pub async fn run(
         threshold = nexus.config.threshold,
         "nexus listening on {addr}"
     );
-    crate::systemd::ready(&nexus.phase().describe());
+    crate::platform::systemd::ready(&nexus.phase().describe());
     let watchdog = {
         let nexus = Arc::clone(&nexus);
-        crate::systemd::spawn_watchdog(move || {
+        crate::platform::systemd::spawn_watchdog(move || {
             let nexus = Arc::clone(&nexus);
             async move {
                 match nexus.store.ping().await {
                     Ok(()) => {
                         if nexus.keys().is_some() {
-                            crate::systemd::status("ready");
+                            crate::platform::systemd::status("ready");
                         }
                         true
                     }
                     Err(e) => {
-                        crate::systemd::status(&format!("store unavailable: {e}"));
+                        crate::platform::systemd::status(&format!("store unavailable: {e}"));
                         false
                     }
                 }

@@ -24,9 +24,9 @@ use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::api::{self, Policy, PolicyPutRequest};
 use crate::crypto::AeadKey;
 use crate::identity::SpiffeId;
+use crate::protocol::nexus::{self as wire, Policy, PolicyPutRequest};
 use crate::store::{Expect, Namespace, Store, Written};
 
 pub const ACL_PATH: &str = "spike/system/acl";
@@ -97,8 +97,8 @@ impl StoredPolicy {
                 .iter()
                 .map(|p| p.as_str().to_string())
                 .collect(),
-            created_at: api::rfc3339(self.created),
-            updated_at: api::rfc3339(self.updated),
+            created_at: wire::rfc3339(self.created),
+            updated_at: wire::rfc3339(self.updated),
         }
     }
 }
@@ -249,7 +249,7 @@ pub async fn put(
     let mut policy = validate(req)?;
     for _ in 0..50 {
         let existing = store.get(Namespace::Policies, &policy.name).await?;
-        let now = api::now_nanos();
+        let now = wire::now_nanos();
         let (created, expect) = match &existing {
             Some(entry) => (
                 open(key, &policy.name, &entry.value)

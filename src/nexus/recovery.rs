@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use super::{ApiError, Keys, Nexus, keepers};
-use crate::api::{RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::crypto::Share;
+use crate::protocol::nexus::{RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::store::Store;
 
 /// The recovery shards of the loaded key.

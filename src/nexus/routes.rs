@@ -1,4 +1,4 @@
-//! Nexus's HTTP surface: SPIKE's routes (see the table in [`crate::api`]) and `/health`.
+//! Nexus's HTTP surface: SPIKE's routes (see the table in [`crate::protocol::nexus`]) and `/health`.
 //!
 //! Order of checks for every request, so that the cheapest refusal comes first and nothing
 //! leaks to an unauthenticated caller:
@@ -28,8 +28,8 @@ use serde::de::DeserializeOwned;
 
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
-use crate::api::{self, Empty};
 use crate::identity::{Role, SpiffeId};
+use crate::protocol::nexus::{self as wire, Empty};
 use crate::store::{Entry, Namespace, Store};
 use crate::transport::{self, Handler, Peer};
 
@@ -58,20 +58,20 @@ enum Route {
 impl Route {
     fn find(path: &str, action: Option<&str>) -> Option<Route> {
         Some(match (path, action.unwrap_or("")) {
-            (api::SECRETS_PATH, "") => Route::SecretPut,
-            (api::SECRETS_PATH, "get") => Route::SecretGet,
-            (api::SECRETS_PATH, "delete") => Route::SecretDelete,
-            (api::SECRETS_PATH, "undelete") => Route::SecretUndelete,
-            (api::SECRETS_PATH, "list") => Route::SecretList,
-            (api::SECRET_METADATA_PATH, "get") => Route::SecretMetadata,
-            (api::POLICY_PATH, "") => Route::PolicyPut,
-            (api::POLICY_PATH, "get") => Route::PolicyGet,
-            (api::POLICY_PATH, "delete") => Route::PolicyDelete,
-            (api::POLICY_PATH, "list") => Route::PolicyList,
-            (api::ENCRYPT_PATH, "") => Route::Encrypt,
-            (api::DECRYPT_PATH, "") => Route::Decrypt,
-            (api::RECOVER_PATH, "") => Route::Recover,
-            (api::RESTORE_PATH, "") => Route::Restore,
+            (wire::SECRETS_PATH, "") => Route::SecretPut,
+            (wire::SECRETS_PATH, "get") => Route::SecretGet,
+            (wire::SECRETS_PATH, "delete") => Route::SecretDelete,
+            (wire::SECRETS_PATH, "undelete") => Route::SecretUndelete,
+            (wire::SECRETS_PATH, "list") => Route::SecretList,
+            (wire::SECRET_METADATA_PATH, "get") => Route::SecretMetadata,
+            (wire::POLICY_PATH, "") => Route::PolicyPut,
+            (wire::POLICY_PATH, "get") => Route::PolicyGet,
+            (wire::POLICY_PATH, "delete") => Route::PolicyDelete,
+            (wire::POLICY_PATH, "list") => Route::PolicyList,
+            (wire::ENCRYPT_PATH, "") => Route::Encrypt,
+            (wire::DECRYPT_PATH, "") => Route::Decrypt,
+            (wire::RECOVER_PATH, "") => Route::Recover,
+            (wire::RESTORE_PATH, "") => Route::Restore,
             _ => return None,
         })
     }
@@ -245,7 +245,7 @@ impl Api {
         let store = self.store();
         match route {
             Route::SecretPut => {
-                let r: api::SecretPutRequest = parse(&body)?;
+                let r: wire::SecretPutRequest = parse(&body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 self.authorize(keys, caller, kind, &r.path, &[Permission::Write])
@@ -263,19 +263,19 @@ impl Api {
                     },
                 )
                 .await?;
-                ok(&api::SecretPutResponse { version })
+                ok(&wire::SecretPutResponse { version })
             }
             Route::SecretGet => {
-                let r: api::SecretGetRequest = parse(&body)?;
+                let r: wire::SecretGetRequest = parse(&body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let entry = self.authorized_read(keys, caller, kind, &r.path).await?;
                 let (data, version) =
                     secrets::open_version(&keys.secrets, &r.path, entry.as_ref(), r.version)?;
-                ok(&api::SecretGetResponse { data, version })
+                ok(&wire::SecretGetResponse { data, version })
             }
             Route::SecretDelete | Route::SecretUndelete => {
-                let r: api::SecretVersionsRequest = parse(&body)?;
+                let r: wire::SecretVersionsRequest = parse(&body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 self.authorize(keys, caller, kind, &r.path, &[Permission::Write])
@@ -288,7 +288,7 @@ impl Api {
                 ok(&Empty {})
             }
             Route::SecretMetadata => {
-                let r: api::SecretGetRequest = parse(&body)?;
+                let r: wire::SecretGetRequest = parse(&body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 self.authorize(keys, caller, kind, &r.path, &[Permission::Read])
@@ -296,14 +296,14 @@ impl Api {
                 ok(&secrets::metadata(store, &r.path, r.version).await?)
             }
             Route::SecretList => {
-                let r: api::SecretListRequest = parse(&body)?;
+                let r: wire::SecretListRequest = parse(&body)?;
                 let prefix = r.prefix.unwrap_or_default();
                 *resource = prefix.clone();
                 let keys_list = self.list_for(keys, caller, kind, &prefix).await?;
-                ok(&api::SecretListResponse { keys: keys_list })
+                ok(&wire::SecretListResponse { keys: keys_list })
             }
             Route::PolicyPut => {
-                let r: api::PolicyPutRequest = parse(&body)?;
+                let r: wire::PolicyPutRequest = parse(&body)?;
                 *resource = r.name.clone();
                 self.authorize(keys, caller, kind, policy::ACL_PATH, &[Permission::Write])
                     .await?;
@@ -311,7 +311,7 @@ impl Api {
                 ok(&Empty {})
             }
             Route::PolicyGet | Route::PolicyDelete => {
-                let r: api::PolicyIdRequest = parse(&body)?;
+                let r: wire::PolicyIdRequest = parse(&body)?;
                 *resource = r.id.clone();
                 let want = if route == Route::PolicyGet {
                     Permission::Read
@@ -328,7 +328,7 @@ impl Api {
                 }
             }
             Route::PolicyList => {
-                let r: api::PolicyListRequest = parse(&body)?;
+                let r: wire::PolicyListRequest = parse(&body)?;
                 self.authorize(keys, caller, kind, policy::ACL_PATH, &[Permission::List])
                     .await?;
                 let policies = policy::all(store, &keys.policies)
@@ -341,7 +341,7 @@ impl Api {
                     })
                     .map(|p| p.to_api())
                     .collect();
-                ok(&api::PolicyListResponse { policies })
+                ok(&wire::PolicyListResponse { policies })
             }
             Route::Recover => {
                 if Role::of(caller, &cfg.identity.trust_domain) != Some(Role::Recover) {
@@ -426,26 +426,26 @@ impl Api {
             (Route::Decrypt, true) => cipher::unframe(body)
                 .and_then(|(v, n, c)| cipher::decrypt(&keys.cipher, v, n, c, limit))
                 .map(|plain| transport::bytes(StatusCode::OK, OCTETS, plain.to_vec())),
-            (Route::Encrypt, false) => parse::<api::EncryptRequest>(body)
+            (Route::Encrypt, false) => parse::<wire::EncryptRequest>(body)
                 .and_then(|r| cipher::encrypt(&keys.cipher, &r.plaintext, limit))
                 .map(|(nonce, ct)| {
                     transport::json(
                         StatusCode::OK,
-                        &api::EncryptResponse {
-                            version: api::CIPHER_VERSION,
+                        &wire::EncryptResponse {
+                            version: wire::CIPHER_VERSION,
                             nonce: nonce.to_vec(),
                             ciphertext: ct,
                         },
                     )
                 }),
-            (_, false) => parse::<api::DecryptRequest>(body)
+            (_, false) => parse::<wire::DecryptRequest>(body)
                 .and_then(|r| {
                     cipher::decrypt(&keys.cipher, r.version, &r.nonce, &r.ciphertext, limit)
                 })
                 .map(|plain| {
                     transport::json(
                         StatusCode::OK,
-                        &api::DecryptResponse {
+                        &wire::DecryptResponse {
                             plaintext: plain.to_vec(),
                         },
                     )
@@ -539,7 +539,8 @@ impl Api {
 impl Handler for Api {
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
-        if path == api::HEALTH_PATH && (req.method() == Method::GET || req.method() == Method::HEAD)
+        if path == wire::HEALTH_PATH
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
         {
             return self.health().await;
         }
@@ -624,7 +625,7 @@ impl Api {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;
-        let r: api::RestoreRequest = parse(&body)?;
+        let r: wire::RestoreRequest = parse(&body)?;
         ok(&recovery::restore(&self.nexus, &r).await?)
     }
 

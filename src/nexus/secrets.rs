@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::ApiError;
-use crate::api::{self, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::crypto::AeadKey;
+use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::store::{Entry, Expect, Namespace, Store, Written};
 
 /// Longest secret path accepted (SPIKE's limit).
@@ -101,7 +101,7 @@ pub struct Version {
     pub created: i64,
     pub deleted: Option<i64>,
     /// nonce ‖ ciphertext ‖ tag of the JSON map.
-    #[serde(with = "crate::api::b64")]
+    #[serde(with = "crate::protocol::nexus::b64")]
     pub sealed: Vec<u8>,
 }
 
@@ -504,7 +504,7 @@ pub async fn put<S: Store + Clone>(
         let version = record.as_ref().map_or(0, |r| r.last) + 1;
         // The only step that can fail once the checks pass, done before the record changes.
         let sealed = key.seal(&aad(&owned_path, version), &plaintext)?;
-        let now = api::now_nanos();
+        let now = wire::now_nanos();
         let record = record.get_or_insert_with(|| Record {
             created: now,
             ..Record::default()
@@ -592,7 +592,7 @@ pub async fn delete(
     validate_path(path)?;
     update(store, writers, path, |record| {
         let mut record = record.ok_or(ApiError::NotFound)?;
-        let now = api::now_nanos();
+        let now = wire::now_nanos();
         let targets: Vec<u64> = if versions.is_empty() {
             vec![record.current]
         } else {
@@ -664,7 +664,7 @@ pub async fn undelete(
             return Err(ApiError::NotFound);
         }
         record.oldest = lowest_live(&record);
-        record.updated = api::now_nanos();
+        record.updated = wire::now_nanos();
         Ok((Some(record), ()))
     })
     .await
@@ -686,9 +686,9 @@ pub async fn metadata(
             (
                 n.to_string(),
                 VersionInfo {
-                    created_time: api::rfc3339(v.created),
+                    created_time: wire::rfc3339(v.created),
                     version: *n,
-                    deleted_time: v.deleted.map(api::rfc3339),
+                    deleted_time: v.deleted.map(wire::rfc3339),
                 },
             )
         })
@@ -701,8 +701,8 @@ pub async fn metadata(
         metadata: SecretMetadata {
             current_version: record.current,
             oldest_version: record.oldest,
-            created_time: api::rfc3339(record.created),
-            updated_time: api::rfc3339(record.updated),
+            created_time: wire::rfc3339(record.created),
+            updated_time: wire::rfc3339(record.updated),
             max_versions: record.max_versions,
         },
     })

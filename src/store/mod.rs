@@ -16,6 +16,7 @@
 //! Every backend implements [`Store`]; [`AnyStore`] picks one at run time, and the conformance
 //! suite in `tests/` runs the same checks against each.
 
+pub mod config;
 pub mod memory;
 pub mod postgres;
 pub mod s3;
@@ -23,8 +24,8 @@ pub mod sqlite;
 
 use std::future::Future;
 
-use crate::config::Backend;
 use crate::crypto::Verifier;
+pub use config::{Backend, S3Config, S3Credentials, SecretUrl};
 
 /// Why a store operation failed. Reasons name the backend and never carry secret values or
 /// connection credentials.
@@ -208,7 +209,7 @@ pub trait Store: Send + Sync + 'static {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredVerifier {
     key_id: String,
-    #[serde(with = "crate::api::b64")]
+    #[serde(with = "crate::protocol::nexus::b64")]
     sealed: Vec<u8>,
 }
 

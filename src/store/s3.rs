@@ -62,8 +62,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls;
 
+use super::config::S3Config;
 use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
-use crate::config::S3Config;
 
 const BACKEND: &str = "s3";
 /// The longest any one store call may take, retries included.

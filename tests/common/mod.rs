@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use hyper::{StatusCode, Uri};
 use rustls::pki_types::pem::PemObject;
-use spike::client::{HttpsClient, Reply, Timeouts};
 use spike::identity::{self, ExpectedPeer, Role, SvidPaths, SvidSource};
+use spike::transport::{HttpsClient, Reply, Timeouts};
 
 pub const TD: &str = "spike.ist";
 

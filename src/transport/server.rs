@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{ReloaderGuard, Role, SpiffeId, SvidSource, peer_spiffe_id};
+use crate::platform::env::{Result as EnvResult, Source, duration, invalid, number};
 
 /// Why a server could not start: its identity or its listener.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,10 @@ pub struct OwnIdentity {
 
 impl OwnIdentity {
     /// Loads this process's SVID, checks that it carries `role`, and starts watching the files.
-    pub fn load(identity: &crate::config::Identity, role: Role) -> Result<OwnIdentity, StartError> {
+    pub fn load(
+        identity: &crate::identity::IdentityConfig,
+        role: Role,
+    ) -> Result<OwnIdentity, StartError> {
         let td = &identity.trust_domain;
         let source = SvidSource::load(identity.svid.clone())?;
         let id = source.current().id().clone();
@@ -68,7 +72,7 @@ impl OwnIdentity {
                 expected: role.base_id(td).unwrap_or_default(),
             });
         }
-        let _reloader = source.spawn_reloader(crate::config::SVID_RELOAD_INTERVAL);
+        let _reloader = source.spawn_reloader(crate::identity::SVID_RELOAD_INTERVAL);
         Ok(OwnIdentity {
             source,
             id,
@@ -118,6 +122,37 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// The HTTPS server's limits: `SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT` (SPIKE's name),
+    /// `SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT`, `SPIKE_HTTP_SERVER_MAX_CONNECTIONS`,
+    /// `SPIKE_HTTP_SERVER_DRAIN_TIMEOUT`.
+    pub fn from_source(env: &impl Source) -> EnvResult<Limits> {
+        let d = Limits::default();
+        let max_connections =
+            number::<usize>(env, "SPIKE_HTTP_SERVER_MAX_CONNECTIONS", d.max_connections)?;
+        if max_connections == 0 {
+            return Err(invalid(
+                "SPIKE_HTTP_SERVER_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        Ok(Limits {
+            max_connections,
+            handshake_timeout: duration(
+                env,
+                "SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT",
+                d.handshake_timeout,
+            )?,
+            header_timeout: duration(
+                env,
+                "SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT",
+                d.header_timeout,
+            )?,
+            drain_timeout: duration(env, "SPIKE_HTTP_SERVER_DRAIN_TIMEOUT", d.drain_timeout)?,
+        })
+    }
 }
 
 impl Default for Limits {

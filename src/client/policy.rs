@@ -16,9 +16,11 @@
 
 use std::path::Path;
 
-use super::{Error, Op, Result, connect, nexus_failure, print_json, stdout, table};
-use crate::api::{Empty, Policy, PolicyListRequest, PolicyListResponse, PolicyPutRequest};
-use crate::cli::{Format, PolicyCommand};
+use super::args::{Format, PolicyCommand};
+use super::run::{Error, Op, Result, connect, nexus_failure, print_json, stdout, table};
+use crate::protocol::nexus::{
+    Empty, Policy, PolicyListRequest, PolicyListResponse, PolicyPutRequest,
+};
 
 /// The pseudo-path policy management is authorised on.
 const ACL_PATH: &str = "spike/system/acl";

@@ -87,7 +87,7 @@ pub enum PkiCommand {
         /// Directory for the CA files (created if missing).
         dir: PathBuf,
         /// The SPIFFE trust domain the CA signs for.
-        #[arg(long, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
     /// Issue an X.509 SVID signed by the CA in DIR: OUTDIR/svid.pem, svid_key.pem, svid_bundle.pem.
@@ -146,140 +146,81 @@ pub struct DevArgs {
     pub keeper_ports: Vec<u16>,
 }
 
-/// Output format of the client commands (`secret`, `policy`, `cipher`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
+pub use crate::client::args::{
+    CipherCommand, CipherIo, Format, PolicyCommand, RecoverCommand, SecretCommand,
+};
 
-#[derive(Debug, Subcommand)]
-pub enum SecretCommand {
-    /// Write a new version of PATH holding the given KEY=VALUE pairs.
-    Put {
-        /// Secret path, e.g. secrets/db.
-        path: String,
-        /// KEY=VALUE pairs; split at the first '=', so values may contain '='.
-        #[arg(value_name = "KEY=VALUE", required = true)]
-        values: Vec<String>,
-        /// Check-and-set: write only if N is the current version (0: only if PATH is new).
-        #[arg(long, value_name = "N")]
-        cas: Option<u64>,
-    },
-    /// Print a version of PATH (KEY=VALUE lines), or only the value of KEY.
-    #[command(disable_version_flag = true)]
-    Get {
-        /// Secret path, e.g. secrets/db.
-        path: String,
-        /// Print only this key's value, as is.
-        key: Option<String>,
-        /// Version to read (default: the current one).
-        #[arg(long, value_name = "N")]
-        version: Option<u64>,
-    },
-    /// Print the secret paths you may list, one per line.
-    List {
-        /// Only paths starting with PREFIX.
-        prefix: Option<String>,
-    },
-    /// Soft-delete versions of PATH (default: the current one); undelete restores them.
-    Delete {
-        /// Secret path, e.g. secrets/db.
-        path: String,
-        /// Comma-separated versions, e.g. 1,2.
-        #[arg(long, value_parser = crate::commands::secret::parse_versions)]
-        versions: Option<crate::commands::secret::VersionList>,
-    },
-    /// Restore soft-deleted versions of PATH (default: the current or latest deleted one).
-    Undelete {
-        /// Secret path, e.g. secrets/db.
-        path: String,
-        /// Comma-separated versions, e.g. 1,2.
-        #[arg(long, value_parser = crate::commands::secret::parse_versions)]
-        versions: Option<crate::commands::secret::VersionList>,
-    },
-    /// Print the versions of PATH with their times, and the current and oldest version.
-    #[command(disable_version_flag = true)]
-    Metadata {
-        /// Secret path, e.g. secrets/db.
-        path: String,
-        /// Version to ask about (default: the current one).
-        #[arg(long, value_name = "N")]
-        version: Option<u64>,
-    },
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
 
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Create or replace a policy. Patterns are regular expressions that match anywhere in
-    /// the SPIFFE ID or path unless anchored with ^...$.
-    Create {
-        #[arg(long)]
-        name: String,
-        /// Regular expression over callers' SPIFFE IDs, e.g. '^spiffe://spike.ist/app/web$'.
-        #[arg(long, value_name = "RE")]
-        spiffeid_pattern: String,
-        /// Regular expression over secret paths, e.g. '^secrets/web/.*$'.
-        #[arg(long, value_name = "RE")]
-        path_pattern: String,
-        /// Comma-separated, from read, write, list, execute, super.
-        #[arg(long, value_delimiter = ',', required = true)]
-        permissions: Vec<String>,
-    },
-    /// Create or replace the policy described in a YAML or JSON file
-    /// ({name, spiffeidPattern, pathPattern, permissions: [...]}).
-    Apply {
-        #[arg(long, value_name = "F")]
-        file: PathBuf,
-    },
-    /// List policies (optionally only those whose pattern equals the one given).
-    List {
-        #[arg(long, value_name = "RE")]
-        spiffeid_pattern: Option<String>,
-        #[arg(long, value_name = "RE")]
-        path_pattern: Option<String>,
-    },
-    /// Print one policy.
-    Get { name: String },
-    /// Delete one policy.
-    Delete { name: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CipherCommand {
-    /// Encrypt bytes (stdin or --in) to a ciphertext (stdout or --out).
-    Encrypt(CipherIo),
-    /// Decrypt a ciphertext made by `spike cipher encrypt` back to the original bytes.
-    Decrypt(CipherIo),
-}
-
-/// Where `spike cipher` reads and writes; `-` or nothing means stdin / stdout.
-#[derive(Debug, clap::Args)]
-pub struct CipherIo {
-    /// Input file (default: stdin).
-    #[arg(long = "in", short = 'f', visible_alias = "file", value_name = "F")]
-    pub input: Option<PathBuf>,
-    /// Output file, created with mode 0600 (default: stdout).
-    #[arg(long, short = 'o', value_name = "F")]
-    pub out: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum RecoverCommand {
-    /// Write the recovery shards to DIR/spike.recovery.N.txt (0600, never overwritten).
-    /// Needs an operator SVID with the recover role.
-    Export {
-        /// Directory for the shard files (created 0700 if missing).
-        dir: PathBuf,
-    },
-    /// Send one recovery shard to one Nexus instance that reports awaiting_restore.
-    /// Run once per shard, up to the threshold, against the same instance. Needs an operator
-    /// SVID with the restore role.
-    Restore {
-        /// The one Nexus instance to restore (pending shards live in its memory).
-        #[arg(long)]
-        nexus: String,
-        /// A spike.recovery.N.txt file, or - for standard input.
-        file: PathBuf,
-    },
+    #[test]
+    fn command_line_forms_of_design_section_7() {
+        Cli::command().debug_assert();
+        let parse = |args: &[&str]| Cli::try_parse_from([&["spike"], args].concat());
+        let cli = parse(&[
+            "secret",
+            "get",
+            "a/b",
+            "k",
+            "--version",
+            "3",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Secret { format, command } = cli.command else {
+            panic!("secret")
+        };
+        assert_eq!(format, Format::Json);
+        assert!(matches!(
+            command,
+            SecretCommand::Get { path, key: Some(key), version: Some(3) } if path == "a/b" && key == "k"
+        ));
+        let cli = parse(&["secret", "delete", "a", "--versions", "2,1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Secret { command: SecretCommand::Delete { versions: Some(v), .. }, .. }
+                if v.0 == [1, 2]
+        ));
+        let cli = parse(&[
+            "policy",
+            "create",
+            "--name",
+            "n",
+            "--spiffeid-pattern",
+            "s",
+            "--path-pattern",
+            "p",
+            "--permissions",
+            "read,write,list",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Policy { format: Format::Text, command: PolicyCommand::Create { permissions, .. } }
+                if permissions == ["read", "write", "list"]
+        ));
+        let cli = parse(&["cipher", "decrypt", "--in", "a", "--out", "b"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cipher { command: CipherCommand::Decrypt(io), .. }
+                if io.input.is_some() && io.out.is_some()
+        ));
+        for bad in [
+            &["secret", "put", "p"][..],
+            &["secret", "delete", "p", "--versions", "x"],
+            &["policy", "create", "--name", "n"],
+            &["cipher", "rot13"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+        assert_eq!(
+            parse(&["--version"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion,
+            "spike --version still works"
+        );
+    }
 }

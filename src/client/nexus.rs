@@ -1,4 +1,4 @@
-//! A typed client for Nexus's API ([`crate::api`]), as the CLI commands use it.
+//! A typed client for Nexus's API ([`crate::protocol::nexus`]), as the CLI commands use it.
 //!
 //! [`NexusClient::from_env`] builds it from the client environment: `SPIKE_NEXUS_API_URL` (one
 //! URL or a comma-separated list), `SPIKE_TRUST_ROOT` and the caller's SVID files
@@ -7,10 +7,10 @@
 //! Failover. Every URL is resolved to all its addresses (DNS round-robin: each address is an
 //! instance), and the (URL, address) pairs are tried in turn, starting at a random position so
 //! that many clients spread over the instances:
-//! - [`client::Error::Unsent`] (nothing reached the server: refused, connect timeout of
+//! - [`transport::client::Error::Unsent`] (nothing reached the server: refused, connect timeout of
 //!   `SPIKE_HTTP_CLIENT_DIALER_TIMEOUT`, failed handshake) or a `503` answer (this instance has
 //!   no root key yet, or its store is down): try the next address, for every request.
-//! - [`client::Error::NoAnswer`] (the request may have reached a server): try the next address
+//! - [`transport::client::Error::NoAnswer`] (the request may have reached a server): try the next address
 //!   only when a replay cannot apply the request twice: reads, lists and the cipher change
 //!   nothing; a secret put carries a `request_id` that Nexus remembers, so a replay returns the
 //!   version the first one made; delete, undelete and policy put leave the same state when
@@ -36,16 +36,17 @@ use hyper::{StatusCode, Uri};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{
-    self, DECRYPT_PATH, DecryptRequest, DecryptResponse, ENCRYPT_PATH, EncryptRequest,
+use crate::client::config;
+use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
+use crate::platform::env::{self, Source};
+use crate::protocol::nexus::{
+    self as wire, DECRYPT_PATH, DecryptRequest, DecryptResponse, ENCRYPT_PATH, EncryptRequest,
     EncryptResponse, POLICY_PATH, Policy, PolicyIdRequest, PolicyListRequest, PolicyListResponse,
     PolicyPutRequest, SECRET_METADATA_PATH, SECRETS_PATH, SecretGetRequest, SecretGetResponse,
     SecretListRequest, SecretListResponse, SecretMetadataResponse, SecretPutRequest,
     SecretPutResponse, SecretVersionsRequest,
 };
-use crate::client::{self, HttpsClient, Timeouts};
-use crate::config::{self, Source};
-use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
+use crate::transport::{self, HttpsClient, Timeouts};
 
 /// Why a call to Nexus failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +54,15 @@ use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
 pub enum Error {
     /// The client environment is incomplete or invalid (URLs, trust domain, SVID paths).
     #[error("{0}")]
-    Config(#[from] config::Error),
+    Config(#[from] env::Error),
     /// The caller's SVID could not be loaded, or no TLS configuration could be built from it.
     #[error("{0}")]
     Identity(#[from] identity::Error),
     /// No URL gave an answer. Holds every attempt, in order; never empty.
     #[error("{}", join_attempts(.attempts))]
-    Transport { attempts: Vec<client::Error> },
+    Transport {
+        attempts: Vec<transport::client::Error>,
+    },
     /// Nexus answered with an error: `code` is the `err` of its `{"err": code}` body (or the
     /// text of a plain-text body, as SPIKE's cipher stream mode sends).
     #[error("Nexus at {url} answered {status} ({code})")]
@@ -83,7 +86,7 @@ impl Error {
     }
 }
 
-fn join_attempts(attempts: &[client::Error]) -> String {
+fn join_attempts(attempts: &[transport::client::Error]) -> String {
     attempts
         .iter()
         .map(ToString::to_string)
@@ -196,7 +199,7 @@ impl NexusClient {
     /// Builds a client from the client environment (see the module docs).
     pub fn from_env(env: &impl Source) -> Result<NexusClient> {
         let urls = config::api_urls(env)?;
-        let ident = config::Identity::from_source(env)?;
+        let ident = crate::identity::IdentityConfig::from_source(env)?;
         let source = SvidSource::load(ident.svid)?;
         let tls = identity::client_config(
             Some(&source),
@@ -335,7 +338,7 @@ impl NexusClient {
 
     /// Creates or replaces the policy `policy.name`.
     pub async fn policy_put(&self, policy: &PolicyPutRequest) -> Result<()> {
-        let _: api::Empty = self.json(POLICY_PATH, policy, Effect::Idempotent).await?;
+        let _: wire::Empty = self.json(POLICY_PATH, policy, Effect::Idempotent).await?;
         Ok(())
     }
 
@@ -396,15 +399,15 @@ impl NexusClient {
     }
 
     /// The recovery shards of the root key (recover-role operators only).
-    pub async fn recover(&self) -> Result<api::RecoverResponse> {
-        self.json(api::RECOVER_PATH, &api::Empty {}, Effect::None)
+    pub async fn recover(&self) -> Result<wire::RecoverResponse> {
+        self.json(wire::RECOVER_PATH, &wire::Empty {}, Effect::None)
             .await
     }
 
     /// Sends one recovery shard towards a restore. Restore state lives in one instance's
     /// memory, so build this client with that instance's URL only.
-    pub async fn restore(&self, req: &api::RestoreRequest) -> Result<api::RestoreResponse> {
-        self.json(api::RESTORE_PATH, req, Effect::Write).await
+    pub async fn restore(&self, req: &wire::RestoreRequest) -> Result<wire::RestoreResponse> {
+        self.json(wire::RESTORE_PATH, req, Effect::Write).await
     }
 
     /// The same client aimed at other Nexus URLs.
@@ -441,7 +444,10 @@ impl NexusClient {
 
     /// Every (URL, address) pair to try, in list order, each with its place in that order;
     /// resolution failures go to `attempts`.
-    async fn candidates(&self, attempts: &mut BTreeMap<Place, client::Error>) -> Vec<Candidate> {
+    async fn candidates(
+        &self,
+        attempts: &mut BTreeMap<Place, transport::client::Error>,
+    ) -> Vec<Candidate> {
         let mut out: Vec<Candidate> = Vec::new();
         for (i, base) in self.urls.iter().enumerate() {
             match self.http.resolve(base).await {
@@ -476,7 +482,7 @@ impl NexusClient {
         let mut unavailable = None;
         let mut maybe_sent = false;
         let mut replayed = false;
-        let transport = |attempts: BTreeMap<Place, client::Error>| Error::Transport {
+        let transport = |attempts: BTreeMap<Place, transport::client::Error>| Error::Transport {
             attempts: attempts.into_values().collect(),
         };
         let candidates = self.candidates(&mut attempts).await;
@@ -521,7 +527,7 @@ impl NexusClient {
                         tracing::debug!("{err} ({}); trying the next Nexus", c.addr);
                         unavailable = Some(err);
                     }
-                    Err(e @ client::Error::Unsent { .. }) => {
+                    Err(e @ transport::client::Error::Unsent { .. }) => {
                         mark(c.addr, true);
                         tracing::debug!("{e}; trying the next Nexus");
                         attempts.insert(c.place, e);
@@ -572,7 +578,7 @@ fn action(path: &str, verb: &str) -> String {
 
 /// The code of an error body: `{"err": code}`, else a short plain-text body, else `unknown`.
 fn error_code(body: &[u8]) -> String {
-    if let Ok(e) = serde_json::from_slice::<api::ErrorBody>(body) {
+    if let Ok(e) = serde_json::from_slice::<wire::ErrorBody>(body) {
         return e.err;
     }
     match std::str::from_utf8(body).map(str::trim) {
@@ -634,11 +640,11 @@ mod tests {
     fn transport_errors_list_every_attempt() {
         let err = Error::Transport {
             attempts: vec![
-                client::Error::Unsent {
+                transport::client::Error::Unsent {
                     url: "https://a".into(),
                     reason: "refused".into(),
                 },
-                client::Error::NoAnswer {
+                transport::client::Error::NoAnswer {
                     url: "https://b".into(),
                     reason: "reset".into(),
                 },

@@ -2,7 +2,7 @@
 //! on 127.0.0.1 — built from the same [`crate::identity::pki`], [`crate::keeper::run`] and
 //! [`crate::nexus::run`] code the production subcommands use. Nothing here is a second
 //! implementation: this module only mints certificates, builds the configurations (through
-//! [`crate::config`]'s own parser, so validation stays in one place), runs the four servers as
+//! each part's's own parser, so validation stays in one place), runs the four servers as
 //! tasks of one runtime with a shared shutdown, and prints how to use the result.
 //!
 //! Files under `DIR` (default `.spike-dev`):
@@ -41,11 +41,13 @@ use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
-use crate::cli::DevArgs;
-use crate::client::{HttpsClient, Timeouts};
-use crate::config::{self, KeeperConfig, NexusConfig, Source};
 use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
+use crate::entry::cli::DevArgs;
 use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidPaths, SvidSource, pki};
+use crate::keeper::KeeperConfig;
+use crate::nexus::NexusConfig;
+use crate::platform::env::{self, Source};
+use crate::transport::{HttpsClient, Timeouts};
 
 /// Name of the dev-only shards file inside `DIR`.
 pub const SHARDS_FILE: &str = "dev-root-key-shards";
@@ -99,7 +101,7 @@ impl Source for DevEnv {
     fn get(&self, name: &str) -> Option<String> {
         self.0.get(name).cloned().or_else(|| {
             if PASS_THROUGH.contains(&name) {
-                config::ProcessEnv.get(name)
+                env::ProcessEnv.get(name)
             } else {
                 None
             }
@@ -163,8 +165,8 @@ fn layout(args: &DevArgs) -> Result<Layout, Error> {
             "--nexus-port and --keeper-ports must be four different ports".into(),
         ));
     }
-    let trust_domain =
-        config::trust_domain(&config::ProcessEnv).map_err(|e| Error::Usage(e.to_string()))?;
+    let trust_domain = crate::identity::config::trust_domain(&env::ProcessEnv)
+        .map_err(|e| Error::Usage(e.to_string()))?;
     let dir = std::path::absolute(&args.dir)
         .map_err(|e| Error::Usage(format!("--dir {}: {e}", args.dir.display())))?;
     Ok(Layout {
@@ -311,7 +313,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
     {
         let stop_tx = Arc::clone(&stop_tx);
         tokio::spawn(async move {
-            crate::shutdown_signal().await;
+            crate::platform::shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
     }
@@ -468,7 +470,7 @@ async fn wait_for_keepers(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Erro
         let url = l.keeper_url(i)?;
         loop {
             if as_nexus
-                .post_json(&url, crate::keeper::SHARD_PATH, b"{}".to_vec())
+                .post_json(&url, crate::protocol::keeper::SHARD_PATH, b"{}".to_vec())
                 .await
                 .is_ok()
             {
@@ -542,7 +544,11 @@ async fn preload_shards(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Error>
             .map_err(runtime)?,
         );
         let reply = as_nexus
-            .post_json(&url, crate::keeper::CONTRIBUTE_PATH, body.to_vec())
+            .post_json(
+                &url,
+                crate::protocol::keeper::CONTRIBUTE_PATH,
+                body.to_vec(),
+            )
             .await
             .map_err(runtime)?;
         if reply.status != StatusCode::OK {
@@ -638,13 +644,14 @@ async fn save_shards(l: &Layout, as_nexus: &HttpsClient, key_id: &str) -> Result
 /// The shard a Keeper holds, if any.
 async fn keeper_shard(as_nexus: &HttpsClient, url: &Uri, position: usize) -> Option<Share> {
     let reply = as_nexus
-        .post_json(url, crate::keeper::SHARD_PATH, b"{}".to_vec())
+        .post_json(url, crate::protocol::keeper::SHARD_PATH, b"{}".to_vec())
         .await
         .ok()?;
     if reply.status != StatusCode::OK {
         return None;
     }
-    let mut answer: crate::keeper::ShardResponse = serde_json::from_slice(&reply.body).ok()?;
+    let mut answer: crate::protocol::keeper::ShardResponse =
+        serde_json::from_slice(&reply.body).ok()?;
     let value = answer.shard.take()?;
     let fallback = u8::try_from(position + 1).ok()?;
     Share::new(answer.id.unwrap_or(fallback), value).ok()

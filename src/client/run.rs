@@ -12,19 +12,14 @@
 //! - an error is one line a person can act on: who was refused what, which URLs were tried,
 //!   what to set. Secret values are never echoed, not even a malformed `KEY=VALUE` argument.
 
-pub mod cipher;
-pub mod policy;
-pub mod recover;
-pub mod secret;
-
 use std::future::Future;
 use std::io::Write;
 
 use serde::Serialize;
 
-use crate::client::Error as TransportError;
-use crate::client::api::{self as nexus_api, NexusClient};
-use crate::config::ProcessEnv;
+use crate::client::nexus::{self as nexus_api, NexusClient};
+use crate::platform::env::ProcessEnv;
+use crate::transport::client::Error as TransportError;
 
 /// A failed client command, with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -212,77 +207,6 @@ mod tests {
             "VERSION  CREATED  DELETED\n1        t1       -\n10       t10      t\n"
         );
         assert_eq!(table(&[]), "");
-    }
-
-    #[test]
-    fn command_line_forms_of_design_section_7() {
-        use crate::cli::{CipherCommand, Cli, Command, Format, PolicyCommand, SecretCommand};
-        use clap::{CommandFactory, Parser};
-        Cli::command().debug_assert();
-        let parse = |args: &[&str]| Cli::try_parse_from([&["spike"], args].concat());
-        let cli = parse(&[
-            "secret",
-            "get",
-            "a/b",
-            "k",
-            "--version",
-            "3",
-            "--format",
-            "json",
-        ])
-        .unwrap();
-        let Command::Secret { format, command } = cli.command else {
-            panic!("secret")
-        };
-        assert_eq!(format, Format::Json);
-        assert!(matches!(
-            command,
-            SecretCommand::Get { path, key: Some(key), version: Some(3) } if path == "a/b" && key == "k"
-        ));
-        let cli = parse(&["secret", "delete", "a", "--versions", "2,1"]).unwrap();
-        assert!(matches!(
-            cli.command,
-            Command::Secret { command: SecretCommand::Delete { versions: Some(v), .. }, .. }
-                if v.0 == [1, 2]
-        ));
-        let cli = parse(&[
-            "policy",
-            "create",
-            "--name",
-            "n",
-            "--spiffeid-pattern",
-            "s",
-            "--path-pattern",
-            "p",
-            "--permissions",
-            "read,write,list",
-        ])
-        .unwrap();
-        assert!(matches!(
-            cli.command,
-            Command::Policy { format: Format::Text, command: PolicyCommand::Create { permissions, .. } }
-                if permissions == ["read", "write", "list"]
-        ));
-        let cli = parse(&["cipher", "decrypt", "--in", "a", "--out", "b"]).unwrap();
-        assert!(matches!(
-            cli.command,
-            Command::Cipher { command: CipherCommand::Decrypt(io), .. }
-                if io.input.is_some() && io.out.is_some()
-        ));
-        for bad in [
-            &["secret", "put", "p"][..],
-            &["secret", "delete", "p", "--versions", "x"],
-            &["policy", "create", "--name", "n"],
-            &["cipher", "rot13"],
-        ] {
-            let err = parse(bad).unwrap_err();
-            assert_eq!(err.exit_code(), 2, "{bad:?}");
-        }
-        assert_eq!(
-            parse(&["--version"]).unwrap_err().kind(),
-            clap::error::ErrorKind::DisplayVersion,
-            "spike --version still works"
-        );
     }
 
     #[test]

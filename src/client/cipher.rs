@@ -13,9 +13,9 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use super::{Error, Op, Result, connect, nexus_failure, stdout};
-use crate::api::{DecryptRequest, DecryptResponse};
-use crate::cli::{CipherCommand, CipherIo, Format};
+use super::args::{CipherCommand, CipherIo, Format};
+use super::run::{Error, Op, Result, connect, nexus_failure, stdout};
+use crate::protocol::nexus::{DecryptRequest, DecryptResponse};
 
 /// The pseudo-path the cipher is authorised on.
 const CIPHER_PATH: &str = "spike/system/cipher/exec";

@@ -16,9 +16,11 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
-use super::{Error, Op, Result, connect, nexus_failure, print_json, stdout, table};
-use crate::api::{Empty, SecretListResponse, SecretMetadataResponse, SecretPutResponse};
-use crate::cli::{Format, SecretCommand};
+use super::args::{Format, SecretCommand};
+use super::run::{Error, Op, Result, connect, nexus_failure, print_json, stdout, table};
+use crate::protocol::nexus::{
+    Empty, SecretListResponse, SecretMetadataResponse, SecretPutResponse,
+};
 
 const INVALID_SECRET: &str = "check the path (letters, digits and ._-/()?+*|[]{}\\ between \
                               non-empty segments, nothing under spike/system/) and the key names \
@@ -286,7 +288,7 @@ pub fn format_metadata(path: &str, resp: &SecretMetadataResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{SecretMetadata, VersionInfo};
+    use crate::protocol::nexus::{SecretMetadata, VersionInfo};
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| s.to_string()).collect()

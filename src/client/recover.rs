@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 
 use hyper::Uri;
 
-use super::{Error, Op, Result, connect, nexus_failure};
-use crate::api::RestoreRequest;
-use crate::cli::RecoverCommand;
+use super::args::RecoverCommand;
+use super::run::{Error, Op, Result, connect, nexus_failure};
 use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
 use crate::identity::Role;
+use crate::protocol::nexus::RestoreRequest;
 
 fn file_name(dir: &Path, index: u8) -> PathBuf {
     dir.join(format!("spike.recovery.{index}.txt"))
@@ -29,7 +29,7 @@ pub async fn run(command: RecoverCommand) -> Result<()> {
     }
 }
 
-fn require_role(client: &crate::client::api::NexusClient, role: Role, what: &str) -> Result<()> {
+fn require_role(client: &crate::client::nexus::NexusClient, role: Role, what: &str) -> Result<()> {
     let td = client.caller().trust_domain().to_string();
     if Role::of(client.caller(), &td) != Some(role) {
         return Err(Error::Usage(format!(
@@ -102,8 +102,8 @@ async fn export(dir: &Path) -> Result<()> {
 }
 
 async fn restore(nexus: &str, file: &Path) -> Result<()> {
-    let url: Uri =
-        crate::config::parse_https_url(nexus).map_err(|e| Error::Usage(format!("--nexus: {e}")))?;
+    let url: Uri = crate::platform::env::parse_https_url(nexus)
+        .map_err(|e| Error::Usage(format!("--nexus: {e}")))?;
     let text = if file == Path::new("-") {
         let mut text = String::new();
         std::io::stdin()

@@ -1,0 +1,29 @@
+//! `spike keeper` configuration from the environment.
+
+use std::net::SocketAddr;
+
+use crate::identity::IdentityConfig;
+use crate::platform::env::{Result, Source, listen_addr};
+use crate::transport::Limits;
+
+pub const DEFAULT_KEEPER_ADDR: &str = ":8443";
+
+/// `spike keeper` configuration.
+#[derive(Clone, Debug)]
+pub struct KeeperConfig {
+    /// `SPIKE_KEEPER_TLS_PORT`: where the Keeper listens.
+    pub listen: SocketAddr,
+    pub identity: IdentityConfig,
+    /// Connection limits and timeouts of the HTTPS server.
+    pub server: Limits,
+}
+
+impl KeeperConfig {
+    pub fn from_source(env: &impl Source) -> Result<KeeperConfig> {
+        Ok(KeeperConfig {
+            server: Limits::from_source(env)?,
+            listen: listen_addr(env, "SPIKE_KEEPER_TLS_PORT", DEFAULT_KEEPER_ADDR)?,
+            identity: IdentityConfig::from_source(env)?,
+        })
+    }
+}
