@@ -34,12 +34,12 @@ pub fn secret_path(data: &[u8]) {
         return;
     };
     if secrets::validate_path(path).is_ok() {
-        assert!(!path.is_empty() && path.len() <= secrets::MAX_PATH_LEN);
+        assert!(!path.is_empty() && path.len() <= crate::protocol::secret::MAX_PATH_LEN);
         assert!(
             path.split('/')
                 .all(|s| !s.is_empty() && s != "." && s != "..")
         );
-        assert!(!path.starts_with(secrets::RESERVED_PREFIX));
+        assert!(!path.starts_with(crate::protocol::secret::RESERVED_PREFIX));
     }
 }
 

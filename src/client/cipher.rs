@@ -15,10 +15,11 @@ use std::path::Path;
 
 use super::args::{CipherCommand, CipherIo, Format};
 use super::run::{Error, Op, Result, connect, nexus_failure, stdout};
+use crate::protocol::nexus::ErrorCode;
 use crate::protocol::nexus::{DecryptRequest, DecryptResponse};
 
 /// The pseudo-path the cipher is authorised on.
-const CIPHER_PATH: &str = "spike/system/cipher/exec";
+use crate::protocol::policy::CIPHER_PATH;
 
 fn is_std(path: Option<&Path>) -> Option<&Path> {
     path.filter(|p| p.as_os_str() != "-")
@@ -97,7 +98,7 @@ pub async fn run(format: Format, command: CipherCommand) -> Result<()> {
         (true, _) => client.encrypt_stream(data).await.map_err(fail)?,
         (false, Some(req)) => {
             let plaintext = client.decrypt_json(&req).await.map_err(|e| {
-                if e.code() == Some("api_internal_error") {
+                if e.code() == Some(ErrorCode::ApiInternalError) {
                     // SPIKE answers 500 when a JSON-mode ciphertext fails to open.
                     Error::Failed(format!(
                         "Nexus could not decrypt the input (api_internal_error): {}",

@@ -41,10 +41,10 @@ use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
 use crate::platform::env::{self, Source};
 use crate::protocol::nexus::{
     self as wire, DECRYPT_PATH, DecryptRequest, DecryptResponse, ENCRYPT_PATH, EncryptRequest,
-    EncryptResponse, POLICY_PATH, Policy, PolicyIdRequest, PolicyListRequest, PolicyListResponse,
-    PolicyPutRequest, SECRET_METADATA_PATH, SECRETS_PATH, SecretGetRequest, SecretGetResponse,
-    SecretListRequest, SecretListResponse, SecretMetadataResponse, SecretPutRequest,
-    SecretPutResponse, SecretVersionsRequest,
+    EncryptResponse, ErrorCode, POLICY_PATH, Policy, PolicyIdRequest, PolicyListRequest,
+    PolicyListResponse, PolicyPutRequest, SECRET_METADATA_PATH, SECRETS_PATH, SecretGetRequest,
+    SecretGetResponse, SecretListRequest, SecretListResponse, SecretMetadataResponse,
+    SecretPutRequest, SecretPutResponse, SecretVersionsRequest,
 };
 use crate::transport::{self, HttpsClient, Timeouts};
 
@@ -78,9 +78,9 @@ pub enum Error {
 
 impl Error {
     /// The `err` code of an API error, if this is one.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::Api { code, .. } => Some(code),
+            Error::Api { code, .. } => ErrorCode::parse(code),
             _ => None,
         }
     }

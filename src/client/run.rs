@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::client::nexus::{self as nexus_api, NexusClient};
 use crate::platform::env::ProcessEnv;
+use crate::protocol::nexus::ErrorCode;
 use crate::transport::client::Error as TransportError;
 
 /// A failed client command, with the exit status it maps to.
@@ -81,34 +82,36 @@ pub(crate) struct Op<'a> {
 /// Turns an error of a call to Nexus into the command's error.
 pub(crate) fn nexus_failure(client: &NexusClient, op: &Op<'_>, e: nexus_api::Error) -> Error {
     let message = match e {
-        nexus_api::Error::Api { url, status, code } => match code.as_str() {
-            "access_unauthorized" => format!(
+        nexus_api::Error::Api { url, status, code } => match ErrorCode::parse(&code) {
+            Some(ErrorCode::AccessUnauthorized) => format!(
                 "no policy grants {} {} on {} (access_unauthorized)",
                 client.caller(),
                 op.permission,
                 op.resource
             ),
-            "api_not_found" => format!("{} not found", op.subject),
-            "api_bad_request" => format!(
+            Some(ErrorCode::ApiNotFound) => format!("{} not found", op.subject),
+            Some(ErrorCode::ApiBadRequest) => format!(
                 "Nexus at {url} rejected the request as invalid (api_bad_request): {}",
                 op.invalid_hint
             ),
-            "api_request_too_large" => {
+            Some(ErrorCode::ApiRequestTooLarge) => {
                 format!("the request is larger than Nexus at {url} accepts (api_request_too_large)")
             }
-            "api_internal_error" => format!(
+            Some(ErrorCode::ApiInternalError) => format!(
                 "Nexus at {url} could not carry out the request (api_internal_error); its log \
                  has the details"
             ),
-            "state_not_ready" => format!(
+            Some(ErrorCode::StateNotReady) => format!(
                 "Nexus at {url} has no root key yet (waiting for Keepers or a restore); try \
                  again shortly"
             ),
-            "store_unavailable" => format!(
+            Some(ErrorCode::StoreUnavailable) => format!(
                 "Nexus at {url} cannot reach its backing store (store_unavailable); try again \
                  shortly"
             ),
-            other => format!("Nexus at {url} answered {status} ({other})"),
+            Some(ErrorCode::ApiConflict) | None => {
+                format!("Nexus at {url} answered {status} ({code})")
+            }
         },
         nexus_api::Error::Transport { attempts }
             if op.write && matches!(attempts.last(), Some(TransportError::NoAnswer { .. })) =>

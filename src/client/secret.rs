@@ -18,6 +18,7 @@ use std::io::IsTerminal;
 
 use super::args::{Format, SecretCommand};
 use super::run::{Error, Op, Result, connect, nexus_failure, print_json, stdout, table};
+use crate::protocol::nexus::ErrorCode;
 use crate::protocol::nexus::{
     Empty, SecretListResponse, SecretMetadataResponse, SecretPutResponse,
 };
@@ -108,10 +109,10 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
                     .secret_put(&path, values, cas)
                     .await
                     .map_err(|e| match (e.code(), cas) {
-                        (Some("api_conflict"), Some(0)) => Error::Failed(format!(
+                        (Some(ErrorCode::ApiConflict), Some(0)) => Error::Failed(format!(
                             "{path} already exists (check-and-set with --cas 0 failed)"
                         )),
-                        (Some("api_conflict"), Some(n)) => Error::Failed(format!(
+                        (Some(ErrorCode::ApiConflict), Some(n)) => Error::Failed(format!(
                             "{path} is not at version {n} (check-and-set failed)"
                         )),
                         _ => nexus_failure(
@@ -170,7 +171,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             let client = connect()?;
             let op = Op {
                 permission: "list",
-                resource: "spike/system/secret",
+                resource: crate::protocol::policy::SECRET_LIST_PATH,
                 subject: "the secret list".into(),
                 invalid_hint: "check the prefix",
                 write: false,

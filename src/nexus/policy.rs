@@ -17,62 +17,15 @@
 //! Stored sealed in [`Namespace::Policies`] under the policy name, with the name as associated
 //! data.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
-use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use crate::crypto::AeadKey;
 use crate::identity::SpiffeId;
 use crate::protocol::nexus::{self as wire, Policy, PolicyPutRequest};
+use crate::protocol::policy::{self as rules, compile, reserved_ok};
+pub use crate::protocol::policy::{ACL_PATH, CIPHER_PATH, Permission, SECRET_LIST_PATH};
 use crate::store::{Expect, Namespace, Store, Written};
-
-pub const ACL_PATH: &str = "spike/system/acl";
-pub const SECRET_LIST_PATH: &str = "spike/system/secret";
-pub const CIPHER_PATH: &str = "spike/system/cipher/exec";
-const RESERVED: [&str; 3] = [ACL_PATH, SECRET_LIST_PATH, CIPHER_PATH];
-
-/// Compiled-program size limit for one pattern.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
-const MAX_PATTERN_LEN: usize = 500;
-const MAX_NAME_LEN: usize = 250;
-/// Memoised compiled patterns kept at most.
-const MAX_COMPILED: usize = 4096;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Permission {
-    Read,
-    Write,
-    List,
-    Execute,
-    Super,
-}
-
-impl Permission {
-    pub fn parse(s: &str) -> Option<Permission> {
-        Some(match s {
-            "read" => Permission::Read,
-            "write" => Permission::Write,
-            "list" => Permission::List,
-            "execute" => Permission::Execute,
-            "super" => Permission::Super,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::Write => "write",
-            Permission::List => "list",
-            Permission::Execute => "execute",
-            Permission::Super => "super",
-        }
-    }
-}
 
 /// A policy as stored (inside the sealed value).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,137 +60,18 @@ fn aad(name: &str) -> Vec<u8> {
     format!("spike/policy/v1\0{name}").into_bytes()
 }
 
-/// Compiles `pattern` (memoised by its text).
-fn compile(pattern: &str) -> Result<Arc<Regex>, regex::Error> {
-    static COMPILED: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
-    let memo = COMPILED.get_or_init(Default::default);
-    if let Some(re) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(pattern) {
-        return Ok(Arc::clone(re));
-    }
-    let re = Arc::new(
-        RegexBuilder::new(pattern)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .dfa_size_limit(REGEX_SIZE_LIMIT)
-            .build()?,
-    );
-    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
-    if memo.len() >= MAX_COMPILED {
-        memo.clear();
-    }
-    memo.insert(pattern.to_string(), Arc::clone(&re));
-    Ok(re)
-}
-
-fn full_match(pattern: &str, text: &str) -> bool {
-    compile(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(text))
-}
-
-/// Whether a SPIFFE-ID pattern is anchored at both ends or deliberately matches anything.
-fn id_pattern_is_deliberate(pattern: &str) -> bool {
-    (pattern.starts_with('^') && pattern.ends_with('$'))
-        || full_match(pattern, "spiffe://catch-all.probe.invalid/any/path/at-all")
-}
-
-/// May this policy reach the reserved `path`? (Only asked when the path pattern matched.)
-fn reserved_ok(p: &StoredPolicy, path: &str) -> bool {
-    !RESERVED.contains(&path)
-        || (full_match(&p.path_pattern, path) && id_pattern_is_deliberate(&p.spiffeid_pattern))
-}
-
-fn spiffe_pattern_syntax_ok(p: &str) -> bool {
-    // SPIKE's shape check: optional '^', literal "spiffe://", then a restricted character set,
-    // optional '$'.
-    let body = p.strip_prefix('^').unwrap_or(p);
-    let body = body.strip_suffix('$').unwrap_or(body);
-    let Some(rest) = body.strip_prefix("spiffe://") else {
-        return false;
-    };
-    !rest.is_empty()
-        && rest.chars().all(|c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    '\\' | '.' | '-' | '*' | '(' | ')' | '+' | '?' | '[' | ']' | '/' | '_'
-                )
-        })
-}
-
-fn path_pattern_syntax_ok(p: &str) -> bool {
-    // Secret-path characters plus the anchors.
-    p.chars()
-        .all(|c| super::secrets::is_path_char(c) || c == '^' || c == '$')
-}
-
-/// Validates a policy name (SPIKE's rule).
-pub fn validate_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' '))
-    {
-        return Err(ApiError::BadRequest(
-            "invalid policy name: 1 to 250 letters, digits, '-', '_' or spaces".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Validates a policy from a request and returns its stored form (times set by the caller).
+/// Validates a policy from a request ([`rules::validate`]) and returns its stored form (times
+/// set by the caller).
 pub fn validate(req: &PolicyPutRequest) -> Result<StoredPolicy, ApiError> {
-    let bad = |m: String| Err(ApiError::BadRequest(m));
-    validate_name(&req.name)?;
-    let id = &req.spiffeid_pattern;
-    let path = &req.path_pattern;
-    if id.is_empty() || id.len() > MAX_PATTERN_LEN || !spiffe_pattern_syntax_ok(id) {
-        return bad("invalid spiffeidPattern: must start with spiffe:// (optionally ^) and use only letters, digits and .-_/*()+?[]\\".into());
-    }
-    if path.is_empty() || path.len() > MAX_PATTERN_LEN || !path_pattern_syntax_ok(path) {
-        return bad(
-            "invalid pathPattern: 1 to 500 of letters, digits and ._-/^$()?+*|[]{}\\".into(),
-        );
-    }
-    for (what, p) in [("spiffeidPattern", id), ("pathPattern", path)] {
-        if let Err(e) = compile(p) {
-            let reason = match e {
-                regex::Error::CompiledTooBig(_) => "too large once compiled".to_string(),
-                _ => "not a valid regular expression".to_string(),
-            };
-            return bad(format!("invalid {what}: {reason}"));
-        }
-    }
-    let mut permissions = Vec::new();
-    for p in &req.permissions {
-        let perm = Permission::parse(p).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "invalid permission {p:?}: expected read, write, list, execute or super"
-            ))
-        })?;
-        if !permissions.contains(&perm) {
-            permissions.push(perm);
-        }
-    }
-    if permissions.is_empty() {
-        return bad("a policy needs at least one permission".into());
-    }
-    let policy = StoredPolicy {
+    let permissions = rules::validate(req).map_err(ApiError::BadRequest)?;
+    Ok(StoredPolicy {
         name: req.name.clone(),
-        spiffeid_pattern: id.clone(),
-        path_pattern: path.clone(),
+        spiffeid_pattern: req.spiffeid_pattern.clone(),
+        path_pattern: req.path_pattern.clone(),
         permissions,
         created: 0,
         updated: 0,
-    };
-    // Refuse policies that would reach a reserved path by substring accident.
-    let path_re = compile(path).map_err(|_| ApiError::BadRequest("invalid pathPattern".into()))?;
-    for reserved in RESERVED {
-        if path_re.is_match(reserved) && !reserved_ok(&policy, reserved) {
-            return bad(format!(
-                "pathPattern {path:?} matches the reserved path {reserved} by accident: write ^{reserved}$ (or ^spike/system/.*$) and anchor spiffeidPattern with ^...$ to grant it"
-            ));
-        }
-    }
-    Ok(policy)
+    })
 }
 
 /// Creates or replaces a policy (keeping its creation time).
@@ -284,7 +118,7 @@ fn open(key: &AeadKey, name: &str, sealed: &[u8]) -> Result<StoredPolicy, ApiErr
 }
 
 pub async fn get(store: &impl Store, key: &AeadKey, name: &str) -> Result<StoredPolicy, ApiError> {
-    validate_name(name)?;
+    rules::validate_name(name).map_err(ApiError::BadRequest)?;
     let entry = store
         .get(Namespace::Policies, name)
         .await?
@@ -293,7 +127,7 @@ pub async fn get(store: &impl Store, key: &AeadKey, name: &str) -> Result<Stored
 }
 
 pub async fn delete(store: &impl Store, name: &str) -> Result<(), ApiError> {
-    validate_name(name)?;
+    rules::validate_name(name).map_err(ApiError::BadRequest)?;
     for _ in 0..50 {
         let entry = store
             .get(Namespace::Policies, name)
@@ -337,7 +171,9 @@ pub fn applies(policy: &StoredPolicy, caller: &SpiffeId, path: &str) -> bool {
     ) else {
         return false;
     };
-    id_re.is_match(caller.as_str()) && path_re.is_match(path) && reserved_ok(policy, path)
+    id_re.is_match(caller.as_str())
+        && path_re.is_match(path)
+        && reserved_ok(&policy.spiffeid_pattern, &policy.path_pattern, path)
 }
 
 /// Does `policy`'s SPIFFE-ID pattern name `caller`?

@@ -21,14 +21,9 @@ use zeroize::Zeroizing;
 use super::ApiError;
 use crate::crypto::AeadKey;
 use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
+use crate::protocol::secret as rules;
 use crate::store::{Entry, Expect, Namespace, Store, Written};
 
-/// Longest secret path accepted (SPIKE's limit).
-pub const MAX_PATH_LEN: usize = 500;
-/// Longest key name inside a secret.
-pub const MAX_KEY_LEN: usize = 250;
-/// Paths under this prefix name authorisation pseudo-resources, never secrets.
-pub const RESERVED_PREFIX: &str = "spike/system/";
 /// Attempts at a read-modify-write before giving up under contention.
 const MAX_ATTEMPTS: u32 = 200;
 /// Request ids of puts remembered per record, with the version each made.
@@ -110,64 +105,13 @@ fn aad(path: &str, version: u64) -> Vec<u8> {
     format!("spike/secret/v1\0{path}\0{version}").into_bytes()
 }
 
-/// SPIKE's secret-path characters: letters, digits and `._-/()?+*|[]{}\`.
-pub fn is_path_char(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-        || matches!(
-            c,
-            '.' | '_'
-                | '-'
-                | '/'
-                | '('
-                | ')'
-                | '?'
-                | '+'
-                | '*'
-                | '|'
-                | '['
-                | ']'
-                | '{'
-                | '}'
-                | '\\'
-        )
-}
-
-/// Checks a secret path: SPIKE's character set and length, no empty, `.` or `..` segment, and
-/// nothing under the reserved `spike/system/` prefix.
+/// Checks a secret path ([`rules::validate_path`]); 400 when it breaks a rule.
 pub fn validate_path(path: &str) -> Result<(), ApiError> {
-    let bad = |why: &str| Err(ApiError::BadRequest(format!("invalid secret path: {why}")));
-    if path.is_empty() || path.len() > MAX_PATH_LEN {
-        return bad("must be 1 to 500 characters");
-    }
-    if !path.chars().all(is_path_char) {
-        return bad("allowed characters are letters, digits and ._-/()?+*|[]{}\\");
-    }
-    if path
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return bad("no empty, '.' or '..' segments (and no leading or trailing '/')");
-    }
-    if path.starts_with(RESERVED_PREFIX) || path == "spike/system" {
-        return bad("paths under spike/system/ are reserved");
-    }
-    Ok(())
+    rules::validate_path(path).map_err(ApiError::BadRequest)
 }
 
 fn validate_values(values: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    for key in values.keys() {
-        if key.is_empty()
-            || key.len() > MAX_KEY_LEN
-            || !key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' ' | '.'))
-        {
-            return Err(ApiError::BadRequest(
-                "invalid key name: 1 to 250 letters, digits, '-', '_', '.' or spaces".into(),
-            ));
-        }
-    }
-    Ok(())
+    rules::validate_values(values).map_err(ApiError::BadRequest)
 }
 
 /// Writers of one path inside this instance take turns through one of a fixed set of

@@ -5,3 +5,5 @@
 
 pub mod keeper;
 pub mod nexus;
+pub mod policy;
+pub mod secret;

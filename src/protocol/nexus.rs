@@ -66,6 +66,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The HTTP status that goes with the code.
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::ApiBadRequest => StatusCode::BAD_REQUEST,
@@ -80,6 +81,24 @@ impl ErrorCode {
         }
     }
 
+    /// Every code, for lookups by text.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::ApiBadRequest,
+        ErrorCode::AccessUnauthorized,
+        ErrorCode::ApiNotFound,
+        ErrorCode::ApiConflict,
+        ErrorCode::ApiRequestTooLarge,
+        ErrorCode::ApiInternalError,
+        ErrorCode::StateNotReady,
+        ErrorCode::StoreUnavailable,
+    ];
+
+    /// The code an `err` text names, if it is one of ours (a SPIKE Nexus may send others).
+    pub fn parse(text: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
+    /// The wire text of the code.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::ApiBadRequest => "api_bad_request",

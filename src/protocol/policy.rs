@@ -1,0 +1,191 @@
+//! The policy rules both ends apply: permissions, the reserved pseudo-paths, pattern syntax and
+//! limits, and what a policy may reach (SPIKE's semantics, DESIGN.md §4, reference §6.2–6.3).
+//!
+//! - Patterns are regular expressions matched anywhere in the string unless anchored
+//!   (`^...$`), compiled with a size limit.
+//! - Permissions: `read`, `write`, `list`, `execute`, `super` (everything). A policy grants a
+//!   request when both patterns match and it holds every wanted permission (or `super`); there
+//!   are no deny rules.
+//! - The reserved pseudo-paths `spike/system/acl` (policy management), `spike/system/secret`
+//!   (listing) and `spike/system/cipher/exec` (the cipher) are reachable only by a policy whose
+//!   path pattern matches them as a whole (`^(?:pattern)$`) and whose SPIFFE-ID pattern is
+//!   anchored or a deliberate catch-all. Policies that would reach them by substring accident
+//!   are refused at creation (here, so the CLI refuses them too) and ignored at check time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::nexus::PolicyPutRequest;
+
+pub const ACL_PATH: &str = "spike/system/acl";
+pub const SECRET_LIST_PATH: &str = "spike/system/secret";
+pub const CIPHER_PATH: &str = "spike/system/cipher/exec";
+const RESERVED: [&str; 3] = [ACL_PATH, SECRET_LIST_PATH, CIPHER_PATH];
+
+/// Compiled-program size limit for one pattern.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+const MAX_PATTERN_LEN: usize = 500;
+const MAX_NAME_LEN: usize = 250;
+/// Memoised compiled patterns kept at most.
+const MAX_COMPILED: usize = 4096;
+
+/// What a policy grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    Read,
+    Write,
+    List,
+    Execute,
+    Super,
+}
+
+impl Permission {
+    pub fn parse(s: &str) -> Option<Permission> {
+        Some(match s {
+            "read" => Permission::Read,
+            "write" => Permission::Write,
+            "list" => Permission::List,
+            "execute" => Permission::Execute,
+            "super" => Permission::Super,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::List => "list",
+            Permission::Execute => "execute",
+            Permission::Super => "super",
+        }
+    }
+}
+
+/// Compiles `pattern` (memoised by its text).
+pub fn compile(pattern: &str) -> Result<Arc<Regex>, regex::Error> {
+    static COMPILED: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
+    let memo = COMPILED.get_or_init(Default::default);
+    if let Some(re) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(pattern) {
+        return Ok(Arc::clone(re));
+    }
+    let re = Arc::new(
+        RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()?,
+    );
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if memo.len() >= MAX_COMPILED {
+        memo.clear();
+    }
+    memo.insert(pattern.to_string(), Arc::clone(&re));
+    Ok(re)
+}
+
+fn full_match(pattern: &str, text: &str) -> bool {
+    compile(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(text))
+}
+
+/// Whether a SPIFFE-ID pattern is anchored at both ends or deliberately matches anything.
+fn id_pattern_is_deliberate(pattern: &str) -> bool {
+    (pattern.starts_with('^') && pattern.ends_with('$'))
+        || full_match(pattern, "spiffe://catch-all.probe.invalid/any/path/at-all")
+}
+
+/// May a policy with these patterns reach the reserved `path`? (Only asked when the path
+/// pattern matched.)
+pub fn reserved_ok(spiffeid_pattern: &str, path_pattern: &str, path: &str) -> bool {
+    !RESERVED.contains(&path)
+        || (full_match(path_pattern, path) && id_pattern_is_deliberate(spiffeid_pattern))
+}
+
+fn spiffe_pattern_syntax_ok(p: &str) -> bool {
+    // SPIKE's shape check: optional '^', literal "spiffe://", then a restricted character set,
+    // optional '$'.
+    let body = p.strip_prefix('^').unwrap_or(p);
+    let body = body.strip_suffix('$').unwrap_or(body);
+    let Some(rest) = body.strip_prefix("spiffe://") else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    '\\' | '.' | '-' | '*' | '(' | ')' | '+' | '?' | '[' | ']' | '/' | '_'
+                )
+        })
+}
+
+fn path_pattern_syntax_ok(p: &str) -> bool {
+    // Secret-path characters plus the anchors.
+    p.chars()
+        .all(|c| super::secret::is_path_char(c) || c == '^' || c == '$')
+}
+
+/// Validates a policy name (SPIKE's rule).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ' '))
+    {
+        return Err("invalid policy name: 1 to 250 letters, digits, '-', '_' or spaces".into());
+    }
+    Ok(())
+}
+
+/// Checks a policy against every rule — name, pattern syntax and size, permissions, reserved
+/// paths — and returns its permissions, deduplicated in the order given. The one definition:
+/// Nexus refuses what fails here with 400, and the CLI refuses it before sending.
+pub fn validate(req: &PolicyPutRequest) -> Result<Vec<Permission>, String> {
+    let bad = |m: String| Err(m);
+    validate_name(&req.name)?;
+    let id = &req.spiffeid_pattern;
+    let path = &req.path_pattern;
+    if id.is_empty() || id.len() > MAX_PATTERN_LEN || !spiffe_pattern_syntax_ok(id) {
+        return bad("invalid spiffeidPattern: must start with spiffe:// (optionally ^) and use only letters, digits and .-_/*()+?[]\\".into());
+    }
+    if path.is_empty() || path.len() > MAX_PATTERN_LEN || !path_pattern_syntax_ok(path) {
+        return bad(
+            "invalid pathPattern: 1 to 500 of letters, digits and ._-/^$()?+*|[]{}\\".into(),
+        );
+    }
+    for (what, p) in [("spiffeidPattern", id), ("pathPattern", path)] {
+        if let Err(e) = compile(p) {
+            let reason = match e {
+                regex::Error::CompiledTooBig(_) => "too large once compiled".to_string(),
+                _ => "not a valid regular expression".to_string(),
+            };
+            return bad(format!("invalid {what}: {reason}"));
+        }
+    }
+    let mut permissions = Vec::new();
+    for p in &req.permissions {
+        let perm = Permission::parse(p.trim()).ok_or_else(|| {
+            format!("invalid permission {p:?}: expected read, write, list, execute or super")
+        })?;
+        if !permissions.contains(&perm) {
+            permissions.push(perm);
+        }
+    }
+    if permissions.is_empty() {
+        return bad("a policy needs at least one permission".into());
+    }
+    // Refuse policies that would reach a reserved path by substring accident.
+    let path_re = compile(path).map_err(|_| "invalid pathPattern".to_string())?;
+    for reserved in RESERVED {
+        if path_re.is_match(reserved) && !reserved_ok(id, path, reserved) {
+            return bad(format!(
+                "pathPattern {path:?} matches the reserved path {reserved} by accident: write ^{reserved}$ (or ^spike/system/.*$) and anchor spiffeidPattern with ^...$ to grant it"
+            ));
+        }
+    }
+    Ok(permissions)
+}
