@@ -4,6 +4,7 @@
 pub mod args;
 pub mod cipher;
 pub mod config;
+pub mod keeper;
 pub mod nexus;
 pub mod policy;
 pub mod recover;

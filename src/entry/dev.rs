@@ -41,6 +41,7 @@ use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
+use crate::client::keeper::{KeeperClient, ShardAnswer};
 use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
 use crate::entry::cli::DevArgs;
 use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidPaths, SvidSource, pki};
@@ -333,7 +334,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
     let keeper_cfgs = keeper_configs(&l)?;
     let nexus_cfg = nexus_config(&l)?;
     let roots = ca_roots(&l)?;
-    let as_nexus = client(
+    let as_nexus = KeeperClient::new(client(
         identity::client_config(
             Some(&nexus_svid),
             Some(roots.clone()),
@@ -341,7 +342,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
             ExpectedPeer::Role(Role::Keeper),
         )
         .map_err(runtime)?,
-    );
+    ));
     let anonymous = client(
         identity::client_config(
             None,
@@ -464,16 +465,13 @@ fn warn_dev_mode(l: &Layout) {
 }
 
 /// Waits until every Keeper answers over mTLS (a failure to listen ends its task instead).
-async fn wait_for_keepers(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Error> {
+async fn wait_for_keepers(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
     let deadline = Instant::now() + START_LIMIT;
     for i in 0..3 {
         let url = l.keeper_url(i)?;
         loop {
-            if as_nexus
-                .post_json(&url, crate::protocol::keeper::SHARD_PATH, b"{}".to_vec())
-                .await
-                .is_ok()
-            {
+            let position = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            if as_nexus.shard(&url, position).await.is_ok() {
                 break;
             }
             if Instant::now() > deadline {
@@ -490,7 +488,7 @@ async fn wait_for_keepers(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Erro
 }
 
 /// On a restart with a SQLite store, hands the saved shards to the Keepers before Nexus starts.
-async fn preload_shards(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Error> {
+async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
     let path = l.shards_file();
     if l.ephemeral || !path.exists() {
         return Ok(());
@@ -536,27 +534,12 @@ async fn preload_shards(l: &Layout, as_nexus: &HttpsClient) -> Result<(), Error>
     }
     for share in &shares {
         let url = l.keeper_url(usize::from(share.index) - 1)?;
-        let body = Zeroizing::new(
-            serde_json::to_vec(&serde_json::json!({
-                "shard": share.value(),
-                "id": share.index,
-            }))
-            .map_err(runtime)?,
-        );
-        let reply = as_nexus
-            .post_json(
-                &url,
-                crate::protocol::keeper::CONTRIBUTE_PATH,
-                body.to_vec(),
-            )
-            .await
-            .map_err(runtime)?;
-        if reply.status != StatusCode::OK {
-            return Err(Error::Runtime(format!(
-                "keeper {} refused the saved shard ({})",
-                share.index, reply.status
-            )));
-        }
+        as_nexus.contribute(&url, share).await.map_err(|e| {
+            Error::Runtime(format!(
+                "keeper {} refused the saved shard ({e})",
+                share.index
+            ))
+        })?;
     }
     tracing::info!(
         shards = shares.len(),
@@ -596,7 +579,7 @@ async fn wait_ready(l: &Layout, anonymous: &HttpsClient) -> Result<String, Error
 
 /// Once the key exists (SQLite only, and only if not saved yet): reads `threshold` shards back
 /// from the Keepers, checks they rebuild the key Nexus reports, and writes the dev shards file.
-async fn save_shards(l: &Layout, as_nexus: &HttpsClient, key_id: &str) -> Result<(), Error> {
+async fn save_shards(l: &Layout, as_nexus: &KeeperClient, key_id: &str) -> Result<(), Error> {
     let path = l.shards_file();
     if l.ephemeral || path.exists() {
         return Ok(());
@@ -642,19 +625,11 @@ async fn save_shards(l: &Layout, as_nexus: &HttpsClient, key_id: &str) -> Result
 }
 
 /// The shard a Keeper holds, if any.
-async fn keeper_shard(as_nexus: &HttpsClient, url: &Uri, position: usize) -> Option<Share> {
-    let reply = as_nexus
-        .post_json(url, crate::protocol::keeper::SHARD_PATH, b"{}".to_vec())
-        .await
-        .ok()?;
-    if reply.status != StatusCode::OK {
-        return None;
+async fn keeper_shard(as_nexus: &KeeperClient, url: &Uri, position: usize) -> Option<Share> {
+    match as_nexus.shard(url, u8::try_from(position + 1).ok()?).await {
+        Ok(ShardAnswer::Shard(share)) => Some(share),
+        _ => None,
     }
-    let mut answer: crate::protocol::keeper::ShardResponse =
-        serde_json::from_slice(&reply.body).ok()?;
-    let value = answer.shard.take()?;
-    let fallback = u8::try_from(position + 1).ok()?;
-    Share::new(answer.id.unwrap_or(fallback), value).ok()
 }
 
 /// Writes `data` to `path` atomically, mode 0600 from the first byte.

@@ -18,12 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::{StatusCode, Uri};
-use zeroize::Zeroize;
-
 use super::{Nexus, Phase};
+use crate::client::keeper::{KeeperClient, ShardAnswer};
 use crate::crypto::{RootKey, Share, Verifier};
-use crate::protocol::keeper::{CONTRIBUTE_PATH, SHARD_PATH, ShardResponse};
+use crate::platform::jitter;
 use crate::store::Store;
 use crate::transport::{HttpsClient, Timeouts};
 
@@ -42,21 +40,21 @@ impl Drop for SyncGuard {
 }
 
 pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
-    let client = HttpsClient::new(
+    let client = KeeperClient::new(HttpsClient::new(
         tls,
         Timeouts {
             connect: nexus.config.keeper_timeout,
             handshake: nexus.config.keeper_timeout,
             request: nexus.config.keeper_timeout,
-            max_response: 4096,
+            max_response: crate::client::keeper::MAX_RESPONSE,
         },
-    );
+    ));
     // The restore route pushes shards with the same client.
     let _ = nexus.keeper_client.set(client.clone());
     SyncGuard(tokio::spawn(run(nexus, client)))
 }
 
-async fn run(nexus: Arc<Nexus>, client: HttpsClient) {
+async fn run(nexus: Arc<Nexus>, client: KeeperClient) {
     let mut backoff = INITIAL_BACKOFF;
     while nexus.keys().is_none() {
         match attempt(&nexus, &client).await {
@@ -74,16 +72,6 @@ async fn run(nexus: Arc<Nexus>, client: HttpsClient) {
     }
 }
 
-/// Up to ±25 % of `d`, so instances started together do not stay in step.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let spread = d / 2;
-    d - d / 4 + spread.mul_f64(f64::from(nanos % 1000) / 1000.0)
-}
-
 enum Outcome {
     Loaded,
     Retry,
@@ -91,76 +79,54 @@ enum Outcome {
     RetrySoon,
 }
 
-/// What one Keeper said.
-enum Answer {
-    Shard(Share),
-    Empty,
-    Unreachable,
+/// What the Keepers said in one round: the shards they hold (with the URL of each) and how
+/// many answered at all (an empty Keeper answers too).
+struct Round {
+    shards: Vec<(String, Share)>,
+    answered: usize,
 }
 
-async fn ask(client: &HttpsClient, url: &Uri, position: u8) -> Answer {
-    let reply = match client.post_json(url, SHARD_PATH, b"{}".to_vec()).await {
-        Ok(reply) => reply,
-        Err(e) => {
-            tracing::warn!(keeper = %url, error = %e, "keeper did not answer");
-            return Answer::Unreachable;
-        }
-    };
-    let parsed = serde_json::from_slice::<ShardResponse>(&reply.body);
-    match (reply.status, parsed) {
-        (StatusCode::OK, Ok(mut resp)) => {
-            let Some(value) = resp.shard.take() else {
-                tracing::warn!(keeper = %url, "keeper answered without a shard");
-                return Answer::Unreachable;
-            };
-            let index = resp.id.unwrap_or(position);
-            if index != position {
-                tracing::warn!(keeper = %url, position, index, "keeper holds the shard of another index (was SPIKE_NEXUS_KEEPER_PEERS reordered?); using the index it holds");
-            }
-            let share = Share::new(index, value);
-            let mut value = value;
-            value.zeroize();
-            match share {
-                Ok(share) => Answer::Shard(share),
-                Err(e) => {
-                    tracing::warn!(keeper = %url, error = %e, "keeper returned an invalid shard");
-                    Answer::Unreachable
-                }
-            }
-        }
-        (StatusCode::BAD_REQUEST, Ok(resp)) if resp.shard.is_none() => Answer::Empty,
-        (status, _) => {
-            tracing::warn!(keeper = %url, %status, "keeper gave an unexpected answer");
-            Answer::Unreachable
-        }
-    }
-}
-
-async fn attempt(nexus: &Arc<Nexus>, client: &HttpsClient) -> Outcome {
-    let threshold = usize::from(nexus.config.threshold);
+/// Asks every Keeper for its shard, all at once.
+async fn gather(nexus: &Nexus, client: &KeeperClient) -> Round {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, url) in nexus.peers().iter().enumerate() {
         let client = client.clone();
         let url = url.clone();
         // Peer count is validated to be at most 255 (one per share).
         let position = u8::try_from(i + 1).unwrap_or(u8::MAX);
-        tasks.spawn(async move { (url.to_string(), ask(&client, &url, position).await) });
+        tasks.spawn(async move {
+            let answer = client.shard(&url, position).await;
+            (url, position, answer)
+        });
     }
-    let mut shards: Vec<(String, Share)> = Vec::new();
-    let mut answered = 0;
+    let mut round = Round {
+        shards: Vec::new(),
+        answered: 0,
+    };
     while let Some(joined) = tasks.join_next().await {
-        let Ok((url, answer)) = joined else { continue };
+        // A task only ends early if it panicked; that Keeper counts as unreachable.
+        let Ok((url, position, answer)) = joined else {
+            continue;
+        };
         match answer {
-            Answer::Shard(share) => {
-                answered += 1;
-                shards.push((url, share));
+            Ok(ShardAnswer::Shard(share)) => {
+                if share.index != position {
+                    tracing::warn!(keeper = %url, position, index = share.index, "keeper holds the shard of another index (was SPIKE_NEXUS_KEEPER_PEERS reordered?); using the index it holds");
+                }
+                round.answered += 1;
+                round.shards.push((url.to_string(), share));
             }
-            Answer::Empty => answered += 1,
-            Answer::Unreachable => {}
+            Ok(ShardAnswer::Empty) => round.answered += 1,
+            Err(e) => tracing::warn!(keeper = %url, error = %e, "no shard from keeper"),
         }
     }
-    let everyone_answered = answered == nexus.peers().len();
+    round
+}
 
+/// One recovery attempt: gather the Keepers' shards, read the verifier, then recover, create
+/// or adopt the key, or wait.
+async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
+    let Round { shards, answered } = gather(nexus, client).await;
     let verifier = match nexus.store.verifier().await {
         Ok(v) => v,
         Err(e) => {
@@ -169,102 +135,118 @@ async fn attempt(nexus: &Arc<Nexus>, client: &HttpsClient) -> Outcome {
             return Outcome::Retry;
         }
     };
-
     match verifier {
-        Some(verifier) => {
-            if let Some(key) = find_key(&shards, threshold, |k| k.opens(&verifier)) {
-                return load(
-                    nexus,
-                    client,
-                    key,
-                    &shards,
-                    "recovered the root key from Keepers",
-                )
-                .await;
-            }
-            if shards.len() >= threshold {
-                tracing::error!(
-                    shards = shards.len(),
-                    "no combination of Keeper shards opens the store's verifier: Keepers hold shards of another key"
-                );
-            }
-            nexus.set_phase(if everyone_answered {
-                Phase::AwaitingRestore
-            } else {
-                Phase::AwaitingKeepers {
-                    have: shards.len(),
-                    need: threshold,
-                }
-            });
-            Outcome::Retry
-        }
-        None if shards.is_empty() => {
-            if answered < threshold {
-                nexus.set_phase(Phase::AwaitingKeepers {
-                    have: 0,
-                    need: threshold,
-                });
-                return Outcome::Retry;
-            }
-            let key = match RootKey::generate() {
-                Ok(key) => key,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot generate a root key");
-                    return Outcome::Retry;
-                }
-            };
-            create(
-                nexus,
-                client,
-                key,
-                &shards,
-                "created a new root key for a new deployment",
-            )
-            .await
-        }
-        None => {
-            // Shards but no verifier: a deployment whose store never had one (SPIKE's) or one
-            // whose store was replaced. Adopt the Keepers' key only if every shard agrees.
-            let Some(key) = find_key(&shards, threshold, |_| true) else {
-                nexus.set_phase(Phase::AwaitingKeepers {
-                    have: shards.len(),
-                    need: threshold,
-                });
-                return Outcome::Retry;
-            };
-            let all_agree = crate::crypto::split(&key, nexus.config.threshold, nexus.config.shares)
-                .map(|expected| {
-                    shards.iter().all(|(_, s)| {
-                        expected
-                            .get(usize::from(s.index) - 1)
-                            .is_some_and(|e| e.ct_eq(s))
-                    })
-                })
-                .unwrap_or(false);
-            if !all_agree {
-                tracing::error!(
-                    "Keepers hold shards that do not agree and the store has no verifier: refusing to guess the root key"
-                );
-                nexus.set_phase(Phase::AwaitingRestore);
-                return Outcome::Retry;
-            }
-            create(
-                nexus,
-                client,
-                key,
-                &shards,
-                "adopted the Keepers' root key and recorded its verifier",
-            )
-            .await
-        }
+        Some(verifier) => recover(nexus, client, &shards, answered, &verifier).await,
+        None if shards.is_empty() => create_new(nexus, client, answered).await,
+        None => adopt(nexus, client, &shards).await,
     }
+}
+
+/// The store has a verifier: find the combination of shards that opens it.
+async fn recover(
+    nexus: &Arc<Nexus>,
+    client: &KeeperClient,
+    shards: &[(String, Share)],
+    answered: usize,
+    verifier: &Verifier,
+) -> Outcome {
+    let threshold = usize::from(nexus.config.threshold);
+    if let Some(key) = find_key(shards, threshold, |k| k.opens(verifier)) {
+        return load(
+            nexus,
+            client,
+            key,
+            shards,
+            "recovered the root key from Keepers",
+        )
+        .await;
+    }
+    if shards.len() >= threshold {
+        tracing::error!(
+            shards = shards.len(),
+            "no combination of Keeper shards opens the store's verifier: Keepers hold shards of another key"
+        );
+    }
+    nexus.set_phase(if answered == nexus.peers().len() {
+        Phase::AwaitingRestore
+    } else {
+        Phase::AwaitingKeepers {
+            have: shards.len(),
+            need: threshold,
+        }
+    });
+    Outcome::Retry
+}
+
+/// No verifier and no shards: a new deployment, once enough Keepers answer (empty).
+async fn create_new(nexus: &Arc<Nexus>, client: &KeeperClient, answered: usize) -> Outcome {
+    let threshold = usize::from(nexus.config.threshold);
+    if answered < threshold {
+        nexus.set_phase(Phase::AwaitingKeepers {
+            have: 0,
+            need: threshold,
+        });
+        return Outcome::Retry;
+    }
+    let key = match RootKey::generate() {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot generate a root key");
+            return Outcome::Retry;
+        }
+    };
+    create(
+        nexus,
+        client,
+        key,
+        &[],
+        "created a new root key for a new deployment",
+    )
+    .await
+}
+
+/// Shards but no verifier: a deployment whose store never had one (SPIKE's) or one whose store
+/// was replaced. Adopt the Keepers' key only if every shard agrees.
+async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Share)]) -> Outcome {
+    let threshold = usize::from(nexus.config.threshold);
+    let Some(key) = find_key(shards, threshold, |_| true) else {
+        nexus.set_phase(Phase::AwaitingKeepers {
+            have: shards.len(),
+            need: threshold,
+        });
+        return Outcome::Retry;
+    };
+    let all_agree = crate::crypto::split(&key, nexus.config.threshold, nexus.config.shares)
+        .map(|expected| {
+            shards.iter().all(|(_, s)| {
+                expected
+                    .get(usize::from(s.index) - 1)
+                    .is_some_and(|e| e.ct_eq(s))
+            })
+        })
+        .unwrap_or(false);
+    if !all_agree {
+        tracing::error!(
+            "Keepers hold shards that do not agree and the store has no verifier: refusing to guess the root key"
+        );
+        nexus.set_phase(Phase::AwaitingRestore);
+        return Outcome::Retry;
+    }
+    create(
+        nexus,
+        client,
+        key,
+        shards,
+        "adopted the Keepers' root key and recorded its verifier",
+    )
+    .await
 }
 
 /// Writes the verifier for `key` if none exists, then loads the key; if another instance won,
 /// drops `key` and asks for a prompt retry.
 async fn create(
     nexus: &Arc<Nexus>,
-    client: &HttpsClient,
+    client: &KeeperClient,
     key: RootKey,
     shards: &[(String, Share)],
     what: &str,
@@ -294,7 +276,7 @@ async fn create(
 
 async fn load(
     nexus: &Arc<Nexus>,
-    client: &HttpsClient,
+    client: &KeeperClient,
     key: RootKey,
     shards: &[(String, Share)],
     what: &str,
@@ -402,27 +384,16 @@ fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool)
 }
 
 /// Sends every Keeper its shard, all at once.
-pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &HttpsClient) {
+pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &KeeperClient) {
     let Some(keys) = nexus.keys() else { return };
     let mut tasks = tokio::task::JoinSet::new();
     for (url, share) in nexus.peers().iter().zip(keys.shards.iter()) {
         let client = client.clone();
         let url = url.clone();
-        // The body holds the shard; the client takes ownership and hyper drops it after
-        // writing (best effort: hyper's buffers are not zeroized).
-        let body = serde_json::to_vec(&serde_json::json!({
-            "shard": share.value(),
-            "id": share.index,
-        }))
-        .unwrap_or_default();
+        let share = share.clone();
         tasks.spawn(async move {
-            match client.post_json(&url, CONTRIBUTE_PATH, body).await {
-                Ok(reply) if reply.status == StatusCode::OK => {
-                    tracing::debug!(keeper = %url, "shard sent");
-                }
-                Ok(reply) => {
-                    tracing::warn!(keeper = %url, status = %reply.status, "keeper refused its shard");
-                }
+            match client.contribute(&url, &share).await {
+                Ok(()) => tracing::debug!(keeper = %url, "shard sent"),
                 Err(e) => tracing::warn!(keeper = %url, error = %e, "cannot send shard to keeper"),
             }
         });

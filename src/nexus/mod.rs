@@ -155,7 +155,7 @@ pub struct Nexus {
     /// Keepers whose shard did not match the loaded key at recovery (URL list), for `/health`.
     inconsistent: RwLock<Vec<String>>,
     /// The client that talks to Keepers, set when the Keeper task starts.
-    keeper_client: std::sync::OnceLock<crate::transport::HttpsClient>,
+    keeper_client: std::sync::OnceLock<crate::client::keeper::KeeperClient>,
     /// Recovery shards submitted by operators, until `threshold` of them rebuild the key.
     pending_restore: std::sync::Mutex<Vec<Share>>,
 }

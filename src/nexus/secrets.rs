@@ -324,13 +324,7 @@ async fn apply_batch<S: Store>(store: &S, mut batch: Vec<QueuedPut>) {
 /// writers of several instances spread out.
 async fn backoff(attempt: u32) {
     let spread = u64::from(attempt.min(20)) * 250 + 50;
-    let jitter = u64::from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0),
-    ) % spread;
-    tokio::time::sleep(Duration::from_micros(jitter)).await;
+    tokio::time::sleep(crate::platform::up_to(Duration::from_micros(spread))).await;
 }
 
 /// Reads the record at `path` with its revision.

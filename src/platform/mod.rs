@@ -23,3 +23,23 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
     systemd::stopping();
 }
+
+/// A number in `[0, 1)` that differs between processes and calls: the clock's nanoseconds. Only
+/// for spreading retries apart, never for anything secret.
+fn spread_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
+
+/// `d` give or take 25 %, so instances started together do not stay in step.
+pub fn jitter(d: std::time::Duration) -> std::time::Duration {
+    d - d / 4 + (d / 2).mul_f64(spread_fraction())
+}
+
+/// A wait between zero and `max`, for retries after a lost compare-and-set.
+pub fn up_to(max: std::time::Duration) -> std::time::Duration {
+    max.mul_f64(spread_fraction())
+}
