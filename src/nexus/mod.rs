@@ -18,6 +18,7 @@ pub mod policy;
 pub mod recovery;
 pub mod routes;
 pub mod secrets;
+pub mod writers;
 
 use std::sync::{Arc, RwLock};
 
