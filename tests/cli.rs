@@ -526,7 +526,7 @@ fn usage_errors_exit_2_and_unreachable_nexus_exits_1() {
     );
     assert_eq!(
         err,
-        "spike: unknown permission \"admin\": use read, write, list, execute, super\n"
+        "spike: invalid permission \"admin\": expected read, write, list, execute or super\n"
     );
     let err = usage(&["policy", "apply", "--file", "/nonexistent/p.yaml"], &env);
     assert!(

@@ -38,13 +38,17 @@ pub struct Keeper {
     trust_domain: String,
     /// The shard, if Nexus has sent one since this process started.
     shard: Mutex<Option<Held>>,
+    /// How long a request body may take to arrive.
+    body_timeout: std::time::Duration,
 }
 
 impl Keeper {
-    pub fn new(trust_domain: String) -> Keeper {
+    /// An empty Keeper serving the Nexus of `trust_domain`.
+    pub fn new(trust_domain: String, body_timeout: std::time::Duration) -> Keeper {
         Keeper {
             trust_domain,
             shard: Mutex::new(None),
+            body_timeout,
         }
     }
 
@@ -139,13 +143,11 @@ impl Handler for Keeper {
         if path != CONTRIBUTE_PATH && path != SHARD_PATH {
             return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
         }
-        let body = match transport::read_body(req.into_body(), MAX_BODY).await {
+        let body = match transport::read_body(req.into_body(), MAX_BODY, self.body_timeout).await {
             Ok(body) => body,
-            Err(transport::BodyError::TooLarge(_)) => {
-                return transport::error(StatusCode::PAYLOAD_TOO_LARGE, "api_bad_request");
-            }
-            Err(transport::BodyError::Read) => {
-                return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
+            Err(e) => {
+                let code = e.code();
+                return transport::error(code.status(), code.as_str());
             }
         };
         let resp = if path == CONTRIBUTE_PATH {
@@ -173,7 +175,7 @@ pub async fn run(
         crate::identity::server_config(&own.source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
     let (listener, addr) = transport::bind(cfg.listen).await?;
     tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
-    let keeper = Arc::new(Keeper::new(td));
+    let keeper = Arc::new(Keeper::new(td, cfg.server.body_timeout));
     // The shard lives inline in the Keeper, which lives as long as the process.
     crate::platform::hardening::lock(&*keeper, "keeper shard");
     crate::platform::systemd::ready("holding no shard (waiting for Nexus)");

@@ -11,6 +11,7 @@
 //!   audit lines.
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 
+pub mod authz;
 pub mod cipher;
 pub mod config;
 pub mod keepers;

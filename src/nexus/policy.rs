@@ -20,6 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use super::authz::Grant;
 use crate::crypto::AeadKey;
 use crate::identity::SpiffeId;
 use crate::protocol::nexus::{self as wire, Policy, PolicyPutRequest};
@@ -74,12 +75,26 @@ pub fn validate(req: &PolicyPutRequest) -> Result<StoredPolicy, ApiError> {
     })
 }
 
+/// Policy management is authorised on the reserved [`ACL_PATH`]: refuses a grant for anything
+/// else or for another permission.
+fn granted(grant: &Grant, want: Permission) -> Result<(), ApiError> {
+    if grant.resource(want)? == ACL_PATH {
+        Ok(())
+    } else {
+        Err(ApiError::Internal(
+            "a policy operation needs a grant on the ACL path".into(),
+        ))
+    }
+}
+
 /// Creates or replaces a policy (keeping its creation time).
 pub async fn put(
     store: &impl Store,
     key: &AeadKey,
+    grant: &Grant,
     req: &PolicyPutRequest,
 ) -> Result<(), ApiError> {
+    granted(grant, Permission::Write)?;
     let mut policy = validate(req)?;
     for _ in 0..50 {
         let existing = store.get(Namespace::Policies, &policy.name).await?;
@@ -117,7 +132,13 @@ fn open(key: &AeadKey, name: &str, sealed: &[u8]) -> Result<StoredPolicy, ApiErr
         .map_err(|e| ApiError::Internal(format!("policy {name:?} is malformed: {e}")))
 }
 
-pub async fn get(store: &impl Store, key: &AeadKey, name: &str) -> Result<StoredPolicy, ApiError> {
+pub async fn get(
+    store: &impl Store,
+    key: &AeadKey,
+    grant: &Grant,
+    name: &str,
+) -> Result<StoredPolicy, ApiError> {
+    granted(grant, Permission::Read)?;
     rules::validate_name(name).map_err(ApiError::BadRequest)?;
     let entry = store
         .get(Namespace::Policies, name)
@@ -126,7 +147,8 @@ pub async fn get(store: &impl Store, key: &AeadKey, name: &str) -> Result<Stored
     open(key, name, &entry.value)
 }
 
-pub async fn delete(store: &impl Store, name: &str) -> Result<(), ApiError> {
+pub async fn delete(store: &impl Store, grant: &Grant, name: &str) -> Result<(), ApiError> {
+    granted(grant, Permission::Write)?;
     rules::validate_name(name).map_err(ApiError::BadRequest)?;
     for _ in 0..50 {
         let entry = store
@@ -145,7 +167,12 @@ pub async fn delete(store: &impl Store, name: &str) -> Result<(), ApiError> {
 
 /// Every policy, read from the store now. A policy that does not open is skipped and logged
 /// (one bad row must not lock everyone out).
-pub async fn all(store: &impl Store, key: &AeadKey) -> Result<Vec<StoredPolicy>, ApiError> {
+pub async fn all(
+    store: &impl Store,
+    key: &AeadKey,
+    grant: &Grant,
+) -> Result<Vec<StoredPolicy>, ApiError> {
+    granted(grant, Permission::List)?;
     Ok(open_all(key, store.scan(Namespace::Policies).await?))
 }
 

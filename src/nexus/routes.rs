@@ -26,11 +26,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::authz::{Access, Need};
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::identity::{Role, SpiffeId};
 use crate::protocol::nexus::{self as wire, Empty};
-use crate::store::{Entry, Namespace, Store};
+use crate::store::Store;
+
 use crate::transport::{self, Handler, Peer};
 
 /// How long `/health` waits for the store before calling it unavailable.
@@ -56,8 +58,23 @@ enum Route {
 }
 
 impl Route {
-    fn find(path: &str, action: Option<&str>) -> Option<Route> {
-        Some(match (path, action.unwrap_or("")) {
+    /// The route a request names: its exact path and SPIKE's `?action=`. The query must be
+    /// absent, or exactly one `action=` pair; SPIKE's empty action (none, or `action=`) is a
+    /// put where the path has one. Anything else — an unknown or misspelt action, another
+    /// parameter, an encoded or repeated `action` — is refused, never taken for a put.
+    fn find(path: &str, query: Option<&str>) -> Result<Route, ApiError> {
+        let action = match query.filter(|q| !q.is_empty()) {
+            None => "",
+            Some(q) => match q.strip_prefix("action=") {
+                Some(a) if a.bytes().all(|b| b.is_ascii_lowercase()) => a,
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "the query must be empty or one ?action= with a known action".into(),
+                    ));
+                }
+            },
+        };
+        Ok(match (path, action) {
             (wire::SECRETS_PATH, "") => Route::SecretPut,
             (wire::SECRETS_PATH, "get") => Route::SecretGet,
             (wire::SECRETS_PATH, "delete") => Route::SecretDelete,
@@ -72,8 +89,24 @@ impl Route {
             (wire::DECRYPT_PATH, "") => Route::Decrypt,
             (wire::RECOVER_PATH, "") => Route::Recover,
             (wire::RESTORE_PATH, "") => Route::Restore,
-            _ => return None,
+            _ => return Err(ApiError::BadRequest("unknown route or action".into())),
         })
+    }
+
+    /// What the route asks of its caller, decided before the body is read.
+    fn need(self) -> Need {
+        match self {
+            Route::SecretPut | Route::SecretDelete | Route::SecretUndelete => {
+                Need::Permission(Permission::Write)
+            }
+            Route::SecretGet | Route::SecretMetadata => Need::Permission(Permission::Read),
+            Route::SecretList | Route::PolicyList => Need::Permission(Permission::List),
+            Route::PolicyPut | Route::PolicyDelete => Need::Permission(Permission::Write),
+            Route::PolicyGet => Need::Permission(Permission::Read),
+            Route::Encrypt | Route::Decrypt => Need::Permission(Permission::Execute),
+            Route::Recover => Need::Role(Role::Recover),
+            Route::Restore => Need::Role(Role::Restore),
+        }
     }
 
     fn name(self) -> &'static str {
@@ -96,70 +129,6 @@ impl Route {
     }
 }
 
-/// `?action=` from a query string (the first one, as Go's `Query().Get`).
-fn action(query: Option<&str>) -> Option<&str> {
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("action="))
-}
-
-/// What kind of caller this is, for authorisation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Caller {
-    /// Operators with the superuser role: everything, no policies.
-    Superuser,
-    /// SPIKE's "lite" workloads: the cipher only.
-    Lite,
-    /// Everyone else in the trust domain: what policies grant.
-    Workload,
-    /// Nexus, Keeper, recover and restore identities: no secrets, policies or cipher.
-    Refused,
-}
-
-fn classify(id: &SpiffeId, trust_domain: &str) -> Caller {
-    const LITE: &str = "/spike/workload/role/lite";
-    match Role::of(id, trust_domain) {
-        Some(Role::Superuser) => Caller::Superuser,
-        // Role::of has checked the trust domain.
-        Some(Role::Workload)
-            if id
-                .path()
-                .strip_prefix(LITE)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) =>
-        {
-            Caller::Lite
-        }
-        Some(Role::Workload) => Caller::Workload,
-        _ => Caller::Refused,
-    }
-}
-
-/// What a caller's role alone decides: superusers may, everyone but workloads may not.
-fn granted_by_role(kind: Caller) -> Result<(), ApiError> {
-    match kind {
-        Caller::Superuser => Ok(()),
-        Caller::Workload | Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
-    }
-}
-
-/// Whether the policies in `rows` (a scan of [`Namespace::Policies`]) let `caller` do `want`
-/// on `path`.
-fn granted(
-    keys: &Keys,
-    caller: &SpiffeId,
-    rows: Vec<(String, Vec<u8>)>,
-    path: &str,
-    want: &[Permission],
-) -> Result<(), ApiError> {
-    let policies = policy::open_all(&keys.policies, rows);
-    if policy::allowed(&policies, caller, path, want) {
-        Ok(())
-    } else {
-        tracing::info!(caller = %caller, path, want = ?want, "no policy grants this");
-        Err(ApiError::Unauthorized)
-    }
-}
-
 pub struct Api {
     nexus: Arc<Nexus>,
 }
@@ -173,52 +142,9 @@ impl Api {
         &self.nexus.store
     }
 
-    /// Refuses unless `caller` may do `want` on `path`.
-    async fn authorize(
-        &self,
-        keys: &Keys,
-        caller: &SpiffeId,
-        kind: Caller,
-        path: &str,
-        want: &[Permission],
-    ) -> Result<(), ApiError> {
-        match kind {
-            Caller::Workload => {
-                let rows = self.store().scan(Namespace::Policies).await?;
-                granted(keys, caller, rows, path, want)
-            }
-            _ => granted_by_role(kind),
-        }
-    }
-
-    /// Reads the secret record at `path` for a caller that wants to read it, refusing unless
-    /// `caller` may: for a workload, the policies and the record are read together (one
-    /// transaction where the store has them), and the record is only looked at once a policy
-    /// grants the read.
-    async fn authorized_read(
-        &self,
-        keys: &Keys,
-        caller: &SpiffeId,
-        kind: Caller,
-        path: &str,
-    ) -> Result<Option<Entry>, ApiError> {
-        let want = [Permission::Read];
-        match kind {
-            Caller::Workload => {
-                let (rows, entry) = self
-                    .store()
-                    .scan_and_get(Namespace::Policies, Namespace::Secrets, path)
-                    .await?;
-                granted(keys, caller, rows, path, &want)?;
-                Ok(entry)
-            }
-            _ => {
-                granted_by_role(kind)?;
-                Ok(self.store().get(Namespace::Secrets, path).await?)
-            }
-        }
-    }
-
+    /// One API request once its route is known and the key is loaded: the caller is admitted
+    /// for the route from its identity (and, for a workload, the policies that name it) before
+    /// the body is read; then the body names the resource and the route runs with a grant.
     async fn dispatch(
         &self,
         route: Route,
@@ -227,111 +153,153 @@ impl Api {
         keys: &Keys,
         resource: &mut String,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let cfg = &self.nexus.config;
-        let kind = classify(caller, &cfg.identity.trust_domain);
+        let td = &self.nexus.config.identity.trust_domain;
+        let access = match route.need() {
+            Need::Role(role) => {
+                if Role::of(caller, td) != Some(role) {
+                    return Err(ApiError::Unauthorized);
+                }
+                None
+            }
+            Need::Permission(want) => {
+                Some(Access::admit(self.store(), keys, caller, td, want).await?)
+            }
+        };
         let stream = req
             .headers()
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes() == b"application/octet-stream");
-        let body = match transport::read_body(req.into_body(), cfg.max_body_bytes).await {
-            Ok(body) => body,
-            Err(transport::BodyError::TooLarge(_)) => return Err(ApiError::TooLarge),
-            Err(transport::BodyError::Read) => {
-                return Err(ApiError::BadRequest(
-                    "request body could not be read".into(),
-                ));
+        let body = self.body(req).await?;
+        match (route, access) {
+            (Route::Recover, None) => {
+                let _: Empty = parse(&body)?;
+                ok(&recovery::export(&self.nexus, keys)?)
             }
-        };
+            (Route::Encrypt | Route::Decrypt, Some(access)) => {
+                access.grant(policy::CIPHER_PATH)?;
+                Ok(self.cipher(route, stream, &body, keys))
+            }
+            (
+                Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList,
+                Some(access),
+            ) => {
+                self.policy_route(route, &body, keys, &access, resource)
+                    .await
+            }
+            (_, Some(access)) => {
+                self.secret_route(route, &body, keys, &access, resource)
+                    .await
+            }
+            (_, None) => Err(ApiError::Internal(format!(
+                "route {} has no access decision",
+                route.name()
+            ))),
+        }
+    }
+
+    /// The secret routes.
+    async fn secret_route(
+        &self,
+        route: Route,
+        body: &[u8],
+        keys: &Keys,
+        access: &Access<'_>,
+        resource: &mut String,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
+        let writers = &self.nexus.writers;
         match route {
             Route::SecretPut => {
-                let r: wire::SecretPutRequest = parse(&body)?;
+                let r: wire::SecretPutRequest = parse(body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
-                self.authorize(keys, caller, kind, &r.path, &[Permission::Write])
-                    .await?;
-                let version = secrets::put(
-                    store,
-                    &self.nexus.writers,
-                    &keys.secrets,
-                    &r.path,
-                    &r.values,
-                    secrets::PutOptions {
-                        cas: r.cas,
-                        request_id: r.request_id.as_deref(),
-                        max_versions: cfg.max_secret_versions,
-                    },
-                )
-                .await?;
+                let grant = access.grant(&r.path)?;
+                let opts = secrets::PutOptions {
+                    cas: r.cas,
+                    request_id: r.request_id.as_deref(),
+                    max_versions: self.nexus.config.max_secret_versions,
+                };
+                let version =
+                    secrets::put(store, writers, &keys.secrets, &grant, &r.values, opts).await?;
                 ok(&wire::SecretPutResponse { version })
             }
             Route::SecretGet => {
-                let r: wire::SecretGetRequest = parse(&body)?;
+                let r: wire::SecretGetRequest = parse(body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
-                let entry = self.authorized_read(keys, caller, kind, &r.path).await?;
+                let grant = access.grant(&r.path)?;
                 let (data, version) =
-                    secrets::open_version(&keys.secrets, &r.path, entry.as_ref(), r.version)?;
+                    secrets::read(store, &keys.secrets, &grant, r.version).await?;
                 ok(&wire::SecretGetResponse { data, version })
             }
             Route::SecretDelete | Route::SecretUndelete => {
-                let r: wire::SecretVersionsRequest = parse(&body)?;
+                let r: wire::SecretVersionsRequest = parse(body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
-                self.authorize(keys, caller, kind, &r.path, &[Permission::Write])
-                    .await?;
+                let grant = access.grant(&r.path)?;
                 if route == Route::SecretDelete {
-                    secrets::delete(store, &self.nexus.writers, &r.path, &r.versions).await?;
+                    secrets::delete(store, writers, &grant, &r.versions).await?;
                 } else {
-                    secrets::undelete(store, &self.nexus.writers, &r.path, &r.versions).await?;
+                    secrets::undelete(store, writers, &grant, &r.versions).await?;
                 }
                 ok(&Empty {})
             }
             Route::SecretMetadata => {
-                let r: wire::SecretGetRequest = parse(&body)?;
+                let r: wire::SecretGetRequest = parse(body)?;
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
-                self.authorize(keys, caller, kind, &r.path, &[Permission::Read])
-                    .await?;
-                ok(&secrets::metadata(store, &r.path, r.version).await?)
+                let grant = access.grant(&r.path)?;
+                ok(&secrets::metadata(store, &grant, r.version).await?)
             }
             Route::SecretList => {
-                let r: wire::SecretListRequest = parse(&body)?;
+                let r: wire::SecretListRequest = parse(body)?;
                 let prefix = r.prefix.unwrap_or_default();
                 *resource = prefix.clone();
-                let keys_list = self.list_for(keys, caller, kind, &prefix).await?;
-                ok(&wire::SecretListResponse { keys: keys_list })
+                let listing = access.listing()?;
+                let keys = secrets::list(store, &listing, &prefix).await?;
+                ok(&wire::SecretListResponse { keys })
             }
+            _ => Err(ApiError::Internal(format!(
+                "{} is not a secret route",
+                route.name()
+            ))),
+        }
+    }
+
+    /// The policy routes, all authorised on the reserved ACL path.
+    async fn policy_route(
+        &self,
+        route: Route,
+        body: &[u8],
+        keys: &Keys,
+        access: &Access<'_>,
+        resource: &mut String,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let store = self.store();
+        let grant = access.grant(policy::ACL_PATH)?;
+        match route {
             Route::PolicyPut => {
-                let r: wire::PolicyPutRequest = parse(&body)?;
+                let r: wire::PolicyPutRequest = parse(body)?;
                 *resource = r.name.clone();
-                self.authorize(keys, caller, kind, policy::ACL_PATH, &[Permission::Write])
-                    .await?;
-                policy::put(store, &keys.policies, &r).await?;
+                policy::put(store, &keys.policies, &grant, &r).await?;
                 ok(&Empty {})
             }
-            Route::PolicyGet | Route::PolicyDelete => {
-                let r: wire::PolicyIdRequest = parse(&body)?;
+            Route::PolicyGet => {
+                let r: wire::PolicyIdRequest = parse(body)?;
                 *resource = r.id.clone();
-                let want = if route == Route::PolicyGet {
-                    Permission::Read
-                } else {
-                    Permission::Write
-                };
-                self.authorize(keys, caller, kind, policy::ACL_PATH, &[want])
-                    .await?;
-                if route == Route::PolicyGet {
-                    ok(&policy::get(store, &keys.policies, &r.id).await?.to_api())
-                } else {
-                    policy::delete(store, &r.id).await?;
-                    ok(&Empty {})
-                }
+                ok(&policy::get(store, &keys.policies, &grant, &r.id)
+                    .await?
+                    .to_api())
+            }
+            Route::PolicyDelete => {
+                let r: wire::PolicyIdRequest = parse(body)?;
+                *resource = r.id.clone();
+                policy::delete(store, &grant, &r.id).await?;
+                ok(&Empty {})
             }
             Route::PolicyList => {
-                let r: wire::PolicyListRequest = parse(&body)?;
-                self.authorize(keys, caller, kind, policy::ACL_PATH, &[Permission::List])
-                    .await?;
-                let policies = policy::all(store, &keys.policies)
+                let r: wire::PolicyListRequest = parse(body)?;
+                let policies = policy::all(store, &keys.policies, &grant)
                     .await?
                     .into_iter()
                     .filter(|p| match (&r.spiffeid_pattern, &r.path_pattern) {
@@ -343,68 +311,10 @@ impl Api {
                     .collect();
                 ok(&wire::PolicyListResponse { policies })
             }
-            Route::Recover => {
-                if Role::of(caller, &cfg.identity.trust_domain) != Some(Role::Recover) {
-                    return Err(ApiError::Unauthorized);
-                }
-                let _: Empty = parse(&body)?;
-                ok(&recovery::export(&self.nexus, keys)?)
-            }
-            Route::Restore => Err(ApiError::Internal(
-                "restore is routed before the key gate".into(),
-            )),
-            Route::Encrypt | Route::Decrypt => {
-                if kind != Caller::Lite {
-                    self.authorize(
-                        keys,
-                        caller,
-                        kind,
-                        policy::CIPHER_PATH,
-                        &[Permission::Execute],
-                    )
-                    .await?;
-                }
-                Ok(self.cipher(route, stream, &body, keys))
-            }
-        }
-    }
-
-    /// Secret paths under `prefix` that `caller` may list: everything for superusers and for
-    /// `list` on `spike/system/secret` (SPIKE's rule), otherwise the paths some policy grants
-    /// `list` on. A caller no `list` policy names at all is refused.
-    async fn list_for(
-        &self,
-        keys: &Keys,
-        caller: &SpiffeId,
-        kind: Caller,
-        prefix: &str,
-    ) -> Result<Vec<String>, ApiError> {
-        let paths = secrets::list(self.store(), prefix).await?;
-        match kind {
-            Caller::Superuser => Ok(paths),
-            Caller::Workload => {
-                let policies = policy::all(self.store(), &keys.policies).await?;
-                if policy::allowed(
-                    &policies,
-                    caller,
-                    policy::SECRET_LIST_PATH,
-                    &[Permission::List],
-                ) {
-                    return Ok(paths);
-                }
-                let listers: Vec<_> = policies
-                    .into_iter()
-                    .filter(|p| policy::names(p, caller) && policy::grants(p, &[Permission::List]))
-                    .collect();
-                if listers.is_empty() {
-                    return Err(ApiError::Unauthorized);
-                }
-                Ok(paths
-                    .into_iter()
-                    .filter(|path| policy::allowed(&listers, caller, path, &[Permission::List]))
-                    .collect())
-            }
-            Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
+            _ => Err(ApiError::Internal(format!(
+                "{} is not a policy route",
+                route.name()
+            ))),
         }
     }
 
@@ -465,8 +375,22 @@ impl Api {
     }
 }
 
+/// Decodes a JSON request body. The error says what kind of mistake and where, never what the
+/// body held: serde's own messages quote the input, which may be a secret value.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io => "unreadable",
+            serde_json::error::Category::Syntax => "not valid JSON",
+            serde_json::error::Category::Data => "not the expected fields and types",
+            serde_json::error::Category::Eof => "truncated",
+        };
+        ApiError::BadRequest(format!(
+            "request body is {kind} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
 }
 
 fn ok<T: Serialize>(body: &T) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -537,6 +461,19 @@ impl Api {
 }
 
 impl Handler for Api {
+    /// Operators (superuser, recover, restore) and callers without a certificate, who can only
+    /// ask `/health`, may use the reserved connections: a workload identity that holds every
+    /// ordinary connection locks out neither the people who run Nexus nor its load balancer.
+    fn privileged(&self, peer: &Peer) -> bool {
+        match &peer.id {
+            None => true,
+            Some(id) => matches!(
+                Role::of(id, &self.nexus.config.identity.trust_domain),
+                Some(Role::Superuser | Role::Recover | Role::Restore)
+            ),
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         if path == wire::HEALTH_PATH
@@ -550,8 +487,12 @@ impl Handler for Api {
         let Some(caller) = peer.id.as_ref() else {
             return error_response(&ApiError::Unauthorized);
         };
-        let Some(route) = Route::find(&path, action(req.uri().query())) else {
-            return error_response(&ApiError::BadRequest("unknown route".into()));
+        let route = match Route::find(&path, req.uri().query()) {
+            Ok(route) => route,
+            Err(e) => {
+                tracing::info!(caller = %caller, path = %log_safe(&path), error = %e, "request refused");
+                return error_response(&e);
+            }
         };
         let started = Instant::now();
         if route == Route::Restore {
@@ -607,7 +548,7 @@ impl Api {
             target: "spike::audit",
             caller = %caller,
             action = route.name(),
-            resource = %resource,
+            resource = %log_safe(resource),
             status = resp.status().as_u16(),
             micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "audit"
@@ -629,15 +570,31 @@ impl Api {
         ok(&recovery::restore(&self.nexus, &r).await?)
     }
 
+    /// The request body, within the size limit and the body deadline.
     async fn body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
-        match transport::read_body(req.into_body(), self.nexus.config.max_body_bytes).await {
-            Ok(body) => Ok(body),
-            Err(transport::BodyError::TooLarge(_)) => Err(ApiError::TooLarge),
-            Err(transport::BodyError::Read) => Err(ApiError::BadRequest(
-                "request body could not be read".into(),
-            )),
-        }
+        let cfg = &self.nexus.config;
+        transport::read_body(req.into_body(), cfg.max_body_bytes, cfg.server.body_timeout)
+            .await
+            .map_err(|e| match e {
+                transport::BodyError::TooLarge(_) => ApiError::TooLarge,
+                other => ApiError::BadRequest(other.to_string()),
+            })
     }
+}
+
+/// A caller-supplied string made safe for a log line in any format: control characters
+/// (line breaks, terminal escapes) escaped, and at most 256 characters kept.
+pub(crate) fn log_safe(text: &str) -> String {
+    const MAX: usize = 256;
+    let mut out: String = text
+        .chars()
+        .take(MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -646,49 +603,48 @@ mod tests {
 
     #[test]
     fn routes_and_actions() {
+        let find = |path: &str, query: Option<&str>| Route::find(path, query).ok();
+        assert_eq!(find("/v1/store/secrets", None), Some(Route::SecretPut));
+        assert_eq!(find("/v1/store/secrets", Some("")), Some(Route::SecretPut));
         assert_eq!(
-            Route::find("/v1/store/secrets", None),
+            find("/v1/store/secrets", Some("action=")),
             Some(Route::SecretPut)
         );
         assert_eq!(
-            Route::find("/v1/store/secrets", action(Some("action=get"))),
+            find("/v1/store/secrets", Some("action=get")),
             Some(Route::SecretGet)
         );
         assert_eq!(
-            Route::find("/v1/store/secrets", action(Some("x=1&action=list"))),
-            Some(Route::SecretList)
-        );
-        assert_eq!(Route::find("/v1/store/secrets/", None), None);
-        assert_eq!(
-            Route::find("/v1/store/secrets", action(Some("action=read"))),
-            None
-        );
-        assert_eq!(Route::find("/v1/store/secrets/metadata", None), None);
-        assert_eq!(
-            Route::find("/v1/acl/policy", action(Some("action=list"))),
+            find("/v1/acl/policy", Some("action=list")),
             Some(Route::PolicyList)
         );
+        assert_eq!(find("/v1/store/secrets/", None), None);
+        assert_eq!(find("/v1/store/secrets/metadata", None), None);
+        // Nothing but SPIKE's empty action is a put: unknown, misspelt, encoded, repeated or
+        // extra parameters are refused.
+        for query in [
+            "action=read",
+            "action=GET",
+            "Action=get",
+            "act%69on=get",
+            "action=%67et",
+            "actio=get",
+            "action=get&action=get",
+            "x=1&action=list",
+            "action=list&x=1",
+            "action",
+            "=get",
+            "&",
+        ] {
+            assert_eq!(find("/v1/store/secrets", Some(query)), None, "{query}");
+        }
     }
 
     #[test]
-    fn caller_kinds() {
-        let td = "spike.ist";
-        let k = |s: &str| classify(&SpiffeId::parse(s).unwrap(), td);
-        assert_eq!(
-            k("spiffe://spike.ist/spike/pilot/role/superuser"),
-            Caller::Superuser
-        );
-        assert_eq!(
-            k("spiffe://spike.ist/spike/workload/role/lite"),
-            Caller::Lite
-        );
-        assert_eq!(k("spiffe://spike.ist/app/web"), Caller::Workload);
-        assert_eq!(k("spiffe://spike.ist/spike/keeper/1"), Caller::Refused);
-        assert_eq!(k("spiffe://spike.ist/spike/nexus"), Caller::Refused);
-        assert_eq!(
-            k("spiffe://spike.ist/spike/pilot/role/recover"),
-            Caller::Refused
-        );
-        assert_eq!(k("spiffe://other.org/app/web"), Caller::Refused);
+    fn log_safe_escapes_line_breaks_and_terminal_escapes() {
+        assert_eq!(log_safe("a\nb"), "a\\nb");
+        assert_eq!(log_safe("x\u{1b}[31m"), "x\\u{1b}[31m");
+        assert_eq!(log_safe("plain/path"), "plain/path");
+        assert_eq!(log_safe(&"a".repeat(300)).chars().count(), 257);
     }
 }

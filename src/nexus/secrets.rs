@@ -19,10 +19,12 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::ApiError;
+use super::authz::{Grant, Listing};
 pub use super::writers::Writers;
 use super::writers::{Applies, Change, queue_put};
 use crate::crypto::AeadKey;
 use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
+use crate::protocol::policy::Permission;
 use crate::protocol::secret as rules;
 use crate::store::{Entry, Expect, Namespace, Store, Written};
 
@@ -197,7 +199,7 @@ pub struct PutOptions<'a> {
 /// Writes a new version; returns its number. A put whose `request_id` the record remembers
 /// writes nothing and returns the version the first one made (before `cas` is checked: the
 /// first one passed it). Concurrent puts of one path are committed together ([`super::writers`]).
-pub async fn put<S: Store + Clone>(
+async fn put_at<S: Store + Clone>(
     store: &S,
     writers: &Writers,
     key: &Arc<AeadKey>,
@@ -287,7 +289,7 @@ fn highest_live(record: &Record) -> u64 {
 }
 
 /// Opens a version (0 or `None`: the current one) of the record `entry` read from `path`.
-pub fn open_version(
+fn open_version(
     key: &AeadKey,
     path: &str,
     entry: Option<&Entry>,
@@ -317,7 +319,7 @@ pub fn open_version(
 }
 
 /// Soft-deletes versions (empty or `0`: the current one).
-pub async fn delete(
+async fn delete_at(
     store: &impl Store,
     writers: &Writers,
     path: &str,
@@ -358,7 +360,7 @@ pub async fn delete(
 
 /// Restores soft-deleted versions (empty: the current one, or the highest deleted one when no
 /// version is current). `NotFound` when nothing was restored.
-pub async fn undelete(
+async fn undelete_at(
     store: &impl Store,
     writers: &Writers,
     path: &str,
@@ -405,7 +407,7 @@ pub async fn undelete(
 }
 
 /// Version metadata. With `version`, only that version is listed.
-pub async fn metadata(
+async fn metadata_at(
     store: &impl Store,
     path: &str,
     version: Option<u64>,
@@ -443,8 +445,70 @@ pub async fn metadata(
 }
 
 /// Every secret path starting with `prefix`, sorted.
-pub async fn list(store: &impl Store, prefix: &str) -> Result<Vec<String>, ApiError> {
-    Ok(store.list(Namespace::Secrets, prefix).await?)
+/// The secret paths under `prefix` that `listing` lets the caller see.
+pub async fn list(
+    store: &impl Store,
+    listing: &Listing<'_>,
+    prefix: &str,
+) -> Result<Vec<String>, ApiError> {
+    let mut paths = store.list(Namespace::Secrets, prefix).await?;
+    paths.retain(|path| listing.keep(path));
+    Ok(paths)
+}
+
+/// Writes a new version of the granted path ([`put_at`]).
+pub async fn put<S: Store + Clone>(
+    store: &S,
+    writers: &Writers,
+    key: &Arc<AeadKey>,
+    grant: &Grant,
+    values: &BTreeMap<String, String>,
+    opts: PutOptions<'_>,
+) -> Result<u64, ApiError> {
+    let path = grant.resource(Permission::Write)?;
+    put_at(store, writers, key, path, values, opts).await
+}
+
+/// Reads a version of the granted path: the record is read only now that the caller may.
+pub async fn read(
+    store: &impl Store,
+    key: &AeadKey,
+    grant: &Grant,
+    version: Option<u64>,
+) -> Result<(BTreeMap<String, String>, u64), ApiError> {
+    let path = grant.resource(Permission::Read)?;
+    validate_path(path)?;
+    let entry = store.get(Namespace::Secrets, path).await?;
+    open_version(key, path, entry.as_ref(), version)
+}
+
+/// Soft-deletes versions of the granted path ([`delete_at`]).
+pub async fn delete(
+    store: &impl Store,
+    writers: &Writers,
+    grant: &Grant,
+    versions: &[u64],
+) -> Result<(), ApiError> {
+    delete_at(store, writers, grant.resource(Permission::Write)?, versions).await
+}
+
+/// Restores soft-deleted versions of the granted path ([`undelete_at`]).
+pub async fn undelete(
+    store: &impl Store,
+    writers: &Writers,
+    grant: &Grant,
+    versions: &[u64],
+) -> Result<(), ApiError> {
+    undelete_at(store, writers, grant.resource(Permission::Write)?, versions).await
+}
+
+/// The metadata of the granted path ([`metadata_at`]).
+pub async fn metadata(
+    store: &impl Store,
+    grant: &Grant,
+    version: Option<u64>,
+) -> Result<SecretMetadataResponse, ApiError> {
+    metadata_at(store, grant.resource(Permission::Read)?, version).await
 }
 
 #[cfg(test)]
@@ -495,7 +559,7 @@ mod tests {
         let k = key();
         let w = Writers::default();
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("a"), with_id("r1"))
+            put_at(&s, &w, &k, "p", &vals("a"), with_id("r1"))
                 .await
                 .unwrap(),
             1
@@ -503,13 +567,13 @@ mod tests {
         let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
         // The replay carries the same values; even different ones would not be written.
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("a"), with_id("r1"))
+            put_at(&s, &w, &k, "p", &vals("a"), with_id("r1"))
                 .await
                 .unwrap(),
             1
         );
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("zz"), with_id("r1"))
+            put_at(&s, &w, &k, "p", &vals("zz"), with_id("r1"))
                 .await
                 .unwrap(),
             1
@@ -519,19 +583,19 @@ mod tests {
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("a"), 1));
         // Another id, or no id, is a new write.
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("b"), with_id("r2"))
+            put_at(&s, &w, &k, "p", &vals("b"), with_id("r2"))
                 .await
                 .unwrap(),
             2
         );
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("c"), opts(None, 10))
+            put_at(&s, &w, &k, "p", &vals("c"), opts(None, 10))
                 .await
                 .unwrap(),
             3
         );
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("b"), with_id("r2"))
+            put_at(&s, &w, &k, "p", &vals("b"), with_id("r2"))
                 .await
                 .unwrap(),
             2
@@ -542,8 +606,8 @@ mod tests {
             request_id: Some("r3"),
             max_versions: 10,
         };
-        assert_eq!(put(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
-        assert_eq!(put(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(put_at(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
+        assert_eq!(put_at(&s, &w, &k, "p", &vals("d"), cas).await.unwrap(), 4);
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("d"), 4));
     }
 
@@ -574,7 +638,7 @@ mod tests {
         for bad in ["", "a b", "é", &"a".repeat(65)] {
             assert!(
                 matches!(
-                    put(&s, &w, &k, "p", &vals("a"), with_id(bad)).await,
+                    put_at(&s, &w, &k, "p", &vals("a"), with_id(bad)).await,
                     Err(ApiError::BadRequest(_))
                 ),
                 "{bad:?}"
@@ -582,7 +646,7 @@ mod tests {
         }
         let hex = "0123456789abcdef0123456789abcdef";
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("a"), with_id(hex))
+            put_at(&s, &w, &k, "p", &vals("a"), with_id(hex))
                 .await
                 .unwrap(),
             1
@@ -598,7 +662,7 @@ mod tests {
         for _ in 0..20 {
             let (s, k, w) = (s.clone(), k.clone(), w.clone());
             tasks.spawn(async move {
-                put(&*s, &w, &k, "p", &vals("x"), with_id("same"))
+                put_at(&*s, &w, &k, "p", &vals("x"), with_id("same"))
                     .await
                     .unwrap()
             });
@@ -606,7 +670,7 @@ mod tests {
         while let Some(v) = tasks.join_next().await {
             assert_eq!(v.unwrap(), 1);
         }
-        let m = metadata(&*s, "p", None).await.unwrap();
+        let m = metadata_at(&*s, "p", None).await.unwrap();
         assert_eq!(m.versions.len(), 1);
     }
 
@@ -642,7 +706,7 @@ mod tests {
         let w = Writers::default();
         for i in 1..=3 {
             assert_eq!(
-                put(&s, &w, &k, "p", &vals(&i.to_string()), opts(None, 10))
+                put_at(&s, &w, &k, "p", &vals(&i.to_string()), opts(None, 10))
                     .await
                     .unwrap(),
                 i
@@ -650,42 +714,42 @@ mod tests {
         }
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("3"), 3));
         assert_eq!(get(&s, &k, "p", Some(1)).await.unwrap(), (vals("1"), 1));
-        delete(&s, &w, "p", &[]).await.unwrap();
+        delete_at(&s, &w, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 2);
         assert!(matches!(
             get(&s, &k, "p", Some(3)).await,
             Err(ApiError::NotFound)
         ));
-        delete(&s, &w, "p", &[1, 2]).await.unwrap();
+        delete_at(&s, &w, "p", &[1, 2]).await.unwrap();
         assert!(matches!(
             get(&s, &k, "p", None).await,
             Err(ApiError::NotFound)
         ));
-        let m = metadata(&s, "p", None).await.unwrap();
+        let m = metadata_at(&s, "p", None).await.unwrap();
         assert_eq!(
             (m.metadata.current_version, m.metadata.oldest_version),
             (0, 0)
         );
-        undelete(&s, &w, "p", &[]).await.unwrap();
+        undelete_at(&s, &w, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 3);
-        undelete(&s, &w, "p", &[1]).await.unwrap();
-        let m = metadata(&s, "p", None).await.unwrap();
+        undelete_at(&s, &w, "p", &[1]).await.unwrap();
+        let m = metadata_at(&s, "p", None).await.unwrap();
         assert_eq!(
             (m.metadata.current_version, m.metadata.oldest_version),
             (3, 1)
         );
         assert!(m.versions["2"].deleted_time.is_some());
         assert!(matches!(
-            undelete(&s, &w, "p", &[3]).await,
+            undelete_at(&s, &w, "p", &[3]).await,
             Err(ApiError::NotFound)
         ));
         // Pruning keeps the newest max_versions and never reuses numbers.
         for _ in 0..5 {
-            put(&s, &w, &k, "p", &vals("x"), opts(None, 2))
+            put_at(&s, &w, &k, "p", &vals("x"), opts(None, 2))
                 .await
                 .unwrap();
         }
-        let m = metadata(&s, "p", None).await.unwrap();
+        let m = metadata_at(&s, "p", None).await.unwrap();
         assert_eq!(
             m.versions.keys().cloned().collect::<Vec<_>>(),
             vec!["7", "8"]
@@ -703,20 +767,20 @@ mod tests {
         let k = key();
         let w = Writers::default();
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("a"), opts(Some(0), 10))
+            put_at(&s, &w, &k, "p", &vals("a"), opts(Some(0), 10))
                 .await
                 .unwrap(),
             1
         );
         assert!(matches!(
-            put(&s, &w, &k, "p", &vals("b"), opts(Some(0), 10)).await,
+            put_at(&s, &w, &k, "p", &vals("b"), opts(Some(0), 10)).await,
             Err(ApiError::CasMismatch {
                 expected: 0,
                 current: 1
             })
         ));
         assert_eq!(
-            put(&s, &w, &k, "p", &vals("b"), opts(Some(1), 10))
+            put_at(&s, &w, &k, "p", &vals("b"), opts(Some(1), 10))
                 .await
                 .unwrap(),
             2
@@ -729,10 +793,10 @@ mod tests {
         let s = MemoryStore::default();
         let k = key();
         let w = Writers::default();
-        put(&s, &w, &k, "a", &vals("secret-a"), opts(None, 10))
+        put_at(&s, &w, &k, "a", &vals("secret-a"), opts(None, 10))
             .await
             .unwrap();
-        put(&s, &w, &k, "b", &vals("secret-b"), opts(None, 10))
+        put_at(&s, &w, &k, "b", &vals("secret-b"), opts(None, 10))
             .await
             .unwrap();
         let a = s.get(Namespace::Secrets, "a").await.unwrap().unwrap();
@@ -810,7 +874,7 @@ mod tests {
                 // Every fourth put carries a check-and-set that only version 0 passes: exactly
                 // one of them (whichever comes first) may succeed, inside a batch or not.
                 let cas = (i % 4 == 0).then_some(0);
-                let out = put(&s, &w, &k, "p", &vals(&i.to_string()), opts(cas, 100)).await;
+                let out = put_at(&s, &w, &k, "p", &vals(&i.to_string()), opts(cas, 100)).await;
                 (i, out)
             });
         }
@@ -855,7 +919,7 @@ mod tests {
         for i in 0..50 {
             let (s, k, w) = (s.clone(), k.clone(), w.clone());
             tasks.spawn(async move {
-                put(&*s, &w, &k, "p", &vals(&i.to_string()), opts(None, 100))
+                put_at(&*s, &w, &k, "p", &vals(&i.to_string()), opts(None, 100))
                     .await
                     .unwrap()
             });

@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{ReloaderGuard, Role, SpiffeId, SvidSource, peer_spiffe_id};
 use crate::platform::env::{Result as EnvResult, Source, duration, invalid, number};
+use crate::protocol::nexus::ErrorCode;
 
 /// Why a server could not start: its identity or its listener.
 #[derive(Debug, thiserror::Error)]
@@ -104,11 +105,20 @@ pub struct Peer {
 /// Answers one request. Implementations never panic on peer input and always return a
 /// response.
 pub trait Handler: Send + Sync + 'static {
+    /// Answers `req` from `peer`.
     fn handle(
         &self,
         req: Request<Incoming>,
         peer: Peer,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+
+    /// Whether `peer` may use one of the reserved connections once every ordinary one is taken
+    /// ([`Limits::reserved_connections`]). Say yes only for callers whose requests must get
+    /// through while others flood the server (operators, health checks); the default is no.
+    fn privileged(&self, peer: &Peer) -> bool {
+        let _ = peer;
+        false
+    }
 }
 
 /// Limits applied to every connection.
@@ -116,6 +126,13 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Limits {
     /// Connections open at once; further ones are closed right after accept.
     pub max_connections: usize,
+    /// Connections kept on top of `max_connections` for peers the handler calls privileged
+    /// ([`Handler::privileged`]): a caller that holds every ordinary slot does not lock them
+    /// out.
+    pub reserved_connections: usize,
+    /// Time allowed to read a request's body once its headers are in; with `header_timeout`
+    /// it bounds the whole request.
+    pub body_timeout: Duration,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
     /// Time allowed for a request's headers to arrive.
@@ -126,8 +143,9 @@ pub struct Limits {
 
 impl Limits {
     /// The HTTPS server's limits: `SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT` (SPIKE's name),
+    /// `SPIKE_HTTP_SERVER_READ_TIMEOUT` (the body, after the headers),
     /// `SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT`, `SPIKE_HTTP_SERVER_MAX_CONNECTIONS`,
-    /// `SPIKE_HTTP_SERVER_DRAIN_TIMEOUT`.
+    /// `SPIKE_HTTP_SERVER_RESERVED_CONNECTIONS`, `SPIKE_HTTP_SERVER_DRAIN_TIMEOUT`.
     pub fn from_source(env: &impl Source) -> EnvResult<Limits> {
         let d = Limits::default();
         let max_connections =
@@ -140,6 +158,12 @@ impl Limits {
         }
         Ok(Limits {
             max_connections,
+            reserved_connections: number::<usize>(
+                env,
+                "SPIKE_HTTP_SERVER_RESERVED_CONNECTIONS",
+                d.reserved_connections,
+            )?,
+            body_timeout: duration(env, "SPIKE_HTTP_SERVER_READ_TIMEOUT", d.body_timeout)?,
             handshake_timeout: duration(
                 env,
                 "SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT",
@@ -159,6 +183,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 4096,
+            reserved_connections: 16,
+            body_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
@@ -176,6 +202,7 @@ pub async fn serve<H: Handler>(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let reserve = Arc::new(Semaphore::new(limits.reserved_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -191,9 +218,16 @@ pub async fn serve<H: Handler>(
                 }
             },
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!(%addr, max = limits.max_connections, "connection limit reached, closing new connection");
-            continue;
+        // An ordinary slot, else a reserved one that only a privileged peer may keep.
+        let (permit, reserved) = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match Arc::clone(&reserve).try_acquire_owned() {
+                Ok(permit) => (permit, true),
+                Err(_) => {
+                    tracing::warn!(%addr, max = limits.max_connections, reserved = limits.reserved_connections, "connection limit reached, closing new connection");
+                    continue;
+                }
+            },
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -220,6 +254,10 @@ pub async fn serve<H: Handler>(
                 .peer_certificates()
                 .and_then(|certs| peer_spiffe_id(certs).ok());
             let peer = Peer { id, addr };
+            if reserved && !handler.privileged(&peer) {
+                tracing::warn!(%addr, max = limits.max_connections, "connection limit reached; the reserved connections are kept for operators and health checks");
+                return;
+            }
             let service = hyper::service::service_fn(move |req| {
                 let handler = Arc::clone(&handler);
                 let peer = peer.clone();
@@ -247,18 +285,42 @@ pub async fn serve<H: Handler>(
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// Over the limit (413).
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// The connection failed while the body was being read.
     #[error("request body could not be read")]
     Read,
+    /// The body did not arrive before the deadline.
+    #[error("request body did not arrive within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Reads the whole body, refusing (without buffering it) anything over `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
-        Err(_) => Err(BodyError::Read),
+impl BodyError {
+    /// The error code a caller is answered with: 413 `api_request_too_large` over the limit,
+    /// 400 `api_bad_request` otherwise.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BodyError::TooLarge(_) => ErrorCode::ApiRequestTooLarge,
+            BodyError::Read | BodyError::TimedOut(_) => ErrorCode::ApiBadRequest,
+        }
+    }
+}
+
+/// Reads a whole request body of at most `limit` bytes within `deadline`. The one body reader
+/// of Nexus and Keeper: a slow or endless body ends at the deadline instead of holding a
+/// connection.
+pub async fn read_body(
+    body: Incoming,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, BodyError> {
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(BodyError::TimedOut(deadline)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Ok(Err(_)) => Err(BodyError::Read),
     }
 }
 
