@@ -13,27 +13,69 @@ use tracing_subscriber::filter::Targets;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging() {
+/// `SPIKE_SYSTEM_LOG_LEVEL`: a level (`info`), or per-target levels such as
+/// `spike=debug,hyper=warn`. Checked here because tracing's own parser takes any unknown word
+/// for a target name and would silently turn logging — the audit lines included — off.
+fn log_filter(text: Option<&str>) -> Result<Targets, String> {
+    const VAR: &str = "SPIKE_SYSTEM_LOG_LEVEL";
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let text = text
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("info")
+        .to_ascii_lowercase();
+    for item in text.split(',') {
+        let (target, level) = match item.split_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, item.trim()),
+        };
+        let target_ok = target.is_none_or(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+        });
+        if !target_ok || !LEVELS.contains(&level) {
+            return Err(format!(
+                "{VAR}: {item:?} is not a level or TARGET=LEVEL (levels: {})",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    text.parse()
+        .map_err(|e| format!("{VAR}: {text:?} is not a valid filter ({e})"))
+}
+
+fn init_logging() -> Result<(), String> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    // `info`, or per-target levels such as `spike=debug,hyper=warn`. A plain target filter, not
-    // `EnvFilter`, which compiles regular expressions at every start: code no server otherwise
-    // runs (a Keeper never does), mapped into every process.
-    let level = std::env::var("SPIKE_SYSTEM_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let filter: Targets = level
+    // A plain target filter, not `EnvFilter`, which compiles regular expressions at every
+    // start: code no server otherwise runs (a Keeper never does), mapped into every process.
+    let filter = log_filter(std::env::var("SPIKE_SYSTEM_LOG_LEVEL").ok().as_deref())?;
+    let json = match std::env::var("SPIKE_SYSTEM_LOG_FORMAT")
+        .unwrap_or_default()
+        .trim()
         .to_ascii_lowercase()
-        .parse()
-        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
+        .as_str()
+    {
+        "" | "text" => false,
+        "json" => true,
+        other => {
+            return Err(format!(
+                "SPIKE_SYSTEM_LOG_FORMAT: {other:?} is not text or json"
+            ));
+        }
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
-    if std::env::var("SPIKE_SYSTEM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+    if json {
         registry.with(layer.json()).init();
     } else {
         registry.with(layer).init();
     }
+    Ok(())
 }
 
 /// A failure, with the exit status it maps to.
@@ -52,7 +94,7 @@ fn runtime(e: impl std::fmt::Display) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let logging = init_logging();
     let name = match &cli.command {
         Command::Nexus => "spike nexus",
         Command::Keeper => "spike keeper",
@@ -64,6 +106,10 @@ fn main() -> ExitCode {
         | Command::Cipher { .. }
         | Command::Recover { .. } => "spike",
     };
+    if let Err(msg) = logging {
+        eprintln!("{name}: {msg}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
@@ -155,6 +201,36 @@ fn pki(command: PkiCommand) -> Result<(), Failure> {
             pki::issue(&dir, &id, &out, &dns, &ip).map_err(runtime)?;
             eprintln!("issued SVID for {id} in {}", out.display());
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_levels_are_checked() {
+        for ok in [
+            None,
+            Some(""),
+            Some("info"),
+            Some("DEBUG"),
+            Some("spike=debug,hyper=warn"),
+            Some("off"),
+        ] {
+            assert!(log_filter(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "warning",
+            "verbose",
+            "spike=loud",
+            "=info",
+            "info,",
+            "a b=info",
+        ] {
+            let err = log_filter(Some(bad)).unwrap_err();
+            assert!(err.starts_with("SPIKE_SYSTEM_LOG_LEVEL"), "{bad}: {err}");
         }
     }
 }

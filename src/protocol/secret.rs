@@ -56,6 +56,9 @@ pub fn validate_path(path: &str) -> Result<(), String> {
 
 /// Checks the key names of a secret's values.
 pub fn validate_values(values: &BTreeMap<String, String>) -> Result<(), String> {
+    if values.is_empty() {
+        return Err("a secret needs at least one KEY=VALUE".into());
+    }
     for key in values.keys() {
         if key.is_empty()
             || key.len() > MAX_KEY_LEN
