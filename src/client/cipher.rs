@@ -10,7 +10,7 @@
 //! created (or truncated) with mode 0600 since it holds a plaintext or a ciphertext. `-` means
 //! stdin / stdout.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use super::args::{CipherCommand, CipherIo, Format};
@@ -43,16 +43,8 @@ fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
 fn write_output(path: Option<&Path>, data: &[u8]) -> Result<()> {
     match is_std(path) {
         None => stdout(data),
-        Some(file) => {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            options
-                .open(file)
-                .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
-                .map_err(|e| Error::Failed(format!("cannot write {}: {e}", file.display())))
-        }
+        Some(file) => crate::platform::fs::replace(file, data, crate::platform::fs::PRIVATE)
+            .map_err(|e| Error::Failed(format!("cannot write {}: {e}", file.display()))),
     }
 }
 

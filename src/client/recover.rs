@@ -6,8 +6,8 @@
 //! machine and sends it to the one Nexus instance named (restore-role operators only), because
 //! pending shards live in that instance's memory.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use hyper::Uri;
@@ -16,6 +16,7 @@ use super::args::RecoverCommand;
 use super::run::{Error, Op, Result, connect, nexus_failure};
 use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
 use crate::identity::Role;
+use crate::platform::fs;
 use crate::protocol::nexus::RestoreRequest;
 
 fn file_name(dir: &Path, index: u8) -> PathBuf {
@@ -83,14 +84,8 @@ async fn export(dir: &Path) -> Result<()> {
     }
     for s in &shares {
         let path = file_name(dir, s.index);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::Failed(format!("cannot create {}: {e}", path.display())))?;
-        file.write_all(encode_recovery_shard(s).as_bytes())
-            .and_then(|()| file.sync_all())
+        let text = zeroize::Zeroizing::new(encode_recovery_shard(s));
+        fs::write_new(&path, text.as_bytes(), fs::PRIVATE)
             .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
     eprintln!(

@@ -2,10 +2,9 @@
 //! trust domain and X.509 SVIDs issued by it, written in the spiffe-helper
 //! layout (`svid.pem`, `svid_key.pem`, `svid_bundle.pem`).
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::Write;
+use std::fs::DirBuilder;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -66,25 +65,18 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Creates `path` (which must not exist) with `mode` from the start and writes
 /// `data` to it.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::AlreadyExists {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                Error::WriteFile {
-                    path: path.to_path_buf(),
-                    source,
-                }
+    crate::platform::fs::write_new(path, data, mode).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::AlreadyExists {
+                path: path.to_path_buf(),
             }
-        })?;
-    file.write_all(data).map_err(write_err(path))?;
-    file.sync_all().map_err(write_err(path))
+        } else {
+            Error::WriteFile {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }
 
 /// A temporary file next to its final path, renamed into place by `commit`

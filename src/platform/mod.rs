@@ -3,6 +3,7 @@
 //! signal ([`shutdown_signal`]). Every other part may use this one; it uses none of them.
 
 pub mod env;
+pub mod fs;
 pub mod hardening;
 pub mod systemd;
 

@@ -16,8 +16,8 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,11 +108,7 @@ impl SqliteStore {
             .map_err(|e| unavailable(format!("cannot create {}: {e}", data_dir.display())))?;
         let path = data_dir.join("spike.db");
         // Create the file ourselves so it is 0600 from its first byte.
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
+        crate::platform::fs::create_if_missing(&path, crate::platform::fs::PRIVATE)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
         let writer = open_connection(&path)?;
         writer
