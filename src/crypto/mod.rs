@@ -15,6 +15,10 @@
 //!   `crypto.ComputeShares` on Cloudflare circl `secretsharing` over
 //!   `group.P256`): the polynomial coefficients come from a SHA-256 chain seeded
 //!   with the root key, so the same key always yields the same Keeper shards.
+//!   SPIKE's two shard generations (circl v1.6.1 for releases up to v0.8.0,
+//!   circl >= v1.6.2 for SPIKE main) are [`ShardDerivation`]s: [`split_with`]
+//!   makes either, [`identify_derivation`] says which one a set of Keeper
+//!   shards came from.
 //!   [`split_recovery`] builds a second, independent polynomial (different
 //!   seed, same constant term) for the operator's recovery shards. [`combine`]
 //!   interpolates any set of shards back to the key.
@@ -43,7 +47,9 @@ pub mod shamir;
 
 pub use key::{AeadKey, KEY_LEN, RootKey, Verifier};
 pub use recovery::{decode_recovery_shard, encode_recovery_shard};
-pub use shamir::{Share, combine, split, split_recovery};
+pub use shamir::{
+    ShardDerivation, Share, combine, identify_derivation, split, split_recovery, split_with,
+};
 
 /// Errors produced by the crypto module.
 ///
@@ -124,6 +130,13 @@ pub enum Error {
         "the shards combined to an invalid (zero) root key; they do not belong to the same key"
     )]
     CombinedKeyInvalid,
+
+    /// A shard derivation name that is neither `hash_to_scalar` nor `rejection_sampling`.
+    #[error("unknown shard derivation {name:?}; expected hash_to_scalar or rejection_sampling")]
+    UnknownShardDerivation {
+        /// The name given.
+        name: String,
+    },
 
     /// Recovery shard text did not have exactly three `:`-separated parts.
     #[error(

@@ -3,6 +3,13 @@
 //! This is what `spike operator recover` writes to each `spike.recovery.<i>.txt`
 //! file (no trailing newline) and what `spike operator restore` reads back.
 //! Parsing errors say what is wrong without ever echoing the hex value.
+//!
+//! SPIKE's Pilot writes `fmt.Sprintf("spike:%d:%s", id, hex.EncodeToString(shard))`
+//! (`app/spike/internal/cmd/operator/recover.go`), and SPIKE's recovery shards
+//! are its Keeper shards (the same `crypto.ComputeShares`), so a set of SPIKE
+//! files combines with [`combine`](super::combine) whichever circl generation
+//! made them (`tests/fixtures/spike-main/` holds files written by SPIKE's own
+//! Pilot). SPIKE allows up to 1000 shards; indices above 255 are refused here.
 
 use zeroize::{Zeroize, Zeroizing};
 
@@ -119,6 +126,101 @@ mod tests {
                 .index,
             7
         );
+    }
+
+    /// Recovery files written by SPIKE main's own Pilot (`spike operator
+    /// recover`), and what they combine to; see tests/fixtures/spike-main/README.md.
+    const SPIKE_FILES: [(&str, &[u8]); 3] = [
+        (
+            "spike.recovery.1.txt",
+            include_bytes!("../../tests/fixtures/spike-main/recover/spike.recovery.1.txt"),
+        ),
+        (
+            "spike.recovery.2.txt",
+            include_bytes!("../../tests/fixtures/spike-main/recover/spike.recovery.2.txt"),
+        ),
+        (
+            "spike.recovery.3.txt",
+            include_bytes!("../../tests/fixtures/spike-main/recover/spike.recovery.3.txt"),
+        ),
+    ];
+    const SPIKE_EXPECTED: &str = include_str!("../../tests/fixtures/spike-main/expected.json");
+
+    fn unhex32(s: &str) -> [u8; 32] {
+        let v: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    }
+
+    #[test]
+    fn spike_pilot_files_restore() {
+        use crate::crypto::{RootKey, ShardDerivation, combine, identify_derivation, split_with};
+        let expected: serde_json::Value = serde_json::from_str(SPIKE_EXPECTED).unwrap();
+        let root = RootKey::from_bytes(unhex32(expected["root_key"].as_str().unwrap())).unwrap();
+        assert_eq!(expected["shamir"]["derivation"], "rejection_sampling");
+
+        let mut shards = Vec::new();
+        for (name, bytes) in SPIKE_FILES {
+            let text = std::str::from_utf8(bytes).unwrap();
+            assert_eq!(expected["recovery_files"][name], text);
+            assert!(!text.ends_with('\n'));
+            let share = decode_recovery_shard(text).unwrap();
+            assert_eq!(name, format!("spike.recovery.{}.txt", share.index));
+            // What we would write for this shard is SPIKE's file, byte for byte.
+            assert_eq!(encode_recovery_shard(&share).as_bytes(), bytes);
+            shards.push(share);
+        }
+        // Any threshold (2) of them, in any order, and all three, give the key.
+        for pair in [[0, 1], [0, 2], [1, 2], [2, 0], [1, 0]] {
+            let set: Vec<Share> = pair.iter().map(|&i| shards[i].clone()).collect();
+            assert!(combine(&set).unwrap().ct_eq(&root), "{pair:?}");
+        }
+        assert!(combine(&shards).unwrap().ct_eq(&root));
+        // One file alone is not the key.
+        assert!(combine(&shards[..1]).map_or(true, |k| !k.ct_eq(&root)));
+        // They are SPIKE main's Keeper shards of that key.
+        assert_eq!(
+            identify_derivation(&root, 2, &shards).unwrap(),
+            Some(ShardDerivation::RejectionSampling)
+        );
+        let keeper = split_with(&root, 2, 3, ShardDerivation::RejectionSampling).unwrap();
+        assert!(keeper.iter().zip(&shards).all(|(a, b)| a.ct_eq(b)));
+    }
+
+    #[test]
+    fn released_spike_files_restore() {
+        // SPIKE <= v0.8.0 writes the same text for circl v1.6.1 shards.
+        use crate::crypto::{RootKey, combine};
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/vectors/shamir-circl-v1.6.1.json"))
+                .unwrap();
+        let mut checked = 0;
+        for c in v["cases"].as_array().unwrap() {
+            if c["threshold"] != 2 || c["shares"] != 3 {
+                continue;
+            }
+            let root = RootKey::from_bytes(unhex32(c["key"].as_str().unwrap())).unwrap();
+            let files: Vec<String> = c["shards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| format!("spike:{}:{}", s["index"], s["value"].as_str().unwrap()))
+                .collect();
+            let shards: Vec<Share> = files
+                .iter()
+                .map(|f| decode_recovery_shard(f).unwrap())
+                .collect();
+            for (f, s) in files.iter().zip(&shards) {
+                assert_eq!(encode_recovery_shard(s).as_str(), f);
+            }
+            for pair in [[0, 1], [0, 2], [1, 2]] {
+                let set: Vec<Share> = pair.iter().map(|&i| shards[i].clone()).collect();
+                assert!(combine(&set).unwrap().ct_eq(&root));
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 10);
     }
 
     fn err(text: &str) -> Error {

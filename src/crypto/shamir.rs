@@ -1,18 +1,33 @@
 //! Shamir secret sharing of the root key over the P-256 scalar field,
-//! byte-compatible with SPIKE.
+//! byte-compatible with both generations of SPIKE.
 //!
-//! SPIKE (spike-sdk-go `crypto.ComputeShares`, circl `secretsharing.New` over
-//! `group.P256`, circl >= v1.6.2) builds `f(x) = c0 + c1 x + ... + c_{t-1} x^{t-1} mod n`
-//! with `c0` = root key and draws `c1..c_{t-1}` in order with Go's
-//! `crypto/rand.Int(reader, n)` from a deterministic reader whose stream is
-//! `B0 || B1 || ...`, `B0 = SHA-256(root key)`, `B(i+1) = SHA-256(Bi)`. Each draw
-//! takes one 32-byte block, reads it big-endian and accepts it if `< n`,
-//! otherwise takes the next block. Shard `i` (1-based) is `f(i)` as 32
-//! big-endian bytes.
+//! SPIKE (spike-sdk-go `crypto.ComputeShares`, Cloudflare circl
+//! `secretsharing.New` over `group.P256`) builds
+//! `f(x) = c0 + c1 x + ... + c_{t-1} x^{t-1} mod n` with `c0` = root key and
+//! draws `c1..c_{t-1}` in order with circl's `RandomScalar` from a
+//! deterministic reader whose stream is `B0 || B1 || ...`,
+//! `B0 = SHA-256(root key)`, `B(i+1) = SHA-256(Bi)`. Shard `i` (1-based) is
+//! `f(i)` as 32 big-endian bytes. What `RandomScalar` does with the stream
+//! changed between circl releases, so SPIKE's shards for one key come in two
+//! generations ([`ShardDerivation`]):
 //!
-//! [`split_recovery`] uses the same construction with
+//! - circl v1.6.1 (SPIKE releases up to v0.8.0), [`ShardDerivation::HashToScalar`]:
+//!   each coefficient takes one 32-byte block `Bj` and is
+//!   `OS2IP(expand_message_xmd(SHA-256, Bj, DST = "", 48 bytes)) mod n`
+//!   (RFC 9380 `hash_to_field`, circl `HashToScalar(Bj, nil)`).
+//! - circl >= v1.6.2 (SPIKE main), [`ShardDerivation::RejectionSampling`]:
+//!   Go's `crypto/rand.Int(reader, n)`: one 32-byte block read big-endian,
+//!   accepted if `< n`, otherwise the next block.
+//!
+//! With threshold 1 there are no coefficients and both give `f(i) = key`.
+//! Both generations refuse a root key that is zero or not below n, as
+//! [`RootKey`] does. [`combine`] does not care which generation made a set of
+//! shards; [`identify_derivation`] tells them apart given the key.
+//!
+//! [`split_recovery`] uses rejection sampling with
 //! `B0 = SHA-256("spike/recovery-shards/v1" || root key)`, so its shards lie on
-//! a different polynomial through the same secret.
+//! a different polynomial through the same secret (SPIKE's own recovery shards
+//! are its Keeper shards).
 
 use std::fmt;
 
@@ -25,6 +40,84 @@ use super::{Error, Result};
 
 /// Seed prefix of the recovery-shard polynomial's coefficient stream.
 const RECOVERY_SEED_PREFIX: &[u8] = b"spike/recovery-shards/v1";
+
+/// How the Keeper polynomial's coefficients are drawn from SPIKE's SHA-256
+/// block stream: the two generations of SPIKE shards (module docs).
+///
+/// A deployment keeps the generation its Keepers already hold, so shards
+/// pushed by `spike` are the ones SPIKE pushed and never change behind the
+/// operator's back. New deployments use the default, [`RejectionSampling`].
+///
+/// [`RejectionSampling`]: ShardDerivation::RejectionSampling
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ShardDerivation {
+    /// circl v1.6.1, SPIKE <= v0.8.0: each coefficient is the RFC 9380
+    /// hash-to-scalar (expand_message_xmd SHA-256, empty DST, 48 bytes, mod n)
+    /// of one 32-byte block.
+    HashToScalar,
+    /// circl >= v1.6.2, SPIKE main: each coefficient is the first 32-byte
+    /// block, read big-endian, that is below n.
+    #[default]
+    RejectionSampling,
+}
+
+impl ShardDerivation {
+    /// Every derivation, the default first: [`identify_derivation`] prefers
+    /// the earlier one when a set of shards fits both (threshold 1).
+    pub const ALL: [ShardDerivation; 2] = [
+        ShardDerivation::RejectionSampling,
+        ShardDerivation::HashToScalar,
+    ];
+
+    /// Stable lowercase name for health output, logs and configuration:
+    /// `hash_to_scalar` or `rejection_sampling`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ShardDerivation::HashToScalar => "hash_to_scalar",
+            ShardDerivation::RejectionSampling => "rejection_sampling",
+        }
+    }
+
+    /// Whether this derivation gives every one of `observed` for `key` with
+    /// this `threshold` (`false` for an empty set).
+    pub fn produced(self, key: &RootKey, threshold: u8, observed: &[Share]) -> Result<bool> {
+        if threshold == 0 {
+            return Err(Error::InvalidShamirParams {
+                threshold,
+                shares: 0,
+            });
+        }
+        if observed.is_empty() {
+            return Ok(false);
+        }
+        let coeffs = polynomial(key, threshold, sha256(&[key.as_bytes()]), self)?;
+        let mut all = true;
+        for s in observed {
+            let expected = evaluate(&coeffs, s.index)?;
+            // Keep comparing after a mismatch: the loop's length is public,
+            // which shard differs is not worth leaking through timing.
+            all &= expected.ct_eq(s);
+        }
+        Ok(all)
+    }
+}
+
+impl fmt::Display for ShardDerivation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ShardDerivation {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<ShardDerivation> {
+        ShardDerivation::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| Error::UnknownShardDerivation { name: s.to_owned() })
+    }
+}
 
 /// One shard: an x-coordinate (`index`, 1..=255) and `f(index)` as a 32-byte
 /// big-endian P-256 scalar. The value is zeroized on drop and never printed.
@@ -138,14 +231,94 @@ impl BlockStream {
     }
 }
 
+/// circl v1.6.1's `group.P256.HashToScalar(block, nil)`: RFC 9380
+/// `hash_to_field` with `expand_message_xmd(SHA-256)`, an empty DST and
+/// L = 48, i.e. 48 pseudo-random bytes read as a big-endian integer mod n.
+fn hash_to_scalar(block: &[u8; 32]) -> Scalar {
+    /// Output length L for P-256 (ceil((256 + 128) / 8)).
+    const LEN: u16 = 48;
+    /// DST' = DST || I2OSP(len(DST), 1) with DST = "".
+    const DST_PRIME: &[u8] = &[0];
+    let b0 = sha256(&[
+        &[0u8; 64], // Z_pad: one SHA-256 input block of zeros
+        block,
+        &LEN.to_be_bytes(),
+        &[0],
+        DST_PRIME,
+    ]);
+    let b1 = sha256(&[b0.as_ref(), &[1], DST_PRIME]);
+    let mut mixed = Zeroizing::new([0u8; 32]);
+    for ((m, x), y) in mixed.iter_mut().zip(b0.iter()).zip(b1.iter()) {
+        *m = x ^ y;
+    }
+    let b2 = sha256(&[mixed.as_ref(), &[2], DST_PRIME]);
+    let mut uniform = Zeroizing::new([0u8; 48]);
+    uniform[..32].copy_from_slice(b1.as_ref());
+    uniform[32..].copy_from_slice(&b2[..16]);
+    reduce_be(uniform.as_ref())
+}
+
+/// A big-endian integer of any length, mod n: Horner over 64-bit limbs with
+/// scalar arithmetic, so no secret-dependent branch or big-integer library.
+fn reduce_be(bytes: &[u8]) -> Scalar {
+    let radix = Scalar::from(u64::MAX) + Scalar::ONE; // 2^64
+    let mut acc = Scalar::ZERO;
+    for chunk in bytes.chunks(8) {
+        let mut limb = [0u8; 8];
+        limb[8 - chunk.len()..].copy_from_slice(chunk);
+        acc = acc * radix + Scalar::from(u64::from_be_bytes(limb));
+        limb.zeroize();
+    }
+    acc
+}
+
 /// Draws the `count` non-constant coefficients from the stream starting at `b0`.
-fn draw_coefficients(b0: Zeroizing<[u8; 32]>, count: usize) -> Zeroizing<Vec<Scalar>> {
+fn draw_coefficients(
+    b0: Zeroizing<[u8; 32]>,
+    count: usize,
+    derivation: ShardDerivation,
+) -> Zeroizing<Vec<Scalar>> {
     let mut stream = BlockStream::new(b0);
     let mut coeffs = Zeroizing::new(Vec::with_capacity(count));
     for _ in 0..count {
-        coeffs.push(stream.draw_scalar());
+        coeffs.push(match derivation {
+            ShardDerivation::RejectionSampling => stream.draw_scalar(),
+            ShardDerivation::HashToScalar => hash_to_scalar(&stream.next_block()),
+        });
     }
     coeffs
+}
+
+/// The polynomial's coefficients: `[key, c1, .., c_{t-1}]`.
+fn polynomial(
+    key: &RootKey,
+    threshold: u8,
+    b0: Zeroizing<[u8; 32]>,
+    derivation: ShardDerivation,
+) -> Result<Zeroizing<Vec<Scalar>>> {
+    let mut coeffs: Zeroizing<Vec<Scalar>> =
+        Zeroizing::new(Vec::with_capacity(usize::from(threshold)));
+    coeffs.push(key.scalar()?);
+    coeffs.extend_from_slice(&draw_coefficients(
+        b0,
+        usize::from(threshold).saturating_sub(1),
+        derivation,
+    ));
+    Ok(coeffs)
+}
+
+/// The shard at x = `index`.
+fn evaluate(coeffs: &[Scalar], index: u8) -> Result<Share> {
+    let x = Scalar::from(u64::from(index));
+    // Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + c0.
+    let mut acc = Scalar::ZERO;
+    for c in coeffs.iter().rev() {
+        acc = acc * x + c;
+    }
+    let mut value = [0u8; KEY_LEN];
+    super::key::scalar_to_bytes(&acc, &mut value);
+    acc.zeroize();
+    Share::new(index, value)
 }
 
 fn split_with_b0(
@@ -153,46 +326,67 @@ fn split_with_b0(
     threshold: u8,
     shares: u8,
     b0: Zeroizing<[u8; 32]>,
+    derivation: ShardDerivation,
 ) -> Result<Vec<Share>> {
     check_params(threshold, shares)?;
-    // coeffs[0] = secret, coeffs[1..t] drawn from the stream.
-    let mut coeffs: Zeroizing<Vec<Scalar>> =
-        Zeroizing::new(Vec::with_capacity(usize::from(threshold)));
-    coeffs.push(key.scalar()?);
-    coeffs.extend_from_slice(&draw_coefficients(b0, usize::from(threshold) - 1));
-
-    let mut out = Vec::with_capacity(usize::from(shares));
-    for index in 1..=shares {
-        let x = Scalar::from(u64::from(index));
-        // Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + c0.
-        let mut acc = Scalar::ZERO;
-        for c in coeffs.iter().rev() {
-            acc = acc * x + c;
-        }
-        let mut value = [0u8; KEY_LEN];
-        super::key::scalar_to_bytes(&acc, &mut value);
-        acc.zeroize();
-        out.push(Share::new(index, value)?);
-    }
-    Ok(out)
+    let coeffs = polynomial(key, threshold, b0, derivation)?;
+    (1..=shares).map(|index| evaluate(&coeffs, index)).collect()
 }
 
 /// Splits `key` into `shares` Keeper shards, any `threshold` of which rebuild
-/// it. Identical, byte for byte, to SPIKE's shards for the same key and
-/// parameters. Requires `1 <= threshold <= shares <= 255`.
+/// it, with SPIKE main's [`ShardDerivation::RejectionSampling`]. Identical,
+/// byte for byte, to SPIKE main's shards for the same key and parameters.
+/// Requires `1 <= threshold <= shares <= 255`.
 pub fn split(key: &RootKey, threshold: u8, shares: u8) -> Result<Vec<Share>> {
-    split_with_b0(key, threshold, shares, sha256(&[key.as_bytes()]))
+    split_with(key, threshold, shares, ShardDerivation::default())
+}
+
+/// Splits `key` into Keeper shards as the given generation of SPIKE does.
+/// Requires `1 <= threshold <= shares <= 255`.
+pub fn split_with(
+    key: &RootKey,
+    threshold: u8,
+    shares: u8,
+    derivation: ShardDerivation,
+) -> Result<Vec<Share>> {
+    split_with_b0(
+        key,
+        threshold,
+        shares,
+        sha256(&[key.as_bytes()]),
+        derivation,
+    )
+}
+
+/// Which generation of SPIKE made `observed` (shards of `key` collected from
+/// Keepers, any indices) with this `threshold`, so the same shards can keep
+/// being pushed. `None` when no single derivation explains every shard: an
+/// empty set, a different key or threshold, or Keepers holding a mix. When
+/// both fit (threshold 1, where they coincide) the default is returned.
+pub fn identify_derivation(
+    key: &RootKey,
+    threshold: u8,
+    observed: &[Share],
+) -> Result<Option<ShardDerivation>> {
+    for d in ShardDerivation::ALL {
+        if d.produced(key, threshold, observed)? {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
 }
 
 /// Splits `key` into operator recovery shards on a second polynomial
-/// (seed `SHA-256("spike/recovery-shards/v1" || key)`). Any `threshold` of
-/// these rebuild the key; mixing them with Keeper shards does not.
+/// (seed `SHA-256("spike/recovery-shards/v1" || key)`, rejection sampling).
+/// Any `threshold` of these rebuild the key; mixing them with Keeper shards
+/// does not.
 pub fn split_recovery(key: &RootKey, threshold: u8, shares: u8) -> Result<Vec<Share>> {
     split_with_b0(
         key,
         threshold,
         shares,
         sha256(&[RECOVERY_SEED_PREFIX, key.as_bytes()]),
+        ShardDerivation::RejectionSampling,
     )
 }
 
@@ -301,11 +495,202 @@ mod tests {
         for c in v["stream_cases"].as_array().unwrap() {
             let b0 = Zeroizing::new(arr(c["b0"].as_str().unwrap()));
             let want = c["coefficients"].as_array().unwrap();
-            let got = draw_coefficients(b0, want.len());
+            let got = draw_coefficients(b0, want.len(), ShardDerivation::RejectionSampling);
             for (g, w) in got.iter().zip(want) {
                 assert_eq!(hex(&g.to_bytes()), w.as_str().unwrap());
             }
         }
+    }
+
+    const CIRCL_V1_6_1: &str = include_str!("../../tests/vectors/shamir-circl-v1.6.1.json");
+    const CIRCL_V1_6_3: &str = include_str!("../../tests/vectors/shamir-circl-v1.6.3.json");
+
+    /// Checks one file written by tests/go/circl-*: every shard, every
+    /// refused key and every raw coefficient draw, byte for byte.
+    fn check_circl_vectors(text: &str, circl: &str, derivation: ShardDerivation) {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["circl"], circl);
+        let named: ShardDerivation = v["derivation"].as_str().unwrap().parse().unwrap();
+        assert_eq!(named, derivation);
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 70);
+        for c in cases {
+            let name = c["name"].as_str().unwrap();
+            let key = RootKey::from_bytes(arr(c["key"].as_str().unwrap())).unwrap();
+            let t = u8::try_from(c["threshold"].as_u64().unwrap()).unwrap();
+            let n = u8::try_from(c["shares"].as_u64().unwrap()).unwrap();
+            let want = c["shards"].as_array().unwrap();
+            assert_eq!(want.len(), usize::from(n), "{name}");
+            let got = split_with(&key, t, n, derivation).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(u64::from(g.index), w["index"].as_u64().unwrap(), "{name}");
+                assert_eq!(
+                    hex(g.value()),
+                    w["value"].as_str().unwrap(),
+                    "{name} shard {}",
+                    g.index
+                );
+            }
+            // The Keepers' shards say which generation made them.
+            let expect = if t == 1 {
+                ShardDerivation::default()
+            } else {
+                derivation
+            };
+            assert_eq!(
+                identify_derivation(&key, t, &got).unwrap(),
+                Some(expect),
+                "{name}"
+            );
+            let last = &got[got.len() - 1..];
+            assert_eq!(
+                identify_derivation(&key, t, last).unwrap(),
+                Some(expect),
+                "{name}"
+            );
+            // Any threshold of them rebuild the key, whatever the generation.
+            assert!(
+                combine(&got[got.len() - usize::from(t)..])
+                    .unwrap()
+                    .ct_eq(&key)
+            );
+        }
+        let refused = v["rejected_keys"].as_array().unwrap();
+        assert_eq!(refused.len(), 4);
+        for r in refused {
+            assert!(RootKey::from_bytes(arr(r["key"].as_str().unwrap())).is_err());
+        }
+        let streams = v["stream_cases"].as_array().unwrap();
+        assert_eq!(streams.len(), 5);
+        for c in streams {
+            let b0 = Zeroizing::new(arr(c["b0"].as_str().unwrap()));
+            let want = c["coefficients"].as_array().unwrap();
+            let got = draw_coefficients(b0, want.len(), derivation);
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(hex(&g.to_bytes()), w.as_str().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn matches_circl_v1_6_1_hash_to_scalar() {
+        check_circl_vectors(CIRCL_V1_6_1, "v1.6.1", ShardDerivation::HashToScalar);
+    }
+
+    #[test]
+    fn matches_circl_v1_6_3_rejection_sampling() {
+        check_circl_vectors(CIRCL_V1_6_3, "v1.6.3", ShardDerivation::RejectionSampling);
+    }
+
+    #[test]
+    fn python_hash_to_scalar_vectors() {
+        let v: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        for c in v["cases"].as_array().unwrap() {
+            let name = c["name"].as_str().unwrap();
+            let key = RootKey::from_bytes(arr(c["key"].as_str().unwrap())).unwrap();
+            let t = u8::try_from(c["threshold"].as_u64().unwrap()).unwrap();
+            let n = u8::try_from(c["shares"].as_u64().unwrap()).unwrap();
+            let got = split_with(&key, t, n, ShardDerivation::HashToScalar).unwrap();
+            check_set(&got, &c["keeper_hash_to_scalar"], &format!("{name} h2s"));
+        }
+        for c in v["stream_cases"].as_array().unwrap() {
+            let b0 = Zeroizing::new(arr(c["b0"].as_str().unwrap()));
+            let want = c["hash_to_scalar"].as_array().unwrap();
+            let got = draw_coefficients(b0, want.len(), ShardDerivation::HashToScalar);
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(hex(&g.to_bytes()), w.as_str().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn derivation_names() {
+        for d in ShardDerivation::ALL {
+            assert_eq!(d.to_string().parse::<ShardDerivation>().unwrap(), d);
+            assert_eq!(d.to_string(), d.name());
+        }
+        assert_eq!(ShardDerivation::HashToScalar.name(), "hash_to_scalar");
+        assert_eq!(
+            ShardDerivation::RejectionSampling.name(),
+            "rejection_sampling"
+        );
+        assert_eq!(
+            ShardDerivation::default(),
+            ShardDerivation::RejectionSampling
+        );
+        assert_eq!(ShardDerivation::ALL[0], ShardDerivation::default());
+        let e = "Hash_To_Scalar".parse::<ShardDerivation>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown shard derivation \"Hash_To_Scalar\"; expected hash_to_scalar or rejection_sampling"
+        );
+    }
+
+    #[test]
+    fn identify_needs_one_consistent_generation() {
+        let k = test_key();
+        let rs = split_with(&k, 3, 5, ShardDerivation::RejectionSampling).unwrap();
+        let hs = split_with(&k, 3, 5, ShardDerivation::HashToScalar).unwrap();
+        // Same key, different polynomials: no shard in common.
+        assert!(rs.iter().zip(&hs).all(|(a, b)| !a.ct_eq(b)));
+        assert_eq!(split(&k, 3, 5).unwrap()[2].value(), rs[2].value());
+        assert_eq!(
+            identify_derivation(&k, 3, &hs[1..4]).unwrap(),
+            Some(ShardDerivation::HashToScalar)
+        );
+        assert_eq!(
+            identify_derivation(&k, 3, &rs[3..]).unwrap(),
+            Some(ShardDerivation::RejectionSampling)
+        );
+        // Keepers holding a mix, the wrong threshold, another key, no shards.
+        let mixed = vec![rs[0].clone(), hs[1].clone()];
+        assert_eq!(identify_derivation(&k, 3, &mixed).unwrap(), None);
+        assert!(
+            !ShardDerivation::HashToScalar
+                .produced(&k, 3, &mixed)
+                .unwrap()
+        );
+        assert!(
+            ShardDerivation::HashToScalar
+                .produced(&k, 3, &mixed[1..])
+                .unwrap()
+        );
+        assert_eq!(identify_derivation(&k, 2, &hs).unwrap(), None);
+        assert_eq!(identify_derivation(&k, 4, &rs).unwrap(), None);
+        let other = RootKey::from_bytes([7; 32]).unwrap();
+        assert_eq!(identify_derivation(&other, 3, &rs).unwrap(), None);
+        assert_eq!(identify_derivation(&k, 3, &[]).unwrap(), None);
+        assert!(identify_derivation(&k, 0, &rs).is_err());
+        // Both generations rebuild the key; a mix of them does not.
+        assert!(combine(&hs[..3]).unwrap().ct_eq(&k));
+        let mix3 = vec![rs[0].clone(), hs[1].clone(), hs[2].clone()];
+        assert!(combine(&mix3).map_or(true, |got| !got.ct_eq(&k)));
+        // Shards at indices beyond the configured count are still judged.
+        let wide = split_with(&k, 3, 9, ShardDerivation::HashToScalar).unwrap();
+        assert_eq!(
+            identify_derivation(&k, 3, &wide[7..]).unwrap(),
+            Some(ShardDerivation::HashToScalar)
+        );
+    }
+
+    #[test]
+    fn reduce_be_is_mod_n() {
+        let n = arr("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551");
+        assert_eq!(reduce_be(&n), Scalar::ZERO);
+        assert_eq!(reduce_be(&[0u8; 48]), Scalar::ZERO);
+        let mut n_plus_5 = [0u8; 48];
+        n_plus_5[16..].copy_from_slice(&n);
+        n_plus_5[47] += 5;
+        assert_eq!(reduce_be(&n_plus_5), Scalar::from(5u64));
+        let mut one = [0u8; 48];
+        one[47] = 1;
+        assert_eq!(reduce_be(&one), Scalar::ONE);
+        // 2^256 mod n = 2^256 - n.
+        let mut two256 = [0u8; 48];
+        two256[15] = 1;
+        let want = arr("00000000ffffffff00000000000000004319055258e8617b0c46353d039cdaaf");
+        assert_eq!(hex(&reduce_be(&two256).to_bytes()), hex(&want));
     }
 
     fn test_key() -> RootKey {

@@ -12,7 +12,12 @@ What it computes (independently of the Rust code, integers + hashlib only):
     B0 = SHA-256(root key), B(i+1) = SHA-256(Bi); each draw takes one 32-byte
     block, reads it big-endian and accepts it if < n (else takes the next).
     Shard i (1..N) = f(i) as 32 big-endian bytes.
-* spike's recovery shards: the same, but B0 = SHA-256(b"spike/recovery-shards/v1" || root key).
+* "keeper_hash_to_scalar": Keeper shards as SPIKE releases up to v0.8.0 make them
+  (circl v1.6.1, whose P-256 RandomScalar is HashToScalar(block, nil)): the same
+  polynomial shape and block chain, but coefficient j is
+  OS2IP(expand_message_xmd(SHA-256, B(j-1), DST = "", 48 bytes)) mod n and no
+  block is ever rejected (RFC 9380 hash_to_field).
+* spike's recovery shards: the same as "keeper", but B0 = SHA-256(b"spike/recovery-shards/v1" || root key).
 * "stream_cases": raw coefficient draws from a chosen B0, including blocks >= n,
   to pin the rejection-sampling behaviour (real keys essentially never hit it).
 
@@ -47,7 +52,28 @@ def draw(b0, count):
     return out
 
 
-def shares(key, threshold, count, b0):
+def expand_message_xmd(msg, length, dst=b""):
+    """RFC 9380 section 5.3.1 with SHA-256."""
+    dst_prime = dst + bytes([len(dst)])
+    b0 = sha256(bytes(64) + msg + length.to_bytes(2, "big") + b"\0" + dst_prime)
+    blocks = [sha256(b0 + b"\1" + dst_prime)]
+    for i in range(2, (length + 31) // 32 + 1):
+        mixed = bytes(x ^ y for x, y in zip(b0, blocks[-1]))
+        blocks.append(sha256(mixed + bytes([i]) + dst_prime))
+    return b"".join(blocks)[:length]
+
+
+def draw_hash_to_scalar(b0, count):
+    """circl v1.6.1 group.P256.RandomScalar `count` times over the block chain from b0."""
+    block = b0
+    out = []
+    for _ in range(count):
+        out.append(int.from_bytes(expand_message_xmd(block, 48), "big") % N)
+        block = sha256(block)
+    return out
+
+
+def shares(key, threshold, count, b0, draw=draw):
     coeffs = [int.from_bytes(key, "big")] + draw(b0, threshold - 1)
     result = []
     for x in range(1, count + 1):
@@ -84,6 +110,7 @@ def main():
         for t, n in PARAMS:
             keep = set(SPARSE) if n > 5 else set(range(1, n + 1))
             keeper = shares(key, t, n, sha256(key))
+            keeper_h2s = shares(key, t, n, sha256(key), draw_hash_to_scalar)
             recovery = shares(key, t, n, sha256(RECOVERY_PREFIX + key))
             cases.append({
                 "name": f"{name} t={t} n={n}",
@@ -91,6 +118,9 @@ def main():
                 "threshold": t,
                 "shares": n,
                 "keeper": [{"index": i, "value": hex32(v)} for i, v in keeper if i in keep],
+                "keeper_hash_to_scalar": [
+                    {"index": i, "value": hex32(v)} for i, v in keeper_h2s if i in keep
+                ],
                 "recovery": [{"index": i, "value": hex32(v)} for i, v in recovery if i in keep],
             })
     stream_cases = []
@@ -104,6 +134,7 @@ def main():
         stream_cases.append({
             "b0": b0.hex(),
             "coefficients": [hex32(v) for v in draw(b0, 3)],
+            "hash_to_scalar": [hex32(v) for v in draw_hash_to_scalar(b0, 3)],
         })
     json.dump({
         "description": "SPIKE-compatible Shamir shards over P-256 (see gen_shamir.py)",
