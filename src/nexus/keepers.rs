@@ -216,15 +216,12 @@ async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Sha
         });
         return Outcome::Retry;
     };
-    let all_agree = crate::crypto::split(&key, nexus.config.threshold, nexus.config.shares)
-        .map(|expected| {
-            shards.iter().all(|(_, s)| {
-                expected
-                    .get(usize::from(s.index) - 1)
-                    .is_some_and(|e| e.ct_eq(s))
-            })
-        })
-        .unwrap_or(false);
+    // Every shard must come from one polynomial of this key, under either SPIKE derivation.
+    let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
+    let all_agree = matches!(
+        crate::crypto::shamir::identify_derivation(&key, nexus.config.threshold, &observed),
+        Ok(Some(_))
+    );
     if !all_agree {
         tracing::error!(
             "Keepers hold shards that do not agree and the store has no verifier: refusing to guess the root key"
@@ -281,7 +278,9 @@ async fn load(
     shards: &[(String, Share)],
     what: &str,
 ) -> Outcome {
-    let keys = match nexus.install(key) {
+    let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
+    let derivation = nexus.derivation_of(&key, &observed);
+    let keys = match nexus.install(key, derivation) {
         Ok(keys) => keys,
         Err(e) => {
             tracing::error!(error = %e, "cannot split the root key with the configured Shamir parameters");
@@ -302,7 +301,7 @@ async fn load(
         tracing::error!(keeper = %url, "keeper held a shard inconsistent with the root key; it is being refilled");
     }
     nexus.set_inconsistent(inconsistent);
-    tracing::info!(key_id = %keys.key_id, "{what}");
+    tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "{what}");
     push_all(nexus, client).await;
     Outcome::Loaded
 }

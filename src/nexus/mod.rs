@@ -25,6 +25,7 @@ use std::sync::{Arc, RwLock};
 
 use hyper::Uri;
 
+use crate::crypto::shamir::ShardDerivation;
 use crate::crypto::{AeadKey, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role};
 use crate::protocol::nexus::ErrorCode;
@@ -132,8 +133,13 @@ pub struct Keys {
     /// Public fingerprint of the root key, for logs and `/health`.
     pub key_id: String,
     /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
-    /// pure function of the key, so computing them once is not a cache of state.
+    /// pure function of the key and the derivation, so computing them once is not a cache of
+    /// state.
     pub shards: Vec<Share>,
+    /// How the shards' polynomial is drawn from the key: the one the Keepers were found
+    /// holding (a deployment is never re-sharded behind its operator's back), the current one
+    /// for a new deployment.
+    pub derivation: ShardDerivation,
     /// Seals secret versions at rest.
     pub secrets: Arc<AeadKey>,
     /// Seals policies at rest.
@@ -207,8 +213,17 @@ impl Nexus {
 
     /// Installs the root key and derives its sub-keys. If a key is already loaded, that one is
     /// kept and returned, so two paths racing to load it cannot replace each other's.
-    fn install(&self, root: RootKey) -> Result<Arc<Keys>, crate::crypto::Error> {
-        let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
+    fn install(
+        &self,
+        root: RootKey,
+        derivation: ShardDerivation,
+    ) -> Result<Arc<Keys>, crate::crypto::Error> {
+        let shards = crate::crypto::shamir::split_with(
+            &root,
+            self.config.threshold,
+            self.config.shares,
+            derivation,
+        )?;
         let key_id = root.key_id();
         let keys = Arc::new(Keys {
             secrets: Arc::new(root.derive("spike/secrets/v1")),
@@ -217,6 +232,7 @@ impl Nexus {
             root,
             key_id,
             shards,
+            derivation,
         });
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
@@ -236,6 +252,34 @@ impl Nexus {
 
     fn set_inconsistent(&self, urls: Vec<String>) {
         *write(&self.inconsistent) = urls;
+    }
+
+    /// The derivation that explains the most of `observed` (shards of `key` read from Keepers
+    /// or sent by operators): all of them when the deployment is consistent; a mix means some
+    /// shards are stale and will be refilled. The current derivation when none are known.
+    pub fn derivation_of(&self, key: &RootKey, observed: &[Share]) -> ShardDerivation {
+        let t = self.config.threshold;
+        if let Ok(Some(d)) = crate::crypto::shamir::identify_derivation(key, t, observed) {
+            return d;
+        }
+        let explained = |d: ShardDerivation| {
+            crate::crypto::shamir::split_with(key, t, self.config.shares, d)
+                .map(|expected| {
+                    observed
+                        .iter()
+                        .filter(|s| {
+                            expected
+                                .get(usize::from(s.index).wrapping_sub(1))
+                                .is_some_and(|e| e.ct_eq(s))
+                        })
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        ShardDerivation::ALL
+            .into_iter()
+            .max_by_key(|d| (explained(*d), *d == ShardDerivation::default()))
+            .unwrap_or_default()
     }
 
     /// The Keeper URLs, in Shamir index order.

@@ -87,7 +87,8 @@ pub async fn restore(
         ));
     };
     let labelled: Vec<(String, Share)> = pending
-        .into_iter()
+        .iter()
+        .cloned()
         .map(|s| ("restore".to_string(), s))
         .collect();
     let Some(key) = keepers::find_key(&labelled, threshold, |k| k.opens(&verifier)) else {
@@ -99,9 +100,11 @@ pub async fn restore(
             "these shards do not rebuild this deployment's root key; all pending shards were dropped, start again".into(),
         ));
     };
-    let keys = nexus.install(key)?;
+    // Recovery shards are the Keeper shards: their derivation is the deployment's.
+    let derivation = nexus.derivation_of(&key, &pending);
+    let keys = nexus.install(key, derivation)?;
     drop_pending();
-    tracing::info!(key_id = %keys.key_id, "restored the root key from recovery shards; refilling Keepers");
+    tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "restored the root key from recovery shards; refilling Keepers");
     if let Some(client) = nexus.keeper_client.get() {
         keepers::push_all(nexus, client).await;
     }

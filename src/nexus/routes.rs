@@ -411,6 +411,10 @@ struct Health {
     key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     keepers_with_shards: Option<usize>,
+    /// How the Keeper shards are drawn from the key: `rejection_sampling` (SPIKE main, circl
+    /// >= 1.6.2) or `hash_to_scalar` (SPIKE <= v0.8.0, circl 1.6.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard_derivation: Option<String>,
     threshold: u8,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     inconsistent_keepers: Vec<String>,
@@ -426,6 +430,7 @@ impl Api {
             backend: nexus.store.backend(),
             key_id: None,
             keepers_with_shards: None,
+            shard_derivation: None,
             threshold: nexus.config.threshold,
             inconsistent_keepers: nexus.inconsistent_keepers(),
             reason: None,
@@ -433,6 +438,7 @@ impl Api {
         let status = match nexus.keys() {
             Some(keys) => {
                 health.key_id = Some(keys.key_id.clone());
+                health.shard_derivation = Some(keys.derivation.to_string());
                 match tokio::time::timeout(HEALTH_STORE_TIMEOUT, nexus.store.ping()).await {
                     Ok(Ok(())) => StatusCode::OK,
                     Ok(Err(e)) => {
