@@ -109,3 +109,83 @@ async fn a_new_deployment_uses_the_current_derivation() {
     let health = wait_status(&c.anonymous(), &c.nexus[n].url(), "ready").await;
     assert_eq!(health["shard_derivation"], "rejection_sampling", "{health}");
 }
+
+/// Recovery files written by SPIKE's own Pilot (tests/fixtures/spike-main/recover, from a real
+/// SPIKE Nexus) restore a deployment whose Keepers were all lost, with any two of the three,
+/// through `spike recover restore`; a file of another deployment is refused and changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_pilot_recovery_files_restore_any_threshold_subset() {
+    let dir = format!(
+        "{}/tests/fixtures/spike-main/recover",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let file = |i: u8| format!("{dir}/spike.recovery.{i}.txt");
+    let shards: Vec<(u8, [u8; 32])> = (1..=3)
+        .map(|i| {
+            let text = std::fs::read_to_string(file(i)).unwrap();
+            let share = spike::crypto::decode_recovery_shard(&text).unwrap();
+            (share.index, *share.value())
+        })
+        .collect();
+    let mut c = Cluster::new(3);
+    plant(&c, &Vector { shards }).await;
+    let n = c.start_nexus(&[]);
+    let url = c.nexus[n].url();
+    let anon = c.anonymous();
+    let key_id = wait_status(&anon, &url, "ready").await["key_id"].clone();
+    let res_dir = c.pki.issue("res", "/spike/pilot/role/restore");
+    let env = [
+        (
+            "SPIKE_NEXUS_API_URL",
+            url.to_string().trim_end_matches('/').to_string(),
+        ),
+        ("SPIKE_SVID_DIR", res_dir.to_str().unwrap().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let nexus_url = url.to_string();
+    let restore = |path: &str| {
+        run_spike(
+            &[
+                "recover",
+                "restore",
+                "--nexus",
+                nexus_url.trim_end_matches('/'),
+                path,
+            ],
+            &env,
+        )
+    };
+    // Another deployment's shard, in SPIKE's text form.
+    let foreign = c.dir.path().join("foreign.txt");
+    let other = vector("shamir-circl-v1.6.3.json", "n-minus-1 t=2 n=3");
+    let hex: String = other.shards[0]
+        .1
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&foreign, format!("spike:1:{hex}")).unwrap();
+
+    for (a, b) in [(1, 2), (3, 1), (2, 3)] {
+        c.nexus[n].kill();
+        for k in c.keepers.iter_mut() {
+            k.restart();
+        }
+        c.nexus[n].restart();
+        wait_status(&anon, &url, "awaiting_restore").await;
+        if a == 1 {
+            let (code, _, err) = restore(foreign.to_str().unwrap());
+            assert_eq!(code, 0, "one shard is only collected: {err}");
+            let (code, _, err) = restore(&file(b));
+            assert_ne!(code, 0, "a foreign shard must not restore: {err}");
+            wait_status(&anon, &url, "awaiting_restore").await;
+        }
+        let (code, _, err) = restore(&file(a));
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = restore(&file(b));
+        assert_eq!(code, 0, "{err}");
+        let health = wait_status(&anon, &url, "ready").await;
+        assert_eq!(health["key_id"], key_id, "files {a} and {b}");
+        assert_eq!(health["shard_derivation"], "rejection_sampling");
+    }
+}
