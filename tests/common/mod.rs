@@ -6,6 +6,7 @@
 
 pub mod postgres;
 pub mod s3;
+pub mod spire;
 
 use std::collections::HashMap;
 use std::fs;
