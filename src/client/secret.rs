@@ -130,7 +130,12 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             match format {
                 Format::Json => print_json(&SecretPutResponse { version }),
                 Format::Text => {
-                    eprintln!("wrote {path} version {version}");
+                    if version > 0 {
+                        eprintln!("wrote {path} version {version}");
+                    } else {
+                        // A SPIKE Nexus answers a put with `{}`.
+                        eprintln!("wrote {path}");
+                    }
                     Ok(())
                 }
             }

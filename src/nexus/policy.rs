@@ -42,7 +42,9 @@ pub struct StoredPolicy {
 impl StoredPolicy {
     pub fn to_api(&self) -> Policy {
         Policy {
-            id: String::new(),
+            // SPIKE leaves `id` empty; ours is the name, so a listed policy can be fetched
+            // by the `id` it was listed with.
+            id: self.name.clone(),
             name: self.name.clone(),
             spiffeid_pattern: self.spiffeid_pattern.clone(),
             path_pattern: self.path_pattern.clone(),

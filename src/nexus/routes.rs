@@ -302,10 +302,15 @@ impl Api {
                 let policies = policy::all(store, &keys.policies, &grant)
                     .await?
                     .into_iter()
-                    .filter(|p| match (&r.spiffeid_pattern, &r.path_pattern) {
-                        (Some(id), _) => p.spiffeid_pattern == *id,
-                        (None, Some(path)) => p.path_pattern == *path,
-                        (None, None) => true,
+                    // Exact-string filters, the SPIFFE-ID one first; an empty string is no
+                    // filter (SPIKE's SDK sends both fields, empty when unset).
+                    .filter(|p| {
+                        let set = |f: &Option<String>| f.clone().filter(|f| !f.is_empty());
+                        match (set(&r.spiffeid_pattern), set(&r.path_pattern)) {
+                            (Some(id), _) => p.spiffeid_pattern == id,
+                            (None, Some(path)) => p.path_pattern == path,
+                            (None, None) => true,
+                        }
                     })
                     .map(|p| p.to_api())
                     .collect();

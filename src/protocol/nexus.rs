@@ -139,6 +139,8 @@ pub struct SecretPutRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretPutResponse {
+    /// The version written (ours); `0` from a SPIKE Nexus, which answers `{}`.
+    #[serde(default)]
     pub version: u64,
 }
 
@@ -179,25 +181,44 @@ pub struct SecretListResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionInfo {
+    /// When the version was written (RFC 3339).
+    #[serde(default)]
     pub created_time: String,
+    /// The version number.
+    #[serde(default)]
     pub version: u64,
+    /// When it was soft-deleted, if it was.
+    #[serde(default)]
     pub deleted_time: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretMetadata {
+    /// The version a read without a version gets; `0` when every version is deleted.
+    #[serde(default)]
     pub current_version: u64,
+    /// The lowest version not deleted.
+    #[serde(default)]
     pub oldest_version: u64,
+    /// When the path was first written (RFC 3339).
+    #[serde(default)]
     pub created_time: String,
+    /// When the path was last written (RFC 3339).
+    #[serde(default)]
     pub updated_time: String,
+    /// Versions kept.
+    #[serde(default)]
     pub max_versions: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretMetadataResponse {
     /// Keyed by the decimal version number, as Go encodes `map[int]T`.
+    #[serde(default)]
     pub versions: BTreeMap<String, VersionInfo>,
+    /// The path's own metadata.
+    #[serde(default)]
     pub metadata: SecretMetadata,
 }
 
@@ -227,16 +248,24 @@ pub struct PolicyListRequest {
     pub path_pattern: Option<String>,
 }
 
-/// A policy as SPIKE returns it: note the `spiffiedPattern` key and the always-empty `id`.
+/// A policy as SPIKE returns it: note the `spiffiedPattern` key. `id` is the name (SPIKE's is
+/// always empty).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
     #[serde(default)]
     pub id: String,
     pub name: String,
-    #[serde(rename = "spiffiedPattern", alias = "spiffeidPattern")]
+    /// The SPIFFE-ID pattern (SPIKE's key is misspelt `spiffiedPattern`; both are read). A
+    /// SPIKE Nexus's list answers carry only `id` and `name`, so every field but `name` may be
+    /// absent.
+    #[serde(rename = "spiffiedPattern", alias = "spiffeidPattern", default)]
     pub spiffeid_pattern: String,
+    /// The path pattern.
+    #[serde(default)]
     pub path_pattern: String,
+    /// The permissions granted.
+    #[serde(default)]
     pub permissions: Vec<String>,
     #[serde(default)]
     pub created_at: String,
@@ -426,5 +455,40 @@ mod tests {
             serde_json::to_string(&ErrorCode::StateNotReady).unwrap(),
             r#""state_not_ready""#
         );
+    }
+
+    /// Answers as a SPIKE Nexus gives them (SPIKE main, reference §5): less than ours, with
+    /// SPIKE's `err` fields and Go's encodings. Our client decodes every one.
+    #[test]
+    fn spike_nexus_answers_decode() {
+        let put: SecretPutResponse = serde_json::from_str(r#"{}"#).unwrap();
+        assert_eq!(put.version, 0);
+        let put: SecretPutResponse = serde_json::from_str(r#"{"err":""}"#).unwrap();
+        assert_eq!(put.version, 0);
+        let get: SecretGetResponse =
+            serde_json::from_str(r#"{"data":{"k":"v"},"err":""}"#).unwrap();
+        assert_eq!(get.data["k"], "v");
+        let meta: SecretMetadataResponse = serde_json::from_str(
+            r#"{"versions":{"0":{"createdTime":"2026-11-29T10:00:00.123456789Z","version":1,"deletedTime":null}},
+                "metadata":{"currentVersion":1,"oldestVersion":1,"createdTime":"2026-11-29T10:00:00Z",
+                "updatedTime":"2026-11-29T10:00:00Z","maxVersions":10},"err":""}"#,
+        )
+        .unwrap();
+        assert_eq!(meta.metadata.current_version, 1);
+        let meta: SecretMetadataResponse = serde_json::from_str(r#"{}"#).unwrap();
+        assert!(meta.versions.is_empty());
+        let list: PolicyListResponse = serde_json::from_str(
+            r#"{"policies":[{"id":"","name":"web","spiffiedPattern":"^spiffe://a/b$","pathPattern":"^s/.*$","permissions":["read"],"createdAt":"2026-11-29T10:00:00Z","updatedAt":"2026-11-29T10:00:00Z"}],"err":""}"#,
+        )
+        .unwrap();
+        assert_eq!(list.policies[0].name, "web");
+        let list: PolicyListResponse =
+            serde_json::from_str(r#"{"policies":[{"id":"","name":"web"}],"err":""}"#).unwrap();
+        assert_eq!(list.policies[0].name, "web");
+        let restore: RestoreResponse =
+            serde_json::from_str(r#"{"collected":1,"remaining":1,"restored":false,"err":""}"#)
+                .unwrap();
+        assert!(!restore.restored);
+        let _: Empty = serde_json::from_str(r#"{"err":""}"#).unwrap();
     }
 }

@@ -358,6 +358,44 @@ impl Cluster {
         }
     }
 
+    /// Keepers and the Nexus SVID from a real SPIRE agent (SVID files fetched as each
+    /// identity's uid), trusting SPIRE's bundle; `pki.ca_pem()` holds that bundle, so the
+    /// anonymous `/health` client works. `pki.issue` is not available on such a cluster.
+    pub fn with_spire(spire: &spire::Spire, keepers: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("spire-bundle");
+        let nexus_svid = dir.path().join("nexus");
+        spire.write_svid_files(spire.uid("nexus"), &nexus_svid);
+        fs::create_dir_all(&ca_dir).unwrap();
+        fs::copy(nexus_svid.join("svid_bundle.pem"), ca_dir.join("ca.pem")).unwrap();
+        let keepers = (1..=keepers)
+            .map(|i| {
+                let svid = dir.path().join(format!("keeper-{i}"));
+                spire.write_svid_files(spire.uid(&format!("keeper-{i}")), &svid);
+                Proc::start(
+                    &format!("keeper-{i}"),
+                    dir.path(),
+                    &["keeper"],
+                    server_env(&svid, &[("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0")]),
+                )
+            })
+            .collect();
+        let data_dir = dir.path().join("data");
+        let pki = Pki {
+            root: dir.path().to_path_buf(),
+            ca_dir,
+            trust_domain: TD.to_string(),
+        };
+        Cluster {
+            dir,
+            pki,
+            keepers,
+            nexus: Vec::new(),
+            nexus_svid,
+            data_dir,
+        }
+    }
+
     /// `SPIKE_NEXUS_KEEPER_PEERS` for the running Keepers.
     pub fn peers(&self) -> String {
         self.keepers

@@ -184,6 +184,33 @@ impl Spire {
             .collect())
     }
 
+    /// Writes the SVID the agent serves `uid` into `dir` in spiffe-helper's layout
+    /// (`svid.pem`, `svid_key.pem`, `svid_bundle.pem`), for processes that read SVID files.
+    pub fn write_svid_files(&self, uid: u32, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("create the SVID directory");
+        let out = self
+            .command_as(uid, &self.agent_bin)
+            .args(["api", "fetch", "x509", "-timeout", "10s", "-socketPath"])
+            .arg(&self.socket)
+            .arg("-write")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spire-agent api fetch x509 -write");
+        assert!(
+            out.status.success(),
+            "uid {uid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (from, to) in [
+            ("svid.0.pem", "svid.pem"),
+            ("svid.0.key", "svid_key.pem"),
+            ("bundle.0.pem", "svid_bundle.pem"),
+        ] {
+            std::fs::rename(dir.join(from), dir.join(to)).expect("rename the fetched SVID file");
+        }
+    }
+
     /// Waits until the agent serves `uid` exactly the SVID `spiffe_id`.
     pub fn wait_for_svid(&self, uid: u32, spiffe_id: &str) {
         let deadline = Instant::now() + WAIT;

@@ -138,12 +138,24 @@ func superuser(ctx context.Context, api *spike.API) {
 	must(sdkErr(api.UndeleteSecret(ctx, "sdk/db", []int{1})), "UndeleteSecret [1]")
 	s, err = api.GetSecretVersion(ctx, "sdk/db", 1)
 	check(err == nil && s != nil && s.Data["pass"] == "one", "undeleted v1: %+v %v", s, err)
+	// Deleting the current version makes the highest live one current (SPIKE's rule).
 	must(sdkErr(api.DeleteSecret(ctx, "sdk/db")), "DeleteSecret (current)")
 	s, err = api.GetSecret(ctx, "sdk/db")
-	check(err != nil || s == nil || s.Data["pass"] != "two", "the deleted current version is still served: %+v", s)
-	must(sdkErr(api.UndeleteSecret(ctx, "sdk/db", []int{})), "UndeleteSecret (no list)")
+	check(err == nil && s != nil && s.Data["pass"] == "one", "after deleting v2 the current version is v1: %+v %v", s, err)
+	// Undelete with no list restores the current version: v1 is live, so nothing is
+	// restored and SPIKE answers 404.
+	check(api.UndeleteSecret(ctx, "sdk/db", []int{}) != nil, "undelete of a live current version succeeded")
+	must(sdkErr(api.UndeleteSecret(ctx, "sdk/db", []int{2})), "UndeleteSecret [2]")
 	s, err = api.GetSecret(ctx, "sdk/db")
-	check(err == nil && s != nil && s.Data["pass"] == "two", "undeleted current: %+v %v", s, err)
+	check(err == nil && s != nil && s.Data["pass"] == "two", "an undeleted higher version becomes current: %+v %v", s, err)
+	// With every version deleted there is no current one: undelete with no list restores the
+	// highest deleted version.
+	must(sdkErr(api.DeleteSecretVersions(ctx, "sdk/db", []int{1, 2})), "DeleteSecretVersions [1 2]")
+	_, err = api.GetSecret(ctx, "sdk/db")
+	check(err != nil, "a secret with every version deleted is served")
+	must(sdkErr(api.UndeleteSecret(ctx, "sdk/db", []int{})), "UndeleteSecret (no list, no current)")
+	s, err = api.GetSecret(ctx, "sdk/db")
+	check(err == nil && s != nil && s.Data["pass"] == "two", "undeleted highest version: %+v %v", s, err)
 	_, err = api.GetSecret(ctx, "sdk/missing")
 	check(err != nil, "a missing secret is served")
 
@@ -158,6 +170,12 @@ func superuser(ctx context.Context, api *spike.API) {
 	all, err := api.ListAllPolicies(ctx)
 	must(sdkErr(err), "ListAllPolicies")
 	check(all != nil && len(*all) == 2, "ListAllPolicies: %+v", all)
+	if all != nil {
+		for _, item := range *all {
+			got, err := api.GetPolicy(ctx, item.ID)
+			check(err == nil && got != nil && got.Name == item.Name, "GetPolicy by listed id %q: %+v %v", item.ID, got, err)
+		}
+	}
 	filtered, err := api.ListPolicies(ctx, "", "^api/.*$")
 	must(sdkErr(err), "ListPolicies by path")
 	check(filtered != nil && len(*filtered) == 1 && (*filtered)[0].Name == "sdk-api", "ListPolicies by path: %+v", filtered)
