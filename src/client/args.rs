@@ -5,13 +5,17 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-/// Output format of the client commands (`secret`, `policy`, `cipher`).
+/// Output format of the client commands (`secret`, `policy`, `cipher`): `text` for people,
+/// `json` for scripts (for `cipher`: the binary stream, or SPIKE's JSON mode).
+// clap would turn variant docs into per-value help that reads wrong for `cipher`.
+#[allow(missing_docs)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
     Json,
 }
 
+/// `spike secret` verbs.
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Write a new version of PATH holding the given KEY=VALUE pairs.
@@ -68,11 +72,13 @@ pub enum SecretCommand {
     },
 }
 
+/// `spike policy` verbs.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Create or replace a policy. Patterns are regular expressions that match anywhere in
     /// the SPIFFE ID or path unless anchored with ^...$.
     Create {
+        /// The policy's name (letters, digits, '-', '_' and spaces).
         #[arg(long)]
         name: String,
         /// Regular expression over callers' SPIFFE IDs, e.g. '^spiffe://spike.ist/app/web$'.
@@ -88,22 +94,32 @@ pub enum PolicyCommand {
     /// Create or replace the policy described in a YAML or JSON file
     /// ({name, spiffeidPattern, pathPattern, permissions: [...]}).
     Apply {
+        /// The policy file.
         #[arg(long, value_name = "F")]
         file: PathBuf,
     },
     /// List policies (optionally only those whose pattern equals the one given).
     List {
+        /// Only policies whose SPIFFE-ID pattern is exactly this.
         #[arg(long, value_name = "RE")]
         spiffeid_pattern: Option<String>,
+        /// Only policies whose path pattern is exactly this.
         #[arg(long, value_name = "RE")]
         path_pattern: Option<String>,
     },
     /// Print one policy.
-    Get { name: String },
+    Get {
+        /// The policy's name.
+        name: String,
+    },
     /// Delete one policy.
-    Delete { name: String },
+    Delete {
+        /// The policy's name.
+        name: String,
+    },
 }
 
+/// `spike cipher` verbs.
 #[derive(Debug, Subcommand)]
 pub enum CipherCommand {
     /// Encrypt bytes (stdin or --in) to a ciphertext (stdout or --out).
@@ -123,6 +139,7 @@ pub struct CipherIo {
     pub out: Option<PathBuf>,
 }
 
+/// `spike recover` verbs.
 #[derive(Debug, Subcommand)]
 pub enum RecoverCommand {
     /// Write the recovery shards to DIR/spike.recovery.N.txt (0600, never overwritten).

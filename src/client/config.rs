@@ -6,6 +6,7 @@ use hyper::Uri;
 
 use crate::platform::env::{Result, Source, duration, invalid, parse_https_url};
 
+/// `SPIKE_NEXUS_API_URL` when unset.
 pub const DEFAULT_API_URL: &str = "https://localhost:8553";
 
 /// Default of `SPIKE_HTTP_CLIENT_DIALER_TIMEOUT`: short, because a client with several Nexus

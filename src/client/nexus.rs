@@ -61,19 +61,28 @@ pub enum Error {
     /// No URL gave an answer. Holds every attempt, in order; never empty.
     #[error("{}", join_attempts(.attempts))]
     Transport {
+        /// Every address tried, with why it failed.
         attempts: Vec<transport::client::Error>,
     },
     /// Nexus answered with an error: `code` is the `err` of its `{"err": code}` body (or the
     /// text of a plain-text body, as SPIKE's cipher stream mode sends).
     #[error("Nexus at {url} answered {status} ({code})")]
     Api {
+        /// The Nexus that answered.
         url: String,
+        /// Its HTTP status.
         status: StatusCode,
+        /// Its error code (`err`).
         code: String,
     },
     /// Nexus answered 200 with a body that is not the expected shape.
     #[error("unexpected answer from Nexus at {url}: {reason}")]
-    Malformed { url: String, reason: String },
+    Malformed {
+        /// The Nexus that answered.
+        url: String,
+        /// What was wrong with the answer.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -94,6 +103,7 @@ fn join_attempts(attempts: &[transport::client::Error]) -> String {
         .join("; ")
 }
 
+/// Result of a call to Nexus.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Whether a request may be replayed on another Nexus after it may have reached one.

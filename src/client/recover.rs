@@ -23,6 +23,7 @@ fn file_name(dir: &Path, index: u8) -> PathBuf {
     dir.join(format!("spike.recovery.{index}.txt"))
 }
 
+/// Runs one `spike recover` command.
 pub async fn run(command: RecoverCommand) -> Result<()> {
     match command {
         RecoverCommand::Export { dir } => export(&dir).await,

@@ -35,6 +35,7 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit status: 2 for usage errors, 1 for failures.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
@@ -43,6 +44,7 @@ impl Error {
     }
 }
 
+/// Result of a client command.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Runs a client command on a current-thread runtime: one call, nothing to run in parallel.

@@ -15,11 +15,14 @@ use clap::{Parser, Subcommand};
     about = "SPIFFE-native secrets manager: Nexus, Keepers, recovery shards and the client",
     propagate_version = true
 )]
+/// The `spike` command line.
 pub struct Cli {
+    /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Every subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the secrets API server (configured by SPIKE_* environment variables).
@@ -34,6 +37,7 @@ pub enum Command {
         /// Output format: text for people, json for scripts (data on stdout either way).
         #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// The verb.
         #[command(subcommand)]
         command: SecretCommand,
     },
@@ -42,6 +46,7 @@ pub enum Command {
         /// Output format: text for people, json for scripts (data on stdout either way).
         #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// The verb.
         #[command(subcommand)]
         command: PolicyCommand,
     },
@@ -50,16 +55,19 @@ pub enum Command {
         /// text: binary stream mode; json: SPIKE's JSON mode (base64 fields).
         #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// The verb.
         #[command(subcommand)]
         command: CipherCommand,
     },
     /// Recovery shards: export them while healthy, restore from them when every Keeper is lost.
     Recover {
+        /// The verb.
         #[command(subcommand)]
         command: RecoverCommand,
     },
     /// Development and test PKI: a trust-domain CA and SVIDs for every role.
     Pki {
+        /// The verb.
         #[command(subcommand)]
         command: PkiCommand,
     },
@@ -80,6 +88,7 @@ pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
     script
 }
 
+/// `spike pki` verbs.
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
     /// Create a trust-domain CA: DIR/ca.pem and DIR/ca.key (mode 0600).

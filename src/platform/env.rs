@@ -65,6 +65,7 @@ impl<S: std::hash::BuildHasher> Source for std::collections::HashMap<String, Str
     }
 }
 
+/// An [`Error::Invalid`] for `var`.
 pub fn invalid(var: &'static str, reason: impl Into<String>) -> Error {
     Error::Invalid {
         var,
@@ -72,6 +73,7 @@ pub fn invalid(var: &'static str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// `var` as a number, or `default` when unset.
 pub fn number<T: std::str::FromStr>(env: &impl Source, var: &'static str, default: T) -> Result<T> {
     match env.get(var) {
         None => Ok(default),
@@ -82,6 +84,7 @@ pub fn number<T: std::str::FromStr>(env: &impl Source, var: &'static str, defaul
     }
 }
 
+/// `var` as a positive duration ([`parse_duration`]), or `default` when unset.
 pub fn duration(env: &impl Source, var: &'static str, default: Duration) -> Result<Duration> {
     match env.get(var) {
         None => Ok(default),
@@ -143,6 +146,7 @@ pub fn listen_addr(env: &impl Source, var: &'static str, default: &str) -> Resul
     })
 }
 
+/// Parses a listen address: `:8553` or `8553` (every interface), `127.0.0.1:8553`, `[::1]:8553`.
 pub fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
     let text = text.trim();
     if let Some(port) = text

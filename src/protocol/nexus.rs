@@ -31,13 +31,21 @@ use std::collections::BTreeMap;
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
+/// Secrets: put (no action), get, delete, undelete, list.
 pub const SECRETS_PATH: &str = "/v1/store/secrets";
+/// A secret's metadata (`?action=get`).
 pub const SECRET_METADATA_PATH: &str = "/v1/store/secrets/metadata";
+/// Policies: put (no action), get, delete, list.
 pub const POLICY_PATH: &str = "/v1/acl/policy";
+/// Encrypt with the cipher key (JSON or a byte stream).
 pub const ENCRYPT_PATH: &str = "/v1/cipher/encrypt";
+/// Decrypt what [`ENCRYPT_PATH`] produced.
 pub const DECRYPT_PATH: &str = "/v1/cipher/decrypt";
+/// Recovery shards for the recover operator.
 pub const RECOVER_PATH: &str = "/v1/operator/recover";
+/// One recovery shard from the restore operator.
 pub const RESTORE_PATH: &str = "/v1/operator/restore";
+/// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
 /// The version byte that starts every cipher stream.
@@ -116,15 +124,20 @@ impl ErrorCode {
 /// `{"err": "<code>"}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// The [`ErrorCode`]'s text (or another code from a SPIKE Nexus).
     pub err: String,
 }
 
+/// `{}`: the answer (or request) with nothing in it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Empty {}
 
+/// `POST /v1/store/secrets`: write a new version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretPutRequest {
+    /// The secret's path.
     pub path: String,
+    /// The key/value pairs of the new version.
     #[serde(default)]
     pub values: BTreeMap<String, String>,
     /// Check-and-set: the version that must be current (0: the path must hold no live version).
@@ -137,6 +150,7 @@ pub struct SecretPutRequest {
     pub request_id: Option<String>,
 }
 
+/// The answer to a put.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretPutResponse {
     /// The version written (ours); `0` from a SPIKE Nexus, which answers `{}`.
@@ -144,40 +158,52 @@ pub struct SecretPutResponse {
     pub version: u64,
 }
 
+/// `?action=get` on secrets or their metadata.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretGetRequest {
+    /// The secret's path.
     pub path: String,
     /// 0 or absent: the current version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
 }
 
+/// The answer to a get.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretGetResponse {
+    /// The version's key/value pairs.
     pub data: BTreeMap<String, String>,
+    /// The version served (ours; absent from a SPIKE Nexus).
     #[serde(default)]
     pub version: u64,
 }
 
+/// `?action=delete` or `?action=undelete`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretVersionsRequest {
+    /// The secret's path.
     pub path: String,
     /// Empty: the current version. `0` also means the current version.
     #[serde(default)]
     pub versions: Vec<u64>,
 }
 
+/// `?action=list`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SecretListRequest {
+    /// Only paths starting with this (ours; SPIKE lists everything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
 }
 
+/// The answer to a list.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretListResponse {
+    /// The paths the caller may list, sorted.
     pub keys: Vec<String>,
 }
 
+/// One version in a metadata answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionInfo {
@@ -192,6 +218,7 @@ pub struct VersionInfo {
     pub deleted_time: Option<String>,
 }
 
+/// A secret's own metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretMetadata {
@@ -212,6 +239,7 @@ pub struct SecretMetadata {
     pub max_versions: u32,
 }
 
+/// The answer to a metadata get.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretMetadataResponse {
     /// Keyed by the decimal version number, as Go encodes `map[int]T`.
@@ -222,28 +250,37 @@ pub struct SecretMetadataResponse {
     pub metadata: SecretMetadata,
 }
 
+/// `POST /v1/acl/policy`: create or replace a policy.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyPutRequest {
+    /// The policy's name, its identifier.
     pub name: String,
     /// SPIKE's request key is `spiffeidPattern`; older SDKs sent `spiffedPattern`.
     #[serde(alias = "spiffedPattern", alias = "spiffiedPattern")]
     pub spiffeid_pattern: String,
+    /// Which secret paths it covers (a regular expression).
     pub path_pattern: String,
+    /// What it grants: `read`, `write`, `list`, `execute`, `super`.
     pub permissions: Vec<String>,
 }
 
+/// `?action=get` or `?action=delete` on a policy: `id` is the policy's name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyIdRequest {
     /// The policy's name (SPIKE kept the field name `id`).
     pub id: String,
 }
 
+/// `?action=list` on policies: exact-string filters, the SPIFFE-ID one first; empty or absent
+/// means no filter.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyListRequest {
+    /// Only policies with exactly this SPIFFE-ID pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffeid_pattern: Option<String>,
+    /// Only policies with exactly this path pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_pattern: Option<String>,
 }
@@ -253,8 +290,10 @@ pub struct PolicyListRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
+    /// The policy's name again (SPIKE's is empty).
     #[serde(default)]
     pub id: String,
+    /// The policy's name.
     pub name: String,
     /// The SPIFFE-ID pattern (SPIKE's key is misspelt `spiffiedPattern`; both are read). A
     /// SPIKE Nexus's list answers carry only `id` and `name`, so every field but `name` may be
@@ -267,14 +306,18 @@ pub struct Policy {
     /// The permissions granted.
     #[serde(default)]
     pub permissions: Vec<String>,
+    /// When it was created (RFC 3339).
     #[serde(default)]
     pub created_at: String,
+    /// When it was last replaced (RFC 3339).
     #[serde(default)]
     pub updated_at: String,
 }
 
+/// The answer to a policy list.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyListResponse {
+    /// The policies, by name.
     pub policies: Vec<Policy>,
 }
 
@@ -284,10 +327,12 @@ pub mod b64 {
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Writes bytes as standard base64.
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&STANDARD.encode(bytes))
     }
 
+    /// Reads standard base64.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         STANDARD
@@ -296,36 +341,50 @@ pub mod b64 {
     }
 }
 
+/// JSON-mode encryption request.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct EncryptRequest {
+    /// The bytes to encrypt (base64).
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
+    /// SPIKE's algorithm field; only the default is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
 }
 
+/// JSON-mode encryption answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EncryptResponse {
+    /// The ciphertext format version ([`CIPHER_VERSION`]).
     pub version: u8,
+    /// The AES-GCM nonce (base64).
     #[serde(with = "b64")]
     pub nonce: Vec<u8>,
+    /// Ciphertext and tag (base64).
     #[serde(with = "b64")]
     pub ciphertext: Vec<u8>,
 }
 
+/// JSON-mode decryption request: an [`EncryptResponse`]'s fields.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DecryptRequest {
+    /// The ciphertext format version.
     pub version: u8,
+    /// The AES-GCM nonce (base64).
     #[serde(with = "b64")]
     pub nonce: Vec<u8>,
+    /// Ciphertext and tag (base64).
     #[serde(with = "b64")]
     pub ciphertext: Vec<u8>,
+    /// SPIKE's algorithm field; only the default is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
 }
 
+/// JSON-mode decryption answer.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct DecryptResponse {
+    /// The decrypted bytes (base64).
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
 }
@@ -334,6 +393,7 @@ pub struct DecryptResponse {
 /// `map[int]*[32]byte`. Zeroized on drop.
 #[derive(Serialize, Deserialize)]
 pub struct RecoverResponse {
+    /// Recovery shards by Shamir index (decimal), each 32 bytes as a JSON array of numbers.
     pub shards: BTreeMap<String, [u8; 32]>,
 }
 
@@ -348,7 +408,9 @@ impl Drop for RecoverResponse {
 /// `/v1/operator/restore` request: one shard and its index. Zeroized on drop.
 #[derive(Serialize, Deserialize)]
 pub struct RestoreRequest {
+    /// The shard's Shamir index.
     pub id: u64,
+    /// The shard: 32 bytes as a JSON array of numbers.
     pub shard: Option<[u8; 32]>,
 }
 
@@ -358,10 +420,14 @@ impl Drop for RestoreRequest {
     }
 }
 
+/// The answer to one restore shard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreResponse {
+    /// Distinct shards held so far.
     pub collected: usize,
+    /// Shards still needed.
     pub remaining: usize,
+    /// Whether the root key is restored.
     pub restored: bool,
 }
 

@@ -20,8 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use super::nexus::PolicyPutRequest;
 
+/// Policy management is authorised on this pseudo-path.
 pub const ACL_PATH: &str = "spike/system/acl";
+/// `list` here lets a caller list every secret path (SPIKE's rule).
 pub const SECRET_LIST_PATH: &str = "spike/system/secret";
+/// `execute` here lets a caller use the cipher.
 pub const CIPHER_PATH: &str = "spike/system/cipher/exec";
 const RESERVED: [&str; 3] = [ACL_PATH, SECRET_LIST_PATH, CIPHER_PATH];
 
@@ -36,14 +39,20 @@ const MAX_COMPILED: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Permission {
+    /// Read secrets (and policies, on [`ACL_PATH`]).
     Read,
+    /// Write secrets (and policies, on [`ACL_PATH`]).
     Write,
+    /// List secret paths (and policies, on [`ACL_PATH`]).
     List,
+    /// Use the cipher (on [`CIPHER_PATH`]).
     Execute,
+    /// Everything.
     Super,
 }
 
 impl Permission {
+    /// The permission named `s` (lowercase, as on the wire).
     pub fn parse(s: &str) -> Option<Permission> {
         Some(match s {
             "read" => Permission::Read,
@@ -55,6 +64,7 @@ impl Permission {
         })
     }
 
+    /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             Permission::Read => "read",

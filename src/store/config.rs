@@ -13,12 +13,18 @@ pub enum Backend {
     /// In-process only; for tests and ephemeral dev clusters.
     Memory,
     /// `SPIKE_NEXUS_DATA_DIR/spike.db`.
-    Sqlite { data_dir: PathBuf },
+    Sqlite {
+        /// `SPIKE_NEXUS_DATA_DIR`.
+        data_dir: PathBuf,
+    },
     /// An S3-compatible bucket (`SPIKE_NEXUS_S3_*`).
     S3(S3Config),
     /// `SPIKE_NEXUS_DB_URL`, a libpq-style URL. Its `Debug` form hides it: it may hold a
     /// password.
-    Postgres { url: SecretUrl },
+    Postgres {
+        /// The URL, hidden from `Debug`.
+        url: SecretUrl,
+    },
 }
 
 /// A connection URL that may carry credentials: never printed.
@@ -26,6 +32,7 @@ pub enum Backend {
 pub struct SecretUrl(String);
 
 impl SecretUrl {
+    /// Wraps a URL that may hold a password.
     pub fn new(url: String) -> SecretUrl {
         SecretUrl(url)
     }
@@ -43,6 +50,7 @@ impl std::fmt::Debug for SecretUrl {
 }
 
 impl Backend {
+    /// The backend's name, for logs and `/health`.
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Memory => "memory",
@@ -74,8 +82,11 @@ pub struct S3Config {
 /// Static S3 credentials. `Debug` shows the access key id only: the secret never reaches a log.
 #[derive(Clone)]
 pub struct S3Credentials {
+    /// `AWS_ACCESS_KEY_ID`.
     pub access_key_id: String,
+    /// `AWS_SECRET_ACCESS_KEY`.
     pub secret_access_key: String,
+    /// `AWS_SESSION_TOKEN`, if set.
     pub session_token: Option<String>,
 }
 
@@ -93,6 +104,7 @@ impl std::fmt::Debug for S3Credentials {
 }
 
 impl S3Config {
+    /// Reads `SPIKE_NEXUS_S3_*` and the `AWS_*` credentials.
     pub fn from_source(env: &impl Source) -> Result<S3Config> {
         let endpoint = env.get("SPIKE_NEXUS_S3_ENDPOINT");
         if let Some(e) = &endpoint {

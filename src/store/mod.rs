@@ -35,17 +35,22 @@ pub enum Error {
     /// The store cannot be reached or refused to work; retrying later may succeed.
     #[error("{backend} store unavailable: {reason}")]
     Unavailable {
+        /// The backend's name.
         backend: &'static str,
+        /// What went wrong (no secrets, no credentials).
         reason: String,
     },
     /// The store answered with data that does not have the expected shape.
     #[error("{backend} store holds malformed data: {reason}")]
     Corrupt {
+        /// The backend's name.
         backend: &'static str,
+        /// What is malformed.
         reason: String,
     },
 }
 
+/// Result of a store operation.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// A store's namespaces: one key space each.
@@ -60,6 +65,7 @@ pub enum Namespace {
 }
 
 impl Namespace {
+    /// The namespace's name in the store (table value, key prefix).
     pub fn as_str(self) -> &'static str {
         match self {
             Namespace::Secrets => "secrets",
@@ -77,7 +83,9 @@ pub struct Revision(pub String);
 /// A stored value and its revision.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The sealed value.
     pub value: Vec<u8>,
+    /// Its revision, for a later compare-and-set.
     pub revision: Revision,
 }
 
@@ -234,9 +242,13 @@ impl From<StoredVerifier> for Verifier {
 /// The store chosen by configuration. Clones share one store (connections, pools).
 #[derive(Clone)]
 pub enum AnyStore {
+    /// In memory.
     Memory(memory::MemoryStore),
+    /// SQLite.
     Sqlite(sqlite::SqliteStore),
+    /// S3-compatible object storage.
     S3(s3::S3Store),
+    /// PostgreSQL.
     Postgres(postgres::PostgresStore),
 }
 

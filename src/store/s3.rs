@@ -73,6 +73,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many GETs `scan` runs at once.
 const SCAN_CONCURRENCY: usize = 16;
 
+/// The S3 backend: one object per key, conditional writes on ETags.
 #[derive(Clone)]
 pub struct S3Store {
     inner: Arc<Inner>,

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS sequence (
 INSERT INTO sequence (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 ";
 
+/// The SQLite backend: one file, WAL, `synchronous=FULL`.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,

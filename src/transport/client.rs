@@ -29,18 +29,31 @@ pub enum Error {
     /// Nothing was sent: the name did not resolve, no address accepted a connection, or the
     /// TLS handshake failed. Safe to retry anywhere.
     #[error("cannot reach {url}: {reason}")]
-    Unsent { url: String, reason: String },
+    Unsent {
+        /// The address tried.
+        url: String,
+        /// Why the connection or handshake failed.
+        reason: String,
+    },
     /// The request may have reached the server but no complete answer came back.
     #[error("no answer from {url}: {reason}")]
-    NoAnswer { url: String, reason: String },
+    NoAnswer {
+        /// The address tried.
+        url: String,
+        /// Why no answer came.
+        reason: String,
+    },
 }
 
+/// Result of a request.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// A response: status and the whole body.
 #[derive(Debug)]
 pub struct Reply {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The body, at most `Timeouts::max_response` bytes.
     pub body: Bytes,
 }
 
@@ -70,6 +83,7 @@ impl Default for Timeouts {
     }
 }
 
+/// An HTTPS client over mutual TLS, one request per connection.
 #[derive(Clone)]
 pub struct HttpsClient {
     tls: TlsConnector,
@@ -80,6 +94,7 @@ pub struct HttpsClient {
 }
 
 impl HttpsClient {
+    /// A client with this TLS configuration and these timeouts.
     pub fn new(tls: Arc<rustls::ClientConfig>, timeouts: Timeouts) -> HttpsClient {
         HttpsClient {
             tls: TlsConnector::from(tls),
@@ -96,6 +111,7 @@ impl HttpsClient {
         }
     }
 
+    /// Its timeouts.
     pub fn timeouts(&self) -> &Timeouts {
         &self.timeouts
     }

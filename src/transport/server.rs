@@ -32,26 +32,36 @@ use crate::protocol::nexus::ErrorCode;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// The process's own SVID could not be loaded.
     #[error("{0}")]
     Identity(#[from] crate::identity::Error),
     #[error(
         "this process's SVID is {id}, which is not a {role} identity (expected {expected}[/...])"
     )]
+    /// The process's SVID names another role.
     WrongRole {
+        /// The SPIFFE ID found.
         id: String,
+        /// The role this process needs.
         role: Role,
+        /// What that role's IDs look like.
         expected: String,
     },
+    /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why.
         source: std::io::Error,
     },
 }
 
 /// A server's own identity: its SVID files (watched for rotation while the guard lives).
 pub struct OwnIdentity {
+    /// Where the SVID comes from (reloaded as it rotates).
     pub source: Arc<SvidSource>,
+    /// The SPIFFE ID it names.
     pub id: SpiffeId,
     /// Keeps the SVID reloader running.
     _reloader: ReloaderGuard,
