@@ -136,7 +136,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     .await;
     assert_eq!(b["version"], 2);
     // List, with our prefix filter.
-    call(su, url, SECRETS, json!({"path": "other/x", "values": {}})).await;
+    call(su, url, SECRETS, json!({"path": "other/x", "values": {"k": "v"}})).await;
     let (_, b) = call(su, url, "/v1/store/secrets?action=list", json!({})).await;
     assert_eq!(b, json!({"keys": ["other/x", "secrets/db/creds"]}));
     let (_, b) = call(
@@ -270,9 +270,10 @@ async fn policies_and_the_authorisation_matrix() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(p["spiffiedPattern"], "^spiffe://spike.ist/app/web$");
+    // Our id is the name (SPIKE's is empty), so a listed policy can be fetched by its id.
     assert_eq!(
         (p["id"].as_str(), p["name"].as_str()),
-        (Some(""), Some("web-read"))
+        (Some("web-read"), Some("web-read"))
     );
     assert_eq!(p["permissions"], json!(["read", "list"]));
     assert!(p["createdAt"].is_string() && p["updatedAt"].is_string());
