@@ -35,25 +35,23 @@ impl Fixture {
     }
 }
 
-const SECRETS: &str = "/v1/store/secrets";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_lifecycle_with_spikes_shapes() {
     let f = fixture(&[]).await;
     let (su, url) = (&f.su, &f.url);
     let put = |v: &str| json!({"path": "secrets/db/creds", "values": {"username": "admin", "password": v}});
     assert_eq!(
-        call(su, url, SECRETS, put("one")).await,
+        call(su, url, SECRETS_PATH, put("one")).await,
         (StatusCode::OK, json!({"version": 1}))
     );
     assert_eq!(
-        call(su, url, SECRETS, put("two")).await.1,
+        call(su, url, SECRETS_PATH, put("two")).await.1,
         json!({"version": 2})
     );
     let (s, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "secrets/db/creds"}),
     )
     .await;
@@ -68,7 +66,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (_, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "secrets/db/creds", "version": 1}),
     )
     .await;
@@ -78,7 +76,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
         call(
             su,
             url,
-            "/v1/store/secrets?action=delete",
+            &action(SECRETS_PATH, "delete"),
             json!({"path": "secrets/db/creds", "versions": []})
         )
         .await,
@@ -87,7 +85,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (_, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "secrets/db/creds"}),
     )
     .await;
@@ -95,7 +93,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (s, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "secrets/db/creds", "version": 2}),
     )
     .await;
@@ -106,7 +104,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (_, meta) = call(
         su,
         url,
-        "/v1/store/secrets/metadata?action=get",
+        &action(SECRET_METADATA_PATH, "get"),
         json!({"path": "secrets/db/creds"}),
     )
     .await;
@@ -120,7 +118,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
         call(
             su,
             url,
-            "/v1/store/secrets?action=undelete",
+            &action(SECRETS_PATH, "undelete"),
             json!({"path": "secrets/db/creds", "versions": [2]})
         )
         .await
@@ -130,19 +128,25 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (_, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "secrets/db/creds"}),
     )
     .await;
     assert_eq!(b["version"], 2);
     // List, with our prefix filter.
-    call(su, url, SECRETS, json!({"path": "other/x", "values": {"k": "v"}})).await;
-    let (_, b) = call(su, url, "/v1/store/secrets?action=list", json!({})).await;
+    call(
+        su,
+        url,
+        SECRETS_PATH,
+        json!({"path": "other/x", "values": {"k": "v"}}),
+    )
+    .await;
+    let (_, b) = call(su, url, &action(SECRETS_PATH, "list"), json!({})).await;
     assert_eq!(b, json!({"keys": ["other/x", "secrets/db/creds"]}));
     let (_, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=list",
+        &action(SECRETS_PATH, "list"),
         json!({"prefix": "secrets/"}),
     )
     .await;
@@ -151,7 +155,7 @@ async fn secrets_lifecycle_with_spikes_shapes() {
     let (s, _) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "nope"}),
     )
     .await;
@@ -166,7 +170,7 @@ async fn check_and_set_conflicts_are_409_and_change_nothing() {
         call(
             su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "a", "values": {"v": "1"}, "cas": 0})
         )
         .await
@@ -176,7 +180,7 @@ async fn check_and_set_conflicts_are_409_and_change_nothing() {
     let (s, b) = call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": "a", "values": {"v": "x"}, "cas": 0}),
     )
     .await;
@@ -187,18 +191,12 @@ async fn check_and_set_conflicts_are_409_and_change_nothing() {
     let (s, _) = call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": "a", "values": {"v": "x"}, "cas": 5}),
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT);
-    let (_, b) = call(
-        su,
-        url,
-        "/v1/store/secrets?action=get",
-        json!({"path": "a"}),
-    )
-    .await;
+    let (_, b) = call(su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
     assert_eq!(
         (b["version"].as_u64(), b["data"]["v"].as_str()),
         (Some(1), Some("1"))
@@ -207,7 +205,7 @@ async fn check_and_set_conflicts_are_409_and_change_nothing() {
         call(
             su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "a", "values": {"v": "2"}, "cas": 1})
         )
         .await
@@ -223,14 +221,14 @@ async fn policies_and_the_authorisation_matrix() {
     call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": "apps/web/db", "values": {"pw": "w"}}),
     )
     .await;
     call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": "apps/billing/db", "values": {"pw": "b"}}),
     )
     .await;
@@ -239,7 +237,7 @@ async fn policies_and_the_authorisation_matrix() {
     let keeper = f.as_id("keeper-id", "/spike/keeper/1");
     let recover = f.as_id("recover-id", "/spike/pilot/role/recover");
     let get = json!({"path": "apps/web/db"});
-    let get_path = "/v1/store/secrets?action=get";
+    let get_path = &action(SECRETS_PATH, "get");
     // Before any policy: workloads, Keeper and recover identities are all refused.
     for who in [&web, &other, &keeper, &recover] {
         assert_eq!(
@@ -253,18 +251,18 @@ async fn policies_and_the_authorisation_matrix() {
     // A workload cannot write policies.
     let policy = json!({"name": "web-read", "spiffeidPattern": "^spiffe://spike.ist/app/web$", "pathPattern": "^apps/web/", "permissions": ["read", "list"]});
     assert_eq!(
-        call(&web, url, "/v1/acl/policy", policy.clone()).await.0,
+        call(&web, url, POLICY_PATH, policy.clone()).await.0,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        call(su, url, "/v1/acl/policy", policy).await,
+        call(su, url, POLICY_PATH, policy).await,
         (StatusCode::OK, json!({}))
     );
     // Policy shapes: note SPIKE's `spiffiedPattern` in answers.
     let (s, p) = call(
         su,
         url,
-        "/v1/acl/policy?action=get",
+        &action(POLICY_PATH, "get"),
         json!({"id": "web-read"}),
     )
     .await;
@@ -277,7 +275,7 @@ async fn policies_and_the_authorisation_matrix() {
     );
     assert_eq!(p["permissions"], json!(["read", "list"]));
     assert!(p["createdAt"].is_string() && p["updatedAt"].is_string());
-    let (_, l) = call(su, url, "/v1/acl/policy?action=list", json!({})).await;
+    let (_, l) = call(su, url, &action(POLICY_PATH, "list"), json!({})).await;
     assert_eq!(l["policies"].as_array().unwrap().len(), 1);
     // Now web reads its path, nothing else, and cannot write.
     assert_eq!(
@@ -294,7 +292,7 @@ async fn policies_and_the_authorisation_matrix() {
         call(
             &web,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "apps/web/db", "values": {}})
         )
         .await
@@ -310,17 +308,17 @@ async fn policies_and_the_authorisation_matrix() {
         StatusCode::UNAUTHORIZED
     );
     // Listing is filtered to what the caller may list; a caller with no list grant is refused.
-    let (s, b) = call(&web, url, "/v1/store/secrets?action=list", json!({})).await;
+    let (s, b) = call(&web, url, &action(SECRETS_PATH, "list"), json!({})).await;
     assert_eq!((s, b), (StatusCode::OK, json!({"keys": ["apps/web/db"]})));
     assert_eq!(
-        call(&other, url, "/v1/store/secrets?action=list", json!({}))
+        call(&other, url, &action(SECRETS_PATH, "list"), json!({}))
             .await
             .0,
         StatusCode::UNAUTHORIZED
     );
     // Workloads cannot read or list policies without a grant on spike/system/acl.
     assert_eq!(
-        call(&web, url, "/v1/acl/policy?action=list", json!({}))
+        call(&web, url, &action(POLICY_PATH, "list"), json!({}))
             .await
             .0,
         StatusCode::UNAUTHORIZED
@@ -330,7 +328,7 @@ async fn policies_and_the_authorisation_matrix() {
         call(
             su,
             url,
-            "/v1/acl/policy?action=delete",
+            &action(POLICY_PATH, "delete"),
             json!({"id": "web-read"})
         )
         .await
@@ -345,7 +343,7 @@ async fn policies_and_the_authorisation_matrix() {
         call(
             su,
             url,
-            "/v1/acl/policy?action=get",
+            &action(POLICY_PATH, "get"),
             json!({"id": "web-read"})
         )
         .await
@@ -361,16 +359,15 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": "keep", "values": {"v": "1"}}),
     )
     .await;
-    let raw = |path: &'static str, body: Vec<u8>| {
-        let su = su.clone();
-        let url = url.clone();
-        async move { su.post_json(&url, path, body).await.unwrap() }
+    let raw = |path: &str, body: Vec<u8>| {
+        let (su, url, path) = (su.clone(), url.clone(), path.to_string());
+        async move { su.post_json(&url, &path, body).await.unwrap() }
     };
-    let r = raw(SECRETS, b"{not json".to_vec()).await;
+    let r = raw(SECRETS_PATH, b"{not json".to_vec()).await;
     assert_eq!(
         (r.status, &r.body[..]),
         (
@@ -379,7 +376,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         )
     );
     assert_eq!(
-        raw("/v1/store/secrets?action=explode", b"{}".to_vec())
+        raw(&action(SECRETS_PATH, "explode"), b"{}".to_vec())
             .await
             .status,
         StatusCode::BAD_REQUEST
@@ -392,7 +389,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         r#"{{"path":"keep","values":{{"v":"{}"}}}}"#,
         "x".repeat(10_000)
     );
-    let r = raw(SECRETS, big.into_bytes()).await;
+    let r = raw(SECRETS_PATH, big.into_bytes()).await;
     assert_eq!(
         (r.status, &r.body[..]),
         (
@@ -412,7 +409,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         let (s, _) = call(
             su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": path, "values": {"v": "x"}}),
         )
         .await;
@@ -425,19 +422,19 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     ] {
         let p = json!({"name": "bad", "spiffeidPattern": id, "pathPattern": path, "permissions": ["read"]});
         assert_eq!(
-            call(su, url, "/v1/acl/policy", p).await.0,
+            call(su, url, POLICY_PATH, p).await.0,
             StatusCode::BAD_REQUEST,
             "{id} {path}"
         );
     }
     let p = json!({"name": "bad", "spiffeidPattern": "spiffe://spike.ist/w", "pathPattern": "x", "permissions": ["admin"]});
     assert_eq!(
-        call(su, url, "/v1/acl/policy", p).await.0,
+        call(su, url, POLICY_PATH, p).await.0,
         StatusCode::BAD_REQUEST
     );
     // Wrong types.
     assert_eq!(
-        call(su, url, SECRETS, json!({"path": 5, "values": {}}))
+        call(su, url, SECRETS_PATH, json!({"path": 5, "values": {}}))
             .await
             .0,
         StatusCode::BAD_REQUEST
@@ -446,7 +443,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         call(
             su,
             url,
-            "/v1/store/secrets?action=delete",
+            &action(SECRETS_PATH, "delete"),
             json!({"path": "keep", "versions": [-1]})
         )
         .await
@@ -454,12 +451,12 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         StatusCode::BAD_REQUEST
     );
     // Nothing changed.
-    let (_, b) = call(su, url, "/v1/store/secrets?action=list", json!({})).await;
+    let (_, b) = call(su, url, &action(SECRETS_PATH, "list"), json!({})).await;
     assert_eq!(b, json!({"keys": ["keep"]}));
     let (_, b) = call(
         su,
         url,
-        "/v1/store/secrets?action=get",
+        &action(SECRETS_PATH, "get"),
         json!({"path": "keep"}),
     )
     .await;
@@ -468,7 +465,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         (Some(1), Some("1"))
     );
     assert_eq!(
-        call(su, url, "/v1/acl/policy?action=list", json!({}))
+        call(su, url, &action(POLICY_PATH, "list"), json!({}))
             .await
             .1,
         json!({"policies": []})
@@ -485,22 +482,33 @@ async fn encrypted_at_rest_and_a_moved_row_does_not_open() {
     let f = fixture(&[]).await;
     let (su, url) = (&f.su, &f.url);
     let marker = "correct-horse-battery-staple-7731";
-    call(
-        su,
-        url,
-        SECRETS,
-        json!({"path": "a", "values": {"pw": marker}}),
-    )
-    .await;
-    call(
-        su,
-        url,
-        SECRETS,
-        json!({"path": "b", "values": {"pw": "bee"}}),
-    )
-    .await;
+    // The marker and the patterns must really be stored (and readable) for their absence from
+    // the file to mean anything.
+    for (path, value) in [("a", marker), ("b", "bee")] {
+        let put = json!({"path": path, "values": {"pw": value}});
+        assert_eq!(
+            call(su, url, SECRETS_PATH, put).await,
+            (StatusCode::OK, json!({"version": 1}))
+        );
+    }
+    let (s, b) = call(su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
+    assert_eq!((s, &b["data"]["pw"]), (StatusCode::OK, &json!(marker)));
     let policy = json!({"name": "marker-policy", "spiffeidPattern": "^spiffe://spike.ist/app/marker-id$", "pathPattern": "^marker-path-9917$", "permissions": ["read"]});
-    call(su, url, "/v1/acl/policy", policy).await;
+    assert_eq!(
+        call(su, url, POLICY_PATH, policy).await,
+        (StatusCode::OK, json!({}))
+    );
+    let (s, p) = call(
+        su,
+        url,
+        &action(POLICY_PATH, "get"),
+        json!({"id": "marker-policy"}),
+    )
+    .await;
+    assert_eq!(
+        (s, &p["pathPattern"]),
+        (StatusCode::OK, &json!("^marker-path-9917$"))
+    );
     // The file holds no plaintext value (nor the policy's patterns).
     let db_path = f.c.data_dir.join("spike.db");
     let mut bytes = std::fs::read(&db_path).unwrap();
@@ -517,13 +525,7 @@ async fn encrypted_at_rest_and_a_moved_row_does_not_open() {
         [],
     )
     .unwrap();
-    let (s, b) = call(
-        su,
-        url,
-        "/v1/store/secrets?action=get",
-        json!({"path": "b"}),
-    )
-    .await;
+    let (s, b) = call(su, url, &action(SECRETS_PATH, "get"), json!({"path": "b"})).await;
     assert_eq!(
         (s, b),
         (
@@ -547,7 +549,7 @@ async fn two_nexus_on_one_sqlite_file_agree_without_a_cache() {
         let (s, b) = call(
             su,
             &f.url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "shared", "values": {"n": i.to_string()}}),
         )
         .await;
@@ -556,7 +558,7 @@ async fn two_nexus_on_one_sqlite_file_agree_without_a_cache() {
         let (_, b) = call(
             su,
             &url2,
-            "/v1/store/secrets?action=get",
+            &action(SECRETS_PATH, "get"),
             json!({"path": "shared"}),
         )
         .await;
@@ -575,15 +577,14 @@ async fn two_nexus_on_one_sqlite_file_agree_without_a_cache() {
             call(
                 &su,
                 &url,
-                SECRETS,
+                SECRETS_PATH,
                 json!({"path": "race", "values": {"i": i.to_string()}}),
             )
             .await
         });
     }
     let mut versions = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        let (s, b) = r.unwrap();
+    for (s, b) in join_all(tasks).await {
         assert_eq!(s, StatusCode::OK, "{b}");
         versions.push(b["version"].as_u64().unwrap());
     }
@@ -592,14 +593,14 @@ async fn two_nexus_on_one_sqlite_file_agree_without_a_cache() {
     let (_, m1) = call(
         su,
         &f.url,
-        "/v1/store/secrets/metadata?action=get",
+        &action(SECRET_METADATA_PATH, "get"),
         json!({"path": "race"}),
     )
     .await;
     let (_, m2) = call(
         su,
         &url2,
-        "/v1/store/secrets/metadata?action=get",
+        &action(SECRET_METADATA_PATH, "get"),
         json!({"path": "race"}),
     )
     .await;
@@ -611,26 +612,15 @@ async fn two_nexus_on_one_sqlite_file_agree_without_a_cache() {
 async fn cipher_json_and_stream_modes() {
     let f = fixture(&[]).await;
     let (su, url) = (&f.su, &f.url);
-    let (s, enc) = call(
-        su,
-        url,
-        "/v1/cipher/encrypt",
-        json!({"plaintext": "aGVsbG8="}),
-    )
-    .await;
+    let (s, enc) = call(su, url, ENCRYPT_PATH, json!({"plaintext": "aGVsbG8="})).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(enc["version"], 1);
-    let (s, dec) = call(su, url, "/v1/cipher/decrypt", enc.clone()).await;
+    let (s, dec) = call(su, url, DECRYPT_PATH, enc.clone()).await;
     assert_eq!((s, dec), (StatusCode::OK, json!({"plaintext": "aGVsbG8="})));
     // Stream mode round trip with binary data.
     let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
     let r = su
-        .post(
-            url,
-            "/v1/cipher/encrypt",
-            "application/octet-stream",
-            data.clone(),
-        )
+        .post(url, ENCRYPT_PATH, "application/octet-stream", data.clone())
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::OK);
@@ -639,7 +629,7 @@ async fn cipher_json_and_stream_modes() {
     let back = su
         .post(
             url,
-            "/v1/cipher/decrypt",
+            DECRYPT_PATH,
             "application/octet-stream",
             r.body.to_vec(),
         )
@@ -650,35 +640,35 @@ async fn cipher_json_and_stream_modes() {
     let mut bad = r.body.to_vec();
     bad[20] ^= 1;
     let back = su
-        .post(url, "/v1/cipher/decrypt", "application/octet-stream", bad)
+        .post(url, DECRYPT_PATH, "application/octet-stream", bad)
         .await
         .unwrap();
     assert_eq!(back.status, StatusCode::BAD_REQUEST);
     // A workload needs execute on spike/system/cipher/exec; the lite workload role needs nothing.
     let w = f.as_id("w", "/app/w");
     assert_eq!(
-        call(&w, url, "/v1/cipher/encrypt", json!({"plaintext": ""}))
+        call(&w, url, ENCRYPT_PATH, json!({"plaintext": ""}))
             .await
             .0,
         StatusCode::UNAUTHORIZED
     );
     let lite = f.as_id("lite", "/spike/workload/role/lite");
     assert_eq!(
-        call(&lite, url, "/v1/cipher/encrypt", json!({"plaintext": ""}))
+        call(&lite, url, ENCRYPT_PATH, json!({"plaintext": ""}))
             .await
             .0,
         StatusCode::OK
     );
     assert_eq!(
-        call(&lite, url, "/v1/store/secrets?action=list", json!({}))
+        call(&lite, url, &action(SECRETS_PATH, "list"), json!({}))
             .await
             .0,
         StatusCode::UNAUTHORIZED
     );
     let p = json!({"name": "w-cipher", "spiffeidPattern": "^spiffe://spike.ist/app/w$", "pathPattern": "^spike/system/cipher/exec$", "permissions": ["execute"]});
-    assert_eq!(call(su, url, "/v1/acl/policy", p).await.0, StatusCode::OK);
+    assert_eq!(call(su, url, POLICY_PATH, p).await.0, StatusCode::OK);
     assert_eq!(
-        call(&w, url, "/v1/cipher/encrypt", json!({"plaintext": ""}))
+        call(&w, url, ENCRYPT_PATH, json!({"plaintext": ""}))
             .await
             .0,
         StatusCode::OK

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -28,14 +26,6 @@ async fn setup() -> Setup {
         .trim_end_matches('/')
         .to_string();
     Setup { c, url, superuser }
-}
-
-fn client_env<'a>(url: &'a str, svid: &'a Path) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("SPIKE_NEXUS_API_URL", url),
-        ("SPIKE_SVID_DIR", svid.to_str().unwrap()),
-        ("SPIKE_TRUST_ROOT", TD),
-    ]
 }
 
 impl Setup {
@@ -375,22 +365,7 @@ async fn policies_decide_what_workloads_may_do() {
 }
 
 fn run_with_stdin(s: &Setup, svid: &Path, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
-    let mut child = Command::new(spike_bin())
-        .args(args)
-        .env_clear()
-        .envs(client_env(&s.url, svid))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_spike_with_stdin(args, &client_env(&s.url, svid), stdin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,21 +449,12 @@ async fn cipher_round_trips_binary_data_through_files_and_pipes() {
     );
 }
 
-/// A local port nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn usage_errors_exit_2_and_unreachable_nexus_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), TD);
     let svid = pki.issue("superuser", "/spike/pilot/role/superuser");
-    let (a, b) = (closed_port(), closed_port());
+    let (a, b) = (unused_port(), unused_port());
     let urls = format!("https://127.0.0.1:{a},https://127.0.0.1:{b}");
     let env = client_env(&urls, &svid);
 
@@ -573,9 +539,9 @@ async fn clients_fail_over_past_unreachable_and_not_ready_instances() {
     // A second Nexus on the same store whose Keepers are all unreachable: 503 state_not_ready.
     let dead = format!(
         "https://127.0.0.1:{},https://127.0.0.1:{},https://127.0.0.1:{}",
-        closed_port(),
-        closed_port(),
-        closed_port()
+        unused_port(),
+        unused_port(),
+        unused_port()
     );
     let m = s.c.start_nexus(&[("SPIKE_NEXUS_KEEPER_PEERS", &dead)]);
     let not_ready = s.c.nexus[m]
@@ -583,7 +549,7 @@ async fn clients_fail_over_past_unreachable_and_not_ready_instances() {
         .to_string()
         .trim_end_matches('/')
         .to_string();
-    let closed = format!("https://127.0.0.1:{}", closed_port());
+    let closed = format!("https://127.0.0.1:{}", unused_port());
 
     let only_bad = format!("{closed},{not_ready}");
     let (code, _, err) = run_spike(&["secret", "list"], &client_env(&only_bad, &s.superuser));

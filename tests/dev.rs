@@ -5,18 +5,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{Process, Stdout};
 use hyper::{StatusCode, Uri};
 use spike::identity::Role;
 
-/// `n` distinct ports that were free a moment ago.
+/// `n` distinct ports that were free a moment ago (`spike dev` takes its ports as arguments).
 fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
@@ -27,12 +25,8 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// A running `spike dev`, its stdout collected line by line, stderr in a log file.
-struct Dev {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    log: PathBuf,
-}
+/// A running `spike dev`: its stdout collected line by line, stderr in a log file.
+struct Dev(Process);
 
 impl Dev {
     fn start(dir: &Path, nexus_port: u16, keeper_ports: &[u16], extra: &[&str]) -> Dev {
@@ -41,45 +35,26 @@ impl Dev {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let log = dir.with_extension(format!("{nexus_port}.log"));
-        let child = Command::new(common::spike_bin())
-            .args(["dev", "--dir", dir.to_str().unwrap()])
-            .args(["--nexus-port", &nexus_port.to_string()])
-            .args(["--keeper-ports", &ports])
-            .args(extra)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("NO_COLOR", "1")
-            .env("SPIKE_SYSTEM_LOG_LEVEL", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn spike dev");
-        let mut dev = Dev {
-            child,
-            stdout: Arc::new(Mutex::new(String::new())),
-            log,
-        };
-        let pipe = dev.child.stdout.take().unwrap();
-        let out = Arc::clone(&dev.stdout);
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut out = out.lock().unwrap();
-                out.push_str(&line);
-                out.push('\n');
-            }
-        });
-        dev
+        let nexus_port = nexus_port.to_string();
+        let mut args = vec!["dev", "--dir", dir.to_str().unwrap()];
+        args.extend(["--nexus-port", &nexus_port, "--keeper-ports", &ports]);
+        args.extend(extra);
+        let mut cmd = common::spike_command(&args, &[("SPIKE_SYSTEM_LOG_LEVEL", "info")]);
+        let name = format!("dev-{nexus_port}");
+        Dev(Process::spawn(
+            &name,
+            dir.parent().unwrap(),
+            &mut cmd,
+            Stdout::Capture,
+        ))
     }
 
     fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        self.0.stdout()
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.logs()
     }
 
     /// Waits (≤ 30 s) for the ready line and returns the key id it names.
@@ -93,9 +68,10 @@ impl Dev {
             {
                 return rest.split(',').next().unwrap().to_string();
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.0.exited() {
                 panic!(
-                    "spike dev exited with {status} before ready:\n{out}\n{}",
+                    "spike dev exited with {status} before ready:\n{}\n{}",
+                    self.stdout(),
                     self.stderr()
                 );
             }
@@ -108,33 +84,17 @@ impl Dev {
         }
     }
 
-    /// Waits (≤ 30 s) for the process to exit and returns its status code.
+    /// Waits (≤ 30 s) for the process to exit and returns its status code; by then its whole
+    /// stdout has been read.
     fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spike dev did not exit in 30 s:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.0
+            .wait_exit(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("spike dev did not exit in 30 s:\n{}", self.stderr()))
     }
 
     /// SIGTERM, then checks a clean exit that printed "stopped".
     fn stop(&mut self) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
+        self.0.signal("TERM");
         let code = self.wait_exit();
         assert_eq!(code, 0, "{}\n{}", self.stdout(), self.stderr());
         assert!(
@@ -142,13 +102,6 @@ impl Dev {
             "{}",
             self.stdout()
         );
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -17,70 +17,6 @@ use hyper::{StatusCode, Uri};
 use serde_json::json;
 use spike::transport::HttpsClient;
 
-const SECRETS: &str = "/v1/store/secrets";
-const GET: &str = "/v1/store/secrets?action=get";
-const LIST: &str = "/v1/store/secrets?action=list";
-const METADATA: &str = "/v1/store/secrets/metadata?action=get";
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-/// Processes held with SIGSTOP. SIGCONT on [`Frozen::thaw`], or on drop when an assertion fails
-/// first: a server left stopped would hang its own cleanup (and PostgreSQL's `pg_ctl stop`).
-struct Frozen(Vec<u32>);
-
-impl Frozen {
-    fn freeze(pids: Vec<u32>) -> Frozen {
-        for &pid in &pids {
-            signal(pid, "STOP");
-        }
-        Frozen(pids)
-    }
-
-    fn thaw(mut self) {
-        for pid in std::mem::take(&mut self.0) {
-            signal(pid, "CONT");
-        }
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-/// `pid` and its direct children, from /proc.
-fn with_children(pid: u32) -> Vec<u32> {
-    let mut pids = vec![pid];
-    pids.extend(
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|child| {
-                // "pid (comm) state ppid ...": comm may hold spaces, so parse after the last ')'.
-                std::fs::read_to_string(format!("/proc/{child}/stat"))
-                    .ok()
-                    .and_then(|s| {
-                        let ppid = s.rsplit_once(')')?.1.split_whitespace().nth(1)?;
-                        ppid.parse::<u32>().ok()
-                    })
-                    == Some(pid)
-            }),
-    );
-    pids
-}
-
 /// Puts `{"v": value}` to `path` as the logical write `request_id`.
 async fn put_with_id(
     su: &HttpsClient,
@@ -92,7 +28,7 @@ async fn put_with_id(
     call(
         su,
         url,
-        SECRETS,
+        SECRETS_PATH,
         json!({"path": path, "values": {"v": value}, "request_id": request_id}),
     )
     .await
@@ -101,7 +37,13 @@ async fn put_with_id(
 /// Every version of `path` with its value, oldest first. Checks that the metadata's current
 /// version is the highest one.
 async fn history(su: &HttpsClient, url: &Uri, path: &str) -> Vec<(u64, String)> {
-    let (s, m) = call(su, url, METADATA, json!({"path": path})).await;
+    let (s, m) = call(
+        su,
+        url,
+        &action(SECRET_METADATA_PATH, "get"),
+        json!({"path": path}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{m}");
     let mut versions: Vec<u64> = m["versions"]
         .as_object()
@@ -117,19 +59,17 @@ async fn history(su: &HttpsClient, url: &Uri, path: &str) -> Vec<(u64, String)> 
     );
     let mut out = Vec::new();
     for v in versions {
-        let (s, b) = call(su, url, GET, json!({"path": path, "version": v})).await;
+        let (s, b) = call(
+            su,
+            url,
+            &action(SECRETS_PATH, "get"),
+            json!({"path": path, "version": v}),
+        )
+        .await;
         assert_eq!(s, StatusCode::OK, "{path} v{v}: {b}");
         out.push((v, b["data"]["v"].as_str().unwrap().to_string()));
     }
     out
-}
-
-/// The Nexus environment for the PostgreSQL database at `url`.
-fn postgres_env(url: &str) -> Vec<(String, String)> {
-    vec![
-        ("SPIKE_NEXUS_BACKEND_STORE".into(), "postgres".into()),
-        ("SPIKE_NEXUS_DB_URL".into(), url.into()),
-    ]
 }
 
 /// Acknowledged writes: (path, version) → value.
@@ -164,7 +104,7 @@ fn spawn_writers(
                 let (s, b) = call(
                     &su,
                     &url,
-                    SECRETS,
+                    SECRETS_PATH,
                     json!({"path": path, "values": {"v": value}}),
                 )
                 .await;
@@ -194,7 +134,7 @@ async fn kill_nexus_mid_writes(backend: Vec<(String, String)>, name: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Default::default();
     let failed = Arc::new(AtomicUsize::new(0));
-    let mut writers = spawn_writers(&su, &url, 4, &stop, &acked, &failed);
+    let writers = spawn_writers(&su, &url, 4, &stop, &acked, &failed);
     // Let some writes land, then SIGKILL in the middle of the stream.
     wait_for("40 acknowledged writes", Duration::from_secs(30), || {
         let n = acked.lock().unwrap().len();
@@ -203,16 +143,31 @@ async fn kill_nexus_mid_writes(backend: Vec<(String, String)>, name: &str) {
     .await;
     c.nexus[n].kill();
     let at_kill = acked.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the writers meet the dead Nexus before they stop.
+    wait_for(
+        "writes failing on the dead Nexus",
+        Duration::from_secs(30),
+        || {
+            let n = failed.load(Ordering::Relaxed);
+            async move { (n >= 4).then_some(()) }
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
-    while writers.join_next().await.is_some() {}
+    join_all(writers).await;
     // Restart on the same store: every acknowledged write is there, at its version.
     c.nexus[n].restart();
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
     let acked = acked.lock().unwrap().clone();
     for ((path, version), value) in &acked {
-        let (s, b) = call(&su, &url, GET, json!({"path": path, "version": version})).await;
+        let (s, b) = call(
+            &su,
+            &url,
+            &action(SECRETS_PATH, "get"),
+            json!({"path": path, "version": version}),
+        )
+        .await;
         assert_eq!(
             (s, &b["data"]["v"]),
             (StatusCode::OK, &json!(value)),
@@ -234,7 +189,7 @@ async fn sigkill_of_nexus_mid_writes_loses_no_acknowledged_write_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_nexus_mid_writes_loses_no_acknowledged_write_on_postgres() {
     let url = common::postgres::fresh_database().await;
-    kill_nexus_mid_writes(postgres_env(&url), "postgres").await;
+    kill_nexus_mid_writes(common::postgres::nexus_env(&url), "postgres").await;
 }
 
 /// Concurrent writers on one path, each with one put in flight at a time and each stopping at
@@ -314,8 +269,7 @@ async fn replay_after_sigkill(backend: &[(String, String)], name: &str) {
         .await;
         c.nexus[n].kill();
         let mut in_doubt = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            let (w, round) = r.unwrap();
+        for (w, round) in join_all(tasks).await {
             for (i, v) in round.acked {
                 assert!(applied.insert((w, i), v).is_none());
                 acked_total += 1;
@@ -329,7 +283,13 @@ async fn replay_after_sigkill(backend: &[(String, String)], name: &str) {
         c.nexus[n].restart();
         url = c.nexus[n].url();
         wait_status(&c.anonymous(), &url, "ready").await;
-        let (_, m) = call(&su, &url, METADATA, json!({"path": PATH})).await;
+        let (_, m) = call(
+            &su,
+            &url,
+            &action(SECRET_METADATA_PATH, "get"),
+            json!({"path": PATH}),
+        )
+        .await;
         let current = m["metadata"]["currentVersion"].as_u64().unwrap();
         // Resend each unanswered put with its request id; a second resend of the same id must
         // return the same version.
@@ -394,7 +354,7 @@ async fn unanswered_puts_replayed_after_a_nexus_sigkill_apply_once_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_puts_replayed_after_a_nexus_sigkill_apply_once_on_postgres() {
     let url = common::postgres::fresh_database().await;
-    replay_after_sigkill(&postgres_env(&url), "postgres").await;
+    replay_after_sigkill(&common::postgres::nexus_env(&url), "postgres").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,29 +367,48 @@ async fn a_hung_keeper_hurts_no_request_and_no_new_nexus() {
     let url = c.nexus[n].url();
     let key_id = wait_status(&c.anonymous(), &url, "ready").await["key_id"].clone();
     let su = c.api_client("su", "/spike/pilot/role/superuser");
-    let keeper = c.keepers[1].pid();
-    signal(keeper, "STOP");
-    let started = Instant::now();
+    let hung = c.keepers[1].url().to_string();
+    let frozen = Frozen::freeze(vec![c.keepers[1].pid()]);
+    // Requests keep succeeding while the Keeper is hung (Keepers are off the request path),
+    // through at least one round of shard pushes that met the hung Keeper (its log line).
+    let pushes_failed = |c: &Cluster| {
+        c.nexus[n]
+            .logs()
+            .lines()
+            .filter(|l| l.contains("cannot send shard to keeper") && l.contains(&hung))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut ops = 0;
-    // Requests keep succeeding while the Keeper is hung (Keepers are off the request path).
-    while started.elapsed() < Duration::from_secs(3) && ops < 200 {
-        let (s, _) = call(
+    while ops < 20 || pushes_failed(&c) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no shard push met the hung Keeper:\n{}",
+            c.dump_logs()
+        );
+        let (s, b) = call(
             &su,
             &url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "k/x", "values": {"v": ops.to_string()}}),
         )
         .await;
-        assert_eq!(s, StatusCode::OK);
-        let (s, _) = call(&su, &url, GET, json!({"path": "k/x"})).await;
-        assert_eq!(s, StatusCode::OK);
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let (s, b) = call(
+            &su,
+            &url,
+            &action(SECRETS_PATH, "get"),
+            json!({"path": "k/x"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
         ops += 2;
     }
     // A Nexus started now recovers from the two live Keepers.
     let m = c.start_nexus(&[("SPIKE_NEXUS_KEEPER_TIMEOUT", "1s")]);
     let body = wait_status(&c.anonymous(), &c.nexus[m].url(), "ready").await;
     assert_eq!(body["key_id"], key_id);
-    signal(keeper, "CONT");
+    frozen.thaw();
     wait_for("the thawed keeper answers", Duration::from_secs(10), || {
         c.keeper_shard(1)
     })
@@ -468,10 +447,11 @@ async fn hung_store(name: &str, backend: &[(String, String)], store_pids: &dyn F
     // the kernel still accepts into the stopped server's backlog.
     for round in 1..=2 {
         let id = format!("during-{round}");
+        let (get_path, list_path) = (action(SECRETS_PATH, "get"), action(SECRETS_PATH, "list"));
         let (put, get, list, h) = tokio::join!(
             put_with_id(&su, &url, PATH, &id, &id),
-            call(&su, &url, GET, json!({"path": PATH})),
-            call(&su, &url, LIST, json!({})),
+            call(&su, &url, &get_path, json!({"path": PATH})),
+            call(&su, &url, &list_path, json!({})),
             health(&anon, &url),
         );
         probes += 4;
@@ -497,7 +477,13 @@ async fn hung_store(name: &str, backend: &[(String, String)], store_pids: &dyn F
     frozen.thaw();
 
     wait_status(&anon, &url, "ready").await;
-    let (_, m) = call(&su, &url, METADATA, json!({"path": PATH})).await;
+    let (_, m) = call(
+        &su,
+        &url,
+        &action(SECRET_METADATA_PATH, "get"),
+        json!({"path": PATH}),
+    )
+    .await;
     let before_resend = m["metadata"]["currentVersion"].as_u64().unwrap();
     let mut found_applied = 0;
     for id in &in_doubt {
@@ -554,7 +540,7 @@ async fn a_hung_store_gives_503_and_recovers_without_a_restart() {
     // A server of this test's own: stopping the shared one would break the other tests.
     let parent = tempfile::tempdir().unwrap();
     let pg = common::postgres::PgServer::start(parent.path());
-    hung_store("postgres", &postgres_env(&pg.url), &|| {
+    hung_store("postgres", &common::postgres::nexus_env(&pg.url), &|| {
         postgres_pids(&pg.dir)
     })
     .await;
@@ -588,7 +574,7 @@ async fn keeper_churn_under_load_fails_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Default::default();
     let failed = Arc::new(AtomicUsize::new(0));
-    let mut writers = spawn_writers(&su, &url, 3, &stop, &acked, &failed);
+    let writers = spawn_writers(&su, &url, 3, &stop, &acked, &failed);
     // One Keeper at a time: kill, restart empty, wait until it is refilled, next.
     let mut restarts = 0;
     let mut late_nexus = None;
@@ -607,7 +593,7 @@ async fn keeper_churn_under_load_fails_no_request() {
         .await;
     }
     stop.store(true, Ordering::Relaxed);
-    while writers.join_next().await.is_some() {}
+    join_all(writers).await;
     let late = late_nexus.unwrap();
     let body = wait_status(&c.anonymous(), &c.nexus[late].url(), "ready").await;
     assert_eq!(body["key_id"], key_id);
@@ -630,14 +616,11 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
     const PATHS: usize = 8;
     let db = common::postgres::fresh_database().await;
     let mut c = Cluster::new(3);
-    let env = [
-        ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
-        ("SPIKE_NEXUS_DB_URL", db.as_str()),
-        ("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "100000"),
-    ];
-    let urls: Vec<Uri> = (0..3)
-        .map(|_| c.start_nexus(&env))
-        .collect::<Vec<_>>()
+    let backend = common::postgres::nexus_env(&db);
+    let mut env = pairs(&backend);
+    env.push(("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "100000"));
+    let urls: Vec<Uri> = c
+        .start_nexus_together(3, &env)
         .into_iter()
         .map(|i| c.nexus[i].url())
         .collect();
@@ -669,7 +652,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
                         let r = call(
                             &su,
                             url,
-                            SECRETS,
+                            SECRETS_PATH,
                             json!({"path": path, "values": {"v": value}}),
                         )
                         .await;
@@ -688,7 +671,13 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
                     }
                     2 => {
                         counts[1].fetch_add(1, Ordering::Relaxed);
-                        let r = call(&su, url, GET, json!({"path": path})).await;
+                        let r = call(
+                            &su,
+                            url,
+                            &action(SECRETS_PATH, "get"),
+                            json!({"path": path}),
+                        )
+                        .await;
                         // A path not written yet is a fine 404.
                         if r.0 == StatusCode::NOT_FOUND {
                             (StatusCode::OK, r.1)
@@ -698,7 +687,13 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
                     }
                     _ => {
                         counts[2].fetch_add(1, Ordering::Relaxed);
-                        call(&su, url, LIST, json!({"prefix": "load/"})).await
+                        call(
+                            &su,
+                            url,
+                            &action(SECRETS_PATH, "list"),
+                            json!({"prefix": "load/"}),
+                        )
+                        .await
                     }
                 };
                 if s != StatusCode::OK {
@@ -708,9 +703,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
             }
         });
     }
-    while let Some(r) = tasks.join_next().await {
-        r.unwrap();
-    }
+    join_all(tasks).await;
     let acked = acked.lock().unwrap().clone();
     let mut by_path: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (path, v) in acked.keys() {
@@ -724,7 +717,13 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
             "{path}"
         );
         for u in &urls {
-            let (_, m) = call(&su, u, METADATA, json!({"path": path})).await;
+            let (_, m) = call(
+                &su,
+                u,
+                &action(SECRET_METADATA_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
             assert_eq!(
                 m["metadata"]["currentVersion"],
                 versions.len() as u64,
@@ -741,7 +740,7 @@ async fn load_across_three_instances_matches_the_acknowledged_history() {
         let (s, b) = call(
             &su,
             &urls[*v as usize % 3],
-            GET,
+            &action(SECRETS_PATH, "get"),
             json!({"path": path, "version": v}),
         )
         .await;

@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::postgres::PgServer;
@@ -20,8 +20,6 @@ use hyper::{StatusCode, Uri};
 use serde_json::json;
 use spike::identity::Role;
 use spike::transport::HttpsClient;
-
-const SECRETS: &str = "/v1/store/secrets";
 
 /// Environment pairs that point Nexus at one store.
 type BackendEnv = Vec<(String, String)>;
@@ -42,28 +40,13 @@ impl Outage for PgServer {
     }
 }
 
-/// Starts `n` Nexus instances at the same moment (one thread each) and returns their URLs.
+/// Starts `n` Nexus instances together (every process spawned before any is waited for) and
+/// returns their URLs.
 fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
-    let first = c.nexus.len();
-    let envs: Vec<_> = (0..n).map(|_| c.nexus_env(extra)).collect();
-    let dir = c.dir.path().to_path_buf();
-    let barrier = std::sync::Barrier::new(n);
-    let procs: Vec<Proc> = std::thread::scope(|s| {
-        let handles: Vec<_> = envs
-            .into_iter()
-            .enumerate()
-            .map(|(i, env)| {
-                let (dir, barrier) = (&dir, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    Proc::start(&format!("nexus-{}", first + i + 1), dir, &["nexus"], env)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    c.nexus.extend(procs);
-    c.nexus[first..].iter().map(Proc::url).collect()
+    c.start_nexus_together(n, extra)
+        .into_iter()
+        .map(|i| c.nexus[i].url())
+        .collect()
 }
 
 fn superuser(c: &Cluster) -> HttpsClient {
@@ -103,7 +86,7 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
                 let (s, b) = call(
                     &su,
                     &url,
-                    SECRETS,
+                    SECRETS_PATH,
                     json!({"path": "ha/shared", "values": {"v": value}}),
                 )
                 .await;
@@ -117,8 +100,7 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
     }
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
     let mut failures = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        let (a, f) = r.unwrap();
+    for (a, f) in join_all(tasks).await {
         for (v, value) in a {
             assert!(
                 acked.insert(v, value).is_none(),
@@ -146,7 +128,7 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
         let (s, b) = call(
             &su,
             url,
-            "/v1/store/secrets?action=get",
+            &action(SECRETS_PATH, "get"),
             json!({"path": "ha/shared"}),
         )
         .await;
@@ -158,7 +140,7 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
         let (s, m) = call(
             &su,
             url,
-            "/v1/store/secrets/metadata?action=get",
+            &action(SECRET_METADATA_PATH, "get"),
             json!({"path": "ha/shared"}),
         )
         .await;
@@ -174,7 +156,12 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
 /// one root key, every instance ready with it.
 async fn simultaneous_first_start_makes_one_root_key(backend: BackendEnv) {
     let mut c = Cluster::new(3);
+    // The Keepers are held still while the instances start: each one's first request for
+    // shards waits in a Keeper's backlog until they are thawed together, so all of them reach
+    // the create-if-absent step at about the same moment.
+    let frozen = Frozen::freeze(c.keepers.iter().map(Proc::pid).collect());
     let urls = start_together(&mut c, 3, &pairs(&backend));
+    frozen.thaw();
     let mut key_ids = BTreeSet::new();
     for url in &urls {
         let body = wait_status(&c.anonymous(), url, "ready").await;
@@ -209,8 +196,14 @@ struct Load {
 }
 
 /// Writes distinct paths one at a time round-robin through `urls`, reading each back, until
-/// `stop` is set (or a hard bound on operations).
-async fn run_load(su: HttpsClient, urls: Vec<Uri>, stop: Arc<AtomicBool>) -> Load {
+/// `stop` is set (or a hard bound on operations). `failing` counts failed writes as they
+/// happen.
+async fn run_load(
+    su: HttpsClient,
+    urls: Vec<Uri>,
+    stop: Arc<AtomicBool>,
+    failing: Arc<AtomicUsize>,
+) -> Load {
     let mut load = Load::default();
     for n in 0..5_000usize {
         if stop.load(Ordering::Relaxed) {
@@ -221,7 +214,7 @@ async fn run_load(su: HttpsClient, urls: Vec<Uri>, stop: Arc<AtomicBool>) -> Loa
         let (s, _) = call(
             &su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": path, "values": {"v": value}}),
         )
         .await;
@@ -230,7 +223,7 @@ async fn run_load(su: HttpsClient, urls: Vec<Uri>, stop: Arc<AtomicBool>) -> Loa
             let (s, _) = call(
                 &su,
                 &urls[(n + 1) % urls.len()],
-                "/v1/store/secrets?action=get",
+                &action(SECRETS_PATH, "get"),
                 json!({"path": path}),
             )
             .await;
@@ -241,6 +234,7 @@ async fn run_load(su: HttpsClient, urls: Vec<Uri>, stop: Arc<AtomicBool>) -> Loa
             }
         } else {
             load.failed_writes += 1;
+            failing.fetch_add(1, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -259,13 +253,19 @@ async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
     }
     let su = superuser(&c);
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(run_load(su.clone(), urls.clone(), Arc::clone(&stop)));
+    let failing = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn(run_load(
+        su.clone(),
+        urls.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&failing),
+    ));
     // Let some writes land before the outage (a bounded wait on the store's own state).
     wait_for(
         "writes before the outage",
         Duration::from_secs(30),
         || async {
-            let (s, b) = call(&su, &urls[0], "/v1/store/secrets?action=list", json!({})).await;
+            let (s, b) = call(&su, &urls[0], &action(SECRETS_PATH, "list"), json!({})).await;
             (s == StatusCode::OK && b["keys"].as_array().is_some_and(|k| k.len() >= 10))
                 .then_some(())
         },
@@ -282,7 +282,7 @@ async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
         let (s, b) = call(
             &su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": "outage/probe", "values": {"v": "x"}}),
         )
         .await;
@@ -293,21 +293,27 @@ async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
         let (s, _) = call(
             &su,
             url,
-            "/v1/store/secrets?action=get",
+            &action(SECRETS_PATH, "get"),
             json!({"path": "load/0"}),
         )
         .await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     }
-    // Keep the load going against the dead store for a while (a bounded number of checks),
-    // then bring it back.
-    for _ in 0..10 {
-        for url in &urls {
-            let (status, _) = health(&anon, url).await.expect("nexus answers /health");
-            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Keep the load going against the dead store until it has met the outage a few times
+    // (counted, not timed), every instance answering 503 meanwhile; then bring it back.
+    let failed_before = failing.load(Ordering::Relaxed);
+    wait_for(
+        "the load to meet the outage",
+        Duration::from_secs(60),
+        || async {
+            for url in &urls {
+                let (status, _) = health(&anon, url).await.expect("nexus answers /health");
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            }
+            (failing.load(Ordering::Relaxed) >= failed_before + 3).then_some(())
+        },
+    )
+    .await;
     for p in c.nexus.iter_mut() {
         assert!(p.is_running(), "{} died during the outage", p.name);
     }
@@ -321,14 +327,17 @@ async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
         let (s, b) = call(
             &su,
             url,
-            SECRETS,
+            SECRETS_PATH,
             json!({"path": format!("after/{i}"), "values": {"v": "back"}}),
         )
         .await;
         assert_eq!(s, StatusCode::OK, "{b}");
     }
     stop.store(true, Ordering::Relaxed);
-    let load = load.await.unwrap();
+    let load = match load.await {
+        Ok(load) => load,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
     // Every acknowledged write is there, read through every instance.
     let mut checked = 0;
     for (path, value) in &load.acked {
@@ -336,7 +345,7 @@ async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
             let (s, b) = call(
                 &su,
                 url,
-                "/v1/store/secrets?action=get",
+                &action(SECRETS_PATH, "get"),
                 json!({"path": path}),
             )
             .await;
@@ -411,24 +420,17 @@ ha_suite!(
     }
 );
 
-fn postgres_env(url: &str) -> BackendEnv {
-    vec![
-        ("SPIKE_NEXUS_BACKEND_STORE".into(), "postgres".into()),
-        ("SPIKE_NEXUS_DB_URL".into(), url.into()),
-    ]
-}
-
 ha_suite!(
     postgres,
     fresh = {
         let url = common::postgres::fresh_database().await;
-        ((), postgres_env(&url))
+        ((), common::postgres::nexus_env(&url))
     },
     outage = {
         // A server of this test's own: stopping the shared one would break the other tests.
         let dir = tempfile::tempdir().unwrap();
         let server = PgServer::start(dir.path());
-        let env = postgres_env(&server.url);
+        let env = common::postgres::nexus_env(&server.url);
         (dir, env, server)
     }
 );
@@ -440,7 +442,7 @@ ha_suite!(
 #[ignore = "a measurement; run by hand"]
 async fn postgres_throughput_through_one_nexus() {
     let url = common::postgres::fresh_database().await;
-    throughput("postgres", postgres_env(&url)).await;
+    throughput("postgres", common::postgres::nexus_env(&url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -474,7 +476,7 @@ async fn throughput(name: &str, backend: BackendEnv) {
                         call(
                             &su,
                             &url,
-                            SECRETS,
+                            SECRETS_PATH,
                             json!({"path": path, "values": {"v": i.to_string()}}),
                         )
                         .await
@@ -482,7 +484,7 @@ async fn throughput(name: &str, backend: BackendEnv) {
                         call(
                             &su,
                             &url,
-                            "/v1/store/secrets?action=get",
+                            &action(SECRETS_PATH, "get"),
                             json!({"path": path}),
                         )
                         .await
@@ -497,8 +499,7 @@ async fn throughput(name: &str, backend: BackendEnv) {
             });
         }
         let (mut ok, mut failed) = (0, 0);
-        while let Some(r) = tasks.join_next().await {
-            let (o, f) = r.unwrap();
+        for (o, f) in join_all(tasks).await {
             ok += o;
             failed += f;
         }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,65 +34,21 @@ const OPS: usize = 150;
 /// Concurrent client loops sharing those operations.
 const WORKERS: usize = 3;
 
-/// A process of the test's own (HAProxy, nginx); killed on drop.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &'static str, dir: &Path, cmd: &mut Command) -> Daemon {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} (./test installs it): {e}"));
-        Daemon { name, child, log }
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "===== {} =====\n{}",
-            self.name,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
-    }
-
-    /// Waits until `addr` accepts connections.
-    fn wait_listening(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status}:\n{}", self.name, self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not listen on {addr}:\n{}",
-                self.name,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+/// Waits until `addr` accepts connections, failing if `daemon` exits first.
+fn wait_listening(daemon: &mut Process, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(status) = daemon.exited() {
+            panic!("{} exited with {status}:\n{}", daemon.name, daemon.dump());
         }
+        assert!(
+            Instant::now() < deadline,
+            "{} does not listen on {addr}:\n{}",
+            daemon.name,
+            daemon.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Three Keepers, three Nexus instances on a fresh PostgreSQL database, all ready; and the
@@ -100,12 +56,7 @@ fn free_port() -> u16 {
 async fn three_nexus() -> (Cluster, PathBuf) {
     let db = common::postgres::fresh_database().await;
     let mut c = Cluster::new(3);
-    for _ in 0..3 {
-        c.start_nexus(&[
-            ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
-            ("SPIKE_NEXUS_DB_URL", &db),
-        ]);
-    }
+    c.start_nexus_together(3, &pairs(&common::postgres::nexus_env(&db)));
     for n in &c.nexus {
         wait_status(&c.anonymous(), &n.url(), "ready").await;
     }
@@ -114,13 +65,10 @@ async fn three_nexus() -> (Cluster, PathBuf) {
 }
 
 fn cli_env<'a>(url: &'a str, svid: &'a Path) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("SPIKE_NEXUS_API_URL", url),
-        ("SPIKE_SVID_DIR", svid.to_str().unwrap()),
-        ("SPIKE_TRUST_ROOT", TD),
-        // The client's failover decisions are debug lines on stderr; the loop counts them.
-        ("SPIKE_SYSTEM_LOG_LEVEL", "spike=debug"),
-    ]
+    let mut env = client_env(url, svid);
+    // The client's failover decisions are debug lines on stderr; the loop counts them.
+    env.push(("SPIKE_SYSTEM_LOG_LEVEL", "spike=debug"));
+    env
 }
 
 /// Whether a command's stderr shows the client trying again after a failed attempt.
@@ -273,7 +221,7 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-fn wait_haproxy(stats: SocketAddr, server: &str, status: &str, lb: &Daemon) {
+fn wait_haproxy(stats: SocketAddr, server: &str, status: &str, lb: &Process) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let all = haproxy_status(stats);
@@ -283,7 +231,7 @@ fn wait_haproxy(stats: SocketAddr, server: &str, status: &str, lb: &Daemon) {
         assert!(
             Instant::now() < deadline,
             "HAProxy never reported {server} {status}: {all:?}\n{}",
-            lb.logs()
+            lb.dump()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -292,8 +240,8 @@ fn wait_haproxy(stats: SocketAddr, server: &str, status: &str, lb: &Daemon) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_in_front_of_three_nexus_survives_a_killed_instance() {
     let (mut c, su) = three_nexus().await;
-    let lb_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb_addr: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
+    let stats: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
     let mut cmd = Command::new("haproxy");
     cmd.args([
         "-db",
@@ -306,8 +254,8 @@ async fn haproxy_in_front_of_three_nexus_survives_a_killed_instance() {
     for (i, n) in c.nexus.iter().enumerate() {
         cmd.env(format!("SPIKE_NEXUS_{}", i + 1), n.addr.to_string());
     }
-    let mut lb = Daemon::start("haproxy", c.dir.path(), &mut cmd);
-    lb.wait_listening(lb_addr);
+    let mut lb = Process::spawn("haproxy", c.dir.path(), &mut cmd, Stdout::Log);
+    wait_listening(&mut lb, lb_addr);
     // The /health checks pass over verified HTTPS before any client traffic.
     for s in ["nexus1", "nexus2", "nexus3"] {
         wait_haproxy(stats, s, "UP", &lb);
@@ -340,7 +288,7 @@ async fn haproxy_in_front_of_three_nexus_survives_a_killed_instance() {
         haproxy_status(stats),
         marked_down.as_secs_f64(),
     );
-    tally.assert_nothing_lost(&mismatches, || format!("{}{}", c.dump_logs(), lb.logs()));
+    tally.assert_nothing_lost(&mismatches, || format!("{}{}", c.dump_logs(), lb.dump()));
 }
 
 /// The shipped nginx template with its `${VAR}` placeholders filled in.
@@ -364,7 +312,7 @@ fn render_nginx(vars: &[(&str, String)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_in_front_of_three_nexus_survives_a_killed_instance() {
     let (mut c, su) = three_nexus().await;
-    let lb_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb_addr: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
     let dir = c.dir.path().join("nginx");
     std::fs::create_dir_all(&dir).unwrap();
     let mut vars = vec![
@@ -386,8 +334,8 @@ async fn nginx_in_front_of_three_nexus_survives_a_killed_instance() {
         .arg("-e")
         .arg(dir.join("error.log"))
         .args(["-g", "daemon off;"]);
-    let mut lb = Daemon::start("nginx", c.dir.path(), &mut cmd);
-    lb.wait_listening(lb_addr);
+    let mut lb = Process::spawn("nginx", c.dir.path(), &mut cmd, Stdout::Log);
+    wait_listening(&mut lb, lb_addr);
 
     let url = format!("https://{lb_addr}");
     let started = Instant::now();
@@ -415,7 +363,7 @@ async fn nginx_in_front_of_three_nexus_survives_a_killed_instance() {
         mismatches.len(),
     );
     tally.assert_nothing_lost(&mismatches, || {
-        format!("{}{}\n{errors}", c.dump_logs(), lb.logs())
+        format!("{}{}\n{errors}", c.dump_logs(), lb.dump())
     });
 }
 
@@ -452,14 +400,12 @@ fn reads_logged(p: &Proc) -> usize {
 async fn a_name_with_several_addresses_skips_the_dead_one() {
     let db = common::postgres::fresh_database().await;
     let mut c = Cluster::new(3);
-    let pg = [
-        ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
-        ("SPIKE_NEXUS_DB_URL", db.as_str()),
-    ];
+    let backend = common::postgres::nexus_env(&db);
+    let pg = pairs(&backend);
     let v4 = c.start_nexus(&pg);
     let port = c.nexus[v4].addr.port();
     let v6_listen = format!("[::1]:{port}");
-    let mut v6_env = pg.to_vec();
+    let mut v6_env = pg.clone();
     v6_env.push(("SPIKE_NEXUS_TLS_PORT", &v6_listen));
     let v6 = c.start_nexus(&v6_env);
     for n in &c.nexus {
@@ -513,7 +459,7 @@ async fn a_name_with_several_addresses_skips_the_dead_one() {
 async fn a_url_list_moves_past_dead_and_not_ready_instances() {
     let mut c = Cluster::new(3);
     let ready = c.start_nexus(&[]);
-    let dead_keeper = format!("https://127.0.0.1:{}", free_port());
+    let dead_keeper = format!("https://127.0.0.1:{}", unused_port());
     let other_data = c.dir.path().join("data-503");
     let not_ready = c.start_nexus(&[
         ("SPIKE_NEXUS_KEEPER_PEERS", &dead_keeper),
@@ -528,7 +474,7 @@ async fn a_url_list_moves_past_dead_and_not_ready_instances() {
     assert_eq!(status.as_u16(), 503, "{body}");
     let su = c.pki.issue("superuser", "/spike/pilot/role/superuser");
     let list = [
-        format!("https://127.0.0.1:{}", free_port()),
+        format!("https://127.0.0.1:{}", unused_port()),
         c.nexus[not_ready].url().to_string(),
         c.nexus[ready].url().to_string(),
     ]
@@ -554,11 +500,8 @@ async fn a_url_list_moves_past_dead_and_not_ready_instances() {
 async fn a_put_replayed_through_another_instance_makes_one_version() {
     let db = common::postgres::fresh_database().await;
     let mut c = Cluster::new(3);
-    let pg = [
-        ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
-        ("SPIKE_NEXUS_DB_URL", db.as_str()),
-    ];
-    let (a, b) = (c.start_nexus(&pg), c.start_nexus(&pg));
+    let pg = common::postgres::nexus_env(&db);
+    let (a, b) = (c.start_nexus(&pairs(&pg)), c.start_nexus(&pairs(&pg)));
     for n in &c.nexus {
         wait_status(&c.anonymous(), &n.url(), "ready").await;
     }
@@ -574,7 +517,7 @@ async fn a_put_replayed_through_another_instance_makes_one_version() {
     let mut versions = Vec::new();
     for n in [a, b, a] {
         let reply = http
-            .post_json(&c.nexus[n].url(), "/v1/store/secrets", put(&id))
+            .post_json(&c.nexus[n].url(), SECRETS_PATH, put(&id))
             .await
             .unwrap();
         assert_eq!(reply.status.as_u16(), 200);
@@ -582,7 +525,7 @@ async fn a_put_replayed_through_another_instance_makes_one_version() {
         versions.push(body["version"].as_u64().unwrap());
     }
     let other = http
-        .post_json(&c.nexus[b].url(), "/v1/store/secrets", put("another-id"))
+        .post_json(&c.nexus[b].url(), SECRETS_PATH, put("another-id"))
         .await
         .unwrap();
     let other: serde_json::Value = serde_json::from_slice(&other.body).unwrap();

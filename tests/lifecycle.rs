@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use hyper::StatusCode;
+use rustls::AlertDescription;
 use spike::identity::Role;
 
 fn key_id(body: &serde_json::Value) -> String {
@@ -91,12 +92,16 @@ async fn a_keeper_restarted_empty_is_refilled_within_one_interval() {
     })
     .await;
 
+    // Nexus is held still while the Keeper restarts, so nothing can refill it before the test
+    // has looked.
+    let frozen = Frozen::freeze(vec![c.nexus[n].pid()]);
     c.keepers[0].restart();
     assert_eq!(
         c.keeper_shard(0).await,
         None,
         "a restarted Keeper starts empty"
     );
+    frozen.thaw();
     let after = wait_for("keeper 1 refilled", Duration::from_secs(10), || {
         c.keeper_shard(0)
     })
@@ -110,9 +115,14 @@ async fn a_keeper_restarted_empty_is_refilled_within_one_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nexus_started_together_on_an_empty_store_make_exactly_one_key() {
     let mut c = Cluster::new(3);
-    // Start both before either can finish its first attempt.
-    let a = c.start_nexus(&[]);
-    let b = c.start_nexus(&[]);
+    // Both processes are spawned before the test waits for either to listen, and the Keepers
+    // are held still meanwhile: each Nexus's first request for shards waits in a Keeper's
+    // backlog until they are thawed together, so both reach the create-if-absent step at about
+    // the same moment instead of the second finding the first one's key.
+    let frozen = Frozen::freeze(c.keepers.iter().map(Proc::pid).collect());
+    let both = c.start_nexus_together(2, &[]);
+    frozen.thaw();
+    let (a, b) = (both[0], both[1]);
     let anon = c.anonymous();
     let ka = key_id(&wait_status(&anon, &c.nexus[a].url(), "ready").await);
     let kb = key_id(&wait_status(&anon, &c.nexus[b].url(), "ready").await);
@@ -151,8 +161,25 @@ async fn keepers_lost_while_the_verifier_exists_means_awaiting_restore_and_no_ne
     let url = c.nexus[n].url();
     let body = wait_status(&anon, &url, "awaiting_restore").await;
     assert!(body.get("key_id").is_none());
-    // It stays that way: no key is created, nothing is pushed to the Keepers.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It stays that way: no key is created, nothing is pushed to the Keepers. Shown over three
+    // more rounds of Nexus asking every Keeper for its shard (each Keeper logs every request it
+    // cannot serve), counted rather than timed.
+    let asked = |c: &Cluster, i: usize| {
+        c.keepers[i]
+            .logs()
+            .matches("asked for a shard while holding none")
+            .count()
+    };
+    let before: Vec<usize> = (0..3).map(|i| asked(&c, i)).collect();
+    wait_for(
+        "three more recovery attempts",
+        Duration::from_secs(30),
+        || {
+            let done = (0..3).all(|i| asked(&c, i) >= before[i] + 3);
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
     let (status, body) = health(&anon, &url).await.unwrap();
     assert_eq!(
         (status, body["status"].as_str()),
@@ -170,7 +197,7 @@ async fn keepers_lost_while_the_verifier_exists_means_awaiting_restore_and_no_ne
     // API routes are gated with SPIKE's code.
     let su = c.pki.issue("superuser", "/spike/pilot/role/superuser");
     let reply = client(Some(&su), &c.pki, Role::Nexus)
-        .post_json(&url, "/v1/store/secrets?action=list", b"{}".to_vec())
+        .post_json(&url, &action(SECRETS_PATH, "list"), b"{}".to_vec())
         .await
         .unwrap();
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -194,11 +221,7 @@ async fn a_keeper_with_a_wrong_shard_is_detected_routed_around_and_refilled() {
     let body = serde_json::json!({ "shard": bogus, "id": 2 }).to_string();
     let reply = c
         .as_nexus_to_keepers()
-        .post_json(
-            &c.keepers[1].url(),
-            "/v1/store/contribute",
-            body.into_bytes(),
-        )
+        .post_json(&c.keepers[1].url(), CONTRIBUTE_PATH, body.into_bytes())
         .await
         .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
@@ -224,7 +247,6 @@ async fn a_keeper_with_a_wrong_shard_is_detected_routed_around_and_refilled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepers_refuse_everyone_but_nexus_and_other_trust_domains() {
     let c = Cluster::new(1);
-    let keeper = c.keepers[0].url();
     let cases = [
         ("workload", c.pki.issue("workload", "/app/web")),
         (
@@ -233,35 +255,24 @@ async fn keepers_refuse_everyone_but_nexus_and_other_trust_domains() {
         ),
         ("keeper", c.pki.issue("keeper-x", "/spike/keeper/9")),
     ];
+    // Each is refused at the handshake with the alert that names the reason (not any transport
+    // error: a dead Keeper would give one too), and the Keeper serves Nexus after each.
+    let addr = c.keepers[0].addr;
     for (what, svid) in &cases {
-        let err = client(Some(svid), &c.pki, Role::Keeper)
-            .post_json(&keeper, "/v1/store/shard", b"{}".to_vec())
-            .await;
-        assert!(
-            matches!(
-                err,
-                Err(spike::transport::client::Error::Unsent { .. })
-                    | Err(spike::transport::client::Error::NoAnswer { .. })
-            ),
-            "{what} got through: {err:?}"
-        );
+        let alert = tls_refusal(client_tls(Some(svid), &c.pki, Role::Keeper), addr).await;
+        assert_eq!(alert, AlertDescription::CertificateUnknown, "{what}");
+        assert_eq!(c.keeper_shard(0).await, None, "after {what}");
     }
     // No certificate at all.
-    let err = client(None, &c.pki, Role::Keeper)
-        .post_json(&keeper, "/v1/store/shard", b"{}".to_vec())
-        .await;
-    assert!(err.is_err(), "anonymous got through");
-    // A Nexus identity from another trust domain's CA.
+    let alert = tls_refusal(client_tls(None, &c.pki, Role::Keeper), addr).await;
+    assert_eq!(alert, AlertDescription::CertificateRequired, "anonymous");
+    assert_eq!(c.keeper_shard(0).await, None, "after anonymous");
+    // A Nexus identity from another trust domain's CA. It trusts our CA (so the server side is
+    // what refuses), but presents its own SVID.
     let other = Pki::new(c.dir.path(), "other.org");
     let foreign = other.issue("foreign-nexus", "/spike/nexus");
-    let foreign_client = {
-        // It trusts our CA (so the server side is what refuses), but presents its own SVID.
-        client(Some(&foreign), &c.pki, Role::Keeper)
-    };
-    let err = foreign_client
-        .post_json(&keeper, "/v1/store/shard", b"{}".to_vec())
-        .await;
-    assert!(err.is_err(), "foreign trust domain got through");
+    let alert = tls_refusal(client_tls(Some(&foreign), &c.pki, Role::Keeper), addr).await;
+    assert_eq!(alert, AlertDescription::UnknownCA, "foreign trust domain");
     // The real Nexus identity gets an honest "empty" answer.
     assert_eq!(c.keeper_shard(0).await, None);
     assert!(c.keepers[0].logs().contains("TLS handshake refused"));
@@ -293,7 +304,7 @@ async fn keepers_reject_malformed_shards_and_keep_what_they_hold() {
         "x".repeat(10_000),
     ] {
         let reply = k
-            .post_json(&url, "/v1/store/contribute", body.clone().into_bytes())
+            .post_json(&url, CONTRIBUTE_PATH, body.clone().into_bytes())
             .await
             .unwrap();
         assert!(
@@ -310,7 +321,7 @@ async fn keepers_reject_malformed_shards_and_keep_what_they_hold() {
             .unwrap();
         assert_eq!(reply.status, status);
     }
-    let reply = k.get(&url, "/v1/store/shard").await.unwrap();
+    let reply = k.get(&url, SHARD_PATH).await.unwrap();
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(c.keeper_shard(0).await, Some(held));
 }
@@ -359,7 +370,7 @@ async fn health_needs_no_client_certificate_and_tells_the_truth() {
 
     // Anything but /health needs a certificate.
     let reply = anon
-        .post_json(&url, "/v1/store/secrets?action=list", b"{}".to_vec())
+        .post_json(&url, &action(SECRETS_PATH, "list"), b"{}".to_vec())
         .await
         .unwrap();
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
@@ -367,10 +378,14 @@ async fn health_needs_no_client_certificate_and_tells_the_truth() {
     // A certificate from another trust domain does not get through the handshake.
     let other = Pki::new(c.dir.path(), "other.org");
     let foreign = other.issue("foreign-su", "/spike/pilot/role/superuser");
-    let err = client(Some(&foreign), &c.pki, Role::Nexus)
-        .post_json(&url, "/v1/store/secrets?action=list", b"{}".to_vec())
-        .await;
-    assert!(err.is_err() || err.unwrap().status == StatusCode::UNAUTHORIZED);
+    let alert = tls_refusal(
+        client_tls(Some(&foreign), &c.pki, Role::Nexus),
+        c.nexus[n].addr,
+    )
+    .await;
+    assert_eq!(alert, AlertDescription::UnknownCA);
+    // Nexus is still there and ready.
+    assert_eq!(health(&anon, &url).await.unwrap().0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

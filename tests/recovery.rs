@@ -24,7 +24,7 @@ async fn the_recovery_drill_over_the_api() {
         let (s, _) = call(
             &su,
             &url,
-            "/v1/store/secrets",
+            SECRETS_PATH,
             json!({"path": format!("app/s{i}"), "values": {"v": i.to_string()}}),
         )
         .await;
@@ -32,16 +32,14 @@ async fn the_recovery_drill_over_the_api() {
     }
     // Only the recover role may export; restore is refused on a healthy Nexus.
     assert_eq!(
-        call(&su, &url, "/v1/operator/recover", json!({})).await.0,
+        call(&su, &url, RECOVER_PATH, json!({})).await.0,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        call(&restore, &url, "/v1/operator/recover", json!({}))
-            .await
-            .0,
+        call(&restore, &url, RECOVER_PATH, json!({})).await.0,
         StatusCode::UNAUTHORIZED
     );
-    let (s, exported) = call(&recover, &url, "/v1/operator/recover", json!({})).await;
+    let (s, exported) = call(&recover, &url, RECOVER_PATH, json!({})).await;
     assert_eq!(s, StatusCode::OK);
     let shards = exported["shards"].as_object().unwrap().clone();
     assert_eq!(
@@ -58,7 +56,7 @@ async fn the_recovery_drill_over_the_api() {
         call(
             &restore,
             &url,
-            "/v1/operator/restore",
+            RESTORE_PATH,
             json!({"id": 1, "shard": shards["1"]})
         )
         .await
@@ -70,7 +68,7 @@ async fn the_recovery_drill_over_the_api() {
         call(
             &recover,
             &url,
-            "/v1/store/secrets?action=get",
+            &action(SECRETS_PATH, "get"),
             json!({"path": "app/s1"})
         )
         .await
@@ -92,7 +90,7 @@ async fn the_recovery_drill_over_the_api() {
         call(
             &restore,
             &url,
-            "/v1/operator/restore",
+            RESTORE_PATH,
             json!({"id": 0, "shard": shards["1"]})
         )
         .await
@@ -103,7 +101,7 @@ async fn the_recovery_drill_over_the_api() {
         call(
             &restore,
             &url,
-            "/v1/operator/restore",
+            RESTORE_PATH,
             json!({"id": 1, "shard": vec![0u8; 32]})
         )
         .await
@@ -114,7 +112,7 @@ async fn the_recovery_drill_over_the_api() {
         call(
             &su,
             &url,
-            "/v1/operator/restore",
+            RESTORE_PATH,
             json!({"id": 1, "shard": shards["1"]})
         )
         .await
@@ -126,7 +124,7 @@ async fn the_recovery_drill_over_the_api() {
     let (s, b) = call(
         &restore,
         &url,
-        "/v1/operator/restore",
+        RESTORE_PATH,
         json!({"id": 1, "shard": shards["1"]}),
     )
     .await;
@@ -140,7 +138,7 @@ async fn the_recovery_drill_over_the_api() {
     let (s, _) = call(
         &restore,
         &url,
-        "/v1/operator/restore",
+        RESTORE_PATH,
         json!({"id": 2, "shard": tampered}),
     )
     .await;
@@ -154,7 +152,7 @@ async fn the_recovery_drill_over_the_api() {
     let (_, b) = call(
         &restore,
         &url,
-        "/v1/operator/restore",
+        RESTORE_PATH,
         json!({"id": 3, "shard": shards["3"]}),
     )
     .await;
@@ -165,7 +163,7 @@ async fn the_recovery_drill_over_the_api() {
     let (s, b) = call(
         &restore,
         &url,
-        "/v1/operator/restore",
+        RESTORE_PATH,
         json!({"id": 2, "shard": shards["2"]}),
     )
     .await;
@@ -192,7 +190,7 @@ async fn the_recovery_drill_over_the_api() {
         let (s, b) = call(
             &su,
             &url2,
-            "/v1/store/secrets?action=get",
+            &action(SECRETS_PATH, "get"),
             json!({"path": format!("app/s{i}")}),
         )
         .await;
@@ -215,18 +213,12 @@ async fn the_recovery_drill_with_the_cli() {
     let url = c.nexus[n].url().to_string();
     let url = url.trim_end_matches('/');
     let as_id = |svid: &std::path::Path| {
-        vec![
-            ("SPIKE_NEXUS_API_URL".to_string(), url.to_string()),
-            (
-                "SPIKE_SVID_DIR".to_string(),
-                svid.to_str().unwrap().to_string(),
-            ),
-        ]
+        client_env(url, svid)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
     };
-    let spike = |args: &[&str], env: &[(String, String)]| {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        run_spike(args, &env)
-    };
+    let spike = |args: &[&str], env: &[(String, String)]| run_spike(args, &pairs(env));
     let (code, _, err) = spike(
         &["secret", "put", "drill/marker", "v=kept"],
         &as_id(&su_dir),
@@ -316,17 +308,10 @@ async fn the_recovery_drill_with_the_cli() {
         wait_status(&anon, &c.nexus[m].url(), "ready").await["key_id"],
         key_id
     );
-    let url2 = c.nexus[m].url().to_string();
-    let env2 = vec![
-        (
-            "SPIKE_NEXUS_API_URL".to_string(),
-            url2.trim_end_matches('/').to_string(),
-        ),
-        (
-            "SPIKE_SVID_DIR".to_string(),
-            su_dir.to_str().unwrap().to_string(),
-        ),
-    ];
-    let (code, out, err) = spike(&["secret", "get", "drill/marker", "v"], &env2);
+    let url2 = c.nexus[m].base_url();
+    let (code, out, err) = run_spike(
+        &["secret", "get", "drill/marker", "v"],
+        &client_env(&url2, &su_dir),
+    );
     assert_eq!((code, out.trim()), (0, "kept"), "{err}");
 }

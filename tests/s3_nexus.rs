@@ -14,15 +14,18 @@ use serde_json::{Value, json};
 use spike::identity::Role;
 use spike::transport::HttpsClient;
 
-const SECRETS: &str = "/v1/store/secrets";
-const GET: &str = "/v1/store/secrets?action=get";
-
 async fn put(su: &HttpsClient, url: &Uri, path: &str, v: &str) -> (StatusCode, Value) {
-    call(su, url, SECRETS, json!({"path": path, "values": {"v": v}})).await
+    call(
+        su,
+        url,
+        SECRETS_PATH,
+        json!({"path": path, "values": {"v": v}}),
+    )
+    .await
 }
 
 async fn get(su: &HttpsClient, url: &Uri, path: &str) -> (StatusCode, Value) {
-    call(su, url, GET, json!({"path": path})).await
+    call(su, url, &action(SECRETS_PATH, "get"), json!({"path": path})).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +49,7 @@ async fn nexus_on_s3_serves_two_instances_and_survives_the_store_going_away() {
     let (s, b) = get(&su, &url1, "apps/db/creds").await;
     assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("one")));
     put(&su, &url1, "apps/web.key", "k").await;
-    let (_, b) = call(&su, &url1, "/v1/store/secrets?action=list", json!({})).await;
+    let (_, b) = call(&su, &url1, &action(SECRETS_PATH, "list"), json!({})).await;
     assert_eq!(b, json!({"keys": ["apps/db/creds", "apps/web.key"]}));
 
     // A second instance on the same bucket and prefix sees every write at once, both ways.
@@ -168,8 +171,7 @@ async fn throughput_through_one_nexus_on_s3() {
             });
         }
         let (mut ok, mut other) = (0, 0);
-        while let Some(r) = tasks.join_next().await {
-            let (o, e) = r.unwrap();
+        for (o, e) in join_all(tasks).await {
             ok += o;
             other += e;
         }

@@ -185,10 +185,7 @@ async fn concurrent_writers<S: Store>(handles: Vec<Arc<S>>) {
             conflicts
         });
     }
-    let mut conflicts = 0;
-    while let Some(c) = tasks.join_next().await {
-        conflicts += c.unwrap();
-    }
+    let conflicts: usize = common::join_all(tasks).await.into_iter().sum();
     let value = handles[0].get(ns, "counter").await.unwrap().unwrap().value;
     assert_eq!(
         String::from_utf8(value).unwrap(),
@@ -216,8 +213,8 @@ async fn many_keys<S: Store>(handles: Vec<Arc<S>>) {
             .unwrap()
         });
     }
-    while let Some(w) = tasks.join_next().await {
-        assert!(matches!(w.unwrap(), Written::Done(_)));
+    for w in common::join_all(tasks).await {
+        assert!(matches!(w, Written::Done(_)));
     }
     let listed: BTreeSet<String> = handles[0]
         .list(Namespace::Policies, "p")
@@ -340,10 +337,11 @@ async fn postgres_migrations_are_safe_under_concurrent_starts() {
         let url = url.clone();
         tasks.spawn(async move { PostgresStore::open(&url).await });
     }
-    let mut stores = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        stores.push(r.unwrap().unwrap());
-    }
+    let stores: Vec<_> = common::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     assert!(
         stores[0]
             .create_verifier(&Verifier {

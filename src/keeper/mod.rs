@@ -163,9 +163,28 @@ impl Handler for Keeper {
     }
 }
 
-/// Runs a Keeper until `shutdown` completes.
+/// Runs a Keeper on `cfg.listen` until `shutdown` completes.
 pub async fn run(
     cfg: KeeperConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), transport::StartError> {
+    let listen = transport::Listen::Bind(cfg.listen);
+    run_with(cfg, listen, shutdown).await
+}
+
+/// Runs a Keeper on a listener the caller bound (`cfg.listen` is not used) until `shutdown`
+/// completes: a test binds `127.0.0.1:0` and knows the address before the Keeper starts.
+pub async fn run_on(
+    cfg: KeeperConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), transport::StartError> {
+    run_with(cfg, transport::Listen::Bound(listener), shutdown).await
+}
+
+async fn run_with(
+    cfg: KeeperConfig,
+    listen: transport::Listen,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), transport::StartError> {
     crate::platform::hardening::harden_process();
@@ -173,7 +192,7 @@ pub async fn run(
     let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper)?;
     let tls =
         crate::identity::server_config(&own.source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
-    let (listener, addr) = transport::bind(cfg.listen).await?;
+    let (listener, addr) = listen.open().await?;
     tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
     let keeper = Arc::new(Keeper::new(td, cfg.server.body_timeout));
     // The shard lives inline in the Keeper, which lives as long as the process.

@@ -288,9 +288,29 @@ impl Nexus {
     }
 }
 
-/// Runs Nexus until `shutdown` completes.
+/// Runs Nexus on `config.listen` until `shutdown` completes. The port is bound once the
+/// identity and the store are ready, so clients are refused (and fail over) until then.
 pub async fn run(
     config: NexusConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let listen = transport::Listen::Bind(config.listen);
+    run_with(config, listen, shutdown).await
+}
+
+/// Runs Nexus on a listener the caller bound (`config.listen` is not used) until `shutdown`
+/// completes: a test binds `127.0.0.1:0` and knows the address before Nexus starts.
+pub async fn run_on(
+    config: NexusConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    run_with(config, transport::Listen::Bound(listener), shutdown).await
+}
+
+async fn run_with(
+    config: NexusConfig,
+    listen: transport::Listen,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     crate::platform::hardening::harden_process();
@@ -304,7 +324,7 @@ pub async fn run(
         ExpectedPeer::Role(Role::Keeper),
     )?;
     let store = AnyStore::open(&config.backend).await?;
-    let (listener, addr) = transport::bind(config.listen).await?;
+    let (listener, addr) = listen.open().await?;
     let nexus = Arc::new(Nexus::new(config, store));
     tracing::info!(
         %addr,

@@ -53,7 +53,7 @@ impl Drop for WatchdogGuard {
 pub fn spawn_watchdog<F, Fut>(healthy: F) -> WatchdogGuard
 where
     F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = bool> + Send,
+    Fut: Future<Output = bool> + Send + 'static,
 {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return WatchdogGuard(None);
@@ -63,22 +63,33 @@ where
     }
     let half = (interval / 2).max(Duration::from_millis(10));
     tracing::info!(every = ?half, "systemd watchdog enabled");
-    WatchdogGuard(Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(half);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        loop {
-            ticker.tick().await;
-            let ok = matches!(tokio::time::timeout(half, healthy()).await, Ok(true));
-            if ok {
-                send(&[NotifyState::Watchdog]);
-                if failing {
-                    tracing::info!("health check passes again; watchdog pings resumed");
-                }
-            } else if !failing {
-                tracing::warn!("health check failed; withholding watchdog pings");
+    WatchdogGuard(Some(tokio::spawn(watchdog_loop(half, healthy, || {
+        send(&[NotifyState::Watchdog]);
+    }))))
+}
+
+/// The watchdog's schedule, apart from systemd so a test can run it on a paused clock: every
+/// `half`, run `healthy` with `half` as its deadline, and `ping` when it returned `true` in
+/// time. A late tick delays the next ones (never a burst of pings). Runs until dropped.
+pub async fn watchdog_loop<F, Fut>(half: Duration, healthy: F, mut ping: impl FnMut())
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut ticker = tokio::time::interval(half);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        let ok = matches!(tokio::time::timeout(half, healthy()).await, Ok(true));
+        if ok {
+            ping();
+            if failing {
+                tracing::info!("health check passes again; watchdog pings resumed");
             }
-            failing = !ok;
+        } else if !failing {
+            tracing::warn!("health check failed; withholding watchdog pings");
         }
-    })))
+        failing = !ok;
+    }
 }

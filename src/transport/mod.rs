@@ -6,6 +6,6 @@ pub mod server;
 
 pub use client::{HttpsClient, Reply, Timeouts};
 pub use server::{
-    BodyError, Handler, Limits, OwnIdentity, Peer, StartError, bind, bytes, error, json, read_body,
-    serve,
+    BodyError, Handler, Limits, Listen, OwnIdentity, Peer, StartError, bind, bytes, error, json,
+    read_body, serve,
 };

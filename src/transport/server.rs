@@ -101,6 +101,29 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartEr
     Ok((listener, bound))
 }
 
+/// Where a server listens: an address to bind when it is ready to serve, or a listener the
+/// caller already bound (tests bind `127.0.0.1:0` and know the port before the server starts).
+pub enum Listen {
+    Bind(SocketAddr),
+    Bound(TcpListener),
+}
+
+impl Listen {
+    /// The listener and the address it really has (port 0 resolved).
+    pub async fn open(self) -> Result<(TcpListener, SocketAddr), StartError> {
+        match self {
+            Listen::Bind(addr) => bind(addr).await,
+            Listen::Bound(listener) => {
+                let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+                Ok((listener, addr))
+            }
+        }
+    }
+}
+
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
 pub struct Peer {

@@ -1,10 +1,28 @@
 //! The cluster harness for integration tests: a PKI minted with `spike pki`, real `spike`
-//! processes on 127.0.0.1 ports, and clients built from the crate's own TLS code.
+//! processes on 127.0.0.1 ports, in-process servers on listeners the test bound, and clients
+//! built from the crate's own TLS code.
 //!
 //! Every wait is a bounded poll that fails the test with the process logs when it runs out.
-#![allow(dead_code)]
+//!
+//! # How a test learns a server's address
+//!
+//! - In-process ([`InProcess`]): the test binds `127.0.0.1:0` itself and hands the listener to
+//!   `spike::nexus::run_on` / `spike::keeper::run_on` (mini-redis's `run(listener, shutdown)`),
+//!   so the address is known before the server starts and nothing is read back from logs.
+//!   Tests of the server loop (idle and slow connections, the connection cap) run this way:
+//!   they can also be broken and checked in-process.
+//! - Processes ([`Proc`]): `spike nexus` / `spike keeper` are started with port 0 and the test
+//!   reads the `listening on ADDR` line of the process's log. Handing a pre-bound socket to a
+//!   child the way systemd does (`LISTEN_FDS`) needs the socket at fd 3 and `LISTEN_PID` set to
+//!   the child's own pid, which only a `pre_exec` hook between fork and exec can do; that hook
+//!   is `unsafe`, which this crate forbids. Binding a port in the test, closing it and passing
+//!   the number races with every other test. So process tests keep reading the log line, whose
+//!   format is fixed by `nexus::run` and `keeper::run`.
+// Each test binary uses a part of the harness and of what it re-exports.
+#![allow(dead_code, unused_imports)]
 
 pub mod postgres;
+pub mod process;
 pub mod s3;
 pub mod spire;
 
@@ -12,29 +30,48 @@ use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::{StatusCode, Uri};
+pub use process::{Frozen, Process, Stdout, signal, with_children};
 use rustls::pki_types::pem::PemObject;
 use spike::identity::{self, ExpectedPeer, Role, SvidPaths, SvidSource};
+pub use spike::protocol::keeper::{CONTRIBUTE_PATH, SHARD_PATH};
+pub use spike::protocol::nexus::{
+    DECRYPT_PATH, ENCRYPT_PATH, HEALTH_PATH, POLICY_PATH, RECOVER_PATH, RESTORE_PATH,
+    SECRET_METADATA_PATH, SECRETS_PATH,
+};
 use spike::transport::{HttpsClient, Reply, Timeouts};
 
 pub const TD: &str = "spike.ist";
+
+/// `path?action=verb`: a route of [`spike::protocol::nexus`] with its action, as the client
+/// sends it.
+pub fn action(path: &str, verb: &str) -> String {
+    format!("{path}?action={verb}")
+}
 
 /// The `spike` binary under test.
 pub fn spike_bin() -> &'static str {
     env!("CARGO_BIN_EXE_spike")
 }
 
-/// Runs `spike ARGS` to completion and returns (status code, stdout, stderr).
-pub fn run_spike(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(spike_bin())
-        .args(args)
+/// `spike ARGS` with only `PATH`, `NO_COLOR` and `env` in its environment.
+pub fn spike_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(spike_bin());
+    cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// Runs `spike ARGS` to completion and returns (status code, stdout, stderr).
+pub fn run_spike(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = spike_command(args, env)
         .stdin(Stdio::null())
         .output()
         .expect("spawn spike");
@@ -45,6 +82,42 @@ pub fn run_spike(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// Runs `spike ARGS` with `stdin` as its input; returns (status code, stdout bytes, stderr).
+pub fn run_spike_with_stdin(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: &[u8],
+) -> (i32, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = spike_command(args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spike");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    // Written from a thread: a child that answers before reading everything must not block us.
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().expect("wait for spike");
+    writer.join().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A local port nothing listens on (it was free a moment ago): for URLs that must not answer.
+pub fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 /// A trust domain's CA and the SVIDs minted from it, under one temporary directory.
 pub struct Pki {
     pub root: PathBuf,
@@ -105,9 +178,12 @@ impl Pki {
 /// A running `spike` server process; killed on drop.
 pub struct Proc {
     pub name: String,
-    child: Option<Child>,
     pub log: PathBuf,
     pub addr: SocketAddr,
+    dir: PathBuf,
+    process: Option<Process>,
+    /// Length of the log when the current process started: its `listening on` line is after.
+    offset: usize,
     args: Vec<String>,
     env: HashMap<String, String>,
 }
@@ -115,11 +191,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `spike ARGS` with `env` and waits until it logs the address it listens on.
     pub fn start(name: &str, dir: &Path, args: &[&str], env: HashMap<String, String>) -> Proc {
+        let mut proc = Proc::launch(name, dir, args, env);
+        proc.wait_listening();
+        proc
+    }
+
+    /// Starts `spike ARGS` with `env` without waiting: [`Proc::wait_listening`] does. Several
+    /// processes launched before any is waited for start together.
+    pub fn launch(name: &str, dir: &Path, args: &[&str], env: HashMap<String, String>) -> Proc {
         let mut proc = Proc {
             name: name.to_string(),
-            child: None,
             log: dir.join(format!("{name}.log")),
             addr: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_path_buf(),
+            process: None,
+            offset: 0,
             args: args.iter().map(|s| s.to_string()).collect(),
             env,
         };
@@ -128,29 +214,20 @@ impl Proc {
     }
 
     fn spawn(&mut self) {
-        // Append, so a restarted process's log follows the earlier one.
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let offset = log.metadata().unwrap().len() as usize;
-        let child = Command::new(spike_bin())
-            .args(&self.args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("NO_COLOR", "1")
-            .envs(&self.env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn spike");
-        self.child = Some(child);
+        // The log is appended to, so a restarted process's log follows the earlier one.
+        self.offset = fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut cmd = spike_command(&args, &[]);
+        cmd.envs(&self.env);
+        self.process = Some(Process::spawn(&self.name, &self.dir, &mut cmd, Stdout::Log));
+    }
+
+    /// Waits (bounded) until the process logs the address it listens on.
+    pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let text = fs::read_to_string(&self.log).unwrap_or_default();
-            let text = text.get(offset..).unwrap_or("");
+            let text = self.logs();
+            let text = text.get(self.offset..).unwrap_or("");
             if let Some(addr) = text
                 .split("listening on ")
                 .nth(1)
@@ -160,7 +237,7 @@ impl Proc {
                 self.addr = addr;
                 return;
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = self.process.as_mut().and_then(Process::exited) {
                 panic!(
                     "{} exited with {status} before listening:\n{text}",
                     self.name
@@ -179,11 +256,15 @@ impl Proc {
         format!("https://{}", self.addr).parse().unwrap()
     }
 
+    /// The URL as a client's `SPIKE_NEXUS_API_URL` names it (no trailing slash).
+    pub fn base_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
     }
 
@@ -197,26 +278,21 @@ impl Proc {
             }
         }
         self.spawn();
+        self.wait_listening();
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.as_ref().expect("running").pid()
+    }
+
+    /// Sends `sig` (TERM, STOP, CONT...).
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
     }
 
     /// Waits (bounded) for the process to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.as_mut()?.wait_exit(limit)
     }
 
     /// Sets an environment variable for the next (re)start.
@@ -229,15 +305,7 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.as_mut().is_some_and(Process::is_running)
     }
 }
 
@@ -253,8 +321,19 @@ pub fn server_env(svid_dir: &Path, extra: &[(&str, &str)]) -> HashMap<String, St
     env
 }
 
-/// A client presenting the SVID in `svid_dir` (or none), expecting the server to have `role`.
-pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
+/// The environment of a client command (`spike secret ...`) run as the SVID in `svid` against
+/// `url` (one URL or a comma-separated list).
+pub fn client_env<'a>(url: &'a str, svid: &'a Path) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("SPIKE_NEXUS_API_URL", url),
+        ("SPIKE_SVID_DIR", svid.to_str().unwrap()),
+        ("SPIKE_TRUST_ROOT", TD),
+    ]
+}
+
+/// The rustls configuration of a client presenting the SVID in `svid_dir` (or none), trusting
+/// `pki`'s CA and expecting the server to have `role`.
+pub fn client_tls(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> Arc<rustls::ClientConfig> {
     let source = svid_dir.map(|dir| {
         SvidSource::load(SvidPaths::resolve(Some(dir.to_path_buf()), None, None, None).unwrap())
             .unwrap()
@@ -263,15 +342,19 @@ pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
     let roots: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&ca)
         .map(|c| c.unwrap())
         .collect();
-    let tls = identity::client_config(
+    identity::client_config(
         source.as_ref(),
         Some(roots),
         &pki.trust_domain,
         ExpectedPeer::Role(role),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A client presenting the SVID in `svid_dir` (or none), expecting the server to have `role`.
+pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
     HttpsClient::new(
-        tls,
+        client_tls(svid_dir, pki, role),
         Timeouts {
             connect: Duration::from_secs(3),
             handshake: Duration::from_secs(3),
@@ -426,11 +509,23 @@ impl Cluster {
 
     /// Starts a Nexus and returns its index in `self.nexus`.
     pub fn start_nexus(&mut self, extra: &[(&str, &str)]) -> usize {
-        let name = format!("nexus-{}", self.nexus.len() + 1);
-        let env = self.nexus_env(extra);
-        let proc = Proc::start(&name, self.dir.path(), &["nexus"], env);
-        self.nexus.push(proc);
-        self.nexus.len() - 1
+        self.start_nexus_together(1, extra)[0]
+    }
+
+    /// Starts `n` Nexus instances together: every process is spawned before the test waits for
+    /// any of them to listen. Returns their indexes in `self.nexus`.
+    pub fn start_nexus_together(&mut self, n: usize, extra: &[(&str, &str)]) -> Vec<usize> {
+        let first = self.nexus.len();
+        for i in first..first + n {
+            let env = self.nexus_env(extra);
+            let name = format!("nexus-{}", i + 1);
+            self.nexus
+                .push(Proc::launch(&name, self.dir.path(), &["nexus"], env));
+        }
+        for proc in &mut self.nexus[first..] {
+            proc.wait_listening();
+        }
+        (first..first + n).collect()
     }
 
     /// A client of Nexus's API with a new SVID for `spiffe_path` in this cluster's trust domain.
@@ -456,7 +551,7 @@ impl Cluster {
     pub async fn keeper_shard(&self, i: usize) -> Option<(Option<u8>, [u8; 32])> {
         let reply = self
             .as_nexus_to_keepers()
-            .post_json(&self.keepers[i].url(), "/v1/store/shard", b"{}".to_vec())
+            .post_json(&self.keepers[i].url(), SHARD_PATH, b"{}".to_vec())
             .await
             .expect("keeper answers");
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
@@ -506,4 +601,139 @@ pub async fn call(
 /// Borrowed `(name, value)` pairs from owned ones, for `Cluster::start_nexus`.
 pub fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Awaits every task of `tasks` and returns their outputs in completion order. A task that
+/// panicked fails the test with its own panic (a `join_next` loop that drops the `JoinError`
+/// would hide the assertion that failed inside the task).
+pub async fn join_all<T: 'static>(mut tasks: tokio::task::JoinSet<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(v) => out.push(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("a task was cancelled: {e}"),
+        }
+    }
+    out
+}
+
+/// How a server turned a TLS client away: the alert it sent. Fails the test if the server
+/// accepted the client and answered, or closed without an alert (a dead server, a cap, a
+/// timeout are not a refusal of the identity).
+pub async fn tls_refusal(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> rustls::AlertDescription {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let alert = |e: &std::io::Error| match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    };
+    let limit = Duration::from_secs(10);
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{addr} does not accept connections: {e}"));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
+    let mut stream = match tokio::time::timeout(limit, connect).await {
+        Err(_) => panic!("the TLS handshake with {addr} neither finished nor failed in {limit:?}"),
+        Ok(Err(e)) => {
+            return alert(&e)
+                .unwrap_or_else(|| panic!("{addr} closed the handshake without an alert: {e}"));
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    // TLS 1.3: the client finishes its side before the server has checked the client's
+    // certificate, so the server's refusal arrives as the answer to the first request.
+    let request = b"POST /v1/store/shard HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    let exchange = async {
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.map(|_| answer)
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Err(_) => panic!("{addr} neither answered nor refused in {limit:?}"),
+        Ok(Ok(answer)) => panic!(
+            "{addr} accepted the client and answered: {}",
+            String::from_utf8_lossy(&answer)
+        ),
+        Ok(Err(e)) => {
+            alert(&e).unwrap_or_else(|| panic!("{addr} dropped the client without an alert: {e}"))
+        }
+    }
+}
+
+/// A Nexus or a Keeper running inside the test process, on a listener the test bound before
+/// starting it: its address is known at once and nothing is read from logs.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl InProcess {
+    /// A Keeper configured by `env` (as `spike keeper` would read it).
+    pub async fn keeper(env: &HashMap<String, String>) -> InProcess {
+        let cfg = spike::keeper::KeeperConfig::from_source(env).unwrap();
+        InProcess::start(move |listener, stop| async move {
+            spike::keeper::run_on(cfg, listener, async move {
+                let _ = stop.await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// A Nexus configured by `env` (as `spike nexus` would read it).
+    pub async fn nexus(env: &HashMap<String, String>) -> InProcess {
+        let cfg = spike::nexus::NexusConfig::from_source(env).unwrap();
+        InProcess::start(move |listener, stop| async move {
+            spike::nexus::run_on(cfg, listener, async move {
+                let _ = stop.await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    async fn start<F, Fut>(run: F) -> InProcess
+    where
+        F: FnOnce(tokio::net::TcpListener, tokio::sync::oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(listener, stopped));
+        InProcess {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> Uri {
+        format!("https://{}", self.addr).parse().unwrap()
+    }
+
+    /// Asks it to shut down and checks that it stopped without an error.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), task).await {
+            Err(_) => panic!("the in-process server did not stop in 30 s"),
+            Ok(joined) => joined.unwrap().unwrap(),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }

@@ -117,3 +117,11 @@ impl Drop for PgServer {
             .output();
     }
 }
+
+/// The Nexus environment for the PostgreSQL database at `url`.
+pub fn nexus_env(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("SPIKE_NEXUS_BACKEND_STORE".into(), "postgres".into()),
+        ("SPIKE_NEXUS_DB_URL".into(), url.into()),
+    ]
+}
