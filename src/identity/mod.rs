@@ -1,18 +1,32 @@
-//! SPIFFE identities for SPIKE: SPIFFE IDs and roles, X.509 SVIDs loaded from
-//! disk (and reloaded when they rotate), mutual-TLS configurations that verify
-//! peers by trust bundle + SPIFFE ID, and a small development PKI.
+//! SPIFFE identities for SPIKE: SPIFFE IDs and roles, the trust domains each
+//! role may come from, this process's X.509 SVID from files on disk or from the
+//! SPIFFE Workload API (replaced when it rotates), mutual-TLS configurations
+//! that verify peers by trust bundle + SPIFFE ID, and a small development PKI.
 //!
 //! Certificates may carry only a URI SAN (no DNS name), so peer verification is
-//! "chains to the trust bundle" + "SPIFFE ID check", never a hostname check.
+//! "chains to the bundle of the peer's trust domain" + "SPIFFE ID check", never
+//! a hostname check.
+//!
+//! Map: `spiffe.rs` IDs and roles; `trust.rs` the `SPIKE_TRUST_ROOT*` lists;
+//! `svid.rs` the SVID and [`SvidSource`] (files); `tls.rs` rustls resolvers and
+//! verifiers; `pki.rs` the development CA.
 
 pub mod pki;
 mod spiffe;
 mod svid;
 mod tls;
+mod trust;
 
 pub use spiffe::{Role, SpiffeId};
 pub use svid::{ReloaderGuard, Svid, SvidPaths, SvidSource};
-pub use tls::{ClientAuth, ExpectedPeer, client_config, peer_spiffe_id, server_config};
+pub use tls::{
+    ClientAuth, ExpectedPeer, client_config, client_config_for, peer_spiffe_id, server_config,
+    server_config_for,
+};
+pub use trust::{
+    DEFAULT_TRUST_DOMAIN, TRUST_ROOT, TRUST_ROOT_KEEPER, TRUST_ROOT_LITE_WORKLOAD,
+    TRUST_ROOT_NEXUS, TRUST_ROOT_PILOT, TrustRoots,
+};
 
 use std::path::PathBuf;
 
@@ -109,6 +123,13 @@ pub enum Error {
     #[error("no trust bundle to verify the server with: give an SVID source or a bundle")]
     NoTrustBundle,
 
+    /// No bundle is held for a peer's trust domain.
+    #[error(
+        "no trust bundle for trust domain {trust_domain} (peer {id}): it is in none of the \
+         SPIKE_TRUST_ROOT* lists, or the Workload API sent no bundle for it"
+    )]
+    NoBundleFor { id: String, trust_domain: String },
+
     /// A SPIFFE ID belongs to another trust domain than the one required.
     #[error("{id} is not in trust domain {expected}")]
     ForeignTrustDomain { id: String, expected: String },
@@ -128,4 +149,12 @@ pub enum Error {
     /// Generating a certificate or key failed.
     #[error("certificate generation failed: {0}")]
     CertGen(String),
+
+    /// A `SPIKE_TRUST_ROOT*` variable does not hold a list of trust domains.
+    #[error("{var}={value:?} is not a comma-separated list of trust domains: {reason}")]
+    InvalidTrustRoot {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
 }

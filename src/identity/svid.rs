@@ -1,18 +1,22 @@
 //! X.509 SVIDs on disk (as spiffe-helper writes them), loading, and reloading
 //! on rotation.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use rustls::pki_types::pem::{self, PemObject, SectionKind};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    TrustAnchor,
+};
 use rustls::sign::CertifiedKey;
 use zeroize::Zeroizing;
 
 use super::spiffe::SpiffeId;
-use super::tls::{peer_spiffe_id_in, provider};
+use super::tls::peer_spiffe_id_in;
 use super::{Error, Result};
 
 const CERT_WHAT: &str = "SVID certificate";
@@ -20,7 +24,7 @@ const KEY_WHAT: &str = "SVID key";
 const BUNDLE_WHAT: &str = "SVID trust bundle";
 
 /// Where the three SVID files live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvidPaths {
     /// Leaf certificate first, then intermediates (`svid.pem`).
     pub cert: PathBuf,
@@ -59,13 +63,64 @@ impl SvidPaths {
     }
 }
 
+/// The CA certificates peers are verified against.
+#[derive(Clone)]
+pub(super) enum Trust {
+    /// One set of CAs for every configured trust domain: SVID files and fixed
+    /// bundles, where nothing says which CA belongs to which trust domain
+    /// (spiffe-helper appends federated CAs to the same file).
+    Shared(Vec<TrustAnchor<'static>>),
+    /// Each trust domain's own bundle (Workload API), already limited to the
+    /// configured trust domains: a peer's chain is checked only against the
+    /// bundle of the trust domain in its SPIFFE ID.
+    #[allow(dead_code)] // built by the Workload API source, which comes next
+    PerDomain(BTreeMap<String, Vec<TrustAnchor<'static>>>),
+}
+
+impl Trust {
+    /// The CAs that may sign an SVID of `trust_domain` (empty: none).
+    pub(super) fn anchors_for(&self, trust_domain: &str) -> &[TrustAnchor<'static>] {
+        match self {
+            Trust::Shared(all) => all,
+            Trust::PerDomain(map) => map.get(trust_domain).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// The trust domains with a bundle of their own (`None`: shared CAs).
+    pub(super) fn domains(&self) -> Option<Vec<&str>> {
+        match self {
+            Trust::Shared(_) => None,
+            Trust::PerDomain(map) => Some(map.keys().map(String::as_str).collect()),
+        }
+    }
+}
+
+/// CA certificates as webpki trust anchors; `context` names them in errors.
+pub(super) fn anchors(
+    certs: &[CertificateDer<'_>],
+    context: &str,
+) -> Result<Vec<TrustAnchor<'static>>> {
+    certs
+        .iter()
+        .map(|c| {
+            webpki::anchor_from_trusted_cert(c)
+                .map(|a| a.to_owned())
+                .map_err(|e| Error::BadCertificate {
+                    context: context.to_string(),
+                    reason: format!("not usable as a trust anchor: {e}"),
+                })
+        })
+        .collect()
+}
+
 /// Loaded SVID material: certificate chain, private key (inside a rustls
-/// `CertifiedKey`, never printed), trust bundle and the SVID's own SPIFFE ID.
+/// `CertifiedKey`, never printed), trust bundles and the SVID's own SPIFFE ID.
 pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
+    /// The bundle of the SVID's own trust domain (files: the whole bundle file).
     bundle: Vec<CertificateDer<'static>>,
-    roots: Vec<TrustAnchor<'static>>,
+    trust: Trust,
     certified_key: Arc<CertifiedKey>,
     not_after: SystemTime,
 }
@@ -76,6 +131,7 @@ impl fmt::Debug for Svid {
             .field("id", &self.id.as_str())
             .field("chain_len", &self.chain.len())
             .field("bundle_len", &self.bundle.len())
+            .field("bundle_domains", &self.trust.domains())
             .field("not_after", &format_utc(self.not_after))
             .field("key", &"<redacted>")
             .finish()
@@ -120,10 +176,10 @@ fn parse_certs(
     Ok(certs)
 }
 
-fn cert_not_after(der: &CertificateDer<'_>, context: &Path) -> Result<SystemTime> {
+pub(super) fn cert_not_after(der: &CertificateDer<'_>, context: &str) -> Result<SystemTime> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| Error::BadCertificate {
-            context: context.display().to_string(),
+            context: context.to_string(),
             reason: e.to_string(),
         })?;
     let ts = cert.validity().not_after.timestamp();
@@ -131,6 +187,56 @@ fn cert_not_after(der: &CertificateDer<'_>, context: &Path) -> Result<SystemTime
         UNIX_EPOCH + Duration::from_secs(ts.unsigned_abs())
     } else {
         UNIX_EPOCH - Duration::from_secs(ts.unsigned_abs())
+    })
+}
+
+/// Why a private key could not be paired with its certificate chain.
+pub(super) enum KeyProblem {
+    /// ring cannot use the key (type or encoding).
+    Unsupported(String),
+    /// The key is not the leaf certificate's.
+    Mismatch,
+    /// The leaf's public key could not be read.
+    Other(String),
+}
+
+/// Pairs `key` (borrowed, so the caller's zeroized buffer is the only copy of
+/// the DER) with `chain` as rustls wants it, checking they belong together.
+pub(super) fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> std::result::Result<CertifiedKey, KeyProblem> {
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|e| KeyProblem::Unsupported(e.to_string()))?;
+    let certified_key = CertifiedKey::new(chain, signing_key);
+    match certified_key.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            // The key type cannot report its public key; nothing to compare.
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => return Err(KeyProblem::Mismatch),
+        Err(e) => return Err(KeyProblem::Other(e.to_string())),
+    }
+    Ok(certified_key)
+}
+
+/// The first private key in a PEM file, decoded into a buffer wiped on drop.
+fn pem_private_key(path: &Path, bytes: &[u8]) -> Result<(SectionKind, Zeroizing<Vec<u8>>)> {
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
+        let (kind, der) = section.map_err(|e| Error::BadPem {
+            path: path.to_path_buf(),
+            reason: pem_reason(&e),
+        })?;
+        let der = Zeroizing::new(der);
+        if matches!(
+            kind,
+            SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey
+        ) {
+            return Ok((kind, der));
+        }
+    }
+    Err(Error::NoPrivateKey {
+        path: path.to_path_buf(),
     })
 }
 
@@ -144,72 +250,42 @@ impl Svid {
     fn from_pem(paths: &SvidPaths, files: &Files) -> Result<Svid> {
         let chain = parse_certs(CERT_WHAT, &paths.cert, &files.cert)?;
         let leaf = &chain[0];
-        let id = peer_spiffe_id_in(leaf, &paths.cert.display().to_string())?;
-        let not_after = cert_not_after(leaf, &paths.cert)?;
+        let cert_context = paths.cert.display().to_string();
+        let id = peer_spiffe_id_in(leaf, &cert_context)?;
+        let not_after = cert_not_after(leaf, &cert_context)?;
 
-        let key = match PrivateKeyDer::from_pem_slice(&files.key) {
-            Ok(k) => k,
-            Err(pem::Error::NoItemsFound) => {
-                return Err(Error::NoPrivateKey {
-                    path: paths.key.clone(),
-                });
-            }
-            Err(e) => {
-                return Err(Error::BadPem {
-                    path: paths.key.clone(),
-                    reason: pem_reason(&e),
-                });
-            }
+        let (kind, der) = pem_private_key(&paths.key, &files.key)?;
+        let key = match kind {
+            SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(&der[..])),
+            SectionKind::RsaPrivateKey => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(&der[..])),
+            _ => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&der[..])),
         };
-        let signing_key =
-            provider()
-                .key_provider
-                .load_private_key(key)
-                .map_err(|e| Error::UnsupportedKey {
-                    path: paths.key.clone(),
-                    reason: e.to_string(),
-                })?;
-        let certified_key = CertifiedKey::new(chain.clone(), signing_key);
-        match certified_key.keys_match() {
-            Ok(()) => {}
-            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-                // The key type cannot report its public key; nothing to compare.
-            }
-            Err(rustls::Error::InconsistentKeys(_)) => {
-                return Err(Error::KeyMismatch {
-                    key: paths.key.clone(),
-                    cert: paths.cert.clone(),
-                });
-            }
-            Err(e) => {
-                return Err(Error::BadCertificate {
-                    context: paths.cert.display().to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        }
+        let certified_key = certified_key(chain.clone(), &key).map_err(|p| match p {
+            KeyProblem::Unsupported(reason) => Error::UnsupportedKey {
+                path: paths.key.clone(),
+                reason,
+            },
+            KeyProblem::Mismatch => Error::KeyMismatch {
+                key: paths.key.clone(),
+                cert: paths.cert.clone(),
+            },
+            KeyProblem::Other(reason) => Error::BadCertificate {
+                context: cert_context.clone(),
+                reason,
+            },
+        })?;
 
         let bundle = match parse_certs(BUNDLE_WHAT, &paths.bundle, &files.bundle) {
             Err(Error::NoCertificates { path, .. }) => return Err(Error::EmptyBundle { path }),
             other => other?,
         };
-        let roots = bundle
-            .iter()
-            .map(|c| {
-                webpki::anchor_from_trusted_cert(c)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| Error::BadCertificate {
-                        context: paths.bundle.display().to_string(),
-                        reason: format!("not usable as a trust anchor: {e}"),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let roots = anchors(&bundle, &paths.bundle.display().to_string())?;
 
         Ok(Svid {
             id,
             chain,
             bundle,
-            roots,
+            trust: Trust::Shared(roots),
             certified_key: Arc::new(certified_key),
             not_after,
         })
@@ -230,17 +306,25 @@ impl Svid {
         &self.chain
     }
 
-    /// The trust bundle (CA certificates).
+    /// The trust bundle (CA certificates) of the SVID's own trust domain; for
+    /// SVID files, the whole bundle file.
     pub fn bundle(&self) -> &[CertificateDer<'static>] {
         &self.bundle
+    }
+
+    /// The trust domains with a bundle of their own (Workload API), or `None`
+    /// when one set of CAs serves every configured trust domain (files).
+    pub fn bundle_domains(&self) -> Option<Vec<&str>> {
+        self.trust.domains()
     }
 
     pub(super) fn certified_key(&self) -> &Arc<CertifiedKey> {
         &self.certified_key
     }
 
-    pub(super) fn trust_anchors(&self) -> &[TrustAnchor<'static>] {
-        &self.roots
+    /// The CAs that may sign an SVID of `trust_domain`.
+    pub(super) fn trust_anchors_for(&self, trust_domain: &str) -> &[TrustAnchor<'static>] {
+        self.trust.anchors_for(trust_domain)
     }
 }
 
