@@ -8,17 +8,18 @@
 //! a hostname check.
 //!
 //! Map: `spiffe.rs` IDs and roles; `trust.rs` the `SPIKE_TRUST_ROOT*` lists;
-//! `svid.rs` the SVID and [`SvidSource`] (files); `tls.rs` rustls resolvers and
-//! verifiers; `pki.rs` the development CA.
+//! `svid.rs` the SVID and [`SvidSource`] (files); `workload.rs` the Workload API
+//! stream; `tls.rs` rustls resolvers and verifiers; `pki.rs` the development CA.
 
 pub mod pki;
 mod spiffe;
 mod svid;
 mod tls;
 mod trust;
+mod workload;
 
 pub use spiffe::{Role, SpiffeId};
-pub use svid::{ReloaderGuard, Svid, SvidPaths, SvidSource};
+pub use svid::{IdentityState, ReloaderGuard, Svid, SvidPaths, SvidSource};
 pub use tls::{
     ClientAuth, ExpectedPeer, client_config, client_config_for, peer_spiffe_id, server_config,
     server_config_for,
@@ -27,8 +28,13 @@ pub use trust::{
     DEFAULT_TRUST_DOMAIN, TRUST_ROOT, TRUST_ROOT_KEEPER, TRUST_ROOT_LITE_WORKLOAD,
     TRUST_ROOT_NEXUS, TRUST_ROOT_PILOT, TrustRoots,
 };
+pub use workload::{
+    AgentProblem, Backoff, DEFAULT_FIRST_SVID_TIMEOUT, ENDPOINT_SOCKET, PendingIdentity,
+    SOURCE_TIMEOUT, WorkloadApiConfig, parse_endpoint, start as start_workload_api,
+};
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Result type of the identity module.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -157,4 +163,47 @@ pub enum Error {
         value: String,
         reason: String,
     },
+
+    /// `SPIFFE_ENDPOINT_SOCKET` is not a usable endpoint.
+    #[error("SPIFFE_ENDPOINT_SOCKET={value:?}: {reason}")]
+    BadEndpoint { value: String, reason: String },
+
+    /// The Workload API cannot give an SVID, and retrying will not help.
+    #[error("SPIFFE Workload API {endpoint} (SPIFFE_ENDPOINT_SOCKET): {problem}")]
+    WorkloadApi {
+        endpoint: String,
+        problem: AgentProblem,
+    },
+
+    /// No usable SVID from the Workload API within the start-up deadline.
+    #[error(
+        "no usable SVID from the SPIFFE Workload API {endpoint} (SPIFFE_ENDPOINT_SOCKET) within \
+         {} (SPIKE_SPIFFE_SOURCE_TIMEOUT){}",
+        humantime(*waited),
+        problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+    )]
+    AgentTimeout {
+        endpoint: String,
+        waited: Duration,
+        problem: Option<AgentProblem>,
+    },
+}
+
+impl Error {
+    /// True for the errors that mean "the SPIFFE agent did not give this
+    /// process an identity" (so a caller can exit with a status of its own).
+    pub fn is_agent_unavailable(&self) -> bool {
+        matches!(self, Error::AgentTimeout { .. } | Error::WorkloadApi { .. })
+    }
+}
+
+/// `30s`, `1.5s`, `250ms`: a duration for messages.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }

@@ -1,5 +1,7 @@
-//! X.509 SVIDs on disk (as spiffe-helper writes them), loading, and reloading
-//! on rotation.
+//! X.509 SVIDs and where the current one comes from: files on disk (as
+//! spiffe-helper writes them, reloaded on rotation) or the SPIFFE Workload API
+//! (streamed, see `workload.rs`). [`SvidSource::current`] is the one place
+//! the TLS resolvers and verifiers read from, whichever the source.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +19,7 @@ use zeroize::Zeroizing;
 
 use super::spiffe::SpiffeId;
 use super::tls::peer_spiffe_id_in;
+use super::workload::{AgentProblem, Running};
 use super::{Error, Result};
 
 const CERT_WHAT: &str = "SVID certificate";
@@ -73,7 +76,6 @@ pub(super) enum Trust {
     /// Each trust domain's own bundle (Workload API), already limited to the
     /// configured trust domains: a peer's chain is checked only against the
     /// bundle of the trust domain in its SPIFFE ID.
-    #[allow(dead_code)] // built by the Workload API source, which comes next
     PerDomain(BTreeMap<String, Vec<TrustAnchor<'static>>>),
 }
 
@@ -291,6 +293,25 @@ impl Svid {
         })
     }
 
+    /// An SVID whose parts have been checked by the caller (`workload.rs`).
+    pub(super) fn from_parts(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        bundle: Vec<CertificateDer<'static>>,
+        trust: Trust,
+        certified_key: CertifiedKey,
+        not_after: SystemTime,
+    ) -> Svid {
+        Svid {
+            id,
+            chain,
+            bundle,
+            trust,
+            certified_key: Arc::new(certified_key),
+            not_after,
+        }
+    }
+
     /// The SVID's own SPIFFE ID.
     pub fn id(&self) -> &SpiffeId {
         &self.id
@@ -356,65 +377,177 @@ fn read_all(paths: &SvidPaths) -> Result<Files> {
     })
 }
 
+/// Whether this process has an identity it can present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityState {
+    /// No SVID yet: the Workload API has not delivered one (agent away, no
+    /// registration entry, bundles missing).
+    WaitingForAgent,
+    /// An SVID valid until `not_after` is in use.
+    Ready { not_after: SystemTime },
+    /// The SVID in use expired at `not_after` and nothing has replaced it:
+    /// peers will refuse it.
+    Expired { not_after: SystemTime },
+}
+
+impl IdentityState {
+    /// The state of an SVID expiring at `not_after`, seen at `now`.
+    pub fn of(not_after: SystemTime, now: SystemTime) -> IdentityState {
+        if now >= not_after {
+            IdentityState::Expired { not_after }
+        } else {
+            IdentityState::Ready { not_after }
+        }
+    }
+
+    /// A stable short name for health reports: `waiting_for_agent`, `ready`,
+    /// `svid_expired`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IdentityState::WaitingForAgent => "waiting_for_agent",
+            IdentityState::Ready { .. } => "ready",
+            IdentityState::Expired { .. } => "svid_expired",
+        }
+    }
+
+    /// True while an unexpired SVID is in use.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, IdentityState::Ready { .. })
+    }
+}
+
+impl fmt::Display for IdentityState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityState::WaitingForAgent => f.write_str("waiting for an SVID"),
+            IdentityState::Ready { not_after } => {
+                write!(f, "SVID valid until {}", format_utc(*not_after))
+            }
+            IdentityState::Expired { not_after } => write!(
+                f,
+                "SVID expired at {} and nothing replaced it",
+                format_utc(*not_after)
+            ),
+        }
+    }
+}
+
 struct State {
     svid: Arc<Svid>,
     fingerprint: [u8; 32],
 }
 
-/// The current SVID, reloaded from disk when its files change.
+/// Where the current SVID comes from.
+enum Kind {
+    /// SVID files, re-read by [`SvidSource::reload_if_changed`].
+    Files {
+        paths: SvidPaths,
+        state: RwLock<State>,
+    },
+    /// The SPIFFE Workload API, streamed by a task that lives as long as this.
+    WorkloadApi(Running),
+}
+
+/// The current SVID, from files (reloaded when they change) or from the
+/// SPIFFE Workload API (replaced as the agent rotates it). TLS configurations
+/// read [`current`](Self::current) at each handshake.
 pub struct SvidSource {
-    paths: SvidPaths,
-    state: RwLock<State>,
+    kind: Kind,
 }
 
 impl fmt::Debug for SvidSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidSource")
-            .field("paths", &self.paths)
+            .field("from", &self.describe())
             .field("current", &self.current())
             .finish()
     }
 }
 
 impl SvidSource {
-    /// Loads the SVID once; errors if it cannot be loaded.
+    /// Loads the SVID files once; errors if they cannot be loaded.
     pub fn load(paths: SvidPaths) -> Result<Arc<SvidSource>> {
         let files = read_all(&paths)?;
         let svid = Svid::from_pem(&paths, &files)?;
         Ok(Arc::new(SvidSource {
-            state: RwLock::new(State {
-                svid: Arc::new(svid),
-                fingerprint: files.fingerprint(),
-            }),
-            paths,
+            kind: Kind::Files {
+                state: RwLock::new(State {
+                    svid: Arc::new(svid),
+                    fingerprint: files.fingerprint(),
+                }),
+                paths,
+            },
         }))
     }
 
-    /// The paths this source reads.
-    pub fn paths(&self) -> &SvidPaths {
-        &self.paths
+    pub(super) fn from_workload_api(running: Running) -> Arc<SvidSource> {
+        Arc::new(SvidSource {
+            kind: Kind::WorkloadApi(running),
+        })
+    }
+
+    /// The paths this source reads; `None` for the Workload API.
+    pub fn paths(&self) -> Option<&SvidPaths> {
+        match &self.kind {
+            Kind::Files { paths, .. } => Some(paths),
+            Kind::WorkloadApi(_) => None,
+        }
+    }
+
+    /// Where the SVID comes from, for logs: `SVID files <cert path>` or
+    /// `SPIFFE Workload API <endpoint>`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Files { paths, .. } => format!("SVID files {}", paths.cert.display()),
+            Kind::WorkloadApi(r) => format!("SPIFFE Workload API {}", r.endpoint()),
+        }
     }
 
     /// The SVID currently in use.
     pub fn current(&self) -> Arc<Svid> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(&state.svid)
+        match &self.kind {
+            Kind::Files { state, .. } => {
+                let state = state.read().unwrap_or_else(|e| e.into_inner());
+                Arc::clone(&state.svid)
+            }
+            Kind::WorkloadApi(r) => r.current(),
+        }
+    }
+
+    /// Ready or Expired, by the current SVID's expiry (a source only exists
+    /// once it has an SVID).
+    pub fn state(&self) -> IdentityState {
+        IdentityState::of(self.current().not_after(), SystemTime::now())
+    }
+
+    /// Why the Workload API stream is down or its last update was not used,
+    /// while that lasts (the SVID in use stays in use until it expires);
+    /// `None` for files and for a healthy stream. For health details and logs.
+    pub fn agent_problem(&self) -> Option<AgentProblem> {
+        match &self.kind {
+            Kind::Files { .. } => None,
+            Kind::WorkloadApi(r) => r.problem(),
+        }
     }
 
     /// Re-reads the files; if their contents changed since the last successful
     /// load, loads and swaps in the new SVID and returns `Ok(true)`. On error the
-    /// old SVID stays in use and the error is returned.
+    /// old SVID stays in use and the error is returned. The Workload API source
+    /// has nothing to re-read: `Ok(false)`.
     pub fn reload_if_changed(&self) -> Result<bool> {
-        let files = read_all(&self.paths)?;
+        let Kind::Files { paths, state } = &self.kind else {
+            return Ok(false);
+        };
+        let files = read_all(paths)?;
         let fingerprint = files.fingerprint();
         {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let state = state.read().unwrap_or_else(|e| e.into_inner());
             if state.fingerprint == fingerprint {
                 return Ok(false);
             }
         }
-        let svid = Arc::new(Svid::from_pem(&self.paths, &files)?);
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let svid = Arc::new(Svid::from_pem(paths, &files)?);
+        let mut state = state.write().unwrap_or_else(|e| e.into_inner());
         state.svid = svid;
         state.fingerprint = fingerprint;
         Ok(true)
@@ -422,8 +555,12 @@ impl SvidSource {
 
     /// Spawns a tokio task (must be called inside a tokio runtime) that calls
     /// [`reload_if_changed`](Self::reload_if_changed) every `every`, logging
-    /// each reload or failure. Dropping the guard stops the task.
+    /// each reload or failure. Dropping the guard stops the task. The Workload
+    /// API source streams its updates on its own: no task is started.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> ReloaderGuard {
+        if matches!(self.kind, Kind::WorkloadApi(_)) {
+            return ReloaderGuard { handle: None };
+        }
         let weak: Weak<SvidSource> = Arc::downgrade(self);
         let handle = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -459,7 +596,9 @@ impl SvidSource {
                 }
             }
         });
-        ReloaderGuard { handle }
+        ReloaderGuard {
+            handle: Some(handle),
+        }
     }
 }
 
@@ -467,12 +606,14 @@ impl SvidSource {
 #[must_use = "the reloader stops when the guard is dropped"]
 #[derive(Debug)]
 pub struct ReloaderGuard {
-    handle: tokio::task::JoinHandle<()>,
+    handle: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for ReloaderGuard {
     fn drop(&mut self) {
-        self.handle.abort();
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
     }
 }
 
@@ -518,6 +659,36 @@ mod tests {
         assert_eq!(
             format_utc(UNIX_EPOCH + Duration::from_secs(1_709_251_199)),
             "2024-02-29T23:59:59Z"
+        );
+    }
+
+    #[test]
+    fn identity_state_follows_expiry() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let before = t - Duration::from_secs(1);
+        assert_eq!(
+            IdentityState::of(t, before),
+            IdentityState::Ready { not_after: t }
+        );
+        assert!(IdentityState::of(t, before).is_ready());
+        assert_eq!(
+            IdentityState::of(t, t),
+            IdentityState::Expired { not_after: t }
+        );
+        assert_eq!(
+            IdentityState::of(t, t + Duration::from_secs(5)).name(),
+            "svid_expired"
+        );
+        assert_eq!(IdentityState::WaitingForAgent.name(), "waiting_for_agent");
+        assert!(!IdentityState::WaitingForAgent.is_ready());
+        assert_eq!(
+            IdentityState::of(t, before).to_string(),
+            "SVID valid until 1970-01-12T13:46:40Z"
+        );
+        assert!(
+            IdentityState::of(t, t)
+                .to_string()
+                .contains("expired at 1970-01-12T13:46:40Z")
         );
     }
 
@@ -659,6 +830,10 @@ mod tests {
     fn reload() {
         let (_tmp, ca, paths) = setup("spiffe://spike.ist/spike/nexus");
         let source = SvidSource::load(paths.clone()).unwrap();
+        assert_eq!(source.paths(), Some(&paths));
+        assert!(source.state().is_ready());
+        assert!(source.agent_problem().is_none());
+        assert!(source.current().bundle_domains().is_none());
         assert_eq!(
             source.current().id().as_str(),
             "spiffe://spike.ist/spike/nexus"

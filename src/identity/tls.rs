@@ -783,7 +783,13 @@ pub(super) mod tests {
         .unwrap();
         let (_, c) = handshake(server.clone(), cfg.clone(), "localhost").await;
         assert!(c.is_err());
-        let dir = server_src.paths().cert.parent().unwrap().to_path_buf();
+        let dir = server_src
+            .paths()
+            .unwrap()
+            .cert
+            .parent()
+            .unwrap()
+            .to_path_buf();
         pki::issue(
             &pki.ca,
             &SpiffeId::parse("spiffe://spike.ist/spike/nexus").unwrap(),
