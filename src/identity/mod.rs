@@ -9,15 +9,18 @@
 //!
 //! Map: `spiffe.rs` IDs and roles; `trust.rs` the `SPIKE_TRUST_ROOT*` lists;
 //! `svid.rs` the SVID and [`SvidSource`] (files); `workload.rs` the Workload API
-//! stream; `tls.rs` rustls resolvers and verifiers; `pki.rs` the development CA.
+//! stream; `select.rs` which of the two the environment asks for; `tls.rs`
+//! rustls resolvers and verifiers; `pki.rs` the development CA.
 
 pub mod pki;
+mod select;
 mod spiffe;
 mod svid;
 mod tls;
 mod trust;
 mod workload;
 
+pub use select::{IdentityConfig, SourceConfig};
 pub use spiffe::{Role, SpiffeId};
 pub use svid::{IdentityState, ReloaderGuard, Svid, SvidPaths, SvidSource};
 pub use tls::{
@@ -163,6 +166,22 @@ pub enum Error {
         value: String,
         reason: String,
     },
+
+    /// Both the Workload API and SVID files are configured.
+    #[error(
+        "both SPIFFE_ENDPOINT_SOCKET and {files_var} are set: choose one identity source \
+         (unset SPIFFE_ENDPOINT_SOCKET to use SVID files, or the SPIKE_SVID_* variables to use \
+         the SPIFFE Workload API)"
+    )]
+    BothIdentitySources { files_var: &'static str },
+
+    /// Neither the Workload API nor SVID files are configured.
+    #[error(
+        "no identity source: set SPIFFE_ENDPOINT_SOCKET to the SPIFFE Workload API socket \
+         (e.g. unix:///tmp/spire-agent/public/api.sock), or SPIKE_SVID_DIR to a directory \
+         holding svid.pem, svid_key.pem and svid_bundle.pem"
+    )]
+    NoIdentitySource,
 
     /// `SPIFFE_ENDPOINT_SOCKET` is not a usable endpoint.
     #[error("SPIFFE_ENDPOINT_SOCKET={value:?}: {reason}")]
