@@ -188,7 +188,8 @@ pub enum AgentProblem {
     NotWorkloadApi { reason: String },
     /// The agent knows of no SVID for this process (`PermissionDenied`).
     NoIdentity { message: String },
-    /// Another gRPC status.
+    /// Another gRPC status (an agent that dies mid-stream shows as `UNKNOWN`,
+    /// "h2 protocol error").
     Status { code: String, message: String },
     /// The agent ended the stream.
     StreamEnded,
@@ -235,7 +236,7 @@ impl fmt::Display for AgentProblem {
                 "the agent has no SVID for this process (PermissionDenied: {message}); register this workload with SPIRE (an entry whose selectors match this process) or wait for the agent to sync it"
             ),
             AgentProblem::Status { code, message } => {
-                write!(f, "the agent answered {code}: {message}")
+                write!(f, "the stream failed with gRPC {code}: {message}")
             }
             AgentProblem::StreamEnded => f.write_str("the agent closed the stream"),
             AgentProblem::BadResponse { reason } => write!(f, "unusable response: {reason}"),
