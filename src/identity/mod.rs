@@ -178,7 +178,7 @@ pub enum Error {
     /// Neither the Workload API nor SVID files are configured.
     #[error(
         "no identity source: set SPIFFE_ENDPOINT_SOCKET to the SPIFFE Workload API socket \
-         (e.g. unix:///tmp/spire-agent/public/api.sock), or SPIKE_SVID_DIR to a directory \
+         (e.g. unix:///tmp/spire-agent/public/api.sock), or set SPIKE_SVID_DIR to a directory \
          holding svid.pem, svid_key.pem and svid_bundle.pem"
     )]
     NoIdentitySource,
