@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::Uri;
 
-use crate::identity::SvidPaths;
+use crate::identity::{IdentityConfig, TrustRoots};
 
 /// One configuration problem, named by its variable.
 #[derive(Debug, thiserror::Error)]
@@ -62,39 +62,41 @@ pub const DEFAULT_API_URL: &str = "https://localhost:8553";
 /// How often servers look for rotated SVID files on disk.
 pub const SVID_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
-/// What every server process needs: who it is and which trust domain it serves.
+/// What every process needs: who it is and which trust domains it accepts.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// `SPIKE_TRUST_ROOT`: the only trust domain whose SVIDs are accepted.
+    /// The first `SPIKE_TRUST_ROOT` entry (`spike.ist` by default).
     pub trust_domain: String,
-    /// This process's SVID files (`SPIKE_SVID_DIR` and the single-file overrides).
-    pub svid: SvidPaths,
+    /// The `SPIKE_TRUST_ROOT*` lists and the SVID source: `SPIFFE_ENDPOINT_SOCKET` (the Workload
+    /// API, waited for up to `SPIKE_SPIFFE_SOURCE_TIMEOUT`) or the `SPIKE_SVID_*` files.
+    pub config: IdentityConfig,
 }
 
 impl Identity {
     pub fn from_source(env: &impl Source) -> Result<Identity> {
-        let trust_domain = trust_domain(env)?;
-        let path = |name| env.get(name).map(PathBuf::from);
-        let svid = SvidPaths::resolve(
-            path("SPIKE_SVID_DIR"),
-            path("SPIKE_SVID_CERT"),
-            path("SPIKE_SVID_KEY"),
-            path("SPIKE_SVID_BUNDLE"),
-        )?;
-        Ok(Identity { trust_domain, svid })
+        let mut config = IdentityConfig::from_lookup(&|name| env.get(name))?;
+        config.set_first_svid_timeout(duration(
+            env,
+            crate::identity::SOURCE_TIMEOUT,
+            crate::identity::DEFAULT_FIRST_SVID_TIMEOUT,
+        )?);
+        Ok(Identity {
+            trust_domain: config.trust.primary().to_string(),
+            config,
+        })
+    }
+
+    /// The trust domains each kind of peer may come from.
+    pub fn trust(&self) -> &TrustRoots {
+        &self.config.trust
     }
 }
 
-/// `SPIKE_TRUST_ROOT`, validated as a SPIFFE trust domain name.
+/// The first `SPIKE_TRUST_ROOT` entry, the list validated as trust domain names.
 pub fn trust_domain(env: &impl Source) -> Result<String> {
-    let td = env
-        .get("SPIKE_TRUST_ROOT")
-        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
-    crate::identity::SpiffeId::parse(&format!("spiffe://{td}")).map_err(|e| Error::Invalid {
-        var: "SPIKE_TRUST_ROOT",
-        reason: format!("{td:?} is not a valid trust domain ({e})"),
-    })?;
-    Ok(td)
+    Ok(TrustRoots::from_lookup(&|name| env.get(name))?
+        .primary()
+        .to_string())
 }
 
 /// `spike keeper` configuration.

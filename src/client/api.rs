@@ -45,7 +45,7 @@ use crate::api::{
 };
 use crate::client::{self, HttpsClient, Timeouts};
 use crate::config::{self, Source};
-use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
+use crate::identity::{self, ExpectedPeer, Role, SpiffeId};
 
 /// Why a call to Nexus failed.
 #[derive(Debug, thiserror::Error)]
@@ -193,15 +193,16 @@ pub struct NexusClient {
 }
 
 impl NexusClient {
-    /// Builds a client from the client environment (see the module docs).
-    pub fn from_env(env: &impl Source) -> Result<NexusClient> {
+    /// Builds a client from the client environment (see the module docs); with the Workload API,
+    /// waits for the caller's SVID.
+    pub async fn from_env(env: &impl Source) -> Result<NexusClient> {
         let urls = config::api_urls(env)?;
         let ident = config::Identity::from_source(env)?;
-        let source = SvidSource::load(ident.svid)?;
-        let tls = identity::client_config(
+        let source = ident.config.open().await?;
+        let tls = identity::client_config_for(
             Some(&source),
             None,
-            &ident.trust_domain,
+            ident.trust(),
             ExpectedPeer::Role(Role::Nexus),
         )?;
         let caller = source.current().id().clone();

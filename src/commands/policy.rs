@@ -148,7 +148,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
         }
         PolicyCommand::Apply { file } => put(format, read_policy_file(&file)?).await,
         PolicyCommand::Get { name } => {
-            let client = connect()?;
+            let client = connect().await?;
             let policy = client.policy_get(&name).await.map_err(|e| {
                 nexus_failure(&client, &acl_op("read", format!("policy {name}"), false), e)
             })?;
@@ -161,7 +161,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
             spiffeid_pattern,
             path_pattern,
         } => {
-            let client = connect()?;
+            let client = connect().await?;
             let filter = PolicyListRequest {
                 spiffeid_pattern,
                 path_pattern,
@@ -175,7 +175,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
             }
         }
         PolicyCommand::Delete { name } => {
-            let client = connect()?;
+            let client = connect().await?;
             client.policy_delete(&name).await.map_err(|e| {
                 nexus_failure(&client, &acl_op("write", format!("policy {name}"), true), e)
             })?;
@@ -194,7 +194,7 @@ async fn put(format: Format, policy: PolicyPutRequest) -> Result<()> {
     for warning in anchoring_warnings(&policy) {
         eprintln!("spike: {warning}");
     }
-    let client = connect()?;
+    let client = connect().await?;
     let op = Op {
         invalid_hint: "check the name, the patterns and the permissions; a policy that reaches a \
                        spike/system/ path needs a path pattern matching it whole and an anchored \

@@ -41,7 +41,7 @@ fn require_role(client: &crate::client::api::NexusClient, role: Role, what: &str
 }
 
 async fn export(dir: &Path) -> Result<()> {
-    let client = connect()?;
+    let client = connect().await?;
     require_role(&client, Role::Recover, "recover export")?;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -123,7 +123,7 @@ async fn restore(nexus: &str, file: &Path) -> Result<()> {
             file.display()
         ))
     })?;
-    let client = connect()?.with_urls(vec![url.clone()]);
+    let client = connect().await?.with_urls(vec![url.clone()]);
     require_role(&client, Role::Restore, "recover restore")?;
     let op = Op {
         permission: "restore",

@@ -100,7 +100,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
     match command {
         SecretCommand::Put { path, values, cas } => {
             let values = parse_values(&values).map_err(Error::Usage)?;
-            let client = connect()?;
+            let client = connect().await?;
             let version =
                 client
                     .secret_put(&path, values, cas)
@@ -133,7 +133,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             }
         }
         SecretCommand::Get { path, key, version } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = read_op(&path, version);
             let resp = client
                 .secret_get(&path, version)
@@ -165,7 +165,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             }
         }
         SecretCommand::List { prefix } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = Op {
                 permission: "list",
                 resource: "spike/system/secret",
@@ -189,7 +189,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             versions_command(format, "undelete", path, versions).await
         }
         SecretCommand::Metadata { path, version } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = read_op(&path, version);
             let resp = client
                 .secret_metadata(&path, version)
@@ -210,7 +210,7 @@ async fn versions_command(
     versions: Option<VersionList>,
 ) -> Result<()> {
     let versions = versions.map(|v| v.0).unwrap_or_default();
-    let client = connect()?;
+    let client = connect().await?;
     let op = Op {
         permission: "write",
         resource: &path,

@@ -17,7 +17,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::KeeperConfig;
 use crate::crypto::Share;
-use crate::identity::{ClientAuth, Role};
+use crate::identity::{ClientAuth, Role, TrustRoots};
 use crate::transport::{self, Handler, Peer};
 
 /// Largest request body a Keeper reads: a shard request is well under 1 KiB.
@@ -56,16 +56,16 @@ struct Held {
 
 /// The Keeper's request handler and its only state.
 pub struct Keeper {
-    /// The trust domain whose Nexus may talk to us.
-    trust_domain: String,
+    /// The trust domains whose Nexus may talk to us (`SPIKE_TRUST_ROOT_NEXUS`).
+    trust: TrustRoots,
     /// The shard, if Nexus has sent one since this process started.
     shard: Mutex<Option<Held>>,
 }
 
 impl Keeper {
-    pub fn new(trust_domain: String) -> Keeper {
+    pub fn new(trust: TrustRoots) -> Keeper {
         Keeper {
-            trust_domain,
+            trust,
             shard: Mutex::new(None),
         }
     }
@@ -152,7 +152,7 @@ impl Handler for Keeper {
         let is_nexus = peer
             .id
             .as_ref()
-            .is_some_and(|id| Role::of(id, &self.trust_domain) == Some(Role::Nexus));
+            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus));
         if !is_nexus {
             tracing::warn!(peer = ?peer.id.as_ref().map(|id| id.to_string()), "refused a caller that is not Nexus");
             return transport::error(StatusCode::UNAUTHORIZED, "access_unauthorized");
@@ -189,13 +189,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     crate::hardening::harden_process();
-    let td = cfg.identity.trust_domain.clone();
-    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper)?;
-    let tls =
-        crate::identity::server_config(&own.source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
+    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper).await?;
+    let tls = crate::identity::server_config_for(
+        &own.source,
+        cfg.identity.trust(),
+        ClientAuth::Require(vec![Role::Nexus]),
+    )?;
     let (listener, addr) = transport::bind(cfg.listen).await?;
     tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
-    let keeper = Arc::new(Keeper::new(td));
+    let keeper = Arc::new(Keeper::new(cfg.identity.trust().clone()));
     // The shard lives inline in the Keeper, which lives as long as the process.
     crate::hardening::lock(&*keeper, "keeper shard");
     crate::systemd::ready("holding no shard (waiting for Nexus)");

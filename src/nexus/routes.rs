@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::api::{self, Empty};
-use crate::identity::{Role, SpiffeId};
+use crate::identity::{Role, SpiffeId, TrustRoots};
 use crate::store::{Entry, Namespace, Store};
 use crate::transport::{self, Handler, Peer};
 
@@ -116,19 +116,11 @@ enum Caller {
     Refused,
 }
 
-fn classify(id: &SpiffeId, trust_domain: &str) -> Caller {
-    const LITE: &str = "/spike/workload/role/lite";
-    match Role::of(id, trust_domain) {
+fn classify(id: &SpiffeId, trust: &TrustRoots) -> Caller {
+    match trust.role_of(id) {
         Some(Role::Superuser) => Caller::Superuser,
-        // Role::of has checked the trust domain.
-        Some(Role::Workload)
-            if id
-                .path()
-                .strip_prefix(LITE)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) =>
-        {
-            Caller::Lite
-        }
+        // SPIKE_TRUST_ROOT_LITE_WORKLOAD decides, as in SPIKE.
+        Some(Role::Workload) if trust.is_lite_workload(id) => Caller::Lite,
         Some(Role::Workload) => Caller::Workload,
         _ => Caller::Refused,
     }
@@ -228,7 +220,7 @@ impl Api {
         resource: &mut String,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let cfg = &self.nexus.config;
-        let kind = classify(caller, &cfg.identity.trust_domain);
+        let kind = classify(caller, cfg.identity.trust());
         let stream = req
             .headers()
             .get(CONTENT_TYPE)
@@ -344,7 +336,7 @@ impl Api {
                 ok(&api::PolicyListResponse { policies })
             }
             Route::Recover => {
-                if Role::of(caller, &cfg.identity.trust_domain) != Some(Role::Recover) {
+                if cfg.identity.trust().role_of(caller) != Some(Role::Recover) {
                     return Err(ApiError::Unauthorized);
                 }
                 let _: Empty = parse(&body)?;
@@ -620,7 +612,7 @@ impl Api {
         req: Request<Incoming>,
         caller: &SpiffeId,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        if Role::of(caller, &self.nexus.config.identity.trust_domain) != Some(Role::Restore) {
+        if self.nexus.config.identity.trust().role_of(caller) != Some(Role::Restore) {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;
@@ -671,8 +663,8 @@ mod tests {
 
     #[test]
     fn caller_kinds() {
-        let td = "spike.ist";
-        let k = |s: &str| classify(&SpiffeId::parse(s).unwrap(), td);
+        let td = TrustRoots::single("spike.ist").unwrap();
+        let k = |s: &str| classify(&SpiffeId::parse(s).unwrap(), &td);
         assert_eq!(
             k("spiffe://spike.ist/spike/pilot/role/superuser"),
             Caller::Superuser
