@@ -68,7 +68,7 @@ pub async fn run(format: Format, command: CipherCommand) -> Result<()> {
     } else {
         None
     };
-    let client = connect()?;
+    let client = connect().await?;
     let op = Op {
         permission: "execute",
         resource: CIPHER_PATH,

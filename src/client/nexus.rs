@@ -37,7 +37,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::client::config;
-use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidSource};
+use crate::identity::{self, ExpectedPeer, Role, SpiffeId};
 use crate::platform::env::{self, Source};
 use crate::protocol::nexus::{
     self as wire, DECRYPT_PATH, DecryptRequest, DecryptResponse, ENCRYPT_PATH, EncryptRequest,
@@ -206,15 +206,16 @@ pub struct NexusClient {
 }
 
 impl NexusClient {
-    /// Builds a client from the client environment (see the module docs).
-    pub fn from_env(env: &impl Source) -> Result<NexusClient> {
+    /// Builds a client from the client environment (see the module docs); with the Workload API,
+    /// waits for the caller's SVID.
+    pub async fn from_env(env: &impl Source) -> Result<NexusClient> {
         let urls = config::api_urls(env)?;
         let ident = crate::identity::IdentityConfig::from_source(env)?;
-        let source = SvidSource::load(ident.svid)?;
-        let tls = identity::client_config(
+        let source = ident.open().await?;
+        let tls = identity::client_config_for(
             Some(&source),
             None,
-            &ident.trust_domain,
+            &ident.trust,
             ExpectedPeer::Role(Role::Nexus),
         )?;
         let caller = source.current().id().clone();

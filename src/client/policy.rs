@@ -106,7 +106,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
         }
         PolicyCommand::Apply { file } => put(format, read_policy_file(&file)?).await,
         PolicyCommand::Get { name } => {
-            let client = connect()?;
+            let client = connect().await?;
             let policy = client.policy_get(&name).await.map_err(|e| {
                 nexus_failure(&client, &acl_op("read", format!("policy {name}"), false), e)
             })?;
@@ -119,7 +119,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
             spiffeid_pattern,
             path_pattern,
         } => {
-            let client = connect()?;
+            let client = connect().await?;
             let filter = PolicyListRequest {
                 spiffeid_pattern,
                 path_pattern,
@@ -133,7 +133,7 @@ pub async fn run(format: Format, command: PolicyCommand) -> Result<()> {
             }
         }
         PolicyCommand::Delete { name } => {
-            let client = connect()?;
+            let client = connect().await?;
             client.policy_delete(&name).await.map_err(|e| {
                 nexus_failure(&client, &acl_op("write", format!("policy {name}"), true), e)
             })?;
@@ -152,7 +152,7 @@ async fn put(format: Format, policy: PolicyPutRequest) -> Result<()> {
     for warning in anchoring_warnings(&policy) {
         eprintln!("spike: {warning}");
     }
-    let client = connect()?;
+    let client = connect().await?;
     let op = Op {
         invalid_hint: "check the name, the patterns and the permissions; a policy that reaches a \
                        spike/system/ path needs a path pattern matching it whole and an anchored \

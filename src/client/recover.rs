@@ -43,7 +43,7 @@ fn require_role(client: &crate::client::nexus::NexusClient, role: Role, what: &s
 }
 
 async fn export(dir: &Path) -> Result<()> {
-    let client = connect()?;
+    let client = connect().await?;
     require_role(&client, Role::Recover, "recover export")?;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -119,7 +119,7 @@ async fn restore(nexus: &str, file: &Path) -> Result<()> {
             file.display()
         ))
     })?;
-    let client = connect()?.with_urls(vec![url.clone()]);
+    let client = connect().await?.with_urls(vec![url.clone()]);
     require_role(&client, Role::Restore, "recover restore")?;
     let op = Op {
         permission: "restore",

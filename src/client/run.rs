@@ -57,14 +57,17 @@ pub fn block_on(command: impl Future<Output = Result<()>>) -> Result<()> {
 }
 
 /// The client for the process environment. Its problems are configuration problems (exit 2).
-pub fn connect() -> Result<NexusClient> {
-    NexusClient::from_env(&ProcessEnv).map_err(|e| match e {
-        nexus_api::Error::Identity(e) => Error::Usage(format!(
-            "cannot load your SVID: {e} (SPIKE_SVID_DIR, or SPIKE_SVID_CERT, SPIKE_SVID_KEY and \
-             SPIKE_SVID_BUNDLE, must name the SVID files of the identity you act as)"
-        )),
-        other => Error::Usage(other.to_string()),
-    })
+pub async fn connect() -> Result<NexusClient> {
+    NexusClient::from_env(&ProcessEnv)
+        .await
+        .map_err(|e| match e {
+            nexus_api::Error::Identity(e) => Error::Usage(format!(
+                "cannot load your SVID: {e} (SPIFFE_ENDPOINT_SOCKET, or SPIKE_SVID_DIR, or \
+             SPIKE_SVID_CERT, SPIKE_SVID_KEY and SPIKE_SVID_BUNDLE, must give the identity you \
+             act as)"
+            )),
+            other => Error::Usage(other.to_string()),
+        })
 }
 
 /// What a command asked of Nexus, to turn a refusal into a message that says what to fix.

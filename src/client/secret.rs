@@ -103,7 +103,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
     match command {
         SecretCommand::Put { path, values, cas } => {
             let values = parse_values(&values).map_err(Error::Usage)?;
-            let client = connect()?;
+            let client = connect().await?;
             let version =
                 client
                     .secret_put(&path, values, cas)
@@ -141,7 +141,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             }
         }
         SecretCommand::Get { path, key, version } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = read_op(&path, version);
             let resp = client
                 .secret_get(&path, version)
@@ -173,7 +173,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             }
         }
         SecretCommand::List { prefix } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = Op {
                 permission: "list",
                 resource: crate::protocol::policy::SECRET_LIST_PATH,
@@ -197,7 +197,7 @@ pub async fn run(format: Format, command: SecretCommand) -> Result<()> {
             versions_command(format, "undelete", path, versions).await
         }
         SecretCommand::Metadata { path, version } => {
-            let client = connect()?;
+            let client = connect().await?;
             let op = read_op(&path, version);
             let resp = client
                 .secret_metadata(&path, version)
@@ -218,7 +218,7 @@ async fn versions_command(
     versions: Option<VersionList>,
 ) -> Result<()> {
     let versions = versions.map(|v| v.0).unwrap_or_default();
-    let client = connect()?;
+    let client = connect().await?;
     let op = Op {
         permission: "write",
         resource: &path,

@@ -1,22 +1,45 @@
-//! SPIFFE identities for SPIKE: SPIFFE IDs and roles, X.509 SVIDs loaded from
-//! disk (and reloaded when they rotate), mutual-TLS configurations that verify
-//! peers by trust bundle + SPIFFE ID, and a small development PKI.
+//! SPIFFE identities for SPIKE: SPIFFE IDs and roles, the trust domains each
+//! role may come from, this process's X.509 SVID from files on disk or from the
+//! SPIFFE Workload API (replaced when it rotates), mutual-TLS configurations
+//! that verify peers by trust bundle + SPIFFE ID, and a small development PKI.
 //!
 //! Certificates may carry only a URI SAN (no DNS name), so peer verification is
-//! "chains to the trust bundle" + "SPIFFE ID check", never a hostname check.
+//! "chains to the bundle of the peer's trust domain" + "SPIFFE ID check", never
+//! a hostname check.
+//!
+//! Map: `spiffe.rs` IDs and roles; `trust.rs` the `SPIKE_TRUST_ROOT*` lists;
+//! `svid.rs` the SVID and [`SvidSource`] (files); `workload.rs` the Workload API
+//! stream; `select.rs` which of the two the environment asks for; `tls.rs`
+//! rustls resolvers and verifiers; `pki.rs` the development CA.
 
 pub mod config;
 pub mod pki;
+mod select;
 mod spiffe;
 mod svid;
 mod tls;
+mod trust;
+mod workload;
 
-pub use config::{DEFAULT_TRUST_DOMAIN, IdentityConfig, SVID_RELOAD_INTERVAL};
+pub use config::SVID_RELOAD_INTERVAL;
+pub use select::{IdentityConfig, SourceConfig};
 pub use spiffe::{Role, SpiffeId};
-pub use svid::{ReloaderGuard, Svid, SvidPaths, SvidSource};
-pub use tls::{ClientAuth, ExpectedPeer, client_config, peer_spiffe_id, server_config};
+pub use svid::{IdentityState, ReloaderGuard, Svid, SvidPaths, SvidSource};
+pub use tls::{
+    ClientAuth, ExpectedPeer, client_config, client_config_for, peer_spiffe_id, server_config,
+    server_config_for,
+};
+pub use trust::{
+    DEFAULT_TRUST_DOMAIN, TRUST_ROOT, TRUST_ROOT_KEEPER, TRUST_ROOT_LITE_WORKLOAD,
+    TRUST_ROOT_NEXUS, TRUST_ROOT_PILOT, TrustRoots,
+};
+pub use workload::{
+    AgentProblem, Backoff, DEFAULT_FIRST_SVID_TIMEOUT, ENDPOINT_SOCKET, PendingIdentity,
+    SOURCE_TIMEOUT, WorkloadApiConfig, parse_endpoint, start as start_workload_api,
+};
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Result type of the identity module.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -111,6 +134,13 @@ pub enum Error {
     #[error("no trust bundle to verify the server with: give an SVID source or a bundle")]
     NoTrustBundle,
 
+    /// No bundle is held for a peer's trust domain.
+    #[error(
+        "no trust bundle for trust domain {trust_domain} (peer {id}): it is in none of the \
+         SPIKE_TRUST_ROOT* lists, or the Workload API sent no bundle for it"
+    )]
+    NoBundleFor { id: String, trust_domain: String },
+
     /// A SPIFFE ID belongs to another trust domain than the one required.
     #[error("{id} is not in trust domain {expected}")]
     ForeignTrustDomain { id: String, expected: String },
@@ -130,4 +160,71 @@ pub enum Error {
     /// Generating a certificate or key failed.
     #[error("certificate generation failed: {0}")]
     CertGen(String),
+
+    /// A `SPIKE_TRUST_ROOT*` variable does not hold a list of trust domains.
+    #[error("{var}={value:?} is not a comma-separated list of trust domains: {reason}")]
+    InvalidTrustRoot {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// Both the Workload API and SVID files are configured.
+    #[error(
+        "both SPIFFE_ENDPOINT_SOCKET and {files_var} are set: choose one identity source \
+         (unset SPIFFE_ENDPOINT_SOCKET to use SVID files, or the SPIKE_SVID_* variables to use \
+         the SPIFFE Workload API)"
+    )]
+    BothIdentitySources { files_var: &'static str },
+
+    /// Neither the Workload API nor SVID files are configured.
+    #[error(
+        "no identity source: set SPIFFE_ENDPOINT_SOCKET to the SPIFFE Workload API socket \
+         (e.g. unix:///tmp/spire-agent/public/api.sock), or set SPIKE_SVID_DIR to a directory \
+         holding svid.pem, svid_key.pem and svid_bundle.pem"
+    )]
+    NoIdentitySource,
+
+    /// `SPIFFE_ENDPOINT_SOCKET` is not a usable endpoint.
+    #[error("SPIFFE_ENDPOINT_SOCKET={value:?}: {reason}")]
+    BadEndpoint { value: String, reason: String },
+
+    /// The Workload API cannot give an SVID, and retrying will not help.
+    #[error("SPIFFE Workload API {endpoint} (SPIFFE_ENDPOINT_SOCKET): {problem}")]
+    WorkloadApi {
+        endpoint: String,
+        problem: AgentProblem,
+    },
+
+    /// No usable SVID from the Workload API within the start-up deadline.
+    #[error(
+        "no usable SVID from the SPIFFE Workload API {endpoint} (SPIFFE_ENDPOINT_SOCKET) within \
+         {} (SPIKE_SPIFFE_SOURCE_TIMEOUT){}",
+        humantime(*waited),
+        problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+    )]
+    AgentTimeout {
+        endpoint: String,
+        waited: Duration,
+        problem: Option<AgentProblem>,
+    },
+}
+
+impl Error {
+    /// True for the errors that mean "the SPIFFE agent did not give this
+    /// process an identity" (so a caller can exit with a status of its own).
+    pub fn is_agent_unavailable(&self) -> bool {
+        matches!(self, Error::AgentTimeout { .. } | Error::WorkloadApi { .. })
+    }
+}
+
+/// `30s`, `1.5s`, `250ms`: a duration for messages.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }

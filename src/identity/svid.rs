@@ -1,18 +1,25 @@
-//! X.509 SVIDs on disk (as spiffe-helper writes them), loading, and reloading
-//! on rotation.
+//! X.509 SVIDs and where the current one comes from: files on disk (as
+//! spiffe-helper writes them, reloaded on rotation) or the SPIFFE Workload API
+//! (streamed, see `workload.rs`). [`SvidSource::current`] is the one place
+//! the TLS resolvers and verifiers read from, whichever the source.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use rustls::pki_types::pem::{self, PemObject, SectionKind};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    TrustAnchor,
+};
 use rustls::sign::CertifiedKey;
 use zeroize::Zeroizing;
 
 use super::spiffe::SpiffeId;
-use super::tls::{peer_spiffe_id_in, provider};
+use super::tls::peer_spiffe_id_in;
+use super::workload::{AgentProblem, Running};
 use super::{Error, Result};
 
 const CERT_WHAT: &str = "SVID certificate";
@@ -20,7 +27,7 @@ const KEY_WHAT: &str = "SVID key";
 const BUNDLE_WHAT: &str = "SVID trust bundle";
 
 /// Where the three SVID files live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvidPaths {
     /// Leaf certificate first, then intermediates (`svid.pem`).
     pub cert: PathBuf,
@@ -59,13 +66,63 @@ impl SvidPaths {
     }
 }
 
+/// The CA certificates peers are verified against.
+#[derive(Clone)]
+pub(super) enum Trust {
+    /// One set of CAs for every configured trust domain: SVID files and fixed
+    /// bundles, where nothing says which CA belongs to which trust domain
+    /// (spiffe-helper appends federated CAs to the same file).
+    Shared(Vec<TrustAnchor<'static>>),
+    /// Each trust domain's own bundle (Workload API), already limited to the
+    /// configured trust domains: a peer's chain is checked only against the
+    /// bundle of the trust domain in its SPIFFE ID.
+    PerDomain(BTreeMap<String, Vec<TrustAnchor<'static>>>),
+}
+
+impl Trust {
+    /// The CAs that may sign an SVID of `trust_domain` (empty: none).
+    pub(super) fn anchors_for(&self, trust_domain: &str) -> &[TrustAnchor<'static>] {
+        match self {
+            Trust::Shared(all) => all,
+            Trust::PerDomain(map) => map.get(trust_domain).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// The trust domains with a bundle of their own (`None`: shared CAs).
+    pub(super) fn domains(&self) -> Option<Vec<&str>> {
+        match self {
+            Trust::Shared(_) => None,
+            Trust::PerDomain(map) => Some(map.keys().map(String::as_str).collect()),
+        }
+    }
+}
+
+/// CA certificates as webpki trust anchors; `context` names them in errors.
+pub(super) fn anchors(
+    certs: &[CertificateDer<'_>],
+    context: &str,
+) -> Result<Vec<TrustAnchor<'static>>> {
+    certs
+        .iter()
+        .map(|c| {
+            webpki::anchor_from_trusted_cert(c)
+                .map(|a| a.to_owned())
+                .map_err(|e| Error::BadCertificate {
+                    context: context.to_string(),
+                    reason: format!("not usable as a trust anchor: {e}"),
+                })
+        })
+        .collect()
+}
+
 /// Loaded SVID material: certificate chain, private key (inside a rustls
-/// `CertifiedKey`, never printed), trust bundle and the SVID's own SPIFFE ID.
+/// `CertifiedKey`, never printed), trust bundles and the SVID's own SPIFFE ID.
 pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
+    /// The bundle of the SVID's own trust domain (files: the whole bundle file).
     bundle: Vec<CertificateDer<'static>>,
-    roots: Vec<TrustAnchor<'static>>,
+    trust: Trust,
     certified_key: Arc<CertifiedKey>,
     not_after: SystemTime,
 }
@@ -76,6 +133,7 @@ impl fmt::Debug for Svid {
             .field("id", &self.id.as_str())
             .field("chain_len", &self.chain.len())
             .field("bundle_len", &self.bundle.len())
+            .field("bundle_domains", &self.trust.domains())
             .field("not_after", &format_utc(self.not_after))
             .field("key", &"<redacted>")
             .finish()
@@ -120,10 +178,10 @@ fn parse_certs(
     Ok(certs)
 }
 
-fn cert_not_after(der: &CertificateDer<'_>, context: &Path) -> Result<SystemTime> {
+pub(super) fn cert_not_after(der: &CertificateDer<'_>, context: &str) -> Result<SystemTime> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| Error::BadCertificate {
-            context: context.display().to_string(),
+            context: context.to_string(),
             reason: e.to_string(),
         })?;
     let ts = cert.validity().not_after.timestamp();
@@ -131,6 +189,56 @@ fn cert_not_after(der: &CertificateDer<'_>, context: &Path) -> Result<SystemTime
         UNIX_EPOCH + Duration::from_secs(ts.unsigned_abs())
     } else {
         UNIX_EPOCH - Duration::from_secs(ts.unsigned_abs())
+    })
+}
+
+/// Why a private key could not be paired with its certificate chain.
+pub(super) enum KeyProblem {
+    /// ring cannot use the key (type or encoding).
+    Unsupported(String),
+    /// The key is not the leaf certificate's.
+    Mismatch,
+    /// The leaf's public key could not be read.
+    Other(String),
+}
+
+/// Pairs `key` (borrowed, so the caller's zeroized buffer is the only copy of
+/// the DER) with `chain` as rustls wants it, checking they belong together.
+pub(super) fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> std::result::Result<CertifiedKey, KeyProblem> {
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|e| KeyProblem::Unsupported(e.to_string()))?;
+    let certified_key = CertifiedKey::new(chain, signing_key);
+    match certified_key.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            // The key type cannot report its public key; nothing to compare.
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => return Err(KeyProblem::Mismatch),
+        Err(e) => return Err(KeyProblem::Other(e.to_string())),
+    }
+    Ok(certified_key)
+}
+
+/// The first private key in a PEM file, decoded into a buffer wiped on drop.
+fn pem_private_key(path: &Path, bytes: &[u8]) -> Result<(SectionKind, Zeroizing<Vec<u8>>)> {
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
+        let (kind, der) = section.map_err(|e| Error::BadPem {
+            path: path.to_path_buf(),
+            reason: pem_reason(&e),
+        })?;
+        let der = Zeroizing::new(der);
+        if matches!(
+            kind,
+            SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey
+        ) {
+            return Ok((kind, der));
+        }
+    }
+    Err(Error::NoPrivateKey {
+        path: path.to_path_buf(),
     })
 }
 
@@ -144,75 +252,64 @@ impl Svid {
     fn from_pem(paths: &SvidPaths, files: &Files) -> Result<Svid> {
         let chain = parse_certs(CERT_WHAT, &paths.cert, &files.cert)?;
         let leaf = &chain[0];
-        let id = peer_spiffe_id_in(leaf, &paths.cert.display().to_string())?;
-        let not_after = cert_not_after(leaf, &paths.cert)?;
+        let cert_context = paths.cert.display().to_string();
+        let id = peer_spiffe_id_in(leaf, &cert_context)?;
+        let not_after = cert_not_after(leaf, &cert_context)?;
 
-        let key = match PrivateKeyDer::from_pem_slice(&files.key) {
-            Ok(k) => k,
-            Err(pem::Error::NoItemsFound) => {
-                return Err(Error::NoPrivateKey {
-                    path: paths.key.clone(),
-                });
-            }
-            Err(e) => {
-                return Err(Error::BadPem {
-                    path: paths.key.clone(),
-                    reason: pem_reason(&e),
-                });
-            }
+        let (kind, der) = pem_private_key(&paths.key, &files.key)?;
+        let key = match kind {
+            SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(&der[..])),
+            SectionKind::RsaPrivateKey => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(&der[..])),
+            _ => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&der[..])),
         };
-        let signing_key =
-            provider()
-                .key_provider
-                .load_private_key(key)
-                .map_err(|e| Error::UnsupportedKey {
-                    path: paths.key.clone(),
-                    reason: e.to_string(),
-                })?;
-        let certified_key = CertifiedKey::new(chain.clone(), signing_key);
-        match certified_key.keys_match() {
-            Ok(()) => {}
-            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-                // The key type cannot report its public key; nothing to compare.
-            }
-            Err(rustls::Error::InconsistentKeys(_)) => {
-                return Err(Error::KeyMismatch {
-                    key: paths.key.clone(),
-                    cert: paths.cert.clone(),
-                });
-            }
-            Err(e) => {
-                return Err(Error::BadCertificate {
-                    context: paths.cert.display().to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        }
+        let certified_key = certified_key(chain.clone(), &key).map_err(|p| match p {
+            KeyProblem::Unsupported(reason) => Error::UnsupportedKey {
+                path: paths.key.clone(),
+                reason,
+            },
+            KeyProblem::Mismatch => Error::KeyMismatch {
+                key: paths.key.clone(),
+                cert: paths.cert.clone(),
+            },
+            KeyProblem::Other(reason) => Error::BadCertificate {
+                context: cert_context.clone(),
+                reason,
+            },
+        })?;
 
         let bundle = match parse_certs(BUNDLE_WHAT, &paths.bundle, &files.bundle) {
             Err(Error::NoCertificates { path, .. }) => return Err(Error::EmptyBundle { path }),
             other => other?,
         };
-        let roots = bundle
-            .iter()
-            .map(|c| {
-                webpki::anchor_from_trusted_cert(c)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| Error::BadCertificate {
-                        context: paths.bundle.display().to_string(),
-                        reason: format!("not usable as a trust anchor: {e}"),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let roots = anchors(&bundle, &paths.bundle.display().to_string())?;
 
         Ok(Svid {
             id,
             chain,
             bundle,
-            roots,
+            trust: Trust::Shared(roots),
             certified_key: Arc::new(certified_key),
             not_after,
         })
+    }
+
+    /// An SVID whose parts have been checked by the caller (`workload.rs`).
+    pub(super) fn from_parts(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        bundle: Vec<CertificateDer<'static>>,
+        trust: Trust,
+        certified_key: CertifiedKey,
+        not_after: SystemTime,
+    ) -> Svid {
+        Svid {
+            id,
+            chain,
+            bundle,
+            trust,
+            certified_key: Arc::new(certified_key),
+            not_after,
+        }
     }
 
     /// The SVID's own SPIFFE ID.
@@ -230,17 +327,25 @@ impl Svid {
         &self.chain
     }
 
-    /// The trust bundle (CA certificates).
+    /// The trust bundle (CA certificates) of the SVID's own trust domain; for
+    /// SVID files, the whole bundle file.
     pub fn bundle(&self) -> &[CertificateDer<'static>] {
         &self.bundle
+    }
+
+    /// The trust domains with a bundle of their own (Workload API), or `None`
+    /// when one set of CAs serves every configured trust domain (files).
+    pub fn bundle_domains(&self) -> Option<Vec<&str>> {
+        self.trust.domains()
     }
 
     pub(super) fn certified_key(&self) -> &Arc<CertifiedKey> {
         &self.certified_key
     }
 
-    pub(super) fn trust_anchors(&self) -> &[TrustAnchor<'static>] {
-        &self.roots
+    /// The CAs that may sign an SVID of `trust_domain`.
+    pub(super) fn trust_anchors_for(&self, trust_domain: &str) -> &[TrustAnchor<'static>] {
+        self.trust.anchors_for(trust_domain)
     }
 }
 
@@ -272,65 +377,177 @@ fn read_all(paths: &SvidPaths) -> Result<Files> {
     })
 }
 
+/// Whether this process has an identity it can present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityState {
+    /// No SVID yet: the Workload API has not delivered one (agent away, no
+    /// registration entry, bundles missing).
+    WaitingForAgent,
+    /// An SVID valid until `not_after` is in use.
+    Ready { not_after: SystemTime },
+    /// The SVID in use expired at `not_after` and nothing has replaced it:
+    /// peers will refuse it.
+    Expired { not_after: SystemTime },
+}
+
+impl IdentityState {
+    /// The state of an SVID expiring at `not_after`, seen at `now`.
+    pub fn of(not_after: SystemTime, now: SystemTime) -> IdentityState {
+        if now >= not_after {
+            IdentityState::Expired { not_after }
+        } else {
+            IdentityState::Ready { not_after }
+        }
+    }
+
+    /// A stable short name for health reports: `waiting_for_agent`, `ready`,
+    /// `svid_expired`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IdentityState::WaitingForAgent => "waiting_for_agent",
+            IdentityState::Ready { .. } => "ready",
+            IdentityState::Expired { .. } => "svid_expired",
+        }
+    }
+
+    /// True while an unexpired SVID is in use.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, IdentityState::Ready { .. })
+    }
+}
+
+impl fmt::Display for IdentityState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityState::WaitingForAgent => f.write_str("waiting for an SVID"),
+            IdentityState::Ready { not_after } => {
+                write!(f, "SVID valid until {}", format_utc(*not_after))
+            }
+            IdentityState::Expired { not_after } => write!(
+                f,
+                "SVID expired at {} and nothing replaced it",
+                format_utc(*not_after)
+            ),
+        }
+    }
+}
+
 struct State {
     svid: Arc<Svid>,
     fingerprint: [u8; 32],
 }
 
-/// The current SVID, reloaded from disk when its files change.
+/// Where the current SVID comes from.
+enum Kind {
+    /// SVID files, re-read by [`SvidSource::reload_if_changed`].
+    Files {
+        paths: SvidPaths,
+        state: RwLock<State>,
+    },
+    /// The SPIFFE Workload API, streamed by a task that lives as long as this.
+    WorkloadApi(Running),
+}
+
+/// The current SVID, from files (reloaded when they change) or from the
+/// SPIFFE Workload API (replaced as the agent rotates it). TLS configurations
+/// read [`current`](Self::current) at each handshake.
 pub struct SvidSource {
-    paths: SvidPaths,
-    state: RwLock<State>,
+    kind: Kind,
 }
 
 impl fmt::Debug for SvidSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidSource")
-            .field("paths", &self.paths)
+            .field("from", &self.describe())
             .field("current", &self.current())
             .finish()
     }
 }
 
 impl SvidSource {
-    /// Loads the SVID once; errors if it cannot be loaded.
+    /// Loads the SVID files once; errors if they cannot be loaded.
     pub fn load(paths: SvidPaths) -> Result<Arc<SvidSource>> {
         let files = read_all(&paths)?;
         let svid = Svid::from_pem(&paths, &files)?;
         Ok(Arc::new(SvidSource {
-            state: RwLock::new(State {
-                svid: Arc::new(svid),
-                fingerprint: files.fingerprint(),
-            }),
-            paths,
+            kind: Kind::Files {
+                state: RwLock::new(State {
+                    svid: Arc::new(svid),
+                    fingerprint: files.fingerprint(),
+                }),
+                paths,
+            },
         }))
     }
 
-    /// The paths this source reads.
-    pub fn paths(&self) -> &SvidPaths {
-        &self.paths
+    pub(super) fn from_workload_api(running: Running) -> Arc<SvidSource> {
+        Arc::new(SvidSource {
+            kind: Kind::WorkloadApi(running),
+        })
+    }
+
+    /// The paths this source reads; `None` for the Workload API.
+    pub fn paths(&self) -> Option<&SvidPaths> {
+        match &self.kind {
+            Kind::Files { paths, .. } => Some(paths),
+            Kind::WorkloadApi(_) => None,
+        }
+    }
+
+    /// Where the SVID comes from, for logs: `SVID files <cert path>` or
+    /// `SPIFFE Workload API <endpoint>`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Files { paths, .. } => format!("SVID files {}", paths.cert.display()),
+            Kind::WorkloadApi(r) => format!("SPIFFE Workload API {}", r.endpoint()),
+        }
     }
 
     /// The SVID currently in use.
     pub fn current(&self) -> Arc<Svid> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(&state.svid)
+        match &self.kind {
+            Kind::Files { state, .. } => {
+                let state = state.read().unwrap_or_else(|e| e.into_inner());
+                Arc::clone(&state.svid)
+            }
+            Kind::WorkloadApi(r) => r.current(),
+        }
+    }
+
+    /// Ready or Expired, by the current SVID's expiry (a source only exists
+    /// once it has an SVID).
+    pub fn state(&self) -> IdentityState {
+        IdentityState::of(self.current().not_after(), SystemTime::now())
+    }
+
+    /// Why the Workload API stream is down or its last update was not used,
+    /// while that lasts (the SVID in use stays in use until it expires);
+    /// `None` for files and for a healthy stream. For health details and logs.
+    pub fn agent_problem(&self) -> Option<AgentProblem> {
+        match &self.kind {
+            Kind::Files { .. } => None,
+            Kind::WorkloadApi(r) => r.problem(),
+        }
     }
 
     /// Re-reads the files; if their contents changed since the last successful
     /// load, loads and swaps in the new SVID and returns `Ok(true)`. On error the
-    /// old SVID stays in use and the error is returned.
+    /// old SVID stays in use and the error is returned. The Workload API source
+    /// has nothing to re-read: `Ok(false)`.
     pub fn reload_if_changed(&self) -> Result<bool> {
-        let files = read_all(&self.paths)?;
+        let Kind::Files { paths, state } = &self.kind else {
+            return Ok(false);
+        };
+        let files = read_all(paths)?;
         let fingerprint = files.fingerprint();
         {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let state = state.read().unwrap_or_else(|e| e.into_inner());
             if state.fingerprint == fingerprint {
                 return Ok(false);
             }
         }
-        let svid = Arc::new(Svid::from_pem(&self.paths, &files)?);
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let svid = Arc::new(Svid::from_pem(paths, &files)?);
+        let mut state = state.write().unwrap_or_else(|e| e.into_inner());
         state.svid = svid;
         state.fingerprint = fingerprint;
         Ok(true)
@@ -338,8 +555,12 @@ impl SvidSource {
 
     /// Spawns a tokio task (must be called inside a tokio runtime) that calls
     /// [`reload_if_changed`](Self::reload_if_changed) every `every`, logging
-    /// each reload or failure. Dropping the guard stops the task.
+    /// each reload or failure. Dropping the guard stops the task. The Workload
+    /// API source streams its updates on its own: no task is started.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> ReloaderGuard {
+        if matches!(self.kind, Kind::WorkloadApi(_)) {
+            return ReloaderGuard { handle: None };
+        }
         let weak: Weak<SvidSource> = Arc::downgrade(self);
         let handle = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -375,7 +596,9 @@ impl SvidSource {
                 }
             }
         });
-        ReloaderGuard { handle }
+        ReloaderGuard {
+            handle: Some(handle),
+        }
     }
 }
 
@@ -383,12 +606,14 @@ impl SvidSource {
 #[must_use = "the reloader stops when the guard is dropped"]
 #[derive(Debug)]
 pub struct ReloaderGuard {
-    handle: tokio::task::JoinHandle<()>,
+    handle: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for ReloaderGuard {
     fn drop(&mut self) {
-        self.handle.abort();
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
     }
 }
 
@@ -434,6 +659,36 @@ mod tests {
         assert_eq!(
             format_utc(UNIX_EPOCH + Duration::from_secs(1_709_251_199)),
             "2024-02-29T23:59:59Z"
+        );
+    }
+
+    #[test]
+    fn identity_state_follows_expiry() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let before = t - Duration::from_secs(1);
+        assert_eq!(
+            IdentityState::of(t, before),
+            IdentityState::Ready { not_after: t }
+        );
+        assert!(IdentityState::of(t, before).is_ready());
+        assert_eq!(
+            IdentityState::of(t, t),
+            IdentityState::Expired { not_after: t }
+        );
+        assert_eq!(
+            IdentityState::of(t, t + Duration::from_secs(5)).name(),
+            "svid_expired"
+        );
+        assert_eq!(IdentityState::WaitingForAgent.name(), "waiting_for_agent");
+        assert!(!IdentityState::WaitingForAgent.is_ready());
+        assert_eq!(
+            IdentityState::of(t, before).to_string(),
+            "SVID valid until 1970-01-12T13:46:40Z"
+        );
+        assert!(
+            IdentityState::of(t, t)
+                .to_string()
+                .contains("expired at 1970-01-12T13:46:40Z")
         );
     }
 
@@ -575,6 +830,10 @@ mod tests {
     fn reload() {
         let (_tmp, ca, paths) = setup("spiffe://spike.ist/spike/nexus");
         let source = SvidSource::load(paths.clone()).unwrap();
+        assert_eq!(source.paths(), Some(&paths));
+        assert!(source.state().is_ready());
+        assert!(source.agent_problem().is_none());
+        assert!(source.current().bundle_domains().is_none());
         assert_eq!(
             source.current().id().as_str(),
             "spiffe://spike.ist/spike/nexus"

@@ -20,7 +20,8 @@ use rustls::{
 use x509_parser::extensions::GeneralName;
 
 use super::spiffe::{Role, SpiffeId, validate_trust_domain};
-use super::svid::SvidSource;
+use super::svid::{SvidSource, Trust, anchors};
+use super::trust::TrustRoots;
 use super::{Error, Result};
 
 const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -151,16 +152,26 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(ce)
 }
 
-/// Verifies `end_entity` (+ intermediates) against `roots` for `usage`, then
-/// returns its SPIFFE ID, which must be in `trust_domain`.
-fn verify_svid(
-    roots: &[TrustAnchor<'_>],
+/// Verifies a peer's SVID: reads its SPIFFE ID, checks the chain against the
+/// CAs `anchors_for` gives for that ID's trust domain (so a federated CA cannot
+/// vouch for another trust domain's IDs), then finds its role under `trust`.
+/// An ID whose trust domain no `SPIKE_TRUST_ROOT*` list names is refused.
+fn verify_svid<'a>(
+    anchors_for: impl Fn(&str) -> &'a [TrustAnchor<'static>],
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
-    trust_domain: &str,
-) -> std::result::Result<SpiffeId, rustls::Error> {
+    trust: &TrustRoots,
+) -> std::result::Result<(SpiffeId, Role), rustls::Error> {
+    let id = peer_spiffe_id_in(end_entity, "peer certificate").map_err(other_error)?;
+    let roots = anchors_for(id.trust_domain());
+    if roots.is_empty() {
+        return Err(other_error(Error::NoBundleFor {
+            id: id.to_string(),
+            trust_domain: id.trust_domain().to_string(),
+        }));
+    }
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
     cert.verify_for_usage(
         algorithms().all,
@@ -172,22 +183,19 @@ fn verify_svid(
         None,
     )
     .map_err(pki_error)?;
-    let id = peer_spiffe_id_in(end_entity, "peer certificate").map_err(other_error)?;
-    if id.trust_domain() != trust_domain {
-        return Err(other_error(Error::ForeignTrustDomain {
+    match trust.role_of(&id) {
+        Some(role) => Ok((id, role)),
+        None => Err(other_error(Error::ForeignTrustDomain {
             id: id.to_string(),
-            expected: trust_domain.to_string(),
-        }));
+            expected: trust.all_domains().join(" or "),
+        })),
     }
-    Ok(id)
 }
 
-fn role_error(id: &SpiffeId, trust_domain: &str, allowed: &[Role]) -> rustls::Error {
-    let names: Vec<String> = allowed.iter().map(|r| r.to_string()).collect();
-    let role = Role::of(id, trust_domain).map_or_else(|| "none".to_string(), |r| r.to_string());
+fn role_error(id: &SpiffeId, trust: &TrustRoots, allowed: &[Role]) -> rustls::Error {
     other_error(Error::PeerNotAllowed {
         id: id.to_string(),
-        reason: format!("its role is {role}, allowed: {}", names.join(", ")),
+        reason: trust.explain_refusal(id, allowed),
     })
 }
 
@@ -217,11 +225,11 @@ impl ResolvesClientCert for ClientResolver {
     }
 }
 
-/// Verifies client SVIDs against the current trust bundle and SPIFFE ID policy.
+/// Verifies client SVIDs against the current trust bundles and SPIFFE ID policy.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     source: Arc<SvidSource>,
-    trust_domain: String,
+    trust: TrustRoots,
     auth: ClientAuth,
 }
 
@@ -245,19 +253,18 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
         let svid = self.source.current();
-        let id = verify_svid(
-            svid.trust_anchors(),
+        let (id, role) = verify_svid(
+            |td| svid.trust_anchors_for(td),
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
-            &self.trust_domain,
+            &self.trust,
         )?;
-        if let ClientAuth::Require(roles) = &self.auth {
-            match Role::of(&id, &self.trust_domain) {
-                Some(role) if roles.contains(&role) => {}
-                _ => return Err(role_error(&id, &self.trust_domain, roles)),
-            }
+        if let ClientAuth::Require(roles) = &self.auth
+            && !roles.contains(&role)
+        {
+            return Err(role_error(&id, &self.trust, roles));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -287,22 +294,25 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
 /// Where the server verifier gets its trust anchors.
 enum Roots {
+    /// The current SVID's bundles.
     Source(Arc<SvidSource>),
-    Fixed(Vec<TrustAnchor<'static>>),
+    /// A bundle given explicitly, for every configured trust domain.
+    Fixed(Trust),
 }
 
-/// Verifies server SVIDs: chain to the trust bundle + SPIFFE ID policy; the
-/// server name the client connected to is deliberately ignored.
+/// Verifies server SVIDs: chain to the bundle of the server's trust domain +
+/// SPIFFE ID policy; the server name the client connected to is deliberately
+/// ignored.
 struct SpiffeServerVerifier {
     roots: Roots,
-    trust_domain: String,
+    trust: TrustRoots,
     expected: ExpectedPeer,
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeServerVerifier")
-            .field("trust_domain", &self.trust_domain)
+            .field("trust", &self.trust)
             .field("expected", &self.expected)
             .finish_non_exhaustive()
     }
@@ -317,24 +327,32 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let verify = |roots: &[TrustAnchor<'_>]| {
-            verify_svid(
-                roots,
+        let usage = webpki::KeyUsage::server_auth();
+        let (id, role) = match &self.roots {
+            Roots::Source(source) => {
+                let svid = source.current();
+                verify_svid(
+                    |td| svid.trust_anchors_for(td),
+                    end_entity,
+                    intermediates,
+                    now,
+                    usage,
+                    &self.trust,
+                )?
+            }
+            Roots::Fixed(roots) => verify_svid(
+                |td| roots.anchors_for(td),
                 end_entity,
                 intermediates,
                 now,
-                webpki::KeyUsage::server_auth(),
-                &self.trust_domain,
-            )
-        };
-        let id = match &self.roots {
-            Roots::Source(source) => verify(source.current().trust_anchors())?,
-            Roots::Fixed(roots) => verify(roots)?,
+                usage,
+                &self.trust,
+            )?,
         };
         if let ExpectedPeer::Role(want) = self.expected
-            && Role::of(&id, &self.trust_domain) != Some(want)
+            && role != want
         {
-            return Err(role_error(&id, &self.trust_domain, &[want]));
+            return Err(role_error(&id, &self.trust, &[want]));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -363,16 +381,28 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 /// A server configuration presenting the current SVID and verifying clients
-/// per `auth`. TLS 1.3 and 1.2, ALPN `http/1.1`, ring provider.
+/// per `auth`, all roles in `trust_domain`. TLS 1.3 and 1.2, ALPN `http/1.1`,
+/// ring provider.
 pub fn server_config(
     source: &Arc<SvidSource>,
     trust_domain: &str,
     auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>> {
     validate_trust_domain(trust_domain)?;
+    server_config_for(source, &TrustRoots::single(trust_domain)?, auth)
+}
+
+/// [`server_config`] with each role's trust domains from `trust`: a client
+/// is accepted if its chain verifies against the bundle of its own trust
+/// domain and `trust` gives it a role (`Require`: one of the listed roles).
+pub fn server_config_for(
+    source: &Arc<SvidSource>,
+    trust: &TrustRoots,
+    auth: ClientAuth,
+) -> Result<Arc<ServerConfig>> {
     let verifier = Arc::new(SpiffeClientVerifier {
         source: Arc::clone(source),
-        trust_domain: trust_domain.to_string(),
+        trust: trust.clone(),
         auth,
     });
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -385,7 +415,7 @@ pub fn server_config(
 
 /// A client configuration presenting the current SVID (none if `source` is
 /// `None`) and verifying the server against `bundle_override` if given, else
-/// the SVID's current trust bundle. The server's SPIFFE ID must be in
+/// the SVID's current trust bundles. The server's SPIFFE ID must be in
 /// `trust_domain` and match `expected`. The server name is not checked.
 pub fn client_config(
     source: Option<&Arc<SvidSource>>,
@@ -394,30 +424,37 @@ pub fn client_config(
     expected: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>> {
     validate_trust_domain(trust_domain)?;
+    client_config_for(
+        source,
+        bundle_override,
+        &TrustRoots::single(trust_domain)?,
+        expected,
+    )
+}
+
+/// [`client_config`] with each role's trust domains from `trust`: the server
+/// must hold the expected role under `trust` (`ExpectedPeer::Role(Nexus)`:
+/// a trust domain of `SPIKE_TRUST_ROOT_NEXUS`). A `bundle_override` is
+/// trusted for every configured trust domain.
+pub fn client_config_for(
+    source: Option<&Arc<SvidSource>>,
+    bundle_override: Option<Vec<CertificateDer<'static>>>,
+    trust: &TrustRoots,
+    expected: ExpectedPeer,
+) -> Result<Arc<ClientConfig>> {
     let roots = match (bundle_override, source) {
         (Some(bundle), _) => {
             if bundle.is_empty() {
                 return Err(Error::NoTrustBundle);
             }
-            let anchors = bundle
-                .iter()
-                .map(|c| {
-                    webpki::anchor_from_trusted_cert(c)
-                        .map(|a| a.to_owned())
-                        .map_err(|e| Error::BadCertificate {
-                            context: "trust bundle".into(),
-                            reason: format!("not usable as a trust anchor: {e}"),
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Roots::Fixed(anchors)
+            Roots::Fixed(Trust::Shared(anchors(&bundle, "trust bundle")?))
         }
         (None, Some(source)) => Roots::Source(Arc::clone(source)),
         (None, None) => return Err(Error::NoTrustBundle),
     };
     let verifier = Arc::new(SpiffeServerVerifier {
         roots,
-        trust_domain: trust_domain.to_string(),
+        trust: trust.clone(),
         expected,
     });
     // `dangerous()` is just rustls's name for "custom verifier": this one does
@@ -438,7 +475,7 @@ pub fn client_config(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap freely
-mod tests {
+pub(super) mod tests {
     use super::super::pki;
     use super::super::svid::SvidPaths;
     use super::*;
@@ -494,11 +531,11 @@ mod tests {
         }
     }
 
-    type ServerResult = std::result::Result<Option<SpiffeId>, String>;
+    pub(crate) type ServerResult = std::result::Result<Option<SpiffeId>, String>;
 
     /// Runs a server accepting one connection and a client connecting to it;
     /// returns what the server saw (peer ID) and whether the client got a reply.
-    async fn handshake(
+    pub(crate) async fn handshake(
         server: Arc<ServerConfig>,
         client: Arc<ClientConfig>,
         name: &str,
@@ -746,7 +783,13 @@ mod tests {
         .unwrap();
         let (_, c) = handshake(server.clone(), cfg.clone(), "localhost").await;
         assert!(c.is_err());
-        let dir = server_src.paths().cert.parent().unwrap().to_path_buf();
+        let dir = server_src
+            .paths()
+            .unwrap()
+            .cert
+            .parent()
+            .unwrap()
+            .to_path_buf();
         pki::issue(
             &pki.ca,
             &SpiffeId::parse("spiffe://spike.ist/spike/nexus").unwrap(),
@@ -782,7 +825,7 @@ mod tests {
         let server = server_config(&keeper, TD, ClientAuth::Require(vec![Role::Nexus])).unwrap();
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: Roots::Source(Arc::clone(&nexus)),
-            trust_domain: TD.to_string(),
+            trust: TrustRoots::single(TD).unwrap(),
             expected: ExpectedPeer::Role(Role::Keeper),
         });
         let mut cfg = ClientConfig::builder_with_provider(provider())

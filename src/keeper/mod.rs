@@ -17,7 +17,7 @@ use zeroize::{Zeroize, Zeroizing};
 pub mod config;
 
 use crate::crypto::Share;
-use crate::identity::{ClientAuth, Role};
+use crate::identity::{ClientAuth, Role, TrustRoots};
 use crate::protocol::keeper::{CONTRIBUTE_PATH, ContributeRequest, SHARD_PATH, ShardResponse};
 use crate::transport::{self, Handler, Peer};
 pub use config::KeeperConfig;
@@ -34,8 +34,8 @@ struct Held {
 
 /// The Keeper's request handler and its only state.
 pub struct Keeper {
-    /// The trust domain whose Nexus may talk to us.
-    trust_domain: String,
+    /// The trust domains whose Nexus may talk to us (`SPIKE_TRUST_ROOT_NEXUS`).
+    trust: TrustRoots,
     /// The shard, if Nexus has sent one since this process started.
     shard: Mutex<Option<Held>>,
     /// How long a request body may take to arrive.
@@ -43,10 +43,10 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// An empty Keeper serving the Nexus of `trust_domain`.
-    pub fn new(trust_domain: String, body_timeout: std::time::Duration) -> Keeper {
+    /// An empty Keeper serving the Nexus of the trust domains in `trust`.
+    pub fn new(trust: TrustRoots, body_timeout: std::time::Duration) -> Keeper {
         Keeper {
-            trust_domain,
+            trust,
             shard: Mutex::new(None),
             body_timeout,
         }
@@ -134,7 +134,7 @@ impl Handler for Keeper {
         let is_nexus = peer
             .id
             .as_ref()
-            .is_some_and(|id| Role::of(id, &self.trust_domain) == Some(Role::Nexus));
+            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus));
         if !is_nexus {
             tracing::warn!(peer = ?peer.id.as_ref().map(|id| id.to_string()), "refused a caller that is not Nexus");
             return transport::error(StatusCode::UNAUTHORIZED, "access_unauthorized");
@@ -188,13 +188,18 @@ async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), transport::StartError> {
     crate::platform::hardening::harden_process();
-    let td = cfg.identity.trust_domain.clone();
-    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper)?;
-    let tls =
-        crate::identity::server_config(&own.source, &td, ClientAuth::Require(vec![Role::Nexus]))?;
+    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper).await?;
+    let tls = crate::identity::server_config_for(
+        &own.source,
+        &cfg.identity.trust,
+        ClientAuth::Require(vec![Role::Nexus]),
+    )?;
     let (listener, addr) = listen.open().await?;
     tracing::info!(%addr, id = %own.id, "keeper listening on {addr}; holding no shard until Nexus sends one");
-    let keeper = Arc::new(Keeper::new(td, cfg.server.body_timeout));
+    let keeper = Arc::new(Keeper::new(
+        cfg.identity.trust.clone(),
+        cfg.server.body_timeout,
+    ));
     // The shard lives inline in the Keeper, which lives as long as the process.
     crate::platform::hardening::lock(&*keeper, "keeper shard");
     crate::platform::systemd::ready("holding no shard (waiting for Nexus)");

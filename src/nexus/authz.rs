@@ -15,7 +15,7 @@
 
 use super::policy::{self, StoredPolicy};
 use super::{ApiError, Keys};
-use crate::identity::{Role, SpiffeId};
+use crate::identity::{Role, SpiffeId, TrustRoots};
 use crate::protocol::policy::{CIPHER_PATH, Permission, SECRET_LIST_PATH};
 use crate::store::{AnyStore, Namespace, Store};
 
@@ -33,20 +33,12 @@ pub enum Caller {
 }
 
 impl Caller {
-    /// Classifies `id` in `trust_domain`.
-    pub fn of(id: &SpiffeId, trust_domain: &str) -> Caller {
-        const LITE: &str = "/spike/workload/role/lite";
-        match Role::of(id, trust_domain) {
+    /// Classifies `id` by the trust domains each role may come from (`SPIKE_TRUST_ROOT*`).
+    pub fn of(id: &SpiffeId, trust: &TrustRoots) -> Caller {
+        match trust.role_of(id) {
             Some(Role::Superuser) => Caller::Superuser,
-            // Role::of has checked the trust domain.
-            Some(Role::Workload)
-                if id
-                    .path()
-                    .strip_prefix(LITE)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) =>
-            {
-                Caller::Lite
-            }
+            // SPIKE_TRUST_ROOT_LITE_WORKLOAD decides, as in SPIKE.
+            Some(Role::Workload) if trust.is_lite_workload(id) => Caller::Lite,
             Some(Role::Workload) => Caller::Workload,
             _ => Caller::Refused,
         }
@@ -78,10 +70,10 @@ impl<'a> Access<'a> {
         store: &AnyStore,
         keys: &Keys,
         caller: &'a SpiffeId,
-        trust_domain: &str,
+        trust: &TrustRoots,
         want: Permission,
     ) -> Result<Access<'a>, ApiError> {
-        let kind = Caller::of(caller, trust_domain);
+        let kind = Caller::of(caller, trust);
         let mut access = Access {
             caller,
             kind,
@@ -199,8 +191,8 @@ mod tests {
 
     #[test]
     fn caller_kinds() {
-        let td = "spike.ist";
-        let k = |s: &str| Caller::of(&SpiffeId::parse(s).unwrap(), td);
+        let trust = TrustRoots::single("spike.ist").unwrap();
+        let k = |s: &str| Caller::of(&SpiffeId::parse(s).unwrap(), &trust);
         assert_eq!(
             k("spiffe://spike.ist/spike/pilot/role/superuser"),
             Caller::Superuser

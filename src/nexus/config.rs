@@ -186,7 +186,7 @@ mod tests {
         assert_eq!((cfg.shares, cfg.threshold), (3, 2));
         assert_eq!(cfg.keeper_update_interval, Duration::from_secs(300));
         assert_eq!(cfg.listen.port(), 8553);
-        assert_eq!(cfg.identity.trust_domain, "spike.ist");
+        assert_eq!(cfg.identity.trust_domain(), "spike.ist");
         assert_eq!(cfg.max_secret_versions, 10);
         assert!(matches!(cfg.backend, Backend::Sqlite { .. }));
     }

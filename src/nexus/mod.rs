@@ -314,13 +314,13 @@ async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     crate::platform::hardening::harden_process();
-    let td = config.identity.trust_domain.clone();
-    let own = transport::OwnIdentity::load(&config.identity, Role::Nexus)?;
-    let server_tls = crate::identity::server_config(&own.source, &td, ClientAuth::Optional)?;
-    let keeper_tls = crate::identity::client_config(
+    let own = transport::OwnIdentity::load(&config.identity, Role::Nexus).await?;
+    let trust = &config.identity.trust;
+    let server_tls = crate::identity::server_config_for(&own.source, trust, ClientAuth::Optional)?;
+    let keeper_tls = crate::identity::client_config_for(
         Some(&own.source),
         None,
-        &td,
+        trust,
         ExpectedPeer::Role(Role::Keeper),
     )?;
     let store = AnyStore::open(&config.backend).await?;

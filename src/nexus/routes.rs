@@ -153,16 +153,16 @@ impl Api {
         keys: &Keys,
         resource: &mut String,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let td = &self.nexus.config.identity.trust_domain;
+        let trust = &self.nexus.config.identity.trust;
         let access = match route.need() {
             Need::Role(role) => {
-                if Role::of(caller, td) != Some(role) {
+                if trust.role_of(caller) != Some(role) {
                     return Err(ApiError::Unauthorized);
                 }
                 None
             }
             Need::Permission(want) => {
-                Some(Access::admit(self.store(), keys, caller, td, want).await?)
+                Some(Access::admit(self.store(), keys, caller, trust, want).await?)
             }
         };
         let stream = req
@@ -479,7 +479,7 @@ impl Handler for Api {
         match &peer.id {
             None => true,
             Some(id) => matches!(
-                Role::of(id, &self.nexus.config.identity.trust_domain),
+                self.nexus.config.identity.trust.role_of(id),
                 Some(Role::Superuser | Role::Recover | Role::Restore)
             ),
         }
@@ -573,7 +573,7 @@ impl Api {
         req: Request<Incoming>,
         caller: &SpiffeId,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        if Role::of(caller, &self.nexus.config.identity.trust_domain) != Some(Role::Restore) {
+        if self.nexus.config.identity.trust.role_of(caller) != Some(Role::Restore) {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;

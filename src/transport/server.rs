@@ -57,7 +57,8 @@ pub enum StartError {
     },
 }
 
-/// A server's own identity: its SVID files (watched for rotation while the guard lives).
+/// A server's own identity: its SVID source (files watched for rotation while the guard lives,
+/// or the Workload API stream).
 pub struct OwnIdentity {
     /// Where the SVID comes from (reloaded as it rotates).
     pub source: Arc<SvidSource>,
@@ -68,15 +69,16 @@ pub struct OwnIdentity {
 }
 
 impl OwnIdentity {
-    /// Loads this process's SVID, checks that it carries `role`, and starts watching the files.
-    pub fn load(
+    /// Opens this process's SVID source (for the Workload API: waits for the first SVID),
+    /// checks that the SVID carries `role`, and starts watching SVID files.
+    pub async fn load(
         identity: &crate::identity::IdentityConfig,
         role: Role,
     ) -> Result<OwnIdentity, StartError> {
-        let td = &identity.trust_domain;
-        let source = SvidSource::load(identity.svid.clone())?;
+        let td = identity.trust_domain();
+        let source = identity.open().await?;
         let id = source.current().id().clone();
-        if Role::of(&id, td) != Some(role) {
+        if identity.trust.role_of(&id) != Some(role) {
             return Err(StartError::WrongRole {
                 id: id.to_string(),
                 role,
