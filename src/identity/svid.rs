@@ -12,7 +12,7 @@ use rustls::sign::CertifiedKey;
 use zeroize::Zeroizing;
 
 use super::spiffe::SpiffeId;
-use super::tls::{peer_spiffe_id_in, provider};
+use super::tls::{check_signing_cert, peer_spiffe_id_in, provider};
 use super::{Error, Result};
 
 const CERT_WHAT: &str = "SVID certificate";
@@ -144,7 +144,13 @@ impl Svid {
     fn from_pem(paths: &SvidPaths, files: &Files) -> Result<Svid> {
         let chain = parse_certs(CERT_WHAT, &paths.cert, &files.cert)?;
         let leaf = &chain[0];
-        let id = peer_spiffe_id_in(leaf, &paths.cert.display().to_string())?;
+        // Our own SVID follows the same X509-SVID rules we hold peers to: refuse to start with
+        // one that peers would (or should) refuse.
+        let context = paths.cert.display().to_string();
+        let id = peer_spiffe_id_in(leaf, &context)?;
+        for ca in &chain[1..] {
+            check_signing_cert(ca, &format!("{context} (intermediate)"))?;
+        }
         let not_after = cert_not_after(leaf, &paths.cert)?;
 
         let key = match PrivateKeyDer::from_pem_slice(&files.key) {
@@ -550,7 +556,7 @@ mod tests {
         std::fs::write(&paths.cert, cert.pem()).unwrap();
         std::fs::write(&paths.key, key.serialize_pem()).unwrap();
         let e = Svid::load(&paths).unwrap_err().to_string();
-        assert!(e.contains("2 spiffe:// URI SANs"), "{e}");
+        assert!(e.contains("2 URI SANs"), "{e}");
     }
 
     #[test]
