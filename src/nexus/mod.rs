@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use hyper::Uri;
 
-use crate::crypto::{AeadKey, RootKey, Share};
+use crate::crypto::{AeadKey, LockedShares, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role};
 use crate::protocol::nexus::ErrorCode;
 use crate::store::{AnyStore, Store};
@@ -123,21 +123,39 @@ impl Phase {
     }
 }
 
-/// Key material derived once when the root key is loaded.
+/// Key material derived once when the root key is loaded. Each key lives in locked pages of its
+/// own (`crypto::locked`), wherever this struct and its `Arc`s are: the struct itself holds no
+/// key bytes, only the boxes that do.
 pub struct Keys {
     /// The root key itself; zeroized on drop.
     pub root: RootKey,
     /// Public fingerprint of the root key, for logs and `/health`.
     pub key_id: String,
-    /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
-    /// pure function of the key, so computing them once is not a cache of state.
-    pub shards: Vec<Share>,
+    /// The Keeper shards of this key, index order (`shards.get(i)` has index `i + 1`). Shares
+    /// are a pure function of the key, so computing them once is not a cache of state.
+    pub shards: LockedShares,
     /// Seals secret versions at rest.
     pub secrets: Arc<AeadKey>,
     /// Seals policies at rest.
     pub policies: AeadKey,
     /// The cipher API's key.
     pub cipher: AeadKey,
+}
+
+impl Keys {
+    /// Derives the sub-keys of `root` and its `shares` Keeper shards (any `threshold` of them
+    /// rebuild it).
+    pub fn new(root: RootKey, threshold: u8, shares: u8) -> Result<Keys, crate::crypto::Error> {
+        let shards = LockedShares::new(&crate::crypto::split(&root, threshold, shares)?);
+        Ok(Keys {
+            key_id: root.key_id(),
+            secrets: Arc::new(root.derive("spike/secrets/v1")),
+            policies: root.derive("spike/policies/v1"),
+            cipher: root.derive("spike/cipher/v1"),
+            root,
+            shards,
+        })
+    }
 }
 
 /// Nexus's in-memory state, shared by the routes and the Keeper task.
@@ -206,22 +224,11 @@ impl Nexus {
     /// Installs the root key and derives its sub-keys. If a key is already loaded, that one is
     /// kept and returned, so two paths racing to load it cannot replace each other's.
     fn install(&self, root: RootKey) -> Result<Arc<Keys>, crate::crypto::Error> {
-        let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
-        let key_id = root.key_id();
-        let keys = Arc::new(Keys {
-            secrets: Arc::new(root.derive("spike/secrets/v1")),
-            policies: root.derive("spike/policies/v1"),
-            cipher: root.derive("spike/cipher/v1"),
-            root,
-            key_id,
-            shards,
-        });
+        let keys = Arc::new(Keys::new(root, self.config.threshold, self.config.shares)?);
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
         }
-        crate::platform::hardening::lock(&*keys, "root key");
-        crate::platform::hardening::lock_slice(&keys.shards, "keeper shards");
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
@@ -303,4 +310,41 @@ pub async fn run(
     drop(watchdog);
     tracing::info!("nexus stopped");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+    use crate::platform::hardening::pages_locked;
+
+    /// Every key in `Keys` has the pages holding its bytes locked, not just the struct: the
+    /// root key, the three AEAD keys (one behind its own `Arc`) and the Keeper shards.
+    #[test]
+    fn every_key_lives_in_locked_pages() {
+        let keys = Arc::new(Keys::new(RootKey::generate().unwrap(), 2, 3).unwrap());
+        assert_eq!(keys.shards.len(), 3);
+        let spans = [
+            ("root", keys.root.span()),
+            ("secrets", keys.secrets.span()),
+            ("policies", keys.policies.span()),
+            ("cipher", keys.cipher.span()),
+            ("shards", keys.shards.span()),
+        ];
+        let failures = crate::platform::hardening::lock_failures();
+        for (name, (addr, len)) in spans {
+            assert!(len > 0, "{name}");
+            assert!(
+                pages_locked(addr, len),
+                "the pages holding the {name} key are not locked (mlock failures so far: \
+                 {failures}; is RLIMIT_MEMLOCK too low?)"
+            );
+        }
+        // The key bytes are not inside the Keys allocation (so locking it would not help).
+        let outer = std::ptr::from_ref(&*keys) as usize;
+        let outer_end = outer + std::mem::size_of::<Keys>();
+        for (name, (addr, _)) in spans {
+            assert!(addr < outer || addr >= outer_end, "{name}");
+        }
+    }
 }
