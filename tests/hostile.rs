@@ -582,3 +582,128 @@ async fn key_material_is_locked_in_memory_and_core_dumps_are_off() {
     }
     let _ = std::io::stdout().flush();
 }
+
+/// A client certificate from our own CA that breaks one X509-SVID leaf rule: `two_uris` adds a
+/// second URI SAN, otherwise its key usage allows signing certificates (keyCertSign).
+fn minted_client_cert(
+    c: &Cluster,
+    two_uris: bool,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{KeyUsagePurpose as Ku, SanType};
+    let ca_key = std::fs::read_to_string(c.pki.ca_dir.join("ca.key")).unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("spike dev CA {TD}"));
+    ca.key_usages = vec![Ku::KeyCertSign];
+    let issuer = rcgen::Issuer::new(ca, rcgen::KeyPair::from_pem(&ca_key).unwrap());
+    let uri = |u: &str| SanType::URI(u.to_string().try_into().unwrap());
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![uri("spiffe://spike.ist/spike/pilot/role/superuser")];
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![Ku::DigitalSignature];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    if two_uris {
+        p.subject_alt_names.push(uri("spiffe://spike.ist/app/web"));
+    } else {
+        p.key_usages.push(Ku::KeyCertSign);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+    (vec![cert.der().clone()], key.into())
+}
+
+/// Sends one superuser request with `chain`/`key` as the client certificate (verifying Nexus
+/// by its CA and `localhost` name); returns the response head, or the error that ended it.
+async fn raw_mtls_list(
+    c: &Cluster,
+    addr: std::net::SocketAddr,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_file_iter(c.pki.ca_pem()).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = "POST /v1/store/secrets?action=list HTTP/1.1\r\nHost: localhost\r\n\
+               Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "no answer in 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_breaking_the_x509_svid_rules_are_refused() {
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[]);
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let addr = c.nexus[n].addr;
+    // The control: a superuser certificate minted the same way, with no flaw, is served.
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    assert_eq!(
+        call(&su, &url, &action(SECRETS_PATH, "list"), json!({}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    for (two_uris, reason) in [(true, "2 URI SANs"), (false, "keyCertSign")] {
+        let (chain, key) = minted_client_cert(&c, two_uris);
+        match raw_mtls_list(&c, addr, chain, key).await {
+            Err(e) => println!("refused at the handshake ({reason}): {e}"),
+            Ok(head) => assert!(
+                head.is_empty() || head.contains(" 401 "),
+                "{reason}: answered {head:?}"
+            ),
+        }
+        // Nexus says why (the line may land just after the client saw the alert).
+        let says_why = |logs: String| {
+            logs.lines()
+                .any(|l| l.contains("TLS handshake refused") && l.contains(reason))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !says_why(c.nexus[n].logs()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Nexus does not say why it refused the certificate ({reason}):\n{}",
+                c.nexus[n].logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Nexus stays up and keeps serving.
+        assert!(c.nexus[n].is_running());
+        assert_eq!(
+            call(&su, &url, &action(SECRETS_PATH, "list"), json!({}))
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    no_panics(&c);
+}

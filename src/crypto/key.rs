@@ -13,6 +13,7 @@ use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::{Zeroize, Zeroizing};
 
+use super::locked::Locked;
 use super::{Error, Result};
 
 /// Length in bytes of a root key (and of a shard value).
@@ -65,13 +66,15 @@ fn validate_key_bytes(bytes: &[u8; KEY_LEN]) -> Result<()> {
     }
 }
 
-/// The 32-byte root key. Deliberately has no `Debug` impl; zeroized on drop.
-#[derive(Clone)]
-pub struct RootKey([u8; KEY_LEN]);
+/// The 32-byte root key, in locked pages of its own (see [`super::locked`]). Deliberately has
+/// no `Debug` impl; zeroized on drop.
+pub struct RootKey(Locked<[u8; KEY_LEN]>);
 
-impl Drop for RootKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
+impl Clone for RootKey {
+    fn clone(&self) -> RootKey {
+        let mut bytes = Locked::<[u8; KEY_LEN]>::new("root key");
+        bytes.copy_from_slice(self.as_bytes());
+        RootKey(bytes)
     }
 }
 
@@ -80,11 +83,11 @@ impl RootKey {
     /// the bytes form a nonzero P-256 scalar below the group order n.
     pub fn generate() -> Result<RootKey> {
         let rng = SystemRandom::new();
-        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        let mut bytes = Locked::<[u8; KEY_LEN]>::new("root key");
         for _ in 0..GENERATE_ATTEMPTS {
-            rng.fill(bytes.as_mut()).map_err(|_| Error::Random)?;
+            rng.fill(&mut *bytes).map_err(|_| Error::Random)?;
             if validate_key_bytes(&bytes).is_ok() {
-                return Ok(RootKey(*bytes));
+                return Ok(RootKey(bytes));
             }
         }
         Err(Error::Random)
@@ -93,21 +96,26 @@ impl RootKey {
     /// Wraps existing key bytes, rejecting zero and values `>= n`.
     /// The caller's copy passed in by value is zeroized.
     pub fn from_bytes(mut bytes: [u8; KEY_LEN]) -> Result<RootKey> {
-        let checked = validate_key_bytes(&bytes).map(|()| RootKey(bytes));
+        let checked = validate_key_bytes(&bytes).map(|()| {
+            let mut locked = Locked::new("root key");
+            *locked = bytes;
+            RootKey(locked)
+        });
         bytes.zeroize();
         checked
     }
 
     /// Builds a root key from a scalar (used by Shamir interpolation).
     pub(super) fn from_scalar(scalar: &Scalar) -> Result<RootKey> {
-        let mut bytes = [0u8; KEY_LEN];
+        let mut bytes = Locked::<[u8; KEY_LEN]>::new("root key");
         scalar_to_bytes(scalar, &mut bytes);
-        RootKey::from_bytes(bytes)
+        validate_key_bytes(&bytes)?;
+        Ok(RootKey(bytes))
     }
 
     /// The key as a P-256 scalar. Always succeeds because construction validated it.
     pub(super) fn scalar(&self) -> Result<Scalar> {
-        scalar_from_bytes(&self.0).ok_or(Error::KeyOutOfRange)
+        scalar_from_bytes(self.as_bytes()).ok_or(Error::KeyOutOfRange)
     }
 
     /// The raw key bytes.
@@ -115,14 +123,25 @@ impl RootKey {
         &self.0
     }
 
+    /// True if the key's pages are locked in memory (false when `mlock` failed).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
+    }
+
+    /// Address and length of the key's bytes, for tests that inspect the pages.
+    #[cfg(test)]
+    pub(crate) fn span(&self) -> (usize, usize) {
+        self.0.span()
+    }
+
     /// Constant-time equality.
     pub fn ct_eq(&self, other: &RootKey) -> bool {
-        ct_eq_bytes(&self.0, &other.0)
+        ct_eq_bytes(self.as_bytes(), other.as_bytes())
     }
 
     /// HKDF-Extract step shared by [`derive`](Self::derive) and [`key_id`](Self::key_id).
     fn prk(&self) -> hkdf::Prk {
-        hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&self.0)
+        hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(self.as_bytes())
     }
 
     /// Derives the AES-256-GCM key for `label` with HKDF-SHA256
@@ -134,9 +153,10 @@ impl RootKey {
             .expand(&info, &AES_256_GCM)
             // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
             .expect("HKDF-SHA256 can always produce a 32-byte key");
-        AeadKey {
-            key: LessSafeKey::new(UnboundKey::from(okm)),
-        }
+        // Lock the pages first, then put the key schedule in them.
+        let mut key = Locked::<LessSafeKey>::new("AEAD key");
+        *key = LessSafeKey::new(UnboundKey::from(okm));
+        AeadKey { key }
     }
 
     /// Public fingerprint of the key: 16 lowercase hex characters, the first
@@ -204,12 +224,24 @@ pub struct Verifier {
 }
 
 /// An AES-256-GCM key derived from the root key. No `Debug` impl; the raw key
-/// bytes are never held outside `ring`.
+/// bytes are never held outside `ring`, and ring's key object lives in locked pages of its
+/// own (see [`super::locked`]), overwritten on drop.
 pub struct AeadKey {
-    key: LessSafeKey,
+    key: Locked<LessSafeKey>,
 }
 
 impl AeadKey {
+    /// True if the key's pages are locked in memory (false when `mlock` failed).
+    pub fn is_locked(&self) -> bool {
+        self.key.is_locked()
+    }
+
+    /// Address and length of ring's key object, for tests that inspect the pages.
+    #[cfg(test)]
+    pub(crate) fn span(&self) -> (usize, usize) {
+        self.key.span()
+    }
+
     /// Encrypts with a fresh random nonce. Output: nonce(12) || ciphertext || tag(16).
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let nonce = Self::random_nonce()?;

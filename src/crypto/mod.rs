@@ -23,6 +23,9 @@
 //!   seed, same constant term) for the operator's recovery shards. [`combine`]
 //!   interpolates any set of shards back to the key.
 //! - [`recovery`]: SPIKE's recovery-shard text format, `spike:<index>:<64 hex>`.
+//! - [`locked`]: key material in locked pages of its own: the root key, ring's AEAD key
+//!   objects and [`LockedShares`] each live in a page-aligned allocation that is `mlock`ed
+//!   before the key is written and wiped before it is unlocked and freed.
 //!
 //! # Security contract
 //!
@@ -34,18 +37,22 @@
 //!   messages. [`RootKey`] and [`AeadKey`] have no `Debug` impl at all;
 //!   [`Share`]'s `Debug` prints only the (public) index.
 //! - Key material and intermediate secret buffers (hash blocks, scalars,
-//!   coefficient vectors, decoded hex) are zeroized when dropped. Memory owned
-//!   by `ring` itself (its expanded AES key schedule, `Digest` values on the
-//!   stack) is outside our control.
+//!   coefficient vectors, decoded hex) are zeroized when dropped. Long-lived
+//!   keys ([`RootKey`], [`AeadKey`], [`LockedShares`]) live in locked pages of
+//!   their own; ring's AES key schedule inside an [`AeadKey`] is overwritten
+//!   in place on drop. Transient copies ring makes on the stack (HKDF output,
+//!   `Digest` values) are outside our control.
 //! - Comparisons of secret bytes are constant time.
 //! - Decryption failures are reported as a single [`Error::Decrypt`] with no
 //!   detail about why, so callers cannot become a padding/tag oracle.
 
 pub mod key;
+pub mod locked;
 pub mod recovery;
 pub mod shamir;
 
 pub use key::{AeadKey, KEY_LEN, RootKey, Verifier};
+pub use locked::LockedShares;
 pub use recovery::{decode_recovery_shard, encode_recovery_shard};
 pub use shamir::{
     ShardDerivation, Share, combine, identify_derivation, split, split_recovery, split_with,

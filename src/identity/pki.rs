@@ -18,6 +18,8 @@ use rustls::pki_types::pem::PemObject;
 use zeroize::Zeroizing;
 
 use super::spiffe::{SpiffeId, validate_trust_domain};
+use super::tls::ca_spiffe_id;
+#[cfg(test)]
 use super::tls::peer_spiffe_id_in;
 use super::{Error, Result};
 
@@ -249,6 +251,14 @@ pub fn issue_with_validity(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<()> {
+    if spiffe_id.path().is_empty() {
+        return Err(Error::InvalidSpiffeId {
+            id: spiffe_id.to_string(),
+            reason: "an SVID's SPIFFE ID needs a path (e.g. /spike/nexus); one without names a \
+                     trust domain, not a workload"
+                .into(),
+        });
+    }
     if not_after <= not_before {
         return Err(Error::CertGen(
             "not_after must be later than not_before".into(),
@@ -270,7 +280,7 @@ pub fn issue_with_validity(
         dir: ca_dir.to_path_buf(),
         reason: format!("cannot parse {}: {e}", cert_path.display()),
     })?;
-    let ca_id = peer_spiffe_id_in(&ca_der, &cert_path.display().to_string())?;
+    let ca_id = ca_spiffe_id(&ca_der, &cert_path.display().to_string())?;
     if ca_id.trust_domain() != spiffe_id.trust_domain() {
         return Err(Error::ForeignTrustDomain {
             id: spiffe_id.to_string(),
@@ -316,10 +326,10 @@ pub fn issue_with_validity(
     sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    // X509-SVID §4.3: a leaf has digitalSignature and never keyCertSign or cRLSign. Nothing
+    // else: keyEncipherment is for RSA keys, and RFC 5480 rules it out for EC keys like this.
+    // rcgen marks the extension critical, as §4.3 asks.
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -371,7 +381,7 @@ mod tests {
         assert_eq!(cert.subject().to_string(), "CN=spike dev CA spike.ist");
         let ku = cert.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign());
-        let id = peer_spiffe_id_in(&der, "ca").unwrap();
+        let id = ca_spiffe_id(&der, "ca").unwrap();
         assert_eq!(id.as_str(), "spiffe://spike.ist");
 
         let e = init(&ca, "spike.ist").unwrap_err();
@@ -420,6 +430,10 @@ mod tests {
         assert!(!cert.is_ca());
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
+        // X509-SVID §4.3: critical, digitalSignature, no signing; nothing RFC 5480 forbids.
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical);
+        assert_eq!(ku.value.flags, 1, "digitalSignature only: {}", ku.value);
         let san = cert.subject_alternative_name().unwrap().unwrap().value;
         assert_eq!(san.general_names.len(), 3);
         assert_eq!(peer_spiffe_id_in(&der, "leaf").unwrap(), id);
@@ -432,6 +446,18 @@ mod tests {
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_ne!(cert.raw_serial(), &serial1[..]);
+    }
+
+    #[test]
+    fn issue_refuses_an_id_without_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init(&ca, "spike.ist").unwrap();
+        let id = SpiffeId::parse("spiffe://spike.ist").unwrap();
+        let e = issue(&ca, &id, &tmp.path().join("out"), &[], &[]).unwrap_err();
+        assert!(matches!(e, Error::InvalidSpiffeId { .. }), "{e}");
+        assert!(e.to_string().contains("needs a path"), "{e}");
+        assert!(!tmp.path().join("out").exists());
     }
 
     #[test]

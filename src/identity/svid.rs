@@ -18,7 +18,7 @@ use rustls::sign::CertifiedKey;
 use zeroize::Zeroizing;
 
 use super::spiffe::SpiffeId;
-use super::tls::peer_spiffe_id_in;
+use super::tls::{check_signing_cert, peer_spiffe_id_in};
 use super::workload::{AgentProblem, Running};
 use super::{Error, Result};
 
@@ -252,8 +252,13 @@ impl Svid {
     fn from_pem(paths: &SvidPaths, files: &Files) -> Result<Svid> {
         let chain = parse_certs(CERT_WHAT, &paths.cert, &files.cert)?;
         let leaf = &chain[0];
+        // Our own SVID follows the same X509-SVID rules we hold peers to: refuse to start with
+        // one that peers would (or should) refuse.
         let cert_context = paths.cert.display().to_string();
         let id = peer_spiffe_id_in(leaf, &cert_context)?;
+        for ca in &chain[1..] {
+            check_signing_cert(ca, &format!("{cert_context} (intermediate)"))?;
+        }
         let not_after = cert_not_after(leaf, &cert_context)?;
 
         let (kind, der) = pem_private_key(&paths.key, &files.key)?;
@@ -805,7 +810,7 @@ mod tests {
         std::fs::write(&paths.cert, cert.pem()).unwrap();
         std::fs::write(&paths.key, key.serialize_pem()).unwrap();
         let e = Svid::load(&paths).unwrap_err().to_string();
-        assert!(e.contains("2 spiffe:// URI SANs"), "{e}");
+        assert!(e.contains("2 URI SANs"), "{e}");
     }
 
     #[test]

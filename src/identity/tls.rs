@@ -17,6 +17,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     ServerConfig, SignatureScheme,
 };
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use super::spiffe::{Role, SpiffeId, validate_trust_domain};
@@ -39,17 +40,22 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-/// The SPIFFE ID of a leaf certificate; `context` names it in errors.
-pub(super) fn peer_spiffe_id_in(cert: &CertificateDer<'_>, context: &str) -> Result<SpiffeId> {
+fn parse_cert<'a>(cert: &'a CertificateDer<'_>, context: &str) -> Result<X509Certificate<'a>> {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, parsed)| parsed)
+        .map_err(|e| Error::BadCertificate {
+            context: context.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// The certificate's one URI SAN, as a SPIFFE ID. X509-SVID §2: exactly one URI SAN, and
+/// validators must reject more than one, whatever their scheme (other SAN types may be there).
+fn uri_san_id(parsed: &X509Certificate<'_>, context: &str) -> Result<SpiffeId> {
     let ident_err = |reason: String| Error::CertificateIdentity {
         context: context.to_string(),
         reason,
     };
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert).map_err(|e| Error::BadCertificate {
-            context: context.to_string(),
-            reason: e.to_string(),
-        })?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| ident_err(format!("malformed subjectAltName extension: {e}")))?;
@@ -59,11 +65,7 @@ pub(super) fn peer_spiffe_id_in(cert: &CertificateDer<'_>, context: &str) -> Res
                 .general_names
                 .iter()
                 .filter_map(|n| match n {
-                    GeneralName::URI(u)
-                        if u.len() >= 7 && u[..7].eq_ignore_ascii_case("spiffe:") =>
-                    {
-                        Some(*u)
-                    }
+                    GeneralName::URI(u) => Some(*u),
                     _ => None,
                 })
                 .collect()
@@ -73,10 +75,88 @@ pub(super) fn peer_spiffe_id_in(cert: &CertificateDer<'_>, context: &str) -> Res
         [] => Err(ident_err("no spiffe:// URI SAN (not an X.509 SVID)".into())),
         [one] => SpiffeId::parse(one).map_err(|e| ident_err(e.to_string())),
         many => Err(ident_err(format!(
-            "{} spiffe:// URI SANs, an SVID must have exactly one",
+            "{} URI SANs; an X509-SVID must have exactly one, its SPIFFE ID",
             many.len()
         ))),
     }
+}
+
+/// A certificate breaking the X509-SVID rules for its place in the chain.
+fn not_svid(context: &str, what: &str, reason: &str) -> Error {
+    Error::BadCertificate {
+        context: context.to_string(),
+        reason: format!("not a valid X509-SVID {what}: {reason}"),
+    }
+}
+
+/// The SPIFFE ID of a leaf X509-SVID, checked against the leaf rules of the SPIFFE X509-SVID
+/// standard (§3.1, §4.1, §4.3, §5.2), for peers and for our own SVID alike:
+///
+/// - exactly one URI SAN, and it is a SPIFFE ID;
+/// - the ID has a path: an ID with none names a trust domain, never a workload;
+/// - basicConstraints cA is false (or the extension is absent);
+/// - keyUsage is present, includes digitalSignature and includes neither keyCertSign nor
+///   cRLSign.
+///
+/// `context` names the certificate in errors.
+pub(super) fn peer_spiffe_id_in(cert: &CertificateDer<'_>, context: &str) -> Result<SpiffeId> {
+    let parsed = parse_cert(cert, context)?;
+    let id = uri_san_id(&parsed, context)?;
+    if id.path().is_empty() {
+        return Err(Error::CertificateIdentity {
+            context: context.to_string(),
+            reason: format!(
+                "{id} has no path: it names a trust domain, not a workload (an X509-SVID leaf's \
+                 SPIFFE ID must have a path)"
+            ),
+        });
+    }
+    let leaf = |reason: &str| not_svid(context, "leaf", reason);
+    match parsed.basic_constraints() {
+        Err(e) => return Err(leaf(&format!("malformed basicConstraints: {e}"))),
+        Ok(Some(bc)) if bc.value.ca => {
+            return Err(leaf("it is a CA certificate (basicConstraints cA is true)"));
+        }
+        Ok(_) => {}
+    }
+    let ku = match parsed.key_usage() {
+        Err(e) => return Err(leaf(&format!("malformed keyUsage: {e}"))),
+        Ok(None) => return Err(leaf("it has no keyUsage extension")),
+        Ok(Some(ku)) => ku.value,
+    };
+    if ku.key_cert_sign() || ku.crl_sign() {
+        return Err(leaf(
+            "its keyUsage allows signing certificates or CRLs (keyCertSign or cRLSign)",
+        ));
+    }
+    if !ku.digital_signature() {
+        return Err(leaf("its keyUsage lacks digitalSignature"));
+    }
+    Ok(id)
+}
+
+/// Checks a signing certificate of an SVID chain (an intermediate), X509-SVID §3.2, §4.1,
+/// §4.3: basicConstraints cA is true and keyUsage includes keyCertSign.
+pub(super) fn check_signing_cert(cert: &CertificateDer<'_>, context: &str) -> Result<()> {
+    let parsed = parse_cert(cert, context)?;
+    let signing = |reason: &str| not_svid(context, "signing certificate", reason);
+    match parsed.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => return Err(signing("it is not a CA (basicConstraints cA is not true)")),
+        Err(e) => return Err(signing(&format!("malformed basicConstraints: {e}"))),
+    }
+    match parsed.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() => Ok(()),
+        Ok(Some(_)) => Err(signing("its keyUsage lacks keyCertSign")),
+        Ok(None) => Err(signing("it has no keyUsage extension")),
+        Err(e) => Err(signing(&format!("malformed keyUsage: {e}"))),
+    }
+}
+
+/// The SPIFFE ID of a CA certificate, which names a trust domain (no path needed).
+pub(super) fn ca_spiffe_id(cert: &CertificateDer<'_>, context: &str) -> Result<SpiffeId> {
+    check_signing_cert(cert, context)?;
+    uri_san_id(&parse_cert(cert, context)?, context)
 }
 
 /// The SPIFFE ID of a peer, from the leaf (first) certificate of its chain,
@@ -152,10 +232,12 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(ce)
 }
 
-/// Verifies a peer's SVID: reads its SPIFFE ID, checks the chain against the
-/// CAs `anchors_for` gives for that ID's trust domain (so a federated CA cannot
-/// vouch for another trust domain's IDs), then finds its role under `trust`.
-/// An ID whose trust domain no `SPIKE_TRUST_ROOT*` list names is refused.
+/// Verifies a peer's SVID: reads its SPIFFE ID (X509-SVID leaf rules included), checks the
+/// chain against the CAs `anchors_for` gives for that ID's trust domain (so a federated CA
+/// cannot vouch for another trust domain's IDs) and the signing-certificate rules on its
+/// intermediates, then finds its role under `trust`. An ID whose trust domain no
+/// `SPIKE_TRUST_ROOT*` list names is refused. The server's client verifier and the client's
+/// server verifier both call it.
 fn verify_svid<'a>(
     anchors_for: impl Fn(&str) -> &'a [TrustAnchor<'static>],
     end_entity: &CertificateDer<'_>,
@@ -173,16 +255,21 @@ fn verify_svid<'a>(
         }));
     }
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-    cert.verify_for_usage(
-        algorithms().all,
-        roots,
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(pki_error)?;
+    let path = cert
+        .verify_for_usage(
+            algorithms().all,
+            roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
+    // webpki checks the path (RFC 5280) but not key usage; the X509-SVID rules add it.
+    for ca in path.intermediate_certificates() {
+        check_signing_cert(&ca.der(), "peer intermediate certificate").map_err(other_error)?;
+    }
     match trust.role_of(&id) {
         Some(role) => Ok((id, role)),
         None => Err(other_error(Error::ForeignTrustDomain {
@@ -479,6 +566,7 @@ pub(super) mod tests {
     use super::super::pki;
     use super::super::svid::SvidPaths;
     use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use std::path::PathBuf;
     use std::time::{Duration, SystemTime};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -815,6 +903,297 @@ pub(super) mod tests {
         assert!(matches!(e, Error::InvalidTrustDomain { .. }), "{e}");
         let e = peer_spiffe_id(&[]).unwrap_err().to_string();
         assert!(e.contains("no certificate"), "{e}");
+    }
+
+    /// What the minted certificates below break, one X509-SVID rule each.
+    #[derive(Clone, Copy, Debug)]
+    enum Flaw {
+        /// A well-formed leaf: the control every rule test starts from.
+        None,
+        TwoSpiffeUris,
+        SpiffeAndOtherUri,
+        NoPath,
+        IsCa,
+        KeyCertSign,
+        CrlSign,
+        NoDigitalSignature,
+        NoKeyUsage,
+    }
+
+    /// The CA of `pki` as an rcgen issuer (its key and subject).
+    fn ca_issuer(pki: &Pki) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let key = std::fs::read_to_string(pki.ca.join(pki::CA_KEY_FILE)).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("spike dev CA {TD}"));
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        rcgen::Issuer::new(params, rcgen::KeyPair::from_pem(&key).unwrap())
+    }
+
+    /// Leaf parameters for `id` with `flaw`, otherwise as `spike pki issue` mints them.
+    fn leaf_params(id: &str, flaw: Flaw) -> rcgen::CertificateParams {
+        use rcgen::{ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku, SanType};
+        let uri = |u: &str| SanType::URI(u.to_string().try_into().unwrap());
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "SPIKE");
+        p.subject_alt_names = vec![uri(id)];
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.key_usages = vec![Ku::DigitalSignature];
+        p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
+        match flaw {
+            Flaw::None => {}
+            Flaw::TwoSpiffeUris => p
+                .subject_alt_names
+                .push(uri("spiffe://spike.ist/app/other")),
+            Flaw::SpiffeAndOtherUri => p.subject_alt_names.push(uri("https://example.org/x")),
+            Flaw::NoPath => p.subject_alt_names = vec![uri("spiffe://spike.ist")],
+            Flaw::IsCa => p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained),
+            Flaw::KeyCertSign => p.key_usages.push(Ku::KeyCertSign),
+            Flaw::CrlSign => p.key_usages.push(Ku::CrlSign),
+            Flaw::NoDigitalSignature => p.key_usages = vec![Ku::KeyAgreement],
+            Flaw::NoKeyUsage => p.key_usages.clear(),
+        }
+        p
+    }
+
+    /// A leaf (chain, key) for `id` with `flaw`, signed by the CA of `pki`.
+    fn mint(
+        pki: &Pki,
+        id: &str,
+        flaw: Flaw,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf_params(id, flaw)
+            .signed_by(&key, &ca_issuer(pki))
+            .unwrap();
+        let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+        (vec![cert.der().clone()], der.into())
+    }
+
+    /// A client presenting `chain`/`key` as it is, verifying the server with our verifier.
+    fn raw_client(
+        source: &Arc<SvidSource>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Arc<ClientConfig> {
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: Roots::Source(Arc::clone(source)),
+            trust: TrustRoots::single(TD).unwrap(),
+            expected: ExpectedPeer::Any,
+        });
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// A server presenting `chain`/`key` as it is, asking for no client certificate.
+    fn raw_server(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Arc<ServerConfig> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        Arc::new(cfg)
+    }
+
+    fn write_svid(
+        dir: &std::path::Path,
+        pki: &Pki,
+        chain: &[CertificateDer<'_>],
+        key: &PrivateKeyDer<'_>,
+    ) {
+        std::fs::create_dir_all(dir).unwrap();
+        let pem = |label: &str, der: &[u8]| {
+            let b64 = base64_lines(der);
+            format!("-----BEGIN {label}-----\n{b64}-----END {label}-----\n")
+        };
+        let certs: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+        std::fs::write(dir.join("svid.pem"), certs).unwrap();
+        std::fs::write(
+            dir.join("svid_key.pem"),
+            pem("PRIVATE KEY", key.secret_der()),
+        )
+        .unwrap();
+        std::fs::write(dir.join("svid_bundle.pem"), pki.ca_pem()).unwrap();
+    }
+
+    fn base64_lines(der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        b64.as_bytes()
+            .chunks(64)
+            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+            .collect()
+    }
+
+    /// Checks one rule everywhere it applies: the leaf check itself, the server's client
+    /// verifier, the client's server verifier, and loading our own SVID. `want` is what each
+    /// refusal says; `handshake_want` what a handshake refusal says, where webpki refuses first.
+    async fn rule_enforced(flaw: Flaw, want: &str, handshake_want: &str) {
+        let pki = Pki::new(TD);
+        let id = "spiffe://spike.ist/spike/nexus";
+        // The control: the same minting without the flaw is accepted everywhere.
+        for (f, ok) in [(Flaw::None, true), (flaw, false)] {
+            let (chain, key) = mint(&pki, id, f);
+            let direct = peer_spiffe_id_in(&chain[0], "minted");
+            // Our verifier on the server side: a client presenting the certificate.
+            let server_svid = pki.svid("spiffe://spike.ist/spike/keeper");
+            let server = server_config(&server_svid, TD, ClientAuth::Optional).unwrap();
+            let (as_client, _) = handshake(
+                server,
+                raw_client(&server_svid, chain.clone(), key.clone_key()),
+                "localhost",
+            )
+            .await;
+            // Our verifier on the client side: a server presenting it.
+            let (_, as_server) = handshake(
+                raw_server(chain.clone(), key.clone_key()),
+                client(None, Some(&pki)),
+                "localhost",
+            )
+            .await;
+            // Our own SVID.
+            let dir = pki.dir(&format!("own-{f:?}"));
+            write_svid(&dir, &pki, &chain, &key);
+            let own = SvidSource::load(SvidPaths::resolve(Some(dir), None, None, None).unwrap());
+            if ok {
+                assert_eq!(direct.unwrap().as_str(), id);
+                assert_eq!(as_client.unwrap().unwrap().as_str(), id);
+                as_server.unwrap();
+                own.unwrap();
+                continue;
+            }
+            let direct = direct.unwrap_err().to_string();
+            assert!(direct.contains(want), "{flaw:?}: {direct}");
+            let e = as_client.expect_err("the server must refuse the client certificate");
+            assert!(e.contains(handshake_want), "{flaw:?} as client: {e}");
+            let e = as_server.expect_err("the client must refuse the server certificate");
+            assert!(e.contains(handshake_want), "{flaw:?} as server: {e}");
+            let e = own.expect_err("our own SVID must be refused").to_string();
+            assert!(
+                e.contains(want) && e.contains("svid.pem"),
+                "{flaw:?} own: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn svid_rule_exactly_one_uri_san() {
+        rule_enforced(Flaw::TwoSpiffeUris, "2 URI SANs", "2 URI SANs").await;
+        rule_enforced(Flaw::SpiffeAndOtherUri, "2 URI SANs", "2 URI SANs").await;
+    }
+
+    #[tokio::test]
+    async fn svid_rule_leaf_id_has_a_path() {
+        rule_enforced(Flaw::NoPath, "has no path", "has no path").await;
+    }
+
+    #[tokio::test]
+    async fn svid_rule_leaf_is_not_a_ca() {
+        // The verifier reads the peer's ID (and with it the leaf rules) first, to pick its
+        // trust domain's bundle, so our rule refuses a CA before webpki would.
+        rule_enforced(Flaw::IsCa, "CA certificate", "CA certificate").await;
+    }
+
+    #[tokio::test]
+    async fn svid_rule_leaf_key_usage_cannot_sign_certificates_or_crls() {
+        let want = "keyCertSign or cRLSign";
+        rule_enforced(Flaw::KeyCertSign, want, want).await;
+        rule_enforced(Flaw::CrlSign, want, want).await;
+    }
+
+    #[tokio::test]
+    async fn svid_rule_leaf_key_usage_has_digital_signature() {
+        let want = "lacks digitalSignature";
+        rule_enforced(Flaw::NoDigitalSignature, want, want).await;
+        rule_enforced(Flaw::NoKeyUsage, "no keyUsage", "no keyUsage").await;
+    }
+
+    #[tokio::test]
+    async fn svid_rule_intermediates_are_signing_certificates() {
+        use rcgen::KeyUsagePurpose as Ku;
+        let pki = Pki::new(TD);
+        let root = ca_issuer(&pki);
+        let id = "spiffe://spike.ist/spike/nexus";
+        for (usages, ok) in [
+            (vec![Ku::KeyCertSign, Ku::CrlSign], true),
+            (vec![Ku::DigitalSignature], false),
+        ] {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "spike intermediate");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = usages.clone();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let ca = p.signed_by(&ca_key, &root).unwrap();
+            let issuer = rcgen::Issuer::new(p, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let leaf = leaf_params(id, Flaw::None)
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let chain = vec![leaf.der().clone(), ca.der().clone()];
+            let key = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(key.serialize_der()));
+
+            let server_svid = pki.svid("spiffe://spike.ist/spike/keeper");
+            let server = server_config(&server_svid, TD, ClientAuth::Optional).unwrap();
+            let (as_client, _) = handshake(
+                server,
+                raw_client(&server_svid, chain.clone(), key.clone_key()),
+                "localhost",
+            )
+            .await;
+            let (_, as_server) = handshake(
+                raw_server(chain.clone(), key.clone_key()),
+                client(None, Some(&pki)),
+                "localhost",
+            )
+            .await;
+            let dir = pki.dir(&format!("own-{ok}"));
+            write_svid(&dir, &pki, &chain, &key);
+            let own = SvidSource::load(SvidPaths::resolve(Some(dir), None, None, None).unwrap());
+            if ok {
+                assert_eq!(as_client.unwrap().unwrap().as_str(), id);
+                as_server.unwrap();
+                own.unwrap();
+            } else {
+                let want = "lacks keyCertSign";
+                let e = as_client.unwrap_err();
+                assert!(e.contains(want), "{e}");
+                let e = as_server.unwrap_err();
+                assert!(e.contains(want), "{e}");
+                let e = own.unwrap_err().to_string();
+                assert!(e.contains(want) && e.contains("intermediate"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn ca_certificates_are_not_leaves() {
+        let pki = Pki::new(TD);
+        let ca = pki_bundle(&pki).remove(0);
+        assert_eq!(
+            ca_spiffe_id(&ca, "ca").unwrap().as_str(),
+            "spiffe://spike.ist"
+        );
+        let e = peer_spiffe_id_in(&ca, "ca").unwrap_err().to_string();
+        assert!(e.contains("has no path"), "{e}");
+        // A leaf is no signing certificate.
+        let (chain, _) = mint(&pki, "spiffe://spike.ist/x", Flaw::None);
+        let e = ca_spiffe_id(&chain[0], "leaf").unwrap_err().to_string();
+        assert!(e.contains("not a CA"), "{e}");
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use hyper::Uri;
 
 use crate::crypto::shamir::ShardDerivation;
-use crate::crypto::{AeadKey, RootKey, Share};
+use crate::crypto::{AeadKey, LockedShares, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role};
 use crate::protocol::nexus::ErrorCode;
 use crate::store::{AnyStore, Store};
@@ -126,16 +126,18 @@ impl Phase {
     }
 }
 
-/// Key material derived once when the root key is loaded.
+/// Key material derived once when the root key is loaded. Each key lives in locked pages of its
+/// own (`crypto::locked`), wherever this struct and its `Arc`s are: the struct itself holds no
+/// key bytes, only the boxes that do.
 pub struct Keys {
     /// The root key itself; zeroized on drop.
     pub root: RootKey,
     /// Public fingerprint of the root key, for logs and `/health`.
     pub key_id: String,
-    /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
-    /// pure function of the key and the derivation, so computing them once is not a cache of
-    /// state.
-    pub shards: Vec<Share>,
+    /// The Keeper shards of this key, index order (`shards.get(i)` has index `i + 1`). Shares
+    /// are a pure function of the key and the derivation, so computing them once is not a
+    /// cache of state.
+    pub shards: LockedShares,
     /// How the shards' polynomial is drawn from the key: the one the Keepers were found
     /// holding (a deployment is never re-sharded behind its operator's back), the current one
     /// for a new deployment.
@@ -146,6 +148,30 @@ pub struct Keys {
     pub policies: AeadKey,
     /// The cipher API's key.
     pub cipher: AeadKey,
+}
+
+impl Keys {
+    /// Derives the sub-keys of `root` and its `shares` Keeper shards under `derivation` (any
+    /// `threshold` of them rebuild it).
+    pub fn new(
+        root: RootKey,
+        threshold: u8,
+        shares: u8,
+        derivation: ShardDerivation,
+    ) -> Result<Keys, crate::crypto::Error> {
+        let shards = LockedShares::new(&crate::crypto::shamir::split_with(
+            &root, threshold, shares, derivation,
+        )?);
+        Ok(Keys {
+            derivation,
+            key_id: root.key_id(),
+            secrets: Arc::new(root.derive("spike/secrets/v1")),
+            policies: root.derive("spike/policies/v1"),
+            cipher: root.derive("spike/cipher/v1"),
+            root,
+            shards,
+        })
+    }
 }
 
 /// Nexus's in-memory state, shared by the routes and the Keeper task.
@@ -218,28 +244,16 @@ impl Nexus {
         root: RootKey,
         derivation: ShardDerivation,
     ) -> Result<Arc<Keys>, crate::crypto::Error> {
-        let shards = crate::crypto::shamir::split_with(
-            &root,
+        let keys = Arc::new(Keys::new(
+            root,
             self.config.threshold,
             self.config.shares,
             derivation,
-        )?;
-        let key_id = root.key_id();
-        let keys = Arc::new(Keys {
-            secrets: Arc::new(root.derive("spike/secrets/v1")),
-            policies: root.derive("spike/policies/v1"),
-            cipher: root.derive("spike/cipher/v1"),
-            root,
-            key_id,
-            shards,
-            derivation,
-        });
+        )?);
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
         }
-        crate::platform::hardening::lock(&*keys, "root key");
-        crate::platform::hardening::lock_slice(&keys.shards, "keeper shards");
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
@@ -369,4 +383,49 @@ async fn run_with(
     drop(watchdog);
     tracing::info!("nexus stopped");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+    use crate::platform::hardening::pages_locked;
+
+    /// Every key in `Keys` has the pages holding its bytes locked, not just the struct: the
+    /// root key, the three AEAD keys (one behind its own `Arc`) and the Keeper shards.
+    #[test]
+    fn every_key_lives_in_locked_pages() {
+        let keys = Arc::new(
+            Keys::new(
+                RootKey::generate().unwrap(),
+                2,
+                3,
+                ShardDerivation::default(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(keys.shards.len(), 3);
+        let spans = [
+            ("root", keys.root.span()),
+            ("secrets", keys.secrets.span()),
+            ("policies", keys.policies.span()),
+            ("cipher", keys.cipher.span()),
+            ("shards", keys.shards.span()),
+        ];
+        let failures = crate::platform::hardening::lock_failures();
+        for (name, (addr, len)) in spans {
+            assert!(len > 0, "{name}");
+            assert!(
+                pages_locked(addr, len),
+                "the pages holding the {name} key are not locked (mlock failures so far: \
+                 {failures}; is RLIMIT_MEMLOCK too low?)"
+            );
+        }
+        // The key bytes are not inside the Keys allocation (so locking it would not help).
+        let outer = std::ptr::from_ref(&*keys) as usize;
+        let outer_end = outer + std::mem::size_of::<Keys>();
+        for (name, (addr, _)) in spans {
+            assert!(addr < outer || addr >= outer_end, "{name}");
+        }
+    }
 }
