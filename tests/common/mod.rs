@@ -254,6 +254,26 @@ pub fn server_env(svid_dir: &Path, extra: &[(&str, &str)]) -> HashMap<String, St
 
 /// A client presenting the SVID in `svid_dir` (or none), expecting the server to have `role`.
 pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
+    client_with_timeouts(
+        svid_dir,
+        pki,
+        role,
+        Timeouts {
+            connect: Duration::from_secs(3),
+            handshake: Duration::from_secs(3),
+            request: Duration::from_secs(10),
+            max_response: 1 << 20,
+        },
+    )
+}
+
+/// [`client`] with other timeouts.
+pub fn client_with_timeouts(
+    svid_dir: Option<&Path>,
+    pki: &Pki,
+    role: Role,
+    timeouts: Timeouts,
+) -> HttpsClient {
     let source = svid_dir.map(|dir| {
         SvidSource::load(SvidPaths::resolve(Some(dir.to_path_buf()), None, None, None).unwrap())
             .unwrap()
@@ -269,15 +289,7 @@ pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
         ExpectedPeer::Role(role),
     )
     .unwrap();
-    HttpsClient::new(
-        tls,
-        Timeouts {
-            connect: Duration::from_secs(3),
-            handshake: Duration::from_secs(3),
-            request: Duration::from_secs(10),
-            max_response: 1 << 20,
-        },
-    )
+    HttpsClient::new(tls, timeouts)
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
