@@ -174,16 +174,24 @@ async fn spike_pilot_recovery_files_restore_any_threshold_subset() {
         c.nexus[n].restart();
         wait_status(&anon, &url, "awaiting_restore").await;
         if a == 1 {
+            // A foreign shard and a real one do not rebuild the key; both stay pending, and
+            // the right shard for index 1 replaces the foreign one (the newest wins).
             let (code, _, err) = restore(foreign.to_str().unwrap());
             assert_eq!(code, 0, "one shard is only collected: {err}");
             let (code, _, err) = restore(&file(b));
             assert_ne!(code, 0, "a foreign shard must not restore: {err}");
-            wait_status(&anon, &url, "awaiting_restore").await;
+            assert_eq!(
+                health(&anon, &url).await.unwrap().1["status"],
+                "awaiting_restore"
+            );
+            let (code, _, err) = restore(&file(a));
+            assert_eq!(code, 0, "{err}");
+        } else {
+            let (code, _, err) = restore(&file(a));
+            assert_eq!(code, 0, "{err}");
+            let (code, _, err) = restore(&file(b));
+            assert_eq!(code, 0, "{err}");
         }
-        let (code, _, err) = restore(&file(a));
-        assert_eq!(code, 0, "{err}");
-        let (code, _, err) = restore(&file(b));
-        assert_eq!(code, 0, "{err}");
         let health = wait_status(&anon, &url, "ready").await;
         assert_eq!(health["key_id"], key_id, "files {a} and {b}");
         assert_eq!(health["shard_derivation"], "rejection_sampling");

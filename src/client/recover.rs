@@ -125,7 +125,7 @@ async fn restore(nexus: &str, file: &Path) -> Result<()> {
         permission: "restore",
         resource: "the root key",
         subject: "the restore".into(),
-        invalid_hint: "restore is refused by a Nexus that already has its root key, and a set of shards that does not rebuild this deployment's key is dropped (start again with a consistent set)",
+        invalid_hint: "restore is refused by a Nexus that already has its root key or for an index outside 1..=shares; a set of shards that does not rebuild this deployment's key stays pending: send the right shard for an index again (the newest wins) or shards of other indices",
         write: true,
     };
     let req = RestoreRequest {

@@ -17,14 +17,25 @@
 //!
 //! **Restarts.** The Keepers run in this process, so their shards vanish when it exits, and a
 //! Nexus that finds the store's verifier but no shards would wait for a restore
-//! (`awaiting_restore`, DESIGN.md §1.4). For the dev case only, once the root key exists
-//! `spike dev` reads `threshold` shards back from its Keepers (as Nexus, over mTLS), checks they
-//! rebuild the key Nexus reports, and writes them to `DIR/dev-root-key-shards` (0600, SPIKE's
-//! recovery text format, one `spike:<i>:<hex>` line per shard). On the next start it hands those
-//! shards to the Keepers (`/v1/store/contribute`) before Nexus starts, so Nexus rebuilds the same
-//! key from the Keepers in the ordinary way. That file is the root key in all but name: dev mode
-//! is not for production, and `spike dev` says so at start. `--ephemeral` (memory store) writes no
-//! shards file.
+//! (`awaiting_restore`, DESIGN.md §1.4). For the dev case only, `spike dev` keeps `threshold`
+//! Keeper shards in `DIR/dev-root-key-shards` (0600, SPIKE's recovery text format, one
+//! `spike:<i>:<hex>` line per shard) and, on every start, hands them to the Keepers
+//! (`/v1/store/contribute`) before Nexus starts, so Nexus rebuilds the key from the Keepers in
+//! the ordinary way. That file is the root key in all but name: dev mode is not for production,
+//! and `spike dev` says so at start. `--ephemeral` (memory store) writes no shards file.
+//!
+//! **The file is durable before the key is** (issue 13.9). On a new deployment `spike dev`
+//! makes the root key itself, writes the file (fsynced, renamed into place, directory fsynced),
+//! and only then gives the Keepers its shards; Nexus finds shards and no verifier, adopts that
+//! key and writes its verifier. A kill before the file exists leaves nothing that knows the
+//! key; a kill after it leaves a file the next start preloads. So a store whose verifier has
+//! no shards file comes only from an older `spike dev` killed between the two steps, or from a
+//! deleted file. The next start then looks inside the store: with nothing in it but the
+//! verifier, no secret can be lost, so the store is moved aside to `data.orphaned-<time>` (not
+//! deleted) and a new deployment starts; with secrets or policies in it, `spike dev` destroys
+//! nothing, explains the two ways out (restore with recovery shards through the running
+//! instance, which then saves the file, or remove the data directory) and waits in
+//! `awaiting_restore`.
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, OpenOptions};
@@ -42,12 +53,13 @@ use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
 use crate::client::keeper::{KeeperClient, ShardAnswer};
-use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
+use crate::crypto::{RootKey, Share, decode_recovery_shard, encode_recovery_shard};
 use crate::entry::cli::DevArgs;
 use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidPaths, SvidSource, pki};
 use crate::keeper::KeeperConfig;
 use crate::nexus::NexusConfig;
 use crate::platform::env::{self, Source};
+use crate::store::{AnyStore, Namespace, Store};
 use crate::transport::{HttpsClient, Timeouts};
 
 /// Name of the dev-only shards file inside `DIR`.
@@ -371,7 +383,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
 
     let startup = async {
         wait_for_keepers(&l, &as_nexus).await?;
-        preload_shards(&l, &as_nexus).await?;
+        let explained = prepare_key(&l, &as_nexus, &nexus_cfg.backend).await?;
         let stop = stopped(stop_rx.clone());
         spawn_component(
             "nexus".into(),
@@ -383,7 +395,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
             &done_tx,
         );
         running += 1;
-        let key_id = wait_ready(&l, &anonymous).await?;
+        let key_id = wait_ready(&l, &anonymous, explained).await?;
         save_shards(&l, &as_nexus, &key_id).await?;
         Ok::<String, Error>(key_id)
     };
@@ -487,13 +499,24 @@ async fn wait_for_keepers(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Err
     Ok(())
 }
 
-/// On a restart with a SQLite store, hands the saved shards to the Keepers before Nexus starts.
-async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
-    let path = l.shards_file();
-    if l.ephemeral || !path.exists() {
-        return Ok(());
+/// Before Nexus starts (SQLite only): preload the saved shards, or make a new key and save its
+/// shards first, or explain a store whose key has no shards file. Returns whether the user was
+/// already told why Nexus will wait for a restore.
+async fn prepare_key(
+    l: &Layout,
+    as_nexus: &KeeperClient,
+    backend: &crate::store::Backend,
+) -> Result<bool, Error> {
+    if l.ephemeral {
+        return Ok(false);
     }
-    if !l.data_dir().join("spike.db").exists() {
+    let path = l.shards_file();
+    let db = l.data_dir().join("spike.db");
+    if path.exists() {
+        if db.exists() {
+            preload_shards(l, as_nexus).await?;
+            return Ok(false);
+        }
         // The store is gone: those shards belong to a key nothing uses any more.
         std::fs::remove_file(&path)
             .map_err(|e| runtime(format!("cannot remove {}: {e}", path.display())))?;
@@ -502,8 +525,104 @@ async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error
             l.data_dir().display(),
             path.display()
         );
-        return Ok(());
+    } else if db.exists() {
+        match orphaned_records(backend).await? {
+            None => {}
+            Some(0) => set_aside(l)?,
+            Some(records) => {
+                eprintln!(
+                    "spike dev: {db} holds a root key and {records} secret or policy record(s), but {file} is missing, so no Keeper can get that key back. \
+                     Nothing was changed. Either restore the key: while spike dev keeps running, send threshold ({THRESHOLD}) recovery shards exported earlier \
+                     with `SPIKE_SVID_DIR={restore} spike recover restore --nexus {url} FILE` (spike dev then saves {file} again); \
+                     or stop spike dev and remove {data} to start over without those records.",
+                    db = db.display(),
+                    file = path.display(),
+                    restore = l.svid("restore").display(),
+                    url = l.nexus_url(),
+                    data = l.data_dir().display(),
+                );
+                return Ok(true);
+            }
+        }
     }
+    new_key(l, as_nexus).await?;
+    Ok(false)
+}
+
+/// If the store holds a root-key verifier: how many records besides it (secrets, policies,
+/// other system records). `None` when it holds no verifier, so no key to lose.
+async fn orphaned_records(backend: &crate::store::Backend) -> Result<Option<usize>, Error> {
+    let cannot = |e: crate::store::Error| runtime(format!("cannot read the dev store: {e}"));
+    let store = AnyStore::open(backend).await.map_err(cannot)?;
+    if store.verifier().await.map_err(cannot)?.is_none() {
+        return Ok(None);
+    }
+    let mut records = 0;
+    for ns in [Namespace::Secrets, Namespace::Policies, Namespace::System] {
+        records += store.list(ns, "").await.map_err(cannot)?.len();
+    }
+    // The verifier itself is one of the system records.
+    Ok(Some(records.saturating_sub(1)))
+}
+
+/// Moves a store that holds nothing but the verifier of a lost key out of the way.
+fn set_aside(l: &Layout) -> Result<(), Error> {
+    let data = l.data_dir();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = l.dir.join(format!("data.orphaned-{secs}"));
+    std::fs::rename(&data, &aside).map_err(|e| {
+        runtime(format!(
+            "cannot move {} to {}: {e}",
+            data.display(),
+            aside.display()
+        ))
+    })?;
+    eprintln!(
+        "spike dev: {} held the verifier of a root key whose shards were never saved to {} \
+         (an earlier spike dev stopped in between) and no secret or policy; moved it to {} and starting a new deployment",
+        data.display(),
+        l.shards_file().display(),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// A new deployment: makes the root key, writes its shards file, and only then hands the
+/// shards to the Keepers. Nexus finds shards and no verifier, adopts the key and records its
+/// verifier, so the key never becomes durable in the store before its shards are on disk.
+async fn new_key(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
+    let key = RootKey::generate().map_err(runtime)?;
+    let shares = crate::crypto::split(&key, THRESHOLD, SHARES).map_err(runtime)?;
+    let path = l.shards_file();
+    let mut text = Zeroizing::new(String::new());
+    for share in shares.iter().take(usize::from(THRESHOLD)) {
+        text.push_str(&encode_recovery_shard(share));
+        text.push('\n');
+    }
+    write_private(&path, text.as_bytes())?;
+    tracing::info!(key_id = %key.key_id(), path = %path.display(), "made a new dev root key and saved its shards (mode 0600) before handing them to the Keepers");
+    contribute(l, as_nexus, &shares).await
+}
+
+/// Hands each shard to the Keeper of its index.
+async fn contribute(l: &Layout, as_nexus: &KeeperClient, shares: &[Share]) -> Result<(), Error> {
+    for share in shares {
+        let url = l.keeper_url(usize::from(share.index) - 1)?;
+        as_nexus.contribute(&url, share).await.map_err(|e| {
+            Error::Runtime(format!(
+                "keeper {} refused the saved shard ({e})",
+                share.index
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// On a restart with a SQLite store, hands the saved shards to the Keepers before Nexus starts.
+async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
+    let path = l.shards_file();
     let text = Zeroizing::new(
         std::fs::read_to_string(&path)
             .map_err(|e| runtime(format!("cannot read {}: {e}", path.display())))?,
@@ -532,15 +651,7 @@ async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error
             shares.len()
         )));
     }
-    for share in &shares {
-        let url = l.keeper_url(usize::from(share.index) - 1)?;
-        as_nexus.contribute(&url, share).await.map_err(|e| {
-            Error::Runtime(format!(
-                "keeper {} refused the saved shard ({e})",
-                share.index
-            ))
-        })?;
-    }
+    contribute(l, as_nexus, &shares).await?;
     tracing::info!(
         shards = shares.len(),
         "handed the saved dev shards to the Keepers"
@@ -549,9 +660,9 @@ async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error
 }
 
 /// Polls Nexus's `/health` until it says `ready`, and returns the key id it reports.
-async fn wait_ready(l: &Layout, anonymous: &HttpsClient) -> Result<String, Error> {
+async fn wait_ready(l: &Layout, anonymous: &HttpsClient, hinted: bool) -> Result<String, Error> {
     let url: Uri = l.nexus_url().parse().map_err(runtime)?;
-    let mut hinted = false;
+    let mut hinted = hinted;
     loop {
         if let Ok(reply) = anonymous.get(&url, "/health").await {
             let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
@@ -577,8 +688,9 @@ async fn wait_ready(l: &Layout, anonymous: &HttpsClient) -> Result<String, Error
     }
 }
 
-/// Once the key exists (SQLite only, and only if not saved yet): reads `threshold` shards back
-/// from the Keepers, checks they rebuild the key Nexus reports, and writes the dev shards file.
+/// Once the key exists (SQLite only, and only if not saved yet, i.e. after a restore): reads
+/// `threshold` shards back from the Keepers, checks they rebuild the key Nexus reports, and
+/// writes the dev shards file.
 async fn save_shards(l: &Layout, as_nexus: &KeeperClient, key_id: &str) -> Result<(), Error> {
     let path = l.shards_file();
     if l.ephemeral || path.exists() {
@@ -632,7 +744,8 @@ async fn keeper_shard(as_nexus: &KeeperClient, url: &Uri, position: usize) -> Op
     }
 }
 
-/// Writes `data` to `path` atomically, mode 0600 from the first byte.
+/// Writes `data` to `path` atomically and durably (file and directory fsynced), mode 0600 from
+/// the first byte.
 fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let fail = |e: std::io::Error| runtime(format!("cannot write {}: {e}", path.display()));
@@ -645,7 +758,11 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
             .open(&tmp)?;
         file.write_all(data)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        match path.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);

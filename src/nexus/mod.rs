@@ -190,8 +190,8 @@ pub struct Nexus {
     inconsistent: RwLock<Vec<String>>,
     /// The client that talks to Keepers, set when the Keeper task starts.
     keeper_client: std::sync::OnceLock<crate::client::keeper::KeeperClient>,
-    /// Recovery shards submitted by operators, until `threshold` of them rebuild the key.
-    pending_restore: std::sync::Mutex<Vec<Share>>,
+    /// Recovery shards submitted by operators, until they rebuild the key (one per index).
+    pending_restore: recovery::Pending,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -215,7 +215,7 @@ impl Nexus {
             phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
             inconsistent: RwLock::new(Vec::new()),
             keeper_client: std::sync::OnceLock::new(),
-            pending_restore: std::sync::Mutex::new(Vec::new()),
+            pending_restore: recovery::Pending::default(),
         }
     }
 

@@ -4,13 +4,35 @@
 //! `export` hands a recover-role operator the shards of a second polynomial (seeded with a
 //! domain-separation label), so a recovery shard plus a Keeper shard never reach the threshold
 //! together. `restore` collects shards from a restore-role operator in this instance's memory;
-//! once `threshold` distinct indices are in, it rebuilds the key, accepts it only if it opens
-//! the store's verifier (trying other combinations when more shards than needed were given),
+//! once `threshold` of them are in, it rebuilds the key, accepts it only if it opens the
+//! store's verifier (trying other combinations when more shards than needed were given),
 //! installs it, and refills every Keeper, after which the other Nexus instances recover from
 //! the Keepers on their own. Any consistent set restores: our recovery shards, or SPIKE's
 //! (which are Keeper-polynomial shards). Restore is refused once the key is loaded.
+//!
+//! **Pending shards: one per index, the newest wins.** An index must lie in `1..=shares`
+//! (400 otherwise), and a shard for an index already held replaces it, so an instance never
+//! holds more than `shares` shards however many are sent. Newest-wins because the operator
+//! must be able to correct a wrong shard by sending the right one for its index; with
+//! first-wins a mistyped or hostile shard would block that index until the instance restarts.
+//! A caller with the restore role can always send garbage (overwrite under newest-wins, squat
+//! under first-wins): the role is trusted with availability either way, and newest-wins is the
+//! rule under which the honest operator can repair. A set that does not rebuild the key is
+//! refused (400) but stays pending: the next shard, a replacement or another index, tries
+//! again, and the operator never has to start over.
+//!
+//! **The search never blocks the server.** Each shard accepted once `threshold` are held starts
+//! an attempt in its own task (so a client that disconnects does not abandon a key found for
+//! it). Attempts run one at a time; a request that arrives during one waits on an async lock,
+//! parked, not on an executor thread, and if a search that began after its shard arrived found
+//! nothing, it takes that answer instead of searching again, so a flood of shards costs about
+//! one search per search's duration, not one per shard. The search itself is
+//! [`keepers::search`]: bounded work on the blocking pool, with the newest shards first, so the
+//! first combination tried is the `threshold` most recent shards. `/health` takes none of
+//! these locks.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{ApiError, Keys, Nexus, keepers};
 use crate::crypto::Share;
@@ -29,6 +51,66 @@ pub fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {
     })
 }
 
+/// Restore shards held by this instance until they rebuild the key.
+#[derive(Default)]
+pub struct Pending {
+    /// Locked only to add, copy or clear; never across an await or a search.
+    held: Mutex<Held>,
+    /// One attempt at a time. Holds the generation of the last set searched in vain: a
+    /// request whose shard arrived at or before it needs no search of its own.
+    attempt: tokio::sync::Mutex<u64>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Index → (generation it arrived in, shard). Shares zeroize when replaced or dropped.
+    shards: BTreeMap<u8, (u64, Share)>,
+    /// Bumped by every accepted shard and by every clear.
+    generation: u64,
+}
+
+impl Pending {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        // Every change leaves the map consistent, so a poisoned lock is still usable.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `share`, replacing any shard of its index; returns how many are held and the
+    /// generation that took it.
+    fn add(&self, share: Share) -> (usize, u64) {
+        let mut held = self.held();
+        held.generation += 1;
+        let generation = held.generation;
+        held.shards.insert(share.index, (generation, share));
+        (held.shards.len(), generation)
+    }
+
+    /// The held shards, newest first, and the generation they make up.
+    fn newest_first(&self) -> (Vec<Share>, u64) {
+        let held = self.held();
+        let mut shards: Vec<&(u64, Share)> = held.shards.values().collect();
+        shards.sort_by_key(|s| std::cmp::Reverse(s.0));
+        (
+            shards.into_iter().map(|(_, s)| s.clone()).collect(),
+            held.generation,
+        )
+    }
+
+    fn clear(&self) {
+        let mut held = self.held();
+        held.shards.clear();
+        held.generation += 1;
+    }
+}
+
+fn progress(held: usize, threshold: usize) -> RestoreResponse {
+    RestoreResponse {
+        collected: held,
+        remaining: threshold.saturating_sub(held),
+        restored: false,
+    }
+}
+
 /// Takes one shard towards a restore.
 pub async fn restore(
     nexus: &Arc<Nexus>,
@@ -39,77 +121,95 @@ pub async fn restore(
             "this Nexus already has its root key; restore is only for an instance reporting awaiting_restore".into(),
         ));
     }
-    let threshold = usize::from(nexus.config.threshold);
+    let shares = nexus.config.shares;
     let index = u8::try_from(req.id)
         .ok()
-        .filter(|i| *i >= 1)
+        .filter(|i| (1..=shares).contains(i))
         .ok_or_else(|| {
-            ApiError::BadRequest(format!("shard index {} is out of range 1..=255", req.id))
+            ApiError::BadRequest(format!(
+                "shard index {} is out of range 1..={shares} (SPIKE_NEXUS_SHAMIR_SHARES)",
+                req.id
+            ))
         })?;
     let value = req
         .shard
         .ok_or_else(|| ApiError::BadRequest("the request carries no shard".into()))?;
     let share = Share::new(index, value).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let threshold = usize::from(nexus.config.threshold);
+    let (held, generation) = nexus.pending_restore.add(share);
+    if held < threshold {
+        return Ok(progress(held, threshold));
+    }
+    let nexus = Arc::clone(nexus);
+    tokio::spawn(async move { attempt(&nexus, generation).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the restore attempt failed: {e}")))?
+}
 
-    let pending: Vec<Share> = {
-        let mut pending = nexus
-            .pending_restore
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if !pending.iter().any(|p| p.ct_eq(&share)) {
-            pending.push(share);
-        }
-        pending.clone()
-    };
-    let distinct = pending
-        .iter()
-        .map(|s| s.index)
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
-    if distinct < threshold {
+/// Tries the held shards against the verifier, one attempt at a time, for a request whose
+/// shard arrived in `generation`.
+async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse, ApiError> {
+    let threshold = usize::from(nexus.config.threshold);
+    let mut searched_in_vain = nexus.pending_restore.attempt.lock().await;
+    if nexus.keys().is_some() {
+        // An attempt this one waited behind (or the Keepers) loaded the key.
         return Ok(RestoreResponse {
-            collected: distinct,
-            remaining: threshold - distinct,
-            restored: false,
+            collected: threshold,
+            remaining: 0,
+            restored: true,
         });
     }
-    let drop_pending = || {
-        nexus
-            .pending_restore
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+    let (shards, current) = nexus.pending_restore.newest_first();
+    let held = shards.len();
+    if held < threshold {
+        // Cleared while this request waited.
+        return Ok(progress(held, threshold));
+    }
+    let not_rebuilt = |tried: &str| {
+        ApiError::BadRequest(format!(
+            "the {held} pending shards do not rebuild this deployment's root key ({tried}); they stay pending: send the right shard for an index again (the newest wins) or shards of other indices"
+        ))
     };
+    if generation <= *searched_in_vain {
+        // A search that waited for this request's shard, or began after it, found nothing.
+        return Err(not_rebuilt("tried together with later shards"));
+    }
     let Some(verifier) = nexus.store.verifier().await? else {
-        drop_pending();
+        nexus.pending_restore.clear();
         return Err(ApiError::BadRequest(
-            "the store holds no root-key verifier, so there is no key to restore (a new deployment creates its key by itself)".into(),
+            "the store holds no root-key verifier, so there is no key to restore (a new deployment creates its key by itself); pending shards dropped".into(),
         ));
     };
-    let labelled: Vec<(String, Share)> = pending
-        .iter()
-        .cloned()
-        .map(|s| ("restore".to_string(), s))
-        .collect();
-    let Some(key) = keepers::find_key(&labelled, threshold, |k| k.opens(&verifier)) else {
-        drop_pending();
-        tracing::error!(
-            "restore: the submitted shards do not rebuild this deployment's root key; pending shards dropped"
+    let found = keepers::search(shards.clone(), threshold, Some(verifier)).await;
+    let Some(key) = found.key else {
+        *searched_in_vain = current;
+        tracing::warn!(
+            held,
+            tried = found.tried,
+            complete = found.complete,
+            "restore: the pending shards do not rebuild this deployment's root key; they stay pending"
         );
-        return Err(ApiError::BadRequest(
-            "these shards do not rebuild this deployment's root key; all pending shards were dropped, start again".into(),
-        ));
+        return Err(not_rebuilt(&if found.complete {
+            format!("all {} combinations tried", found.tried)
+        } else {
+            format!(
+                "the first {} combinations tried, newest shards first, before the work bound",
+                found.tried
+            )
+        }));
     };
-    // Recovery shards are the Keeper shards: their derivation is the deployment's.
-    let derivation = nexus.derivation_of(&key, &pending);
+    // Recovery files of SPIKE's Pilot are Keeper shards: their derivation is the deployment's
+    // (ours come from a second polynomial and match neither; the current one is used).
+    let derivation = nexus.derivation_of(&key, &shards);
     let keys = nexus.install(key, derivation)?;
-    drop_pending();
+    nexus.pending_restore.clear();
+    drop(searched_in_vain);
     tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "restored the root key from recovery shards; refilling Keepers");
     if let Some(client) = nexus.keeper_client.get() {
         keepers::push_all(nexus, client).await;
     }
     Ok(RestoreResponse {
-        collected: distinct,
+        collected: held,
         remaining: 0,
         restored: true,
     })

@@ -353,8 +353,10 @@ pub fn client_tls(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> Arc<rustls:
 
 /// A client presenting the SVID in `svid_dir` (or none), expecting the server to have `role`.
 pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
-    HttpsClient::new(
-        client_tls(svid_dir, pki, role),
+    client_with_timeouts(
+        svid_dir,
+        pki,
+        role,
         Timeouts {
             connect: Duration::from_secs(3),
             handshake: Duration::from_secs(3),
@@ -362,6 +364,16 @@ pub fn client(svid_dir: Option<&Path>, pki: &Pki, role: Role) -> HttpsClient {
             max_response: 1 << 20,
         },
     )
+}
+
+/// [`client`] with other timeouts.
+pub fn client_with_timeouts(
+    svid_dir: Option<&Path>,
+    pki: &Pki,
+    role: Role,
+    timeouts: Timeouts,
+) -> HttpsClient {
+    HttpsClient::new(client_tls(svid_dir, pki, role), timeouts)
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
