@@ -134,8 +134,8 @@ pub struct Keys {
     /// The Keeper shards of this key, index order (`shards[i]` has index `i + 1`). Shares are a
     /// pure function of the key, so computing them once is not a cache of state.
     pub shards: Vec<Share>,
-    /// Seals secret versions at rest.
-    pub secrets: Arc<AeadKey>,
+    /// Seals secret versions and authenticates secret records at rest.
+    pub secrets: Arc<secrets::SecretKeys>,
     /// Seals policies at rest.
     pub policies: AeadKey,
     /// The cipher API's key.
@@ -211,7 +211,10 @@ impl Nexus {
         let shards = crate::crypto::split(&root, self.config.threshold, self.config.shares)?;
         let key_id = root.key_id();
         let keys = Arc::new(Keys {
-            secrets: Arc::new(root.derive("spike/secrets/v1")),
+            secrets: Arc::new(secrets::SecretKeys::derive(
+                &root,
+                self.config.upgrade_secret_records,
+            )),
             policies: root.derive("spike/policies/v1"),
             cipher: root.derive("spike/cipher/v1"),
             root,
@@ -227,7 +230,48 @@ impl Nexus {
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
+        if keys.secrets.upgrading() {
+            self.upgrade_secret_records(&keys);
+        }
         Ok(keys)
+    }
+
+    /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: gives every secret record without a MAC its MAC,
+    /// in the background, and says when the setting can go.
+    fn upgrade_secret_records(&self, keys: &Arc<Keys>) {
+        tracing::warn!(
+            "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS is set: secret records without a MAC are \
+             accepted as stored while it is; authenticating every such record now"
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, writers, keys) = (
+            self.store.clone(),
+            self.writers.clone(),
+            Arc::clone(&keys.secrets),
+        );
+        runtime.spawn(async move {
+            let found = secrets::upgrade(&store, &writers, &keys).await;
+            if found.refused == 0 && found.failed == 0 {
+                tracing::info!(
+                    authenticated = found.authenticated,
+                    already = found.already,
+                    "every secret record carries a MAC: unset SPIKE_NEXUS_UPGRADE_SECRET_RECORDS \
+                     and restart, so that a record without one is refused again"
+                );
+            } else {
+                tracing::error!(
+                    authenticated = found.authenticated,
+                    already = found.already,
+                    refused = found.refused,
+                    failed = found.failed,
+                    "secret record upgrade incomplete: the records named above were not \
+                     authenticated (refused ones fail their MAC; failed ones are retried at the \
+                     next start)"
+                );
+            }
+        });
     }
 
     pub fn inconsistent_keepers(&self) -> Vec<String> {
