@@ -534,7 +534,7 @@ async fn encrypted_at_rest_and_a_moved_row_does_not_open() {
         )
     );
     let logs = f.c.nexus[0].logs();
-    assert!(logs.contains("does not open"), "{logs}");
+    assert!(logs.contains("fails authentication"), "{logs}");
     assert!(!logs.contains(marker));
 }
 

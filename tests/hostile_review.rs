@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! The classes an outside security review found (issue 13), each against a real `spike nexus`:
-//! callers that hold connections, actions that are not SPIKE's, log injection and body leaks.
+//! callers that hold connections, actions that are not SPIKE's, log injection and body leaks,
+//! secret records edited in the backing store.
 //! Each test checks the refusal, that nothing changed, and that the service stayed up.
 
 mod common;
@@ -335,5 +336,182 @@ async fn logs_stay_one_line_per_event_and_never_hold_a_body() {
         "the forged path was not logged escaped (did the request reach the audit?):\n{logs}"
     );
     let _ = HEALTH_PATH;
+    no_panics(&c);
+}
+
+/// The secret record at `path` as the SQLite file holds it, read as a store administrator can.
+fn db_record(c: &Cluster, path: &str) -> Vec<u8> {
+    let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
+    db.query_row(
+        "SELECT value FROM kv WHERE ns = 'secrets' AND key = ?1",
+        [path],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+/// Overwrites the secret record at `path` in the SQLite file, behind Nexus's back.
+fn db_overwrite(c: &Cluster, path: &str, value: &[u8]) {
+    let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE kv SET value = ?2 WHERE ns = 'secrets' AND key = ?1",
+            rusqlite::params![path, value],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+}
+
+/// Edits the JSON of the secret record at `path` in the SQLite file.
+fn db_edit(c: &Cluster, path: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut record: serde_json::Value = serde_json::from_slice(&db_record(c, path)).unwrap();
+    edit(&mut record);
+    db_overwrite(c, path, &serde_json::to_vec(&record).unwrap());
+}
+
+const GET: &str = "/v1/store/secrets?action=get";
+
+/// 13.4: a store administrator who is not a spike operator edits the database to bring back a
+/// version an operator deleted (its deleted marker cleared, the current-version pointer moved
+/// to it). Every read and write of that secret is refused with 500 and an error line naming
+/// the path — the value is never served and no write "repairs" the record — while other
+/// secrets and the service carry on; putting the record back as it was makes it readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_version_brought_back_by_editing_the_database_is_refused_and_logged() {
+    const LEAKED: &str = "LEAKED-PASSWORD-1";
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[("SPIKE_SYSTEM_LOG_FORMAT", "text")]);
+    let url = c.nexus[n].url();
+    let anon = c.anonymous();
+    wait_status(&anon, &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    for (path, value) in [
+        ("secrets/db", LEAKED),
+        ("secrets/db", "rotated-2"),
+        ("secrets/other", "x"),
+    ] {
+        let body = json!({"path": path, "values": {"pw": value}});
+        assert_eq!(call(&su, &url, SECRETS_PATH, body).await.0, StatusCode::OK);
+    }
+    // The operator deletes the leaked version 1, then the current one: nothing is current.
+    let del = format!("{SECRETS_PATH}?action=delete");
+    for v in [1, 2] {
+        let body = json!({"path": "secrets/db", "versions": [v]});
+        assert_eq!(call(&su, &url, &del, body).await.0, StatusCode::OK);
+    }
+    let (s, _) = call(&su, &url, GET, json!({"path": "secrets/db", "version": 1})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let honest = db_record(&c, "secrets/db");
+
+    db_edit(&c, "secrets/db", |r| {
+        r["versions"]["1"]["deleted"] = serde_json::Value::Null;
+        r["current"] = 1.into();
+        r["oldest"] = 1.into();
+    });
+    let edited = db_record(&c, "secrets/db");
+    let internal = json!({"err": "api_internal_error"});
+    for body in [
+        json!({"path": "secrets/db"}),
+        json!({"path": "secrets/db", "version": 1}),
+    ] {
+        let got = call(&su, &url, GET, body.clone()).await;
+        assert_eq!(
+            got,
+            (StatusCode::INTERNAL_SERVER_ERROR, internal.clone()),
+            "{body}"
+        );
+    }
+    let meta = format!("{SECRET_METADATA_PATH}?action=get");
+    let got = call(&su, &url, &meta, json!({"path": "secrets/db"})).await;
+    assert_eq!(got, (StatusCode::INTERNAL_SERVER_ERROR, internal.clone()));
+    // A write does not launder the edit into a record with a valid MAC.
+    let put = json!({"path": "secrets/db", "values": {"pw": "rotated-3"}});
+    let got = call(&su, &url, SECRETS_PATH, put.clone()).await;
+    assert_eq!(got, (StatusCode::INTERNAL_SERVER_ERROR, internal.clone()));
+    let undelete = format!("{SECRETS_PATH}?action=undelete");
+    let body = json!({"path": "secrets/db", "versions": [2]});
+    let got = call(&su, &url, &undelete, body).await;
+    assert_eq!(got, (StatusCode::INTERNAL_SERVER_ERROR, internal));
+    assert_eq!(
+        db_record(&c, "secrets/db"),
+        edited,
+        "a refused write changed the record"
+    );
+
+    let logs = c.nexus[n].logs();
+    assert!(
+        logs.lines().any(|l| l.contains("ERROR")
+            && l.contains("secrets/db")
+            && l.contains("fails authentication")),
+        "no error line names the tampered record:\n{logs}"
+    );
+    assert!(!logs.contains(LEAKED), "a secret value reached the logs");
+
+    // The service is up: health, other secrets, new secrets.
+    let (s, h) = health(&anon, &url).await.expect("/health answers");
+    assert_eq!((s, h["status"].as_str()), (StatusCode::OK, Some("ready")));
+    let (s, b) = call(&su, &url, GET, json!({"path": "secrets/other"})).await;
+    assert_eq!((s, b["data"]["pw"].as_str()), (StatusCode::OK, Some("x")));
+    let body = json!({"path": "secrets/new", "values": {"pw": "n"}});
+    assert_eq!(call(&su, &url, SECRETS_PATH, body).await.0, StatusCode::OK);
+
+    // Put back as it was, the record opens again: the refusals were the edit's.
+    db_overwrite(&c, "secrets/db", &honest);
+    let (s, _) = call(&su, &url, GET, json!({"path": "secrets/db", "version": 1})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(call(&su, &url, SECRETS_PATH, put).await.0, StatusCode::OK);
+    assert!(c.nexus[n].is_running());
+    no_panics(&c);
+}
+
+/// 13.4, upgrade: a record whose MAC was removed (as an earlier release wrote records) is
+/// refused, so removing a MAC is no way around it; an operator's
+/// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS=true` accepts such records and authenticates each at
+/// start, and once it is unset again the upgraded record still opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_mac_is_refused_until_an_operator_upgrades_the_records() {
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[]);
+    let url = c.nexus[n].url();
+    let anon = c.anonymous();
+    wait_status(&anon, &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let body = json!({"path": "secrets/old", "values": {"pw": "kept"}});
+    assert_eq!(call(&su, &url, SECRETS_PATH, body).await.0, StatusCode::OK);
+    db_edit(&c, "secrets/old", |r| {
+        let r = r.as_object_mut().unwrap();
+        r.remove("mac").expect("records carry a MAC");
+        r.remove("seq");
+    });
+    let (s, _) = call(&su, &url, GET, json!({"path": "secrets/old"})).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    let logs = c.nexus[n].logs();
+    assert!(
+        logs.contains("secrets/old") && logs.contains("carries no MAC"),
+        "{logs}"
+    );
+
+    c.nexus[n].set_env("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "true");
+    c.nexus[n].restart();
+    wait_status(&anon, &url, "ready").await;
+    wait_for("the upgrade to finish", Duration::from_secs(20), || async {
+        c.nexus[n]
+            .logs()
+            .contains("every secret record carries a MAC")
+            .then_some(())
+    })
+    .await;
+    let record: serde_json::Value = serde_json::from_slice(&db_record(&c, "secrets/old")).unwrap();
+    assert!(record["mac"].is_string(), "{record}");
+
+    c.nexus[n].set_env("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "false");
+    c.nexus[n].restart();
+    wait_status(&anon, &url, "ready").await;
+    let (s, b) = call(&su, &url, GET, json!({"path": "secrets/old"})).await;
+    assert_eq!(
+        (s, b["data"]["pw"].as_str()),
+        (StatusCode::OK, Some("kept"))
+    );
     no_panics(&c);
 }

@@ -3,14 +3,16 @@
 //! The root key is 32 bytes that, read big-endian, form a nonzero P-256
 //! scalar below the group order n (SPIKE's requirement, since the key is the
 //! constant term of the Shamir polynomial). Purpose-bound AES-256-GCM keys
-//! are derived from it with HKDF-SHA256 (salt `spike/v1`, info = label).
+//! are derived from it with HKDF-SHA256 (salt `spike/v1`, info = label), and
+//! purpose-bound HMAC-SHA256 keys the same way with info = [`MAC_INFO_PREFIX`] ‖ label,
+//! so no MAC key ever equals an AEAD key, whatever the labels.
 
 use p256::Scalar;
 use p256::elliptic_curve::ff::PrimeField;
 use p256::elliptic_curve::subtle::ConstantTimeEq;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::locked::Locked;
@@ -29,6 +31,10 @@ const KEY_ID_LEN: usize = 8;
 const VERIFIER_LABEL: &str = "spike/verifier";
 /// Fixed plaintext sealed in a [`Verifier`].
 const VERIFIER_PLAINTEXT: &[u8] = b"spike root key verifier v1";
+/// Prefix of the HKDF info of every [`MacKey`], before its label.
+const MAC_INFO_PREFIX: &[u8] = b"spike/hmac-sha256\0";
+/// Length in bytes of a [`MacKey`] tag (HMAC-SHA256, untruncated).
+pub const MAC_LEN: usize = 32;
 /// AES-GCM tag length.
 const TAG_LEN: usize = 16;
 /// How many times [`RootKey::generate`] retries before giving up. A draw is
@@ -159,6 +165,21 @@ impl RootKey {
         AeadKey { key }
     }
 
+    /// Derives the HMAC-SHA256 key for `label` with HKDF-SHA256 (salt `spike/v1`,
+    /// info = `spike/hmac-sha256\0` ‖ label bytes).
+    pub fn derive_mac(&self, label: &str) -> MacKey {
+        let info = [MAC_INFO_PREFIX, label.as_bytes()];
+        let prk = self.prk();
+        let okm = prk
+            .expand(&info, hmac::HMAC_SHA256)
+            // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
+            .expect("HKDF-SHA256 can always produce a 32-byte key");
+        // Lock the pages first, then put the key in them.
+        let mut key = Locked::<hmac::Key>::new("HMAC key");
+        *key = hmac::Key::from(okm);
+        MacKey { key }
+    }
+
     /// Public fingerprint of the key: 16 lowercase hex characters, the first
     /// 8 bytes of HKDF-SHA256 with label `spike/key-id`. Safe to log.
     pub fn key_id(&self) -> String {
@@ -221,6 +242,34 @@ pub struct Verifier {
     pub key_id: String,
     /// nonce || ciphertext || tag of the fixed verifier plaintext.
     pub sealed: Vec<u8>,
+}
+
+/// An HMAC-SHA256 key derived from the root key, to authenticate data that is stored in the
+/// clear. No `Debug` impl; the raw key bytes are never held outside `ring`, and ring's key
+/// object lives in locked pages of its own, overwritten on drop.
+pub struct MacKey {
+    key: Locked<hmac::Key>,
+}
+
+impl MacKey {
+    /// Address and length of ring's key object, for tests that inspect the pages.
+    #[cfg(test)]
+    pub(crate) fn span(&self) -> (usize, usize) {
+        self.key.span()
+    }
+
+    /// The [`MAC_LEN`]-byte tag of `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; MAC_LEN] {
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(hmac::sign(&self.key, message).as_ref());
+        out
+    }
+
+    /// Checks `tag` against `message` in constant time ([`ring::hmac::verify`]). Any failure —
+    /// a wrong tag, a tag of the wrong length, another key — is the one [`Error::Forged`].
+    pub fn verify(&self, message: &[u8], tag: &[u8]) -> Result<()> {
+        hmac::verify(&self.key, message, tag).map_err(|_| Error::Forged)
+    }
 }
 
 /// An AES-256-GCM key derived from the root key. No `Debug` impl; the raw key
@@ -476,6 +525,58 @@ mod tests {
         assert_eq!(
             key(4).derive("spike/a").open(b"", &sealed).err(),
             Some(Error::Decrypt)
+        );
+    }
+
+    #[test]
+    fn mac_keys_sign_verify_and_separate() {
+        let root = key(9);
+        let k = root.derive_mac("spike/test-mac");
+        let tag = k.sign(b"message");
+        assert_eq!(tag.len(), MAC_LEN);
+        assert!(k.verify(b"message", &tag).is_ok());
+        assert_eq!(root.derive_mac("spike/test-mac").sign(b"message"), tag);
+        // Another message, another tag, a truncated or extended tag, another label or root.
+        assert_eq!(k.verify(b"messagE", &tag).err(), Some(Error::Forged));
+        for i in 0..MAC_LEN {
+            let mut t = tag;
+            t[i] ^= 0x01;
+            assert_eq!(
+                k.verify(b"message", &t).err(),
+                Some(Error::Forged),
+                "byte {i}"
+            );
+        }
+        assert_eq!(k.verify(b"message", &tag[..31]).err(), Some(Error::Forged));
+        assert_eq!(k.verify(b"message", &[]).err(), Some(Error::Forged));
+        let mut long = tag.to_vec();
+        long.push(0);
+        assert_eq!(k.verify(b"message", &long).err(), Some(Error::Forged));
+        let other = root.derive_mac("spike/other-mac");
+        assert_eq!(other.verify(b"message", &tag).err(), Some(Error::Forged));
+        assert_eq!(
+            key(10)
+                .derive_mac("spike/test-mac")
+                .verify(b"message", &tag)
+                .err(),
+            Some(Error::Forged)
+        );
+        // The MAC key of a label is not the AEAD key of that label: a value sealed under the
+        // AEAD key does not open under an AES key made from the MAC key's HKDF output, and the
+        // MAC key's tag differs from one made with the AEAD label's HKDF output.
+        let aead_bytes = {
+            let mut out = [0u8; 32];
+            root.prk()
+                .expand(&[b"spike/test-mac".as_slice()], hmac::HMAC_SHA256)
+                .unwrap()
+                .fill(&mut out)
+                .unwrap();
+            out
+        };
+        let same_label_as_aead = hmac::Key::new(hmac::HMAC_SHA256, &aead_bytes);
+        assert_ne!(
+            hmac::sign(&same_label_as_aead, b"message").as_ref(),
+            tag.as_slice()
         );
     }
 

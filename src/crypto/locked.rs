@@ -57,6 +57,18 @@ impl<const N: usize, const M: usize> Secret for [[u8; N]; M] {
     }
 }
 
+impl Secret for ring::hmac::Key {
+    fn blank() -> Self {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[0; 32])
+    }
+
+    /// ring's key has no zeroize: overwrite it in place with the all-zero key's state.
+    fn wipe(&mut self) {
+        *self = ring::hmac::Key::blank();
+        std::hint::black_box(&*self);
+    }
+}
+
 impl Secret for LessSafeKey {
     fn blank() -> Self {
         LessSafeKey::new(

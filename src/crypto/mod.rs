@@ -9,7 +9,8 @@
 //! - [`key`]: the 32-byte root key ([`RootKey`]), HKDF-SHA256 derivation of
 //!   purpose-bound AES-256-GCM keys ([`AeadKey`]), the public key fingerprint
 //!   ([`RootKey::key_id`]) and the sealed [`Verifier`] that lets a process check
-//!   a candidate root key without storing it.
+//!   a candidate root key without storing it; HMAC-SHA256 keys ([`MacKey`]) that
+//!   authenticate data kept in the clear.
 //! - [`shamir`]: Shamir secret sharing of the root key over the P-256 scalar
 //!   field. [`split`] is byte-for-byte compatible with SPIKE (spike-sdk-go
 //!   `crypto.ComputeShares` on Cloudflare circl `secretsharing` over
@@ -51,7 +52,7 @@ pub mod locked;
 pub mod recovery;
 pub mod shamir;
 
-pub use key::{AeadKey, KEY_LEN, RootKey, Verifier};
+pub use key::{AeadKey, KEY_LEN, MAC_LEN, MacKey, RootKey, Verifier};
 pub use locked::LockedShares;
 pub use recovery::{decode_recovery_shard, encode_recovery_shard};
 pub use shamir::{
@@ -86,6 +87,13 @@ pub enum Error {
         "decryption failed: wrong key or associated data, or the data is truncated or tampered with"
     )]
     Decrypt,
+
+    /// A MAC did not verify: the data or its tag was altered, or they were made under another
+    /// key or for another place.
+    #[error(
+        "authentication failed: the data was altered, or was not made by this key for this place"
+    )]
+    Forged,
 
     /// Threshold / share count outside `1 <= threshold <= shares <= 255`.
     #[error(

@@ -45,6 +45,10 @@ pub struct NexusConfig {
     pub max_cipher_bytes: usize,
     /// Connection limits and timeouts of the HTTPS server.
     pub server: Limits,
+    /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: accept secret records written before records were
+    /// authenticated (they carry no MAC) and give each its MAC. Off by default: a record without
+    /// MAC is refused like a tampered one, so removing a MAC downgrades nothing.
+    pub upgrade_secret_records: bool,
 }
 
 impl NexusConfig {
@@ -119,7 +123,21 @@ impl NexusConfig {
         }
         let max_cipher_bytes =
             number::<usize>(env, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", 65_536)?;
+        let upgrade_secret_records = match env.get("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS") {
+            None => false,
+            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
+                        format!("expected true or false, got {v:?}"),
+                    ));
+                }
+            },
+        };
         Ok(NexusConfig {
+            upgrade_secret_records,
             server: Limits::from_source(env)?,
             max_cipher_bytes,
             listen,
@@ -189,6 +207,16 @@ mod tests {
         assert_eq!(cfg.identity.trust_domain(), "spike.ist");
         assert_eq!(cfg.max_secret_versions, 10);
         assert!(matches!(cfg.backend, Backend::Sqlite { .. }));
+        assert!(
+            !cfg.upgrade_secret_records,
+            "records without MAC are refused by default"
+        );
+        let upgrading = NexusConfig::from_source(&env(&[
+            ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
+            ("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "true"),
+        ]))
+        .unwrap();
+        assert!(upgrading.upgrade_secret_records);
     }
 
     #[test]
@@ -223,6 +251,10 @@ mod tests {
                 "SPIKE_NEXUS_TLS_PORT",
             ),
             (&[("SPIKE_TRUST_ROOT", "Bad_Domain!")], "SPIKE_TRUST_ROOT"),
+            (
+                &[("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "yes")],
+                "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
+            ),
         ];
         for (pairs, var) in cases {
             let mut all = vec![("SPIKE_NEXUS_KEEPER_PEERS", PEERS)];

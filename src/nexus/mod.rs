@@ -142,8 +142,8 @@ pub struct Keys {
     /// holding (a deployment is never re-sharded behind its operator's back), the current one
     /// for a new deployment.
     pub derivation: ShardDerivation,
-    /// Seals secret versions at rest.
-    pub secrets: Arc<AeadKey>,
+    /// Seals secret versions and authenticates secret records at rest.
+    pub secrets: Arc<secrets::SecretKeys>,
     /// Seals policies at rest.
     pub policies: AeadKey,
     /// The cipher API's key.
@@ -158,6 +158,7 @@ impl Keys {
         threshold: u8,
         shares: u8,
         derivation: ShardDerivation,
+        upgrade_secret_records: bool,
     ) -> Result<Keys, crate::crypto::Error> {
         let shards = LockedShares::new(&crate::crypto::shamir::split_with(
             &root, threshold, shares, derivation,
@@ -165,7 +166,7 @@ impl Keys {
         Ok(Keys {
             derivation,
             key_id: root.key_id(),
-            secrets: Arc::new(root.derive("spike/secrets/v1")),
+            secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive("spike/policies/v1"),
             cipher: root.derive("spike/cipher/v1"),
             root,
@@ -249,6 +250,7 @@ impl Nexus {
             self.config.threshold,
             self.config.shares,
             derivation,
+            self.config.upgrade_secret_records,
         )?);
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
@@ -257,7 +259,48 @@ impl Nexus {
         *slot = Some(Arc::clone(&keys));
         drop(slot);
         self.set_phase(Phase::Ready);
+        if keys.secrets.upgrading() {
+            self.upgrade_secret_records(&keys);
+        }
         Ok(keys)
+    }
+
+    /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: gives every secret record without a MAC its MAC,
+    /// in the background, and says when the setting can go.
+    fn upgrade_secret_records(&self, keys: &Arc<Keys>) {
+        tracing::warn!(
+            "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS is set: secret records without a MAC are \
+             accepted as stored while it is; authenticating every such record now"
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, writers, keys) = (
+            self.store.clone(),
+            self.writers.clone(),
+            Arc::clone(&keys.secrets),
+        );
+        runtime.spawn(async move {
+            let found = secrets::upgrade(&store, &writers, &keys).await;
+            if found.refused == 0 && found.failed == 0 {
+                tracing::info!(
+                    authenticated = found.authenticated,
+                    already = found.already,
+                    "every secret record carries a MAC: unset SPIKE_NEXUS_UPGRADE_SECRET_RECORDS \
+                     and restart, so that a record without one is refused again"
+                );
+            } else {
+                tracing::error!(
+                    authenticated = found.authenticated,
+                    already = found.already,
+                    refused = found.refused,
+                    failed = found.failed,
+                    "secret record upgrade incomplete: the records named above were not \
+                     authenticated (refused ones fail their MAC; failed ones are retried at the \
+                     next start)"
+                );
+            }
+        });
     }
 
     pub fn inconsistent_keepers(&self) -> Vec<String> {
@@ -401,13 +444,15 @@ mod tests {
                 2,
                 3,
                 ShardDerivation::default(),
+                false,
             )
             .unwrap(),
         );
         assert_eq!(keys.shards.len(), 3);
         let spans = [
             ("root", keys.root.span()),
-            ("secrets", keys.secrets.span()),
+            ("secrets", keys.secrets.spans()[0]),
+            ("secret records MAC", keys.secrets.spans()[1]),
             ("policies", keys.policies.span()),
             ("cipher", keys.cipher.span()),
             ("shards", keys.shards.span()),

@@ -238,9 +238,9 @@ impl Api {
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
                 if route == Route::SecretDelete {
-                    secrets::delete(store, writers, &grant, &r.versions).await?;
+                    secrets::delete(store, writers, &keys.secrets, &grant, &r.versions).await?;
                 } else {
-                    secrets::undelete(store, writers, &grant, &r.versions).await?;
+                    secrets::undelete(store, writers, &keys.secrets, &grant, &r.versions).await?;
                 }
                 ok(&Empty {})
             }
@@ -249,7 +249,7 @@ impl Api {
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
-                ok(&secrets::metadata(store, &grant, r.version).await?)
+                ok(&secrets::metadata(store, &keys.secrets, &grant, r.version).await?)
             }
             Route::SecretList => {
                 let r: wire::SecretListRequest = parse(body)?;

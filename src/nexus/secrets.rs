@@ -6,6 +6,17 @@
 //! another path or version number fails to open instead of leaking. A read opens exactly one
 //! version.
 //!
+//! The bookkeeping is in the clear, but not trusted: everything in the record that decides what
+//! a reader sees — which versions exist, their times and deleted markers, `current`, `oldest`,
+//! `last`, the record's times, `max_versions`, the remembered request ids, a change counter, and
+//! the SHA-256 of each version's sealed bytes — is authenticated with HMAC-SHA256 under a key
+//! derived from the root key, together with the path ([`authenticated`]). A record that was
+//! edited, that holds another version's or another path's sealed value, that lost a version, that
+//! was moved from another path, or whose MAC was removed, is refused on read and on write (500,
+//! and an error line naming the path): it is never served and never "repaired" by a write. An
+//! older copy of the same record still opens — nothing outside the store remembers how far a
+//! record had got — which SECURITY.md states as what it is: that record restored from a backup.
+//!
 //! Every change is a read-modify-write of the record finished with a compare-and-set on the
 //! record's store revision; a lost race is retried from a fresh read, so concurrent writers
 //! through any number of Nexus instances never produce the same version twice and never lose
@@ -22,7 +33,7 @@ use super::ApiError;
 use super::authz::{Grant, Listing};
 pub use super::writers::Writers;
 use super::writers::{Applies, Change, queue_put};
-use crate::crypto::AeadKey;
+use crate::crypto::{AeadKey, MacKey, RootKey};
 use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::protocol::policy::Permission;
 use crate::protocol::secret as rules;
@@ -34,6 +45,46 @@ const MAX_ATTEMPTS: u32 = 200;
 pub const REMEMBERED_REQUESTS: usize = 16;
 /// Longest `request_id` accepted.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
+/// HKDF label of the key that seals version values (unchanged since the first release).
+const VALUES_LABEL: &str = "spike/secrets/v1";
+/// HKDF label of the key that authenticates records.
+const RECORDS_LABEL: &str = "spike/secret-records/v1";
+/// The first bytes of every record MAC's input: what it is, and the version of its layout.
+const RECORD_MAC_DOMAIN: &[u8] = b"spike/secret-record/v1\0";
+
+/// The keys of secret records, derived from the root key when it is loaded.
+pub struct SecretKeys {
+    /// Seals each version's values (AES-256-GCM).
+    values: AeadKey,
+    /// Authenticates each record (HMAC-SHA256).
+    records: MacKey,
+    /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: a record without MAC, as written before records
+    /// were authenticated, is accepted as stored and gets its MAC on its next write ([`upgrade`]).
+    /// Off, such a record is refused like a tampered one.
+    upgrade: bool,
+}
+
+impl SecretKeys {
+    /// The keys of secret records under `root`; `upgrade` accepts records without MAC.
+    pub fn derive(root: &RootKey, upgrade: bool) -> SecretKeys {
+        SecretKeys {
+            values: root.derive(VALUES_LABEL),
+            records: root.derive_mac(RECORDS_LABEL),
+            upgrade,
+        }
+    }
+
+    /// Address and length of each key's locked pages, for the test that inspects them.
+    #[cfg(test)]
+    pub(crate) fn spans(&self) -> [(usize, usize); 2] {
+        [self.values.span(), self.records.span()]
+    }
+
+    /// Whether records without MAC are accepted ([`SecretKeys::derive`]).
+    pub fn upgrading(&self) -> bool {
+        self.upgrade
+    }
+}
 
 /// A secret as stored.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -53,6 +104,31 @@ pub struct Record {
     /// so the check and the write are one compare-and-set, whichever instance takes the replay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requests: Vec<Applied>,
+    /// How many times the record was written: each write adds one, so no two states of a record
+    /// share a number and a newer state always has the larger one. Authenticated like the rest;
+    /// 0 in a record written before records were authenticated.
+    #[serde(default)]
+    pub seq: u64,
+    /// HMAC-SHA256 of the path and every other field ([`authenticated`]), set by each write.
+    /// Absent only in a record written before records were authenticated.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "mac_b64")]
+    pub mac: Option<Vec<u8>>,
+}
+
+/// `Option<Vec<u8>>` as base64; a record without the field has none, and `null` is malformed.
+mod mac_b64 {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            Some(bytes) => crate::protocol::nexus::b64::serialize(bytes, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        crate::protocol::nexus::b64::deserialize(d).map(Some)
+    }
 }
 
 /// A put that carried a request id, and the version it made.
@@ -109,6 +185,66 @@ fn aad(path: &str, version: u64) -> Vec<u8> {
     format!("spike/secret/v1\0{path}\0{version}").into_bytes()
 }
 
+/// What the record MAC covers: [`RECORD_MAC_DOMAIN`], the path, and every field of the record
+/// but the MAC itself, each fixed-width or length-prefixed so that no two records share an
+/// encoding. A version's sealed value enters as its SHA-256, which binds exactly those bytes:
+/// another version's value, an older value of the same version number (from before the record
+/// was removed and written again), or another path's does not match.
+///
+/// The fields are taken apart without `..`: a field added to [`Record`] or [`Version`] does not
+/// compile until it is added here (or deliberately left out, with the reason).
+fn authenticated(path: &str, record: &Record) -> Vec<u8> {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u64).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    let Record {
+        current,
+        oldest,
+        last,
+        created,
+        updated,
+        max_versions,
+        versions,
+        requests,
+        seq,
+        mac: _,
+    } = record;
+    let mut out = Vec::with_capacity(128 + path.len() + versions.len() * 57 + requests.len() * 80);
+    out.extend_from_slice(RECORD_MAC_DOMAIN);
+    bytes(&mut out, path.as_bytes());
+    for n in [current, oldest, last, seq] {
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+    out.extend_from_slice(&created.to_be_bytes());
+    out.extend_from_slice(&updated.to_be_bytes());
+    out.extend_from_slice(&max_versions.to_be_bytes());
+    out.extend_from_slice(&(versions.len() as u64).to_be_bytes());
+    for (number, version) in versions {
+        let Version {
+            created,
+            deleted,
+            sealed,
+        } = version;
+        out.extend_from_slice(&number.to_be_bytes());
+        out.extend_from_slice(&created.to_be_bytes());
+        match deleted {
+            None => out.push(0),
+            Some(at) => {
+                out.push(1);
+                out.extend_from_slice(&at.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, sealed).as_ref());
+    }
+    out.extend_from_slice(&(requests.len() as u64).to_be_bytes());
+    for Applied { id, version } in requests {
+        bytes(&mut out, id.as_bytes());
+        out.extend_from_slice(&version.to_be_bytes());
+    }
+    out
+}
+
 /// Checks a secret path ([`rules::validate_path`]); 400 when it breaks a rule.
 pub fn validate_path(path: &str) -> Result<(), ApiError> {
     rules::validate_path(path).map_err(ApiError::BadRequest)
@@ -125,26 +261,75 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(crate::platform::up_to(Duration::from_micros(spread))).await;
 }
 
-/// Reads the record at `path` with its revision.
+/// Reads the record at `path` ([`open_record`]) with its revision.
 async fn load(
     store: &impl Store,
+    keys: &SecretKeys,
     path: &str,
 ) -> Result<Option<(Record, crate::store::Revision)>, ApiError> {
     let Some(entry) = store.get(Namespace::Secrets, path).await? else {
         return Ok(None);
     };
-    Ok(Some((decode(path, &entry.value)?, entry.revision)))
+    Ok(Some((
+        open_record(keys, path, &entry.value)?,
+        entry.revision,
+    )))
 }
 
-fn decode(path: &str, stored: &[u8]) -> Result<Record, ApiError> {
-    serde_json::from_slice(stored)
-        .map_err(|e| ApiError::Internal(format!("secret record at {path:?} is malformed: {e}")))
+/// Decodes the record stored at `path` and checks its MAC. A record whose MAC does not verify
+/// (edited, holding another version's or path's value, moved from another path) is refused;
+/// so is one without MAC unless [`SecretKeys::upgrading`]. Refusals are `Internal`: 500 for
+/// the caller and an error line naming the path for the operator.
+fn open_record(keys: &SecretKeys, path: &str, stored: &[u8]) -> Result<Record, ApiError> {
+    // Says where, never serde's own message: it quotes what the store holds.
+    let record: Record = serde_json::from_slice(stored).map_err(|e| {
+        ApiError::Internal(format!(
+            "secret record at {path:?} is malformed ({:?} error at line {}, column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    match &record.mac {
+        Some(tag) => keys
+            .records
+            .verify(&authenticated(path, &record), tag)
+            .map_err(|_| {
+                ApiError::Internal(format!(
+                    "secret record at {path:?} fails authentication under this root key: it was \
+                     edited, holds a value that is not its own, or was moved from another path; \
+                     refused"
+                ))
+            })?,
+        None if keys.upgrade => {}
+        None => {
+            return Err(ApiError::Internal(format!(
+                "secret record at {path:?} carries no MAC: it was written before records were \
+                 authenticated, or its MAC was removed; refused (to upgrade a deployment's \
+                 records once, see SPIKE_NEXUS_UPGRADE_SECRET_RECORDS in docs/decisions.md)"
+            )));
+        }
+    }
+    Ok(record)
+}
+
+/// Encodes `record` for the store at `path`: one more write counted, and its MAC.
+fn seal_record(keys: &SecretKeys, path: &str, record: &mut Record) -> Result<Vec<u8>, ApiError> {
+    record.seq = record.seq.checked_add(1).ok_or_else(|| {
+        ApiError::Internal(format!(
+            "secret record at {path:?} has no write number left"
+        ))
+    })?;
+    record.mac = Some(keys.records.sign(&authenticated(path, record)).to_vec());
+    serde_json::to_vec(record)
+        .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))
 }
 
 /// [`read_modify_write`] of the record at `path`, in the path's turn.
 async fn update<T>(
     store: &impl Store,
     writers: &Writers,
+    keys: &SecretKeys,
     path: &str,
     change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
@@ -152,28 +337,29 @@ async fn update<T>(
     // trips losing compare-and-set races to each other. This is only a queue: other instances
     // still race, and the compare-and-set is what keeps every write honest.
     let _turn = writers.stripe(path).turn.lock().await;
-    read_modify_write(store, path, change).await
+    read_modify_write(store, keys, path, change).await
 }
 
 /// Reads the record at `path`, gives it to `change`, and writes the record `change` returns
 /// with compare-and-set (nothing when it returns none), retrying from a fresh read when
-/// another writer got in between. Callers hold the path's turn.
+/// another writer got in between. Callers hold the path's turn. A record that fails its check
+/// ([`open_record`]) is refused before `change` sees it: a write never launders it.
 pub(super) async fn read_modify_write<T>(
     store: &impl Store,
+    keys: &SecretKeys,
     path: &str,
     mut change: impl FnMut(Option<Record>) -> Result<(Option<Record>, T), ApiError>,
 ) -> Result<T, ApiError> {
     for attempt in 0..MAX_ATTEMPTS {
-        let (record, expect) = match load(store, path).await? {
+        let (record, expect) = match load(store, keys, path).await? {
             Some((record, rev)) => (Some(record), Expect::Revision(rev)),
             None => (None, Expect::Absent),
         };
         let (record, out) = change(record)?;
-        let Some(record) = record else {
+        let Some(mut record) = record else {
             return Ok(out);
         };
-        let bytes = serde_json::to_vec(&record)
-            .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))?;
+        let bytes = seal_record(keys, path, &mut record)?;
         match store.put(Namespace::Secrets, path, bytes, expect).await? {
             Written::Done(_) => return Ok(out),
             Written::Conflict => {
@@ -202,7 +388,7 @@ pub struct PutOptions<'a> {
 async fn put_at<S: Store + Clone>(
     store: &S,
     writers: &Writers,
-    key: &Arc<AeadKey>,
+    keys: &Arc<SecretKeys>,
     path: &str,
     values: &BTreeMap<String, String>,
     opts: PutOptions<'_>,
@@ -221,7 +407,7 @@ async fn put_at<S: Store + Clone>(
         serde_json::to_vec(values)
             .map_err(|e| ApiError::Internal(format!("cannot encode values: {e}")))?,
     );
-    let key = Arc::clone(key);
+    let sealer = Arc::clone(keys);
     let owned_path = path.to_string();
     let request_id = request_id.map(str::to_string);
     let change: Change = Box::new(move |record: &mut Option<Record>| {
@@ -239,7 +425,7 @@ async fn put_at<S: Store + Clone>(
         }
         let version = record.as_ref().map_or(0, |r| r.last) + 1;
         // The only step that can fail once the checks pass, done before the record changes.
-        let sealed = key.seal(&aad(&owned_path, version), &plaintext)?;
+        let sealed = sealer.values.seal(&aad(&owned_path, version), &plaintext)?;
         let now = wire::now_nanos();
         let record = record.get_or_insert_with(|| Record {
             created: now,
@@ -266,7 +452,7 @@ async fn put_at<S: Store + Clone>(
         }
         Ok(Applies::Wrote(version))
     });
-    queue_put(store, writers, path, change).await
+    queue_put(store, writers, keys, path, change).await
 }
 
 fn lowest_live(record: &Record) -> u64 {
@@ -290,12 +476,12 @@ fn highest_live(record: &Record) -> u64 {
 
 /// Opens a version (0 or `None`: the current one) of the record `entry` read from `path`.
 fn open_version(
-    key: &AeadKey,
+    keys: &SecretKeys,
     path: &str,
     entry: Option<&Entry>,
     version: Option<u64>,
 ) -> Result<(BTreeMap<String, String>, u64), ApiError> {
-    let record = decode(path, &entry.ok_or(ApiError::NotFound)?.value)?;
+    let record = open_record(keys, path, &entry.ok_or(ApiError::NotFound)?.value)?;
     let wanted = match version {
         None | Some(0) => record.current,
         Some(v) => v,
@@ -305,7 +491,9 @@ fn open_version(
         .get(&wanted)
         .filter(|v| v.deleted.is_none())
         .ok_or(ApiError::NotFound)?;
-    let plaintext = key.open(&aad(path, wanted), &entry.sealed).map_err(|_| {
+    let plaintext = keys
+        .values
+        .open(&aad(path, wanted), &entry.sealed).map_err(|_| {
         ApiError::Internal(format!(
             "secret {path:?} version {wanted} does not open under this root key (tampered or moved)"
         ))
@@ -322,11 +510,12 @@ fn open_version(
 async fn delete_at(
     store: &impl Store,
     writers: &Writers,
+    keys: &SecretKeys,
     path: &str,
     versions: &[u64],
 ) -> Result<(), ApiError> {
     validate_path(path)?;
-    update(store, writers, path, |record| {
+    update(store, writers, keys, path, |record| {
         let mut record = record.ok_or(ApiError::NotFound)?;
         let now = wire::now_nanos();
         let targets: Vec<u64> = if versions.is_empty() {
@@ -363,11 +552,12 @@ async fn delete_at(
 async fn undelete_at(
     store: &impl Store,
     writers: &Writers,
+    keys: &SecretKeys,
     path: &str,
     versions: &[u64],
 ) -> Result<(), ApiError> {
     validate_path(path)?;
-    update(store, writers, path, |record| {
+    update(store, writers, keys, path, |record| {
         let mut record = record.ok_or(ApiError::NotFound)?;
         let targets: Vec<u64> = if versions.is_empty() || versions == [0] {
             if record.current != 0 {
@@ -409,11 +599,12 @@ async fn undelete_at(
 /// Version metadata. With `version`, only that version is listed.
 async fn metadata_at(
     store: &impl Store,
+    keys: &SecretKeys,
     path: &str,
     version: Option<u64>,
 ) -> Result<SecretMetadataResponse, ApiError> {
     validate_path(path)?;
-    let (record, _) = load(store, path).await?.ok_or(ApiError::NotFound)?;
+    let (record, _) = load(store, keys, path).await?.ok_or(ApiError::NotFound)?;
     let versions = record
         .versions
         .iter()
@@ -444,8 +635,9 @@ async fn metadata_at(
     })
 }
 
-/// Every secret path starting with `prefix`, sorted.
-/// The secret paths under `prefix` that `listing` lets the caller see.
+/// The secret paths under `prefix` that `listing` lets the caller see, sorted. Only the store's
+/// keys are read, not the records: a row a store administrator added is listed (and refused
+/// when read), one removed is not.
 pub async fn list(
     store: &impl Store,
     listing: &Listing<'_>,
@@ -460,71 +652,128 @@ pub async fn list(
 pub async fn put<S: Store + Clone>(
     store: &S,
     writers: &Writers,
-    key: &Arc<AeadKey>,
+    keys: &Arc<SecretKeys>,
     grant: &Grant,
     values: &BTreeMap<String, String>,
     opts: PutOptions<'_>,
 ) -> Result<u64, ApiError> {
     let path = grant.resource(Permission::Write)?;
-    put_at(store, writers, key, path, values, opts).await
+    put_at(store, writers, keys, path, values, opts).await
 }
 
 /// Reads a version of the granted path: the record is read only now that the caller may.
 pub async fn read(
     store: &impl Store,
-    key: &AeadKey,
+    keys: &SecretKeys,
     grant: &Grant,
     version: Option<u64>,
 ) -> Result<(BTreeMap<String, String>, u64), ApiError> {
     let path = grant.resource(Permission::Read)?;
     validate_path(path)?;
     let entry = store.get(Namespace::Secrets, path).await?;
-    open_version(key, path, entry.as_ref(), version)
+    open_version(keys, path, entry.as_ref(), version)
 }
 
 /// Soft-deletes versions of the granted path ([`delete_at`]).
 pub async fn delete(
     store: &impl Store,
     writers: &Writers,
+    keys: &SecretKeys,
     grant: &Grant,
     versions: &[u64],
 ) -> Result<(), ApiError> {
-    delete_at(store, writers, grant.resource(Permission::Write)?, versions).await
+    let path = grant.resource(Permission::Write)?;
+    delete_at(store, writers, keys, path, versions).await
 }
 
 /// Restores soft-deleted versions of the granted path ([`undelete_at`]).
 pub async fn undelete(
     store: &impl Store,
     writers: &Writers,
+    keys: &SecretKeys,
     grant: &Grant,
     versions: &[u64],
 ) -> Result<(), ApiError> {
-    undelete_at(store, writers, grant.resource(Permission::Write)?, versions).await
+    let path = grant.resource(Permission::Write)?;
+    undelete_at(store, writers, keys, path, versions).await
 }
 
 /// The metadata of the granted path ([`metadata_at`]).
 pub async fn metadata(
     store: &impl Store,
+    keys: &SecretKeys,
     grant: &Grant,
     version: Option<u64>,
 ) -> Result<SecretMetadataResponse, ApiError> {
-    metadata_at(store, grant.resource(Permission::Read)?, version).await
+    metadata_at(store, keys, grant.resource(Permission::Read)?, version).await
+}
+
+/// What [`upgrade`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Upgraded {
+    /// Records that had no MAC and now have one.
+    pub authenticated: usize,
+    /// Records that already had a valid MAC.
+    pub already: usize,
+    /// Records refused: a MAC that does not verify, malformed, or no MAC while not upgrading.
+    pub refused: usize,
+    /// Records that could not be read or written (store unavailable, contention).
+    pub failed: usize,
+}
+
+/// Gives every record without a MAC its MAC, under the path's turn and by compare-and-set like
+/// any write; run once at start when [`SecretKeys::upgrading`]. A record whose MAC does not
+/// verify is left as it is and counted, with an error line naming it: upgrading accepts a
+/// missing MAC, never a wrong one.
+pub async fn upgrade(store: &impl Store, writers: &Writers, keys: &SecretKeys) -> Upgraded {
+    let mut found = Upgraded::default();
+    let paths = match store.list(Namespace::Secrets, "").await {
+        Ok(paths) => paths,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list secret records to upgrade them");
+            found.failed += 1;
+            return found;
+        }
+    };
+    for path in paths {
+        let outcome = update(store, writers, keys, &path, |record| {
+            Ok(match record {
+                Some(record) if record.mac.is_none() => (Some(record), Some(true)),
+                Some(_) => (None, Some(false)),
+                None => (None, None),
+            })
+        })
+        .await;
+        match outcome {
+            Ok(Some(true)) => found.authenticated += 1,
+            Ok(Some(false)) => found.already += 1,
+            Ok(None) => {}
+            Err(e @ ApiError::Internal(_)) => {
+                tracing::error!(error = %e, "secret record not upgraded");
+                found.refused += 1;
+            }
+            Err(e) => {
+                tracing::error!(path = ?path, error = %e, "secret record not upgraded");
+                found.failed += 1;
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::RootKey;
     use crate::store::memory::MemoryStore;
 
-    fn key() -> Arc<AeadKey> {
-        Arc::new(RootKey::generate().unwrap().derive("test"))
+    fn key() -> Arc<SecretKeys> {
+        Arc::new(SecretKeys::derive(&RootKey::generate().unwrap(), false))
     }
 
     /// A read as Nexus serves it to a superuser: the record, then the version opened.
     async fn get(
         store: &impl Store,
-        key: &AeadKey,
+        key: &SecretKeys,
         path: &str,
         version: Option<u64>,
     ) -> Result<(BTreeMap<String, String>, u64), ApiError> {
@@ -670,7 +919,7 @@ mod tests {
         while let Some(v) = tasks.join_next().await {
             assert_eq!(v.unwrap(), 1);
         }
-        let m = metadata_at(&*s, "p", None).await.unwrap();
+        let m = metadata_at(&*s, &k, "p", None).await.unwrap();
         assert_eq!(m.versions.len(), 1);
     }
 
@@ -714,33 +963,33 @@ mod tests {
         }
         assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("3"), 3));
         assert_eq!(get(&s, &k, "p", Some(1)).await.unwrap(), (vals("1"), 1));
-        delete_at(&s, &w, "p", &[]).await.unwrap();
+        delete_at(&s, &w, &k, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 2);
         assert!(matches!(
             get(&s, &k, "p", Some(3)).await,
             Err(ApiError::NotFound)
         ));
-        delete_at(&s, &w, "p", &[1, 2]).await.unwrap();
+        delete_at(&s, &w, &k, "p", &[1, 2]).await.unwrap();
         assert!(matches!(
             get(&s, &k, "p", None).await,
             Err(ApiError::NotFound)
         ));
-        let m = metadata_at(&s, "p", None).await.unwrap();
+        let m = metadata_at(&s, &k, "p", None).await.unwrap();
         assert_eq!(
             (m.metadata.current_version, m.metadata.oldest_version),
             (0, 0)
         );
-        undelete_at(&s, &w, "p", &[]).await.unwrap();
+        undelete_at(&s, &w, &k, "p", &[]).await.unwrap();
         assert_eq!(get(&s, &k, "p", None).await.unwrap().1, 3);
-        undelete_at(&s, &w, "p", &[1]).await.unwrap();
-        let m = metadata_at(&s, "p", None).await.unwrap();
+        undelete_at(&s, &w, &k, "p", &[1]).await.unwrap();
+        let m = metadata_at(&s, &k, "p", None).await.unwrap();
         assert_eq!(
             (m.metadata.current_version, m.metadata.oldest_version),
             (3, 1)
         );
         assert!(m.versions["2"].deleted_time.is_some());
         assert!(matches!(
-            undelete_at(&s, &w, "p", &[3]).await,
+            undelete_at(&s, &w, &k, "p", &[3]).await,
             Err(ApiError::NotFound)
         ));
         // Pruning keeps the newest max_versions and never reuses numbers.
@@ -749,7 +998,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let m = metadata_at(&s, "p", None).await.unwrap();
+        let m = metadata_at(&s, &k, "p", None).await.unwrap();
         assert_eq!(
             m.versions.keys().cloned().collect::<Vec<_>>(),
             vec!["7", "8"]
@@ -788,31 +1037,368 @@ mod tests {
         assert_eq!(get(&s, &k, "p", None).await.unwrap().0, vals("b"));
     }
 
+    /// The stored record at `path` as JSON, and its revision.
+    async fn stored(s: &MemoryStore, path: &str) -> (serde_json::Value, crate::store::Revision) {
+        let e = s.get(Namespace::Secrets, path).await.unwrap().unwrap();
+        (serde_json::from_slice(&e.value).unwrap(), e.revision)
+    }
+
+    /// Edits the record at `path` in the store as a store administrator would: its JSON, with
+    /// no key.
+    async fn tamper(s: &MemoryStore, path: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+        let (mut v, rev) = stored(s, path).await;
+        edit(&mut v);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let w = s.put(Namespace::Secrets, path, bytes, Expect::Revision(rev));
+        assert!(matches!(w.await.unwrap(), Written::Done(_)));
+    }
+
+    /// The refusal of a record whose MAC does not verify.
+    #[track_caller]
+    fn forged<T: std::fmt::Debug>(out: Result<T, ApiError>) {
+        match out {
+            Err(ApiError::Internal(m)) if m.contains("fails authentication") => {}
+            other => panic!("expected the record to fail authentication, got {other:?}"),
+        }
+    }
+
+    /// Three versions at "p", the first put with a request id, the third deleted, so version 2
+    /// is current.
+    async fn three_versions(s: &MemoryStore, w: &Writers, k: &Arc<SecretKeys>) {
+        for i in 1..=3 {
+            let opts = if i == 1 {
+                with_id("req-1")
+            } else {
+                opts(None, 10)
+            };
+            put_at(s, w, k, "p", &vals(&format!("v{i}")), opts)
+                .await
+                .unwrap();
+        }
+        delete_at(s, w, k, "p", &[3]).await.unwrap();
+        assert_eq!(get(s, k, "p", None).await.unwrap(), (vals("v2"), 2));
+    }
+
+    /// Every reader and writer of `path` refuses the record, and no write changes it.
+    async fn refused_everywhere(s: &MemoryStore, w: &Writers, k: &Arc<SecretKeys>, path: &str) {
+        let before = s.get(Namespace::Secrets, path).await.unwrap().unwrap();
+        for v in [None, Some(1), Some(2), Some(3)] {
+            forged(get(s, k, path, v).await);
+        }
+        forged(metadata_at(s, k, path, None).await);
+        forged(put_at(s, w, k, path, &vals("new"), opts(None, 10)).await);
+        forged(delete_at(s, w, k, path, &[1]).await);
+        forged(undelete_at(s, w, k, path, &[3]).await);
+        let after = s.get(Namespace::Secrets, path).await.unwrap().unwrap();
+        assert_eq!(
+            before.value, after.value,
+            "a write repaired a tampered record"
+        );
+        assert_eq!(before.revision, after.revision);
+    }
+
     #[tokio::test]
-    async fn a_version_moved_to_another_path_does_not_open() {
-        let s = MemoryStore::default();
-        let k = key();
-        let w = Writers::default();
+    async fn a_deleted_version_brought_back_by_editing_its_marker_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        tamper(&s, "p", |r| {
+            r["versions"]["3"]["deleted"] = serde_json::Value::Null
+        })
+        .await;
+        refused_everywhere(&s, &w, &k, "p").await;
+        // And with the current-version pointer moved to it as well.
+        tamper(&s, "p", |r| r["current"] = 3.into()).await;
+        refused_everywhere(&s, &w, &k, "p").await;
+    }
+
+    #[tokio::test]
+    async fn a_changed_current_version_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        tamper(&s, "p", |r| r["current"] = 1.into()).await;
+        refused_everywhere(&s, &w, &k, "p").await;
+    }
+
+    #[tokio::test]
+    async fn a_dropped_version_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        // Version 1 is not the one read by default: the record as a whole is refused anyway.
+        tamper(&s, "p", |r| {
+            r["versions"].as_object_mut().unwrap().remove("1");
+        })
+        .await;
+        refused_everywhere(&s, &w, &k, "p").await;
+    }
+
+    #[tokio::test]
+    async fn swapped_sealed_values_are_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        tamper(&s, "p", |r| {
+            let one = r["versions"]["1"]["sealed"].take();
+            let two = std::mem::replace(&mut r["versions"]["2"]["sealed"], one);
+            r["versions"]["1"]["sealed"] = two;
+        })
+        .await;
+        refused_everywhere(&s, &w, &k, "p").await;
+    }
+
+    /// The sealed value of a version number this path had before its record was removed and
+    /// written again opens under its associated data (same path, same number): only the record
+    /// MAC, which binds each version's sealed bytes, tells it from the value written since.
+    #[tokio::test]
+    async fn an_earlier_value_of_the_same_version_number_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        put_at(&s, &w, &k, "p", &vals("old"), opts(None, 10))
+            .await
+            .unwrap();
+        let (old, rev) = stored(&s, "p").await;
+        assert!(s.delete(Namespace::Secrets, "p", &rev).await.unwrap());
+        put_at(&s, &w, &k, "p", &vals("new"), opts(None, 10))
+            .await
+            .unwrap();
+        tamper(&s, "p", |r| {
+            r["versions"]["1"]["sealed"] = old["versions"]["1"]["sealed"].clone()
+        })
+        .await;
+        forged(get(&s, &k, "p", Some(1)).await);
+    }
+
+    #[tokio::test]
+    async fn a_record_moved_to_another_path_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
         put_at(&s, &w, &k, "a", &vals("secret-a"), opts(None, 10))
             .await
             .unwrap();
         put_at(&s, &w, &k, "b", &vals("secret-b"), opts(None, 10))
             .await
             .unwrap();
-        let a = s.get(Namespace::Secrets, "a").await.unwrap().unwrap();
-        let b = s.get(Namespace::Secrets, "b").await.unwrap().unwrap();
-        s.put(
-            Namespace::Secrets,
-            "b",
-            a.value,
-            Expect::Revision(b.revision),
-        )
-        .await
-        .unwrap();
+        let (a, _) = stored(&s, "a").await;
+        tamper(&s, "b", |r| *r = a).await;
+        forged(get(&s, &k, "b", None).await);
+        forged(metadata_at(&s, &k, "b", None).await);
+        forged(put_at(&s, &w, &k, "b", &vals("x"), opts(None, 10)).await);
+    }
+
+    /// The class: every value in the stored record, at any depth, and every version number,
+    /// once changed, makes the record fail to open. The walk reads the stored JSON, so a
+    /// field added to the record later is covered without naming it here.
+    #[tokio::test]
+    async fn every_stored_field_is_authenticated() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        let (original, _) = stored(&s, "p").await;
+        fn leaves(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+            match v {
+                serde_json::Value::Object(m) => m.iter().for_each(|(key, v)| {
+                    at.push(key.clone());
+                    leaves(v, at, out);
+                    at.pop();
+                }),
+                serde_json::Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| {
+                    at.push(i.to_string());
+                    leaves(v, at, out);
+                    at.pop();
+                }),
+                _ => out.push(at.clone()),
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&original, &mut Vec::new(), &mut all);
+        let pointer = |at: &[String]| format!("/{}", at.join("/"));
+        for field in [
+            "deleted",
+            "sealed",
+            "id",
+            "seq",
+            "mac",
+            "max_versions",
+            "requests",
+        ] {
+            assert!(
+                all.iter().any(|at| at.iter().any(|p| p == field)),
+                "the walk never reached {field}: {original}"
+            );
+        }
+        for at in &all {
+            tamper(&s, "p", |r| {
+                *r = original.clone();
+                let leaf = r.pointer_mut(&pointer(at)).unwrap();
+                *leaf = match leaf.take() {
+                    serde_json::Value::Number(n) => (n.as_i64().unwrap() + 1).into(),
+                    serde_json::Value::Null => 1_000_000.into(),
+                    serde_json::Value::String(text) => {
+                        use base64::Engine;
+                        let b64 = base64::engine::general_purpose::STANDARD;
+                        match b64.decode(&text) {
+                            Ok(mut bytes) if at.last().is_some_and(|l| l != "id") => {
+                                bytes[0] ^= 1;
+                                b64.encode(bytes).into()
+                            }
+                            _ => format!("{text}x").into(),
+                        }
+                    }
+                    other => panic!("unexpected leaf {other} at {at:?}"),
+                };
+            })
+            .await;
+            forged(get(&s, &k, "p", Some(1)).await);
+        }
+        // Version numbers are keys, not leaves: renumber one, out of order and in order.
+        for (from, to) in [("1", "4"), ("3", "5")] {
+            tamper(&s, "p", |r| {
+                *r = original.clone();
+                let versions = r["versions"].as_object_mut().unwrap();
+                let moved = versions.remove(from).unwrap();
+                versions.insert(to.into(), moved);
+            })
+            .await;
+            forged(get(&s, &k, "p", Some(2)).await);
+        }
+        // The untouched record still opens: the refusals above were the edits'.
+        tamper(&s, "p", |r| *r = original.clone()).await;
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("v2"), 2));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_record_is_refused_without_quoting_it() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        tamper(&s, "p", |r| r["current"] = "STORE-TEXT".into()).await;
+        match get(&s, &k, "p", None).await {
+            Err(ApiError::Internal(m)) => {
+                assert!(m.contains("malformed") && m.contains("\"p\""), "{m}");
+                assert!(!m.contains("STORE-TEXT"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_edited_request_id_answer_is_refused() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        put_at(&s, &w, &k, "p", &vals("a"), with_id("r1"))
+            .await
+            .unwrap();
+        put_at(&s, &w, &k, "p", &vals("b"), opts(None, 10))
+            .await
+            .unwrap();
+        // Edited so that a replay of r1 would be answered with version 2, or forgotten so
+        // that it would be written again.
+        tamper(&s, "p", |r| r["requests"][0]["version"] = 2.into()).await;
+        forged(put_at(&s, &w, &k, "p", &vals("a"), with_id("r1")).await);
+        tamper(&s, "p", |r| {
+            r["requests"][0]["version"] = 1.into();
+            r.as_object_mut().unwrap().remove("requests");
+        })
+        .await;
+        forged(put_at(&s, &w, &k, "p", &vals("a"), with_id("r1")).await);
+    }
+
+    /// A record without MAC — as written before records were authenticated, or with its MAC
+    /// removed to pass edits off as such a record — is refused unless the deployment is being
+    /// upgraded; upgrading authenticates it, and afterwards removing the MAC is refused again.
+    #[tokio::test]
+    async fn a_record_without_mac_is_refused_unless_upgrading() {
+        let root = RootKey::generate().unwrap();
+        let k = Arc::new(SecretKeys::derive(&root, false));
+        let up = Arc::new(SecretKeys::derive(&root, true));
+        let (s, w) = (MemoryStore::default(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        put_at(&s, &w, &k, "other", &vals("o"), opts(None, 10))
+            .await
+            .unwrap();
+        // As an earlier release wrote it: no MAC, no write counter.
+        let strip = |r: &mut serde_json::Value| {
+            let r = r.as_object_mut().unwrap();
+            r.remove("mac");
+            r.remove("seq");
+        };
+        tamper(&s, "p", strip).await;
+        let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        let no_mac = |out: Result<_, ApiError>| {
+            assert!(
+                matches!(&out, Err(ApiError::Internal(m)) if m.contains("carries no MAC")),
+                "{out:?}"
+            )
+        };
+        no_mac(get(&s, &k, "p", None).await.map(|_| ()));
+        no_mac(metadata_at(&s, &k, "p", None).await.map(|_| ()));
+        no_mac(
+            put_at(&s, &w, &k, "p", &vals("x"), opts(None, 10))
+                .await
+                .map(|_| ()),
+        );
+        no_mac(delete_at(&s, &w, &k, "p", &[1]).await);
+        assert_eq!(
+            s.get(Namespace::Secrets, "p").await.unwrap().unwrap().value,
+            before.value
+        );
+        // While upgrading it is read as stored.
+        assert_eq!(get(&s, &up, "p", None).await.unwrap(), (vals("v2"), 2));
+        // An edited record with its MAC left in place is refused even while upgrading.
+        tamper(&s, "other", |r| r["current"] = 0.into()).await;
+        let found = upgrade(&s, &w, &up).await;
+        assert_eq!(
+            found,
+            Upgraded {
+                authenticated: 1,
+                already: 0,
+                refused: 1,
+                failed: 0
+            }
+        );
+        // Authenticated now: it opens without upgrading, unchanged...
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("v2"), 2));
+        assert_eq!(get(&s, &k, "p", Some(1)).await.unwrap(), (vals("v1"), 1));
         assert!(matches!(
-            get(&s, &k, "b", None).await,
-            Err(ApiError::Internal(_))
+            get(&s, &k, "p", Some(3)).await,
+            Err(ApiError::NotFound)
         ));
+        // ...a second pass finds nothing to do...
+        let again = upgrade(&s, &w, &up).await;
+        assert_eq!((again.authenticated, again.already), (0, 1));
+        // ...and removing its MAC again is refused.
+        tamper(&s, "p", strip).await;
+        no_mac(get(&s, &k, "p", None).await.map(|_| ()));
+        forged(get(&s, &k, "other", None).await);
+    }
+
+    /// Each write adds one to the record's counter. Nothing outside the store remembers it, so
+    /// an older copy of the record, put back whole, still opens: what SECURITY.md states as a
+    /// per-record rollback, indistinguishable from restoring that record from a backup.
+    #[tokio::test]
+    async fn each_write_counts_and_an_older_copy_is_a_rollback() {
+        let (s, k, w) = (MemoryStore::default(), key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        let (copy, _) = stored(&s, "p").await;
+        assert_eq!(copy["seq"], 4, "three puts and a delete");
+        undelete_at(&s, &w, &k, "p", &[3]).await.unwrap();
+        assert_eq!(stored(&s, "p").await.0["seq"], 5);
+        tamper(&s, "p", |r| *r = copy).await;
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("v2"), 2));
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_refuses_a_batch_of_concurrent_puts() {
+        let s = MemoryStore::default();
+        let (k, w) = (key(), Writers::default());
+        three_versions(&s, &w, &k).await;
+        tamper(&s, "p", |r| r["max_versions"] = 1.into()).await;
+        let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let (s, k, w) = (s.clone(), k.clone(), w.clone());
+            tasks.spawn(async move {
+                put_at(&s, &w, &k, "p", &vals(&i.to_string()), opts(None, 10)).await
+            });
+        }
+        while let Some(out) = tasks.join_next().await {
+            forged(out.unwrap());
+        }
+        let after = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(before.value, after.value);
     }
 
     /// A store that counts the writes that reach it.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::ApiError;
-use super::secrets::{Record, read_modify_write};
+use super::secrets::{Record, SecretKeys, read_modify_write};
 use crate::store::Store;
 
 /// Writers of one path inside this instance take turns through one of a fixed set of
@@ -45,6 +45,8 @@ pub(super) enum Applies {
 
 struct QueuedPut {
     path: String,
+    /// The keys the record is checked and authenticated with (one Nexus has one set).
+    keys: Arc<SecretKeys>,
     change: Change,
     done: tokio::sync::oneshot::Sender<Result<u64, ApiError>>,
 }
@@ -101,6 +103,7 @@ fn lock_queue(stripe: &Stripe) -> std::sync::MutexGuard<'_, Queue> {
 pub(super) async fn queue_put<S: Store + Clone>(
     store: &S,
     writers: &Writers,
+    keys: &Arc<SecretKeys>,
     path: &str,
     change: Change,
 ) -> Result<u64, ApiError> {
@@ -111,6 +114,7 @@ pub(super) async fn queue_put<S: Store + Clone>(
         let mut queue = lock_queue(stripe);
         queue.puts.push(QueuedPut {
             path: path.to_string(),
+            keys: Arc::clone(keys),
             change,
             done,
         });
@@ -181,7 +185,8 @@ async fn flush<S: Store>(writers: Writers, index: usize, store: S) {
 /// answers every put.
 async fn apply_batch<S: Store>(store: &S, mut batch: Vec<QueuedPut>) {
     let path = batch[0].path.clone();
-    let outcome = read_modify_write(store, &path, |mut record| {
+    let keys = Arc::clone(&batch[0].keys);
+    let outcome = read_modify_write(store, &keys, &path, |mut record| {
         let mut wrote = false;
         let answers: Vec<Result<u64, ApiError>> = batch
             .iter_mut()
