@@ -186,6 +186,8 @@ pub struct Proc {
     offset: usize,
     args: Vec<String>,
     env: HashMap<String, String>,
+    /// Runs the process as this SPIRE workload uid (through `setpriv`), when set.
+    uid: Option<u32>,
 }
 
 impl Proc {
@@ -208,8 +210,34 @@ impl Proc {
             offset: 0,
             args: args.iter().map(|s| s.to_string()).collect(),
             env,
+            uid: None,
         };
         proc.spawn();
+        proc
+    }
+
+    /// [`Proc::start`] as the SPIRE workload `uid`: the process takes its identity from the
+    /// agent's Workload API (`SPIFFE_ENDPOINT_SOCKET` is in `env`).
+    pub fn start_as(
+        uid: u32,
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        env: HashMap<String, String>,
+    ) -> Proc {
+        let mut proc = Proc {
+            name: name.to_string(),
+            log: dir.join(format!("{name}.log")),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_path_buf(),
+            process: None,
+            offset: 0,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env,
+            uid: Some(uid),
+        };
+        proc.spawn();
+        proc.wait_listening();
         proc
     }
 
@@ -217,7 +245,17 @@ impl Proc {
         // The log is appended to, so a restarted process's log follows the earlier one.
         self.offset = fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let mut cmd = spike_command(&args, &[]);
+        let mut cmd = match self.uid {
+            None => spike_command(&args, &[]),
+            Some(uid) => {
+                let mut cmd = spire::as_uid(uid, spike_bin());
+                cmd.args(&args)
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .env("NO_COLOR", "1");
+                cmd
+            }
+        };
         cmd.envs(&self.env);
         self.process = Some(Process::spawn(&self.name, &self.dir, &mut cmd, Stdout::Log));
     }

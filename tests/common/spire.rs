@@ -150,12 +150,8 @@ impl Spire {
     /// CAP_DAC_OVERRIDE) but not its uid, so it sees the test's files as before while the agent
     /// sees the identity.
     pub fn command_as(&self, uid: u32, program: impl AsRef<Path>) -> Command {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()])
-            .args(["--clear-groups", "--inh-caps", "+dac_override"])
-            .args(["--ambient-caps", "+dac_override", "--"])
-            .arg(program.as_ref())
-            .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint());
+        let mut cmd = as_uid(uid, program);
+        cmd.env("SPIFFE_ENDPOINT_SOCKET", self.endpoint());
         cmd
     }
 
@@ -309,4 +305,15 @@ impl Spire {
         std::env::var_os("SPIKE_TEST_SPIRE_OTHER_SPIFFE_ENDPOINT_SOCKET")
             .and_then(|_| Spire::other())
     }
+}
+
+/// A command that runs `program` under `uid` (and its gid), keeping root's file access
+/// (ambient CAP_DAC_OVERRIDE): the SPIRE agent's unix attestor sees `uid`.
+pub fn as_uid(uid: u32, program: impl AsRef<Path>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()])
+        .args(["--clear-groups", "--inh-caps", "+dac_override"])
+        .args(["--ambient-caps", "+dac_override", "--"])
+        .arg(program.as_ref());
+    cmd
 }

@@ -1,0 +1,407 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! Identity from a real SPIRE agent's Workload API (issue 14): Keepers, Nexus and the CLI take
+//! their SVIDs from `SPIFFE_ENDPOINT_SOCKET`, each process running as the uid its registration
+//! entry selects (tests/common/spire.rs, scripts/spire.sh). Rotations and an agent outage cost
+//! no request; a workload of another trust domain, or one whose entry was deleted, is refused.
+//!
+//! The tests change the shared agent (entries, a restart), so they run one at a time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::spire::{Spire, fresh_uid};
+use common::*;
+use hyper::StatusCode;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Environment of a process that takes its identity from `spire`'s agent.
+fn agent_env(spire: &Spire, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    env.insert("SPIFFE_ENDPOINT_SOCKET".to_string(), spire.endpoint());
+    env.insert("SPIKE_TRUST_ROOT".to_string(), TD.to_string());
+    env.insert("SPIKE_SYSTEM_LOG_LEVEL".to_string(), "info".to_string());
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    env
+}
+
+/// Keepers and Nexus instances running as SPIRE workloads.
+struct AgentCluster {
+    dir: tempfile::TempDir,
+    keepers: Vec<Proc>,
+    nexus: Vec<Proc>,
+    /// SPIRE's bundle, for the test's own `/health` client.
+    pki: Pki,
+}
+
+impl AgentCluster {
+    fn start(spire: &Spire, keeper_uids: &[u32], nexus_uids: &[u32]) -> AgentCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle_dir = dir.path().join("bundle");
+        spire.write_svid_files(spire.uid("superuser"), &bundle_dir);
+        std::fs::copy(
+            bundle_dir.join("svid_bundle.pem"),
+            bundle_dir.join("ca.pem"),
+        )
+        .unwrap();
+        let pki = Pki {
+            root: dir.path().to_path_buf(),
+            ca_dir: bundle_dir,
+            trust_domain: TD.to_string(),
+        };
+        let keepers: Vec<Proc> = keeper_uids
+            .iter()
+            .enumerate()
+            .map(|(i, uid)| {
+                Proc::start_as(
+                    *uid,
+                    &format!("keeper-{}", i + 1),
+                    dir.path(),
+                    &["keeper"],
+                    agent_env(spire, &[("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0")]),
+                )
+            })
+            .collect();
+        let peers = keepers
+            .iter()
+            .map(|k| k.base_url())
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = dir.path().join("data");
+        let nexus = nexus_uids
+            .iter()
+            .enumerate()
+            .map(|(i, uid)| {
+                Proc::start_as(
+                    *uid,
+                    &format!("nexus-{}", i + 1),
+                    dir.path(),
+                    &["nexus"],
+                    agent_env(
+                        spire,
+                        &[
+                            ("SPIKE_NEXUS_TLS_PORT", "127.0.0.1:0"),
+                            ("SPIKE_NEXUS_KEEPER_PEERS", &peers),
+                            ("SPIKE_NEXUS_SHAMIR_SHARES", &keepers.len().to_string()),
+                            ("SPIKE_NEXUS_DATA_DIR", data.to_str().unwrap()),
+                            ("SPIKE_NEXUS_RECOVERY_MAX_INTERVAL", "500ms"),
+                        ],
+                    ),
+                )
+            })
+            .collect();
+        AgentCluster {
+            dir,
+            keepers,
+            nexus,
+            pki,
+        }
+    }
+
+    fn urls(&self) -> String {
+        self.nexus
+            .iter()
+            .map(Proc::base_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn wait_ready(&self) {
+        let anon = client(None, &self.pki, spike::identity::Role::Nexus);
+        for n in &self.nexus {
+            wait_status(&anon, &n.url(), "ready").await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.keepers
+            .iter()
+            .chain(self.nexus.iter())
+            .map(|p| format!("===== {} =====\n{}", p.name, p.logs()))
+            .collect()
+    }
+}
+
+/// Runs `spike ARGS` as the workload `uid` against `urls`: (exit status, stdout, stderr).
+fn cli_as(spire: &Spire, uid: u32, urls: &str, args: &[&str]) -> (i32, String, String) {
+    let out = spire
+        .command_as(uid, spike_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SPIFFE_ENDPOINT_SOCKET", spire.endpoint())
+        .env("SPIKE_TRUST_ROOT", TD)
+        .env("SPIKE_NEXUS_API_URL", urls)
+        .env("SPIKE_SPIFFE_SOURCE_TIMEOUT", "10s")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn keepers(spire: &Spire) -> Vec<u32> {
+    (1..=3).map(|i| spire.uid(&format!("keeper-{i}"))).collect()
+}
+
+/// Three Keepers and two Nexus get every identity from the agent, reach ready and serve the
+/// CLI, which takes its identity from the agent too. Policies decide for workloads; a workload
+/// whose entry is deleted, and one of another trust domain, are refused; the cluster stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
+    let Some(spire) = Spire::shared() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let nexus = spire.uid("nexus");
+    let c = AgentCluster::start(&spire, &keepers(&spire), &[nexus, nexus]);
+    c.wait_ready().await;
+    let urls = c.urls();
+    let su = spire.uid("superuser");
+    let (code, _, err) = cli_as(&spire, su, &urls, &["secret", "put", "apps/one/db", "k=v"]);
+    assert_eq!(code, 0, "{err}\n{}", c.logs());
+    for n in &c.nexus {
+        let (code, out, err) = cli_as(
+            &spire,
+            su,
+            &n.base_url(),
+            &["secret", "get", "apps/one/db", "k"],
+        );
+        assert_eq!((code, out.trim()), (0, "v"), "{err}");
+    }
+
+    // A workload: refused until a policy names it, then served.
+    let one = spire.uid("app-one");
+    let (code, _, err) = cli_as(&spire, one, &urls, &["secret", "get", "apps/one/db", "k"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("access_unauthorized"), "{err}");
+    let (code, _, err) = cli_as(
+        &spire,
+        su,
+        &urls,
+        &[
+            "policy",
+            "create",
+            "--name",
+            "apps",
+            "--spiffeid-pattern",
+            "^spiffe://spike\\.ist/app/.*$",
+            "--path-pattern",
+            "^apps/one/.*$",
+            "--permissions",
+            "read",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli_as(&spire, one, &urls, &["secret", "get", "apps/one/db", "k"]);
+    assert_eq!((code, out.trim()), (0, "v"), "{err}");
+
+    // A registration deleted: the workload gets no SVID any more and is refused.
+    let three = fresh_uid();
+    let entry = spire.create_entry(three, &spire.id("/app/three"), &[]);
+    spire.wait_for_svid(three, &spire.id("/app/three"));
+    let (code, out, err) = cli_as(&spire, three, &urls, &["secret", "get", "apps/one/db", "k"]);
+    assert_eq!((code, out.trim()), (0, "v"), "{err}");
+    spire.delete_entry(&entry);
+    spire.wait_for_no_svid(three);
+    let (code, out, err) = cli_as(&spire, three, &urls, &["secret", "get", "apps/one/db", "k"]);
+    assert_ne!(code, 0, "a deleted registration was served: {out}");
+    assert!(out.trim().is_empty(), "{out}");
+    assert!(err.contains("SPIFFE") || err.contains("SVID"), "{err}");
+
+    // Another trust domain: a workload of other.td, with its own SVID, is refused at the
+    // handshake by Nexus, which stays up.
+    if let Some(other) = Spire::other() {
+        let dir = c.dir.path().join("other-td");
+        other.write_svid_files(other.uid("app-one"), &dir);
+        let foreign = foreign_client(&dir, &c.pki);
+        let reply = foreign
+            .post_json(
+                &c.nexus[0].url(),
+                "/v1/store/secrets?action=get",
+                br#"{"path":"apps/one/db"}"#.to_vec(),
+            )
+            .await;
+        if let Ok(r) = reply {
+            panic!("a workload of other.td was answered {}", r.status);
+        }
+        let refused = c.nexus[0].logs();
+        assert!(
+            refused.contains("TLS handshake refused") && refused.contains("other.td"),
+            "Nexus did not refuse the other.td workload at the handshake:\n{refused}"
+        );
+        let (code, out, _) = cli_as(&spire, su, &urls, &["secret", "get", "apps/one/db", "k"]);
+        assert_eq!((code, out.trim()), (0, "v"));
+    }
+    assert!(!c.logs().contains("panicked"));
+}
+
+/// An mTLS client presenting the SVID files in `dir` (another trust domain's) and trusting
+/// spike.ist's bundle for the server.
+fn foreign_client(dir: &Path, pki: &Pki) -> spike::transport::HttpsClient {
+    let source = spike::identity::SvidSource::load(
+        spike::identity::SvidPaths::resolve(Some(dir.to_path_buf()), None, None, None).unwrap(),
+    )
+    .unwrap();
+    let ca = std::fs::read(pki.ca_pem()).unwrap();
+    let roots: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(&ca)
+        .map(|c| c.unwrap())
+        .collect();
+    let tls = spike::identity::client_config(
+        Some(&source),
+        Some(roots),
+        TD,
+        spike::identity::ExpectedPeer::Role(spike::identity::Role::Nexus),
+    )
+    .unwrap();
+    spike::transport::HttpsClient::new(
+        tls,
+        spike::transport::Timeouts {
+            connect: Duration::from_secs(3),
+            handshake: Duration::from_secs(3),
+            request: Duration::from_secs(10),
+            max_response: 1 << 20,
+        },
+    )
+}
+
+/// Counts the SVIDs `proc` took from the agent so far.
+fn svids_taken(proc: &Proc) -> usize {
+    proc.logs()
+        .matches("SVID from the SPIFFE Workload API")
+        .count()
+}
+
+/// Short-lived SVIDs (20 s) rotate several times during a run of requests through a Nexus and
+/// three Keepers that all rotate too: no request fails. Then the agent is stopped for longer
+/// than a rotation interval and started again: still no request fails, and rotation resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_and_an_agent_outage_cost_no_request() {
+    let Some(spire) = Spire::shared() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const TTL: &str = "20";
+    let ttl = ["-x509SVIDTTL", TTL];
+    let nexus_uid = fresh_uid();
+    let keeper_uids: Vec<u32> = (0..3).map(|_| fresh_uid()).collect();
+    let su = fresh_uid();
+    let mut entries = vec![spire.create_entry(nexus_uid, &spire.id("/spike/nexus"), &ttl)];
+    for k in &keeper_uids {
+        entries.push(spire.create_entry(*k, &spire.id("/spike/keeper"), &ttl));
+    }
+    entries.push(spire.create_entry(su, &spire.id("/spike/pilot/role/superuser"), &ttl));
+    spire.wait_for_svid(nexus_uid, &spire.id("/spike/nexus"));
+    for k in &keeper_uids {
+        spire.wait_for_svid(*k, &spire.id("/spike/keeper"));
+    }
+    spire.wait_for_svid(su, &spire.id("/spike/pilot/role/superuser"));
+    let c = AgentCluster::start(&spire, &keeper_uids, &[nexus_uid]);
+    c.wait_ready().await;
+    let url = c.urls();
+    let anon = client(None, &c.pki, spike::identity::Role::Nexus);
+
+    // Requests until Nexus and every Keeper took at least three SVIDs (two rotations each).
+    let mut sent = 0;
+    let put = |i: usize| {
+        let (code, _, err) = cli_as(
+            &spire,
+            su,
+            &url,
+            &["secret", "put", "rot/x", &format!("v={i}")],
+        );
+        assert_eq!(
+            code,
+            0,
+            "request {i} failed during rotations: {err}\n{}",
+            c.logs()
+        );
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c
+        .keepers
+        .iter()
+        .chain(c.nexus.iter())
+        .any(|p| svids_taken(p) < 3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "SVIDs did not rotate:\n{}",
+            c.logs()
+        );
+        put(sent);
+        sent += 1;
+    }
+    println!("{sent} requests across two rotations of every process, none failed");
+
+    // The agent goes away right after a rotation, for longer than a rotation interval
+    // (TTL / 2): the SVIDs in use stay valid and every request is served.
+    let before = svids_taken(&c.nexus[0]);
+    wait_for("a fresh rotation", Duration::from_secs(60), || {
+        let taken = svids_taken(&c.nexus[0]);
+        async move { (taken > before).then_some(()) }
+    })
+    .await;
+    // Long-running clients keep the SVID they hold: the test's own client, with the shared
+    // superuser's SVID (valid for an hour) read from the agent before the outage.
+    let su_dir = c.dir.path().join("superuser");
+    spire.write_svid_files(spire.uid("superuser"), &su_dir);
+    let held = client(Some(&su_dir), &c.pki, spike::identity::Role::Nexus);
+    let nexus_url = c.nexus[0].url();
+    let put_held = |i: usize| {
+        let held = held.clone();
+        let url = nexus_url.clone();
+        async move {
+            let body = serde_json::json!({"path": "rot/held", "values": {"v": i.to_string()}});
+            let (status, b) = call(&held, &url, spike::protocol::nexus::SECRETS_PATH, body).await;
+            assert_eq!(status, StatusCode::OK, "request {i}: {b}");
+        }
+    };
+    let agent_pid = std::fs::read_to_string(spire.dir.join("agent.pid")).unwrap();
+    let stopped = Instant::now();
+    common::process::signal(agent_pid.trim().parse().unwrap(), "TERM");
+    let outage = Duration::from_secs(12);
+    let mut during = 0;
+    while stopped.elapsed() < outage {
+        put_held(sent).await;
+        sent += 1;
+        during += 1;
+    }
+    assert_eq!(health(&anon, &nexus_url).await.unwrap().0, StatusCode::OK);
+    let restart =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/spire.sh"))
+            .arg("start")
+            .arg(&spire.dir)
+            .output()
+            .unwrap();
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    let after = svids_taken(&c.nexus[0]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while svids_taken(&c.nexus[0]) <= after {
+        assert!(
+            Instant::now() < deadline,
+            "no SVID after the agent came back:\n{}",
+            c.logs()
+        );
+        put_held(sent).await;
+        sent += 1;
+    }
+    // And new processes get SVIDs again.
+    put(sent);
+    println!(
+        "agent away {:?}: {during} requests during the outage, none failed",
+        outage
+    );
+    for e in entries {
+        spire.delete_entry(&e);
+    }
+    assert!(!c.logs().contains("panicked"));
+}
