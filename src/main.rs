@@ -82,6 +82,9 @@ fn init_logging() -> Result<(), String> {
 enum Failure {
     Usage(String),
     Runtime(String),
+    /// The SPIFFE agent gave a server no identity in time: exit status 3, so a supervisor or
+    /// an operator can tell "the agent is away" from any other failure.
+    NoIdentity(String),
 }
 
 fn usage(e: impl std::fmt::Display) -> Failure {
@@ -116,6 +119,10 @@ fn main() -> ExitCode {
             eprintln!("{name}: {msg}");
             ExitCode::from(2)
         }
+        Err(Failure::NoIdentity(msg)) => {
+            eprintln!("{name}: {msg}");
+            ExitCode::from(3)
+        }
         Err(Failure::Runtime(msg)) => {
             eprintln!("{name}: {msg}");
             ExitCode::from(1)
@@ -136,7 +143,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let cfg = spike::nexus::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
             runtime_builder()?
                 .block_on(spike::nexus::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(runtime)
+                .map_err(|e| {
+                    if e.is_agent_unavailable() {
+                        Failure::NoIdentity(e.to_string())
+                    } else {
+                        runtime(e)
+                    }
+                })
         }
         Command::Keeper => {
             let cfg = spike::keeper::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
@@ -147,7 +160,13 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .build()
                 .map_err(runtime)?
                 .block_on(spike::keeper::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(runtime)
+                .map_err(|e| {
+                    if e.is_agent_unavailable() {
+                        Failure::NoIdentity(e.to_string())
+                    } else {
+                        runtime(e)
+                    }
+                })
         }
         Command::Dev(args) => runtime_builder()?
             .block_on(spike::entry::dev::run(args))

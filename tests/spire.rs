@@ -405,3 +405,44 @@ async fn rotations_and_an_agent_outage_cost_no_request() {
     }
     assert!(!c.logs().contains("panicked"));
 }
+
+/// Bad identity sources stop a server with a message naming the cause and exit status 3 (no
+/// identity from the agent), or 2 when the configuration itself is ambiguous — never a server
+/// that serves with an identity it cannot verify. No SPIRE needed.
+#[test]
+fn bad_identity_sources_stop_the_server_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_socket = dir.path().join("plain-file");
+    std::fs::write(&not_a_socket, b"x").unwrap();
+    let missing = format!("unix://{}/missing.sock", dir.path().display());
+    let file = format!("unix://{}", not_a_socket.display());
+    let svid_dir = dir.path().to_str().unwrap();
+    let cases: &[(&[(&str, &str)], i32, &str)] = &[
+        (&[("SPIFFE_ENDPOINT_SOCKET", &missing)], 3, "does not exist"),
+        (&[("SPIFFE_ENDPOINT_SOCKET", &file)], 3, "not a"),
+        (
+            &[("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:1")],
+            2,
+            "SPIFFE_ENDPOINT_SOCKET",
+        ),
+        (
+            &[
+                ("SPIFFE_ENDPOINT_SOCKET", &missing),
+                ("SPIKE_SVID_DIR", svid_dir),
+            ],
+            2,
+            "SPIKE_SVID_DIR",
+        ),
+    ];
+    for (env, want_code, want) in cases {
+        let mut all = vec![
+            ("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0"),
+            ("SPIKE_SPIFFE_SOURCE_TIMEOUT", "1s"),
+        ];
+        all.extend_from_slice(env);
+        let (code, _, err) = run_spike(&["keeper"], &all);
+        assert_eq!(code, *want_code, "{env:?}: {err}");
+        assert!(err.contains(want), "{env:?}: {err}");
+        assert!(!err.contains("listening on"), "{env:?}: {err}");
+    }
+}

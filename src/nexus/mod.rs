@@ -71,6 +71,17 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl Error {
+    /// True when the SPIFFE agent gave Nexus no identity before the deadline.
+    pub fn is_agent_unavailable(&self) -> bool {
+        match self {
+            Error::Start(e) => e.is_agent_unavailable(),
+            Error::Identity(e) => e.is_agent_unavailable(),
+            _ => false,
+        }
+    }
+}
+
 impl ApiError {
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -394,9 +405,20 @@ async fn run_with(
     crate::platform::systemd::ready(&nexus.phase().describe());
     let watchdog = {
         let nexus = Arc::clone(&nexus);
+        let identity = Arc::clone(&own.source);
         crate::platform::systemd::spawn_watchdog(move || {
             let nexus = Arc::clone(&nexus);
+            let identity = Arc::clone(&identity);
             async move {
+                // A dead SVID is said, not hidden: peers refuse it, and /health reports it.
+                if let crate::identity::IdentityState::Expired { .. } = identity.state() {
+                    let why = identity
+                        .agent_problem()
+                        .map(|p| format!(": {p}"))
+                        .unwrap_or_default();
+                    crate::platform::systemd::status(&format!("SVID expired{why}"));
+                    return true;
+                }
                 match nexus.store.ping().await {
                     Ok(()) => {
                         if nexus.keys().is_some() {
@@ -413,7 +435,10 @@ async fn run_with(
         })
     };
     let sync = keepers::spawn(Arc::clone(&nexus), keeper_tls);
-    let handler = Arc::new(routes::Api::new(Arc::clone(&nexus)));
+    let handler = Arc::new(routes::Api::new(
+        Arc::clone(&nexus),
+        Arc::clone(&own.source),
+    ));
     transport::serve(
         listener,
         server_tls,

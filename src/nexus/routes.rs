@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use super::authz::{Access, Need};
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
-use crate::identity::{Role, SpiffeId};
+use crate::identity::{IdentityState, Role, SpiffeId, SvidSource};
 use crate::protocol::nexus::{self as wire, Empty};
 use crate::store::Store;
 
@@ -131,11 +131,13 @@ impl Route {
 
 pub struct Api {
     nexus: Arc<Nexus>,
+    /// This instance's own SVID, whose state `/health` reports.
+    identity: Arc<SvidSource>,
 }
 
 impl Api {
-    pub fn new(nexus: Arc<Nexus>) -> Api {
-        Api { nexus }
+    pub fn new(nexus: Arc<Nexus>, identity: Arc<SvidSource>) -> Api {
+        Api { nexus, identity }
     }
 
     fn store(&self) -> &crate::store::AnyStore {
@@ -425,6 +427,12 @@ struct Health {
     inconsistent_keepers: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// This instance's SVID: `ready`, or `svid_expired` (then `status` says so too and the
+    /// answer is 503: peers refuse an expired certificate).
+    identity: &'static str,
+    /// When the SVID in use expires (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    svid_expires: Option<String>,
 }
 
 impl Api {
@@ -439,7 +447,23 @@ impl Api {
             threshold: nexus.config.threshold,
             inconsistent_keepers: nexus.inconsistent_keepers(),
             reason: None,
+            identity: "ready",
+            svid_expires: None,
         };
+        let state = self.identity.state();
+        health.identity = state.name();
+        if let IdentityState::Ready { not_after } | IdentityState::Expired { not_after } = state {
+            health.svid_expires = Some(crate::protocol::nexus::rfc3339(
+                not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+            ));
+        }
+        if !state.is_ready() {
+            health.status = state.name();
+            health.reason = self.identity.agent_problem().map(|p| p.to_string());
+            return transport::json(StatusCode::SERVICE_UNAVAILABLE, &health);
+        }
         let status = match nexus.keys() {
             Some(keys) => {
                 health.key_id = Some(keys.key_id.clone());

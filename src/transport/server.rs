@@ -332,6 +332,14 @@ pub enum BodyError {
 }
 
 /// Reads the whole body, refusing (without buffering it) anything over `limit` bytes.
+impl StartError {
+    /// True when the SPIFFE agent gave this process no identity before the deadline
+    /// (`SPIKE_SPIFFE_SOURCE_TIMEOUT`): the process exits with its own status for it.
+    pub fn is_agent_unavailable(&self) -> bool {
+        matches!(self, StartError::Identity(e) if e.is_agent_unavailable())
+    }
+}
+
 impl BodyError {
     /// The error code a caller is answered with: 413 `api_request_too_large` over the limit,
     /// 400 `api_bad_request` otherwise.
