@@ -19,6 +19,8 @@
 //!
 //! The design, the wire contract and the decisions that differ from SPIKE are in `docs/`.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod crypto;
 pub mod entry;

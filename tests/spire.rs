@@ -417,7 +417,9 @@ fn bad_identity_sources_stop_the_server_with_a_clear_message() {
     let missing = format!("unix://{}/missing.sock", dir.path().display());
     let file = format!("unix://{}", not_a_socket.display());
     let svid_dir = dir.path().to_str().unwrap();
-    let cases: &[(&[(&str, &str)], i32, &str)] = &[
+    /// (environment, exit status, words of the message)
+    type Case<'a> = (&'a [(&'a str, &'a str)], i32, &'a str);
+    let cases: &[Case] = &[
         (&[("SPIFFE_ENDPOINT_SOCKET", &missing)], 3, "does not exist"),
         (&[("SPIFFE_ENDPOINT_SOCKET", &file)], 3, "not a"),
         (

@@ -46,6 +46,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Everything that can go wrong in the identity module. Messages name the file
 /// or setting involved; private key material is never included.
+// Each variant's fields are named in its message.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

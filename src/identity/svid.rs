@@ -389,10 +389,16 @@ pub enum IdentityState {
     /// registration entry, bundles missing).
     WaitingForAgent,
     /// An SVID valid until `not_after` is in use.
-    Ready { not_after: SystemTime },
+    Ready {
+        /// When it expires.
+        not_after: SystemTime,
+    },
     /// The SVID in use expired at `not_after` and nothing has replaced it:
     /// peers will refuse it.
-    Expired { not_after: SystemTime },
+    Expired {
+        /// When it expired.
+        not_after: SystemTime,
+    },
 }
 
 impl IdentityState {

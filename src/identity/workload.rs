@@ -104,7 +104,9 @@ pub struct WorkloadApiConfig {
 /// `max`; back to `initial` once a stream has delivered an SVID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
+    /// The first wait.
     pub initial: Duration,
+    /// The longest wait.
     pub max: Duration,
 }
 
@@ -174,6 +176,8 @@ pub fn parse_endpoint(value: &str) -> Result<PathBuf> {
 }
 
 /// Why the Workload API gave no usable SVID, in words for an operator.
+// Each variant's fields are named in its message.
+#[allow(missing_docs)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AgentProblem {

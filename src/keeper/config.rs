@@ -6,6 +6,7 @@ use crate::identity::IdentityConfig;
 use crate::platform::env::{Result, Source, listen_addr};
 use crate::transport::Limits;
 
+/// `SPIKE_KEEPER_TLS_PORT` when unset.
 pub const DEFAULT_KEEPER_ADDR: &str = ":8443";
 
 /// `spike keeper` configuration.
@@ -13,12 +14,14 @@ pub const DEFAULT_KEEPER_ADDR: &str = ":8443";
 pub struct KeeperConfig {
     /// `SPIKE_KEEPER_TLS_PORT`: where the Keeper listens.
     pub listen: SocketAddr,
+    /// Trust domains and this Keeper's SVID source.
     pub identity: IdentityConfig,
     /// Connection limits and timeouts of the HTTPS server.
     pub server: Limits,
 }
 
 impl KeeperConfig {
+    /// Reads `SPIKE_KEEPER_*`, the identity and the server limits.
     pub fn from_source(env: &impl Source) -> Result<KeeperConfig> {
         Ok(KeeperConfig {
             server: Limits::from_source(env)?,

@@ -12,6 +12,7 @@ use super::ApiError;
 use crate::crypto::AeadKey;
 use crate::protocol::nexus::CIPHER_VERSION;
 
+/// AES-GCM nonce length.
 pub const NONCE_LEN: usize = 12;
 
 /// Seals `plaintext`; returns (nonce, ciphertext‖tag).

@@ -13,6 +13,7 @@ use crate::platform::env::{
 use crate::store::{Backend, S3Config, SecretUrl};
 use crate::transport::Limits;
 
+/// `SPIKE_NEXUS_TLS_PORT` when unset.
 pub const DEFAULT_NEXUS_ADDR: &str = ":8553";
 
 /// `spike nexus` configuration.
@@ -20,6 +21,7 @@ pub const DEFAULT_NEXUS_ADDR: &str = ":8553";
 pub struct NexusConfig {
     /// `SPIKE_NEXUS_TLS_PORT`.
     pub listen: SocketAddr,
+    /// Trust domains and this instance's SVID source.
     pub identity: IdentityConfig,
     /// `SPIKE_NEXUS_KEEPER_PEERS`, in order: position i (1-based) is Shamir index i.
     pub keeper_peers: Vec<Uri>,
@@ -52,6 +54,7 @@ pub struct NexusConfig {
 }
 
 impl NexusConfig {
+    /// Reads every `SPIKE_NEXUS_*` variable, the identity and the server limits.
     pub fn from_source(env: &impl Source) -> Result<NexusConfig> {
         let listen = listen_addr(env, "SPIKE_NEXUS_TLS_PORT", DEFAULT_NEXUS_ADDR)?;
         let shares = number::<u8>(env, "SPIKE_NEXUS_SHAMIR_SHARES", 3)?;

@@ -51,6 +51,8 @@ impl Drop for SyncGuard {
     }
 }
 
+/// Starts the Keeper task: recover or create the root key, then refill every Keeper each
+/// `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
 pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
     let client = KeeperClient::new(HttpsClient::new(
         tls,

@@ -37,10 +37,13 @@ pub use config::NexusConfig;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The listener or this instance's identity could not be set up.
     #[error("{0}")]
     Start(#[from] transport::StartError),
+    /// This instance's SVID could not be loaded.
     #[error("{0}")]
     Identity(#[from] crate::identity::Error),
+    /// The backing store could not be opened.
     #[error("cannot open the backing store: {0}")]
     Store(#[from] crate::store::Error),
 }
@@ -49,24 +52,39 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
+    /// Malformed or invalid input (400); the reason goes to the log only.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The caller may not do this (401).
     #[error("not authorised")]
     Unauthorized,
+    /// No such secret, version or policy (404).
     #[error("not found")]
     NotFound,
+    /// `cas` did not match (409).
     #[error("check-and-set failed: expected version {expected}, current is {current}")]
-    CasMismatch { expected: u64, current: u64 },
+    CasMismatch {
+        /// The version the caller expected.
+        expected: u64,
+        /// The version that is current.
+        current: u64,
+    },
+    /// The body is over the limit (413).
     #[error("request body over the limit")]
     TooLarge,
+    /// The root key is not loaded (503).
     #[error("root key not loaded")]
     NotReady,
+    /// Too many concurrent writers of one path (500).
     #[error("gave up after too many concurrent writers")]
     Contended,
+    /// The store failed (503 or 500).
     #[error("{0}")]
     Store(#[from] crate::store::Error),
+    /// Sealing or opening failed (500).
     #[error("crypto: {0}")]
     Crypto(#[from] crate::crypto::Error),
+    /// Anything else (500); the message goes to the log only.
     #[error("{0}")]
     Internal(String),
 }
@@ -83,6 +101,7 @@ impl Error {
 }
 
 impl ApiError {
+    /// The code (and status) the caller is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
             ApiError::BadRequest(_) => ErrorCode::ApiBadRequest,
@@ -104,7 +123,12 @@ impl ApiError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Fewer than `threshold` Keepers have answered with a shard so far.
-    AwaitingKeepers { have: usize, need: usize },
+    AwaitingKeepers {
+        /// Shards in hand.
+        have: usize,
+        /// The threshold.
+        need: usize,
+    },
     /// A root key exists (the store holds its verifier) but the Keepers no longer hold enough
     /// of it: an operator must restore from recovery shards. Nexus never creates a key here.
     AwaitingRestore,
@@ -127,6 +151,7 @@ impl Phase {
         }
     }
 
+    /// The phase's name on `/health`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Phase::AwaitingKeepers { .. } => "awaiting_keepers",
@@ -217,6 +242,7 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Nexus {
+    /// A Nexus on `store`, with no key yet.
     pub fn new(config: NexusConfig, store: AnyStore) -> Nexus {
         let need = usize::from(config.threshold);
         Nexus {
@@ -236,6 +262,7 @@ impl Nexus {
         read(&self.keys).clone()
     }
 
+    /// Where the root-key lifecycle is.
     pub fn phase(&self) -> Phase {
         read(&self.phase).clone()
     }
@@ -314,6 +341,7 @@ impl Nexus {
         });
     }
 
+    /// Keepers found holding a shard that does not match the key (URLs).
     pub fn inconsistent_keepers(&self) -> Vec<String> {
         read(&self.inconsistent).clone()
     }

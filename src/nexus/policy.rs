@@ -31,15 +31,22 @@ use crate::store::{Expect, Namespace, Store, Written};
 /// A policy as stored (inside the sealed value).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoredPolicy {
+    /// The policy's name, its identifier.
     pub name: String,
+    /// Regular expression over callers' SPIFFE IDs.
     pub spiffeid_pattern: String,
+    /// Regular expression over secret paths.
     pub path_pattern: String,
+    /// What it grants.
     pub permissions: Vec<Permission>,
+    /// Creation time (Unix nanoseconds).
     pub created: i64,
+    /// Last replacement time (Unix nanoseconds).
     pub updated: i64,
 }
 
 impl StoredPolicy {
+    /// The policy as the API returns it.
     pub fn to_api(&self) -> Policy {
         Policy {
             // SPIKE leaves `id` empty; ours is the name, so a listed policy can be fetched
@@ -134,6 +141,7 @@ fn open(key: &AeadKey, name: &str, sealed: &[u8]) -> Result<StoredPolicy, ApiErr
         .map_err(|e| ApiError::Internal(format!("policy {name:?} is malformed: {e}")))
 }
 
+/// Reads one policy (read on the ACL path).
 pub async fn get(
     store: &impl Store,
     key: &AeadKey,
@@ -149,6 +157,7 @@ pub async fn get(
     open(key, name, &entry.value)
 }
 
+/// Deletes one policy (write on the ACL path).
 pub async fn delete(store: &impl Store, grant: &Grant, name: &str) -> Result<(), ApiError> {
     granted(grant, Permission::Write)?;
     rules::validate_name(name).map_err(ApiError::BadRequest)?;

@@ -129,6 +129,7 @@ impl Route {
     }
 }
 
+/// Nexus's request handler.
 pub struct Api {
     nexus: Arc<Nexus>,
     /// This instance's own SVID, whose state `/health` reports.
@@ -136,6 +137,7 @@ pub struct Api {
 }
 
 impl Api {
+    /// The handler of `nexus`, reporting `identity`'s state on `/health`.
     pub fn new(nexus: Arc<Nexus>, identity: Arc<SvidSource>) -> Api {
         Api { nexus, identity }
     }

@@ -95,9 +95,13 @@ pub struct Record {
     pub oldest: u64,
     /// The highest version ever written, so numbers are never reused after pruning.
     pub last: u64,
+    /// First write (Unix nanoseconds).
     pub created: i64,
+    /// Last write (Unix nanoseconds).
     pub updated: i64,
+    /// Versions kept.
     pub max_versions: u32,
+    /// The versions kept, by number.
     pub versions: BTreeMap<u64, Version>,
     /// The last [`REMEMBERED_REQUESTS`] puts that carried a `request_id`, oldest first: a put
     /// replaying one of them returns its version instead of writing again. Kept in the record
@@ -134,7 +138,9 @@ mod mac_b64 {
 /// A put that carried a request id, and the version it made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
+    /// The caller's `request_id`.
     pub id: String,
+    /// The version that put made.
     pub version: u64,
 }
 
@@ -171,9 +177,12 @@ pub fn validate_request_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// One version of a secret.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Version {
+    /// When it was written (Unix nanoseconds).
     pub created: i64,
+    /// When it was soft-deleted, if it was.
     pub deleted: Option<i64>,
     /// nonce ‖ ciphertext ‖ tag of the JSON map.
     #[serde(with = "crate::protocol::nexus::b64")]

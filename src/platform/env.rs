@@ -43,6 +43,9 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Where configuration values come from: the process environment in production, a map in tests.
+///
+/// Values may be credentials (a database URL, S3 secrets): parsers built on a `Source` never
+/// echo a value into an error unless the variable cannot hold a secret.
 pub trait Source {
     /// The value of `name`, or `None` when it is unset or empty.
     fn get(&self, name: &str) -> Option<String>;

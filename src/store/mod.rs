@@ -139,6 +139,19 @@ const VERIFIER_KEY: &str = "root-key-verifier";
 
 /// The operations Nexus needs from a backing store: a small key-value interface whose writes
 /// are conditional, so that concurrent writers — in one process or many — never lose updates.
+///
+/// # Security rules for implementations
+/// - A store is handed only sealed values and never a key: it must not try to interpret,
+///   cache or log values, and its errors carry no value and no credential (connection URLs
+///   and S3 secrets stay out of every message).
+/// - A store is trusted for availability and for the atomicity of its conditional writes only.
+///   Nexus authenticates what it reads (AEAD with associated data, record MACs), so a store
+///   must never "repair" or rewrite a value on its own: that would look like tampering.
+/// - [`Store::put`] and [`Store::delete`] must be linearisable per key across every Nexus
+///   instance on the store: two writers from the same revision never both succeed, and a write
+///   is acknowledged only once it is durable. A store that cannot promise this (an S3 server
+///   that ignores conditional headers) must refuse to open rather than lose updates.
+/// - Reads never return data older than an acknowledged write (no stale replicas).
 pub trait Store: Send + Sync + 'static {
     /// A short name for logs and `/health` (`sqlite`, `memory`, ...).
     fn backend(&self) -> &'static str;
@@ -150,6 +163,7 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, ns: Namespace, key: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
 
     /// Writes `value` at `key` only if `expect` holds; returns once the write is durable.
+    /// [`Written::Conflict`] (and nothing changed) whenever another write got in first.
     fn put(
         &self,
         ns: Namespace,

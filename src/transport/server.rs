@@ -106,7 +106,9 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartEr
 /// Where a server listens: an address to bind when it is ready to serve, or a listener the
 /// caller already bound (tests bind `127.0.0.1:0` and know the port before the server starts).
 pub enum Listen {
+    /// Bind this address (`SPIKE_*_TLS_PORT`).
     Bind(SocketAddr),
+    /// Use this listener.
     Bound(TcpListener),
 }
 
@@ -137,8 +139,17 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
-/// Answers one request. Implementations never panic on peer input and always return a
-/// response.
+/// Answers one request.
+///
+/// # Security rules for implementations
+/// - The TLS handshake has verified the peer's chain against its trust domain's bundle and the
+///   X509-SVID rules; [`Peer::id`] is that verified SPIFFE ID, or `None` when the client sent
+///   no certificate. Authorisation is the handler's job, from `peer` and the route, and should
+///   happen before the body is read ([`read_body`] with a deadline).
+/// - Never panic on peer input, and always return a response; never echo a request body, and
+///   escape caller-supplied text before logging it.
+/// - [`Handler::privileged`] decides who may use the reserved connections: answering yes for
+///   callers an attacker can be (any workload) gives the reserve away.
 pub trait Handler: Send + Sync + 'static {
     /// Answers `req` from `peer`.
     fn handle(
