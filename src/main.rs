@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use spike::entry::cli::{Cli, Command, PkiCommand};
+use spike::platform::CommandError;
 use spike::platform::env::ProcessEnv;
 use tracing_subscriber::filter::Targets;
 
@@ -78,21 +79,15 @@ fn init_logging() -> Result<(), String> {
     Ok(())
 }
 
-/// A failure, with the exit status it maps to.
-enum Failure {
-    Usage(String),
-    Runtime(String),
-    /// The SPIFFE agent gave a server no identity in time: exit status 3, so a supervisor or
-    /// an operator can tell "the agent is away" from any other failure.
-    NoIdentity(String),
-}
+/// Every subcommand fails with the one [`CommandError`], which carries its exit status.
+type Failure = CommandError;
 
 fn usage(e: impl std::fmt::Display) -> Failure {
-    Failure::Usage(e.to_string())
+    CommandError::usage(e)
 }
 
 fn runtime(e: impl std::fmt::Display) -> Failure {
-    Failure::Runtime(e.to_string())
+    CommandError::failed(e)
 }
 
 fn main() -> ExitCode {
@@ -115,17 +110,9 @@ fn main() -> ExitCode {
     }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(msg)) => {
-            eprintln!("{name}: {msg}");
-            ExitCode::from(2)
-        }
-        Err(Failure::NoIdentity(msg)) => {
-            eprintln!("{name}: {msg}");
-            ExitCode::from(3)
-        }
-        Err(Failure::Runtime(msg)) => {
-            eprintln!("{name}: {msg}");
-            ExitCode::from(1)
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -168,12 +155,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     }
                 })
         }
-        Command::Dev(args) => runtime_builder()?
-            .block_on(spike::entry::dev::run(args))
-            .map_err(|e| match e {
-                spike::entry::dev::Error::Usage(msg) => Failure::Usage(msg),
-                spike::entry::dev::Error::Runtime(msg) => Failure::Runtime(msg),
-            }),
+        Command::Dev(args) => runtime_builder()?.block_on(spike::entry::dev::run(args)),
         Command::Pki { command } => pki(command),
         Command::Secret { format, command } => client(spike::client::secret::run(format, command)),
         Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
@@ -192,10 +174,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 fn client(
     command: impl std::future::Future<Output = spike::client::run::Result<()>>,
 ) -> Result<(), Failure> {
-    spike::client::run::block_on(command).map_err(|e| match e.exit_code() {
-        2 => Failure::Usage(e.to_string()),
-        _ => Failure::Runtime(e.to_string()),
-    })
+    spike::client::run::block_on(command)
 }
 
 fn pki(command: PkiCommand) -> Result<(), Failure> {

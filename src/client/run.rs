@@ -18,31 +18,13 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::client::nexus::{self as nexus_api, NexusClient};
+use crate::platform::CommandError;
 use crate::platform::env::ProcessEnv;
 use crate::protocol::nexus::ErrorCode;
 use crate::transport::client::Error as TransportError;
 
-/// A failed client command, with the exit status it maps to.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The invocation or its inputs are wrong: exit 2.
-    #[error("{0}")]
-    Usage(String),
-    /// The operation failed: exit 1.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl Error {
-    /// The exit status: 2 for usage errors, 1 for failures.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::Usage(_) => 2,
-            Error::Failed(_) => 1,
-        }
-    }
-}
+/// A failed client command, with the exit status it maps to ([`CommandError`]).
+pub type Error = CommandError;
 
 /// Result of a client command.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -38,10 +38,9 @@
 //! `awaiting_restore`.
 
 use std::collections::HashMap;
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::Write;
+use std::fs::DirBuilder;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +57,7 @@ use crate::entry::cli::DevArgs;
 use crate::identity::{self, ExpectedPeer, Role, SpiffeId, SvidPaths, SvidSource, pki};
 use crate::keeper::KeeperConfig;
 use crate::nexus::NexusConfig;
+use crate::platform::CommandError;
 use crate::platform::env::{self, Source};
 use crate::store::{AnyStore, Namespace, Store};
 use crate::transport::{HttpsClient, Timeouts};
@@ -73,19 +73,11 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(100);
 
-/// Why `spike dev` stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Bad arguments or environment (exit status 2).
-    #[error("{0}")]
-    Usage(String),
-    /// Something failed while setting up or running (exit status 1).
-    #[error("{0}")]
-    Runtime(String),
-}
+/// Why `spike dev` stopped ([`CommandError`]: `Usage` exits 2, `Failed` 1).
+pub type Error = CommandError;
 
 fn runtime(e: impl std::fmt::Display) -> Error {
-    Error::Runtime(e.to_string())
+    CommandError::failed(e)
 }
 
 /// The SVIDs `spike dev` mints: directory name under `DIR`, SPIFFE ID path.
@@ -448,7 +440,7 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
     }
     outcome?;
     if let Some(first) = failures.into_iter().next() {
-        return Err(Error::Runtime(first));
+        return Err(Error::Failed(first));
     }
     println!("spike dev: stopped");
     Ok(())
@@ -457,9 +449,9 @@ pub async fn run(args: DevArgs) -> Result<(), Error> {
 /// A component ended: an error, or a clean end that only counts as one if no stop was asked.
 fn ended(name: &str, r: Result<(), String>, stop: &watch::Receiver<bool>) -> Result<(), Error> {
     match r {
-        Err(e) => Err(Error::Runtime(format!("{name}: {e}"))),
+        Err(e) => Err(Error::Failed(format!("{name}: {e}"))),
         Ok(()) if *stop.borrow() => Ok(()),
-        Ok(()) => Err(Error::Runtime(format!("{name} stopped unexpectedly"))),
+        Ok(()) => Err(Error::Failed(format!("{name} stopped unexpectedly"))),
     }
 }
 
@@ -487,7 +479,7 @@ async fn wait_for_keepers(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Err
                 break;
             }
             if Instant::now() > deadline {
-                return Err(Error::Runtime(format!(
+                return Err(Error::Failed(format!(
                     "keeper {} did not answer on {url} within {}s",
                     i + 1,
                     START_LIMIT.as_secs()
@@ -611,7 +603,7 @@ async fn contribute(l: &Layout, as_nexus: &KeeperClient, shares: &[Share]) -> Re
     for share in shares {
         let url = l.keeper_url(usize::from(share.index) - 1)?;
         as_nexus.contribute(&url, share).await.map_err(|e| {
-            Error::Runtime(format!(
+            Error::Failed(format!(
                 "keeper {} refused the saved shard ({e})",
                 share.index
             ))
@@ -628,7 +620,7 @@ async fn preload_shards(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error
             .map_err(|e| runtime(format!("cannot read {}: {e}", path.display())))?,
     );
     let unusable = |reason: String| {
-        Error::Runtime(format!(
+        Error::Failed(format!(
             "{} is unusable ({reason}); to start over, remove it and {}",
             path.display(),
             l.data_dir().display()
@@ -711,7 +703,7 @@ async fn save_shards(l: &Layout, as_nexus: &KeeperClient, key_id: &str) -> Resul
             break shares;
         }
         if Instant::now() > deadline {
-            return Err(Error::Runtime(format!(
+            return Err(Error::Failed(format!(
                 "the Keepers were not refilled within {}s; cannot save {}",
                 START_LIMIT.as_secs(),
                 path.display()
@@ -721,7 +713,7 @@ async fn save_shards(l: &Layout, as_nexus: &KeeperClient, key_id: &str) -> Resul
     };
     let key = crate::crypto::combine(&shares).map_err(runtime)?;
     if key.key_id() != key_id {
-        return Err(Error::Runtime(format!(
+        return Err(Error::Failed(format!(
             "the Keepers' shards rebuild key {} but Nexus reports {key_id}; not saving them",
             key.key_id()
         )));
@@ -747,28 +739,8 @@ async fn keeper_shard(as_nexus: &KeeperClient, url: &Uri, position: usize) -> Op
 /// Writes `data` to `path` atomically and durably (file and directory fsynced), mode 0600 from
 /// the first byte.
 fn write_private(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let fail = |e: std::io::Error| runtime(format!("cannot write {}: {e}", path.display()));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        match path.parent() {
-            Some(dir) => std::fs::File::open(dir)?.sync_all(),
-            None => Ok(()),
-        }
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
-    }
-    Ok(())
+    crate::platform::fs::replace(path, data, crate::platform::fs::PRIVATE)
+        .map_err(|e| runtime(format!("cannot write {}: {e}", path.display())))
 }
 
 fn print_ready(l: &Layout, key_id: &str) {

@@ -22,12 +22,20 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 /// Replaces `path` atomically with a file of `mode` holding `data`: written and synced under a
-/// temporary name beside it, then renamed into place, so a reader (or a crash) sees the old
-/// file or the new one, never half of it. The temporary file is removed on failure.
+/// temporary name beside it, renamed into place, and the directory synced, so a reader (or a
+/// crash) sees the old file or the new one, never half of it, and the new one survives a power
+/// cut once this returns. The temporary file is removed on failure.
 pub fn replace(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let result = write_new(&tmp, data, mode).and_then(|()| std::fs::rename(&tmp, path));
+    let result = write_new(&tmp, data, mode)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(
+            |()| match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            },
+        );
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -3,9 +3,12 @@
 //! signal ([`shutdown_signal`]). Every other part may use this one; it uses none of them.
 
 pub mod env;
+mod exit;
 pub mod fs;
 pub mod hardening;
 pub mod systemd;
+
+pub use exit::CommandError;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
 pub async fn shutdown_signal() {
