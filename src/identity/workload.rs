@@ -558,10 +558,16 @@ async fn supervise(shared: Arc<Shared>, retry: Backoff) {
                 shared.set_problem(Some(problem));
                 return;
             }
-            None => tracing::warn!(
-                endpoint = %shared.endpoint,
-                "no SVID from the SPIFFE Workload API yet: {problem}; retrying in {delay:?}"
-            ),
+            None => {
+                tracing::warn!(
+                    endpoint = %shared.endpoint,
+                    "no SVID from the SPIFFE Workload API yet: {problem}; retrying in {delay:?}"
+                );
+                // systemctl status says what the process waits for (a no-op without systemd).
+                crate::platform::systemd::status(&format!(
+                    "waiting for an SVID from the SPIFFE Workload API: {problem}"
+                ));
+            }
             Some(svid) => match IdentityState::of(svid.not_after(), SystemTime::now()) {
                 IdentityState::Expired { not_after } if expiry_reported != Some(not_after) => {
                     expiry_reported = Some(not_after);
