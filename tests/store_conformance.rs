@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! One conformance suite for the `Store` trait, run against every backend. A backend passes
 //! when it gives exactly the semantics Nexus relies on: conditional writes that never let two
-//! writers both win, revisions that change on every write, sorted prefix listing, create-if-
-//! absent for the root-key verifier, and all of it across independent handles on one store
-//! (two handles on one SQLite file behave like two processes).
+//! writers both win, revisions that change on every write and can be read alone, sorted prefix
+//! listing, create-if-absent for the root-key verifier, and all of it across independent
+//! handles on one store (two handles on one SQLite file behave like two processes).
 
 mod common;
 
@@ -135,6 +135,49 @@ async fn listing(s: &impl Store) {
     assert!(rows.is_empty() && entry.is_none());
 }
 
+/// The revision alone: absent for a missing key, the revision `get` gives for a present one,
+/// a new one after every write, through every handle, gone after a delete.
+async fn revisions<S: Store>(handles: Vec<Arc<S>>) {
+    let (a, b) = (&handles[0], &handles[handles.len() - 1]);
+    let ns = Namespace::System;
+    assert_eq!(a.revision(ns, "book").await.unwrap(), None);
+    let Written::Done(r1) = a
+        .put(ns, "book", b"one".to_vec(), Expect::Absent)
+        .await
+        .unwrap()
+    else {
+        panic!("create failed")
+    };
+    assert_eq!(a.revision(ns, "book").await.unwrap().as_ref(), Some(&r1));
+    assert_eq!(b.revision(ns, "book").await.unwrap().as_ref(), Some(&r1));
+    assert_eq!(b.get(ns, "book").await.unwrap().unwrap().revision, r1);
+    // Namespaces are separate; a key that only shares a prefix is another key.
+    assert_eq!(a.revision(Namespace::Policies, "book").await.unwrap(), None);
+    assert_eq!(a.revision(ns, "boo").await.unwrap(), None);
+    let Written::Done(r2) = b
+        .put(ns, "book", b"two".to_vec(), Expect::Revision(r1.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("cas failed")
+    };
+    assert_ne!(r1, r2);
+    assert_eq!(a.revision(ns, "book").await.unwrap().as_ref(), Some(&r2));
+    assert_eq!(a.get(ns, "book").await.unwrap().unwrap().revision, r2);
+    // Whatever `revision` says is what a compare-and-set needs.
+    let now = a.revision(ns, "book").await.unwrap().unwrap();
+    let Written::Done(r3) = a
+        .put(ns, "book", b"three".to_vec(), Expect::Revision(now))
+        .await
+        .unwrap()
+    else {
+        panic!("cas on the read revision failed")
+    };
+    assert_ne!(r3, r2);
+    assert!(b.delete(ns, "book", &r3).await.unwrap());
+    assert_eq!(a.revision(ns, "book").await.unwrap(), None);
+}
+
 async fn verifier(s: &impl Store) {
     assert!(s.verifier().await.unwrap().is_none());
     let v1 = Verifier {
@@ -243,6 +286,12 @@ macro_rules! conformance {
             async fn prefix_listing() {
                 let (_guard, handles) = $make;
                 listing(&*handles[0]).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn revision_reads() {
+                let (_guard, handles) = $make;
+                revisions(handles).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,14 @@ impl Store for MemoryStore {
             }))
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        Ok(self
+            .lock()
+            .entries
+            .get(&(ns, key.to_string()))
+            .map(|(_, rev)| revision(*rev)))
+    }
+
     async fn put(
         &self,
         ns: Namespace,

@@ -70,7 +70,8 @@ impl Namespace {
 }
 
 /// An opaque token naming one stored version of a value: a counter in SQL stores, an ETag in
-/// object stores. Two reads return equal revisions only if nothing was written in between.
+/// object stores. Two reads return equal revisions only if nothing was written in between
+/// (for an ETag: or the same bytes were written again).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Revision(pub String);
 
@@ -140,6 +141,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// The value at `key`, with its revision.
     fn get(&self, ns: Namespace, key: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
+
+    /// The revision of the value at `key`, without the value: the cheapest read that tells
+    /// whether a value changed since it was read (an indexed `SELECT` of one integer, an S3
+    /// `HEAD`). Nexus reads the policy book's revision on every workload request.
+    fn revision(
+        &self,
+        ns: Namespace,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Revision>>> + Send;
 
     /// Writes `value` at `key` only if `expect` holds; returns once the write is durable.
     fn put(
@@ -286,6 +296,10 @@ impl Store for AnyStore {
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
         delegate!(self, s => s.get(ns, key))
+    }
+
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        delegate!(self, s => s.revision(ns, key))
     }
 
     async fn put(

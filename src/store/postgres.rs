@@ -420,6 +420,17 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        self.run(async |c| {
+            let stmt = c
+                .prepare_cached("SELECT revision FROM kv WHERE ns = $1 AND key = $2")
+                .await?;
+            let row = c.query_opt(&stmt, &[&ns.as_str(), &key]).await?;
+            Ok(row.map(|r| revision(r.get(0))))
+        })
+        .await
+    }
+
     async fn put(
         &self,
         ns: Namespace,

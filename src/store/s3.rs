@@ -27,8 +27,10 @@
 //!
 //! S3's ETag for a single-part PUT is the MD5 of the body, so two writes of identical bytes get
 //! the same revision. That is harmless here: compare-and-set then compares values, and a
-//! read-modify-write based on a value equal to the current one is still correct. Nexus's values
-//! carry fresh AEAD nonces anyway.
+//! read-modify-write based on a value equal to the current one is still correct, and a copy
+//! checked by its ETag holds the stored bytes. Nexus's values carry fresh AEAD nonces anyway.
+//!
+//! [`Store::revision`] is a `HEAD`: the ETag alone.
 //!
 //! `delete` reads the object's ETag (HEAD), returns `false` if it differs, and then sends
 //! `DeleteObject` with `If-Match`. Servers that honour `If-Match` on DeleteObject (AWS S3 since
@@ -359,6 +361,10 @@ impl Store for S3Store {
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
         bounded("GetObject", self.get_inner(ns, key)).await
+    }
+
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        bounded("HeadObject", self.head(ns, key)).await
     }
 
     async fn put(

@@ -276,6 +276,24 @@ impl Store for SqliteStore {
         self.read(move |c| get_entry(c, ns, &key)).await
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        let key = key.to_string();
+        self.read(move |c| {
+            // The namespace is in the text, not bound: SQLite re-plans a statement on every new
+            // binding of a parameter that constrains part of an index (STAT4), and this read
+            // runs on every workload request.
+            c.prepare_cached(&format!(
+                "SELECT revision FROM kv WHERE ns = '{}' AND key = ?1",
+                ns.as_str()
+            ))?
+            .query_row(params![key], |r| {
+                Ok(Revision(r.get::<_, i64>(0)?.to_string()))
+            })
+            .optional()
+        })
+        .await
+    }
+
     async fn put(
         &self,
         ns: Namespace,
