@@ -7,11 +7,14 @@
 //! or copied elsewhere fails to open in [`crate::crypto`].
 //!
 //! # Consistency contract
-//! Nexus keeps no cache: every request reads and writes the store, so any number of Nexus
-//! instances on one store agree. The store's own conditional writes arbitrate between them:
-//! every [`Store::put`] is create-if-absent or compare-and-set on a [`Revision`], so two
-//! writers never both succeed from the same starting point, and the root-key verifier is
-//! create-if-absent, so when several instances start on an empty store exactly one key wins. A write returns only once the store says it is durable.
+//! Nexus uses nothing it read earlier without checking it against the store in the same
+//! request: secrets are read on every request, and the decoded policy book only after
+//! [`Store::revision`] says it is still the stored one. So any number of Nexus instances on
+//! one store agree. The store's own conditional writes arbitrate between them: every
+//! [`Store::put`] is create-if-absent or compare-and-set on a [`Revision`], so two writers
+//! never both succeed from the same starting point, and the root-key verifier is
+//! create-if-absent, so when several instances start on an empty store exactly one key wins.
+//! A write returns only once the store says it is durable.
 //!
 //! Every backend implements [`Store`]; [`AnyStore`] picks one at run time, and the conformance
 //! suite in `tests/` runs the same checks against each.
@@ -53,9 +56,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Namespace {
     /// Secret records, keyed by secret path.
     Secrets,
-    /// Policies, keyed by policy name.
+    /// Per-name policy rows of versions before the policy book; read only to move them into
+    /// it, then emptied.
     Policies,
-    /// Deployment-wide records such as the root-key verifier.
+    /// Deployment-wide records: the root-key verifier, the policy book.
     System,
 }
 

@@ -30,13 +30,14 @@
 //! read-modify-write based on a value equal to the current one is still correct, and a copy
 //! checked by its ETag holds the stored bytes. Nexus's values carry fresh AEAD nonces anyway.
 //!
-//! [`Store::revision`] is a `HEAD`: the ETag alone.
-//!
 //! `delete` reads the object's ETag (HEAD), returns `false` if it differs, and then sends
 //! `DeleteObject` with `If-Match`. Servers that honour `If-Match` on DeleteObject (AWS S3 since
 //! 2024) make that atomic; on servers that ignore it, a write that lands between the HEAD and the
-//! DELETE is lost. Nexus deletes only policies (secrets are soft-deleted by a put), so the weaker
-//! guarantee only affects a policy rewritten while it is being deleted.
+//! DELETE is lost. Nexus deletes only the per-name policy rows of earlier versions once they are
+//! in the policy book (secrets are soft-deleted by a put; a policy is deleted by rewriting the
+//! book), so the weaker guarantee only affects a row an older instance rewrites at that moment.
+//!
+//! [`Store::revision`] is a `HEAD`: the policy book's ETag, read on every workload request.
 //!
 //! # Availability
 //! Reads are retried (3 attempts, short backoff); conditional writes are not, because a write
