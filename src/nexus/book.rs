@@ -627,9 +627,6 @@ mod tests {
         async fn list(&self, ns: Namespace, prefix: &str) -> crate::store::Result<Vec<String>> {
             self.inner.list(ns, prefix).await
         }
-        async fn scan(&self, ns: Namespace) -> crate::store::Result<crate::store::Rows> {
-            self.inner.scan(ns).await
-        }
     }
 
     fn key() -> AeadKey {

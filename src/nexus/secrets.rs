@@ -864,9 +864,6 @@ mod tests {
         ) -> crate::store::Result<Option<crate::store::Revision>> {
             self.inner.revision(ns, key).await
         }
-        async fn scan(&self, ns: Namespace) -> crate::store::Result<Vec<(String, Vec<u8>)>> {
-            self.inner.scan(ns).await
-        }
     }
 
     #[tokio::test]

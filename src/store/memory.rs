@@ -107,14 +107,4 @@ impl Store for MemoryStore {
             .map(|(_, k)| k.clone())
             .collect())
     }
-
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self
-            .lock()
-            .entries
-            .iter()
-            .filter(|((n, _), _)| *n == ns)
-            .map(|((_, k), (v, _))| (k.clone(), v.clone()))
-            .collect())
-    }
 }

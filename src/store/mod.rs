@@ -86,33 +86,6 @@ pub struct Entry {
     pub revision: Revision,
 }
 
-/// The (key, value) pairs of a scan, sorted by key.
-pub type Rows = Vec<(String, Vec<u8>)>;
-
-/// Splits what a SQL backend's one-statement [`Store::scan_and_get`] returns — the scanned rows
-/// with no revision, the key's row with its revision — into the scan, sorted by key, and the
-/// entry. The statement's two branches arrive together, but a compound statement does not
-/// promise the order inside them; the sort is linear on sorted input.
-fn split_scan_and_get(
-    found: impl IntoIterator<Item = (String, Vec<u8>, Option<i64>)>,
-) -> (Rows, Option<Entry>) {
-    let mut rows = Vec::new();
-    let mut entry = None;
-    for (key, value, revision) in found {
-        match revision {
-            None => rows.push((key, value)),
-            Some(n) => {
-                entry = Some(Entry {
-                    value,
-                    revision: Revision(n.to_string()),
-                })
-            }
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    (rows, entry)
-}
-
 /// The condition a conditional write must meet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
@@ -175,21 +148,6 @@ pub trait Store: Send + Sync + 'static {
     /// The keys of `ns` that start with `prefix`, sorted.
     fn list(&self, ns: Namespace, prefix: &str)
     -> impl Future<Output = Result<Vec<String>>> + Send;
-
-    /// Every (key, value) of `ns`, sorted by key.
-    fn scan(&self, ns: Namespace) -> impl Future<Output = Result<Rows>> + Send;
-
-    /// Every (key, value) of `scan_ns` and the value at `key` in `ns`, read together: in one
-    /// transaction (one consistent snapshot) where the store has them. The default makes both
-    /// reads at once. Used by a workload's secret read: the policies and the secret.
-    fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> impl Future<Output = Result<(Rows, Option<Entry>)>> + Send {
-        async move { tokio::try_join!(self.scan(scan_ns), self.get(ns, key)) }
-    }
 
     /// The root-key verifier, if a root key was ever created for this store.
     fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send {
@@ -322,18 +280,5 @@ impl Store for AnyStore {
 
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
         delegate!(self, s => s.list(ns, prefix))
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Rows> {
-        delegate!(self, s => s.scan(ns))
-    }
-
-    async fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> Result<(Rows, Option<Entry>)> {
-        delegate!(self, s => s.scan_and_get(scan_ns, ns, key))
     }
 }

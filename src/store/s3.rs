@@ -73,8 +73,6 @@ const BACKEND: &str = "s3";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting to the server; a refused or unroutable endpoint fails fast and is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How many GETs `scan` runs at once.
-const SCAN_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct S3Store {
@@ -433,30 +431,6 @@ impl Store for S3Store {
         // Each page is bounded by the SDK's timeout; a listing has no overall deadline beyond
         // that because its length depends on the number of keys.
         self.list_inner(ns, prefix).await
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
-        let keys = self.list_inner(ns, "").await?;
-        let limit = Arc::new(tokio::sync::Semaphore::new(SCAN_CONCURRENCY));
-        let mut tasks = tokio::task::JoinSet::new();
-        for key in keys {
-            let store = self.clone();
-            let limit = Arc::clone(&limit);
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let entry = store.get(ns, &key).await?;
-                Ok::<_, Error>(entry.map(|e| (key, e.value)))
-            });
-        }
-        let mut out = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            // A key deleted between the listing and its GET is simply gone.
-            if let Some(kv) = joined.map_err(unavailable)?? {
-                out.push(kv);
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
     }
 }
 
