@@ -59,7 +59,35 @@ pub fn policy_pattern(data: &[u8]) {
     if let Ok(p) = policy::validate(&req) {
         let caller = crate::identity::SpiffeId::parse("spiffe://spike.ist/fuzz/caller")
             .expect("static SPIFFE ID");
-        let _ = policy::allowed(&[p], &caller, "secrets/fuzz", &[policy::Permission::Read]);
+        // A pattern matched as plain text matches exactly what its regex matches.
+        for pattern in [&p.spiffeid_pattern, &p.path_pattern] {
+            let matcher = policy::Pattern::new(pattern);
+            let re = crate::protocol::policy::compile(pattern).expect("validated pattern");
+            let mut probes = vec![caller.as_str().to_string(), "secrets/fuzz".to_string()];
+            if let policy::Pattern::Exact(t)
+            | policy::Pattern::Prefix(t)
+            | policy::Pattern::Suffix(t)
+            | policy::Pattern::Contains(t) = &matcher
+            {
+                // The text itself, inside longer ones, and with each `.` as another character.
+                probes.extend([
+                    t.clone(),
+                    format!("x{t}"),
+                    format!("{t}x"),
+                    format!("x{t}x"),
+                    t.replace('.', "x"),
+                ]);
+            }
+            for text in probes {
+                assert_eq!(
+                    matcher.is_match(&text),
+                    re.is_match(&text),
+                    "{pattern} on {text:?}"
+                );
+            }
+        }
+        let rule = policy::Rule::new(p);
+        let _ = rule.allows(&caller, "secrets/fuzz", &[policy::Permission::Read]);
     }
 }
 

@@ -118,6 +118,8 @@ fn policy_pattern() {
             b"spiffe://.*\n.*\nsuper",
             b"spiffe://x/(a{100}){100}\n(a*)*b\nwrite",
             b"^spiffe://spike.ist/ops$\n^spike/system/acl$\nwrite",
+            b"^spiffe://spike\\.ist/app/web$\nsecrets/web-1\nread",
+            b"spiffe://spike\\.ist/app\n^a\\.b\\-c$\nread",
         ],
     );
 }

@@ -133,10 +133,10 @@ async fn two_nexus_started_together_on_an_empty_store_make_exactly_one_key() {
         .filter(|p| p.logs().contains("created a new root key"))
         .count();
     assert_eq!(created, 1, "{}", c.dump_logs());
-    // One verifier row, with that key id.
+    // One verifier row, with that key id (the system namespace also holds the policy book).
     let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
     let rows: Vec<Vec<u8>> = db
-        .prepare("SELECT value FROM kv WHERE ns = 'system'")
+        .prepare("SELECT value FROM kv WHERE ns = 'system' AND key = 'root-key-verifier'")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
@@ -190,7 +190,11 @@ async fn keepers_lost_while_the_verifier_exists_means_awaiting_restore_and_no_ne
     }
     let db = rusqlite::Connection::open(c.data_dir.join("spike.db")).unwrap();
     let stored: Vec<u8> = db
-        .query_row("SELECT value FROM kv WHERE ns = 'system'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM kv WHERE ns = 'system' AND key = 'root-key-verifier'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&stored).unwrap();
     assert_eq!(stored["key_id"], original);

@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! One conformance suite for the `Store` trait, run against every backend. A backend passes
 //! when it gives exactly the semantics Nexus relies on: conditional writes that never let two
-//! writers both win, revisions that change on every write, sorted prefix listing, create-if-
-//! absent for the root-key verifier, and all of it across independent handles on one store
-//! (two handles on one SQLite file behave like two processes).
+//! writers both win, revisions that change on every write and can be read alone, sorted prefix
+//! listing, create-if-absent for the root-key verifier, and all of it across independent
+//! handles on one store (two handles on one SQLite file behave like two processes).
 
 mod common;
 
@@ -105,34 +105,55 @@ async fn listing(s: &impl Store) {
     assert_eq!(s.list(ns, "c%").await.unwrap(), vec!["c%"]);
     assert_eq!(s.list(ns, "c_").await.unwrap(), vec!["c_x"]);
     assert!(s.list(ns, "zz").await.unwrap().is_empty());
-    let all = s.scan(Namespace::Policies).await.unwrap();
-    assert_eq!(all, vec![("b/zzz".to_string(), vec![1])]);
-    // The scan and the read together give what each gives alone.
-    let (rows, entry) = s
-        .scan_and_get(Namespace::Policies, ns, "b/1")
-        .await
-        .unwrap();
-    assert_eq!(rows, all);
-    let alone = s.get(ns, "b/1").await.unwrap().unwrap();
-    let entry = entry.unwrap();
-    assert_eq!((entry.value, entry.revision), (alone.value, alone.revision));
-    // Several scanned rows come back in key order.
-    s.put(Namespace::Policies, "a/0", vec![2], Expect::Absent)
-        .await
-        .unwrap();
-    let (rows, _) = s
-        .scan_and_get(Namespace::Policies, ns, "b/1")
-        .await
-        .unwrap();
+    // Namespaces are separate key spaces for listing too.
     assert_eq!(
-        rows,
-        vec![("a/0".to_string(), vec![2]), ("b/zzz".to_string(), vec![1])]
+        s.list(Namespace::Policies, "").await.unwrap(),
+        vec!["b/zzz"]
     );
-    let (rows, entry) = s
-        .scan_and_get(Namespace::System, ns, "absent")
+    assert!(s.list(Namespace::System, "").await.unwrap().is_empty());
+}
+
+/// The revision alone: absent for a missing key, the revision `get` gives for a present one,
+/// a new one after every write, through every handle, gone after a delete.
+async fn revisions<S: Store>(handles: Vec<Arc<S>>) {
+    let (a, b) = (&handles[0], &handles[handles.len() - 1]);
+    let ns = Namespace::System;
+    assert_eq!(a.revision(ns, "book").await.unwrap(), None);
+    let Written::Done(r1) = a
+        .put(ns, "book", b"one".to_vec(), Expect::Absent)
         .await
-        .unwrap();
-    assert!(rows.is_empty() && entry.is_none());
+        .unwrap()
+    else {
+        panic!("create failed")
+    };
+    assert_eq!(a.revision(ns, "book").await.unwrap().as_ref(), Some(&r1));
+    assert_eq!(b.revision(ns, "book").await.unwrap().as_ref(), Some(&r1));
+    assert_eq!(b.get(ns, "book").await.unwrap().unwrap().revision, r1);
+    // Namespaces are separate; a key that only shares a prefix is another key.
+    assert_eq!(a.revision(Namespace::Policies, "book").await.unwrap(), None);
+    assert_eq!(a.revision(ns, "boo").await.unwrap(), None);
+    let Written::Done(r2) = b
+        .put(ns, "book", b"two".to_vec(), Expect::Revision(r1.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("cas failed")
+    };
+    assert_ne!(r1, r2);
+    assert_eq!(a.revision(ns, "book").await.unwrap().as_ref(), Some(&r2));
+    assert_eq!(a.get(ns, "book").await.unwrap().unwrap().revision, r2);
+    // Whatever `revision` says is what a compare-and-set needs.
+    let now = a.revision(ns, "book").await.unwrap().unwrap();
+    let Written::Done(r3) = a
+        .put(ns, "book", b"three".to_vec(), Expect::Revision(now))
+        .await
+        .unwrap()
+    else {
+        panic!("cas on the read revision failed")
+    };
+    assert_ne!(r3, r2);
+    assert!(b.delete(ns, "book", &r3).await.unwrap());
+    assert_eq!(a.revision(ns, "book").await.unwrap(), None);
 }
 
 async fn verifier(s: &impl Store) {
@@ -240,6 +261,12 @@ macro_rules! conformance {
             async fn prefix_listing() {
                 let (_guard, handles) = $make;
                 listing(&*handles[0]).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn revision_reads() {
+                let (_guard, handles) = $make;
+                revisions(handles).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

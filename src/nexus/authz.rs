@@ -7,17 +7,22 @@
 //! compile; a grant for the wrong permission fails closed at run time.
 //!
 //! Order: the caller's role and the route decide first, from the handshake alone; a workload
-//! then needs at least one policy that names it with the route's permission, read from the store
-//! in this request ([`Access::admit`]) — still before any byte of the body is read, so a
-//! caller no policy names cannot hold a connection open by sending its body slowly. Once the
-//! body names the resource, [`Access::grant`] decides for that resource from the same policies;
-//! no secret data is read before it says yes.
+//! then needs at least one policy that names it with the route's permission, from the policy
+//! book as the store holds it in this request ([`Access::admit`], [`Policies::current`]) —
+//! still before any byte of the body is read, so a caller no policy names cannot hold a
+//! connection open by sending its body slowly. Once the body names the resource,
+//! [`Access::grant`] decides for that resource from the same policies; no secret data is read
+//! before it says yes. Only the policies that name the caller are looked at (the book remembers
+//! which they are, per caller), so neither a grant nor a refusal costs more with more policies
+//! for other callers.
 
-use super::policy::{self, StoredPolicy};
+use std::sync::Arc;
+
+use super::book::{Book, Policies};
 use super::{ApiError, Keys};
 use crate::identity::{Role, SpiffeId, TrustRoots};
 use crate::protocol::policy::{CIPHER_PATH, Permission, SECRET_LIST_PATH};
-use crate::store::{AnyStore, Namespace, Store};
+use crate::store::AnyStore;
 
 /// What kind of caller this is, by its SPIFFE ID alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,19 +60,22 @@ pub enum Need {
 }
 
 /// The decision taken before the body is read: this caller may go on with this route. For a
-/// workload it carries the policies that name it with the route's permission.
+/// workload it carries the policy book it was decided on and the policies in it that name the
+/// caller with the route's permission.
 pub struct Access<'a> {
     caller: &'a SpiffeId,
     kind: Caller,
     want: Permission,
-    /// The policies naming the caller with `want` (workloads only).
-    policies: Vec<StoredPolicy>,
+    /// The book, and the indices in it of the policies naming the caller with `want`
+    /// (workloads only).
+    policies: Option<(Arc<Book>, Vec<usize>)>,
 }
 
 impl<'a> Access<'a> {
     /// Decides whether `caller` may use a route that needs `want`, before reading its body.
     pub async fn admit(
         store: &AnyStore,
+        policies: &Policies,
         keys: &Keys,
         caller: &'a SpiffeId,
         trust: &TrustRoots,
@@ -78,19 +86,23 @@ impl<'a> Access<'a> {
             caller,
             kind,
             want,
-            policies: Vec::new(),
+            policies: None,
         };
         match kind {
             Caller::Superuser => Ok(access),
             Caller::Lite if want == Permission::Execute => Ok(access),
             Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
             Caller::Workload => {
-                let rows = store.scan(Namespace::Policies).await?;
-                access.policies = policy::open_all(&keys.policies, rows)
-                    .into_iter()
-                    .filter(|p| policy::names(p, caller) && policy::grants(p, &[want]))
+                let book = policies.current(store, &keys.policies).await?;
+                let granting: Vec<usize> = book
+                    .naming(caller)
+                    .iter()
+                    .copied()
+                    .filter(|&i| book.rule(i).is_some_and(|r| r.grants(&[want])))
                     .collect();
-                if access.policies.is_empty() {
+                let refused = granting.is_empty();
+                access.policies = Some((book, granting));
+                if refused {
                     tracing::info!(caller = %caller, want = want.as_str(), "no policy names this caller");
                     return Err(ApiError::Unauthorized);
                 }
@@ -104,9 +116,7 @@ impl<'a> Access<'a> {
         let allowed = match self.kind {
             Caller::Superuser => true,
             Caller::Lite => resource == CIPHER_PATH && self.want == Permission::Execute,
-            Caller::Workload => {
-                policy::allowed(&self.policies, self.caller, resource, &[self.want])
-            }
+            Caller::Workload => self.reaches(resource),
             Caller::Refused => false,
         };
         if allowed {
@@ -118,6 +128,15 @@ impl<'a> Access<'a> {
             tracing::info!(caller = %self.caller, want = self.want.as_str(), "no policy grants this resource");
             Err(ApiError::Unauthorized)
         }
+    }
+
+    /// Whether one of the workload's granting policies reaches `path`.
+    fn reaches(&self, path: &str) -> bool {
+        self.policies.as_ref().is_some_and(|(book, granting)| {
+            granting
+                .iter()
+                .any(|&i| book.rule(i).is_some_and(|r| r.reaches(path)))
+        })
     }
 
     /// The grant to list secrets: every path when the caller may list `spike/system/secret`
@@ -143,13 +162,9 @@ pub struct Listing<'a> {
 impl Listing<'_> {
     /// Whether `path` may appear in the caller's listing.
     pub fn keep(&self, path: &str) -> bool {
-        self.all
-            || policy::allowed(
-                &self.access.policies,
-                self.access.caller,
-                path,
-                &[Permission::List],
-            )
+        // The access was admitted for `list` (checked in `listing`), so its granting policies
+        // are those that name the caller with `list`.
+        self.all || self.access.reaches(path)
     }
 }
 

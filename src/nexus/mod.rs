@@ -2,16 +2,19 @@
 //!
 //! Nexus is stateless. It starts without a key, answers `503` until [`keepers`] has rebuilt the
 //! root key from Keeper shards (or created it, exactly once, for a new deployment), and then
-//! serves every request from the backing store. Its only in-memory state is [`Nexus`]: the key
-//! material and the lifecycle phase that `/health` reports.
+//! serves every request from the backing store. Its in-memory state is [`Nexus`]: the key
+//! material, the lifecycle phase that `/health` reports, and the decoded policy book, which a
+//! request uses only after checking its revision against the store ([`book`]).
 //!
 //! - [`keepers`]: collect shards, check them against the store's verifier, create the first
 //!   key, push shards back to Keepers periodically.
 //! - [`routes`]: the HTTP surface (SPIKE's routes, `/health`), identity and policy checks,
 //!   audit lines.
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
+//! - [`book`]: every policy in one sealed record, and this instance's validated copy.
 
 pub mod authz;
+pub mod book;
 pub mod cipher;
 pub mod config;
 pub mod keepers;
@@ -217,6 +220,8 @@ pub struct Nexus {
     pub store: AnyStore,
     /// Queues of this instance's secret writes to the store.
     pub writers: secrets::Writers,
+    /// This instance's copy of the policy book, checked against the store on every use.
+    pub policies: Arc<book::Policies>,
     /// Validated configuration.
     pub config: NexusConfig,
     /// The loaded key, once there is one.
@@ -248,6 +253,7 @@ impl Nexus {
         Nexus {
             store,
             writers: secrets::Writers::default(),
+            policies: Arc::default(),
             config,
             keys: RwLock::new(None),
             phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
@@ -300,6 +306,7 @@ impl Nexus {
         if keys.secrets.upgrading() {
             self.upgrade_secret_records(&keys);
         }
+        self.start_policies(&keys);
         Ok(keys)
     }
 
@@ -337,6 +344,34 @@ impl Nexus {
                      authenticated (refused ones fail their MAC; failed ones are retried at the \
                      next start)"
                 );
+            }
+        });
+    }
+
+    /// Once the key is loaded: creates the policy book, or moves an earlier version's per-name
+    /// policy rows into it, and removes rows left over ([`book::Policies::start`]). In the
+    /// background, retried until it succeeds; requests that need the book before then create
+    /// it themselves.
+    fn start_policies(&self, keys: &Arc<Keys>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, keys, policies) = (
+            self.store.clone(),
+            Arc::clone(keys),
+            Arc::clone(&self.policies),
+        );
+        runtime.spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                match policies.start(&store, &keys.policies).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot set up the policy book yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                    }
+                }
             }
         });
     }

@@ -1,10 +1,11 @@
 //! Policies: who (a SPIFFE-ID pattern) may do what (permissions) where (a path pattern), with
-//! SPIKE's semantics (DESIGN.md §4, reference §6.2–6.3).
+//! SPIKE's semantics (DESIGN.md §4, reference §6.2–6.3), and the policy routes' operations.
 //!
 //! - Patterns are regular expressions matched anywhere in the string unless anchored
-//!   (`^...$`), compiled with a size limit. Compiled forms are memoised by their source text;
-//!   that is a pure function of the text, not a cache of state: every check reads every policy
-//!   from the store.
+//!   (`^...$`), compiled with a size limit. A pattern without regular-expression syntax is
+//!   matched as the plain text it is ([`Pattern`]): `^spiffe://spike\.ist/app/web$` is string
+//!   equality, and needs no compiled program. Other patterns are compiled once for the policy
+//!   set they belong to, when a request first needs them ([`Rule`]).
 //! - Permissions: `read`, `write`, `list`, `execute`, `super` (everything). A policy grants a
 //!   request when both patterns match and it holds every wanted permission (or `super`); there
 //!   are no deny rules.
@@ -14,22 +15,27 @@
 //!   anchored or a deliberate catch-all. Policies that would reach them by substring accident
 //!   are refused at creation and ignored at check time.
 //!
-//! Stored sealed in [`Namespace::Policies`] under the policy name, with the name as associated
-//! data.
+//! Every policy lives in the policy book, one sealed store record holding the whole set
+//! ([`super::book`]); the operations here change it with compare-and-set and read it through
+//! the instance's validated copy.
 
+use std::sync::OnceLock;
+
+use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use super::authz::Grant;
+use super::book::Policies;
 use crate::crypto::AeadKey;
 use crate::identity::SpiffeId;
 use crate::protocol::nexus::{self as wire, Policy, PolicyPutRequest};
-use crate::protocol::policy::{self as rules, compile, reserved_ok};
+use crate::protocol::policy::{self as rules, compile, reserved_index, reserved_reach};
 pub use crate::protocol::policy::{ACL_PATH, CIPHER_PATH, Permission, SECRET_LIST_PATH};
-use crate::store::{Expect, Namespace, Store, Written};
+use crate::store::Store;
 
-/// A policy as stored (inside the sealed value).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A policy as stored (inside the sealed policy book).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPolicy {
     /// The policy's name, its identifier.
     pub name: String,
@@ -66,10 +72,6 @@ impl StoredPolicy {
     }
 }
 
-fn aad(name: &str) -> Vec<u8> {
-    format!("spike/policy/v1\0{name}").into_bytes()
-}
-
 /// Validates a policy from a request ([`rules::validate`]) and returns its stored form (times
 /// set by the caller).
 pub fn validate(req: &PolicyPutRequest) -> Result<StoredPolicy, ApiError> {
@@ -99,142 +101,222 @@ fn granted(grant: &Grant, want: Permission) -> Result<(), ApiError> {
 /// Creates or replaces a policy (keeping its creation time).
 pub async fn put(
     store: &impl Store,
+    policies: &Policies,
     key: &AeadKey,
     grant: &Grant,
     req: &PolicyPutRequest,
 ) -> Result<(), ApiError> {
     granted(grant, Permission::Write)?;
-    let mut policy = validate(req)?;
-    for _ in 0..50 {
-        let existing = store.get(Namespace::Policies, &policy.name).await?;
-        let now = wire::now_nanos();
-        let (created, expect) = match &existing {
-            Some(entry) => (
-                open(key, &policy.name, &entry.value)
-                    .map(|p| p.created)
-                    .unwrap_or(now),
-                Expect::Revision(entry.revision.clone()),
-            ),
-            None => (now, Expect::Absent),
-        };
-        policy.created = created;
-        policy.updated = now;
-        let plain = zeroize::Zeroizing::new(
-            serde_json::to_vec(&policy).map_err(|e| ApiError::Internal(e.to_string()))?,
-        );
-        let sealed = key.seal(&aad(&policy.name), &plain)?;
-        if let Written::Done(_) = store
-            .put(Namespace::Policies, &policy.name, sealed, expect)
-            .await?
-        {
-            return Ok(());
-        }
-    }
-    Err(ApiError::Contended)
+    let policy = validate(req)?;
+    policies
+        .change(store, key, |set| {
+            let now = wire::now_nanos();
+            let mut policy = policy.clone();
+            policy.updated = now;
+            match set.binary_search_by(|p| p.name.as_str().cmp(&policy.name)) {
+                Ok(i) => {
+                    policy.created = set[i].created;
+                    set[i] = policy;
+                }
+                Err(i) => {
+                    policy.created = now;
+                    set.insert(i, policy);
+                }
+            }
+            Ok(())
+        })
+        .await
 }
 
-fn open(key: &AeadKey, name: &str, sealed: &[u8]) -> Result<StoredPolicy, ApiError> {
-    let plain = key.open(&aad(name), sealed).map_err(|_| {
-        ApiError::Internal(format!("policy {name:?} does not open under this root key"))
-    })?;
-    serde_json::from_slice(&plain)
-        .map_err(|e| ApiError::Internal(format!("policy {name:?} is malformed: {e}")))
-}
-
-/// Reads one policy (read on the ACL path).
+/// One policy (read on the ACL path), from the policy book as the store holds it now.
 pub async fn get(
     store: &impl Store,
+    policies: &Policies,
     key: &AeadKey,
     grant: &Grant,
     name: &str,
 ) -> Result<StoredPolicy, ApiError> {
     granted(grant, Permission::Read)?;
     rules::validate_name(name).map_err(ApiError::BadRequest)?;
-    let entry = store
-        .get(Namespace::Policies, name)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    open(key, name, &entry.value)
+    let book = policies.current(store, key).await?;
+    book.get(name)
+        .map(|r| r.policy.clone())
+        .ok_or(ApiError::NotFound)
 }
 
 /// Deletes one policy (write on the ACL path).
-pub async fn delete(store: &impl Store, grant: &Grant, name: &str) -> Result<(), ApiError> {
+pub async fn delete(
+    store: &impl Store,
+    policies: &Policies,
+    key: &AeadKey,
+    grant: &Grant,
+    name: &str,
+) -> Result<(), ApiError> {
     granted(grant, Permission::Write)?;
     rules::validate_name(name).map_err(ApiError::BadRequest)?;
-    for _ in 0..50 {
-        let entry = store
-            .get(Namespace::Policies, name)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if store
-            .delete(Namespace::Policies, name, &entry.revision)
-            .await?
-        {
-            return Ok(());
-        }
-    }
-    Err(ApiError::Contended)
+    policies
+        .change(store, key, |set| {
+            let i = set
+                .binary_search_by(|p| p.name.as_str().cmp(name))
+                .map_err(|_| ApiError::NotFound)?;
+            set.remove(i);
+            Ok(())
+        })
+        .await
 }
 
-/// Every policy, read from the store now. A policy that does not open is skipped and logged
-/// (one bad row must not lock everyone out).
+/// Every policy, sorted by name, from the policy book as the store holds it now.
 pub async fn all(
     store: &impl Store,
+    policies: &Policies,
     key: &AeadKey,
     grant: &Grant,
 ) -> Result<Vec<StoredPolicy>, ApiError> {
     granted(grant, Permission::List)?;
-    Ok(open_all(key, store.scan(Namespace::Policies).await?))
+    let book = policies.current(store, key).await?;
+    Ok(book.rules().iter().map(|r| r.policy.clone()).collect())
 }
 
-/// Opens the rows of a scan of [`Namespace::Policies`], skipping (and logging) any that do not
-/// open.
-pub fn open_all(key: &AeadKey, rows: Vec<(String, Vec<u8>)>) -> Vec<StoredPolicy> {
-    rows.into_iter()
-        .filter_map(|(name, sealed)| match open(key, &name, &sealed) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::error!(policy = %name, error = %e, "ignoring a policy that does not open");
-                None
-            }
-        })
-        .collect()
+/// Does a policy hold every permission in `want`?
+pub fn grants(permissions: &[Permission], want: &[Permission]) -> bool {
+    permissions.contains(&Permission::Super) || want.iter().all(|w| permissions.contains(w))
 }
 
-/// Does `policy` apply to `caller` on `path` (patterns and the reserved-path rule)?
-pub fn applies(policy: &StoredPolicy, caller: &SpiffeId, path: &str) -> bool {
-    let (Ok(id_re), Ok(path_re)) = (
-        compile(&policy.spiffeid_pattern),
-        compile(&policy.path_pattern),
-    ) else {
-        return false;
+/// A pattern as it is matched. Patterns without regular-expression syntax are plain text with
+/// optional anchors and are matched as such; the rest are compiled when first needed.
+#[derive(Debug)]
+pub enum Pattern {
+    /// `^text$`: the whole string.
+    Exact(String),
+    /// `^text`: a prefix.
+    Prefix(String),
+    /// `text$`: a suffix.
+    Suffix(String),
+    /// `text`: anywhere.
+    Contains(String),
+    /// Anything else: compiled on first use (`None` if it does not compile: matches nothing).
+    Regex(String, OnceLock<Option<Regex>>),
+}
+
+impl Pattern {
+    /// The matcher for `pattern`: a plain comparison when the pattern is a literal (anchored
+    /// or not), a lazily compiled regular expression otherwise.
+    pub fn new(pattern: &str) -> Pattern {
+        match literal(pattern) {
+            Some((true, text, true)) => Pattern::Exact(text),
+            Some((true, text, false)) => Pattern::Prefix(text),
+            Some((false, text, true)) => Pattern::Suffix(text),
+            Some((false, text, false)) => Pattern::Contains(text),
+            None => Pattern::Regex(pattern.to_string(), OnceLock::new()),
+        }
+    }
+
+    /// Whether `text` matches, with SPIKE's semantics (anywhere unless anchored).
+    pub fn is_match(&self, text: &str) -> bool {
+        match self {
+            Pattern::Exact(t) => text == t,
+            Pattern::Prefix(t) => text.starts_with(t.as_str()),
+            Pattern::Suffix(t) => text.ends_with(t.as_str()),
+            Pattern::Contains(t) => text.contains(t.as_str()),
+            Pattern::Regex(source, re) => re
+                .get_or_init(|| compile(source).ok())
+                .as_ref()
+                .is_some_and(|re| re.is_match(text)),
+        }
+    }
+
+    /// The one string this pattern matches, if it matches exactly one.
+    pub fn exact(&self) -> Option<&str> {
+        match self {
+            Pattern::Exact(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Splits a pattern that is plain text into (anchored at the start, the text, anchored at the
+/// end); `None` if it uses any other regular-expression syntax. An escaped metacharacter
+/// (`\.`) is that character; other escapes (`\d`, `\/`) are left to the regex engine.
+fn literal(pattern: &str) -> Option<(bool, String, bool)> {
+    const META: &str = "\\.+*?()|[]{}^$#&-~";
+    let (start, body) = match pattern.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
     };
-    id_re.is_match(caller.as_str())
-        && path_re.is_match(path)
-        && reserved_ok(&policy.spiffeid_pattern, &policy.path_pattern, path)
+    let mut text = String::with_capacity(body.len());
+    let mut end = false;
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(escaped) if META.contains(escaped) => text.push(escaped),
+                _ => return None,
+            },
+            '$' if chars.as_str().is_empty() => end = true,
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                return None;
+            }
+            // `#`, `&`, `-` and `~` are literal outside a class and without the `x` flag,
+            // which needs `(?x)` and so a parenthesis.
+            c => text.push(c),
+        }
+    }
+    Some((start, text, end))
 }
 
-/// Does `policy`'s SPIFFE-ID pattern name `caller`?
-pub fn names(policy: &StoredPolicy, caller: &SpiffeId) -> bool {
-    compile(&policy.spiffeid_pattern).is_ok_and(|re| re.is_match(caller.as_str()))
+/// A policy ready to be checked: its patterns as matchers, compiled lazily, and which
+/// reserved pseudo-paths it may reach, worked out when first asked. Lives in one decoded policy
+/// book and moves to the next one while the policy is unchanged.
+#[derive(Debug)]
+pub struct Rule {
+    /// The policy as stored.
+    pub policy: StoredPolicy,
+    id: Pattern,
+    path: Pattern,
+    reserved: OnceLock<[bool; 3]>,
 }
 
-/// Does `policy` hold every permission in `want`?
-pub fn grants(policy: &StoredPolicy, want: &[Permission]) -> bool {
-    policy.permissions.contains(&Permission::Super)
-        || want.iter().all(|w| policy.permissions.contains(w))
-}
+impl Rule {
+    /// The rule of `policy`; nothing is compiled until it is first checked.
+    pub fn new(policy: StoredPolicy) -> Rule {
+        Rule {
+            id: Pattern::new(&policy.spiffeid_pattern),
+            path: Pattern::new(&policy.path_pattern),
+            reserved: OnceLock::new(),
+            policy,
+        }
+    }
 
-/// Whether any of `policies` lets `caller` do `want` on `path`.
-pub fn allowed(
-    policies: &[StoredPolicy],
-    caller: &SpiffeId,
-    path: &str,
-    want: &[Permission],
-) -> bool {
-    policies
-        .iter()
-        .any(|p| applies(p, caller, path) && grants(p, want))
+    /// The SPIFFE-ID pattern's matcher.
+    pub fn id_pattern(&self) -> &Pattern {
+        &self.id
+    }
+
+    /// Does the SPIFFE-ID pattern name `caller`?
+    pub fn names(&self, caller: &SpiffeId) -> bool {
+        self.id.is_match(caller.as_str())
+    }
+
+    /// Does this policy hold every permission in `want`?
+    pub fn grants(&self, want: &[Permission]) -> bool {
+        grants(&self.policy.permissions, want)
+    }
+
+    /// Does the path pattern reach `path` (the reserved-path rule included)? The SPIFFE-ID
+    /// pattern is checked separately ([`Rule::names`]).
+    pub fn reaches(&self, path: &str) -> bool {
+        match reserved_index(path) {
+            Some(i) => self.reserved.get_or_init(|| {
+                reserved_reach(&self.policy.spiffeid_pattern, &self.policy.path_pattern)
+            })[i],
+            None => self.path.is_match(path),
+        }
+    }
+
+    /// The whole check: `caller` may do `want` on `path` under this policy.
+    pub fn allows(&self, caller: &SpiffeId, path: &str, want: &[Permission]) -> bool {
+        self.names(caller) && self.grants(want) && self.reaches(path)
+    }
 }
 
 #[cfg(test)]
@@ -254,61 +336,40 @@ mod tests {
         SpiffeId::parse(s).unwrap()
     }
 
+    fn rule(r: PolicyPutRequest) -> Rule {
+        Rule::new(validate(&r).unwrap())
+    }
+
     #[test]
     fn substring_semantics_unless_anchored() {
-        let p = validate(&req("spiffe://spike.ist/web", "secrets/web", &["read"])).unwrap();
+        let p = rule(req("spiffe://spike.ist/web", "secrets/web", &["read"]));
         let web = id("spiffe://spike.ist/web");
-        assert!(allowed(
-            std::slice::from_ref(&p),
-            &web,
-            "secrets/web/db",
-            &[Permission::Read]
-        ));
-        assert!(allowed(
-            std::slice::from_ref(&p),
-            &web,
-            "x/secrets/web",
-            &[Permission::Read]
-        ));
-        assert!(!allowed(
-            std::slice::from_ref(&p),
-            &web,
-            "secrets/web/db",
-            &[Permission::Write]
-        ));
-        assert!(allowed(
-            std::slice::from_ref(&p),
+        assert!(p.allows(&web, "secrets/web/db", &[Permission::Read]));
+        assert!(p.allows(&web, "x/secrets/web", &[Permission::Read]));
+        assert!(!p.allows(&web, "secrets/web/db", &[Permission::Write]));
+        assert!(p.allows(
             &id("spiffe://spike.ist/webby"),
             "secrets/web",
             &[Permission::Read]
         ));
-        let anchored = validate(&req(
+        let anchored = rule(req(
             "^spiffe://spike.ist/web$",
             "^secrets/web/[^/]+$",
             &["read", "write"],
-        ))
-        .unwrap();
-        assert!(allowed(
-            std::slice::from_ref(&anchored),
+        ));
+        assert!(anchored.allows(
             &web,
             "secrets/web/db",
             &[Permission::Read, Permission::Write]
         ));
-        assert!(!allowed(
-            std::slice::from_ref(&anchored),
-            &web,
-            "secrets/web/db/x",
-            &[Permission::Read]
-        ));
-        assert!(!allowed(
-            &[anchored],
+        assert!(!anchored.allows(&web, "secrets/web/db/x", &[Permission::Read]));
+        assert!(!anchored.allows(
             &id("spiffe://spike.ist/webby"),
             "secrets/web/db",
             &[Permission::Read]
         ));
-        let sup = validate(&req("^spiffe://spike.ist/admin$", ".*", &["super"])).unwrap();
-        assert!(allowed(
-            &[sup],
+        let sup = rule(req("^spiffe://spike.ist/admin$", ".*", &["super"]));
+        assert!(sup.allows(
             &id("spiffe://spike.ist/admin"),
             "anything",
             &[Permission::Write, Permission::List]
@@ -328,47 +389,33 @@ mod tests {
             assert!(err.contains("reserved path"), "{i} {p}: {err}");
         }
         // ...deliberate grants are allowed.
-        let ok = validate(&req(
+        let ok = rule(req(
             "^spiffe://spike.ist/ops$",
             "^spike/system/acl$",
             &["write"],
-        ))
-        .unwrap();
-        assert!(allowed(
-            std::slice::from_ref(&ok),
-            &id("spiffe://spike.ist/ops"),
-            ACL_PATH,
-            &[Permission::Write]
         ));
-        assert!(!allowed(
-            &[ok],
-            &id("spiffe://spike.ist/ops"),
-            SECRET_LIST_PATH,
-            &[Permission::Write]
-        ));
-        let all = validate(&req("spiffe://.*", ".*", &["list"])).unwrap();
-        assert!(allowed(
-            &[all],
+        let ops = id("spiffe://spike.ist/ops");
+        assert!(ok.allows(&ops, ACL_PATH, &[Permission::Write]));
+        assert!(!ok.allows(&ops, SECRET_LIST_PATH, &[Permission::Write]));
+        let all = rule(req("spiffe://.*", ".*", &["list"]));
+        assert!(all.allows(
             &id("spiffe://spike.ist/x"),
             SECRET_LIST_PATH,
             &[Permission::List]
         ));
         // A stored policy that slipped through (written by an older version) is ignored for
         // reserved paths.
-        let sneaky = StoredPolicy {
+        let sneaky = Rule::new(StoredPolicy {
             name: "s".into(),
             spiffeid_pattern: "spiffe://spike.ist/w".into(),
             path_pattern: "acl".into(),
             permissions: vec![Permission::Super],
             created: 0,
             updated: 0,
-        };
-        assert!(!allowed(
-            &[sneaky],
-            &id("spiffe://spike.ist/w"),
-            ACL_PATH,
-            &[Permission::Write]
-        ));
+        });
+        let w = id("spiffe://spike.ist/w");
+        assert!(sneaky.allows(&w, "x/acl", &[Permission::Write]));
+        assert!(!sneaky.allows(&w, ACL_PATH, &[Permission::Write]));
     }
 
     #[test]
@@ -389,5 +436,51 @@ mod tests {
         let mut r = req("spiffe://spike.ist/w", "x", &["read"]);
         r.name = "bad/name".into();
         assert!(validate(&r).is_err());
+    }
+
+    /// Plain-text patterns are matched without a regex, and exactly as the regex would.
+    #[test]
+    fn plain_text_patterns_match_as_their_regex_does() {
+        let cases = [
+            ("^spiffe://spike\\.ist/app/web$", true),
+            ("^spiffe://spike\\.ist/app/", true),
+            ("/app/web$", true),
+            ("spiffe://spike\\.ist/app", true),
+            ("secrets/web-1_a", true),
+            ("^$", true),
+            ("", true),
+            ("^spiffe://spike.ist/app/web$", false),
+            ("^spiffe://spike\\.ist/app/w+$", false),
+            ("^a\\d$", false),
+            ("^a\\/b$", false),
+            ("a|b", false),
+            ("^a$b", false),
+            ("a^", false),
+            ("a\\$", true),
+            ("(?i)a", false),
+        ];
+        let texts = [
+            "spiffe://spike.ist/app/web",
+            "spiffe://spike.ist/app/webby",
+            "spiffe://spikeXist/app/web",
+            "x/spiffe://spike.ist/app/web",
+            "secrets/web-1_a/db",
+            "",
+            "a$",
+            "a",
+            "a/b",
+        ];
+        for (pattern, plain) in cases {
+            let p = Pattern::new(pattern);
+            assert_eq!(!matches!(p, Pattern::Regex(..)), plain, "{pattern}: {p:?}");
+            let re = compile(pattern).unwrap();
+            for t in texts {
+                assert_eq!(p.is_match(t), re.is_match(t), "{pattern} on {t:?}");
+            }
+        }
+        assert_eq!(
+            Pattern::new("^spiffe://spike\\.ist/app/web$").exact(),
+            Some("spiffe://spike.ist/app/web")
+        );
     }
 }

@@ -9,8 +9,8 @@
 //! 4. Unknown path or `?action=` → 400.
 //! 5. Root key not loaded → 503 `state_not_ready` (SPIKE's gate).
 //! 6. Body over the limit → 413; malformed JSON → 400; invalid input → 400.
-//! 7. Identity and policy: superuser operators pass; workloads need a policy read from the
-//!    store now; Keeper, Nexus, recover/restore identities are refused (401).
+//! 7. Identity and policy: superuser operators pass; workloads need a policy of the policy book
+//!    as the store holds it now; Keeper, Nexus, recover/restore identities are refused (401).
 //!
 //! Every API request ends with one audit line (target `spike::audit`): caller, action,
 //! resource (path or policy name, never a value), status, duration.
@@ -166,7 +166,8 @@ impl Api {
                 None
             }
             Need::Permission(want) => {
-                Some(Access::admit(self.store(), keys, caller, trust, want).await?)
+                let policies = &self.nexus.policies;
+                Some(Access::admit(self.store(), policies, keys, caller, trust, want).await?)
             }
         };
         let stream = req
@@ -280,30 +281,30 @@ impl Api {
         resource: &mut String,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
+        let book = &self.nexus.policies;
+        let key = &keys.policies;
         let grant = access.grant(policy::ACL_PATH)?;
         match route {
             Route::PolicyPut => {
                 let r: wire::PolicyPutRequest = parse(body)?;
                 *resource = r.name.clone();
-                policy::put(store, &keys.policies, &grant, &r).await?;
+                policy::put(store, book, key, &grant, &r).await?;
                 ok(&Empty {})
             }
             Route::PolicyGet => {
                 let r: wire::PolicyIdRequest = parse(body)?;
                 *resource = r.id.clone();
-                ok(&policy::get(store, &keys.policies, &grant, &r.id)
-                    .await?
-                    .to_api())
+                ok(&policy::get(store, book, key, &grant, &r.id).await?.to_api())
             }
             Route::PolicyDelete => {
                 let r: wire::PolicyIdRequest = parse(body)?;
                 *resource = r.id.clone();
-                policy::delete(store, &grant, &r.id).await?;
+                policy::delete(store, book, key, &grant, &r.id).await?;
                 ok(&Empty {})
             }
             Route::PolicyList => {
                 let r: wire::PolicyListRequest = parse(body)?;
-                let policies = policy::all(store, &keys.policies, &grant)
+                let policies = policy::all(store, book, key, &grant)
                     .await?
                     .into_iter()
                     // Exact-string filters, the SPIFFE-ID one first; an empty string is no

@@ -1452,8 +1452,12 @@ mod tests {
         async fn list(&self, ns: Namespace, prefix: &str) -> crate::store::Result<Vec<String>> {
             self.inner.list(ns, prefix).await
         }
-        async fn scan(&self, ns: Namespace) -> crate::store::Result<Vec<(String, Vec<u8>)>> {
-            self.inner.scan(ns).await
+        async fn revision(
+            &self,
+            ns: Namespace,
+            key: &str,
+        ) -> crate::store::Result<Option<crate::store::Revision>> {
+            self.inner.revision(ns, key).await
         }
     }
 

@@ -11,9 +11,10 @@
 //!   path pattern matches them as a whole (`^(?:pattern)$`) and whose SPIFFE-ID pattern is
 //!   anchored or a deliberate catch-all. Policies that would reach them by substring accident
 //!   are refused at creation (here, so the CLI refuses them too) and ignored at check time.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+//!
+//! Nothing here memoises: [`compile`] builds a new program each time. Nexus keeps compiled
+//! patterns with the decoded policies they belong to (`nexus::book`), so their lifetime is that
+//! of the policy set they were compiled for.
 
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
@@ -32,8 +33,6 @@ const RESERVED: [&str; 3] = [ACL_PATH, SECRET_LIST_PATH, CIPHER_PATH];
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 const MAX_PATTERN_LEN: usize = 500;
 const MAX_NAME_LEN: usize = 250;
-/// Memoised compiled patterns kept at most.
-const MAX_COMPILED: usize = 4096;
 
 /// What a policy grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,25 +75,12 @@ impl Permission {
     }
 }
 
-/// Compiles `pattern` (memoised by its text).
-pub fn compile(pattern: &str) -> Result<Arc<Regex>, regex::Error> {
-    static COMPILED: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
-    let memo = COMPILED.get_or_init(Default::default);
-    if let Some(re) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(pattern) {
-        return Ok(Arc::clone(re));
-    }
-    let re = Arc::new(
-        RegexBuilder::new(pattern)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .dfa_size_limit(REGEX_SIZE_LIMIT)
-            .build()?,
-    );
-    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
-    if memo.len() >= MAX_COMPILED {
-        memo.clear();
-    }
-    memo.insert(pattern.to_string(), Arc::clone(&re));
-    Ok(re)
+/// Compiles `pattern` under the size limits.
+pub fn compile(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
 }
 
 fn full_match(pattern: &str, text: &str) -> bool {
@@ -108,10 +94,32 @@ fn id_pattern_is_deliberate(pattern: &str) -> bool {
 }
 
 /// May a policy with these patterns reach the reserved `path`? (Only asked when the path
-/// pattern matched.)
+/// pattern matched.) Compiles patterns: callers that ask often keep the answer
+/// ([`reserved_reach`]).
 pub fn reserved_ok(spiffeid_pattern: &str, path_pattern: &str, path: &str) -> bool {
-    !RESERVED.contains(&path)
+    !is_reserved(path)
         || (full_match(path_pattern, path) && id_pattern_is_deliberate(spiffeid_pattern))
+}
+
+/// Whether `path` is one of the reserved pseudo-paths.
+pub fn is_reserved(path: &str) -> bool {
+    RESERVED.contains(&path)
+}
+
+/// For a policy with these patterns, which reserved pseudo-paths it may reach, in the order
+/// [`ACL_PATH`], [`SECRET_LIST_PATH`], [`CIPHER_PATH`]: its path pattern must match the path
+/// and [`reserved_ok`] must hold.
+pub fn reserved_reach(spiffeid_pattern: &str, path_pattern: &str) -> [bool; 3] {
+    let matches = compile(path_pattern).ok();
+    RESERVED.map(|r| {
+        matches.as_ref().is_some_and(|re| re.is_match(r))
+            && reserved_ok(spiffeid_pattern, path_pattern, r)
+    })
+}
+
+/// The index of a reserved pseudo-path in [`reserved_reach`]'s answer.
+pub fn reserved_index(path: &str) -> Option<usize> {
+    RESERVED.iter().position(|r| *r == path)
 }
 
 fn spiffe_pattern_syntax_ok(p: &str) -> bool {

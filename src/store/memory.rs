@@ -52,6 +52,14 @@ impl Store for MemoryStore {
             }))
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        Ok(self
+            .lock()
+            .entries
+            .get(&(ns, key.to_string()))
+            .map(|(_, rev)| revision(*rev)))
+    }
+
     async fn put(
         &self,
         ns: Namespace,
@@ -97,16 +105,6 @@ impl Store for MemoryStore {
             .keys()
             .filter(|(n, k)| *n == ns && k.starts_with(prefix))
             .map(|(_, k)| k.clone())
-            .collect())
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self
-            .lock()
-            .entries
-            .iter()
-            .filter(|((n, _), _)| *n == ns)
-            .map(|((_, k), (v, _))| (k.clone(), v.clone()))
             .collect())
     }
 }

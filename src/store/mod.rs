@@ -7,11 +7,14 @@
 //! or copied elsewhere fails to open in [`crate::crypto`].
 //!
 //! # Consistency contract
-//! Nexus keeps no cache: every request reads and writes the store, so any number of Nexus
-//! instances on one store agree. The store's own conditional writes arbitrate between them:
-//! every [`Store::put`] is create-if-absent or compare-and-set on a [`Revision`], so two
-//! writers never both succeed from the same starting point, and the root-key verifier is
-//! create-if-absent, so when several instances start on an empty store exactly one key wins. A write returns only once the store says it is durable.
+//! Nexus uses nothing it read earlier without checking it against the store in the same
+//! request: secrets are read on every request, and the decoded policy book only after
+//! [`Store::revision`] says it is still the stored one. So any number of Nexus instances on
+//! one store agree. The store's own conditional writes arbitrate between them: every
+//! [`Store::put`] is create-if-absent or compare-and-set on a [`Revision`], so two writers
+//! never both succeed from the same starting point, and the root-key verifier is
+//! create-if-absent, so when several instances start on an empty store exactly one key wins.
+//! A write returns only once the store says it is durable.
 //!
 //! Every backend implements [`Store`]; [`AnyStore`] picks one at run time, and the conformance
 //! suite in `tests/` runs the same checks against each.
@@ -58,9 +61,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Namespace {
     /// Secret records, keyed by secret path.
     Secrets,
-    /// Policies, keyed by policy name.
+    /// Per-name policy rows of versions before the policy book; read only to move them into
+    /// it, then emptied.
     Policies,
-    /// Deployment-wide records such as the root-key verifier.
+    /// Deployment-wide records: the root-key verifier, the policy book.
     System,
 }
 
@@ -76,7 +80,8 @@ impl Namespace {
 }
 
 /// An opaque token naming one stored version of a value: a counter in SQL stores, an ETag in
-/// object stores. Two reads return equal revisions only if nothing was written in between.
+/// object stores. Two reads return equal revisions only if nothing was written in between
+/// (for an ETag: or the same bytes were written again).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Revision(pub String);
 
@@ -87,33 +92,6 @@ pub struct Entry {
     pub value: Vec<u8>,
     /// Its revision, for a later compare-and-set.
     pub revision: Revision,
-}
-
-/// The (key, value) pairs of a scan, sorted by key.
-pub type Rows = Vec<(String, Vec<u8>)>;
-
-/// Splits what a SQL backend's one-statement [`Store::scan_and_get`] returns — the scanned rows
-/// with no revision, the key's row with its revision — into the scan, sorted by key, and the
-/// entry. The statement's two branches arrive together, but a compound statement does not
-/// promise the order inside them; the sort is linear on sorted input.
-fn split_scan_and_get(
-    found: impl IntoIterator<Item = (String, Vec<u8>, Option<i64>)>,
-) -> (Rows, Option<Entry>) {
-    let mut rows = Vec::new();
-    let mut entry = None;
-    for (key, value, revision) in found {
-        match revision {
-            None => rows.push((key, value)),
-            Some(n) => {
-                entry = Some(Entry {
-                    value,
-                    revision: Revision(n.to_string()),
-                })
-            }
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    (rows, entry)
 }
 
 /// The condition a conditional write must meet.
@@ -162,6 +140,15 @@ pub trait Store: Send + Sync + 'static {
     /// The value at `key`, with its revision.
     fn get(&self, ns: Namespace, key: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
 
+    /// The revision of the value at `key`, without the value: the cheapest read that tells
+    /// whether a value changed since it was read (an indexed `SELECT` of one integer, an S3
+    /// `HEAD`). Nexus reads the policy book's revision on every workload request.
+    fn revision(
+        &self,
+        ns: Namespace,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Revision>>> + Send;
+
     /// Writes `value` at `key` only if `expect` holds; returns once the write is durable.
     /// [`Written::Conflict`] (and nothing changed) whenever another write got in first.
     fn put(
@@ -183,21 +170,6 @@ pub trait Store: Send + Sync + 'static {
     /// The keys of `ns` that start with `prefix`, sorted.
     fn list(&self, ns: Namespace, prefix: &str)
     -> impl Future<Output = Result<Vec<String>>> + Send;
-
-    /// Every (key, value) of `ns`, sorted by key.
-    fn scan(&self, ns: Namespace) -> impl Future<Output = Result<Rows>> + Send;
-
-    /// Every (key, value) of `scan_ns` and the value at `key` in `ns`, read together: in one
-    /// transaction (one consistent snapshot) where the store has them. The default makes both
-    /// reads at once. Used by a workload's secret read: the policies and the secret.
-    fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> impl Future<Output = Result<(Rows, Option<Entry>)>> + Send {
-        async move { tokio::try_join!(self.scan(scan_ns), self.get(ns, key)) }
-    }
 
     /// The root-key verifier, if a root key was ever created for this store.
     fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send {
@@ -314,6 +286,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.get(ns, key))
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        delegate!(self, s => s.revision(ns, key))
+    }
+
     async fn put(
         &self,
         ns: Namespace,
@@ -330,18 +306,5 @@ impl Store for AnyStore {
 
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
         delegate!(self, s => s.list(ns, prefix))
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Rows> {
-        delegate!(self, s => s.scan(ns))
-    }
-
-    async fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> Result<(Rows, Option<Entry>)> {
-        delegate!(self, s => s.scan_and_get(scan_ns, ns, key))
     }
 }

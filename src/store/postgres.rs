@@ -420,6 +420,17 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        self.run(async |c| {
+            let stmt = c
+                .prepare_cached("SELECT revision FROM kv WHERE ns = $1 AND key = $2")
+                .await?;
+            let row = c.query_opt(&stmt, &[&ns.as_str(), &key]).await?;
+            Ok(row.map(|r| revision(r.get(0))))
+        })
+        .await
+    }
+
     async fn put(
         &self,
         ns: Namespace,
@@ -493,43 +504,6 @@ impl Store for PostgresStore {
                 .await?;
             let rows = c.query(&stmt, &[&ns.as_str(), &prefix]).await?;
             Ok(rows.into_iter().map(|r| r.get(0)).collect())
-        })
-        .await
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
-        self.run(async |c| {
-            let stmt = c
-                .prepare_cached("SELECT key, value FROM kv WHERE ns = $1 ORDER BY key")
-                .await?;
-            let rows = c.query(&stmt, &[&ns.as_str()]).await?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .await
-    }
-
-    async fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> Result<(super::Rows, Option<Entry>)> {
-        self.run(async |c| {
-            // One statement: one round trip and one snapshot. The scanned rows carry a NULL
-            // revision; the key's row, if any, its own.
-            let stmt = c
-                .prepare_cached(
-                    "(SELECT key, value, NULL::bigint FROM kv WHERE ns = $1 ORDER BY key)
-                     UNION ALL
-                     (SELECT key, value, revision FROM kv WHERE ns = $2 AND key = $3)",
-                )
-                .await?;
-            let found = c
-                .query(&stmt, &[&scan_ns.as_str(), &ns.as_str(), &key])
-                .await?;
-            Ok(super::split_scan_and_get(
-                found.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))),
-            ))
         })
         .await
     }

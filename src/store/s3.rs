@@ -27,14 +27,17 @@
 //!
 //! S3's ETag for a single-part PUT is the MD5 of the body, so two writes of identical bytes get
 //! the same revision. That is harmless here: compare-and-set then compares values, and a
-//! read-modify-write based on a value equal to the current one is still correct. Nexus's values
-//! carry fresh AEAD nonces anyway.
+//! read-modify-write based on a value equal to the current one is still correct, and a copy
+//! checked by its ETag holds the stored bytes. Nexus's values carry fresh AEAD nonces anyway.
 //!
 //! `delete` reads the object's ETag (HEAD), returns `false` if it differs, and then sends
 //! `DeleteObject` with `If-Match`. Servers that honour `If-Match` on DeleteObject (AWS S3 since
 //! 2024) make that atomic; on servers that ignore it, a write that lands between the HEAD and the
-//! DELETE is lost. Nexus deletes only policies (secrets are soft-deleted by a put), so the weaker
-//! guarantee only affects a policy rewritten while it is being deleted.
+//! DELETE is lost. Nexus deletes only the per-name policy rows of earlier versions once they are
+//! in the policy book (secrets are soft-deleted by a put; a policy is deleted by rewriting the
+//! book), so the weaker guarantee only affects a row an older instance rewrites at that moment.
+//!
+//! [`Store::revision`] is a `HEAD`: the policy book's ETag, read on every workload request.
 //!
 //! # Availability
 //! Reads are retried (3 attempts, short backoff); conditional writes are not, because a write
@@ -70,8 +73,6 @@ const BACKEND: &str = "s3";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting to the server; a refused or unroutable endpoint fails fast and is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How many GETs `scan` runs at once.
-const SCAN_CONCURRENCY: usize = 16;
 
 /// The S3 backend: one object per key, conditional writes on ETags.
 #[derive(Clone)]
@@ -362,6 +363,10 @@ impl Store for S3Store {
         bounded("GetObject", self.get_inner(ns, key)).await
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        bounded("HeadObject", self.head(ns, key)).await
+    }
+
     async fn put(
         &self,
         ns: Namespace,
@@ -427,30 +432,6 @@ impl Store for S3Store {
         // Each page is bounded by the SDK's timeout; a listing has no overall deadline beyond
         // that because its length depends on the number of keys.
         self.list_inner(ns, prefix).await
-    }
-
-    async fn scan(&self, ns: Namespace) -> Result<Vec<(String, Vec<u8>)>> {
-        let keys = self.list_inner(ns, "").await?;
-        let limit = Arc::new(tokio::sync::Semaphore::new(SCAN_CONCURRENCY));
-        let mut tasks = tokio::task::JoinSet::new();
-        for key in keys {
-            let store = self.clone();
-            let limit = Arc::clone(&limit);
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let entry = store.get(ns, &key).await?;
-                Ok::<_, Error>(entry.map(|e| (key, e.value)))
-            });
-        }
-        let mut out = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            // A key deleted between the listing and its GET is simply gone.
-            if let Some(kv) = joined.map_err(unavailable)?? {
-                out.push(kv);
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
     }
 }
 

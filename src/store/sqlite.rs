@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{Entry, Error, Expect, Namespace, Result, Revision, Rows, Store, Written};
+use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
 
 const BACKEND: &str = "sqlite";
 /// The schema this code writes; `PRAGMA user_version` records what a file holds.
@@ -273,6 +273,24 @@ impl Store for SqliteStore {
         self.read(move |c| get_entry(c, ns, &key)).await
     }
 
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        let key = key.to_string();
+        self.read(move |c| {
+            // The namespace is in the text, not bound: SQLite re-plans a statement on every new
+            // binding of a parameter that constrains part of an index (STAT4), and this read
+            // runs on every workload request.
+            c.prepare_cached(&format!(
+                "SELECT revision FROM kv WHERE ns = '{}' AND key = ?1",
+                ns.as_str()
+            ))?
+            .query_row(params![key], |r| {
+                Ok(Revision(r.get::<_, i64>(0)?.to_string()))
+            })
+            .optional()
+        })
+        .await
+    }
+
     async fn put(
         &self,
         ns: Namespace,
@@ -346,35 +364,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
-    async fn scan(&self, ns: Namespace) -> Result<Rows> {
-        self.read(move |c| scan_rows(c, ns)).await
-    }
-
-    async fn scan_and_get(
-        &self,
-        scan_ns: Namespace,
-        ns: Namespace,
-        key: &str,
-    ) -> Result<(Rows, Option<Entry>)> {
-        let key = key.to_string();
-        self.read(move |c| {
-            // One statement, so one read transaction: one snapshot, the WAL read lock taken
-            // once. The scanned rows come first (revision NULL), the key's row (if any) last.
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT key, value, NULL FROM kv WHERE ns = '{}'
-                 UNION ALL
-                 SELECT key, value, revision FROM kv WHERE ns = '{}' AND key = ?1",
-                scan_ns.as_str(),
-                ns.as_str()
-            ))?;
-            let found = stmt
-                .query_map(params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(super::split_scan_and_get(found))
-        })
-        .await
-    }
 }
 
 fn get_entry(c: &Connection, ns: Namespace, key: &str) -> rusqlite::Result<Option<Entry>> {
@@ -386,16 +375,4 @@ fn get_entry(c: &Connection, ns: Namespace, key: &str) -> rusqlite::Result<Optio
             })
         })
         .optional()
-}
-
-fn scan_rows(c: &Connection, ns: Namespace) -> rusqlite::Result<Rows> {
-    // The namespace is in the text, not bound: SQLite re-plans a statement on every new
-    // binding of a parameter that constrains part of an index (STAT4), and the policy scan
-    // runs on every request.
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT key, value FROM kv WHERE ns = '{}' ORDER BY key",
-        ns.as_str()
-    ))?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
 }
