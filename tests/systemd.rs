@@ -159,9 +159,17 @@ async fn nexus_reports_ready_status_and_pings_the_watchdog() {
     });
     sock.wait_for("five watchdog pings", |m| pings(m) >= 5);
     let texts = sock.texts();
-    // READY comes first, with the state Nexus starts in; every ping comes after it.
+    // READY comes first, once Nexus listens (its store may still be opening); every ping comes
+    // after it, and the states follow.
     assert!(texts[0].contains("READY=1"), "{texts:?}");
-    assert!(texts[0].contains("STATUS=awaiting keepers"), "{texts:?}");
+    assert!(
+        texts[0].contains("STATUS=opening the backing store"),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("STATUS=awaiting keepers")),
+        "{texts:?}"
+    );
     // SIGTERM: STOPPING=1, then a clean exit.
     c.nexus[n].signal("TERM");
     sock.wait_for("STOPPING=1", |m| m.iter().any(|t| t.contains("STOPPING=1")));

@@ -454,18 +454,69 @@ async fn run_with(
         trust,
         ExpectedPeer::Role(Role::Keeper),
     )?;
-    let store = AnyStore::open(&config.backend).await?;
     let (listener, addr) = listen.open().await?;
-    let nexus = Arc::new(Nexus::new(config, store));
     tracing::info!(
         %addr,
         id = %own.id,
-        backend = nexus.store.backend(),
-        keepers = nexus.peers().len(),
-        threshold = nexus.config.threshold,
+        backend = config.backend.name(),
+        keepers = config.keeper_peers.len(),
+        threshold = config.threshold,
         "nexus listening on {addr}"
     );
-    crate::platform::systemd::ready(&nexus.phase().describe());
+    // Serve from now on: until the store is open the gate answers /health and every route
+    // with store_unavailable, so a database outage at start is a Nexus that waits, not one
+    // that exits (under systemd, a restart loop of every instance).
+    let gate = Arc::new(routes::Gate::new(config.backend.name()));
+    let limits = config.server.clone();
+    let serve = transport::serve(listener, server_tls, Arc::clone(&gate), limits, shutdown);
+    tokio::pin!(serve);
+    let running = tokio::select! {
+        () = &mut serve => {
+            tracing::info!("nexus stopped before its store answered");
+            return Ok(());
+        }
+        running = start_on_store(config, &own, keeper_tls, &gate) => running?,
+    };
+    serve.await;
+    drop(running);
+    tracing::info!("nexus stopped");
+    Ok(())
+}
+
+/// What runs beside the server once the store is open; stopped on drop.
+struct Running {
+    _sync: keepers::SyncGuard,
+    _watchdog: crate::platform::systemd::WatchdogGuard,
+}
+
+/// Opens the store — retrying while it is unavailable, with sd_notify STATUS and the gate's
+/// `/health` saying so — then starts the Keeper task and the watchdog and opens the gate.
+async fn start_on_store(
+    config: NexusConfig,
+    own: &transport::OwnIdentity,
+    keeper_tls: Arc<rustls::ClientConfig>,
+    gate: &routes::Gate,
+) -> Result<Running, Error> {
+    crate::platform::systemd::ready("opening the backing store");
+    let waiting = crate::platform::systemd::spawn_watchdog(|| async { true });
+    let mut delay = std::time::Duration::from_millis(200);
+    let store = loop {
+        match AnyStore::open(&config.backend).await {
+            Ok(store) => break store,
+            Err(e @ crate::store::Error::Unavailable { .. }) => {
+                tracing::warn!(backend = config.backend.name(), error = %e, "the backing store is unavailable; Nexus waits for it (retrying in {delay:?})");
+                crate::platform::systemd::status(&format!("store unavailable: {e}"));
+                gate.set_reason(e.to_string());
+                tokio::time::sleep(crate::platform::jitter(delay)).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    drop(waiting);
+    let nexus = Arc::new(Nexus::new(config, store));
+    tracing::info!(backend = nexus.store.backend(), "backing store open");
+    crate::platform::systemd::status(&nexus.phase().describe());
     let watchdog = {
         let nexus = Arc::clone(&nexus);
         let identity = Arc::clone(&own.source);
@@ -498,22 +549,14 @@ async fn run_with(
         })
     };
     let sync = keepers::spawn(Arc::clone(&nexus), keeper_tls);
-    let handler = Arc::new(routes::Api::new(
+    gate.open(routes::Api::new(
         Arc::clone(&nexus),
         Arc::clone(&own.source),
     ));
-    transport::serve(
-        listener,
-        server_tls,
-        handler,
-        nexus.config.server.clone(),
-        shutdown,
-    )
-    .await;
-    drop(sync);
-    drop(watchdog);
-    tracing::info!("nexus stopped");
-    Ok(())
+    Ok(Running {
+        _sync: sync,
+        _watchdog: watchdog,
+    })
 }
 
 #[cfg(test)]

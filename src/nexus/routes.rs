@@ -498,6 +498,72 @@ impl Api {
     }
 }
 
+/// The handler a Nexus serves with from the moment it listens: until its store is open it
+/// answers `/health` and every route with `store_unavailable` (503); then it hands every
+/// request to the [`Api`].
+pub struct Gate {
+    api: std::sync::OnceLock<Api>,
+    backend: &'static str,
+    /// Why the store is not open yet (no credentials: store errors never carry any).
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Gate {
+    /// A closed gate in front of a store of `backend`.
+    pub fn new(backend: &'static str) -> Gate {
+        Gate {
+            api: std::sync::OnceLock::new(),
+            backend,
+            reason: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Says why the store is not open yet.
+    pub fn set_reason(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    /// Opens the gate: from now on `api` answers.
+    pub fn open(&self, api: Api) {
+        let _ = self.api.set(api);
+    }
+}
+
+impl Handler for Gate {
+    fn privileged(&self, peer: &Peer) -> bool {
+        match self.api.get() {
+            Some(api) => api.privileged(peer),
+            // Before the store is open only /health answers anything useful.
+            None => peer.id.is_none(),
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        if let Some(api) = self.api.get() {
+            return api.handle(req, peer).await;
+        }
+        if req.uri().path() == wire::HEALTH_PATH {
+            let reason = self
+                .reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return transport::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "store_unavailable",
+                    "backend": self.backend,
+                    "reason": reason.unwrap_or_else(|| "opening the backing store".into()),
+                }),
+            );
+        }
+        error_response(&ApiError::Store(crate::store::Error::Unavailable {
+            backend: self.backend,
+            reason: "the backing store is not open yet".into(),
+        }))
+    }
+}
+
 impl Handler for Api {
     /// Operators (superuser, recover, restore) and callers without a certificate, who can only
     /// ask `/health`, may use the reserved connections: a workload identity that holds every
