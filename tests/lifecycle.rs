@@ -214,10 +214,18 @@ async fn a_keeper_with_a_wrong_shard_is_detected_routed_around_and_refilled() {
     let n = c.start_nexus(&[]);
     let anon = c.anonymous();
     let original = key_id(&wait_status(&anon, &c.nexus[n].url(), "ready").await);
-    let good = wait_for("keeper 2 shard", Duration::from_secs(10), || {
-        c.keeper_shard(1)
-    })
-    .await;
+    // Every Keeper holds its shard before Nexus goes (the pushes run concurrently: with only
+    // Keeper 2 filled, the restart below would have one good shard and wait forever).
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(
+            wait_for("every keeper's shard", Duration::from_secs(10), || {
+                c.keeper_shard(i)
+            })
+            .await,
+        );
+    }
+    let good = held[1];
     c.nexus[n].kill();
     // Plant a valid-looking shard of some other polynomial in Keeper 2.
     let mut bogus = [7u8; 32];
