@@ -90,6 +90,16 @@ fn runtime(e: impl std::fmt::Display) -> Failure {
     CommandError::failed(e)
 }
 
+/// How a server (Nexus, Keeper) that stopped on `e` exits: 3 when the SPIFFE agent gave it no
+/// identity, 1 otherwise.
+fn server_failure(agent_away: bool, e: impl std::fmt::Display) -> Failure {
+    if agent_away {
+        CommandError::NoIdentity(e.to_string())
+    } else {
+        runtime(e)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logging = init_logging();
@@ -130,13 +140,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let cfg = spike::nexus::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
             runtime_builder()?
                 .block_on(spike::nexus::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(|e| {
-                    if e.is_agent_unavailable() {
-                        Failure::NoIdentity(e.to_string())
-                    } else {
-                        runtime(e)
-                    }
-                })
+                .map_err(|e| server_failure(e.is_agent_unavailable(), e))
         }
         Command::Keeper => {
             let cfg = spike::keeper::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
@@ -147,13 +151,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .build()
                 .map_err(runtime)?
                 .block_on(spike::keeper::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(|e| {
-                    if e.is_agent_unavailable() {
-                        Failure::NoIdentity(e.to_string())
-                    } else {
-                        runtime(e)
-                    }
-                })
+                .map_err(|e| server_failure(e.is_agent_unavailable(), e))
         }
         Command::Dev(args) => runtime_builder()?.block_on(spike::entry::dev::run(args)),
         Command::Pki { command } => pki(command),

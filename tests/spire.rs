@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::spire::{Spire, fresh_uid};
@@ -220,7 +219,8 @@ async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
     if let Some(other) = Spire::other() {
         let dir = c.dir.path().join("other-td");
         other.write_svid_files(other.uid("app-one"), &dir);
-        let foreign = foreign_client(&dir, &c.pki);
+        // Its own SVID, spike.ist's bundle for the server: common::client does exactly that.
+        let foreign = client(Some(&dir), &c.pki, spike::identity::Role::Nexus);
         let reply = foreign
             .post_json(
                 &c.nexus[0].url(),
@@ -240,35 +240,6 @@ async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
         assert_eq!((code, out.trim()), (0, "v"));
     }
     assert!(!c.logs().contains("panicked"));
-}
-
-/// An mTLS client presenting the SVID files in `dir` (another trust domain's) and trusting
-/// spike.ist's bundle for the server.
-fn foreign_client(dir: &Path, pki: &Pki) -> spike::transport::HttpsClient {
-    let source = spike::identity::SvidSource::load(
-        spike::identity::SvidPaths::resolve(Some(dir.to_path_buf()), None, None, None).unwrap(),
-    )
-    .unwrap();
-    let ca = std::fs::read(pki.ca_pem()).unwrap();
-    let roots: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(&ca)
-        .map(|c| c.unwrap())
-        .collect();
-    let tls = spike::identity::client_config(
-        Some(&source),
-        Some(roots),
-        TD,
-        spike::identity::ExpectedPeer::Role(spike::identity::Role::Nexus),
-    )
-    .unwrap();
-    spike::transport::HttpsClient::new(
-        tls,
-        spike::transport::Timeouts {
-            connect: Duration::from_secs(3),
-            handshake: Duration::from_secs(3),
-            request: Duration::from_secs(10),
-            max_response: 1 << 20,
-        },
-    )
 }
 
 /// Counts the SVIDs `proc` took from the agent so far.
