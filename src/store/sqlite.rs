@@ -29,7 +29,7 @@ use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
 
 const BACKEND: &str = "sqlite";
 /// The schema this code writes; `PRAGMA user_version` records what a file holds.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle reader connections kept open for reads that had to wait for a lock.
@@ -38,13 +38,16 @@ const MAX_IDLE_READERS: usize = 8;
 const MAX_LOCAL_READERS: usize = 8;
 
 /// One table of sealed values. `revision` comes from `sequence`, so a revision is never
-/// reused, even for a key that was deleted and created again.
+/// reused, even for a key that was deleted and created again. `revision` comes before `value`:
+/// SQLite stores a row's columns in order, so reading a column that follows a large value walks
+/// every overflow page of it, and [`Store::revision`] of the policy book runs on every workload
+/// request (schema 1 had them the other way round: 1.6 ms per request for a 1.7 MB book).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kv (
     ns       TEXT    NOT NULL,
     key      TEXT    NOT NULL,
-    value    BLOB    NOT NULL,
     revision INTEGER NOT NULL,
+    value    BLOB    NOT NULL,
     PRIMARY KEY (ns, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sequence (
@@ -52,6 +55,20 @@ CREATE TABLE IF NOT EXISTS sequence (
     value INTEGER NOT NULL
 );
 INSERT INTO sequence (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+";
+
+/// Schema 1 to 2: the same rows, `revision` moved before `value` (see [`SCHEMA`]).
+const UPGRADE_FROM_1: &str = "
+CREATE TABLE kv_2 (
+    ns       TEXT    NOT NULL,
+    key      TEXT    NOT NULL,
+    revision INTEGER NOT NULL,
+    value    BLOB    NOT NULL,
+    PRIMARY KEY (ns, key)
+) WITHOUT ROWID;
+INSERT INTO kv_2 (ns, key, revision, value) SELECT ns, key, revision, value FROM kv;
+DROP TABLE kv;
+ALTER TABLE kv_2 RENAME TO kv;
 ";
 
 #[derive(Clone)]
@@ -231,6 +248,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         if version > SCHEMA_VERSION {
             return Ok(Some(version));
         }
+        if version == 1 {
+            conn.execute_batch(UPGRADE_FROM_1)?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(None)
@@ -378,4 +398,81 @@ fn get_entry(c: &Connection, ns: Namespace, key: &str) -> rusqlite::Result<Optio
             })
         })
         .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn columns(path: &Path) -> (i64, Vec<String>) {
+        let c = Connection::open(path).unwrap();
+        let version = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        let mut stmt = c
+            .prepare("SELECT name FROM pragma_table_info('kv')")
+            .unwrap();
+        let names = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .unwrap();
+        (version, names)
+    }
+
+    #[tokio::test]
+    async fn the_revision_is_stored_before_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        SqliteStore::open(dir.path()).await.unwrap();
+        assert_eq!(
+            columns(&dir.path().join("spike.db")),
+            (
+                2,
+                vec!["ns".into(), "key".into(), "revision".into(), "value".into()]
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_file_is_upgraded_keeping_rows_and_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spike.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE kv (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                 revision INTEGER NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID;
+             CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+             INSERT INTO sequence (id, value) VALUES (1, 7);
+             INSERT INTO kv (ns, key, value, revision) VALUES
+                 ('secrets', 'a', x'0102', 5), ('system', 'policy-book', x'03', 7);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(old);
+        for _ in 0..2 {
+            let s = SqliteStore::open(dir.path()).await.unwrap();
+            let a = s.get(Namespace::Secrets, "a").await.unwrap().unwrap();
+            assert_eq!((a.value, a.revision), (vec![1, 2], Revision("5".into())));
+            assert_eq!(
+                s.revision(Namespace::System, "policy-book").await.unwrap(),
+                Some(Revision("7".into()))
+            );
+            assert_eq!(
+                columns(&path),
+                (
+                    2,
+                    vec!["ns".into(), "key".into(), "revision".into(), "value".into()]
+                )
+            );
+        }
+        // The sequence carried over: the next write gets a revision never handed out.
+        let s = SqliteStore::open(dir.path()).await.unwrap();
+        let rev = Revision("5".into());
+        assert_eq!(
+            s.put(Namespace::Secrets, "a", vec![9], Expect::Revision(rev))
+                .await
+                .unwrap(),
+            Written::Done(Revision("8".into()))
+        );
+    }
 }
