@@ -17,7 +17,10 @@
 //! earlier book — a rollback of the entire policy set, like restoring a backup of the store.
 //! An instance that has seen a later generation refuses an earlier one (500 and a log line)
 //! until the later book is back or the instance restarts; an instance started after the
-//! rollback cannot tell (nothing outside the store remembers the generation).
+//! rollback cannot tell (nothing outside the store remembers the generation). An edit made by
+//! hand that keeps the record's revision (possible in a SQL store) is not seen by an instance
+//! whose copy carries that revision: it goes on deciding with the genuine book it decoded, and
+//! the edited record fails to open at the next change or start.
 //!
 //! # Per request
 //! [`Policies::current`] reads the book's revision alone ([`Store::revision`]: one indexed
