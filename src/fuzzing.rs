@@ -78,6 +78,17 @@ pub fn policy_pattern(data: &[u8]) {
                     t.replace('.', "x"),
                 ]);
             }
+            // A regex is tried only on strings holding its leading text: that text must not
+            // turn away a match.
+            if let policy::Pattern::Regex(_, Some(r), _) = &matcher {
+                let t = &r.text;
+                probes.extend([
+                    t.clone(),
+                    format!("{t}x"),
+                    format!("x{t}x"),
+                    format!("{t}/ab"),
+                ]);
+            }
             for text in probes {
                 assert_eq!(
                     matcher.is_match(&text),

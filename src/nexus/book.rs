@@ -17,7 +17,10 @@
 //! earlier book — a rollback of the entire policy set, like restoring a backup of the store.
 //! An instance that has seen a later generation refuses an earlier one (500 and a log line)
 //! until the later book is back or the instance restarts; an instance started after the
-//! rollback cannot tell (nothing outside the store remembers the generation).
+//! rollback cannot tell (nothing outside the store remembers the generation). An edit made by
+//! hand that keeps the record's revision (possible in a SQL store) is not seen by an instance
+//! whose copy carries that revision: it goes on deciding with the genuine book it decoded, and
+//! the edited record fails to open at the next change or start.
 //!
 //! # Per request
 //! [`Policies::current`] reads the book's revision alone ([`Store::revision`]: one indexed
@@ -331,6 +334,9 @@ pub struct Policies {
     current: RwLock<Option<Arc<Book>>>,
     /// Held while a book is read and decoded, or a new one installed: one loader at a time.
     loading: tokio::sync::Mutex<()>,
+    /// Held through a whole change: this instance's policy writes take turns instead of racing
+    /// each other's compare-and-set, each loser resealing the whole book.
+    writing: tokio::sync::Mutex<()>,
     /// The highest generation this instance has seen: an earlier one is a rollback.
     highest: AtomicU64,
 }
@@ -429,6 +435,7 @@ impl Policies {
         key: &AeadKey,
         mut edit: impl FnMut(&mut Vec<StoredPolicy>) -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
+        let _writing = self.writing.lock().await;
         for _ in 0..CHANGE_ATTEMPTS {
             let book = self.current(store, key).await?;
             let mut policies: Vec<StoredPolicy> =
@@ -581,12 +588,15 @@ mod tests {
     use crate::protocol::policy::Permission;
     use crate::store::memory::MemoryStore;
 
-    /// A memory store that counts full reads and revision reads.
+    /// A memory store that counts full reads, revision reads and writes, and lets other tasks
+    /// run after every read and before every write, as a store across a network would: what was
+    /// read may be stale by the time the reader's write lands.
     #[derive(Clone, Default)]
     struct Counting {
         inner: MemoryStore,
         gets: Arc<AtomicUsize>,
         revisions: Arc<AtomicUsize>,
+        puts: Arc<AtomicUsize>,
     }
 
     impl Store for Counting {
@@ -598,7 +608,9 @@ mod tests {
         }
         async fn get(&self, ns: Namespace, key: &str) -> crate::store::Result<Option<Entry>> {
             self.gets.fetch_add(1, Ordering::SeqCst);
-            self.inner.get(ns, key).await
+            let found = self.inner.get(ns, key).await;
+            tokio::task::yield_now().await;
+            found
         }
         async fn revision(
             &self,
@@ -606,7 +618,9 @@ mod tests {
             key: &str,
         ) -> crate::store::Result<Option<Revision>> {
             self.revisions.fetch_add(1, Ordering::SeqCst);
-            self.inner.revision(ns, key).await
+            let found = self.inner.revision(ns, key).await;
+            tokio::task::yield_now().await;
+            found
         }
         async fn put(
             &self,
@@ -615,6 +629,8 @@ mod tests {
             value: Vec<u8>,
             expect: Expect,
         ) -> crate::store::Result<Written> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
             self.inner.put(ns, key, value, expect).await
         }
         async fn delete(
@@ -751,6 +767,28 @@ mod tests {
             "the book was read again"
         );
         assert_eq!(s.revisions.load(Ordering::SeqCst), revisions + 10);
+    }
+
+    #[tokio::test]
+    async fn changes_through_one_instance_take_turns_instead_of_racing() {
+        let (s, k) = (Counting::default(), Arc::new(key()));
+        let p = Arc::new(Policies::default());
+        p.current(&s, &k).await.unwrap();
+        let before = s.puts.load(Ordering::SeqCst);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let (s, k, p) = (s.clone(), Arc::clone(&k), Arc::clone(&p));
+            tasks.spawn(async move {
+                let id = format!("^spiffe://spike\\.ist/app/w{i}$");
+                put(&p, &s, &k, policy(&format!("p{i:02}"), &id, "^db/")).await;
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let writes = s.puts.load(Ordering::SeqCst) - before;
+        assert_eq!(writes, 16, "changes lost compare-and-sets to each other");
+        assert_eq!(p.current(&s, &k).await.unwrap().rules().len(), 16);
     }
 
     #[tokio::test]

@@ -5,7 +5,9 @@
 //!   (`^...$`), compiled with a size limit. A pattern without regular-expression syntax is
 //!   matched as the plain text it is ([`Pattern`]): `^spiffe://spike\.ist/app/web$` is string
 //!   equality, and needs no compiled program. Other patterns are compiled once for the policy
-//!   set they belong to, when a request first needs them ([`Rule`]).
+//!   set they belong to, when a request first needs them ([`Rule`]), and only for strings that
+//!   hold the text the pattern starts with: `^spiffe://spike\.ist/team-7/[a-z]+$` is not
+//!   compiled to be matched against `spiffe://spike.ist/app/web`.
 //! - Permissions: `read`, `write`, `list`, `execute`, `super` (everything). A policy grants a
 //!   request when both patterns match and it holds every wanted permission (or `super`); there
 //!   are no deny rules.
@@ -194,8 +196,30 @@ pub enum Pattern {
     Suffix(String),
     /// `text`: anywhere.
     Contains(String),
-    /// Anything else: compiled on first use (`None` if it does not compile: matches nothing).
-    Regex(String, OnceLock<Option<Regex>>),
+    /// Anything else: compiled on first use (`None` if it does not compile: matches nothing),
+    /// and tried only on strings that hold its [`Required`] text.
+    Regex(String, Option<Required>, OnceLock<Option<Regex>>),
+}
+
+/// Text every match of a pattern holds: at the start (the pattern is anchored there), or
+/// anywhere.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Required {
+    /// Whether the text is where every match starts.
+    pub at_start: bool,
+    /// The text itself.
+    pub text: String,
+}
+
+impl Required {
+    /// Whether `text` holds the required text where a match would need it.
+    fn holds(&self, text: &str) -> bool {
+        if self.at_start {
+            text.starts_with(self.text.as_str())
+        } else {
+            text.contains(self.text.as_str())
+        }
+    }
 }
 
 impl Pattern {
@@ -207,7 +231,7 @@ impl Pattern {
             Some((true, text, false)) => Pattern::Prefix(text),
             Some((false, text, true)) => Pattern::Suffix(text),
             Some((false, text, false)) => Pattern::Contains(text),
-            None => Pattern::Regex(pattern.to_string(), OnceLock::new()),
+            None => Pattern::Regex(pattern.to_string(), required(pattern), OnceLock::new()),
         }
     }
 
@@ -218,7 +242,8 @@ impl Pattern {
             Pattern::Prefix(t) => text.starts_with(t.as_str()),
             Pattern::Suffix(t) => text.ends_with(t.as_str()),
             Pattern::Contains(t) => text.contains(t.as_str()),
-            Pattern::Regex(source, re) => re
+            Pattern::Regex(_, Some(required), _) if !required.holds(text) => false,
+            Pattern::Regex(source, _, re) => re
                 .get_or_init(|| compile(source).ok())
                 .as_ref()
                 .is_some_and(|re| re.is_match(text)),
@@ -234,11 +259,13 @@ impl Pattern {
     }
 }
 
+/// The characters that mean themselves when escaped with `\` (regex's metacharacters).
+const META: &str = "\\.+*?()|[]{}^$#&-~";
+
 /// Splits a pattern that is plain text into (anchored at the start, the text, anchored at the
 /// end); `None` if it uses any other regular-expression syntax. An escaped metacharacter
 /// (`\.`) is that character; other escapes (`\d`, `\/`) are left to the regex engine.
 fn literal(pattern: &str) -> Option<(bool, String, bool)> {
-    const META: &str = "\\.+*?()|[]{}^$#&-~";
     let (start, body) = match pattern.strip_prefix('^') {
         Some(rest) => (true, rest),
         None => (false, pattern),
@@ -262,6 +289,37 @@ fn literal(pattern: &str) -> Option<(bool, String, bool)> {
         }
     }
     Some((start, text, end))
+}
+
+/// The text a pattern's every match holds: its leading plain text (escaped metacharacters as
+/// themselves), up to the first other syntax, less a last character that a quantifier may make
+/// optional (`ab?` requires `a`). `None` for patterns with an alternation anywhere, or without
+/// leading plain text.
+fn required(pattern: &str) -> Option<Required> {
+    if pattern.contains('|') {
+        return None;
+    }
+    let (at_start, body) = match pattern.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let mut text = String::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        let c = match c {
+            '\\' => match chars.next() {
+                Some(escaped) if META.contains(escaped) => escaped,
+                _ => break,
+            },
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => break,
+            c => c,
+        };
+        if matches!(chars.peek(), Some('?' | '*' | '{')) {
+            break;
+        }
+        text.push(c);
+    }
+    (!text.is_empty()).then_some(Required { at_start, text })
 }
 
 /// A policy ready to be checked: its patterns as matchers, compiled lazily, and which
@@ -482,5 +540,70 @@ mod tests {
             Pattern::new("^spiffe://spike\\.ist/app/web$").exact(),
             Some("spiffe://spike.ist/app/web")
         );
+    }
+
+    /// A regex is tried only on strings holding the text it starts with, with the same answers.
+    #[test]
+    fn a_regex_is_compiled_only_for_strings_it_may_match() {
+        let cases = [
+            (
+                "^spiffe://spike\\.ist/team-7/[a-z]+$",
+                Some((true, "spiffe://spike.ist/team-7/")),
+            ),
+            (
+                "spiffe://spike\\.ist/app/.*",
+                Some((false, "spiffe://spike.ist/app/")),
+            ),
+            ("^spiffe://spike.ist/app", Some((true, "spiffe://spike"))),
+            ("^ab?c.", Some((true, "a"))),
+            ("^ab*c.", Some((true, "a"))),
+            ("^ab{0,2}.", Some((true, "a"))),
+            ("^ab+.", Some((true, "ab"))),
+            ("^a\\.b\\d", Some((true, "a.b"))),
+            ("^a(?i)b.", Some((true, "a"))),
+            ("(?i)abc.", None),
+            ("^abc.|x", None),
+            ("^(abc).", None),
+            ("^a?b.", None),
+            (".*", None),
+        ];
+        let texts = [
+            "spiffe://spike.ist/team-7/web",
+            "spiffe://spike.ist/team-7/",
+            "spiffe://spike.ist/team-8/web",
+            "x/spiffe://spike.ist/app/web",
+            "spiffe://spikeXist/app",
+            "ac!",
+            "abbc!",
+            "ab!",
+            "a.b1",
+            "aB!",
+            "ABC!",
+            "x",
+            "b!",
+        ];
+        for (pattern, want) in cases {
+            let p = Pattern::new(pattern);
+            let Pattern::Regex(_, required, _) = &p else {
+                panic!("{pattern} is plain text");
+            };
+            let want = want.map(|(at_start, text)| Required {
+                at_start,
+                text: text.into(),
+            });
+            assert_eq!(required, &want, "{pattern}");
+            let re = compile(pattern).unwrap();
+            for t in texts {
+                assert_eq!(p.is_match(t), re.is_match(t), "{pattern} on {t:?}");
+            }
+            if required.is_some() {
+                let fresh = Pattern::new(pattern);
+                assert!(!fresh.is_match("nothing alike"));
+                let Pattern::Regex(_, _, compiled) = &fresh else {
+                    unreachable!()
+                };
+                assert!(compiled.get().is_none(), "{pattern} compiled");
+            }
+        }
     }
 }
