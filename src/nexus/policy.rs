@@ -177,6 +177,89 @@ pub async fn all(
     Ok(book.rules().iter().map(|r| r.policy.clone()).collect())
 }
 
+/// Whether two policies grant the same: equal patterns and the same set of permissions
+/// (names and times aside).
+pub fn same_grant(a: &StoredPolicy, b: &StoredPolicy) -> bool {
+    let set = |p: &StoredPolicy| {
+        let mut v: Vec<&'static str> = p.permissions.iter().map(|x| x.as_str()).collect();
+        v.sort_unstable();
+        v
+    };
+    a.spiffeid_pattern == b.spiffeid_pattern && a.path_pattern == b.path_pattern && set(a) == set(b)
+}
+
+/// What [`import`] found or did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyImport {
+    /// Policies added, and policies already there with the same grant.
+    Done {
+        /// Added to the book.
+        written: usize,
+        /// Already in the book, granting the same.
+        same: usize,
+    },
+    /// Names the book holds with another grant; nothing was written.
+    Conflicts(Vec<String>),
+}
+
+/// Adds `imported` (validated with [`validate`], times as they should be kept) to the policy
+/// book in one change, or nothing: a name the book holds with the same grant is skipped, one
+/// it holds with another grant is a conflict and nothing is written. With nothing to add,
+/// nothing is written either (`dry_run`: never).
+pub async fn import(
+    store: &impl Store,
+    policies: &Policies,
+    key: &AeadKey,
+    imported: &[StoredPolicy],
+    dry_run: bool,
+) -> Result<PolicyImport, ApiError> {
+    // What the book holds now decides; the change below decides again on the book it writes.
+    let sort = |set: &[StoredPolicy]| -> (Vec<StoredPolicy>, usize, Vec<String>) {
+        let (mut new, mut same, mut conflicts) = (Vec::new(), 0, Vec::new());
+        for p in imported {
+            match set.binary_search_by(|q| q.name.as_str().cmp(&p.name)) {
+                Ok(i) if same_grant(&set[i], p) => same += 1,
+                Ok(_) => conflicts.push(p.name.clone()),
+                Err(_) => new.push(p.clone()),
+            }
+        }
+        (new, same, conflicts)
+    };
+    let book = policies.current(store, key).await?;
+    let held: Vec<StoredPolicy> = book.rules().iter().map(|r| r.policy.clone()).collect();
+    let (new, same, conflicts) = sort(&held);
+    if !conflicts.is_empty() {
+        return Ok(PolicyImport::Conflicts(conflicts));
+    }
+    if new.is_empty() || dry_run {
+        return Ok(PolicyImport::Done {
+            written: new.len(),
+            same,
+        });
+    }
+    let mut outcome = PolicyImport::Done { written: 0, same };
+    let changed = policies
+        .change(store, key, |set| {
+            let (new, same, conflicts) = sort(set);
+            if !conflicts.is_empty() {
+                outcome = PolicyImport::Conflicts(conflicts);
+                return Err(ApiError::BadRequest("conflicting policies".into()));
+            }
+            outcome = PolicyImport::Done {
+                written: new.len(),
+                same,
+            };
+            set.extend(new);
+            set.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(())
+        })
+        .await;
+    match (changed, &outcome) {
+        (Ok(()), _) | (Err(_), PolicyImport::Conflicts(_)) => Ok(outcome),
+        (Err(e), _) => Err(e),
+    }
+}
+
 /// Does a policy hold every permission in `want`?
 pub fn grants(permissions: &[Permission], want: &[Permission]) -> bool {
     permissions.contains(&Permission::Super) || want.iter().all(|w| permissions.contains(w))

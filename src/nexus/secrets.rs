@@ -717,6 +717,191 @@ pub async fn metadata(
     metadata_at(store, keys, grant.resource(Permission::Read)?, version).await
 }
 
+/// A secret brought whole from another store ([`import`], `spike migrate from-spike`): every
+/// version with its times and deleted marker, and which version is current. No `Debug`: it
+/// holds values.
+pub struct Import {
+    /// The versions, by number; at least one.
+    pub versions: BTreeMap<u64, ImportVersion>,
+    /// The version `get` returns by default: 0, or a version that is not deleted.
+    pub current: u64,
+    /// First write (Unix nanoseconds).
+    pub created: i64,
+    /// Last write (Unix nanoseconds).
+    pub updated: i64,
+}
+
+/// One version of an [`Import`].
+pub struct ImportVersion {
+    /// When it was written (Unix nanoseconds).
+    pub created: i64,
+    /// When it was soft-deleted, if it was.
+    pub deleted: Option<i64>,
+    /// Its values; wiped on drop.
+    pub values: BTreeMap<String, String>,
+}
+
+impl Drop for ImportVersion {
+    fn drop(&mut self) {
+        for value in self.values.values_mut() {
+            zeroize::Zeroize::zeroize(value);
+        }
+    }
+}
+
+/// What [`import`] or [`compare_import`] found at a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// The path was empty and now holds the secret.
+    Written,
+    /// The path already holds the same secret (same versions, values, deleted markers and
+    /// current version): nothing to write.
+    Same,
+    /// The path holds another secret; the reason names versions, never values.
+    Different(String),
+}
+
+/// Checks an [`Import`] against the rules every put obeys (path, key names) and its own
+/// consistency; the reason names the version, never a value.
+pub fn validate_import(path: &str, secret: &Import) -> Result<(), String> {
+    rules::validate_path(path)?;
+    if secret.versions.is_empty() {
+        return Err("no version".into());
+    }
+    if secret.versions.contains_key(&0) {
+        return Err("a version numbered 0".into());
+    }
+    for (n, v) in &secret.versions {
+        rules::validate_values(&v.values).map_err(|e| format!("version {n}: {e}"))?;
+    }
+    if secret.current != 0
+        && secret
+            .versions
+            .get(&secret.current)
+            .is_none_or(|v| v.deleted.is_some())
+    {
+        return Err(format!(
+            "its current version {} is missing or deleted",
+            secret.current
+        ));
+    }
+    Ok(())
+}
+
+/// Compares the record at `path` with `secret` ([`Imported::Same`] or
+/// [`Imported::Different`]), opening each version of the record.
+fn compare(
+    keys: &SecretKeys,
+    path: &str,
+    record: &Record,
+    secret: &Import,
+) -> Result<Imported, ApiError> {
+    fn numbers<'a>(it: impl Iterator<Item = &'a u64>) -> String {
+        it.map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+    if !record.versions.keys().eq(secret.versions.keys()) {
+        return Ok(Imported::Different(format!(
+            "versions {} here, {} in the source",
+            numbers(record.versions.keys()),
+            numbers(secret.versions.keys())
+        )));
+    }
+    for ((n, ours), theirs) in record.versions.iter().zip(secret.versions.values()) {
+        if ours.deleted.is_some() != theirs.deleted.is_some() {
+            return Ok(Imported::Different(format!(
+                "version {n} is deleted on one side only"
+            )));
+        }
+        let plaintext = keys.values.open(&aad(path, *n), &ours.sealed).map_err(|_| {
+            ApiError::Internal(format!(
+                "secret {path:?} version {n} does not open under this root key (tampered or moved)"
+            ))
+        })?;
+        let values: BTreeMap<String, String> =
+            serde_json::from_slice(&plaintext).map_err(|e| {
+                ApiError::Internal(format!("secret {path:?} version {n} is malformed: {e}"))
+            })?;
+        if values != theirs.values {
+            return Ok(Imported::Different(format!(
+                "version {n} holds other values"
+            )));
+        }
+    }
+    if record.current != secret.current {
+        return Ok(Imported::Different(format!(
+            "current version {} here, {} in the source",
+            record.current, secret.current
+        )));
+    }
+    Ok(Imported::Same)
+}
+
+/// What the record at `path` holds compared with `secret`: `None` when there is no record.
+/// Reads only.
+pub async fn compare_import(
+    store: &impl Store,
+    keys: &SecretKeys,
+    path: &str,
+    secret: &Import,
+) -> Result<Option<Imported>, ApiError> {
+    validate_path(path)?;
+    match load(store, keys, path).await? {
+        None => Ok(None),
+        Some((record, _)) => compare(keys, path, &record, secret).map(Some),
+    }
+}
+
+/// Writes `secret` at `path` as one record — each version sealed as a put seals it, times,
+/// deleted markers and version numbers as given, `max_versions` as a put would set it — if
+/// the path holds nothing (create-if-absent, in the path's turn like any write); otherwise
+/// compares ([`Imported::Same`] or [`Imported::Different`]) and writes nothing. A record with
+/// more versions than `max_versions` keeps them until its next put prunes it.
+pub async fn import(
+    store: &impl Store,
+    writers: &Writers,
+    keys: &SecretKeys,
+    path: &str,
+    secret: &Import,
+    max_versions: u32,
+) -> Result<Imported, ApiError> {
+    validate_import(path, secret).map_err(ApiError::BadRequest)?;
+    update(store, writers, keys, path, |record| {
+        if let Some(record) = record {
+            return Ok((None, compare(keys, path, &record, secret)?));
+        }
+        let mut versions = BTreeMap::new();
+        for (n, v) in &secret.versions {
+            let plaintext = Zeroizing::new(
+                serde_json::to_vec(&v.values)
+                    .map_err(|e| ApiError::Internal(format!("cannot encode values: {e}")))?,
+            );
+            versions.insert(
+                *n,
+                Version {
+                    created: v.created,
+                    deleted: v.deleted,
+                    sealed: keys.values.seal(&aad(path, *n), &plaintext)?,
+                },
+            );
+        }
+        let mut record = Record {
+            current: secret.current,
+            oldest: 0,
+            last: versions.keys().next_back().copied().unwrap_or(0),
+            created: secret.created,
+            updated: secret.updated,
+            max_versions,
+            versions,
+            requests: Vec::new(),
+            seq: 0,
+            mac: None,
+        };
+        record.oldest = lowest_live(&record);
+        Ok((Some(record), Imported::Written))
+    })
+    .await
+}
+
 /// What [`upgrade`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Upgraded {
