@@ -48,7 +48,9 @@ fn target_env(c: &Cluster, store: &[(String, String)]) -> HashMap<String, String
 fn migrate(c: &Cluster, store: &[(String, String)], args: &[&str]) -> (i32, String, String) {
     let env = target_env(c, store);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    run_spike(&[&["migrate", "from-spike"], args].concat(), &env)
+    let (code, out, err) = run_spike(&[&["migrate", "from-spike"], args].concat(), &env);
+    eprintln!("migrate {args:?}: exit {code}\n{out}{err}");
+    (code, out, err)
 }
 
 /// Every record of the target store with its revision, read through the store itself.
@@ -480,7 +482,7 @@ fn version(values: Value, created: &'static str, deleted: Option<&'static str>) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
-    let (mut c, su) = ready_cluster(&[]).await;
+    let (c, su) = ready_cluster(&[]).await;
     let dir = c.dir.path().to_path_buf();
     let root = RootKey::generate().unwrap();
 
@@ -490,7 +492,7 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
     let mut source_keepers = Vec::new();
     for i in [1usize, 3] {
         let svid = c.pki.issue(&format!("spike-keeper-{i}"), &format!("/spike/keeper/{i}"));
-        let mut k = Proc::start(
+        let k = Proc::start(
             &format!("spike-keeper-{i}"),
             &dir,
             &["keeper"],

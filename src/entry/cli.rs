@@ -151,7 +151,9 @@ pub struct FromSpikeArgs {
     /// of them or more).
     #[arg(long)]
     pub recover_dir: Option<PathBuf>,
-    /// The SPIKE deployment's Keeper URLs, comma-separated, in its index order.
+    /// The SPIKE deployment's Keeper URLs, comma-separated, all of them in the order of its
+    /// SPIKE_NEXUS_KEEPER_PEERS (a SPIKE Keeper does not know its shard's index: position i
+    /// is index i).
     #[arg(long, value_delimiter = ',')]
     pub keepers: Vec<String>,
     /// Read and check everything, compare with the target, say what would be written; write

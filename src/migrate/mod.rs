@@ -168,7 +168,7 @@ async fn source_shards(
     let round = keepers::gather_from(&peers, client).await;
     if round.shards.is_empty() {
         return Err(failed(format!(
-            "no shard from the {} SPIKE Keeper(s) given ({} answered, empty): nothing to rebuild the source key from",
+            "no shard from the {} SPIKE Keeper(s) given ({} answered empty, the others not at all): nothing to rebuild the source key from",
             peers.len(),
             round.answered
         )));
@@ -219,6 +219,9 @@ fn validate(contents: Contents) -> Result<Plan> {
                 stored.created = created;
                 stored.updated = updated;
                 policies.push(stored);
+            }
+            (Err(crate::nexus::ApiError::BadRequest(why)), _, _) => {
+                problems.push(format!("policy {:?}: {why}", p.name))
             }
             (Err(e), _, _) => problems.push(format!("policy {:?}: {e}", p.name)),
             _ => problems.push(format!("policy {:?}: time out of range", p.name)),
