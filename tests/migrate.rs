@@ -24,8 +24,10 @@ use spike::store::{AnyStore, Namespace, Store};
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/spike-main");
 
 fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURE).join("expected.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURE).join("expected.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn fixture_db() -> String {
@@ -122,7 +124,10 @@ async fn check_fixture(c: &Cluster, su: &Path) {
         let (code, meta, err) = cli(c, su, &["secret", "metadata", path]);
         assert_eq!(code, 0, "{path}: {err}");
         let m = &s["metadata"];
-        assert_eq!(meta["metadata"]["currentVersion"], m["current_version"], "{path}");
+        assert_eq!(
+            meta["metadata"]["currentVersion"], m["current_version"],
+            "{path}"
+        );
         assert_eq!(
             rfc3339_nanos(&meta["metadata"]["createdTime"]),
             m["created_time"].as_i64().unwrap() * 1_000_000_000,
@@ -134,7 +139,11 @@ async fn check_fixture(c: &Cluster, su: &Path) {
             "{path}"
         );
         let versions = meta["versions"].as_object().unwrap();
-        assert_eq!(versions.len(), s["versions"].as_array().unwrap().len(), "{path}");
+        assert_eq!(
+            versions.len(),
+            s["versions"].as_array().unwrap().len(),
+            "{path}"
+        );
         for v in s["versions"].as_array().unwrap() {
             let got = &versions[&v["version"].to_string()];
             assert_eq!(
@@ -189,12 +198,33 @@ async fn check_fixture(c: &Cluster, su: &Path) {
     let url = c.nexus[0].url();
     let db = c.api_client("db-reader", "/workload/db-7");
     let get = |path: &str| json!({ "path": path });
-    let (s, b) = call(&db, &url, &action(SECRETS_PATH, "get"), get("app/db/credentials")).await;
-    assert_eq!((s, &b["data"]["password"]), (StatusCode::OK, &json!("s3cr3t-v3")));
-    let (s, _) = call(&db, &url, &action(SECRETS_PATH, "get"), get("app/api/token")).await;
+    let (s, b) = call(
+        &db,
+        &url,
+        &action(SECRETS_PATH, "get"),
+        get("app/db/credentials"),
+    )
+    .await;
+    assert_eq!(
+        (s, &b["data"]["password"]),
+        (StatusCode::OK, &json!("s3cr3t-v3"))
+    );
+    let (s, _) = call(
+        &db,
+        &url,
+        &action(SECRETS_PATH, "get"),
+        get("app/api/token"),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let api = c.api_client("api", "/workload/api");
-    let (s, _) = call(&api, &url, SECRETS_PATH, json!({"path": "app/api/new", "values": {"k": "v"}})).await;
+    let (s, _) = call(
+        &api,
+        &url,
+        SECRETS_PATH,
+        json!({"path": "app/api/new", "values": {"k": "v"}}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
 }
 
@@ -202,7 +232,11 @@ async fn check_fixture(c: &Cluster, su: &Path) {
 /// started afterwards on the same store serves it too.
 async fn fixture_into(store: Vec<(String, String)>) {
     let (mut c, su) = ready_cluster(&store).await;
-    let (code, out, err) = migrate(&c, &store, &[&fixture_db(), "--recover-dir", &fixture_recover()]);
+    let (code, out, err) = migrate(
+        &c,
+        &store,
+        &[&fixture_db(), "--recover-dir", &fixture_recover()],
+    );
     assert_eq!(code, 0, "{out}{err}\n{}", c.dump_logs());
     assert!(
         out.contains("6 secret(s) with 15 version(s) and 3 policy(ies) written"),
@@ -214,10 +248,17 @@ async fn fixture_into(store: Vec<(String, String)>) {
     assert_eq!(code, 0, "{err}");
 
     let before = dump(&c, &store).await;
-    let (code, out, err) = migrate(&c, &store, &[&fixture_db(), "--recover-dir", &fixture_recover()]);
+    let (code, out, err) = migrate(
+        &c,
+        &store,
+        &[&fixture_db(), "--recover-dir", &fixture_recover()],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("nothing to do"), "{out}");
-    assert!(dump(&c, &store).await == before, "a rerun changed the store");
+    assert!(
+        dump(&c, &store).await == before,
+        "a rerun changed the store"
+    );
 
     // Another instance started now reads the same.
     let n = c.start_nexus(&pairs(&store));
@@ -270,18 +311,36 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     // Recovery files of another deployment: the key does not open the database.
     let foreign = dir.join("foreign");
     foreign_recovery_files(&foreign);
-    let (code, out, err) =
-        migrate(&c, &[], &[&fixture_db(), "--recover-dir", foreign.to_str().unwrap()]);
+    let (code, out, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", foreign.to_str().unwrap()],
+    );
     assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains("does not open") && err.contains("another deployment"), "{err}");
+    assert!(
+        err.contains("does not open") && err.contains("another deployment"),
+        "{err}"
+    );
     unchanged().await;
 
     // One good file and one of another deployment: fewer than the threshold of the right key.
     let mixed = dir.join("mixed");
     std::fs::create_dir_all(&mixed).unwrap();
-    std::fs::copy(format!("{}/spike.recovery.1.txt", fixture_recover()), mixed.join("spike.recovery.1.txt")).unwrap();
-    std::fs::copy(foreign.join("spike.recovery.2.txt"), mixed.join("spike.recovery.2.txt")).unwrap();
-    let (code, _, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", mixed.to_str().unwrap()]);
+    std::fs::copy(
+        format!("{}/spike.recovery.1.txt", fixture_recover()),
+        mixed.join("spike.recovery.1.txt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        foreign.join("spike.recovery.2.txt"),
+        mixed.join("spike.recovery.2.txt"),
+    )
+    .unwrap();
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", mixed.to_str().unwrap()],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not open"), "{err}");
     unchanged().await;
@@ -290,26 +349,80 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     let garbage = dir.join("garbage");
     std::fs::create_dir_all(&garbage).unwrap();
     std::fs::write(garbage.join("spike.recovery.1.txt"), "spike:1:nothex").unwrap();
-    let (code, _, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", garbage.to_str().unwrap()]);
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", garbage.to_str().unwrap()],
+    );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("not a valid recovery shard") && !err.contains("nothex"), "{err}");
+    assert!(
+        err.contains("not a valid recovery shard") && !err.contains("nothex"),
+        "{err}"
+    );
     unchanged().await;
 
     // A truncated copy of the database.
     let truncated = dir.join("truncated.db");
     let bytes = std::fs::read(fixture_db()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let (code, _, err) = migrate(&c, &[], &[truncated.to_str().unwrap(), "--recover-dir", &fixture_recover()]);
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[
+            truncated.to_str().unwrap(),
+            "--recover-dir",
+            &fixture_recover(),
+        ],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not an intact SQLite database"), "{err}");
     unchanged().await;
+    // A copy with one page overwritten: SQLite's check of every page finds it.
+    let damaged_page = dir.join("damaged-page.db");
+    let mut copy = bytes.clone();
+    copy[2 * 4096..3 * 4096].fill(0xff);
+    std::fs::write(&damaged_page, &copy).unwrap();
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[
+            damaged_page.to_str().unwrap(),
+            "--recover-dir",
+            &fixture_recover(),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("not an intact SQLite database (truncated or damaged: "),
+        "{err}"
+    );
+    assert_eq!(
+        err.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .matches("spike migrate")
+            .count(),
+        1
+    );
+    unchanged().await;
     // Not a database at all, and an empty file.
-    for (name, content) in [("text.db", &b"hello, this is not SQLite at all"[..]), ("empty.db", b"")] {
+    for (name, content) in [
+        ("text.db", &b"hello, this is not SQLite at all"[..]),
+        ("empty.db", b""),
+    ] {
         let f = dir.join(name);
         std::fs::write(&f, content).unwrap();
-        let (code, _, err) = migrate(&c, &[], &[f.to_str().unwrap(), "--recover-dir", &fixture_recover()]);
+        let (code, _, err) = migrate(
+            &c,
+            &[],
+            &[f.to_str().unwrap(), "--recover-dir", &fixture_recover()],
+        );
         assert_eq!(code, 2, "{name}: {err}");
-        assert!(err.contains("SQLite") || err.contains("not a SPIKE Nexus database"), "{name}: {err}");
+        assert!(
+            err.contains("SQLite") || err.contains("not a SPIKE Nexus database"),
+            "{name}: {err}"
+        );
         unchanged().await;
     }
 
@@ -332,45 +445,100 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
         )
         .unwrap();
     }
-    let (code, _, err) = migrate(&c, &[], &[damaged.to_str().unwrap(), "--recover-dir", &fixture_recover()]);
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[
+            damaged.to_str().unwrap(),
+            "--recover-dir",
+            &fixture_recover(),
+        ],
+    );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("damaged") && err.contains("\"app/rotating\" version 5"), "{err}");
+    assert!(
+        err.contains("damaged") && err.contains("\"app/rotating\" version 5"),
+        "{err}"
+    );
     unchanged().await;
 
     // The conflicting secret: refused, named, nothing written (no policy either).
-    let (code, out, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", &fixture_recover()]);
+    let (code, out, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", &fixture_recover()],
+    );
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("exist in the target with other content") && err.contains("\"app/api/token\""),
         "{err}"
     );
-    assert!(!err.contains("tok-1") && !err.contains("ours"), "values in the message: {err}");
+    assert!(
+        !err.contains("tok-1") && !err.contains("ours"),
+        "values in the message: {err}"
+    );
     unchanged().await;
 
     // Deleted, the target's secret is still there (soft delete): still a conflict, in a dry
     // run too; and a policy of the same name with another grant is named as well.
     let (code, _, err) = cli(&c, &su, &["secret", "delete", "app/api/token"]);
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", &fixture_recover(), "--dry-run"]);
+    let (code, out, err) = migrate(
+        &c,
+        &[],
+        &[
+            &fixture_db(),
+            "--recover-dir",
+            &fixture_recover(),
+            "--dry-run",
+        ],
+    );
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("\"app/api/token\" (versions 1 here, 1,2 in the source)"), "{err}");
+    assert!(
+        err.contains("\"app/api/token\" (versions 1 here, 1,2 in the source)"),
+        "{err}"
+    );
     let (code, _, err) = run_spike(
-        &["policy", "create", "--name", "db-readers", "--spiffeid-pattern", "^spiffe://spike\\.ist/other$", "--path-pattern", "^app/db/.*$", "--permissions", "read"],
+        &[
+            "policy",
+            "create",
+            "--name",
+            "db-readers",
+            "--spiffeid-pattern",
+            "^spiffe://spike\\.ist/other$",
+            "--path-pattern",
+            "^app/db/.*$",
+            "--permissions",
+            "read",
+        ],
         &client_env(&c.nexus[0].base_url(), &su),
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", &fixture_recover()]);
+    let (code, _, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", &fixture_recover()],
+    );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("policy \"db-readers\" (another grant)"), "{err}");
+    assert!(
+        err.contains("policy \"db-readers\" (another grant)"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_without_a_root_key_is_refused() {
     // Keepers up, no Nexus ever started on the store: a new deployment.
     let c = Cluster::new(3);
-    let (code, out, err) = migrate(&c, &[], &[&fixture_db(), "--recover-dir", &fixture_recover()]);
+    let (code, out, err) = migrate(
+        &c,
+        &[],
+        &[&fixture_db(), "--recover-dir", &fixture_recover()],
+    );
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("new deployment; start a Nexus on it first"), "{err}");
+    assert!(
+        err.contains("new deployment; start a Nexus on it first"),
+        "{err}"
+    );
     assert!(dump(&c, &[]).await.is_empty());
 }
 
@@ -491,7 +659,9 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
     let shards = split(&root, 2, 3).unwrap();
     let mut source_keepers = Vec::new();
     for i in [1usize, 3] {
-        let svid = c.pki.issue(&format!("spike-keeper-{i}"), &format!("/spike/keeper/{i}"));
+        let svid = c
+            .pki
+            .issue(&format!("spike-keeper-{i}"), &format!("/spike/keeper/{i}"));
         let k = Proc::start(
             &format!("spike-keeper-{i}"),
             &dir,
@@ -524,12 +694,26 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
             "gone/all",
             0,
             &[
-                version(json!({"a": "1"}), "2026-01-01 10:00:00+00:00", Some("2026-01-02 10:00:00+00:00")),
-                version(json!({"a": "2"}), "2026-01-01 11:00:00.5+02:00", Some("2026-01-03 10:00:00+00:00")),
+                version(
+                    json!({"a": "1"}),
+                    "2026-01-01 10:00:00+00:00",
+                    Some("2026-01-02 10:00:00+00:00"),
+                ),
+                version(
+                    json!({"a": "2"}),
+                    "2026-01-01 11:00:00.5+02:00",
+                    Some("2026-01-03 10:00:00+00:00"),
+                ),
             ],
         );
         let many: Vec<SpikeVersion> = (1..=13)
-            .map(|i| version(json!({ "n": i.to_string() }), "2026-02-01 00:00:00.000000001+00:00", None))
+            .map(|i| {
+                version(
+                    json!({ "n": i.to_string() }),
+                    "2026-02-01 00:00:00.000000001+00:00",
+                    None,
+                )
+            })
             .collect();
         w.secret("many/versions", 13, &many);
         w.secret(
@@ -546,7 +730,10 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
 
     let (code, out, err) = migrate(&c, &[], &[db.to_str().unwrap(), "--keepers", &keepers]);
     assert_eq!(code, 0, "{out}{err}\n{}", c.dump_logs());
-    assert!(out.contains("3 secret(s) with 16 version(s) and 0 policy(ies) written"), "{out}");
+    assert!(
+        out.contains("3 secret(s) with 16 version(s) and 0 policy(ies) written"),
+        "{out}"
+    );
 
     // Every version deleted: no current value, each version kept with its deleted marker and
     // the times as SPIKE wrote them (a +02:00 offset included).
@@ -555,10 +742,17 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
     let (code, meta, err) = cli(&c, &su, &["secret", "metadata", "gone/all"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(meta["metadata"]["currentVersion"], 0);
-    assert_eq!(rfc3339_nanos(&meta["versions"]["2"]["createdTime"]), parse_go_time("2026-01-01 09:00:00.5Z").unwrap());
+    assert_eq!(
+        rfc3339_nanos(&meta["versions"]["2"]["createdTime"]),
+        parse_go_time("2026-01-01 09:00:00.5Z").unwrap()
+    );
     assert!(meta["versions"]["1"]["deletedTime"].is_string());
     // Undelete works on a migrated record like on any other.
-    let (code, _, err) = cli(&c, &su, &["secret", "undelete", "gone/all", "--versions", "1"]);
+    let (code, _, err) = cli(
+        &c,
+        &su,
+        &["secret", "undelete", "gone/all", "--versions", "1"],
+    );
     assert_eq!(code, 0, "{err}");
     let (_, got, _) = cli(&c, &su, &["secret", "get", "gone/all"]);
     assert_eq!(got["data"], json!({"a": "1"}));
@@ -566,8 +760,22 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
     // More versions than the target keeps (10): all 13 migrated, as SPIKE served them; the
     // next put prunes as any put does.
     for n in [1, 13] {
-        let (code, got, err) = cli(&c, &su, &["secret", "get", "many/versions", "--version", &n.to_string()]);
-        assert_eq!((code, &got["data"]["n"]), (0, &json!(n.to_string())), "{err}");
+        let (code, got, err) = cli(
+            &c,
+            &su,
+            &[
+                "secret",
+                "get",
+                "many/versions",
+                "--version",
+                &n.to_string(),
+            ],
+        );
+        assert_eq!(
+            (code, &got["data"]["n"]),
+            (0, &json!(n.to_string())),
+            "{err}"
+        );
     }
     let (code, _, err) = cli(&c, &su, &["secret", "put", "many/versions", "n=14"]);
     assert_eq!(code, 0, "{err}");
@@ -576,7 +784,10 @@ async fn edge_cases_in_spikes_format_with_the_key_from_spike_keepers() {
     assert_eq!(meta["metadata"]["currentVersion"], 14);
 
     let (_, got, _) = cli(&c, &su, &["secret", "get", "unicode/values"]);
-    assert_eq!(got["data"]["greeting"], "こんにちは 🌍 «ünïcødé» \u{0000}nul");
+    assert_eq!(
+        got["data"]["greeting"],
+        "こんにちは 🌍 «ünïcødé» \u{0000}nul"
+    );
     let (_, got, _) = cli(&c, &su, &["policy", "list"]);
     assert_eq!(got["policies"], json!([]));
 
@@ -608,17 +819,40 @@ async fn items_our_rules_refuse_stop_the_migration_before_anything_is_written() 
     let db = dir.join("invalid.db");
     {
         let w = SpikeWriter::new(&db, &root);
-        let v = || [version(json!({"k": "v"}), "2026-01-01 00:00:00+00:00", None)];
+        let v = || {
+            [version(
+                json!({"k": "v"}),
+                "2026-01-01 00:00:00+00:00",
+                None,
+            )]
+        };
         w.secret("fine/one", 1, &v());
         w.secret("café/menu", 1, &v());
         w.secret("/leading/slash", 1, &v());
         w.policy("ok", "^spiffe://spike\\.ist/x$", "^fine/.*$", "read");
-        w.policy("no-permissions", "^spiffe://spike\\.ist/x$", "^fine/.*$", "");
+        w.policy(
+            "no-permissions",
+            "^spiffe://spike\\.ist/x$",
+            "^fine/.*$",
+            "",
+        );
     }
     let before = dump(&c, &[]).await;
-    let (code, out, err) = migrate(&c, &[], &[db.to_str().unwrap(), "--recover-dir", recover.to_str().unwrap()]);
+    let (code, out, err) = migrate(
+        &c,
+        &[],
+        &[
+            db.to_str().unwrap(),
+            "--recover-dir",
+            recover.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 2, "{out}{err}");
-    for named in ["\"café/menu\"", "\"/leading/slash\"", "policy \"no-permissions\""] {
+    for named in [
+        "\"café/menu\"",
+        "\"/leading/slash\"",
+        "policy \"no-permissions\"",
+    ] {
         assert!(err.contains(named), "{named}: {err}");
     }
     assert!(!err.contains("fine/one"), "{err}");

@@ -55,9 +55,19 @@ fn spike_main_store_decrypts_as_documented() {
     for (path, secret) in &got.secrets {
         let w = &want_secrets[path];
         let m = &w["metadata"];
-        assert_eq!(secret.current, m["current_version"].as_u64().unwrap(), "{path}");
-        assert_eq!(secret.created, m["created_time"].as_i64().unwrap() * 1_000_000_000);
-        assert_eq!(secret.updated, m["updated_time"].as_i64().unwrap() * 1_000_000_000);
+        assert_eq!(
+            secret.current,
+            m["current_version"].as_u64().unwrap(),
+            "{path}"
+        );
+        assert_eq!(
+            secret.created,
+            m["created_time"].as_i64().unwrap() * 1_000_000_000
+        );
+        assert_eq!(
+            secret.updated,
+            m["updated_time"].as_i64().unwrap() * 1_000_000_000
+        );
         let wv = w["versions"].as_array().unwrap();
         assert_eq!(secret.versions.len(), wv.len(), "{path}");
         for ((n, v), exp) in secret.versions.iter().zip(wv) {
@@ -73,7 +83,9 @@ fn spike_main_store_decrypts_as_documented() {
             );
             assert_eq!(
                 v.deleted,
-                exp["deleted_time"].as_str().map(|t| parse_go_time(t).unwrap()),
+                exp["deleted_time"]
+                    .as_str()
+                    .map(|t| parse_go_time(t).unwrap()),
                 "{path} v{n}"
             );
             // What SPIKE served is exactly the versions not deleted.
@@ -83,7 +95,11 @@ fn spike_main_store_decrypts_as_documented() {
     // The cases the README points at.
     assert_eq!(got.secrets["app/rotating"].versions.len(), 6);
     assert_eq!(got.secrets["app/retired/legacy"].current, 0);
-    assert!(got.secrets["app/db/credentials"].versions[&2].deleted.is_some());
+    assert!(
+        got.secrets["app/db/credentials"].versions[&2]
+            .deleted
+            .is_some()
+    );
     assert_eq!(
         got.secrets["shared/config.v1"].versions[&1].values["motd"],
         "héllo wörld ✓ \"quoted\"\nsecond line"

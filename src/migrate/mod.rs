@@ -101,9 +101,7 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
                 SourceKey::RecoverDir(dir) => {
                     crate::client::recover::read_dir(dir).map_err(usage)?
                 }
-                SourceKey::Keepers(urls) => {
-                    source_shards(urls, &keeper_client).await?
-                }
+                SourceKey::Keepers(urls) => source_shards(urls, &keeper_client).await?,
             };
             let key = source_key(&shares, |k| SpikeDb::opens(probe, k)).ok_or_else(|| {
                 usage(format!(
@@ -127,7 +125,10 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
         "read {}: {} secret(s) with {} version(s), {} policy(ies); every row opens and passes the rules",
         args.db.display(),
         plan.secrets.len(),
-        plan.secrets.iter().map(|(_, s)| s.versions.len()).sum::<usize>(),
+        plan.secrets
+            .iter()
+            .map(|(_, s)| s.versions.len())
+            .sum::<usize>(),
         plan.policies.len()
     );
 

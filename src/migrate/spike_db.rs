@@ -167,7 +167,11 @@ impl SpikeDb {
             })
             .map_err(|e| unreadable(format!("not an intact SQLite database ({e})")))?;
         if check != ["ok"] {
-            let first = check.first().cloned().unwrap_or_default();
+            let first = check
+                .first()
+                .cloned()
+                .unwrap_or_default()
+                .replace('\n', " ");
             return Err(unreadable(format!(
                 "not an intact SQLite database (truncated or damaged: {first})"
             )));
@@ -232,8 +236,9 @@ impl SpikeDb {
                 .conn
                 .prepare(query)
                 .and_then(|mut s| {
-                    let mut rows =
-                        s.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+                    let mut rows = s.query_map([], |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })?;
                     rows.next().transpose()
                 })
                 .map_err(|e| self.sql(e))?;
@@ -310,7 +315,10 @@ impl SpikeDb {
             .map_err(|e| self.sql(e))?;
         for (path, n, [current, oldest, created, updated, max]) in rows {
             let base = nonce(&n).ok_or_else(|| {
-                self.damaged(format!("metadata of {path:?} has a nonce of {} bytes", n.len()))
+                self.damaged(format!(
+                    "metadata of {path:?} has a nonce of {} bytes",
+                    n.len()
+                ))
             })?;
             let field = |salt: &[u8; 12], sealed: &[u8], name: &str| -> Result<i64, Error> {
                 let what = || format!("metadata field {name} of {path:?}");
@@ -373,14 +381,12 @@ impl SpikeDb {
                 .ok()
                 .filter(|v| *v > 0)
                 .ok_or_else(|| self.damaged(format!("{}: not a version number", what())))?;
-            let nonce = nonce(&n)
-                .ok_or_else(|| self.damaged(format!("{} has a nonce of {} bytes", what(), n.len())))?;
+            let nonce = nonce(&n).ok_or_else(|| {
+                self.damaged(format!("{} has a nonce of {} bytes", what(), n.len()))
+            })?;
             let text = self.open_text(aead, nonce, &sealed, &what)?;
             let values: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|_| {
-                self.damaged(format!(
-                    "{} does not hold a JSON object of strings",
-                    what()
-                ))
+                self.damaged(format!("{} does not hold a JSON object of strings", what()))
             })?;
             let created = parse_go_time(&created)
                 .ok_or_else(|| self.damaged(format!("{}: created_time {created:?}", what())))?;
@@ -439,7 +445,9 @@ impl SpikeDb {
                 self.damaged(format!("policy {name:?} has a nonce of {} bytes", n.len()))
             })?;
             let open = |sealed: &[u8], field: &str| {
-                self.open_text(aead, nonce, sealed, &|| format!("policy {name:?} field {field}"))
+                self.open_text(aead, nonce, sealed, &|| {
+                    format!("policy {name:?} field {field}")
+                })
             };
             let spiffeid_pattern = open(&id, "spiffe_id_pattern")?.to_string();
             let path_pattern = open(&path, "path_pattern")?.to_string();

@@ -817,10 +817,9 @@ fn compare(
                 "secret {path:?} version {n} does not open under this root key (tampered or moved)"
             ))
         })?;
-        let values: BTreeMap<String, String> =
-            serde_json::from_slice(&plaintext).map_err(|e| {
-                ApiError::Internal(format!("secret {path:?} version {n} is malformed: {e}"))
-            })?;
+        let values: BTreeMap<String, String> = serde_json::from_slice(&plaintext).map_err(|e| {
+            ApiError::Internal(format!("secret {path:?} version {n} is malformed: {e}"))
+        })?;
         if values != theirs.values {
             return Ok(Imported::Different(format!(
                 "version {n} holds other values"
