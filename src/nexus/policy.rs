@@ -566,4 +566,82 @@ mod tests {
             Some("spiffe://spike.ist/app/web")
         );
     }
+
+    fn stored(name: &str, path: &str, perms: &[Permission]) -> StoredPolicy {
+        StoredPolicy {
+            name: name.into(),
+            spiffeid_pattern: "^spiffe://spike\\.ist/w$".into(),
+            path_pattern: path.into(),
+            permissions: perms.to_vec(),
+            created: 7,
+            updated: 8,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_adds_policies_in_one_change_or_names_the_conflicts() {
+        use crate::store::{Namespace, Store as _};
+        let store = crate::store::memory::MemoryStore::default();
+        let key = crate::crypto::RootKey::generate()
+            .unwrap()
+            .derive("spike/policies/v1");
+        let book = Policies::default();
+        let set = vec![
+            stored("a", "^x/", &[Permission::Read, Permission::List]),
+            stored("b", "^y/", &[Permission::Write]),
+        ];
+        // A dry run writes nothing.
+        let dry = import(&store, &book, &key, &set, true).await.unwrap();
+        assert_eq!(
+            dry,
+            PolicyImport::Done {
+                written: 2,
+                same: 0
+            }
+        );
+        let revision = || async {
+            store
+                .revision(Namespace::System, super::super::book::BOOK_KEY)
+                .await
+                .unwrap()
+        };
+        let empty = revision().await;
+        assert_eq!(book.current(&store, &key).await.unwrap().rules().len(), 0);
+        assert_eq!(
+            import(&store, &book, &key, &set, false).await.unwrap(),
+            PolicyImport::Done {
+                written: 2,
+                same: 0
+            }
+        );
+        let after = revision().await;
+        assert_ne!(after, empty);
+        let held = book.current(&store, &key).await.unwrap();
+        assert_eq!(held.get("a").unwrap().policy, set[0]);
+        // Again, permissions in another order: the same grant, nothing written.
+        let again = vec![
+            stored("a", "^x/", &[Permission::List, Permission::Read]),
+            set[1].clone(),
+        ];
+        assert_eq!(
+            import(&store, &book, &key, &again, false).await.unwrap(),
+            PolicyImport::Done {
+                written: 0,
+                same: 2
+            }
+        );
+        assert_eq!(revision().await, after);
+        // Another grant under a held name: named, and nothing written, not even the new one.
+        let conflicting = vec![
+            stored("a", "^z/", &[Permission::Read]),
+            stored("c", "^c/", &[Permission::Read]),
+        ];
+        assert_eq!(
+            import(&store, &book, &key, &conflicting, false)
+                .await
+                .unwrap(),
+            PolicyImport::Conflicts(vec!["a".into()])
+        );
+        assert_eq!(revision().await, after);
+    }
 }

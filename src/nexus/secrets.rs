@@ -1714,4 +1714,123 @@ mod tests {
         seen.sort();
         assert_eq!(seen, (1..=50).collect::<Vec<_>>());
     }
+
+    fn imported(versions: &[(u64, &str, bool)], current: u64) -> Import {
+        Import {
+            versions: versions
+                .iter()
+                .map(|&(n, v, deleted)| {
+                    let version = ImportVersion {
+                        created: 1_000 + n as i64,
+                        deleted: deleted.then_some(2_000 + n as i64),
+                        values: vals(v),
+                    };
+                    (n, version)
+                })
+                .collect(),
+            current,
+            created: 5,
+            updated: 6,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_is_a_record_as_nexus_writes_it_and_written_once() {
+        let s = MemoryStore::default();
+        let k = key();
+        let w = Writers::default();
+        let secret = imported(&[(2, "a", true), (3, "b", false), (5, "c", false)], 3);
+        assert_eq!(
+            import(&s, &w, &k, "p", &secret, 2).await.unwrap(),
+            Imported::Written
+        );
+        // Read back as any record: versions, values, markers and times as given, all kept
+        // although max_versions is 2.
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("b"), 3));
+        assert_eq!(get(&s, &k, "p", Some(5)).await.unwrap(), (vals("c"), 5));
+        assert!(matches!(
+            get(&s, &k, "p", Some(2)).await,
+            Err(ApiError::NotFound)
+        ));
+        let m = metadata_at(&s, &k, "p", None).await.unwrap();
+        assert_eq!(m.versions.len(), 3);
+        assert_eq!(m.versions["2"].deleted_time, Some(wire::rfc3339(2_002)));
+        assert_eq!(m.versions["5"].created_time, wire::rfc3339(1_005));
+        assert_eq!(
+            (m.metadata.current_version, m.metadata.oldest_version),
+            (3, 3)
+        );
+        assert_eq!(m.metadata.created_time, wire::rfc3339(5));
+        // Again: the same, nothing written.
+        let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(
+            import(&s, &w, &k, "p", &secret, 2).await.unwrap(),
+            Imported::Same
+        );
+        assert_eq!(
+            compare_import(&s, &k, "p", &secret).await.unwrap(),
+            Some(Imported::Same)
+        );
+        // Anything a reader would see differently is a difference, and nothing is written.
+        for (other, why) in [
+            (imported(&[(2, "a", true), (3, "b", false)], 3), "versions"),
+            (
+                imported(&[(2, "a", false), (3, "b", false), (5, "c", false)], 3),
+                "deleted",
+            ),
+            (
+                imported(&[(2, "a", true), (3, "x", false), (5, "c", false)], 3),
+                "other values",
+            ),
+            (
+                imported(&[(2, "a", true), (3, "b", false), (5, "c", false)], 5),
+                "current",
+            ),
+        ] {
+            match import(&s, &w, &k, "p", &other, 2).await.unwrap() {
+                Imported::Different(reason) => {
+                    assert!(reason.contains(why), "{reason}");
+                    assert!(!reason.contains('x'), "a value in {reason}");
+                }
+                got => panic!("{why}: {got:?}"),
+            }
+        }
+        let after = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(before.revision, after.revision);
+        assert_eq!(compare_import(&s, &k, "q", &secret).await.unwrap(), None);
+        // The next put continues after the highest version and prunes to max_versions.
+        assert_eq!(
+            put_at(&s, &w, &k, "p", &vals("d"), opts(None, 2))
+                .await
+                .unwrap(),
+            6
+        );
+        assert_eq!(
+            metadata_at(&s, &k, "p", None).await.unwrap().versions.len(),
+            2
+        );
+    }
+
+    #[test]
+    fn imports_are_checked_like_puts() {
+        assert!(validate_import("p", &imported(&[(1, "a", false)], 1)).is_ok());
+        assert!(validate_import("p", &imported(&[(1, "a", true)], 0)).is_ok());
+        for (path, secret) in [
+            ("/p", imported(&[(1, "a", false)], 1)),
+            ("p", imported(&[], 0)),
+            ("p", imported(&[(0, "a", false)], 0)),
+            ("p", imported(&[(1, "a", true)], 1)),
+            ("p", imported(&[(1, "a", false)], 2)),
+        ] {
+            assert!(validate_import(path, &secret).is_err(), "{path}");
+        }
+        let mut empty_key = imported(&[(1, "a", false)], 1);
+        empty_key
+            .versions
+            .get_mut(&1)
+            .unwrap()
+            .values
+            .insert(String::new(), "v".into());
+        assert!(validate_import("p", &empty_key).is_err());
+    }
 }
