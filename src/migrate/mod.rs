@@ -78,9 +78,15 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
     let own = OwnIdentity::load(&config.identity, Role::Nexus)
         .await
         .map_err(|e| {
-            usage(format!(
+            let why = format!(
                 "{e} (the migration runs as a Nexus: same SVID, store and Keeper settings)"
-            ))
+            );
+            // As for a server: 3 when the SPIFFE agent gave no identity, so scripts can tell.
+            if e.is_agent_unavailable() {
+                CommandError::NoIdentity(why)
+            } else {
+                usage(why)
+            }
         })?;
     let tls = crate::identity::client_config_for(
         Some(&own.source),
