@@ -14,6 +14,9 @@
 //! Attempts repeat with capped exponential backoff until the key is loaded. From then on the
 //! shards are pushed at once and every `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
 //!
+//! [`deployment_key`] is the first row alone, once, for a tool that works beside a running
+//! deployment (`spike migrate from-spike`): it never creates, adopts or pushes a key.
+//!
 //! **The combination search** ([`search`]) is shared with restore ([`super::recovery`]). With
 //! `n` distinct indices and threshold `t` there are C(n, t) index sets — one set when
 //! `n == t`, but C(255, 128) ≈ 10^75 at the limit — times the product of the candidates per
