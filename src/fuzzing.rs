@@ -121,3 +121,39 @@ pub fn cipher_open(data: &[u8]) {
         assert!(cipher::decrypt(&key, version, nonce, ciphertext, 1 << 20).is_err());
     }
 }
+
+/// The root key of the SPIKE store in `tests/fixtures/spike-main` (its `expected.json`), so
+/// that mutations of that store reach the decoding of decrypted rows.
+const SPIKE_FIXTURE_KEY: &str = "1e53296219c198a0f730c665b7451eddecd8c6fd2cd07dfb4da8251f6e0ae10a";
+
+/// A SPIKE Nexus SQLite store, as `spike migrate from-spike` reads the file an operator names:
+/// opened, checked and decrypted under the fixture's key; the input as text goes to the
+/// reader of SPIKE's times too. An accepted store holds at least one version per secret.
+pub fn spike_store(data: &[u8]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    use crate::migrate::spike_db::{SpikeDb, parse_go_time};
+
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = parse_go_time(text);
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&SPIKE_FIXTURE_KEY[2 * i..2 * i + 2], 16).expect("static hex");
+    }
+    let key = RootKey::from_bytes(key).expect("the fixture's key is a valid scalar");
+    let path = std::env::temp_dir().join(format!(
+        "spike-fuzz-store-{}-{}.db",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    if std::fs::write(&path, data).is_ok()
+        && let Ok(db) = SpikeDb::open(&path)
+    {
+        let _ = db.probe();
+        if let Ok(contents) = db.read(&key) {
+            assert!(contents.secrets.values().all(|s| !s.versions.is_empty()));
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

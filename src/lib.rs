@@ -7,6 +7,7 @@
 //! | part | concern | may import |
 //! |---|---|---|
 //! | [`entry`] | the command line, `spike dev` | everything |
+//! | [`migrate`] | `spike migrate from-spike`: read a SPIKE store, write into ours | nexus, client, store, transport, identity, protocol, crypto, platform |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, policies, secrets, health | client, store, transport, identity, protocol, crypto, platform |
 //! | [`keeper`] | `spike keeper`: one shard in memory | transport, identity, protocol, crypto, platform |
 //! | [`client`] | the Nexus and Keeper clients and the CLI verbs | transport, identity, protocol, crypto, platform |
@@ -28,6 +29,7 @@ pub mod entry;
 pub mod fuzzing;
 pub mod identity;
 pub mod keeper;
+pub mod migrate;
 pub mod nexus;
 pub mod platform;
 pub mod protocol;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spike::entry::cli::{Cli, Command, PkiCommand};
+use spike::entry::cli::{Cli, Command, MigrateCommand, PkiCommand};
 use spike::platform::CommandError;
 use spike::platform::env::ProcessEnv;
 use tracing_subscriber::filter::Targets;
@@ -108,6 +108,7 @@ fn main() -> ExitCode {
         Command::Keeper => "spike keeper",
         Command::Dev(_) => "spike dev",
         Command::Pki { .. } => "spike pki",
+        Command::Migrate { .. } => "spike migrate",
         Command::Completions { .. } => "spike",
         Command::Secret { .. }
         | Command::Policy { .. }
@@ -155,6 +156,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Dev(args) => runtime_builder()?.block_on(spike::entry::dev::run(args)),
         Command::Pki { command } => pki(command),
+        Command::Migrate {
+            command: MigrateCommand::FromSpike(args),
+        } => runtime_builder()?.block_on(spike::migrate::from_spike(args.request())),
         Command::Secret { format, command } => client(spike::client::secret::run(format, command)),
         Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
         Command::Cipher { format, command } => client(spike::client::cipher::run(format, command)),

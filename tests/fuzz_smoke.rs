@@ -57,13 +57,18 @@ fn mutate(rng: &mut Rng, seed: &[u8], seeds: &[&[u8]]) -> Vec<u8> {
 }
 
 fn run(name: &str, target: Target, seeds: &[&[u8]]) {
+    run_n(name, target, seeds, 20_000);
+}
+
+/// [`run`] with `iterations` generated inputs, for targets whose inputs are costly.
+fn run_n(name: &str, target: Target, seeds: &[&[u8]], iterations: usize) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ name.len() as u64);
     let mut count = 0;
     for seed in seeds {
         target(seed);
         count += 1;
     }
-    for _ in 0..20_000 {
+    for _ in 0..iterations {
         let input = if rng.below(4) == 0 {
             (0..rng.below(200)).map(|_| rng.next() as u8).collect()
         } else {
@@ -146,5 +151,26 @@ fn cipher_open() {
         "cipher_open",
         spike::fuzzing::cipher_open,
         &[&framed, &[1], &[2, 0, 0]],
+    );
+}
+
+#[test]
+fn spike_store() {
+    // Each input is a database file SQLite opens: fewer of them.
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/spike-main/spike.db"
+    ))
+    .unwrap();
+    run_n(
+        "spike_store",
+        spike::fuzzing::spike_store,
+        &[
+            &fixture,
+            &fixture[..fixture.len() / 2],
+            b"2026-11-29 20:16:31.67768105+00:00",
+            b"SQLite format 3\0",
+        ],
+        5_000,
     );
 }

@@ -9,6 +9,19 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("entry", &["*"]),
     (
+        "migrate",
+        &[
+            "nexus",
+            "client",
+            "store",
+            "transport",
+            "identity",
+            "protocol",
+            "crypto",
+            "platform",
+        ],
+    ),
+    (
         "nexus",
         &[
             "client",

@@ -23,6 +23,56 @@ fn file_name(dir: &Path, index: u8) -> PathBuf {
     dir.join(format!("spike.recovery.{index}.txt"))
 }
 
+/// Reads a set of recovery files from `dir`: every `spike.recovery.<i>.txt` in it, as our
+/// `recover export` and SPIKE's Pilot (`spike operator recover`) write them, each validated
+/// like a file given to `recover restore`, and the index in its name checked against the one
+/// in its content. At least one file; other files in `dir` are ignored. Errors name the file,
+/// never its content.
+pub fn read_dir(dir: &Path) -> Result<Vec<Share>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dir.display())))?;
+    let mut shares: Vec<Share> = Vec::new();
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Error::Usage(format!("cannot read {}: {e}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(named) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("spike.recovery."))
+            .and_then(|n| n.strip_suffix(".txt"))
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", path.display())))?,
+        );
+        let share = decode_recovery_shard(&text).map_err(|e| {
+            Error::Usage(format!(
+                "{} is not a valid recovery shard: {e}",
+                path.display()
+            ))
+        })?;
+        if named != share.index.to_string() {
+            return Err(Error::Usage(format!(
+                "{} holds the shard of index {}: a file renamed by hand?",
+                path.display(),
+                share.index
+            )));
+        }
+        shares.push(share);
+    }
+    if shares.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} holds no recovery file (spike.recovery.<i>.txt)",
+            dir.display()
+        )));
+    }
+    shares.sort_by_key(|s| s.index);
+    Ok(shares)
+}
+
 /// Runs one `spike recover` command.
 pub async fn run(command: RecoverCommand) -> Result<()> {
     match command {

@@ -180,6 +180,21 @@ impl RootKey {
         MacKey { key }
     }
 
+    /// SPIKE's at-rest key: the root key's own 32 bytes as the AES-256-GCM key, with no
+    /// derivation (SPIKE Nexus seals every value of its SQLite store this way, with no
+    /// associated data; `tests/fixtures/spike-main/README.md`). Only for reading a SPIKE
+    /// store (`spike migrate from-spike`); nothing of ours is ever sealed under it, since one
+    /// key shared by every purpose is what decision 9 avoids.
+    pub fn spike_store_key(&self) -> AeadKey {
+        let mut key = Locked::<LessSafeKey>::new("AEAD key");
+        *key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, self.as_bytes())
+                // AES-256-GCM takes exactly KEY_LEN (32) bytes, which a root key always is.
+                .expect("a 32-byte root key is an AES-256 key"),
+        );
+        AeadKey { key }
+    }
+
     /// Public fingerprint of the key: 16 lowercase hex characters, the first
     /// 8 bytes of HKDF-SHA256 with label `spike/key-id`. Safe to log.
     pub fn key_id(&self) -> String {

@@ -71,6 +71,12 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Bring the secrets and policies of another secrets store into this deployment's store.
+    Migrate {
+        /// The source.
+        #[command(subcommand)]
+        command: MigrateCommand,
+    },
     /// Print a shell completion script, e.g. `spike completions bash > /etc/bash_completion.d/spike`.
     Completions {
         /// The shell to complete for.
@@ -116,6 +122,58 @@ pub enum PkiCommand {
         #[arg(long)]
         ip: Vec<IpAddr>,
     },
+}
+
+/// `spike migrate` sources.
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Copy every secret (all versions, deleted markers, times) and policy of a SPIKE Nexus
+    /// SQLite store into this deployment's store. Runs with a Nexus's environment (store
+    /// settings, Nexus SVID, Keeper peers); safe while Nexus instances serve; a rerun writes
+    /// nothing.
+    #[command(long_about = FROM_SPIKE_ABOUT)]
+    FromSpike(FromSpikeArgs),
+}
+
+const FROM_SPIKE_ABOUT: &str = "Copy every secret (all versions, deleted markers, times) and policy of a SPIKE Nexus SQLite store into this deployment's store.
+
+Run it with the environment of one of this deployment's Nexus instances: the same SPIKE_NEXUS_BACKEND_STORE and store settings, the same Nexus SVID, the same SPIKE_NEXUS_KEEPER_PEERS. It gets this deployment's root key from its Keepers as a Nexus does (a new deployment without a key: start a Nexus first). The SPIKE store's key comes from its Pilot recovery files (--recover-dir) or its Keepers (--keepers).
+
+Nothing is written unless the whole SPIKE store opens under that key and passes spike's rules, and no secret path or policy name already exists in the target with other content; those that exist with the same content are skipped, so a rerun changes nothing. Writes are conditional, so Nexus instances may serve meanwhile. A store failure while writing leaves part of the secrets written: run the command again to complete it.";
+
+/// `spike migrate from-spike` options.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source_key").required(true).args(["recover_dir", "keepers"])))]
+pub struct FromSpikeArgs {
+    /// The SPIKE Nexus SQLite file (its `spike.db`; stop that Nexus first).
+    pub db: PathBuf,
+    /// A directory holding SPIKE Pilot recovery files `spike.recovery.<i>.txt` (a threshold
+    /// of them or more).
+    #[arg(long)]
+    pub recover_dir: Option<PathBuf>,
+    /// The SPIKE deployment's Keeper URLs, comma-separated, all of them in the order of its
+    /// SPIKE_NEXUS_KEEPER_PEERS (a SPIKE Keeper does not know its shard's index: position i
+    /// is index i).
+    #[arg(long, value_delimiter = ',')]
+    pub keepers: Vec<String>,
+    /// Read and check everything, compare with the target, say what would be written; write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl FromSpikeArgs {
+    /// The request for [`crate::migrate::from_spike`].
+    pub fn request(self) -> crate::migrate::FromSpike {
+        crate::migrate::FromSpike {
+            db: self.db,
+            key: match self.recover_dir {
+                Some(dir) => crate::migrate::SourceKey::RecoverDir(dir),
+                None => crate::migrate::SourceKey::Keepers(self.keepers),
+            },
+            dry_run: self.dry_run,
+        }
+    }
 }
 
 const DEV_ABOUT: &str =

@@ -14,6 +14,9 @@
 //! Attempts repeat with capped exponential backoff until the key is loaded. From then on the
 //! shards are pushed at once and every `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
 //!
+//! [`deployment_key`] is the first row alone, once, for a tool that works beside a running
+//! deployment (`spike migrate from-spike`): it never creates, adopts or pushes a key.
+//!
 //! **The combination search** ([`search`]) is shared with restore ([`super::recovery`]). With
 //! `n` distinct indices and threshold `t` there are C(n, t) index sets — one set when
 //! `n == t`, but C(255, 128) ≈ 10^75 at the limit — times the product of the candidates per
@@ -26,7 +29,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Nexus, Phase};
+use hyper::Uri;
+
+use super::{Nexus, NexusConfig, Phase};
 use crate::client::keeper::{KeeperClient, ShardAnswer};
 use crate::crypto::{RootKey, Share, Verifier};
 use crate::platform::jitter;
@@ -40,7 +45,7 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// interpolation of one shard is an inversion plus `t` multiplications). It covers every
 /// combination for the usual parameters (C(13, 5) = 1287 sets of 5 at 5 per set; C(28, 3) at
 /// threshold 3); beyond that, the first combinations in the search's order are tried.
-pub(super) const MAX_SEARCH_TERMS: usize = 10_000;
+pub const MAX_SEARCH_TERMS: usize = 10_000;
 
 /// Owns the background task; stops it on drop.
 pub struct SyncGuard(tokio::task::JoinHandle<()>);
@@ -54,18 +59,24 @@ impl Drop for SyncGuard {
 /// Starts the Keeper task: recover or create the root key, then refill every Keeper each
 /// `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
 pub fn spawn(nexus: Arc<Nexus>, tls: Arc<rustls::ClientConfig>) -> SyncGuard {
-    let client = KeeperClient::new(HttpsClient::new(
-        tls,
-        Timeouts {
-            connect: nexus.config.keeper_timeout,
-            handshake: nexus.config.keeper_timeout,
-            request: nexus.config.keeper_timeout,
-            max_response: crate::client::keeper::MAX_RESPONSE,
-        },
-    ));
+    let client = keeper_client(&nexus.config, tls);
     // The restore route pushes shards with the same client.
     let _ = nexus.keeper_client.set(client.clone());
     SyncGuard(tokio::spawn(run(nexus, client)))
+}
+
+/// The client Nexus talks to Keepers with: `tls` presents its SVID and expects Keeper IDs;
+/// every request bounded by `SPIKE_NEXUS_KEEPER_TIMEOUT`.
+pub fn keeper_client(config: &NexusConfig, tls: Arc<rustls::ClientConfig>) -> KeeperClient {
+    KeeperClient::new(HttpsClient::new(
+        tls,
+        Timeouts {
+            connect: config.keeper_timeout,
+            handshake: config.keeper_timeout,
+            request: config.keeper_timeout,
+            max_response: crate::client::keeper::MAX_RESPONSE,
+        },
+    ))
 }
 
 async fn run(nexus: Arc<Nexus>, client: KeeperClient) {
@@ -95,15 +106,23 @@ enum Outcome {
 
 /// What the Keepers said in one round: the shards they hold (with the URL of each) and how
 /// many answered at all (an empty Keeper answers too).
-struct Round {
-    shards: Vec<(String, Share)>,
-    answered: usize,
+pub struct Round {
+    /// The shards, each with the URL of the Keeper that held it.
+    pub shards: Vec<(String, Share)>,
+    /// Keepers that answered, with a shard or empty.
+    pub answered: usize,
 }
 
 /// Asks every Keeper for its shard, all at once.
 async fn gather(nexus: &Nexus, client: &KeeperClient) -> Round {
+    gather_from(nexus.peers(), client).await
+}
+
+/// Asks every Keeper of `peers` for its shard, all at once; position i (1-based) in `peers`
+/// is the index a Keeper is expected to hold.
+pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, url) in nexus.peers().iter().enumerate() {
+    for (i, url) in peers.iter().enumerate() {
         let client = client.clone();
         let url = url.clone();
         // Peer count is validated to be at most 255 (one per share).
@@ -323,6 +342,60 @@ async fn load(
     Outcome::Loaded
 }
 
+/// Why [`deployment_key`] found no key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The store holds no verifier: no Nexus has started on it yet.
+    #[error(
+        "the target store has no root key yet (no root-key verifier): it is a new deployment; start a Nexus on it first (it creates the key and fills the Keepers), then run this again"
+    )]
+    NewDeployment,
+    /// The verifier could not be read.
+    #[error("cannot read the root-key verifier: {0}")]
+    Store(#[from] crate::store::Error),
+    /// Fewer than threshold Keepers gave a shard.
+    #[error(
+        "only {have} of the {need} Keeper shards needed answered (SPIKE_NEXUS_KEEPER_PEERS); are the Keepers up, and is this a Nexus identity?"
+    )]
+    TooFewShards {
+        /// Shards in hand.
+        have: usize,
+        /// The threshold.
+        need: usize,
+    },
+    /// No combination of the shards opens the verifier.
+    #[error(
+        "no combination of the Keepers' shards opens the store's root-key verifier: the Keepers hold another deployment's key (or await a restore)"
+    )]
+    NoKey,
+}
+
+/// The root key of the deployment `config` describes, found as a Nexus finds it at start: every
+/// Keeper of `SPIKE_NEXUS_KEEPER_PEERS` asked once, and a threshold-sized combination of their
+/// shards accepted only if it opens the store's verifier. Never creates or adopts a key, and
+/// writes nothing: for tools that work on a running deployment's store beside its Nexus
+/// instances (`spike migrate from-spike`).
+pub async fn deployment_key(
+    config: &NexusConfig,
+    client: &KeeperClient,
+    store: &impl Store,
+) -> Result<RootKey, KeyError> {
+    let verifier = store.verifier().await?.ok_or(KeyError::NewDeployment)?;
+    let Round { shards, .. } = gather_from(&config.keeper_peers, client).await;
+    let need = usize::from(config.threshold);
+    if shards.len() < need {
+        return Err(KeyError::TooFewShards {
+            have: shards.len(),
+            need,
+        });
+    }
+    search(by_index(&shards), need, Some(verifier))
+        .await
+        .key
+        .ok_or(KeyError::NoKey)
+}
+
 /// The Keepers' shards in index order (arrival order within an index), for [`search`].
 fn by_index(shards: &[(String, Share)]) -> Vec<Share> {
     let mut only: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
@@ -331,7 +404,7 @@ fn by_index(shards: &[(String, Share)]) -> Vec<Share> {
 }
 
 /// What one bounded search found.
-pub(super) struct Search {
+pub struct Search {
     /// The first key the search accepted.
     pub key: Option<RootKey>,
     /// Combinations interpolated.
@@ -368,7 +441,7 @@ pub(super) async fn search(
 /// combinations of the earliest indices come first, so the caller decides what is tried
 /// first (Keepers: index order; restore: the newest shards). CPU-bound: call it through
 /// [`search`] from async code.
-pub(super) fn find_key(
+pub fn find_key(
     shards: &[Share],
     threshold: usize,
     max_terms: usize,

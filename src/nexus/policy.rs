@@ -179,6 +179,89 @@ pub async fn all(
     Ok(book.rules().iter().map(|r| r.policy.clone()).collect())
 }
 
+/// Whether two policies grant the same: equal patterns and the same set of permissions
+/// (names and times aside).
+pub fn same_grant(a: &StoredPolicy, b: &StoredPolicy) -> bool {
+    let set = |p: &StoredPolicy| {
+        let mut v: Vec<&'static str> = p.permissions.iter().map(|x| x.as_str()).collect();
+        v.sort_unstable();
+        v
+    };
+    a.spiffeid_pattern == b.spiffeid_pattern && a.path_pattern == b.path_pattern && set(a) == set(b)
+}
+
+/// What [`import`] found or did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyImport {
+    /// Policies added, and policies already there with the same grant.
+    Done {
+        /// Added to the book.
+        written: usize,
+        /// Already in the book, granting the same.
+        same: usize,
+    },
+    /// Names the book holds with another grant; nothing was written.
+    Conflicts(Vec<String>),
+}
+
+/// Adds `imported` (validated with [`validate`], times as they should be kept) to the policy
+/// book in one change, or nothing: a name the book holds with the same grant is skipped, one
+/// it holds with another grant is a conflict and nothing is written. With nothing to add,
+/// nothing is written either (`dry_run`: never).
+pub async fn import(
+    store: &impl Store,
+    policies: &Policies,
+    key: &AeadKey,
+    imported: &[StoredPolicy],
+    dry_run: bool,
+) -> Result<PolicyImport, ApiError> {
+    // What the book holds now decides; the change below decides again on the book it writes.
+    let sort = |set: &[StoredPolicy]| -> (Vec<StoredPolicy>, usize, Vec<String>) {
+        let (mut new, mut same, mut conflicts) = (Vec::new(), 0, Vec::new());
+        for p in imported {
+            match set.binary_search_by(|q| q.name.as_str().cmp(&p.name)) {
+                Ok(i) if same_grant(&set[i], p) => same += 1,
+                Ok(_) => conflicts.push(p.name.clone()),
+                Err(_) => new.push(p.clone()),
+            }
+        }
+        (new, same, conflicts)
+    };
+    let book = policies.current(store, key).await?;
+    let held: Vec<StoredPolicy> = book.rules().iter().map(|r| r.policy.clone()).collect();
+    let (new, same, conflicts) = sort(&held);
+    if !conflicts.is_empty() {
+        return Ok(PolicyImport::Conflicts(conflicts));
+    }
+    if new.is_empty() || dry_run {
+        return Ok(PolicyImport::Done {
+            written: new.len(),
+            same,
+        });
+    }
+    let mut outcome = PolicyImport::Done { written: 0, same };
+    let changed = policies
+        .change(store, key, |set| {
+            let (new, same, conflicts) = sort(set);
+            if !conflicts.is_empty() {
+                outcome = PolicyImport::Conflicts(conflicts);
+                return Err(ApiError::BadRequest("conflicting policies".into()));
+            }
+            outcome = PolicyImport::Done {
+                written: new.len(),
+                same,
+            };
+            set.extend(new);
+            set.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(())
+        })
+        .await;
+    match (changed, &outcome) {
+        (Ok(()), _) | (Err(_), PolicyImport::Conflicts(_)) => Ok(outcome),
+        (Err(e), _) => Err(e),
+    }
+}
+
 /// Does a policy hold every permission in `want`?
 pub fn grants(permissions: &[Permission], want: &[Permission]) -> bool {
     permissions.contains(&Permission::Super) || want.iter().all(|w| permissions.contains(w))
@@ -605,5 +688,83 @@ mod tests {
                 assert!(compiled.get().is_none(), "{pattern} compiled");
             }
         }
+    }
+
+    fn stored(name: &str, path: &str, perms: &[Permission]) -> StoredPolicy {
+        StoredPolicy {
+            name: name.into(),
+            spiffeid_pattern: "^spiffe://spike\\.ist/w$".into(),
+            path_pattern: path.into(),
+            permissions: perms.to_vec(),
+            created: 7,
+            updated: 8,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_adds_policies_in_one_change_or_names_the_conflicts() {
+        use crate::store::{Namespace, Store as _};
+        let store = crate::store::memory::MemoryStore::default();
+        let key = crate::crypto::RootKey::generate()
+            .unwrap()
+            .derive("spike/policies/v1");
+        let book = Policies::default();
+        let set = vec![
+            stored("a", "^x/", &[Permission::Read, Permission::List]),
+            stored("b", "^y/", &[Permission::Write]),
+        ];
+        // A dry run writes nothing.
+        let dry = import(&store, &book, &key, &set, true).await.unwrap();
+        assert_eq!(
+            dry,
+            PolicyImport::Done {
+                written: 2,
+                same: 0
+            }
+        );
+        let revision = || async {
+            store
+                .revision(Namespace::System, super::super::book::BOOK_KEY)
+                .await
+                .unwrap()
+        };
+        let empty = revision().await;
+        assert_eq!(book.current(&store, &key).await.unwrap().rules().len(), 0);
+        assert_eq!(
+            import(&store, &book, &key, &set, false).await.unwrap(),
+            PolicyImport::Done {
+                written: 2,
+                same: 0
+            }
+        );
+        let after = revision().await;
+        assert_ne!(after, empty);
+        let held = book.current(&store, &key).await.unwrap();
+        assert_eq!(held.get("a").unwrap().policy, set[0]);
+        // Again, permissions in another order: the same grant, nothing written.
+        let again = vec![
+            stored("a", "^x/", &[Permission::List, Permission::Read]),
+            set[1].clone(),
+        ];
+        assert_eq!(
+            import(&store, &book, &key, &again, false).await.unwrap(),
+            PolicyImport::Done {
+                written: 0,
+                same: 2
+            }
+        );
+        assert_eq!(revision().await, after);
+        // Another grant under a held name: named, and nothing written, not even the new one.
+        let conflicting = vec![
+            stored("a", "^z/", &[Permission::Read]),
+            stored("c", "^c/", &[Permission::Read]),
+        ];
+        assert_eq!(
+            import(&store, &book, &key, &conflicting, false)
+                .await
+                .unwrap(),
+            PolicyImport::Conflicts(vec!["a".into()])
+        );
+        assert_eq!(revision().await, after);
     }
 }

@@ -717,6 +717,190 @@ pub async fn metadata(
     metadata_at(store, keys, grant.resource(Permission::Read)?, version).await
 }
 
+/// A secret brought whole from another store ([`import`], `spike migrate from-spike`): every
+/// version with its times and deleted marker, and which version is current. No `Debug`: it
+/// holds values.
+pub struct Import {
+    /// The versions, by number; at least one.
+    pub versions: BTreeMap<u64, ImportVersion>,
+    /// The version `get` returns by default: 0, or a version that is not deleted.
+    pub current: u64,
+    /// First write (Unix nanoseconds).
+    pub created: i64,
+    /// Last write (Unix nanoseconds).
+    pub updated: i64,
+}
+
+/// One version of an [`Import`].
+pub struct ImportVersion {
+    /// When it was written (Unix nanoseconds).
+    pub created: i64,
+    /// When it was soft-deleted, if it was.
+    pub deleted: Option<i64>,
+    /// Its values; wiped on drop.
+    pub values: BTreeMap<String, String>,
+}
+
+impl Drop for ImportVersion {
+    fn drop(&mut self) {
+        for value in self.values.values_mut() {
+            zeroize::Zeroize::zeroize(value);
+        }
+    }
+}
+
+/// What [`import`] or [`compare_import`] found at a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// The path was empty and now holds the secret.
+    Written,
+    /// The path already holds the same secret (same versions, values, deleted markers and
+    /// current version): nothing to write.
+    Same,
+    /// The path holds another secret; the reason names versions, never values.
+    Different(String),
+}
+
+/// Checks an [`Import`] against the rules every put obeys (path, key names) and its own
+/// consistency; the reason names the version, never a value.
+pub fn validate_import(path: &str, secret: &Import) -> Result<(), String> {
+    rules::validate_path(path)?;
+    if secret.versions.is_empty() {
+        return Err("no version".into());
+    }
+    if secret.versions.contains_key(&0) {
+        return Err("a version numbered 0".into());
+    }
+    for (n, v) in &secret.versions {
+        rules::validate_values(&v.values).map_err(|e| format!("version {n}: {e}"))?;
+    }
+    if secret.current != 0
+        && secret
+            .versions
+            .get(&secret.current)
+            .is_none_or(|v| v.deleted.is_some())
+    {
+        return Err(format!(
+            "its current version {} is missing or deleted",
+            secret.current
+        ));
+    }
+    Ok(())
+}
+
+/// Compares the record at `path` with `secret` ([`Imported::Same`] or
+/// [`Imported::Different`]), opening each version of the record.
+fn compare(
+    keys: &SecretKeys,
+    path: &str,
+    record: &Record,
+    secret: &Import,
+) -> Result<Imported, ApiError> {
+    fn numbers<'a>(it: impl Iterator<Item = &'a u64>) -> String {
+        it.map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+    if !record.versions.keys().eq(secret.versions.keys()) {
+        return Ok(Imported::Different(format!(
+            "versions {} here, {} in the source",
+            numbers(record.versions.keys()),
+            numbers(secret.versions.keys())
+        )));
+    }
+    for ((n, ours), theirs) in record.versions.iter().zip(secret.versions.values()) {
+        if ours.deleted.is_some() != theirs.deleted.is_some() {
+            return Ok(Imported::Different(format!(
+                "version {n} is deleted on one side only"
+            )));
+        }
+        let plaintext = keys.values.open(&aad(path, *n), &ours.sealed).map_err(|_| {
+            ApiError::Internal(format!(
+                "secret {path:?} version {n} does not open under this root key (tampered or moved)"
+            ))
+        })?;
+        let values: BTreeMap<String, String> = serde_json::from_slice(&plaintext).map_err(|e| {
+            ApiError::Internal(format!("secret {path:?} version {n} is malformed: {e}"))
+        })?;
+        if values != theirs.values {
+            return Ok(Imported::Different(format!(
+                "version {n} holds other values"
+            )));
+        }
+    }
+    if record.current != secret.current {
+        return Ok(Imported::Different(format!(
+            "current version {} here, {} in the source",
+            record.current, secret.current
+        )));
+    }
+    Ok(Imported::Same)
+}
+
+/// What the record at `path` holds compared with `secret`: `None` when there is no record.
+/// Reads only.
+pub async fn compare_import(
+    store: &impl Store,
+    keys: &SecretKeys,
+    path: &str,
+    secret: &Import,
+) -> Result<Option<Imported>, ApiError> {
+    validate_path(path)?;
+    match load(store, keys, path).await? {
+        None => Ok(None),
+        Some((record, _)) => compare(keys, path, &record, secret).map(Some),
+    }
+}
+
+/// Writes `secret` at `path` as one record — each version sealed as a put seals it, times,
+/// deleted markers and version numbers as given, `max_versions` as a put would set it — if
+/// the path holds nothing (create-if-absent, in the path's turn like any write); otherwise
+/// compares ([`Imported::Same`] or [`Imported::Different`]) and writes nothing. A record with
+/// more versions than `max_versions` keeps them until its next put prunes it.
+pub async fn import(
+    store: &impl Store,
+    writers: &Writers,
+    keys: &SecretKeys,
+    path: &str,
+    secret: &Import,
+    max_versions: u32,
+) -> Result<Imported, ApiError> {
+    validate_import(path, secret).map_err(ApiError::BadRequest)?;
+    update(store, writers, keys, path, |record| {
+        if let Some(record) = record {
+            return Ok((None, compare(keys, path, &record, secret)?));
+        }
+        let mut versions = BTreeMap::new();
+        for (n, v) in &secret.versions {
+            let plaintext = Zeroizing::new(
+                serde_json::to_vec(&v.values)
+                    .map_err(|e| ApiError::Internal(format!("cannot encode values: {e}")))?,
+            );
+            versions.insert(
+                *n,
+                Version {
+                    created: v.created,
+                    deleted: v.deleted,
+                    sealed: keys.values.seal(&aad(path, *n), &plaintext)?,
+                },
+            );
+        }
+        let mut record = Record {
+            current: secret.current,
+            oldest: 0,
+            last: versions.keys().next_back().copied().unwrap_or(0),
+            created: secret.created,
+            updated: secret.updated,
+            max_versions,
+            versions,
+            requests: Vec::new(),
+            seq: 0,
+            mac: None,
+        };
+        record.oldest = lowest_live(&record);
+        Ok((Some(record), Imported::Written))
+    })
+    .await
+}
+
 /// What [`upgrade`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Upgraded {
@@ -1529,5 +1713,124 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+    }
+
+    fn imported(versions: &[(u64, &str, bool)], current: u64) -> Import {
+        Import {
+            versions: versions
+                .iter()
+                .map(|&(n, v, deleted)| {
+                    let version = ImportVersion {
+                        created: 1_000 + n as i64,
+                        deleted: deleted.then_some(2_000 + n as i64),
+                        values: vals(v),
+                    };
+                    (n, version)
+                })
+                .collect(),
+            current,
+            created: 5,
+            updated: 6,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_is_a_record_as_nexus_writes_it_and_written_once() {
+        let s = MemoryStore::default();
+        let k = key();
+        let w = Writers::default();
+        let secret = imported(&[(2, "a", true), (3, "b", false), (5, "c", false)], 3);
+        assert_eq!(
+            import(&s, &w, &k, "p", &secret, 2).await.unwrap(),
+            Imported::Written
+        );
+        // Read back as any record: versions, values, markers and times as given, all kept
+        // although max_versions is 2.
+        assert_eq!(get(&s, &k, "p", None).await.unwrap(), (vals("b"), 3));
+        assert_eq!(get(&s, &k, "p", Some(5)).await.unwrap(), (vals("c"), 5));
+        assert!(matches!(
+            get(&s, &k, "p", Some(2)).await,
+            Err(ApiError::NotFound)
+        ));
+        let m = metadata_at(&s, &k, "p", None).await.unwrap();
+        assert_eq!(m.versions.len(), 3);
+        assert_eq!(m.versions["2"].deleted_time, Some(wire::rfc3339(2_002)));
+        assert_eq!(m.versions["5"].created_time, wire::rfc3339(1_005));
+        assert_eq!(
+            (m.metadata.current_version, m.metadata.oldest_version),
+            (3, 3)
+        );
+        assert_eq!(m.metadata.created_time, wire::rfc3339(5));
+        // Again: the same, nothing written.
+        let before = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(
+            import(&s, &w, &k, "p", &secret, 2).await.unwrap(),
+            Imported::Same
+        );
+        assert_eq!(
+            compare_import(&s, &k, "p", &secret).await.unwrap(),
+            Some(Imported::Same)
+        );
+        // Anything a reader would see differently is a difference, and nothing is written.
+        for (other, why) in [
+            (imported(&[(2, "a", true), (3, "b", false)], 3), "versions"),
+            (
+                imported(&[(2, "a", false), (3, "b", false), (5, "c", false)], 3),
+                "deleted",
+            ),
+            (
+                imported(&[(2, "a", true), (3, "x", false), (5, "c", false)], 3),
+                "other values",
+            ),
+            (
+                imported(&[(2, "a", true), (3, "b", false), (5, "c", false)], 5),
+                "current",
+            ),
+        ] {
+            match import(&s, &w, &k, "p", &other, 2).await.unwrap() {
+                Imported::Different(reason) => {
+                    assert!(reason.contains(why), "{reason}");
+                    assert!(!reason.contains('x'), "a value in {reason}");
+                }
+                got => panic!("{why}: {got:?}"),
+            }
+        }
+        let after = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        assert_eq!(before.revision, after.revision);
+        assert_eq!(compare_import(&s, &k, "q", &secret).await.unwrap(), None);
+        // The next put continues after the highest version and prunes to max_versions.
+        assert_eq!(
+            put_at(&s, &w, &k, "p", &vals("d"), opts(None, 2))
+                .await
+                .unwrap(),
+            6
+        );
+        assert_eq!(
+            metadata_at(&s, &k, "p", None).await.unwrap().versions.len(),
+            2
+        );
+    }
+
+    #[test]
+    fn imports_are_checked_like_puts() {
+        assert!(validate_import("p", &imported(&[(1, "a", false)], 1)).is_ok());
+        assert!(validate_import("p", &imported(&[(1, "a", true)], 0)).is_ok());
+        for (path, secret) in [
+            ("/p", imported(&[(1, "a", false)], 1)),
+            ("p", imported(&[], 0)),
+            ("p", imported(&[(0, "a", false)], 0)),
+            ("p", imported(&[(1, "a", true)], 1)),
+            ("p", imported(&[(1, "a", false)], 2)),
+        ] {
+            assert!(validate_import(path, &secret).is_err(), "{path}");
+        }
+        let mut empty_key = imported(&[(1, "a", false)], 1);
+        empty_key
+            .versions
+            .get_mut(&1)
+            .unwrap()
+            .values
+            .insert(String::new(), "v".into());
+        assert!(validate_import("p", &empty_key).is_err());
     }
 }
