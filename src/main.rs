@@ -101,6 +101,10 @@ fn server_failure(agent_away: bool, e: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = spike::platform::survive_hangups() {
+        eprintln!("spike: cannot set up SIGHUP handling: {e}");
+        return ExitCode::from(1);
+    }
     let cli = Cli::parse();
     let logging = init_logging();
     let name = match &cli.command {
@@ -113,7 +117,8 @@ fn main() -> ExitCode {
         Command::Secret { .. }
         | Command::Policy { .. }
         | Command::Cipher { .. }
-        | Command::Recover { .. } => "spike",
+        | Command::Recover { .. }
+        | Command::Audit { .. } => "spike",
     };
     if let Err(msg) = logging {
         eprintln!("{name}: {msg}");
@@ -163,6 +168,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
         Command::Cipher { format, command } => client(spike::client::cipher::run(format, command)),
         Command::Recover { command } => client(spike::client::recover::run(command)),
+        Command::Audit { command } => spike::client::audit::run(command),
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout()

@@ -212,6 +212,7 @@ fn deb_package_builds_with_expected_contents() {
         "/usr/share/lintian/overrides/spike",
         "/usr/share/doc/spike/examples/haproxy/spike-nexus.cfg",
         "/usr/share/doc/spike/examples/nginx/spike-nexus.conf",
+        "/etc/logrotate.d/spike-nexus",
     ] {
         assert_eq!(entry(path).0, "-rw-r--r--", "{path}");
     }
@@ -232,7 +233,10 @@ fn deb_package_builds_with_expected_contents() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let conffiles = std::fs::read_to_string(control.path().join("conffiles")).unwrap();
-    assert_eq!(conffiles, "/etc/spike/nexus.env\n/etc/spike/keeper.env\n");
+    assert_eq!(
+        conffiles,
+        "/etc/spike/nexus.env\n/etc/spike/keeper.env\n/etc/logrotate.d/spike-nexus\n"
+    );
     for script in ["postinst", "prerm", "postrm"] {
         let path = control.path().join(script);
         let o = Command::new("sh").arg("-n").arg(&path).output().unwrap();

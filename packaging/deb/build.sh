@@ -59,6 +59,8 @@ for unit in spike-nexus.service spike-keeper.service; do
   install -D -m 0644 "$root/systemd/$unit" "$pkg/lib/systemd/system/$unit"
 done
 
+install -D -m 0644 "$root/packaging/logrotate/spike-nexus" "$pkg/etc/logrotate.d/spike-nexus"
+
 install -d -m 0750 "$pkg/etc/spike"
 for env in nexus.env keeper.env; do
   install -m 0640 "$root/packaging/env/$env" "$pkg/etc/spike/$env"
@@ -117,7 +119,7 @@ install -d "$pkg/DEBIAN"
 for script in postinst prerm postrm; do
   install -m 0755 "$here/$script" "$pkg/DEBIAN/$script"
 done
-printf '%s\n' /etc/spike/nexus.env /etc/spike/keeper.env >"$pkg/DEBIAN/conffiles"
+printf '%s\n' /etc/spike/nexus.env /etc/spike/keeper.env /etc/logrotate.d/spike-nexus >"$pkg/DEBIAN/conffiles"
 chmod 0644 "$pkg/DEBIAN/conffiles"
 
 installed_size="$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)"

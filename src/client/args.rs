@@ -159,3 +159,18 @@ pub enum RecoverCommand {
         file: PathBuf,
     },
 }
+
+/// `spike audit` verbs.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check that audit files are complete and unchanged: every record chained to the one
+    /// before and authenticated with the deployment's audit key (rebuilt from recovery shards).
+    Verify {
+        /// A directory of recovery shard files (spike.recovery.<i>.txt), at least the threshold.
+        #[arg(long, value_name = "DIR")]
+        recover_dir: PathBuf,
+        /// Audit files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}

@@ -96,6 +96,11 @@ pub(crate) fn nexus_failure(client: &NexusClient, op: &Op<'_>, e: nexus_api::Err
                 "Nexus at {url} cannot reach its backing store (store_unavailable); try again \
                  shortly"
             ),
+            Some(ErrorCode::AuditUnavailable) => format!(
+                "Nexus at {url} cannot write its audit trail, so it answers nothing \
+                 (audit_unavailable); if this was a write, it may have been made: check before \
+                 retrying"
+            ),
             Some(ErrorCode::ApiConflict) | None => {
                 format!("Nexus at {url} answered {status} ({code})")
             }

@@ -65,6 +65,12 @@ pub enum Command {
         #[command(subcommand)]
         command: RecoverCommand,
     },
+    /// The audit trail: check Nexus audit files offline with recovery shards.
+    Audit {
+        /// The verb.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Development and test PKI: a trust-domain CA and SVIDs for every role.
     Pki {
         /// The verb.
@@ -214,7 +220,7 @@ pub struct DevArgs {
 }
 
 pub use crate::client::args::{
-    CipherCommand, CipherIo, Format, PolicyCommand, RecoverCommand, SecretCommand,
+    AuditCommand, CipherCommand, CipherIo, Format, PolicyCommand, RecoverCommand, SecretCommand,
 };
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct NexusConfig {
     /// authenticated (they carry no MAC) and give each its MAC. Off by default: a record without
     /// MAC is refused like a tampered one, so removing a MAC downgrades nothing.
     pub upgrade_secret_records: bool,
+    /// `SPIKE_NEXUS_AUDIT_*`: the audit file and what its failures do to requests.
+    pub audit: super::audit::AuditConfig,
 }
 
 impl NexusConfig {
@@ -141,6 +143,7 @@ impl NexusConfig {
         };
         Ok(NexusConfig {
             upgrade_secret_records,
+            audit: super::audit::AuditConfig::from_source(env)?,
             server: Limits::from_source(env)?,
             max_cipher_bytes,
             listen,

@@ -12,7 +12,9 @@
 //!   audit lines.
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 //! - [`book`]: every policy in one sealed record, and this instance's validated copy.
+//! - [`audit`]: the audit file, one chained and MACed record per request.
 
+pub mod audit;
 pub mod authz;
 pub mod book;
 pub mod cipher;
@@ -49,6 +51,14 @@ pub enum Error {
     /// The backing store could not be opened.
     #[error("cannot open the backing store: {0}")]
     Store(#[from] crate::store::Error),
+    /// `SPIKE_NEXUS_AUDIT_FILE` could not be opened.
+    #[error("cannot open the audit file {path}: {error}")]
+    Audit {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// Why an API request failed. The message goes to the log; the caller sees only [`ErrorCode`].
@@ -90,6 +100,9 @@ pub enum ApiError {
     /// Anything else (500); the message goes to the log only.
     #[error("{0}")]
     Internal(String),
+    /// The request's audit record could not be written (fail-closed): 503.
+    #[error("{0}")]
+    Audit(#[from] audit::Unavailable),
 }
 
 impl Error {
@@ -114,6 +127,7 @@ impl ApiError {
             ApiError::TooLarge => ErrorCode::ApiRequestTooLarge,
             ApiError::NotReady => ErrorCode::StateNotReady,
             ApiError::Contended => ErrorCode::StoreUnavailable,
+            ApiError::Audit(_) => ErrorCode::AuditUnavailable,
             ApiError::Store(crate::store::Error::Unavailable { .. }) => ErrorCode::StoreUnavailable,
             ApiError::Store(_) | ApiError::Crypto(_) | ApiError::Internal(_) => {
                 ErrorCode::ApiInternalError
@@ -187,6 +201,8 @@ pub struct Keys {
     pub policies: AeadKey,
     /// The cipher API's key.
     pub cipher: AeadKey,
+    /// Authenticates the audit trail's records.
+    pub audit: crate::crypto::MacKey,
 }
 
 impl Keys {
@@ -208,6 +224,7 @@ impl Keys {
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive("spike/policies/v1"),
             cipher: root.derive("spike/cipher/v1"),
+            audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
             root,
             shards,
         })
@@ -234,6 +251,8 @@ pub struct Nexus {
     keeper_client: std::sync::OnceLock<crate::client::keeper::KeeperClient>,
     /// Recovery shards submitted by operators, until they rebuild the key (one per index).
     pending_restore: recovery::Pending,
+    /// Where every request's audit record goes.
+    pub audit: Arc<audit::Trail>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -260,7 +279,14 @@ impl Nexus {
             inconsistent: RwLock::new(Vec::new()),
             keeper_client: std::sync::OnceLock::new(),
             pending_restore: recovery::Pending::default(),
+            audit: Arc::new(audit::Trail::off()),
         }
+    }
+
+    /// The same Nexus, writing its audit records to `trail`.
+    pub fn with_audit(mut self, trail: Arc<audit::Trail>) -> Nexus {
+        self.audit = trail;
+        self
     }
 
     /// The loaded key material, if any.
@@ -455,6 +481,20 @@ async fn run_with(
         ExpectedPeer::Role(Role::Keeper),
     )?;
     let (listener, addr) = listen.open().await?;
+    let trail = Arc::new(
+        audit::Trail::open(config.audit.clone(), instance_name(addr)).map_err(|error| {
+            Error::Audit {
+                path: config
+                    .audit
+                    .file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                error,
+            }
+        })?,
+    );
+    let _reopen = reopen_on_hangup(Arc::clone(&trail));
     tracing::info!(
         %addr,
         id = %own.id,
@@ -475,12 +515,46 @@ async fn run_with(
             tracing::info!("nexus stopped before its store answered");
             return Ok(());
         }
-        running = start_on_store(config, &own, keeper_tls, &gate) => running?,
+        running = start_on_store(config, &own, keeper_tls, &gate, trail) => running?,
     };
     serve.await;
     drop(running);
     tracing::info!("nexus stopped");
     Ok(())
+}
+
+/// This instance's name in audit records: the host name and the port it serves on.
+fn instance_name(addr: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let host = if host.is_empty() { "localhost" } else { host };
+    format!("{host}:{}", addr.port())
+}
+
+/// Reopens the audit file at every SIGHUP (logrotate's signal), until dropped.
+fn reopen_on_hangup(trail: Arc<audit::Trail>) -> Option<AbortOnDrop> {
+    let mut hangups = match crate::platform::hangups() {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the audit file will not be reopened");
+            return None;
+        }
+    };
+    Some(AbortOnDrop(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reopening the audit file");
+            trail.reopen();
+        }
+    })))
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What runs beside the server once the store is open; stopped on drop.
@@ -496,6 +570,7 @@ async fn start_on_store(
     own: &transport::OwnIdentity,
     keeper_tls: Arc<rustls::ClientConfig>,
     gate: &routes::Gate,
+    trail: Arc<audit::Trail>,
 ) -> Result<Running, Error> {
     crate::platform::systemd::ready("opening the backing store");
     let waiting = crate::platform::systemd::spawn_watchdog(|| async { true });
@@ -514,7 +589,7 @@ async fn start_on_store(
         }
     };
     drop(waiting);
-    let nexus = Arc::new(Nexus::new(config, store));
+    let nexus = Arc::new(Nexus::new(config, store).with_audit(trail));
     tracing::info!(backend = nexus.store.backend(), "backing store open");
     crate::platform::systemd::status(&nexus.phase().describe());
     let watchdog = {

@@ -134,12 +134,18 @@ pub struct Api {
     nexus: Arc<Nexus>,
     /// This instance's own SVID, whose state `/health` reports.
     identity: Arc<SvidSource>,
+    /// Names each request in its audit line, its record and `X-Request-Id`.
+    request_ids: super::audit::RequestIds,
 }
 
 impl Api {
     /// The handler of `nexus`, reporting `identity`'s state on `/health`.
     pub fn new(nexus: Arc<Nexus>, identity: Arc<SvidSource>) -> Api {
-        Api { nexus, identity }
+        Api {
+            nexus,
+            identity,
+            request_ids: super::audit::RequestIds::new(),
+        }
     }
 
     fn store(&self) -> &crate::store::AnyStore {
@@ -436,6 +442,9 @@ struct Health {
     /// When the SVID in use expires (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     svid_expires: Option<String>,
+    /// The audit file: `ok`, `failing` or `blocked` (absent when there is none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit: Option<&'static str>,
 }
 
 impl Api {
@@ -452,7 +461,12 @@ impl Api {
             reason: None,
             identity: "ready",
             svid_expires: None,
+            audit: None,
         };
+        let audit = nexus.audit.health();
+        if audit != super::audit::Health::Off {
+            health.audit = Some(audit.as_str());
+        }
         let state = self.identity.state();
         health.identity = state.name();
         if let IdentityState::Ready { not_after } | IdentityState::Expired { not_after } = state {
@@ -494,6 +508,15 @@ impl Api {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
+        // Fail-closed with a sink that does not write: every request would be refused, so the
+        // load balancer should send them elsewhere.
+        if status == StatusCode::OK
+            && let Some(e) = nexus.audit.refuses()
+        {
+            health.status = "audit_unavailable";
+            health.reason = Some(e.to_string());
+            return transport::json(StatusCode::SERVICE_UNAVAILABLE, &health);
+        }
         transport::json(status, &health)
     }
 }
@@ -599,10 +622,15 @@ impl Handler for Api {
             }
         };
         let started = Instant::now();
+        // Fail-closed: nothing is done that could not be audited.
+        if let Some(e) = self.nexus.audit.refuses() {
+            tracing::error!(caller = %caller, action = route.name(), error = %e, "request refused: the audit trail is not being written");
+            return error_response(&ApiError::Audit(e));
+        }
         if route == Route::Restore {
             // The escape hatch works without a key (that is its point); only restore operators.
             let result = self.restore(req, caller).await;
-            return self.audited(caller, route, "", started, result);
+            return self.audited(caller, route, "", started, result).await;
         }
         let Some(keys) = self.nexus.keys() else {
             return error_response(&ApiError::NotReady);
@@ -612,12 +640,14 @@ impl Handler for Api {
             .dispatch(route, req, caller, &keys, &mut resource)
             .await;
         self.audited(caller, route, &resource, started, result)
+            .await
     }
 }
 
 impl Api {
-    /// Turns a result into a response, logging failures and writing the audit line.
-    fn audited(
+    /// Turns a result into a response, logging failures and writing the audit line and record.
+    /// Fail-closed, a record that cannot be written turns the answer into 503.
+    async fn audited(
         &self,
         caller: &SpiffeId,
         route: Route,
@@ -648,15 +678,43 @@ impl Api {
                 error_response(&e)
             }
         };
+        let request_id = self.request_ids.next();
+        let status = resp.status().as_u16();
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let resource = log_safe(resource);
         tracing::info!(
             target: "spike::audit",
             caller = %caller,
             action = route.name(),
-            resource = %log_safe(resource),
-            status = resp.status().as_u16(),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            resource = %resource,
+            status,
+            micros,
+            request_id = %request_id,
             "audit"
         );
+        let written = self
+            .nexus
+            .audit
+            .request(
+                self.nexus.keys(),
+                &request_id,
+                caller.as_str(),
+                route.name(),
+                &resource,
+                status,
+                micros,
+            )
+            .await;
+        let mut resp = match written {
+            Ok(()) => resp,
+            Err(e) => {
+                tracing::error!(caller = %caller, action = route.name(), %request_id, error = %e, "answer withheld: its audit record was not written");
+                error_response(&ApiError::Audit(e))
+            }
+        };
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", value);
+        }
         resp
     }
 

@@ -1,6 +1,6 @@
 //! What `spike` needs from the operating system: the environment as configuration ([`env`]),
-//! systemd's notification protocol ([`systemd`]), process hardening ([`hardening`]) and the stop
-//! signal ([`shutdown_signal`]). Every other part may use this one; it uses none of them.
+//! systemd's notification protocol ([`systemd`]), process hardening ([`hardening`]), the stop
+//! signal ([`shutdown_signal`]) and SIGHUP ([`survive_hangups`], [`hangups`]). Every other part may use this one; it uses none of them.
 
 pub mod env;
 mod exit;
@@ -26,6 +26,19 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown requested");
     systemd::stopping();
+}
+
+/// Keeps SIGHUP from terminating the process (its default action), whatever the subcommand:
+/// logrotate and closing terminals send it, and no `spike` process may die of it. Called once,
+/// first thing in `main`; servers that act on it listen with [`hangups`] as well.
+pub fn survive_hangups() -> std::io::Result<()> {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, seen).map(|_| ())
+}
+
+/// The SIGHUPs this process receives from now on (needs a tokio runtime).
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }
 
 /// A number in `[0, 1)` that differs between processes and calls: the clock's nanoseconds. Only

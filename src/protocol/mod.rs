@@ -3,6 +3,7 @@
 //!
 //! Nothing here does I/O; these are types, constants and the rules both sides apply.
 
+pub mod audit;
 pub mod keeper;
 pub mod nexus;
 pub mod policy;

@@ -71,6 +71,8 @@ pub enum ErrorCode {
     StateNotReady,
     /// 503: the backing store is not answering (ours).
     StoreUnavailable,
+    /// 503: the audit trail cannot be written, and Nexus is fail-closed (ours).
+    AuditUnavailable,
 }
 
 impl ErrorCode {
@@ -83,14 +85,14 @@ impl ErrorCode {
             ErrorCode::ApiConflict => StatusCode::CONFLICT,
             ErrorCode::ApiRequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ApiInternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::StateNotReady | ErrorCode::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::StateNotReady
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// Every code, for lookups by text.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::ApiBadRequest,
         ErrorCode::AccessUnauthorized,
         ErrorCode::ApiNotFound,
@@ -99,6 +101,7 @@ impl ErrorCode {
         ErrorCode::ApiInternalError,
         ErrorCode::StateNotReady,
         ErrorCode::StoreUnavailable,
+        ErrorCode::AuditUnavailable,
     ];
 
     /// The code an `err` text names, if it is one of ours (a SPIKE Nexus may send others).
@@ -117,6 +120,7 @@ impl ErrorCode {
             ErrorCode::ApiInternalError => "api_internal_error",
             ErrorCode::StateNotReady => "state_not_ready",
             ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::AuditUnavailable => "audit_unavailable",
         }
     }
 }
