@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::AuditCommand;
 use super::run::{Error, Result};
-use crate::crypto::{Share, decode_recovery_shard, shamir};
+use crate::crypto::shamir;
 use crate::protocol::audit::{self, Broken, Kind, Verifier};
 
 /// Runs one `spike audit` command.
@@ -25,42 +25,8 @@ pub fn run(command: AuditCommand) -> Result<()> {
     }
 }
 
-/// Reads every `spike.recovery.<i>.txt` in `dir`.
-fn recovery_shards(dir: &Path) -> Result<Vec<Share>> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dir.display())))?;
-    let mut shares = Vec::new();
-    for entry in entries {
-        let path = entry
-            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dir.display())))?
-            .path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(name.starts_with("spike.recovery.") && name.ends_with(".txt")) {
-            continue;
-        }
-        let text = zeroize::Zeroizing::new(
-            std::fs::read_to_string(&path)
-                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", path.display())))?,
-        );
-        let share = decode_recovery_shard(&text).map_err(|e| {
-            Error::Usage(format!(
-                "{} is not a valid recovery shard: {e}",
-                path.display()
-            ))
-        })?;
-        shares.push(share);
-    }
-    if shares.is_empty() {
-        return Err(Error::Usage(format!(
-            "{} holds no recovery shard files (spike.recovery.<i>.txt)",
-            dir.display()
-        )));
-    }
-    Ok(shares)
-}
-
 fn verify(recover_dir: &Path, files: &[PathBuf]) -> Result<()> {
-    let shares = recovery_shards(recover_dir)?;
+    let shares = super::recover::read_dir(recover_dir)?;
     let root = shamir::combine(&shares).map_err(|e| {
         Error::Usage(format!(
             "the recovery shards in {} do not combine: {e}",
