@@ -8,7 +8,8 @@ use hyper::Uri;
 
 use crate::identity::IdentityConfig;
 use crate::platform::env::{
-    Error, Result, Source, duration, invalid, listen_addr, number, parse_https_url,
+    Error, Result, Source, duration, invalid, listen_addr, number, optional_listen_addr,
+    parse_https_url,
 };
 use crate::store::{Backend, S3Config, SecretUrl};
 use crate::transport::Limits;
@@ -51,6 +52,9 @@ pub struct NexusConfig {
     /// authenticated (they carry no MAC) and give each its MAC. Off by default: a record without
     /// MAC is refused like a tampered one, so removing a MAC downgrades nothing.
     pub upgrade_secret_records: bool,
+    /// `SPIKE_NEXUS_METRICS_ADDR`: where Prometheus metrics are served (plain HTTP); unset, no
+    /// metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NexusConfig {
@@ -162,6 +166,7 @@ impl NexusConfig {
             backend,
             max_secret_versions,
             max_body_bytes,
+            metrics: optional_listen_addr(env, "SPIKE_NEXUS_METRICS_ADDR")?,
         })
     }
 }

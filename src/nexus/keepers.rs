@@ -122,6 +122,7 @@ async fn gather(nexus: &Nexus, client: &KeeperClient) -> Round {
         let Ok((url, position, answer)) = joined else {
             continue;
         };
+        nexus.metrics.keeper_reachable(position, answer.is_ok());
         match answer {
             Ok(ShardAnswer::Shard(share)) => {
                 if share.index != position {
@@ -458,12 +459,17 @@ fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool)
 pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &KeeperClient) {
     let Some(keys) = nexus.keys() else { return };
     let mut tasks = tokio::task::JoinSet::new();
-    for (url, share) in nexus.peers().iter().zip(keys.shards.iter()) {
+    for (i, (url, share)) in nexus.peers().iter().zip(keys.shards.iter()).enumerate() {
         let client = client.clone();
         let url = url.clone();
         let share = share.clone();
+        let nexus = Arc::clone(nexus);
+        // Peer count is validated to be at most 255 (one per share).
+        let position = u8::try_from(i + 1).unwrap_or(u8::MAX);
         tasks.spawn(async move {
-            match client.contribute(&url, &share).await {
+            let sent = client.contribute(&url, &share).await;
+            nexus.metrics.shard_push(position, sent.is_ok());
+            match sent {
                 Ok(()) => tracing::debug!(keeper = %url, "shard sent"),
                 Err(e) => tracing::warn!(keeper = %url, error = %e, "cannot send shard to keeper"),
             }
