@@ -180,6 +180,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeeperRequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
     action: &'static str,
@@ -524,8 +530,12 @@ impl NexusMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The root-key lifecycle moved to `state` (now).
+    /// The root-key lifecycle is in `state`; when that is a change, it began now.
     pub fn key_state(&self, state: KeyState) {
+        let current = self.key_state.get_or_create(&StateLabels { state }).get() == 1;
+        if current && self.key_state_since.get() != 0 {
+            return;
+        }
         for s in KeyState::ALL {
             self.key_state
                 .get_or_create(&StateLabels { state: *s })
@@ -587,7 +597,7 @@ pub struct KeeperMetrics {
     registry: Arc<Registry>,
     /// The HTTPS server's connections.
     pub connections: Connections,
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<KeeperRequestLabels, Counter>,
     shard_held: Gauge,
     shard_index: Gauge,
     contributions: Counter,
@@ -641,11 +651,7 @@ impl KeeperMetrics {
     /// A request to `route` (`"contribute"`, `"shard"`, `"none"`) answered with `status`.
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                action: route,
-                status,
-            })
+            .get_or_create(&KeeperRequestLabels { route, status })
             .inc();
     }
 
@@ -849,5 +855,26 @@ mod tests {
         );
         drop(open);
         assert!(text(&m.registry()).contains("spike_nexus_connections_open 0"));
+    }
+
+    #[test]
+    fn the_state_since_moves_only_when_the_state_changes() {
+        let m = NexusMetrics::new("rejection_sampling", 1);
+        m.key_state(KeyState::AwaitingKeepers);
+        m.key_state_since.set(7);
+        // awaiting_keepers with another shard count is the same state.
+        m.key_state(KeyState::AwaitingKeepers);
+        assert_eq!(m.key_state_since.get(), 7);
+        m.key_state(KeyState::Ready);
+        assert!(m.key_state_since.get() > 7);
+        let out = text(&m.registry());
+        assert!(
+            out.contains("spike_nexus_root_key_state{state=\"ready\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("spike_nexus_root_key_state{state=\"awaiting_keepers\"} 0"),
+            "{out}"
+        );
     }
 }
