@@ -4,7 +4,8 @@
 //! parsed by the official Python client's parsers (Prometheus text and OpenMetrics) and linted
 //! by `promtool check metrics`; counters move by exactly the traffic the test sent; no label
 //! carries a secret path, a SPIFFE ID or a value; the listener answers before the root key is
-//! loaded; a busy metrics address stops the process with a clear error. The shipped scrape
+//! loaded; store errors are counted by backend while an S3 store is away; a busy metrics
+//! address stops the process with a clear error. The shipped scrape
 //! configuration and alerting rules pass `promtool check config`, `check rules` and the unit
 //! tests of `tests/prometheus/alerts_test.yml`. The tools come from scripts/prometheus-tools.sh.
 
@@ -434,6 +435,74 @@ async fn counters_move_with_the_traffic_sent_and_no_label_names_a_path_or_an_ide
         after.samples.iter().map(|s| s.name.as_str()).collect();
     assert!(after.samples.len() < 600, "{} samples", after.samples.len());
     assert!(names.contains("spike_nexus_connections_open"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_are_counted_by_backend_while_the_store_is_away() {
+    let mut c = Cluster::new(3);
+    let s3 = common::s3::S3Server::start(&c.dir.path().join("s3"));
+    let mut env = s3.nexus_env("metrics-test/");
+    env.push((NEXUS_METRICS.0.into(), NEXUS_METRICS.1.into()));
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let addr = metrics_addr(&c.nexus[n]).await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let body = json!({"path": "metrics/s3", "values": {"v": "1"}});
+    assert_eq!(
+        call(&su, &url, SECRETS_PATH, body.clone()).await.0,
+        StatusCode::OK
+    );
+    let before = scrape(addr).await;
+    let unavailable = [("backend", "s3"), ("result", "unavailable")];
+    assert_eq!(
+        before.get("spike_store_operations_total", &unavailable),
+        0.0
+    );
+    assert!(
+        before.get(
+            "spike_store_operations_total",
+            &[("backend", "s3"), ("result", "ok")]
+        ) > 0.0
+    );
+
+    // The store goes away: a put fails with 503 and the store errors are counted.
+    s3.stop();
+    let (s, _) = call(&su, &url, SECRETS_PATH, body.clone()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let during = scrape(addr).await;
+    assert!(
+        during.get("spike_store_operations_total", &unavailable) >= 1.0,
+        "{}",
+        during.raw
+    );
+    assert_eq!(
+        during.get(
+            "spike_nexus_requests_total",
+            &[("action", "secret.put"), ("status", "503")]
+        ),
+        1.0
+    );
+
+    // Back: writes succeed again and the error count stops growing.
+    s3.restart();
+    wait_for(
+        "a put after the store returns",
+        Duration::from_secs(30),
+        || async {
+            (call(&su, &url, SECRETS_PATH, body.clone()).await.0 == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let after = scrape(addr).await;
+    let errors = after.get("spike_store_operations_total", &unavailable);
+    assert!(call(&su, &url, SECRETS_PATH, body.clone()).await.0 == StatusCode::OK);
+    assert_eq!(
+        scrape(addr)
+            .await
+            .get("spike_store_operations_total", &unavailable),
+        errors
+    );
 }
 
 /// No text of a request (secret path, value, caller identity) anywhere in a scrape.
