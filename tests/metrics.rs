@@ -5,9 +5,9 @@
 //! by `promtool check metrics`; counters move by exactly the traffic the test sent; no label
 //! carries a secret path, a SPIFFE ID or a value; the listener answers before the root key is
 //! loaded; store errors are counted by backend while an S3 store is away; a busy metrics
-//! address stops the process with a clear error. The shipped scrape
-//! configuration and alerting rules pass `promtool check config`, `check rules` and the unit
-//! tests of `tests/prometheus/alerts_test.yml`. The tools come from scripts/prometheus-tools.sh.
+//! address stops the process with a clear error. The shipped scrape configuration and alerting
+//! rules pass `promtool check config`, `check rules` and the unit tests of
+//! `tests/prometheus/alerts_test.yml`. The tools come from scripts/prometheus-tools.sh.
 
 mod common;
 
