@@ -13,7 +13,9 @@
 //!    as the store holds it now; Keeper, Nexus, recover/restore identities are refused (401).
 //!
 //! Every API request ends with one audit line (target `spike::audit`): caller, action,
-//! resource (path or policy name, never a value), status, duration.
+//! resource (path or policy name, never a value), status, duration. Every answered request,
+//! audited or not, counts in the metrics by route, action and status
+//! ([`crate::platform::metrics`]); the caller and the resource never do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
