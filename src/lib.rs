@@ -16,7 +16,7 @@
 //! | [`identity`] | SPIFFE IDs, SVIDs, rustls verifiers, dev PKI | protocol, platform |
 //! | [`protocol`] | the wire types of Nexus and Keeper and the rules both ends apply | crypto, platform |
 //! | [`crypto`] | root key, AEAD, Shamir shards, recovery-shard text | platform |
-//! | [`platform`] | environment as configuration, systemd, hardening, signals | — |
+//! | [`platform`] | environment as configuration, systemd, hardening, signals, Prometheus metrics | — |
 //!
 //! The design, the wire contract and the decisions that differ from SPIKE are in `docs/`.
 

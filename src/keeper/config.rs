@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::identity::IdentityConfig;
-use crate::platform::env::{Result, Source, listen_addr};
+use crate::platform::env::{Result, Source, listen_addr, optional_listen_addr};
 use crate::transport::Limits;
 
 /// `SPIKE_KEEPER_TLS_PORT` when unset.
@@ -18,6 +18,9 @@ pub struct KeeperConfig {
     pub identity: IdentityConfig,
     /// Connection limits and timeouts of the HTTPS server.
     pub server: Limits,
+    /// `SPIKE_KEEPER_METRICS_ADDR`: where Prometheus metrics are served (plain HTTP); unset, no
+    /// metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl KeeperConfig {
@@ -27,6 +30,7 @@ impl KeeperConfig {
             server: Limits::from_source(env)?,
             listen: listen_addr(env, "SPIKE_KEEPER_TLS_PORT", DEFAULT_KEEPER_ADDR)?,
             identity: IdentityConfig::from_source(env)?,
+            metrics: optional_listen_addr(env, "SPIKE_KEEPER_METRICS_ADDR")?,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 
 use crate::crypto::Share;
 use crate::identity::{ClientAuth, Role, TrustRoots};
+use crate::platform::metrics::{Connections, KeeperMetrics};
 use crate::protocol::keeper::{CONTRIBUTE_PATH, ContributeRequest, SHARD_PATH, ShardResponse};
 use crate::transport::{self, Handler, Peer};
 pub use config::KeeperConfig;
@@ -40,15 +41,23 @@ pub struct Keeper {
     shard: Mutex<Option<Held>>,
     /// How long a request body may take to arrive.
     body_timeout: std::time::Duration,
+    /// What `SPIKE_KEEPER_METRICS_ADDR` serves.
+    metrics: Arc<KeeperMetrics>,
 }
 
 impl Keeper {
-    /// An empty Keeper serving the Nexus of the trust domains in `trust`.
-    pub fn new(trust: TrustRoots, body_timeout: std::time::Duration) -> Keeper {
+    /// An empty Keeper serving the Nexus of the trust domains in `trust`, counting into
+    /// `metrics`.
+    pub fn new(
+        trust: TrustRoots,
+        body_timeout: std::time::Duration,
+        metrics: Arc<KeeperMetrics>,
+    ) -> Keeper {
         Keeper {
             trust,
             shard: Mutex::new(None),
             body_timeout,
+            metrics,
         }
     }
 
@@ -79,6 +88,7 @@ impl Keeper {
             value,
         });
         drop(held);
+        self.metrics.shard_accepted(req.id);
         if changed {
             tracing::info!(index = ?req.id, "holding a new shard");
             crate::platform::systemd::status(&match req.id {
@@ -125,7 +135,24 @@ fn shard_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
 }
 
 impl Handler for Keeper {
+    fn connections(&self) -> Option<&Connections> {
+        Some(&self.metrics.connections)
+    }
+
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        let route = match req.uri().path() {
+            CONTRIBUTE_PATH => "contribute",
+            SHARD_PATH => "shard",
+            _ => "none",
+        };
+        let resp = self.answer(req, peer).await;
+        self.metrics.request(route, resp.status().as_u16());
+        resp
+    }
+}
+
+impl Keeper {
+    async fn answer(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
         if req.method() != Method::POST {
             return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
         }
@@ -188,6 +215,22 @@ async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), transport::StartError> {
     crate::platform::hardening::harden_process();
+    let metrics = Arc::new(KeeperMetrics::new(
+        crate::crypto::shamir::ShardDerivation::default().name(),
+    ));
+    // Bound before anything else, so a busy address is the first thing said.
+    let _metrics_server = match cfg.metrics {
+        None => None,
+        Some(addr) => {
+            let (listener, addr) =
+                crate::platform::metrics::bind("SPIKE_KEEPER_METRICS_ADDR", addr).await?;
+            tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+            Some(crate::platform::metrics::serve(
+                listener,
+                metrics.registry(),
+            ))
+        }
+    };
     let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper).await?;
     let tls = crate::identity::server_config_for(
         &own.source,
@@ -199,6 +242,7 @@ async fn run_with(
     let keeper = Arc::new(Keeper::new(
         cfg.identity.trust.clone(),
         cfg.server.body_timeout,
+        metrics,
     ));
     // The shard lives inline in the Keeper, which lives as long as the process.
     crate::platform::hardening::lock(&*keeper, "keeper shard");

@@ -22,7 +22,7 @@ use super::book::{Book, Policies};
 use super::{ApiError, Keys};
 use crate::identity::{Role, SpiffeId, TrustRoots};
 use crate::protocol::policy::{CIPHER_PATH, Permission, SECRET_LIST_PATH};
-use crate::store::AnyStore;
+use crate::store::{AnyStore, Measured};
 
 /// What kind of caller this is, by its SPIFFE ID alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub struct Access<'a> {
 impl<'a> Access<'a> {
     /// Decides whether `caller` may use a route that needs `want`, before reading its body.
     pub async fn admit(
-        store: &AnyStore,
+        store: &Measured<AnyStore>,
         policies: &Policies,
         keys: &Keys,
         caller: &'a SpiffeId,

@@ -8,7 +8,8 @@ use hyper::Uri;
 
 use crate::identity::IdentityConfig;
 use crate::platform::env::{
-    Error, Result, Source, duration, invalid, listen_addr, number, parse_https_url,
+    Error, Result, Source, duration, invalid, listen_addr, number, optional_listen_addr,
+    parse_https_url,
 };
 use crate::store::{Backend, S3Config, SecretUrl};
 use crate::transport::Limits;
@@ -53,6 +54,9 @@ pub struct NexusConfig {
     pub upgrade_secret_records: bool,
     /// `SPIKE_NEXUS_AUDIT_*`: the audit file and what its failures do to requests.
     pub audit: super::audit::AuditConfig,
+    /// `SPIKE_NEXUS_METRICS_ADDR`: where Prometheus metrics are served (plain HTTP); unset, no
+    /// metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NexusConfig {
@@ -165,6 +169,7 @@ impl NexusConfig {
             backend,
             max_secret_versions,
             max_body_bytes,
+            metrics: optional_listen_addr(env, "SPIKE_NEXUS_METRICS_ADDR")?,
         })
     }
 }

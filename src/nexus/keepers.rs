@@ -111,11 +111,17 @@ pub struct Round {
     pub shards: Vec<(String, Share)>,
     /// Keepers that answered, with a shard or empty.
     pub answered: usize,
+    /// Each Keeper's position and whether it answered at all.
+    pub reachable: Vec<(u8, bool)>,
 }
 
-/// Asks every Keeper for its shard, all at once.
+/// Asks every Keeper for its shard, all at once, and counts which answered.
 async fn gather(nexus: &Nexus, client: &KeeperClient) -> Round {
-    gather_from(nexus.peers(), client).await
+    let round = gather_from(nexus.peers(), client).await;
+    for (position, up) in &round.reachable {
+        nexus.metrics.keeper_reachable(*position, *up);
+    }
+    round
 }
 
 /// Asks every Keeper of `peers` for its shard, all at once; position i (1-based) in `peers`
@@ -135,12 +141,14 @@ pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
     let mut round = Round {
         shards: Vec::new(),
         answered: 0,
+        reachable: Vec::new(),
     };
     while let Some(joined) = tasks.join_next().await {
         // A task only ends early if it panicked; that Keeper counts as unreachable.
         let Ok((url, position, answer)) = joined else {
             continue;
         };
+        round.reachable.push((position, answer.is_ok()));
         match answer {
             Ok(ShardAnswer::Shard(share)) => {
                 if share.index != position {
@@ -159,7 +167,9 @@ pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
 /// One recovery attempt: gather the Keepers' shards, read the verifier, then recover, create
 /// or adopt the key, or wait.
 async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
-    let Round { shards, answered } = gather(nexus, client).await;
+    let Round {
+        shards, answered, ..
+    } = gather(nexus, client).await;
     let verifier = match nexus.store.verifier().await {
         Ok(v) => v,
         Err(e) => {
@@ -531,12 +541,17 @@ fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool)
 pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &KeeperClient) {
     let Some(keys) = nexus.keys() else { return };
     let mut tasks = tokio::task::JoinSet::new();
-    for (url, share) in nexus.peers().iter().zip(keys.shards.iter()) {
+    for (i, (url, share)) in nexus.peers().iter().zip(keys.shards.iter()).enumerate() {
         let client = client.clone();
         let url = url.clone();
         let share = share.clone();
+        let nexus = Arc::clone(nexus);
+        // Peer count is validated to be at most 255 (one per share).
+        let position = u8::try_from(i + 1).unwrap_or(u8::MAX);
         tasks.spawn(async move {
-            match client.contribute(&url, &share).await {
+            let sent = client.contribute(&url, &share).await;
+            nexus.metrics.shard_push(position, sent.is_ok());
+            match sent {
                 Ok(()) => tracing::debug!(keeper = %url, "shard sent"),
                 Err(e) => tracing::warn!(keeper = %url, error = %e, "cannot send shard to keeper"),
             }

@@ -33,8 +33,9 @@ use hyper::Uri;
 use crate::crypto::shamir::ShardDerivation;
 use crate::crypto::{AeadKey, LockedShares, RootKey, Share};
 use crate::identity::{ClientAuth, ExpectedPeer, Role};
+use crate::platform::metrics::{KeyState, NexusMetrics};
 use crate::protocol::nexus::ErrorCode;
-use crate::store::{AnyStore, Store};
+use crate::store::{AnyStore, Measured, Store};
 use crate::transport;
 pub use config::NexusConfig;
 
@@ -177,6 +178,16 @@ impl Phase {
             Phase::Ready => "ready",
         }
     }
+
+    /// The phase as the `spike_nexus_root_key_state` metric names it.
+    pub fn key_state(&self) -> KeyState {
+        match self {
+            Phase::AwaitingKeepers { .. } => KeyState::AwaitingKeepers,
+            Phase::AwaitingRestore => KeyState::AwaitingRestore,
+            Phase::StoreUnavailable => KeyState::StoreUnavailable,
+            Phase::Ready => KeyState::Ready,
+        }
+    }
 }
 
 /// Key material derived once when the root key is loaded. Each key lives in locked pages of its
@@ -233,14 +244,16 @@ impl Keys {
 
 /// Nexus's in-memory state, shared by the routes and the Keeper task.
 pub struct Nexus {
-    /// The store every request reads and writes.
-    pub store: AnyStore,
+    /// The store every request reads and writes, measured.
+    pub store: Measured<AnyStore>,
     /// Queues of this instance's secret writes to the store.
     pub writers: secrets::Writers,
     /// This instance's copy of the policy book, checked against the store on every use.
     pub policies: Arc<book::Policies>,
     /// Validated configuration.
     pub config: NexusConfig,
+    /// What `SPIKE_NEXUS_METRICS_ADDR` serves.
+    pub metrics: Arc<NexusMetrics>,
     /// The loaded key, once there is one.
     keys: RwLock<Option<Arc<Keys>>>,
     /// Lifecycle phase while there is no key.
@@ -266,16 +279,19 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Nexus {
-    /// A Nexus on `store`, with no key yet.
-    pub fn new(config: NexusConfig, store: AnyStore) -> Nexus {
+    /// A Nexus on `store`, with no key yet, counting into `metrics`.
+    pub fn new(config: NexusConfig, store: AnyStore, metrics: Arc<NexusMetrics>) -> Nexus {
         let need = usize::from(config.threshold);
+        let phase = Phase::AwaitingKeepers { have: 0, need };
+        metrics.key_state(phase.key_state());
         Nexus {
-            store,
-            writers: secrets::Writers::default(),
+            store: Measured::new(store, metrics.store.clone()),
+            writers: secrets::Writers::measured(metrics.batches.clone()),
             policies: Arc::default(),
             config,
+            metrics,
             keys: RwLock::new(None),
-            phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
+            phase: RwLock::new(phase),
             inconsistent: RwLock::new(Vec::new()),
             keeper_client: std::sync::OnceLock::new(),
             pending_restore: recovery::Pending::default(),
@@ -304,6 +320,7 @@ impl Nexus {
         if *current != phase {
             tracing::info!(status = phase.as_str(), detail = ?phase, "nexus status changed");
             crate::platform::systemd::status(&phase.describe());
+            self.metrics.key_state(phase.key_state());
             *current = phase;
         }
     }
@@ -471,6 +488,25 @@ async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     crate::platform::hardening::harden_process();
+    let metrics = Arc::new(NexusMetrics::new(
+        ShardDerivation::default().name(),
+        config.keeper_peers.len(),
+    ));
+    // Bound before anything else, so a busy address is the first thing said; it answers from
+    // now on, while the store opens and the root key is awaited.
+    let _metrics_server = match config.metrics {
+        None => None,
+        Some(addr) => {
+            let (listener, addr) = crate::platform::metrics::bind("SPIKE_NEXUS_METRICS_ADDR", addr)
+                .await
+                .map_err(transport::StartError::from)?;
+            tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+            Some(crate::platform::metrics::serve(
+                listener,
+                metrics.registry(),
+            ))
+        }
+    };
     let own = transport::OwnIdentity::load(&config.identity, Role::Nexus).await?;
     let trust = &config.identity.trust;
     let server_tls = crate::identity::server_config_for(&own.source, trust, ClientAuth::Optional)?;
@@ -506,7 +542,10 @@ async fn run_with(
     // Serve from now on: until the store is open the gate answers /health and every route
     // with store_unavailable, so a database outage at start is a Nexus that waits, not one
     // that exits (under systemd, a restart loop of every instance).
-    let gate = Arc::new(routes::Gate::new(config.backend.name()));
+    let gate = Arc::new(routes::Gate::new(
+        config.backend.name(),
+        Arc::clone(&metrics),
+    ));
     let limits = config.server.clone();
     let serve = transport::serve(listener, server_tls, Arc::clone(&gate), limits, shutdown);
     tokio::pin!(serve);
@@ -515,7 +554,7 @@ async fn run_with(
             tracing::info!("nexus stopped before its store answered");
             return Ok(());
         }
-        running = start_on_store(config, &own, keeper_tls, &gate, trail) => running?,
+        running = start_on_store(config, &own, keeper_tls, &gate, trail, metrics) => running?,
     };
     serve.await;
     drop(running);
@@ -571,6 +610,7 @@ async fn start_on_store(
     keeper_tls: Arc<rustls::ClientConfig>,
     gate: &routes::Gate,
     trail: Arc<audit::Trail>,
+    metrics: Arc<NexusMetrics>,
 ) -> Result<Running, Error> {
     crate::platform::systemd::ready("opening the backing store");
     let waiting = crate::platform::systemd::spawn_watchdog(|| async { true });
@@ -589,7 +629,7 @@ async fn start_on_store(
         }
     };
     drop(waiting);
-    let nexus = Arc::new(Nexus::new(config, store).with_audit(trail));
+    let nexus = Arc::new(Nexus::new(config, store, metrics).with_audit(trail));
     tracing::info!(backend = nexus.store.backend(), "backing store open");
     crate::platform::systemd::status(&nexus.phase().describe());
     let watchdog = {

@@ -13,7 +13,9 @@
 //!    as the store holds it now; Keeper, Nexus, recover/restore identities are refused (401).
 //!
 //! Every API request ends with one audit line (target `spike::audit`): caller, action,
-//! resource (path or policy name, never a value), status, duration.
+//! resource (path or policy name, never a value), status, duration. Every answered request,
+//! audited or not, counts in the metrics by route, action and status
+//! ([`crate::platform::metrics`]); the caller and the resource never do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,7 @@ use super::authz::{Access, Need};
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::identity::{IdentityState, Role, SpiffeId, SvidSource};
+use crate::platform::metrics::{AuditResult, AuditSink, Connections, NexusMetrics};
 use crate::protocol::nexus::{self as wire, Empty};
 use crate::store::Store;
 
@@ -109,6 +112,26 @@ impl Route {
         }
     }
 
+    /// The endpoint, as the `route` label of the request metrics names it.
+    fn endpoint(self) -> &'static str {
+        match self {
+            Route::SecretPut
+            | Route::SecretGet
+            | Route::SecretDelete
+            | Route::SecretUndelete
+            | Route::SecretList => "secrets",
+            Route::SecretMetadata => "secrets_metadata",
+            Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList => {
+                "policy"
+            }
+            Route::Encrypt => "encrypt",
+            Route::Decrypt => "decrypt",
+            Route::Recover => "recover",
+            Route::Restore => "restore",
+        }
+    }
+
+    /// The action, as the audit line and the request metrics name it.
     fn name(self) -> &'static str {
         match self {
             Route::SecretPut => "secret.put",
@@ -148,7 +171,7 @@ impl Api {
         }
     }
 
-    fn store(&self) -> &crate::store::AnyStore {
+    fn store(&self) -> &crate::store::Measured<crate::store::AnyStore> {
         &self.nexus.store
     }
 
@@ -527,16 +550,19 @@ impl Api {
 pub struct Gate {
     api: std::sync::OnceLock<Api>,
     backend: &'static str,
+    /// Counts connections from the start, and the requests the gate answers itself.
+    metrics: Arc<NexusMetrics>,
     /// Why the store is not open yet (no credentials: store errors never carry any).
     reason: std::sync::Mutex<Option<String>>,
 }
 
 impl Gate {
-    /// A closed gate in front of a store of `backend`.
-    pub fn new(backend: &'static str) -> Gate {
+    /// A closed gate in front of a store of `backend`, counting into `metrics`.
+    pub fn new(backend: &'static str, metrics: Arc<NexusMetrics>) -> Gate {
         Gate {
             api: std::sync::OnceLock::new(),
             backend,
+            metrics,
             reason: std::sync::Mutex::new(None),
         }
     }
@@ -561,11 +587,33 @@ impl Handler for Gate {
         }
     }
 
+    fn connections(&self) -> Option<&Connections> {
+        Some(&self.metrics.connections)
+    }
+
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
         if let Some(api) = self.api.get() {
             return api.handle(req, peer).await;
         }
-        if req.uri().path() == wire::HEALTH_PATH {
+        let started = Instant::now();
+        let health = req.uri().path() == wire::HEALTH_PATH;
+        let resp = self.closed(health);
+        let label = if health { HEALTH } else { NO_ROUTE };
+        self.metrics
+            .request(label, label, resp.status().as_u16(), started.elapsed());
+        resp
+    }
+}
+
+/// The `route` and `action` labels of `/health` requests.
+const HEALTH: &str = "health";
+/// The `route` and `action` labels of requests that named no known route.
+const NO_ROUTE: &str = "none";
+
+impl Gate {
+    /// The answer while the store is not open.
+    fn closed(&self, health: bool) -> Response<Full<Bytes>> {
+        if health {
             let reason = self
                 .reason
                 .lock()
@@ -602,10 +650,33 @@ impl Handler for Api {
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let mut labels = (NO_ROUTE, NO_ROUTE);
+        let resp = self.respond(req, peer, &mut labels).await;
+        self.nexus.metrics.request(
+            labels.0,
+            labels.1,
+            resp.status().as_u16(),
+            started.elapsed(),
+        );
+        resp
+    }
+}
+
+impl Api {
+    /// Answers one request; sets `labels` (route, action) for the request metrics once the
+    /// route is known.
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        labels: &mut (&'static str, &'static str),
+    ) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         if path == wire::HEALTH_PATH
             && (req.method() == Method::GET || req.method() == Method::HEAD)
         {
+            *labels = (HEALTH, HEALTH);
             return self.health().await;
         }
         if req.method() != Method::POST {
@@ -621,6 +692,7 @@ impl Handler for Api {
                 return error_response(&e);
             }
         };
+        *labels = (route.endpoint(), route.name());
         let started = Instant::now();
         // Fail-closed: nothing is done that could not be audited.
         if let Some(e) = self.nexus.audit.refuses() {
@@ -692,6 +764,10 @@ impl Api {
             request_id = %request_id,
             "audit"
         );
+        // The log stream reports no failure: every line counts as written.
+        self.nexus
+            .metrics
+            .audit_record(AuditSink::Stderr, AuditResult::Written);
         let written = self
             .nexus
             .audit
@@ -705,6 +781,17 @@ impl Api {
                 micros,
             )
             .await;
+        if self.nexus.audit.health() != super::audit::Health::Off {
+            let result = match written {
+                Ok(()) => AuditResult::Written,
+                Err(_) => AuditResult::Failed,
+            };
+            self.nexus.metrics.audit_record(AuditSink::File, result);
+            self.nexus.metrics.audit_sink_health(
+                AuditSink::File,
+                self.nexus.audit.health() == super::audit::Health::Ok,
+            );
+        }
         let mut resp = match written {
             Ok(()) => resp,
             Err(e) => {

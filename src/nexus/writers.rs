@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::ApiError;
 use super::secrets::{Record, SecretKeys, read_modify_write};
+use crate::platform::metrics::BatchSizes;
 use crate::store::Store;
 
 /// Writers of one path inside this instance take turns through one of a fixed set of
@@ -62,10 +63,19 @@ const STRIPES: usize = 256;
 #[derive(Clone)]
 pub struct Writers {
     stripes: Arc<[Stripe]>,
+    /// Where the size of every written batch is recorded.
+    batches: BatchSizes,
 }
 
 impl Default for Writers {
     fn default() -> Writers {
+        Writers::measured(BatchSizes::default())
+    }
+}
+
+impl Writers {
+    /// Write queues that record each batch's size in `batches`.
+    pub fn measured(batches: BatchSizes) -> Writers {
         Writers {
             stripes: (0..STRIPES)
                 .map(|_| Stripe {
@@ -73,11 +83,10 @@ impl Default for Writers {
                     queue: std::sync::Mutex::new(Queue::default()),
                 })
                 .collect(),
+            batches,
         }
     }
-}
 
-impl Writers {
     /// The index of the stripe `path` belongs to.
     fn stripe_of(&self, path: &str) -> usize {
         use std::hash::{Hash, Hasher};
@@ -175,6 +184,7 @@ async fn flush<S: Store>(writers: Writers, index: usize, store: S) {
             queue.puts = rest;
             batch
         };
+        writers.batches.observe(batch.len());
         apply_batch(&store, batch).await;
         drop(turn);
     }

@@ -149,6 +149,22 @@ pub fn listen_addr(env: &impl Source, var: &'static str, default: &str) -> Resul
     })
 }
 
+/// An optional listen address (a listener that is off unless `var` is set), in the forms of
+/// [`parse_listen_addr`].
+pub fn optional_listen_addr(env: &impl Source, var: &'static str) -> Result<Option<SocketAddr>> {
+    match env.get(var) {
+        None => Ok(None),
+        Some(text) => parse_listen_addr(&text).map(Some).ok_or_else(|| {
+            invalid(
+                var,
+                format!(
+                    "{text:?} is not a listen address (examples: 127.0.0.1:9553, :9553, [::1]:9553)"
+                ),
+            )
+        }),
+    }
+}
+
 /// Parses a listen address: `:8553` or `8553` (every interface), `127.0.0.1:8553`, `[::1]:8553`.
 pub fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
     let text = text.trim();

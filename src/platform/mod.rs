@@ -1,11 +1,13 @@
 //! What `spike` needs from the operating system: the environment as configuration ([`env`]),
 //! systemd's notification protocol ([`systemd`]), process hardening ([`hardening`]), the stop
-//! signal ([`shutdown_signal`]) and SIGHUP ([`survive_hangups`], [`hangups`]). Every other part may use this one; it uses none of them.
+//! signal ([`shutdown_signal`]), SIGHUP ([`survive_hangups`], [`hangups`]) and the Prometheus
+//! metrics listener ([`metrics`]). Every other part may use this one; it uses none of them.
 
 pub mod env;
 mod exit;
 pub mod fs;
 pub mod hardening;
+pub mod metrics;
 pub mod systemd;
 
 pub use exit::CommandError;

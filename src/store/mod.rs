@@ -28,6 +28,7 @@ pub mod sqlite;
 use std::future::Future;
 
 use crate::crypto::Verifier;
+use crate::platform::metrics::{StoreOp, StoreOps, StoreResult};
 pub use config::{Backend, S3Config, S3Credentials, SecretUrl};
 
 /// Why a store operation failed. Reasons name the backend and never carry secret values or
@@ -306,5 +307,90 @@ impl Store for AnyStore {
 
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
         delegate!(self, s => s.list(ns, prefix))
+    }
+}
+
+/// A store whose every operation is counted and timed by backend, operation and result
+/// (`spike_store_*`, [`StoreOps`]); otherwise exactly the store it wraps. Nexus serves from
+/// one of these, so every backend is measured at the same boundary.
+#[derive(Clone)]
+pub struct Measured<S> {
+    inner: S,
+    ops: StoreOps,
+}
+
+impl<S: Store> Measured<S> {
+    /// `inner`, measured into `ops`.
+    pub fn new(inner: S, ops: StoreOps) -> Measured<S> {
+        Measured { inner, ops }
+    }
+
+    /// Runs one operation of the inner store and records how it ended; `conflict` says when an
+    /// answer means another writer got in first.
+    async fn timed<T>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T>>,
+        conflict: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        let outcome = match &result {
+            Ok(v) if conflict(v) => StoreResult::Conflict,
+            Ok(_) => StoreResult::Ok,
+            Err(Error::Unavailable { .. }) => StoreResult::Unavailable,
+            Err(Error::Corrupt { .. }) => StoreResult::Corrupt,
+        };
+        self.ops
+            .record(self.inner.backend(), op, outcome, started.elapsed());
+        result
+    }
+}
+
+impl<S: Store> Store for Measured<S> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.timed(StoreOp::Ping, self.inner.ping(), |_| false)
+            .await
+    }
+
+    async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
+        self.timed(StoreOp::Get, self.inner.get(ns, key), |_| false)
+            .await
+    }
+
+    async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
+        self.timed(StoreOp::Revision, self.inner.revision(ns, key), |_| false)
+            .await
+    }
+
+    async fn put(
+        &self,
+        ns: Namespace,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<Written> {
+        self.timed(StoreOp::Put, self.inner.put(ns, key, value, expect), |w| {
+            *w == Written::Conflict
+        })
+        .await
+    }
+
+    async fn delete(&self, ns: Namespace, key: &str, revision: &Revision) -> Result<bool> {
+        self.timed(
+            StoreOp::Delete,
+            self.inner.delete(ns, key, revision),
+            |deleted| !deleted,
+        )
+        .await
+    }
+
+    async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
+        self.timed(StoreOp::List, self.inner.list(ns, prefix), |_| false)
+            .await
     }
 }

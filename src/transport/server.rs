@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{ReloaderGuard, Role, SpiffeId, SvidSource, peer_spiffe_id};
 use crate::platform::env::{Result as EnvResult, Source, duration, invalid, number};
+use crate::platform::metrics::{Connections, Refusal};
 use crate::protocol::nexus::ErrorCode;
 
 /// Why a server could not start: its identity or its listener.
@@ -47,6 +48,9 @@ pub enum StartError {
         /// What that role's IDs look like.
         expected: String,
     },
+    /// The metrics listen address could not be bound.
+    #[error("{0}")]
+    Metrics(#[from] crate::platform::metrics::BindError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -165,6 +169,11 @@ pub trait Handler: Send + Sync + 'static {
         let _ = peer;
         false
     }
+
+    /// Where [`serve`] counts this server's connections and their refusals, if anywhere.
+    fn connections(&self) -> Option<&Connections> {
+        None
+    }
 }
 
 /// Limits applied to every connection.
@@ -250,6 +259,12 @@ pub async fn serve<H: Handler>(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let reserve = Arc::new(Semaphore::new(limits.reserved_connections));
     let graceful = GracefulShutdown::new();
+    let conns = handler.connections().cloned();
+    let refused = |cause| {
+        if let Some(c) = &conns {
+            c.refused(cause);
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -271,10 +286,13 @@ pub async fn serve<H: Handler>(
                 Ok(permit) => (permit, true),
                 Err(_) => {
                     tracing::warn!(%addr, max = limits.max_connections, reserved = limits.reserved_connections, "connection limit reached, closing new connection");
+                    refused(Refusal::ConnectionLimit);
                     continue;
                 }
             },
         };
+        let open = conns.as_ref().map(Connections::opened);
+        let conns = conns.clone();
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let handler = Arc::clone(&handler);
@@ -282,15 +300,23 @@ pub async fn serve<H: Handler>(
         let limits = limits.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = open;
+            let refused = |cause| {
+                if let Some(c) = &conns {
+                    c.refused(cause);
+                }
+            };
             let tls =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::info!(%addr, error = %e, "TLS handshake refused");
+                        refused(Refusal::HandshakeFailed);
                         return;
                     }
                     Err(_) => {
                         tracing::info!(%addr, "TLS handshake timed out");
+                        refused(Refusal::HandshakeTimeout);
                         return;
                     }
                 };
@@ -302,6 +328,7 @@ pub async fn serve<H: Handler>(
             let peer = Peer { id, addr };
             if reserved && !handler.privileged(&peer) {
                 tracing::warn!(%addr, max = limits.max_connections, "connection limit reached; the reserved connections are kept for operators and health checks");
+                refused(Refusal::ReservedForOperators);
                 return;
             }
             let service = hyper::service::service_fn(move |req| {
@@ -315,6 +342,9 @@ pub async fn serve<H: Handler>(
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn).await {
+                if e.is_timeout() {
+                    refused(Refusal::HeaderTimeout);
+                }
                 tracing::debug!(%addr, error = %e, "connection ended with an error");
             }
         });

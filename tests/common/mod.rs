@@ -466,17 +466,24 @@ pub struct Cluster {
 impl Cluster {
     /// A PKI and `keepers` running Keepers.
     pub fn new(keepers: usize) -> Cluster {
+        Cluster::with_keeper_env(keepers, &[])
+    }
+
+    /// [`Cluster::new`] with `extra` in every Keeper's environment.
+    pub fn with_keeper_env(keepers: usize, extra: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path(), TD);
         let nexus_svid = pki.issue("nexus", "/spike/nexus");
         let keepers = (1..=keepers)
             .map(|i| {
                 let svid = pki.issue(&format!("keeper-{i}"), &format!("/spike/keeper/{i}"));
+                let mut env = vec![("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0")];
+                env.extend_from_slice(extra);
                 Proc::start(
                     &format!("keeper-{i}"),
                     dir.path(),
                     &["keeper"],
-                    server_env(&svid, &[("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0")]),
+                    server_env(&svid, &env),
                 )
             })
             .collect();
