@@ -544,6 +544,7 @@ async fn run_with(
     // that exits (under systemd, a restart loop of every instance).
     let gate = Arc::new(routes::Gate::new(
         config.backend.name(),
+        config.threshold,
         Arc::clone(&metrics),
     ));
     let limits = config.server.clone();

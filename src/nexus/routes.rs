@@ -470,22 +470,30 @@ struct Health {
     audit: Option<&'static str>,
 }
 
-impl Api {
-    async fn health(&self) -> Response<Full<Bytes>> {
-        let nexus = &self.nexus;
-        let mut health = Health {
-            status: "ready",
-            backend: nexus.store.backend(),
+impl Health {
+    /// An answer saying `status`, with nothing else known yet.
+    fn new(status: &'static str, backend: &'static str, threshold: u8) -> Health {
+        Health {
+            status,
+            backend,
             key_id: None,
             keepers_with_shards: None,
             shard_derivation: None,
-            threshold: nexus.config.threshold,
-            inconsistent_keepers: nexus.inconsistent_keepers(),
+            threshold,
+            inconsistent_keepers: Vec::new(),
             reason: None,
             identity: "ready",
             svid_expires: None,
             audit: None,
-        };
+        }
+    }
+}
+
+impl Api {
+    async fn health(&self) -> Response<Full<Bytes>> {
+        let nexus = &self.nexus;
+        let mut health = Health::new("ready", nexus.store.backend(), nexus.config.threshold);
+        health.inconsistent_keepers = nexus.inconsistent_keepers();
         let audit = nexus.audit.health();
         if audit != super::audit::Health::Off {
             health.audit = Some(audit.as_str());
@@ -550,6 +558,8 @@ impl Api {
 pub struct Gate {
     api: std::sync::OnceLock<Api>,
     backend: &'static str,
+    /// The Shamir threshold, which `/health` always reports.
+    threshold: u8,
     /// Counts connections from the start, and the requests the gate answers itself.
     metrics: Arc<NexusMetrics>,
     /// Why the store is not open yet (no credentials: store errors never carry any).
@@ -557,11 +567,13 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// A closed gate in front of a store of `backend`, counting into `metrics`.
-    pub fn new(backend: &'static str, metrics: Arc<NexusMetrics>) -> Gate {
+    /// A closed gate in front of a store of `backend` (Shamir `threshold`), counting into
+    /// `metrics`.
+    pub fn new(backend: &'static str, threshold: u8, metrics: Arc<NexusMetrics>) -> Gate {
         Gate {
             api: std::sync::OnceLock::new(),
             backend,
+            threshold,
             metrics,
             reason: std::sync::Mutex::new(None),
         }
@@ -619,14 +631,9 @@ impl Gate {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            return transport::json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({
-                    "status": "store_unavailable",
-                    "backend": self.backend,
-                    "reason": reason.unwrap_or_else(|| "opening the backing store".into()),
-                }),
-            );
+            let mut health = Health::new("store_unavailable", self.backend, self.threshold);
+            health.reason = Some(reason.unwrap_or_else(|| "opening the backing store".into()));
+            return transport::json(StatusCode::SERVICE_UNAVAILABLE, &health);
         }
         error_response(&ApiError::Store(crate::store::Error::Unavailable {
             backend: self.backend,
