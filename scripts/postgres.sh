@@ -7,14 +7,19 @@
 #                                          SPIKE_TEST_POSTGRES_URL=postgres://spike@127.0.0.1:PORT/spike_test
 #                                          Starting DIR again reuses its data and its port.
 #   scripts/postgres.sh stop DIR [MODE]    stop it (pg_ctl MODE: fast (default), immediate, smart)
-#   scripts/postgres.sh standby DIR PRIMARY_DIR
+#   scripts/postgres.sh standby DIR PRIMARY_DIR [inherit-sync]
 #                                          a streaming-replication standby of the server in
 #                                          PRIMARY_DIR (pg_basebackup -R over 127.0.0.1), started
 #                                          on its own port; the primary is then set to
 #                                          synchronous_standby_names='*' (commits wait until the
 #                                          standby has them) and the script waits until the
 #                                          standby is in sync. Prints the standby's URL as start
-#                                          does. DIR must not exist yet.
+#                                          does. DIR must not exist yet. The standby itself has
+#                                          no synchronous standby (once promoted it commits
+#                                          alone), unless inherit-sync: then it keeps '*', as a
+#                                          copy of a primary configured in postgresql.conf does,
+#                                          and once promoted its commits wait for a standby that
+#                                          does not exist.
 #   scripts/postgres.sh promote DIR        promote the standby in DIR (pg_ctl promote, waits)
 #   scripts/postgres.sh kill DIR           SIGKILL the postmaster in DIR (a crash; its backends
 #                                          die when they notice)
@@ -151,9 +156,11 @@ HBA
     # synchronous standby of its own (after a promotion it commits alone, as Patroni's
     # non-strict synchronous mode does, instead of waiting for a standby that does not exist).
     sed -i '/^synchronous_standby_names/d' "$data/postgresql.auto.conf"
+    own_sync=''
+    [ "${4:-}" = inherit-sync ] && own_sync='*'
     cat >>"$data/postgresql.conf" <<CONF
 unix_socket_directories = '$dir'
-synchronous_standby_names = ''
+synchronous_standby_names = '$own_sync'
 CONF
     port=$(pick_port)
     echo "$port" >"$dir/port"

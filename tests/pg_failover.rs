@@ -46,6 +46,9 @@ fn superuser(c: &Cluster) -> HttpsClient {
 struct Outcome {
     instance: usize,
     sent: Instant,
+    /// When the write was answered.
+    answered: Instant,
+    /// When the write (and its read-back) was over.
     done: Instant,
     /// `(path, value)` when the write was acknowledged (200 with a version).
     acked: Option<(String, String)>,
@@ -84,10 +87,12 @@ fn spawn_load(
                     json!({"path": path, "values": {"v": value}}),
                 )
                 .await;
+                let answered = Instant::now();
                 let mut outcome = Outcome {
                     instance,
                     sent,
-                    done: Instant::now(),
+                    answered,
+                    done: answered,
                     acked: None,
                     error: None,
                 };
@@ -142,7 +147,7 @@ async fn failover_under_load(
             .unwrap()
             .iter()
             .filter(|o| o.instance == i && o.acked.is_some() && o.sent > after)
-            .map(|o| o.done)
+            .map(|o| o.answered)
             .min()
     };
     // Steady state first: every instance has acknowledged writes.
@@ -267,10 +272,10 @@ async fn failover_under_load(
         .iter()
         .filter_map(|o| o.acked.as_ref().map(|a| (o, a)))
         .collect();
-    let before = acked.iter().filter(|(o, _)| o.done < killed).count();
+    let before = acked.iter().filter(|(o, _)| o.answered < killed).count();
     let during = acked
         .iter()
-        .filter(|(o, _)| o.done >= killed && o.sent <= back[o.instance])
+        .filter(|(o, _)| o.answered >= killed && o.sent <= back[o.instance])
         .count();
     let mut missing = Vec::new();
     for url in &urls {
@@ -546,4 +551,137 @@ async fn table_names(url: &str) -> Vec<String> {
     drop(client);
     let _ = task.await;
     rows.into_iter().map(|r| r.get(0)).collect()
+}
+
+/// The misconfiguration behind "no write acknowledged after the failover": the promoted
+/// standby kept `synchronous_standby_names` (a copy of its primary's `postgresql.conf`), so
+/// every commit waits for a standby of its own that does not exist. No write is acknowledged
+/// (none can be: the server never confirms one), each instance says why on `/health` instead
+/// of looking ready, and once the operator clears the setting every instance serves again by
+/// itself. Acknowledged writes from before are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_still_waiting_for_a_synchronous_standby_is_reported() {
+    if !postgres_expected() {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    let primary = PgServer::start_named(c.dir.path(), "primary");
+    let standby = primary.start_standby_inheriting_sync(c.dir.path(), "standby");
+    let url = format!(
+        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
+        primary.host_port(),
+        standby.host_port()
+    );
+    let env = pg_env(&url);
+    let urls = start_three(&mut c, &pairs(&env));
+    let anon = c.anonymous();
+    for u in &urls {
+        wait_status(&anon, u, "ready").await;
+    }
+    let su = superuser(&c);
+    let write = |url: Uri, path: String| {
+        let su = su.clone();
+        async move {
+            call(
+                &su,
+                &url,
+                SECRETS_PATH,
+                json!({"path": path, "values": {"v": path}}),
+            )
+            .await
+        }
+    };
+    let mut acked = Vec::new();
+    for (i, u) in urls.iter().enumerate() {
+        let path = format!("before/{i}");
+        let (s, b) = write(u.clone(), path.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        acked.push(path);
+    }
+    primary.kill();
+    standby.promote();
+    // One write through each instance: it waits, runs out of time, and is refused.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, u) in urls.iter().enumerate() {
+        tasks.spawn(write(u.clone(), format!("stalled/{i}")));
+    }
+    for (s, b) in join_all(tasks).await {
+        assert_eq!(
+            (s, b["err"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")),
+            "{b}"
+        );
+    }
+    for (i, u) in urls.iter().enumerate() {
+        let (s, b) = health(&anon, u).await.unwrap();
+        println!("nexus-{} /health during the stall: {s} {b}", i + 1);
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        assert_eq!(b["status"], "store_unavailable", "{b}");
+        assert!(
+            b["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("synchronous_standby_names")),
+            "{b}"
+        );
+        assert!(
+            c.nexus[i]
+                .logs()
+                .contains("waiting for a synchronous standby")
+        );
+    }
+    let (admin, conn) = tokio_postgres::connect(&standby.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    // The statements that ran out of time were cancelled on the server, not left holding a
+    // backend each until max_connections runs out.
+    wait_for(
+        "the stalled commits to be cancelled",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
+    // The operator clears it on the new primary; every instance sees commits go through.
+    let cleared = Instant::now();
+    // ALTER SYSTEM runs alone: not in a transaction block, which several statements make.
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = ''",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    drop(admin);
+    let _ = task.await;
+    for (i, u) in urls.iter().enumerate() {
+        wait_status(&anon, u, "ready").await;
+        let (s, b) = write(u.clone(), format!("after/{i}")).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        println!(
+            "nexus-{}: ready and writing {:.0} ms after synchronous_standby_names was cleared",
+            i + 1,
+            cleared.elapsed().as_secs_f64() * 1000.0
+        );
+        acked.push(format!("after/{i}"));
+    }
+    for u in &urls {
+        for path in &acked {
+            let (s, b) = call(&su, u, &action(SECRETS_PATH, "get"), json!({"path": path})).await;
+            assert_eq!(
+                (s, b["data"]["v"].as_str()),
+                (StatusCode::OK, Some(path.as_str())),
+                "{b}"
+            );
+        }
+    }
+    assert!(!c.dump_logs().contains("panicked"));
 }

@@ -105,8 +105,23 @@ impl PgServer {
     /// a commit on this server returns only once the standby has it (`scripts/postgres.sh
     /// standby`).
     pub fn start_standby(&self, parent: &Path, name: &str) -> PgServer {
+        self.standby(parent, name, false)
+    }
+
+    /// [`PgServer::start_standby`], but the standby keeps `synchronous_standby_names='*'` for
+    /// itself, as a copy of a primary configured in `postgresql.conf` does: once promoted, its
+    /// commits wait for a synchronous standby that does not exist.
+    pub fn start_standby_inheriting_sync(&self, parent: &Path, name: &str) -> PgServer {
+        self.standby(parent, name, true)
+    }
+
+    fn standby(&self, parent: &Path, name: &str, inherit_sync: bool) -> PgServer {
         let dir = parent.join(name);
-        let out = run_script(&["standby", dir.to_str().unwrap(), self.dir.to_str().unwrap()]);
+        let mut args = vec!["standby", dir.to_str().unwrap(), self.dir.to_str().unwrap()];
+        if inherit_sync {
+            args.push("inherit-sync");
+        }
+        let out = run_script(&args);
         PgServer {
             dir,
             url: printed_url(&out),
