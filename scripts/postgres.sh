@@ -23,6 +23,7 @@
 #   scripts/postgres.sh promote DIR        promote the standby in DIR (pg_ctl promote, waits)
 #   scripts/postgres.sh kill DIR           SIGKILL the postmaster in DIR (a crash; its backends
 #                                          die when they notice)
+#   scripts/postgres.sh sql DIR SQL        run SQL (one statement) as the superuser spike
 #
 # PostgreSQL refuses to run as root, so as root the server runs as the unprivileged user
 # spike-test (created if missing); DIR and its parents must be reachable by that user. If the
@@ -30,7 +31,7 @@
 # says what to install.
 set -euo pipefail
 
-usage() { echo "usage: $0 start DIR | stop DIR [fast|immediate|smart] | standby DIR PRIMARY_DIR | promote DIR | kill DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR | stop DIR [fast|immediate|smart] | standby DIR PRIMARY_DIR | promote DIR | kill DIR | sql DIR SQL" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1
 dir=$2
@@ -188,6 +189,11 @@ CONF
   promote)
     dir=$(cd "$dir" && pwd)
     as_pg "$bin/pg_ctl" -D "$dir/data" -w -t 60 promote >/dev/null
+    ;;
+  sql)
+    [ $# -ge 3 ] || usage
+    dir=$(cd "$dir" && pwd)
+    as_pg "$bin/psql" -h "$dir" -p "$(cat "$dir/port")" -U spike -d spike_test -Atqc "$3"
     ;;
   kill)
     dir=$(cd "$dir" && pwd)

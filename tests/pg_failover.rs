@@ -381,6 +381,7 @@ fn write_pgbouncer_ini(dir: &std::path::Path, port: u16, backend: &str) {
              listen_port = {port}\n\
              unix_socket_dir =\n\
              auth_type = any\n\
+             ignore_startup_parameters = options\n\
              pool_mode = session\n\
              max_client_conn = 200\n\
              default_pool_size = 60\n\
@@ -684,4 +685,102 @@ async fn a_promoted_standby_still_waiting_for_a_synchronous_standby_is_reported(
         }
     }
     assert!(!c.dump_logs().contains("panicked"));
+}
+
+/// A primary fenced rather than killed: it stays up but turns read-only
+/// (`default_transaction_read_only`), and the standby is promoted. Pooled connections to the
+/// old primary are still open, so only the error tells: the first `cannot execute ... in a
+/// read-only transaction` drops every connection to it, and the next ones go through the host
+/// list to the new primary. Writes resume after at most a few failures, and nothing is read
+/// from the old primary afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_read_only_primary_is_left_for_the_promoted_one() {
+    if !postgres_expected() {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    let primary = PgServer::start_named(c.dir.path(), "primary");
+    let standby = primary.start_standby(c.dir.path(), "standby");
+    let url = format!(
+        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
+        primary.host_port(),
+        standby.host_port()
+    );
+    let env = pg_env(&url);
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = superuser(&c);
+    // Several writers at once, so the pool holds several connections to the primary.
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let (su, url) = (su.clone(), url.clone());
+        tasks.spawn(async move {
+            for j in 0..5 {
+                let path = format!("before/{w}/{j}");
+                let (s, b) = call(
+                    &su,
+                    &url,
+                    SECRETS_PATH,
+                    json!({"path": path, "values": {"v": path}}),
+                )
+                .await;
+                assert_eq!(s, StatusCode::OK, "{b}");
+            }
+        });
+    }
+    join_all(tasks).await;
+    // Fence: the old primary keeps running, read-only; then promote.
+    primary.sql("ALTER SYSTEM SET default_transaction_read_only = on");
+    primary.sql("SELECT pg_reload_conf()");
+    standby.promote();
+    let promoted = Instant::now();
+    let mut failures = Vec::new();
+    let mut first_ok = None;
+    for j in 0..40 {
+        let path = format!("after/{j}");
+        let (s, b) = call(
+            &su,
+            &url,
+            SECRETS_PATH,
+            json!({"path": path, "values": {"v": path}}),
+        )
+        .await;
+        if s == StatusCode::OK {
+            first_ok.get_or_insert_with(|| promoted.elapsed());
+            let (s, b) = call(
+                &su,
+                &url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(
+                (s, b["data"]["v"].as_str()),
+                (StatusCode::OK, Some(path.as_str())),
+                "{b}"
+            );
+        } else {
+            assert!(
+                first_ok.is_none(),
+                "a write failed after writes had resumed: {s} {b}\n{}",
+                c.dump_logs()
+            );
+            failures.push(format!("{s} {b}"));
+        }
+    }
+    println!(
+        "fenced primary: {} writes failed before the first on the new primary ({:.0} ms after the promotion): {failures:?}",
+        failures.len(),
+        first_ok.unwrap_or_default().as_secs_f64() * 1000.0
+    );
+    assert!(
+        first_ok.is_some(),
+        "no write went through: {failures:?}\n{}",
+        c.dump_logs()
+    );
+    assert!(failures.len() <= 2, "{failures:?}");
+    // Everything written is on the new primary.
+    let rows = standby.sql("SELECT count(*) FROM kv");
+    println!("new primary holds {} rows", rows.trim());
 }

@@ -86,6 +86,9 @@ pub struct PostgresStore {
     /// Set when a commit was found waiting for a synchronous standby that never answered;
     /// while set, `ping` checks that a commit goes through. Cleared by any write that does.
     stalled: Arc<std::sync::Mutex<Option<String>>>,
+    /// When a connection last showed that its server is gone, read-only or shutting down:
+    /// every connection opened before then goes to that same server and is not used again.
+    reset_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> Error {
@@ -532,6 +535,7 @@ impl PostgresStore {
             tls,
             config: settings.config,
             stalled: Arc::default(),
+            reset_at: Arc::default(),
         };
         match store.migrate().await {
             Ok(()) => Ok(store),
@@ -601,7 +605,7 @@ impl PostgresStore {
     {
         let deadline = tokio::time::Instant::now() + OP_TIMEOUT;
         let too_slow = || unavailable(format!("no answer within {}s", OP_TIMEOUT.as_secs()));
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+        let mut conn = match tokio::time::timeout_at(deadline, self.fresh_connection()).await {
             Err(_) => {
                 return Err(unavailable(format!(
                     "{NO_CONNECTION} within {}s",
@@ -627,12 +631,14 @@ impl PostgresStore {
             Ok(Err(e)) => {
                 if must_reconnect(&e) {
                     drop(Object::take(conn));
+                    self.discard_connections();
                 }
                 Err(unavailable(explain(&e)))
             }
             Err(_) => {
                 // The server may be hung with our query half-answered: never reuse this one.
                 drop(Object::take(conn));
+                self.discard_connections();
                 let why = self.why_stuck().await;
                 let tls = self.tls.clone();
                 tokio::spawn(async move {
@@ -649,6 +655,26 @@ impl PostgresStore {
                 })
             }
         }
+    }
+
+    /// A connection from the pool opened after the last [`Self::discard_connections`].
+    async fn fresh_connection(&self) -> std::result::Result<Object, deadpool_postgres::PoolError> {
+        loop {
+            let conn = self.pool.get().await?;
+            let reset_at = *self.reset_at.lock().unwrap_or_else(|e| e.into_inner());
+            match reset_at {
+                Some(at) if Object::metrics(&conn).created <= at => drop(Object::take(conn)),
+                _ => return Ok(conn),
+            }
+        }
+    }
+
+    /// One connection found its server gone, read-only or hung: the others in the pool were
+    /// opened to the same server, so none is reused (those in use now are dropped when they
+    /// come back), and the next ones go through the host list again.
+    fn discard_connections(&self) {
+        *self.reset_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        self.pool.retain(|_, _| false);
     }
 
     /// After a statement ran out of time: is it a commit waiting for a synchronous standby

@@ -133,6 +133,11 @@ impl PgServer {
         run_script(&["promote", self.dir.to_str().unwrap()]);
     }
 
+    /// Runs one SQL statement as the superuser; returns psql's unaligned output.
+    pub fn sql(&self, statement: &str) -> String {
+        run_script(&["sql", self.dir.to_str().unwrap(), statement])
+    }
+
     /// SIGKILLs the postmaster, as a crash would.
     pub fn kill(&self) {
         run_script(&["kill", self.dir.to_str().unwrap()]);
