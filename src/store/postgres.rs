@@ -276,9 +276,11 @@ fn split_keywords(text: &str) -> Result<Vec<Pair<'_>>> {
             .unwrap_or(rest.len());
         let key = &rest[..end];
         rest = rest[end..].trim_start();
+        // Not quoted: a word without '=' may well be a stray password.
         rest = rest.strip_prefix('=').ok_or_else(|| {
             invalid_url(format!(
-                "expected key=value pairs separated by spaces, or a postgres:// URL; {key:?} has no '='"
+                "expected key=value pairs separated by spaces, or a postgres:// URL; word {} has no '='",
+                pairs.len() + 1
             ))
         })?;
         rest = rest.trim_start();
@@ -1098,6 +1100,63 @@ mod tests {
     }
 
     #[test]
+    fn several_hosts_and_the_key_value_form() {
+        let s = parse_url(
+            "postgres://spike:pw@10.0.0.1:5432,10.0.0.2:5433/spike?target_session_attrs=read-write&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(s.config.get_hosts().len(), 2);
+        assert_eq!(s.config.get_ports(), &[5432, 5433]);
+        assert_eq!(
+            s.config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(s.tls, Tls::Disable);
+        let s = parse_url(
+            r"host=10.0.0.1,10.0.0.2 port=5432,5433 user=spike password='a b\'c' dbname = spike target_session_attrs=primary sslmode=verify-full sslrootcert='/etc/db ca.pem' application_name=x",
+        )
+        .unwrap();
+        assert_eq!(s.config.get_hosts().len(), 2);
+        assert_eq!(s.config.get_ports(), &[5432, 5433]);
+        assert_eq!(s.config.get_password(), Some(&b"a b'c"[..]));
+        assert_eq!(s.config.get_dbname(), Some("spike"));
+        assert_eq!(s.config.get_application_name(), Some("x"));
+        assert_eq!(
+            s.tls,
+            Tls::Verify {
+                root: "/etc/db ca.pem".into(),
+                check_name: true
+            }
+        );
+        assert_eq!(
+            s.config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        // Nexus needs the primary whatever the URL says about sessions, and bounds its waits.
+        for url in [
+            "postgres://u@h/d",
+            "host=h dbname=d user=u",
+            "postgres://u@h/d?target_session_attrs=read-write",
+        ] {
+            let s = parse_url(url).unwrap();
+            assert_eq!(
+                s.config.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite,
+                "{url}"
+            );
+            assert_eq!(s.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+            assert_eq!(s.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+            assert_eq!(s.config.get_keepalives_idle(), KEEPALIVE_IDLE);
+        }
+        let s = parse_url("host=h connect_timeout=7 keepalives_idle=60").unwrap();
+        assert_eq!(
+            s.config.get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
+        assert_eq!(s.config.get_keepalives_idle(), Duration::from_secs(60));
+    }
+
+    #[test]
     fn bad_urls_are_explained_without_the_password() {
         for url in [
             format!("mysql://spike:{SECRET}@h/d"),
@@ -1106,6 +1165,13 @@ mod tests {
             format!("postgres://spike:{SECRET}@h/d?sslmode=bogus"),
             format!("postgres://spike:{SECRET}@h/d?sslcert=/x.pem"),
             format!("postgres://spike:{SECRET}@h/d?sslmode=verify-ca&sslrootcert=/nonexistent"),
+            format!("postgres://spike:{SECRET}@h1,h2/d?target_session_attrs=any"),
+            format!("postgres://spike:{SECRET}@h1,h2/d?target_session_attrs=read-only"),
+            format!("host=h user=spike password='{SECRET}"),
+            format!("host=h user=spike password={SECRET} target_session_attrs=standby"),
+            format!("host=h user=spike {SECRET}"),
+            format!("host=h user=spike password={SECRET} bogus=1"),
+            format!("user=spike password={SECRET}"),
         ] {
             let err = match parse_url(&url).and_then(|s| tls_config(&s.tls).map(|_| s)) {
                 Err(e) => e.to_string(),
