@@ -355,7 +355,13 @@ fn start_pgbouncer(dir: &std::path::Path, backend: &str) -> (Process, u16) {
     let bouncer = dir.join("pgbouncer");
     std::fs::create_dir_all(&bouncer).unwrap();
     write_pgbouncer_ini(&bouncer, port, backend);
-    let mut cmd = Command::new("pgbouncer");
+    // Debian puts it in /usr/sbin, which an ordinary user's PATH may lack.
+    let bin = if std::path::Path::new("/usr/sbin/pgbouncer").exists() {
+        "/usr/sbin/pgbouncer"
+    } else {
+        "pgbouncer"
+    };
+    let mut cmd = Command::new(bin);
     let root = Command::new("id")
         .arg("-u")
         .output()

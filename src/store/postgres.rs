@@ -12,10 +12,23 @@
 //!   locks decide between writers on different instances and at most one wins. Each runs in its
 //!   own implicit transaction with `synchronous_commit=on` (forced per connection unless the URL's
 //!   `options` set it), so a write is durable when it returns.
-//! - **Failures.** Every operation, connection included, is bounded by [`OP_TIMEOUT`]; IO errors,
-//!   timeouts and server errors become [`Error::Unavailable`], so Nexus answers 503. A connection
-//!   that failed or timed out is dropped from the pool instead of being reused, and the pool opens
-//!   fresh ones on demand, so service resumes by itself when the server is back.
+//! - **Which server.** `SPIKE_NEXUS_DB_URL` is a `postgres://` URL (several `host:port`
+//!   separated by commas) or libpq's key=value form (`host=a,b port=5432,5433 ...`). Every
+//!   connection goes to the first listed host that accepts writes (`target_session_attrs` is
+//!   always `read-write`; `primary` is taken as the same, anything else is refused): Nexus
+//!   writes, and reads what it wrote, so it never uses a standby. With no writable host it is
+//!   [`Error::Unavailable`] with one line per host (down, a standby, read-only) and Nexus waits.
+//! - **Failures.** Every operation, connection included, is bounded by [`OP_TIMEOUT`];
+//!   connecting to one host by [`CONNECT_TIMEOUT`]; TCP keepalives and `TCP_USER_TIMEOUT`
+//!   find a peer that vanished without a word. IO errors, timeouts and server errors become
+//!   [`Error::Unavailable`], so Nexus answers 503. A connection that failed at the connection
+//!   level, found its server read-only, shutting down or in recovery, or timed out is closed,
+//!   and so is every other connection opened before it (they reach the same server); the
+//!   next ones go through the host list again, so service resumes by itself on whichever host
+//!   is the primary now. A statement that timed out is cancelled on the server. A commit
+//!   stuck waiting for a synchronous standby that never confirms (a promoted standby that
+//!   kept `synchronous_standby_names`) is named as such, and `ping` then fails with that
+//!   reason until a commit goes through again.
 //! - **TLS** goes through rustls with the ring provider. `sslmode` and `sslrootcert` are read from
 //!   the URL with libpq's meanings: `disable`; `prefer` (the default) and `require` encrypt but,
 //!   without `sslrootcert`, do not authenticate the server (as libpq); `verify-ca` checks the
