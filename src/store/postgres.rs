@@ -95,7 +95,7 @@ pub struct PostgresStore {
     pool: Pool,
     /// For cancel requests and the per-host diagnosis.
     tls: MakeRustlsConnect,
-    config: tokio_postgres::Config,
+    config: Arc<tokio_postgres::Config>,
     /// Set when a commit was found waiting for a synchronous standby that never answered;
     /// while set, `ping` checks that a commit goes through. Cleared by any write that does.
     stalled: Arc<std::sync::Mutex<Option<String>>>,
@@ -548,7 +548,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             tls,
-            config: settings.config,
+            config: Arc::new(settings.config),
             stalled: Arc::default(),
             reset_at: Arc::default(),
         };
