@@ -177,18 +177,29 @@ async fn failover_under_load(
     // Each instance reconnects by itself: a write sent after the kill is acknowledged.
     let mut back = Vec::new();
     for i in 0..urls.len() {
-        let at = wait_for(
-            &format!(
-                "{label}: a write through nexus-{} after the failover",
-                i + 1
-            ),
-            Duration::from_secs(60),
-            || {
-                let at = acked_through(&log, i, repointed);
-                async move { at }
-            },
-        )
-        .await;
+        // Bounded, and with every log and the last errors when it runs out.
+        let limit = Instant::now() + Duration::from_secs(60);
+        let at = loop {
+            if let Some(at) = acked_through(&log, i, repointed) {
+                break at;
+            }
+            if Instant::now() > limit {
+                let last: Vec<String> = log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .filter_map(|o| o.error.clone())
+                    .take(5)
+                    .collect();
+                panic!(
+                    "{label}: no write acknowledged through nexus-{} within 60 s of the failover; last errors {last:#?}\n{}",
+                    i + 1,
+                    c.dump_logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         back.push(at);
     }
     // And keeps serving: more writes after the switch on every instance.
