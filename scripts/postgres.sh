@@ -7,6 +7,23 @@
 #                                          SPIKE_TEST_POSTGRES_URL=postgres://spike@127.0.0.1:PORT/spike_test
 #                                          Starting DIR again reuses its data and its port.
 #   scripts/postgres.sh stop DIR [MODE]    stop it (pg_ctl MODE: fast (default), immediate, smart)
+#   scripts/postgres.sh standby DIR PRIMARY_DIR [inherit-sync]
+#                                          a streaming-replication standby of the server in
+#                                          PRIMARY_DIR (pg_basebackup -R over 127.0.0.1), started
+#                                          on its own port; the primary is then set to
+#                                          synchronous_standby_names='*' (commits wait until the
+#                                          standby has them) and the script waits until the
+#                                          standby is in sync. Prints the standby's URL as start
+#                                          does. DIR must not exist yet. The standby itself has
+#                                          no synchronous standby (once promoted it commits
+#                                          alone), unless inherit-sync: then it keeps '*', as a
+#                                          copy of a primary configured in postgresql.conf does,
+#                                          and once promoted its commits wait for a standby that
+#                                          does not exist.
+#   scripts/postgres.sh promote DIR        promote the standby in DIR (pg_ctl promote, waits)
+#   scripts/postgres.sh kill DIR           SIGKILL the postmaster in DIR (a crash; its backends
+#                                          die when they notice)
+#   scripts/postgres.sh sql DIR SQL        run SQL (one statement) as the superuser spike
 #
 # PostgreSQL refuses to run as root, so as root the server runs as the unprivileged user
 # spike-test (created if missing); DIR and its parents must be reachable by that user. If the
@@ -14,7 +31,7 @@
 # says what to install.
 set -euo pipefail
 
-usage() { echo "usage: $0 start DIR | stop DIR [fast|immediate|smart]" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR | stop DIR [fast|immediate|smart] | standby DIR PRIMARY_DIR | promote DIR | kill DIR | sql DIR SQL" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1
 dir=$2
@@ -85,6 +102,8 @@ CONF
       cat >"$data/pg_hba.conf" <<HBA
 local all all trust
 host  all all 127.0.0.1/32 trust
+local replication all trust
+host  replication all 127.0.0.1/32 trust
 HBA
     fi
     started=0
@@ -117,6 +136,69 @@ HBA
     if [ -f "$dir/data/postmaster.pid" ]; then
       as_pg "$bin/pg_ctl" -D "$dir/data" -m "$mode" -w -t 60 stop >/dev/null
     fi
+    ;;
+  standby)
+    [ $# -ge 3 ] || usage
+    primary=$(cd "$3" && pwd)
+    pport=$(cat "$primary/port")
+    [ ! -e "$dir/data" ] || { echo "postgres.sh: $dir/data exists; a standby is made once" >&2; exit 1; }
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    data="$dir/data"
+    if [ "$(id -u)" = 0 ]; then chown "$user" "$dir"; chmod 700 "$dir"; fi
+    # Servers initialised before replication was allowed on loopback.
+    if ! grep -q '^host  *replication' "$primary/data/pg_hba.conf"; then
+      printf 'local replication all trust\nhost  replication all 127.0.0.1/32 trust\n' >>"$primary/data/pg_hba.conf"
+      as_pg "$bin/pg_ctl" -D "$primary/data" reload >/dev/null
+    fi
+    as_pg "$bin/pg_basebackup" -h 127.0.0.1 -p "$pport" -U spike -D "$data" -R -X stream -c fast >"$dir/basebackup.log" 2>&1 \
+      || { cat "$dir/basebackup.log" >&2; exit 1; }
+    # The copy carries the primary's settings: give the standby its own socket, and no
+    # synchronous standby of its own (after a promotion it commits alone, as Patroni's
+    # non-strict synchronous mode does, instead of waiting for a standby that does not exist).
+    sed -i '/^synchronous_standby_names/d' "$data/postgresql.auto.conf"
+    own_sync=''
+    [ "${4:-}" = inherit-sync ] && own_sync='*'
+    cat >>"$data/postgresql.conf" <<CONF
+unix_socket_directories = '$dir'
+synchronous_standby_names = '$own_sync'
+CONF
+    port=$(pick_port)
+    echo "$port" >"$dir/port"
+    if ! as_pg "$bin/pg_ctl" -D "$data" -o "-p $port" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
+      echo "postgres.sh: the standby did not start; its log:" >&2
+      tail -n 30 "$dir/server.log" >&2 || true
+      exit 1
+    fi
+    psql_primary() { as_pg "$bin/psql" -h "$primary" -p "$pport" -U spike -d postgres -Atqc "$1"; }
+    psql_primary "ALTER SYSTEM SET synchronous_standby_names = '*'" >/dev/null
+    psql_primary "SELECT pg_reload_conf()" >/dev/null
+    for _ in $(seq 1 600); do
+      if [ "$(psql_primary "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'")" -ge 1 ]; then
+        url="postgres://spike@127.0.0.1:$port/spike_test?sslmode=disable"
+        echo "$url" >"$dir/url"
+        echo "SPIKE_TEST_POSTGRES_URL=$url"
+        exit 0
+      fi
+      sleep 0.1
+    done
+    echo "postgres.sh: the standby did not become a synchronous standby within 60s; its log:" >&2
+    tail -n 30 "$dir/server.log" >&2 || true
+    exit 1
+    ;;
+  promote)
+    dir=$(cd "$dir" && pwd)
+    as_pg "$bin/pg_ctl" -D "$dir/data" -w -t 60 promote >/dev/null
+    ;;
+  sql)
+    [ $# -ge 3 ] || usage
+    dir=$(cd "$dir" && pwd)
+    as_pg "$bin/psql" -h "$dir" -p "$(cat "$dir/port")" -U spike -d spike_test -Atqc "$3"
+    ;;
+  kill)
+    dir=$(cd "$dir" && pwd)
+    pid=$(head -n 1 "$dir/data/postmaster.pid")
+    kill -KILL "$pid"
     ;;
   *) usage ;;
 esac

@@ -86,16 +86,67 @@ impl PgServer {
     /// Starts a new server in `parent/pg`. `parent` must be searchable by other users: the
     /// server runs unprivileged when the tests run as root.
     pub fn start(parent: &Path) -> PgServer {
+        PgServer::start_named(parent, "pg")
+    }
+
+    /// Starts a new server in `parent/name` (several servers of one test side by side).
+    pub fn start_named(parent: &Path, name: &str) -> PgServer {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).unwrap();
-        let dir = parent.join("pg");
+        let dir = parent.join(name);
         let out = run_script(&["start", dir.to_str().unwrap()]);
-        let url = out
-            .lines()
-            .find_map(|l| l.strip_prefix("SPIKE_TEST_POSTGRES_URL="))
-            .expect("script prints the URL")
-            .to_string();
-        PgServer { dir, url }
+        PgServer {
+            dir,
+            url: printed_url(&out),
+        }
+    }
+
+    /// A streaming-replication standby of this server in `parent/name`, in sync: from now on
+    /// a commit on this server returns only once the standby has it (`scripts/postgres.sh
+    /// standby`).
+    pub fn start_standby(&self, parent: &Path, name: &str) -> PgServer {
+        self.standby(parent, name, false)
+    }
+
+    /// [`PgServer::start_standby`], but the standby keeps `synchronous_standby_names='*'` for
+    /// itself, as a copy of a primary configured in `postgresql.conf` does: once promoted, its
+    /// commits wait for a synchronous standby that does not exist.
+    pub fn start_standby_inheriting_sync(&self, parent: &Path, name: &str) -> PgServer {
+        self.standby(parent, name, true)
+    }
+
+    fn standby(&self, parent: &Path, name: &str, inherit_sync: bool) -> PgServer {
+        let dir = parent.join(name);
+        let mut args = vec!["standby", dir.to_str().unwrap(), self.dir.to_str().unwrap()];
+        if inherit_sync {
+            args.push("inherit-sync");
+        }
+        let out = run_script(&args);
+        PgServer {
+            dir,
+            url: printed_url(&out),
+        }
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        run_script(&["promote", self.dir.to_str().unwrap()]);
+    }
+
+    /// Runs one SQL statement as the superuser; returns psql's unaligned output.
+    pub fn sql(&self, statement: &str) -> String {
+        run_script(&["sql", self.dir.to_str().unwrap(), statement])
+    }
+
+    /// SIGKILLs the postmaster, as a crash would.
+    pub fn kill(&self) {
+        run_script(&["kill", self.dir.to_str().unwrap()]);
+    }
+
+    /// `host:port` of this server, for a multi-host URL.
+    pub fn host_port(&self) -> &str {
+        let rest = self.url.strip_prefix("postgres://spike@").unwrap();
+        rest.split_once('/').unwrap().0
     }
 
     /// Stops the server (`immediate`: as if it crashed; `fast`: a clean shutdown).
@@ -108,6 +159,13 @@ impl PgServer {
         let out = run_script(&["start", self.dir.to_str().unwrap()]);
         assert!(out.contains(&self.url), "{out} vs {}", self.url);
     }
+}
+
+fn printed_url(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("SPIKE_TEST_POSTGRES_URL="))
+        .expect("script prints the URL")
+        .to_string()
 }
 
 impl Drop for PgServer {
