@@ -302,7 +302,11 @@ impl S3Store {
         let refuse = |what: String| Error::Incompatible {
             backend: BACKEND,
             reason: format!(
-                "the S3 server at the configured endpoint does not honour conditional writes:                  {what}. With it, Nexus instances would overwrite each other's updates (and                  could each create a root key), so Nexus will not use it; use a server that                  evaluates If-None-Match and If-Match on PutObject (AWS S3, SeaweedFS, MinIO,                  ...) or another backend"
+                "the S3 server at the configured endpoint does not honour conditional writes: \
+                 {what}. With it, Nexus instances would overwrite each other's updates (and \
+                 could each create a root key), so Nexus will not use it; use a server that \
+                 evaluates If-None-Match and If-Match on PutObject (AWS S3, SeaweedFS, MinIO, \
+                 ...) or another backend"
             ),
         };
         let first = match self.probe_put(key, b"probe 1", None).await? {
@@ -315,7 +319,8 @@ impl S3Store {
         };
         if let Answer::Written(_) = self.probe_put(key, b"probe 2", None).await? {
             return Err(refuse(
-                "a second create of the same object with If-None-Match: * succeeded (expected                  412 Precondition Failed)"
+                "a second create of the same object with If-None-Match: * succeeded (expected \
+                 412 Precondition Failed)"
                     .into(),
             ));
         }
@@ -323,7 +328,8 @@ impl S3Store {
         let wrong = Revision(format!("\"{}\"", "0".repeat(32)));
         if let Answer::Written(_) = self.probe_put(key, b"probe 3", Some(&wrong)).await? {
             return Err(refuse(
-                "a write with If-Match set to a wrong ETag succeeded (expected 412 Precondition                  Failed)"
+                "a write with If-Match set to a wrong ETag succeeded (expected 412 Precondition \
+                 Failed)"
                     .into(),
             ));
         }
@@ -387,20 +393,29 @@ impl S3Store {
                     let service = matches!(e, SdkError::ServiceError(_));
                     match (status, service) {
                         (Some(s @ (412 | 409)), true) => Ok(Answer::Refused(s)),
-                        // A server that rejects the headers themselves cannot be waited out.
-                        (Some(s @ (400 | 501)), true) => {
-                            let detail = match &e {
-                                SdkError::ServiceError(se) => format!(
+                        // A server that rejects the headers themselves cannot be waited out:
+                        // 501 NotImplemented, or 400 InvalidArgument/NotImplemented (other 400s,
+                        // such as a wrong signing region, are not about the headers).
+                        (Some(s @ (400 | 501)), true)
+                            if s == 501
+                                || matches!(
+                                    e.as_service_error().and_then(|se| se.code()),
+                                    Some("InvalidArgument" | "NotImplemented")
+                                ) =>
+                        {
+                            let detail = e.as_service_error().map_or_else(String::new, |se| {
+                                format!(
                                     "{} {}",
-                                    se.err().code().unwrap_or(""),
-                                    se.err().message().unwrap_or("")
-                                ),
-                                _ => String::new(),
-                            };
+                                    se.code().unwrap_or(""),
+                                    se.message().unwrap_or("")
+                                )
+                            });
                             Err(Error::Incompatible {
                                 backend: BACKEND,
                                 reason: format!(
-                                    "the S3 server at the configured endpoint rejects conditional                                      PutObject (HTTP {s} {}); Nexus needs If-None-Match and                                      If-Match on PutObject",
+                                    "the S3 server at the configured endpoint rejects conditional \
+                                     PutObject (HTTP {s} {}); Nexus needs If-None-Match and \
+                                     If-Match on PutObject",
                                     detail.trim()
                                 ),
                             })
