@@ -218,6 +218,13 @@ stop() {
     while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   fi
   rm -f "$dir/pid"
+  # weed's own unix sockets beside its gRPC ports (fixed under /tmp), left by a kill.
+  if [[ -f "$dir/ports" ]]; then
+    # shellcheck disable=SC1091
+    source "$dir/ports"
+    rm -f "/tmp/seaweedfs-master-grpc-$master_grpc.sock" "/tmp/seaweedfs-volume-grpc-$volume_grpc.sock" \
+      "/tmp/seaweedfs-filer-grpc-$filer_grpc.sock" "/tmp/seaweedfs-s3-grpc-$s3_grpc.sock"
+  fi
 }
 
 [[ $# -eq 2 ]] || usage
