@@ -135,6 +135,42 @@ async fn two_instances_and_an_outage(kind: Kind) {
     );
 }
 
+/// SeaweedFS's limit (README): once `a/b` exists, `a` is a directory there, so creating the
+/// secret `a` is refused — 503 after Nexus's retries, nothing lost — while `a/b` stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_on_seaweedfs_cannot_create_a_path_that_has_paths_under_it() {
+    if !Kind::SeaweedFs.available() {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    let env = common::s3::shared_env_on(Kind::SeaweedFs, "directories");
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    assert_eq!(put(&su, &url, "a/b", "one").await.0, StatusCode::OK);
+    let t = Instant::now();
+    let (s, b) = put(&su, &url, "a", "two").await;
+    assert_eq!(
+        (s, &b),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"err": "store_unavailable"})
+        )
+    );
+    println!(
+        "seaweedfs: creating `a` after `a/b` refused in {:?}",
+        t.elapsed()
+    );
+    let (s, b) = get(&su, &url, "a/b").await;
+    assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("one")));
+    let (s, _) = get(&su, &url, "a").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The other order works.
+    assert_eq!(put(&su, &url, "c", "three").await.0, StatusCode::OK);
+    assert_eq!(put(&su, &url, "c/d", "four").await.0, StatusCode::OK);
+}
+
 /// An S3 server that ignores If-Match and If-None-Match (so every write would overwrite): Nexus
 /// refuses it at start with a message that says why and exit status 2 (configuration), and
 /// writes nothing but its probe object, which it removes — no root-key verifier, no policy book.
