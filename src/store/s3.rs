@@ -291,6 +291,12 @@ impl S3Store {
             tracing::warn!(object = %key, error = %e, "s3: could not delete the conditional-write probe object; delete it by hand");
         }
         let conditions = found?;
+        if !conditions.delete_if_match {
+            tracing::warn!(
+                "s3: the server ignores If-Match on DeleteObject: a policy row deleted while \
+                 another instance rewrites it can lose that rewrite (src/store/s3.rs)"
+            );
+        }
         tracing::info!(
             delete_if_match = conditions.delete_if_match,
             "s3: the server honours conditional writes (If-None-Match: * and If-Match on PutObject)"
