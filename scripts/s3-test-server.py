@@ -10,6 +10,10 @@ additions that spike's store contract needs and `moto_server` lacks.
   acknowledged writes (moto keeps everything in memory).
 
 Test use only: the persistence is a plain file per object, without fsync.
+
+--ignore-conditional-writes makes it a server that spike must refuse: the If-Match and
+If-None-Match headers of every request are dropped before moto sees them, as an S3 server that
+does not implement conditional writes would, so every PutObject overwrites.
 """
 
 import argparse
@@ -88,6 +92,7 @@ def main():
     p.add_argument("--data", required=True)
     p.add_argument("--bucket", required=True)
     p.add_argument("--region", default="us-east-1")
+    p.add_argument("--ignore-conditional-writes", action="store_true")
     args = p.parse_args()
 
     store = Persisted(args.data)
@@ -106,6 +111,9 @@ def main():
             status.append(s)
             return start_response(s, headers, exc_info)
 
+        if args.ignore_conditional_writes:
+            environ.pop("HTTP_IF_MATCH", None)
+            environ.pop("HTTP_IF_NONE_MATCH", None)
         with lock:
             body = b"".join(app(environ, capture))
             if environ.get("REQUEST_METHOD") in ("PUT", "POST", "DELETE") and status:

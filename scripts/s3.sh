@@ -3,7 +3,12 @@
 # scripts/s3-test-server.py).
 #
 #   eval "$(scripts/s3.sh start DIR)"   # installs moto if needed, starts, prints the exports
+#   scripts/s3.sh start DIR --ignore-conditional-writes   # a server spike must refuse (below)
 #   scripts/s3.sh stop DIR
+#
+# --ignore-conditional-writes drops If-Match and If-None-Match from every request, as an S3
+# server without conditional writes does: the peer for the test that Nexus refuses such a
+# server. The mode is kept in DIR, so a restart keeps it.
 #
 # DIR holds the objects (DIR/data), the port, the pid and the log. Starting again on the same
 # DIR reuses its port and its objects. The exports are SPIKE_TEST_S3_ENDPOINT, _BUCKET, _REGION,
@@ -18,7 +23,7 @@ tools="${SPIKE_TOOLS_DIR:-$HOME/.cache/spike-tools}"
 venv="$tools/moto-$MOTO_VERSION"
 
 usage() {
-  echo "usage: $0 start DIR | stop DIR" >&2
+  echo "usage: $0 start DIR [--ignore-conditional-writes] | stop DIR" >&2
   exit 2
 }
 
@@ -38,9 +43,12 @@ free_port() {
 }
 
 start() {
-  local dir="$1"
+  local dir="$1" mode="${2:-}"
   mkdir -p "$dir/data"
   dir="$(cd "$dir" && pwd)"
+  [[ -n "$mode" ]] && echo "$mode" >"$dir/mode"
+  local extra=()
+  [[ "$(cat "$dir/mode" 2>/dev/null)" == --ignore-conditional-writes ]] && extra=(--ignore-conditional-writes)
   install_moto
   if [[ -f "$dir/pid" ]] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
     echo "s3.sh: already running in $dir" >&2
@@ -49,7 +57,7 @@ start() {
     local port
     port="$(cat "$dir/port")"
     "$venv/bin/python" "$here/s3-test-server.py" --port "$port" --data "$dir/data" \
-      --bucket "$BUCKET" >>"$dir/log" 2>&1 &
+      --bucket "$BUCKET" "${extra[@]}" >>"$dir/log" 2>&1 &
     echo $! >"$dir/pid"
     local deadline=$((SECONDS + 30))
     until "$venv/bin/python" - "$port" "$BUCKET" <<'EOF' 2>/dev/null; do
@@ -90,9 +98,9 @@ stop() {
   rm -f "$dir/pid"
 }
 
-[[ $# -eq 2 ]] || usage
-case "$1" in
-  start) start "$2" ;;
-  stop) stop "$2" ;;
+case "${1:-}:$#:${3:-}" in
+  start:2:) start "$2" ;;
+  start:3:--ignore-conditional-writes) start "$2" "$3" ;;
+  stop:2:) stop "$2" ;;
   *) usage ;;
 esac

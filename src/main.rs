@@ -90,13 +90,22 @@ fn runtime(e: impl std::fmt::Display) -> Failure {
     CommandError::failed(e)
 }
 
-/// How a server (Nexus, Keeper) that stopped on `e` exits: 3 when the SPIFFE agent gave it no
-/// identity, 1 otherwise.
-fn server_failure(agent_away: bool, e: impl std::fmt::Display) -> Failure {
-    if agent_away {
-        CommandError::NoIdentity(e.to_string())
-    } else {
-        runtime(e)
+/// Why a server (Nexus, Keeper) stopped, as far as its exit status goes.
+enum Stopped {
+    /// The SPIFFE agent gave it no identity: 3.
+    AgentAway,
+    /// Its configuration cannot work (a store proven unsafe): 2, as any configuration error.
+    Configuration,
+    /// Anything else: 1.
+    Failed,
+}
+
+/// How a server that stopped on `e` exits.
+fn server_failure(why: Stopped, e: impl std::fmt::Display) -> Failure {
+    match why {
+        Stopped::AgentAway => CommandError::NoIdentity(e.to_string()),
+        Stopped::Configuration => usage(e),
+        Stopped::Failed => runtime(e),
     }
 }
 
@@ -146,7 +155,16 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let cfg = spike::nexus::NexusConfig::from_source(&ProcessEnv).map_err(usage)?;
             runtime_builder()?
                 .block_on(spike::nexus::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(|e| server_failure(e.is_agent_unavailable(), e))
+                .map_err(|e| {
+                    let why = if e.is_agent_unavailable() {
+                        Stopped::AgentAway
+                    } else if e.is_configuration() {
+                        Stopped::Configuration
+                    } else {
+                        Stopped::Failed
+                    };
+                    server_failure(why, e)
+                })
         }
         Command::Keeper => {
             let cfg = spike::keeper::KeeperConfig::from_source(&ProcessEnv).map_err(usage)?;
@@ -157,7 +175,14 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .build()
                 .map_err(runtime)?
                 .block_on(spike::keeper::run(cfg, spike::platform::shutdown_signal()))
-                .map_err(|e| server_failure(e.is_agent_unavailable(), e))
+                .map_err(|e| {
+                    let why = if e.is_agent_unavailable() {
+                        Stopped::AgentAway
+                    } else {
+                        Stopped::Failed
+                    };
+                    server_failure(why, e)
+                })
         }
         Command::Dev(args) => runtime_builder()?.block_on(spike::entry::dev::run(args)),
         Command::Pki { command } => pki(command),

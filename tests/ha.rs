@@ -421,6 +421,29 @@ ha_suite!(
 );
 
 ha_suite!(
+    s3_seaweedfs,
+    fresh = {
+        if !common::s3::Kind::SeaweedFs.available() {
+            return;
+        }
+        (
+            (),
+            common::s3::shared_env_on(common::s3::Kind::SeaweedFs, "ha"),
+        )
+    },
+    outage = {
+        if !common::s3::Kind::SeaweedFs.available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let server =
+            common::s3::S3Server::start_kind(common::s3::Kind::SeaweedFs, &dir.path().join("s3"));
+        let env = server.nexus_env("outage/");
+        (dir, env, server)
+    }
+);
+
+ha_suite!(
     postgres,
     fresh = {
         let url = common::postgres::fresh_database().await;

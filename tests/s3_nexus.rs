@@ -1,13 +1,14 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! Nexus on the S3 backend, with real processes: a dedicated S3 test server per test
-//! (scripts/s3.sh), so stopping it affects no other test.
+//! (scripts/s3.sh for moto, scripts/seaweedfs.sh for SeaweedFS), so stopping it affects no
+//! other test; and the refusal of a server that ignores conditional writes.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::s3::S3Server;
+use common::s3::{Kind, S3Server};
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::{Value, json};
@@ -30,8 +31,19 @@ async fn get(su: &HttpsClient, url: &Uri, path: &str) -> (StatusCode, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nexus_on_s3_serves_two_instances_and_survives_the_store_going_away() {
+    two_instances_and_an_outage(Kind::Moto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_on_seaweedfs_serves_two_instances_and_survives_the_store_going_away() {
+    if Kind::SeaweedFs.available() {
+        two_instances_and_an_outage(Kind::SeaweedFs).await;
+    }
+}
+
+async fn two_instances_and_an_outage(kind: Kind) {
     let mut c = Cluster::new(3);
-    let s3 = S3Server::start(&c.dir.path().join("s3"));
+    let s3 = S3Server::start_kind(kind, &c.dir.path().join("s3"));
     let env = s3.nexus_env("nexus-test/");
     let n1 = c.start_nexus(&pairs(&env));
     let url1 = c.nexus[n1].url();
@@ -120,6 +132,70 @@ async fn nexus_on_s3_serves_two_instances_and_survives_the_store_going_away() {
     assert_eq!(
         put(&su, &url1, "apps/db/creds", "four").await,
         (StatusCode::OK, json!({"version": 4}))
+    );
+}
+
+/// SeaweedFS's limit (README): once `a/b` exists, `a` is a directory there, so creating the
+/// secret `a` is refused — 503 after Nexus's retries, nothing lost — while `a/b` stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_on_seaweedfs_cannot_create_a_path_that_has_paths_under_it() {
+    if !Kind::SeaweedFs.available() {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    let env = common::s3::shared_env_on(Kind::SeaweedFs, "directories");
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    assert_eq!(put(&su, &url, "a/b", "one").await.0, StatusCode::OK);
+    let t = Instant::now();
+    let (s, b) = put(&su, &url, "a", "two").await;
+    assert_eq!(
+        (s, &b),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"err": "store_unavailable"})
+        )
+    );
+    println!(
+        "seaweedfs: creating `a` after `a/b` refused in {:?}",
+        t.elapsed()
+    );
+    let (s, b) = get(&su, &url, "a/b").await;
+    assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("one")));
+    let (s, _) = get(&su, &url, "a").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The other order works.
+    assert_eq!(put(&su, &url, "c", "three").await.0, StatusCode::OK);
+    assert_eq!(put(&su, &url, "c/d", "four").await.0, StatusCode::OK);
+}
+
+/// An S3 server that ignores If-Match and If-None-Match (so every write would overwrite): Nexus
+/// refuses it at start with a message that says why and exit status 2 (configuration), and
+/// writes nothing but its probe object, which it removes — no root-key verifier, no policy book.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_refuses_an_s3_server_that_ignores_conditional_writes() {
+    let mut c = Cluster::new(3);
+    let s3 = S3Server::start_kind(Kind::IgnoresConditions, &c.dir.path().join("s3"));
+    let n = c.start_nexus(&pairs(&s3.nexus_env("refused/")));
+    let code = c.nexus[n].wait_exit(Duration::from_secs(30));
+    let logs = c.nexus[n].logs();
+    assert_eq!(code, Some(2), "{logs}");
+    assert!(
+        logs.contains("does not honour conditional writes") && logs.contains("If-None-Match: *"),
+        "{logs}"
+    );
+    assert!(!logs.contains("spike-test-secret"), "{logs}");
+    assert_eq!(
+        common::s3::objects_under_prefix(&s3.config("refused/")).await,
+        Vec::<String>::new(),
+        "{logs}"
+    );
+    assert!(!logs.contains("panicked"), "{logs}");
+    println!(
+        "refused: {}",
+        logs.lines().last().unwrap_or_default().trim()
     );
 }
 

@@ -115,6 +115,12 @@ impl Error {
             _ => false,
         }
     }
+
+    /// True when the configuration cannot work and waiting will not change that: a store
+    /// proven unsafe to use (an S3 server that ignores conditional writes). Exit status 2.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, Error::Store(crate::store::Error::Incompatible { .. }))
+    }
 }
 
 impl ApiError {
@@ -626,6 +632,7 @@ async fn start_on_store(
                 tokio::time::sleep(crate::platform::jitter(delay)).await;
                 delay = (delay * 2).min(std::time::Duration::from_secs(10));
             }
+            // A store proven unsafe (Incompatible) or misconfigured: stop, do not wait.
             Err(e) => return Err(e.into()),
         }
     };

@@ -127,6 +127,8 @@ label_enum! {
         Unavailable => "unavailable",
         /// The store answered with malformed data.
         Corrupt => "corrupt",
+        /// The store cannot be used safely (an S3 server that ignores conditional writes).
+        Incompatible => "incompatible",
     }
 }
 

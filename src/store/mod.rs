@@ -44,6 +44,16 @@ pub enum Error {
         /// What went wrong (no secrets, no credentials).
         reason: String,
     },
+    /// The store cannot give the guarantees Nexus relies on (an S3 server that ignores
+    /// conditional writes): a configuration error, which waiting does not fix. Nexus refuses to
+    /// use such a store rather than lose updates.
+    #[error("{backend} store refused: {reason}")]
+    Incompatible {
+        /// The backend's name.
+        backend: &'static str,
+        /// What the store failed to do, and what to do about it.
+        reason: String,
+    },
     /// The store answered with data that does not have the expected shape.
     #[error("{backend} store holds malformed data: {reason}")]
     Corrupt {
@@ -129,7 +139,8 @@ const VERIFIER_KEY: &str = "root-key-verifier";
 /// - [`Store::put`] and [`Store::delete`] must be linearisable per key across every Nexus
 ///   instance on the store: two writers from the same revision never both succeed, and a write
 ///   is acknowledged only once it is durable. A store that cannot promise this (an S3 server
-///   that ignores conditional headers) must refuse to open rather than lose updates.
+///   that ignores conditional headers) must refuse to open, with [`Error::Incompatible`],
+///   rather than lose updates.
 /// - Reads never return data older than an acknowledged write (no stale replicas).
 pub trait Store: Send + Sync + 'static {
     /// A short name for logs and `/health` (`sqlite`, `memory`, ...).
@@ -247,7 +258,13 @@ impl AnyStore {
             Backend::Sqlite { data_dir } => {
                 AnyStore::Sqlite(sqlite::SqliteStore::open(data_dir).await?)
             }
-            Backend::S3(cfg) => AnyStore::S3(s3::S3Store::open(cfg)?),
+            Backend::S3(cfg) => {
+                let store = s3::S3Store::open(cfg)?;
+                // Proven before anything is written: a server that ignores conditional
+                // writes is refused here, not found out by a lost update.
+                store.check_conditional_writes().await?;
+                AnyStore::S3(store)
+            }
             Backend::Postgres { url } => {
                 AnyStore::Postgres(postgres::PostgresStore::open(url.expose()).await?)
             }
@@ -340,6 +357,7 @@ impl<S: Store> Measured<S> {
             Ok(_) => StoreResult::Ok,
             Err(Error::Unavailable { .. }) => StoreResult::Unavailable,
             Err(Error::Corrupt { .. }) => StoreResult::Corrupt,
+            Err(Error::Incompatible { .. }) => StoreResult::Incompatible,
         };
         self.ops
             .record(self.inner.backend(), op, outcome, started.elapsed());

@@ -20,10 +20,18 @@
 //!   MinIO).
 //!
 //! A server that ignores the conditional headers turns every write into last-writer-wins: two
-//! Nexus instances can then lose each other's secret versions, and two instances starting on an
-//! empty bucket can each create a root key. Do not use such a server with more than one Nexus;
-//! there is no way to detect it from the client at run time short of a write race. A server with
-//! eventual consistency makes an instance read stale data and see spurious conflicts.
+//! Nexus instances could then lose each other's secret versions, and two instances starting on
+//! an empty bucket could each create a root key. So [`S3Store::check_conditional_writes`] proves
+//! the server honours them before the store is used ([`super::AnyStore::open`] runs it at every
+//! start), on a probe object of its own under the prefix, outside every namespace:
+//! `<prefix>conditional-write-probe/<random>`. A create with `If-None-Match: *` must succeed, a
+//! second one must get 412, a write with a wrong `If-Match` must get 412 and one with the right
+//! ETag must succeed; the probe object is then deleted. A server that fails any of these is
+//! [`Error::Incompatible`] and Nexus exits (status 2) without writing anything else; one that
+//! cannot be reached is `Unavailable` and waited for. The probe cannot see a server that checks
+//! the condition and then writes as two steps (a race, not an ignored header): the conformance
+//! suite's concurrent writers test that. A server with eventual consistency makes an instance
+//! read stale data and see spurious conflicts.
 //!
 //! S3's ETag for a single-part PUT is the MD5 of the body, so two writes of identical bytes get
 //! the same revision. That is harmless here: compare-and-set then compares values, and a
@@ -150,6 +158,25 @@ async fn bounded<T>(op: &str, fut: impl Future<Output = Result<T>>) -> Result<T>
         .unwrap_or_else(|_| Err(unavailable(format!("{op}: timed out"))))
 }
 
+/// Where the conditional-write probe writes, under the prefix: no namespace lists it.
+const PROBE_DIR: &str = "conditional-write-probe/";
+
+/// What the probe found besides the conditional writes every server must honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditions {
+    /// `If-Match` on `DeleteObject` is honoured (AWS S3 since 2024). Without it a delete is a
+    /// HEAD-compare then an unconditional delete (module docs): not refused, only reported.
+    pub delete_if_match: bool,
+}
+
+/// How a server answered one write of the probe.
+enum Answer {
+    /// 2xx, with the new ETag.
+    Written(Revision),
+    /// A 412 or 409: the condition did not hold.
+    Refused(u16),
+}
+
 /// Whether `b` stays as it is in an object key.
 fn keep(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~' | b'/')
@@ -236,6 +263,196 @@ impl S3Store {
         })
     }
 
+    /// Proves on a probe object (`<prefix>conditional-write-probe/<random>`) that the server
+    /// honours the conditional writes this store relies on (module docs), then deletes it.
+    /// [`Error::Incompatible`] when it does not, naming what it ignored; `Unavailable` when it
+    /// cannot be asked. Nothing but the probe object is written.
+    pub async fn check_conditional_writes(&self) -> Result<Conditions> {
+        let mut suffix = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
+            .map_err(|_| unavailable("conditional-write probe: no randomness"))?;
+        let hex: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("{}{PROBE_DIR}{hex}", self.inner.prefix);
+        let found = self.probe(&key).await;
+        // Whatever the probe found, the object goes (unconditionally: it is ours alone).
+        let removed = bounded("DeleteObject", async {
+            self.inner
+                .writer
+                .delete_object()
+                .bucket(&self.inner.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| unexpected("DeleteObject", classify("DeleteObject", e)))
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!(object = %key, error = %e, "s3: could not delete the conditional-write probe object; delete it by hand");
+        }
+        let conditions = found?;
+        if !conditions.delete_if_match {
+            tracing::warn!(
+                "s3: the server ignores If-Match on DeleteObject: a policy row deleted while \
+                 another instance rewrites it can lose that rewrite (src/store/s3.rs)"
+            );
+        }
+        tracing::info!(
+            delete_if_match = conditions.delete_if_match,
+            "s3: the server honours conditional writes (If-None-Match: * and If-Match on PutObject)"
+        );
+        Ok(conditions)
+    }
+
+    async fn probe(&self, key: &str) -> Result<Conditions> {
+        let refuse = |what: String| Error::Incompatible {
+            backend: BACKEND,
+            reason: format!(
+                "the S3 server at the configured endpoint does not honour conditional writes: \
+                 {what}. With it, Nexus instances would overwrite each other's updates (and \
+                 could each create a root key), so Nexus will not use it; use a server that \
+                 evaluates If-None-Match and If-Match on PutObject (AWS S3, SeaweedFS, MinIO, \
+                 ...) or another backend"
+            ),
+        };
+        let first = match self.probe_put(key, b"probe 1", None).await? {
+            Answer::Written(r) => r,
+            Answer::Refused(s) => {
+                return Err(refuse(format!(
+                    "a create of a new object with If-None-Match: * got HTTP {s}"
+                )));
+            }
+        };
+        if let Answer::Written(_) = self.probe_put(key, b"probe 2", None).await? {
+            return Err(refuse(
+                "a second create of the same object with If-None-Match: * succeeded (expected \
+                 412 Precondition Failed)"
+                    .into(),
+            ));
+        }
+        // An ETag no server hands out for these bytes: MD5 is 32 hex digits.
+        let wrong = Revision(format!("\"{}\"", "0".repeat(32)));
+        if let Answer::Written(_) = self.probe_put(key, b"probe 3", Some(&wrong)).await? {
+            return Err(refuse(
+                "a write with If-Match set to a wrong ETag succeeded (expected 412 Precondition \
+                 Failed)"
+                    .into(),
+            ));
+        }
+        let current = match self.probe_put(key, b"probe 4", Some(&first)).await? {
+            Answer::Written(r) => r,
+            Answer::Refused(s) => {
+                return Err(refuse(format!(
+                    "a write with If-Match set to the object's current ETag got HTTP {s}"
+                )));
+            }
+        };
+        // If-Match on DeleteObject: reported, not required (`delete` checks the ETag first).
+        let out = bounded("DeleteObject", async {
+            Ok(self
+                .inner
+                .writer
+                .delete_object()
+                .bucket(&self.inner.bucket)
+                .key(key)
+                .if_match(&wrong.0)
+                .send()
+                .await)
+        })
+        .await?;
+        let delete_if_match = match out {
+            Ok(_) => self.head_raw(key).await? == Some(current),
+            Err(e) => match (e.raw_response().map(|r| r.status().as_u16()), &e) {
+                (Some(412), SdkError::ServiceError(_)) => true,
+                // Any other answer (501, 400, ...): the header is not supported.
+                (Some(_), SdkError::ServiceError(_)) => false,
+                _ => return Err(unexpected("DeleteObject", classify("DeleteObject", e))),
+            },
+        };
+        Ok(Conditions { delete_if_match })
+    }
+
+    /// One write of the probe: create-if-absent (`if_match == None`) or compare-and-set.
+    async fn probe_put(
+        &self,
+        key: &str,
+        body: &[u8],
+        if_match: Option<&Revision>,
+    ) -> Result<Answer> {
+        let op = "PutObject (conditional-write probe)";
+        bounded(op, async {
+            let req = self
+                .inner
+                .writer
+                .put_object()
+                .bucket(&self.inner.bucket)
+                .key(key)
+                .body(ByteStream::from(body.to_vec()));
+            let req = match if_match {
+                None => req.if_none_match("*"),
+                Some(rev) => req.if_match(&rev.0),
+            };
+            match req.send().await {
+                Ok(out) => Ok(Answer::Written(etag(op, out.e_tag())?)),
+                Err(e) => {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    let service = matches!(e, SdkError::ServiceError(_));
+                    match (status, service) {
+                        (Some(s @ (412 | 409)), true) => Ok(Answer::Refused(s)),
+                        // A server that rejects the headers themselves cannot be waited out:
+                        // 501 NotImplemented, or 400 InvalidArgument/NotImplemented (other 400s,
+                        // such as a wrong signing region, are not about the headers).
+                        (Some(s @ (400 | 501)), true)
+                            if s == 501
+                                || matches!(
+                                    e.as_service_error().and_then(|se| se.code()),
+                                    Some("InvalidArgument" | "NotImplemented")
+                                ) =>
+                        {
+                            let detail = e.as_service_error().map_or_else(String::new, |se| {
+                                format!(
+                                    "{} {}",
+                                    se.code().unwrap_or(""),
+                                    se.message().unwrap_or("")
+                                )
+                            });
+                            Err(Error::Incompatible {
+                                backend: BACKEND,
+                                reason: format!(
+                                    "the S3 server at the configured endpoint rejects conditional \
+                                     PutObject (HTTP {s} {}); Nexus needs If-None-Match and \
+                                     If-Match on PutObject",
+                                    detail.trim()
+                                ),
+                            })
+                        }
+                        _ => Err(unexpected(op, classify(op, e))),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// The ETag of the object named `name` (the whole name), `None` if it does not exist.
+    async fn head_raw(&self, name: &str) -> Result<Option<Revision>> {
+        let out = self
+            .inner
+            .client
+            .head_object()
+            .bucket(&self.inner.bucket)
+            .key(name)
+            .send()
+            .await;
+        match out {
+            Ok(o) => Ok(Some(etag("HeadObject", o.e_tag())?)),
+            Err(e) => match classify("HeadObject", e) {
+                Failure::Status(404) => Ok(None),
+                f => Err(unexpected("HeadObject", f)),
+            },
+        }
+    }
+
     /// The object name for `key` in `ns`.
     fn object(&self, ns: Namespace, key: &str) -> String {
         format!("{}{}/{}", self.inner.prefix, ns.as_str(), encode_key(key))
@@ -248,21 +465,7 @@ impl S3Store {
 
     /// The current ETag of `key`, `None` if it does not exist.
     async fn head(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
-        let out = self
-            .inner
-            .client
-            .head_object()
-            .bucket(&self.inner.bucket)
-            .key(self.object(ns, key))
-            .send()
-            .await;
-        match out {
-            Ok(o) => Ok(Some(etag("HeadObject", o.e_tag())?)),
-            Err(e) => match classify("HeadObject", e) {
-                Failure::Status(404) => Ok(None),
-                f => Err(unexpected("HeadObject", f)),
-            },
-        }
+        self.head_raw(&self.object(ns, key)).await
     }
 
     async fn get_inner(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
