@@ -4,6 +4,7 @@
 #
 #   eval "$(scripts/seaweedfs.sh start DIR)"   # builds weed if needed, starts, prints the exports
 #   scripts/seaweedfs.sh stop DIR              # idempotent
+#   scripts/seaweedfs.sh build                 # only build weed (./test runs it in the background)
 #
 # One `weed server` process runs a master, a volume server, a filer and the S3 gateway, every
 # port on 127.0.0.1 picked free on first start and kept in DIR/ports, so starting again on the
@@ -32,7 +33,7 @@ weed="$prefix/weed"
 ldflags="-s -w"
 
 usage() {
-  echo "usage: $0 start DIR | stop DIR" >&2
+  echo "usage: $0 start DIR | stop DIR | build" >&2
   exit 2
 }
 
@@ -227,6 +228,7 @@ stop() {
   fi
 }
 
+if [[ $# -eq 1 && "$1" == build ]]; then build; exit 0; fi
 [[ $# -eq 2 ]] || usage
 case "$1" in
   start) start "$2" ;;

@@ -78,7 +78,7 @@ unregistered 47099 -"
 
 usage() {
   cat >&2 <<EOF
-usage: $0 start DIR [--trust-domain TD] | stop DIR
+usage: $0 start DIR [--trust-domain TD] | stop DIR | build
        $0 entry DIR create UID SPIFFE_ID|/PATH [spire-server entry create flags]
        $0 entry DIR delete ENTRY_ID|uid:N|SPIFFE_ID|/PATH
        $0 entry DIR show [spire-server entry show flags]
@@ -440,6 +440,7 @@ fetch() {
   as_uid "$uid" "$agent_bin" api fetch x509 -socketPath "$dir/agent/api.sock"
 }
 
+if [[ $# -eq 1 && "$1" == build ]]; then build; exit 0; fi
 [[ $# -ge 2 ]] || usage
 cmd="$1"
 dir="$2"

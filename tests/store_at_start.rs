@@ -61,3 +61,38 @@ async fn a_nexus_started_without_its_database_waits_for_it() {
     assert_eq!(s, StatusCode::OK, "{b}");
     assert!(!c.dump_logs().contains("panicked"));
 }
+
+/// A database URL that cannot work is a configuration error, not an outage: Nexus stops at
+/// once with exit status 2 and a line naming the variable (never its value), instead of
+/// waiting for a database that no retry can reach.
+#[test]
+fn a_malformed_database_url_stops_nexus_with_a_configuration_error() {
+    let c = Cluster::new(1);
+    for (i, url) in [
+        "not a url at all",
+        "postgres://spike:s3cr3t-pw@127.0.0.1:5432/db?target_session_attrs=read-only",
+        "host=127.0.0.1 password=s3cr3t-pw target_session_attrs=any",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut nexus = Proc::launch(
+            &format!("bad-url-{i}"),
+            c.dir.path(),
+            &["nexus"],
+            c.nexus_env(&[
+                ("SPIKE_NEXUS_SHAMIR_THRESHOLD", "1"),
+                ("SPIKE_NEXUS_BACKEND_STORE", "postgres"),
+                ("SPIKE_NEXUS_DB_URL", url),
+            ]),
+        );
+        let code = nexus.wait_exit(Duration::from_secs(20));
+        let logs = nexus.logs();
+        assert_eq!(code, Some(2), "{url}: {logs}");
+        assert!(logs.contains("SPIKE_NEXUS_DB_URL"), "{logs}");
+        assert!(
+            !logs.contains("s3cr3t-pw"),
+            "the password reached the log: {logs}"
+        );
+    }
+}

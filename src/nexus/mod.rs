@@ -117,9 +117,15 @@ impl Error {
     }
 
     /// True when the configuration cannot work and waiting will not change that: a store
-    /// proven unsafe to use (an S3 server that ignores conditional writes). Exit status 2.
+    /// proven unsafe to use (an S3 server that ignores conditional writes) or settings that
+    /// cannot work (a malformed database URL). Exit status 2.
     pub fn is_configuration(&self) -> bool {
-        matches!(self, Error::Store(crate::store::Error::Incompatible { .. }))
+        matches!(
+            self,
+            Error::Store(
+                crate::store::Error::Incompatible { .. } | crate::store::Error::Config { .. }
+            )
+        )
     }
 }
 

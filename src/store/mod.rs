@@ -54,6 +54,15 @@ pub enum Error {
         /// What the store failed to do, and what to do about it.
         reason: String,
     },
+    /// The store's settings cannot work (a malformed database URL): a configuration error,
+    /// not an outage, so Nexus stops at start instead of waiting.
+    #[error("{backend} store settings: {reason}")]
+    Config {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is wrong with them (never a credential).
+        reason: String,
+    },
     /// The store answered with data that does not have the expected shape.
     #[error("{backend} store holds malformed data: {reason}")]
     Corrupt {
@@ -357,7 +366,7 @@ impl<S: Store> Measured<S> {
             Ok(_) => StoreResult::Ok,
             Err(Error::Unavailable { .. }) => StoreResult::Unavailable,
             Err(Error::Corrupt { .. }) => StoreResult::Corrupt,
-            Err(Error::Incompatible { .. }) => StoreResult::Incompatible,
+            Err(Error::Incompatible { .. } | Error::Config { .. }) => StoreResult::Incompatible,
         };
         self.ops
             .record(self.inner.backend(), op, outcome, started.elapsed());

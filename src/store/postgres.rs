@@ -251,7 +251,10 @@ struct Settings {
 }
 
 fn invalid_url(reason: impl std::fmt::Display) -> Error {
-    unavailable(format!("SPIKE_NEXUS_DB_URL: {reason}"))
+    Error::Config {
+        backend: BACKEND,
+        reason: format!("SPIKE_NEXUS_DB_URL: {reason}"),
+    }
 }
 
 fn percent_decode(text: &str) -> std::result::Result<String, ()> {
