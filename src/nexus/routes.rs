@@ -170,6 +170,18 @@ impl Api {
                 Some(Access::admit(self.store(), policies, keys, caller, trust, want).await?)
             }
         };
+        // Routes whose resource is fixed are decided for it before the body is read.
+        if let Some(access) = &access {
+            match route {
+                Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList => {
+                    access.grant(policy::ACL_PATH)?;
+                }
+                Route::Encrypt | Route::Decrypt => {
+                    access.grant(policy::CIPHER_PATH)?;
+                }
+                _ => {}
+            }
+        }
         let stream = req
             .headers()
             .get(CONTENT_TYPE)
