@@ -412,3 +412,38 @@ async fn a_deleted_book_and_a_replayed_per_name_row_do_not_bring_back_a_policy()
             .join("\n")
     );
 }
+
+/// Class 3 (logs never hold a body): a policy put's permission names and path pattern go into
+/// the "request refused" line (`invalid permission {p:?}` and `pathPattern {path:?} matches
+/// the reserved path` in src/protocol/policy.rs `validate`). Debug quoting keeps them on one
+/// line, but they are body content, and a permission name has no length limit: one request
+/// writes up to `SPIKE_NEXUS_MAX_BODY_BYTES` (1 MiB) into one log line.
+///
+/// Expected: the log says which field is wrong, not what it held. Observed on b292ac0: the
+/// marker and all 100,000 bytes after it are in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_policy_does_not_put_its_body_in_the_log() {
+    const MARKER: &str = "BODY-MARKER-IN-A-PERMISSION";
+    let mut c = Cluster::new(3);
+    let n = c.start_nexus(&[("SPIKE_SYSTEM_LOG_FORMAT", "text")]);
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let long = format!("{MARKER}{}", "x".repeat(100_000));
+    let p = json!({"name": "p", "spiffeidPattern": "^spiffe://spike\\.ist/app/web$",
+                   "pathPattern": "^secrets/web/.*$", "permissions": [long]});
+    assert_eq!(
+        call(&su, &url, POLICY_PATH, p).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let logs = c.nexus[n].logs();
+    let longest = logs.lines().map(str::len).max().unwrap_or(0);
+    assert!(
+        !logs.contains(MARKER),
+        "a policy body reached the log (longest line {longest} bytes): {}",
+        logs.lines()
+            .find(|l| l.contains(MARKER))
+            .map(|l| &l[..l.len().min(300)])
+            .unwrap_or_default()
+    );
+}
