@@ -124,18 +124,30 @@ fn shard_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     )
 }
 
+impl Keeper {
+    /// Whether `peer` is a Nexus of the trusted domains.
+    fn is_nexus(&self, peer: &Peer) -> bool {
+        peer.id
+            .as_ref()
+            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus))
+    }
+}
+
 impl Handler for Keeper {
+    /// Nexus is a Keeper's only caller, so the reserve is Nexus's: callers that hold every
+    /// ordinary connection (only Nexus identities pass the handshake) do not lock out the
+    /// Nexus instances pushing or fetching shards.
+    fn privileged(&self, peer: &Peer) -> bool {
+        self.is_nexus(peer)
+    }
+
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
         if req.method() != Method::POST {
             return transport::error(StatusCode::BAD_REQUEST, "api_bad_request");
         }
         // The handshake already refused anyone but Nexus; check again so a configuration
         // mistake in the TLS layer cannot open the shard.
-        let is_nexus = peer
-            .id
-            .as_ref()
-            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus));
-        if !is_nexus {
+        if !self.is_nexus(&peer) {
             tracing::warn!(peer = ?peer.id.as_ref().map(|id| id.to_string()), "refused a caller that is not Nexus");
             return transport::error(StatusCode::UNAUTHORIZED, "access_unauthorized");
         }

@@ -543,11 +543,9 @@ impl Gate {
 
 impl Handler for Gate {
     fn privileged(&self, peer: &Peer) -> bool {
-        match self.api.get() {
-            Some(api) => api.privileged(peer),
-            // Before the store is open only /health answers anything useful.
-            None => peer.id.is_none(),
-        }
+        // Before the store is open nothing but `/health` answers, and callers without a
+        // certificate have their own allowance for it: nobody needs the reserve.
+        self.api.get().is_some_and(|api| api.privileged(peer))
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
@@ -577,17 +575,17 @@ impl Handler for Gate {
 }
 
 impl Handler for Api {
-    /// Operators (superuser, recover, restore) and callers without a certificate, who can only
-    /// ask `/health`, may use the reserved connections: a workload identity that holds every
-    /// ordinary connection locks out neither the people who run Nexus nor its load balancer.
+    /// Operators (superuser, recover, restore) may use the reserved connections: a workload
+    /// identity that holds every ordinary connection does not lock out the people who run
+    /// Nexus. Callers without a certificate never do (they have their own small allowance, see
+    /// [`crate::transport::Limits::anonymous_connections`]).
     fn privileged(&self, peer: &Peer) -> bool {
-        match &peer.id {
-            None => true,
-            Some(id) => matches!(
+        peer.id.as_ref().is_some_and(|id| {
+            matches!(
                 self.nexus.config.identity.trust.role_of(id),
                 Some(Role::Superuser | Role::Recover | Role::Restore)
-            ),
-        }
+            )
+        })
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
