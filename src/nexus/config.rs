@@ -51,6 +51,23 @@ pub struct NexusConfig {
     /// authenticated (they carry no MAC) and give each its MAC. Off by default: a record without
     /// MAC is refused like a tampered one, so removing a MAC downgrades nothing.
     pub upgrade_secret_records: bool,
+    /// `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`: move the per-name policy rows of releases before the
+    /// policy book into the book at this start. Off by default: rows found in the store are
+    /// left there, not in force, with a warning, because a store administrator can put a row
+    /// back (a deleted policy would return).
+    pub upgrade_policy_rows: bool,
+}
+
+/// An operator's `true`/`false` setting (any case; empty or unset is `false`).
+fn flag(env: &impl Source, name: &'static str) -> Result<bool> {
+    match env.get(name) {
+        None => Ok(false),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" | "" => Ok(false),
+            _ => Err(invalid(name, format!("expected true or false, got {v:?}"))),
+        },
+    }
 }
 
 impl NexusConfig {
@@ -126,21 +143,11 @@ impl NexusConfig {
         }
         let max_cipher_bytes =
             number::<usize>(env, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", 65_536)?;
-        let upgrade_secret_records = match env.get("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS") {
-            None => false,
-            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "true" => true,
-                "false" | "" => false,
-                _ => {
-                    return Err(invalid(
-                        "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
-                        format!("expected true or false, got {v:?}"),
-                    ));
-                }
-            },
-        };
+        let upgrade_secret_records = flag(env, "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS")?;
+        let upgrade_policy_rows = flag(env, "SPIKE_NEXUS_UPGRADE_POLICY_ROWS")?;
         Ok(NexusConfig {
             upgrade_secret_records,
+            upgrade_policy_rows,
             server: Limits::from_source(env)?,
             max_cipher_bytes,
             listen,
@@ -220,6 +227,13 @@ mod tests {
         ]))
         .unwrap();
         assert!(upgrading.upgrade_secret_records);
+        assert!(!upgrading.upgrade_policy_rows, "rows are imported only when asked");
+        let rows = NexusConfig::from_source(&env(&[
+            ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
+            ("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "TRUE"),
+        ]))
+        .unwrap();
+        assert!(rows.upgrade_policy_rows);
     }
 
     #[test]
@@ -257,6 +271,10 @@ mod tests {
             (
                 &[("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "yes")],
                 "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
+            ),
+            (
+                &[("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "1")],
+                "SPIKE_NEXUS_UPGRADE_POLICY_ROWS",
             ),
         ];
         for (pairs, var) in cases {

@@ -253,7 +253,7 @@ impl Nexus {
         Nexus {
             store,
             writers: secrets::Writers::default(),
-            policies: Arc::default(),
+            policies: Arc::new(book::Policies::new(config.upgrade_policy_rows)),
             config,
             keys: RwLock::new(None),
             phase: RwLock::new(Phase::AwaitingKeepers { have: 0, need }),
@@ -348,8 +348,8 @@ impl Nexus {
         });
     }
 
-    /// Once the key is loaded: creates the policy book, or moves an earlier version's per-name
-    /// policy rows into it, and removes rows left over ([`book::Policies::start`]). In the
+    /// Once the key is loaded: creates the policy book and, when the operator asked for it,
+    /// moves an earlier version's per-name policy rows into it ([`book::Policies::start`]). In the
     /// background, retried until it succeeds; requests that need the book before then create
     /// it themselves.
     fn start_policies(&self, keys: &Arc<Keys>) {
