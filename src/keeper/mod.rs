@@ -168,9 +168,7 @@ impl Handler for Keeper {
             self.shard(&body)
         };
         // The request body may hold a shard: wipe our copy.
-        if let Ok(mut owned) = body.try_into_mut() {
-            owned.zeroize();
-        }
+        transport::wipe_body(body);
         resp
     }
 }

@@ -190,7 +190,9 @@ impl Api {
         match (route, access) {
             (Route::Recover, None) => {
                 let _: Empty = parse(&body)?;
-                ok(&recovery::export(&self.nexus, keys)?)
+                // The answer is the recovery shards: a buffer wiped once it is written.
+                let shards = recovery::export(&self.nexus, keys)?;
+                Ok(transport::json_secret(StatusCode::OK, &shards))
             }
             (Route::Encrypt | Route::Decrypt, Some(access)) => {
                 access.grant(policy::CIPHER_PATH)?;
@@ -680,8 +682,10 @@ impl Api {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;
-        let r: wire::RestoreRequest = parse(&body)?;
-        ok(&recovery::restore(&self.nexus, &r).await?)
+        let parsed = parse::<wire::RestoreRequest>(&body);
+        // The body holds a shard (the parsed request wipes its own copy when dropped).
+        transport::wipe_body(body);
+        ok(&recovery::restore(&self.nexus, &parsed?).await?)
     }
 
     /// The request body, within the size limit and the body deadline.

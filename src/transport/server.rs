@@ -567,7 +567,48 @@ pub async fn read_body(
 /// A JSON response with the no-cache headers SPIKE sends on every response.
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    json_bytes(status, Bytes::from(bytes))
+}
+
+/// A JSON response whose body holds key material (recovery shards): serialized into a buffer
+/// reserved at its exact size, so no reallocation leaves a copy behind, and wiped when hyper
+/// drops it once written (best effort: hyper's and rustls's own buffers are not ours to wipe).
+pub fn json_secret<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    /// Counts what serializing writes, to reserve it exactly.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    if serde_json::to_writer(&mut count, body).is_ok() {
+        bytes.reserve_exact(count.0);
+        if serde_json::to_writer(&mut *bytes, body).is_err() {
+            bytes.clear();
+        }
+    }
+    if bytes.is_empty() {
+        bytes.extend_from_slice(b"{}");
+    }
+    json_bytes(status, Bytes::from_owner(bytes))
+}
+
+/// Wipes a request body that held key material, if this is its only reference (best effort:
+/// hyper's read buffers are not ours to wipe).
+pub fn wipe_body(body: Bytes) {
+    if let Ok(mut owned) = body.try_into_mut() {
+        zeroize::Zeroize::zeroize(&mut owned[..]);
+    }
+}
+
+fn json_bytes(status: StatusCode, bytes: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(bytes));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -600,4 +641,30 @@ pub fn bytes(
 /// SPIKE's error body: `{"err": "<code>"}`.
 pub fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "err": code }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_secret_answer_is_the_same_json_in_a_buffer_of_its_exact_size() {
+        let body = serde_json::json!({"shards": {"1": [1, 2, 3], "2": [4, 5, 6]}});
+        let plain = json(StatusCode::OK, &body).into_body().collect().await;
+        let secret = json_secret(StatusCode::OK, &body).into_body().collect().await;
+        assert_eq!(plain.unwrap().to_bytes(), secret.unwrap().to_bytes());
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_caller_does_not_read_fails_at_the_write_deadline() {
+        // A pipe whose reader never reads: writes fill its buffer, then wait.
+        let (writer, _reader) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(writer, Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let result = tokio::io::AsyncWriteExt::write_all(&mut io, &[0u8; 4096]).await;
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
 }
