@@ -429,12 +429,16 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
     let plain = c.start_nexus(&pairs(&env));
     let url = c.nexus[plain].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    wait_for("the warning about the rows", Duration::from_secs(20), || async {
-        c.nexus[plain]
-            .logs()
-            .contains("SPIKE_NEXUS_UPGRADE_POLICY_ROWS=true")
-            .then_some(())
-    })
+    wait_for(
+        "the warning about the rows",
+        Duration::from_secs(20),
+        || async {
+            c.nexus[plain]
+                .logs()
+                .contains("SPIKE_NEXUS_UPGRADE_POLICY_ROWS=true")
+                .then_some(())
+        },
+    )
     .await;
     let w = c.api_client("w", "/app/w");
     assert_eq!(

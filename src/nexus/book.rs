@@ -1018,8 +1018,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let instances: Vec<Arc<Policies>> =
-            (0..4).map(|_| Arc::new(Policies::new(true))).collect();
+        let instances: Vec<Arc<Policies>> = (0..4).map(|_| Arc::new(Policies::new(true))).collect();
         let shared = Arc::new(k);
         let mut tasks = tokio::task::JoinSet::new();
         for p in &instances {

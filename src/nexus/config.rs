@@ -227,7 +227,10 @@ mod tests {
         ]))
         .unwrap();
         assert!(upgrading.upgrade_secret_records);
-        assert!(!upgrading.upgrade_policy_rows, "rows are imported only when asked");
+        assert!(
+            !upgrading.upgrade_policy_rows,
+            "rows are imported only when asked"
+        );
         let rows = NexusConfig::from_source(&env(&[
             ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
             ("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "TRUE"),

@@ -198,8 +198,13 @@ impl HttpsClient {
         content_type: &'static str,
         body: Vec<u8>,
     ) -> Result<Reply> {
-        self.request(Method::POST, base, path, Some((content_type, Bytes::from(body))))
-            .await
+        self.request(
+            Method::POST,
+            base,
+            path,
+            Some((content_type, Bytes::from(body))),
+        )
+        .await
     }
 
     /// `GET base + path`.

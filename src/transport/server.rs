@@ -426,9 +426,9 @@ impl Slots {
                         "connection limit reached; the reserved connections are kept for operators",
                     );
                 }
-                Arc::clone(&self.reserve).try_acquire_owned().map_err(|_| {
-                    "connection limit reached, and every reserved connection is taken"
-                })
+                Arc::clone(&self.reserve)
+                    .try_acquire_owned()
+                    .map_err(|_| "connection limit reached, and every reserved connection is taken")
             }
         }
     }
@@ -652,7 +652,10 @@ mod tests {
     async fn a_secret_answer_is_the_same_json_in_a_buffer_of_its_exact_size() {
         let body = serde_json::json!({"shards": {"1": [1, 2, 3], "2": [4, 5, 6]}});
         let plain = json(StatusCode::OK, &body).into_body().collect().await;
-        let secret = json_secret(StatusCode::OK, &body).into_body().collect().await;
+        let secret = json_secret(StatusCode::OK, &body)
+            .into_body()
+            .collect()
+            .await;
         assert_eq!(plain.unwrap().to_bytes(), secret.unwrap().to_bytes());
     }
 
