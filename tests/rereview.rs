@@ -201,6 +201,10 @@ async fn anonymous_pipelined_callers_that_never_read_do_not_lock_out_the_superus
     let mut env = vec![
         ("SPIKE_HTTP_SERVER_MAX_CONNECTIONS", "2"),
         ("SPIKE_HTTP_SERVER_RESERVED_CONNECTIONS", "2"),
+        // Long enough that the write deadline (the next test's class) frees nothing while
+        // this test waits: only keeping anonymous callers out of the reserve lets the
+        // superuser through.
+        ("SPIKE_HTTP_SERVER_WRITE_TIMEOUT", "120s"),
     ];
     env.extend(SERVER_DEADLINES_2S);
     let n = c.start_nexus(&env);
