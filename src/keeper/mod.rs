@@ -219,3 +219,31 @@ async fn run_with(
     tracing::info!("keeper stopped; shard wiped");
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+
+    #[test]
+    fn the_reserve_is_for_nexus_only() {
+        let keeper = Keeper::new(
+            TrustRoots::single("spike.ist").unwrap(),
+            std::time::Duration::from_secs(1),
+        );
+        let peer = |id: Option<&str>| Peer {
+            id: id.map(|s| SpiffeId::parse(s).unwrap()),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
+        assert!(keeper.privileged(&peer(Some("spiffe://spike.ist/spike/nexus"))));
+        for other in [
+            Some("spiffe://spike.ist/spike/keeper/1"),
+            Some("spiffe://spike.ist/spike/pilot/role/superuser"),
+            Some("spiffe://other.org/spike/nexus"),
+            None,
+        ] {
+            assert!(!keeper.privileged(&peer(other)), "{other:?}");
+        }
+    }
+}

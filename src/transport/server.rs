@@ -648,6 +648,74 @@ pub fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
+    /// Calls peers whose SPIFFE ID ends in `/operator` privileged.
+    struct Operators;
+
+    impl Handler for Operators {
+        async fn handle(&self, _: Request<Incoming>, _: Peer) -> Response<Full<Bytes>> {
+            error(StatusCode::NOT_FOUND, "none")
+        }
+
+        fn privileged(&self, peer: &Peer) -> bool {
+            peer.id
+                .as_ref()
+                .is_some_and(|id| id.to_string().ends_with("/operator"))
+        }
+    }
+
+    fn peer(id: Option<&str>) -> Peer {
+        Peer {
+            id: id.map(|s| SpiffeId::parse(s).unwrap()),
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        }
+    }
+
+    #[test]
+    fn slots_reserve_for_operators_and_a_separate_allowance_for_anonymous_callers() {
+        let limits = Limits {
+            max_connections: 1,
+            reserved_connections: 1,
+            anonymous_connections: 1,
+            ..Limits::default()
+        };
+        let slots = Slots::new(&limits);
+        let (operator, workload) = (
+            peer(Some("spiffe://spike.ist/operator")),
+            peer(Some("spiffe://spike.ist/app/w")),
+        );
+        let anonymous = peer(None);
+        // A caller without a certificate gives its ordinary handshake slot back.
+        let first = slots.for_handshake().unwrap();
+        assert!(matches!(first, HandshakeSlot::Ordinary(_)));
+        let anon = slots.admit(first, &anonymous, &Operators).unwrap();
+        // ... so a workload gets the ordinary slot, and keeps it.
+        let second = slots.for_handshake().unwrap();
+        assert!(matches!(second, HandshakeSlot::Ordinary(_)));
+        let held = slots.admit(second, &workload, &Operators).unwrap();
+        // Every ordinary slot taken: handshakes go on in handshake slots (reserve + allowance),
+        // and only an operator may stay.
+        let third = slots.for_handshake().unwrap();
+        assert!(matches!(third, HandshakeSlot::Handshake(_)));
+        assert!(slots.admit(third, &workload, &Operators).is_err());
+        let fourth = slots.for_handshake().unwrap();
+        assert!(
+            slots.admit(fourth, &anonymous, &Operators).is_err(),
+            "allowance full"
+        );
+        let fifth = slots.for_handshake().unwrap();
+        let reserved = slots.admit(fifth, &operator, &Operators).unwrap();
+        let sixth = slots.for_handshake().unwrap();
+        assert!(
+            slots.admit(sixth, &operator, &Operators).is_err(),
+            "reserve full"
+        );
+        // Handshake slots come back once the handshake has decided.
+        let a = slots.for_handshake().unwrap();
+        let b = slots.for_handshake().unwrap();
+        assert!(slots.for_handshake().is_none(), "two handshake slots");
+        drop((a, b, anon, held, reserved));
+    }
+
     #[tokio::test]
     async fn a_secret_answer_is_the_same_json_in_a_buffer_of_its_exact_size() {
         let body = serde_json::json!({"shards": {"1": [1, 2, 3], "2": [4, 5, 6]}});
