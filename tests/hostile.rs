@@ -10,6 +10,7 @@
 mod common;
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -269,8 +270,23 @@ async fn a_slow_client_is_cut_off() {
     println!("slow client cut off: {:?}", text.lines().next());
 }
 
-/// One kept-alive connection to an in-process Nexus: a TLS handshake and an HTTP/1.1 request
-/// answered on it, so the server is known to hold it (and one of its connection permits).
+/// A TLS connection to `nexus` with `tls`, the client certificate of a workload no policy names
+/// (the handshake done): it takes an ordinary connection slot (callers without a certificate have
+/// their own allowance, and are served without keep-alive).
+async fn workload_tls(
+    tls: &Arc<rustls::ClientConfig>,
+    nexus: &InProcess,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(nexus.addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+}
+
+/// One kept-alive connection to an in-process Nexus, from a workload: a TLS handshake and an
+/// HTTP/1.1 request answered on it, so the server is known to hold it (and one of its ordinary
+/// connection permits).
 struct Held {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     conn: tokio::task::JoinHandle<()>,
@@ -278,8 +294,8 @@ struct Held {
 
 impl Held {
     /// Connects and asks `/health` once; `Err` if the server turned the connection away.
-    async fn open(pki: &Pki, nexus: &InProcess) -> Result<Held, String> {
-        let tls = anonymous_tls(pki, nexus)
+    async fn open(tls: &Arc<rustls::ClientConfig>, nexus: &InProcess) -> Result<Held, String> {
+        let tls = workload_tls(tls, nexus)
             .await
             .map_err(|e| format!("handshake: {e} ({:?})", e.kind()))?;
         let (sender, conn) =
@@ -320,8 +336,9 @@ impl Drop for Held {
 /// The server holds exactly `cap` connections: `cap` kept-alive connections are served, the
 /// next one is closed right after accept (its handshake ends without an answer), the held ones
 /// still work, and once one of them is closed a new connection is served again, and the one
-/// after that is turned away again. No reserved connections here: the reserve for operators and
-/// health checks is tested in tests/hostile_review.rs.
+/// after that is turned away again. No reserved connections and no allowance for callers
+/// without a certificate here (so no handshake slots either): the reserve for operators and
+/// health checks is tested in tests/hostile_review.rs and tests/rereview.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_holds_exactly_cap_connections() {
     const CAP: usize = 4;
@@ -330,13 +347,15 @@ async fn the_connection_cap_holds_exactly_cap_connections() {
     let (_dir, pki, nexus) = nexus_in_process(&[
         ("SPIKE_HTTP_SERVER_MAX_CONNECTIONS", cap.as_str()),
         ("SPIKE_HTTP_SERVER_RESERVED_CONNECTIONS", "0"),
+        ("SPIKE_HTTP_SERVER_ANONYMOUS_CONNECTIONS", "0"),
         ("SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT", "120s"),
         ("SPIKE_HTTP_SERVER_READ_HEADER_TIMEOUT", "120s"),
     ])
     .await;
+    let tls = client_tls(Some(&pki.issue("held", "/app/held")), &pki, Role::Nexus);
     let mut held = Vec::new();
     for i in 0..CAP {
-        let h = Held::open(&pki, &nexus)
+        let h = Held::open(&tls, &nexus)
             .await
             .unwrap_or_else(|e| panic!("connection {} of {CAP} refused: {e}", i + 1));
         held.push(h);
@@ -355,7 +374,7 @@ async fn the_connection_cap_holds_exactly_cap_connections() {
     };
     let first = turned_away(
         "connection CAP+1",
-        tokio::time::timeout(Duration::from_secs(30), Held::open(&pki, &nexus))
+        tokio::time::timeout(Duration::from_secs(30), Held::open(&tls, &nexus))
             .await
             .expect("connection CAP+1 was neither served nor closed (queued?)"),
     );
@@ -368,13 +387,13 @@ async fn the_connection_cap_holds_exactly_cap_connections() {
     let again = wait_for(
         "a new connection after one was released",
         Duration::from_secs(20),
-        || async { Held::open(&pki, &nexus).await.ok() },
+        || async { Held::open(&tls, &nexus).await.ok() },
     )
     .await;
     held.push(again);
     turned_away(
         "connection CAP+1 after the release",
-        tokio::time::timeout(Duration::from_secs(30), Held::open(&pki, &nexus))
+        tokio::time::timeout(Duration::from_secs(30), Held::open(&tls, &nexus))
             .await
             .expect("connection CAP+1 was neither served nor closed (queued?)"),
     );

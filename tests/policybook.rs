@@ -2,7 +2,9 @@
 //! The policy book with real Nexus processes on one shared store (SQLite file, PostgreSQL, S3):
 //! a change through one instance is in force for the next request on another; a book the
 //! store's administrator put back or edited fails closed (500 and a log line); per-name policy
-//! rows of an earlier version move into one book when several instances start on them at once.
+//! rows of an earlier version stay out of force unless an operator sets
+//! `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`, and then move into one book when several instances start
+//! on them at once.
 //!
 //! The store's administrator is [`Admin`]: writes that bypass Nexus, each giving the record a
 //! new revision as any write does — rusqlite on the SQLite file itself, the store client for
@@ -377,9 +379,11 @@ fn stored(name: &str, id: &str, path: &str, created: i64) -> StoredPolicy {
     }
 }
 
-/// A store as an earlier version left it — per-name policy rows, no book — with three
-/// instances starting on it at once: one book holds every row that opens, with its times; the
-/// rows are gone; the policies are in force on every instance.
+/// A store as an earlier version left it — per-name policy rows, no book. An instance started
+/// without `SPIKE_NEXUS_UPGRADE_POLICY_ROWS` creates an empty book, leaves the rows out of
+/// force and says so, naming the setting (a store administrator could have put them there).
+/// Then three instances start on it at once with the setting: one book holds every row that
+/// opens, with its times; the rows are gone; the policies are in force on every instance.
 async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin: Admin) {
     // A first start makes the root key (and an empty book, which the earlier version had not).
     let n = c.start_nexus(&pairs(&env));
@@ -421,7 +425,33 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
         .write(Namespace::Policies, "d", old_row(&key, &rows[0]))
         .await;
 
-    let urls = start_together(&mut c, 3, &pairs(&env)).await;
+    // Without the operator's setting: an empty book, the rows stay and are not in force.
+    let plain = c.start_nexus(&pairs(&env));
+    let url = c.nexus[plain].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    wait_for(
+        "the warning about the rows",
+        Duration::from_secs(20),
+        || async {
+            c.nexus[plain]
+                .logs()
+                .contains("SPIKE_NEXUS_UPGRADE_POLICY_ROWS=true")
+                .then_some(())
+        },
+    )
+    .await;
+    let w = c.api_client("w", "/app/w");
+    assert_eq!(
+        read_status(&w, &url, "a/1").await.0,
+        StatusCode::UNAUTHORIZED,
+        "a per-name row is in force without the operator's setting"
+    );
+    assert_eq!(admin.keys(Namespace::Policies).await.len(), 4);
+    c.nexus[plain].kill();
+
+    let mut upgrading = pairs(&env);
+    upgrading.push(("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "true"));
+    let urls = start_together(&mut c, 3, &upgrading).await;
     wait_for(
         "the per-name rows to go",
         Duration::from_secs(20),
@@ -442,7 +472,6 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
         "{logs}"
     );
     let su = superuser(&c);
-    let w = c.api_client("w", "/app/w");
     for path in ["a/1", "b/1", "c/1"] {
         ok(
             &su,

@@ -31,6 +31,17 @@ const INVALID_POLICY: &str = "check the name (letters, digits, '-', '_' and spac
 /// typo exits 2 here instead of a 400 from Nexus. Permissions come back deduplicated.
 pub fn validate(mut policy: PolicyPutRequest) -> std::result::Result<PolicyPutRequest, String> {
     policy.permissions.retain(|p| !p.trim().is_empty());
+    // The rules' errors never repeat a field's value (Nexus logs them); here the value is the
+    // user's own, and naming it helps.
+    if let Some(bad) = policy
+        .permissions
+        .iter()
+        .find(|p| rules::Permission::parse(p.trim()).is_none())
+    {
+        return Err(format!(
+            "invalid permission {bad:?}: expected read, write, list, execute or super"
+        ));
+    }
     let permissions = rules::validate(&policy)?;
     policy.permissions = permissions.iter().map(|p| p.as_str().to_string()).collect();
     Ok(policy)

@@ -54,7 +54,7 @@ pub mod shamir;
 
 pub use key::{AeadKey, KEY_LEN, MAC_LEN, MacKey, RootKey, Verifier};
 pub use locked::LockedShares;
-pub use recovery::{decode_recovery_shard, encode_recovery_shard};
+pub use recovery::{RECOVERY_SHARD_MAX_LEN, decode_recovery_shard, encode_recovery_shard};
 pub use shamir::{
     ShardDerivation, Share, combine, identify_derivation, split, split_recovery, split_with,
 };

@@ -22,11 +22,14 @@ const PREFIX: &str = "spike";
 /// Length of the hex field.
 const HEX_LEN: usize = 2 * KEY_LEN;
 
+/// The longest text [`encode_recovery_shard`] makes: `spike:` + up to 3 digits + `:` + 64 hex.
+/// A buffer that collects shard texts reserves from it, so it never reallocates and leaves
+/// copies behind.
+pub const RECOVERY_SHARD_MAX_LEN: usize = PREFIX.len() + 5 + HEX_LEN;
+
 /// Encodes a shard as `spike:<index>:<64 lowercase hex>`, no trailing newline.
 pub fn encode_recovery_shard(share: &Share) -> Zeroizing<String> {
-    // "spike:" + up to 3 digits + ":" + 64 hex; reserved up front so the
-    // string never reallocates and leaves copies behind.
-    let mut out = Zeroizing::new(String::with_capacity(PREFIX.len() + 5 + HEX_LEN));
+    let mut out = Zeroizing::new(String::with_capacity(RECOVERY_SHARD_MAX_LEN));
     out.push_str(PREFIX);
     out.push(':');
     out.push_str(&share.index.to_string());

@@ -581,6 +581,19 @@ fn set_aside(l: &Layout) -> Result<(), Error> {
     Ok(())
 }
 
+/// The shards file's text: one encoded shard a line, in a buffer reserved up front so it never
+/// reallocates (a reallocation would leave a copy of the shards behind, unwiped).
+fn shards_text<'a>(shares: impl ExactSizeIterator<Item = &'a Share>) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(String::with_capacity(
+        shares.len() * (crate::crypto::RECOVERY_SHARD_MAX_LEN + 1),
+    ));
+    for share in shares {
+        text.push_str(&encode_recovery_shard(share));
+        text.push('\n');
+    }
+    text
+}
+
 /// A new deployment: makes the root key, writes its shards file, and only then hands the
 /// shards to the Keepers. Nexus finds shards and no verifier, adopts the key and records its
 /// verifier, so the key never becomes durable in the store before its shards are on disk.
@@ -588,11 +601,7 @@ async fn new_key(l: &Layout, as_nexus: &KeeperClient) -> Result<(), Error> {
     let key = RootKey::generate().map_err(runtime)?;
     let shares = crate::crypto::split(&key, THRESHOLD, SHARES).map_err(runtime)?;
     let path = l.shards_file();
-    let mut text = Zeroizing::new(String::new());
-    for share in shares.iter().take(usize::from(THRESHOLD)) {
-        text.push_str(&encode_recovery_shard(share));
-        text.push('\n');
-    }
+    let text = shards_text(shares.iter().take(usize::from(THRESHOLD)));
     write_private(&path, text.as_bytes())?;
     tracing::info!(key_id = %key.key_id(), path = %path.display(), "made a new dev root key and saved its shards (mode 0600) before handing them to the Keepers");
     contribute(l, as_nexus, &shares).await
@@ -718,11 +727,7 @@ async fn save_shards(l: &Layout, as_nexus: &KeeperClient, key_id: &str) -> Resul
             key.key_id()
         )));
     }
-    let mut text = Zeroizing::new(String::new());
-    for share in &shares {
-        text.push_str(&encode_recovery_shard(share));
-        text.push('\n');
-    }
+    let text = shards_text(shares.iter());
     write_private(&path, text.as_bytes())?;
     tracing::info!(path = %path.display(), "saved the dev root-key shards (mode 0600)");
     Ok(())
@@ -766,4 +771,23 @@ Recover/restore operator identities: {dir}/recover, {dir}/restore
 Press Ctrl-C to stop.",
         td = l.trust_domain,
     );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shards_text_never_reallocates() {
+        let shares: Vec<Share> = (1..=255u8)
+            .map(|i| Share::new(i, [1; 32]).unwrap())
+            .collect();
+        for n in [1, 2, 99, 255] {
+            let reserved = n * (crate::crypto::RECOVERY_SHARD_MAX_LEN + 1);
+            let text = shards_text(shares.iter().take(n));
+            assert_eq!(text.capacity(), reserved, "{n} shards");
+            assert_eq!(text.lines().count(), n);
+        }
+    }
 }

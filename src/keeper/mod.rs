@@ -134,9 +134,25 @@ fn shard_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     )
 }
 
+impl Keeper {
+    /// Whether `peer` is a Nexus of the trusted domains.
+    fn is_nexus(&self, peer: &Peer) -> bool {
+        peer.id
+            .as_ref()
+            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus))
+    }
+}
+
 impl Handler for Keeper {
     fn connections(&self) -> Option<&Connections> {
         Some(&self.metrics.connections)
+    }
+
+    /// Nexus is a Keeper's only caller, so the reserve is Nexus's: callers that hold every
+    /// ordinary connection (only Nexus identities pass the handshake) do not lock out the
+    /// Nexus instances pushing or fetching shards.
+    fn privileged(&self, peer: &Peer) -> bool {
+        self.is_nexus(peer)
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
@@ -158,11 +174,7 @@ impl Keeper {
         }
         // The handshake already refused anyone but Nexus; check again so a configuration
         // mistake in the TLS layer cannot open the shard.
-        let is_nexus = peer
-            .id
-            .as_ref()
-            .is_some_and(|id| self.trust.role_of(id) == Some(Role::Nexus));
-        if !is_nexus {
+        if !self.is_nexus(&peer) {
             tracing::warn!(peer = ?peer.id.as_ref().map(|id| id.to_string()), "refused a caller that is not Nexus");
             return transport::error(StatusCode::UNAUTHORIZED, "access_unauthorized");
         }
@@ -183,9 +195,7 @@ impl Keeper {
             self.shard(&body)
         };
         // The request body may hold a shard: wipe our copy.
-        if let Ok(mut owned) = body.try_into_mut() {
-            owned.zeroize();
-        }
+        transport::wipe_body(body);
         resp
     }
 }
@@ -252,4 +262,35 @@ async fn run_with(
     transport::serve(listener, tls, keeper, cfg.server, shutdown).await;
     tracing::info!("keeper stopped; shard wiped");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+
+    #[test]
+    fn the_reserve_is_for_nexus_only() {
+        let keeper = Keeper::new(
+            TrustRoots::single("spike.ist").unwrap(),
+            std::time::Duration::from_secs(1),
+            Arc::new(crate::platform::metrics::KeeperMetrics::new(
+                "rejection_sampling",
+            )),
+        );
+        let peer = |id: Option<&str>| Peer {
+            id: id.map(|s| SpiffeId::parse(s).unwrap()),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
+        assert!(keeper.privileged(&peer(Some("spiffe://spike.ist/spike/nexus"))));
+        for other in [
+            Some("spiffe://spike.ist/spike/keeper/1"),
+            Some("spiffe://spike.ist/spike/pilot/role/superuser"),
+            Some("spiffe://other.org/spike/nexus"),
+            None,
+        ] {
+            assert!(!keeper.privileged(&peer(other)), "{other:?}");
+        }
+    }
 }

@@ -40,16 +40,19 @@
 //!
 //! # Migration
 //! Before the book, each policy was its own row in [`Namespace::Policies`] (associated data
-//! `spike/policy/v1\0<name>`). The first reader or writer that finds no book — normally the
-//! start task [`Policies::start`], right after the root key is loaded — moves every row that
-//! opens into a new book with create-if-absent, so when several instances start together
-//! exactly one book is created and the others use it; the rows are then deleted. A policy put
-//! or delete through this version always goes through the book, and a book is only ever created
-//! from the rows, so a change racing the migration is either in the rows the book is made of or
-//! applied to the book after it. Rows found while a book exists — left by a stopped migration,
-//! written by an instance of an older version still running, or planted by hand — are never
-//! imported: a replayed row cannot be told from a legitimate one. Each start removes them and
-//! logs their names (warning when the book does not hold that same policy).
+//! `spike/policy/v1\0<name>`). Rows are imported only when an operator sets
+//! `SPIKE_NEXUS_UPGRADE_POLICY_ROWS=true` for one start (decision 13): a store administrator
+//! can delete the book and put back a row kept from before the upgrade, and nothing in the
+//! store can tell that row from a legitimate one, so only the operator's setting — outside the
+//! store — decides. With the setting, the first reader or writer that finds no book — normally
+//! the start task [`Policies::start`], right after the root key is loaded — moves every row
+//! that opens into a new book with create-if-absent, so when several instances start together
+//! exactly one book is created and the others use it; rows found while a book exists are added
+//! to it when it holds no policy of that name; the rows are then deleted. A policy put or
+//! delete through this version always goes through the book, so a change racing the migration
+//! is either in the rows the book is made of or applied to the book after it. Without the
+//! setting, a missing book is created empty, and rows in the store are left there, not in
+//! force: each start logs a warning with their number and names the setting.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -339,16 +342,28 @@ pub struct Policies {
     writing: tokio::sync::Mutex<()>,
     /// The highest generation this instance has seen: an earlier one is a rollback.
     highest: AtomicU64,
+    /// `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`: import per-name rows of earlier versions.
+    upgrade_rows: bool,
 }
 
 impl Policies {
+    /// An instance's policies, with no book read yet; `upgrade_rows` imports the per-name rows
+    /// of releases before the book (`SPIKE_NEXUS_UPGRADE_POLICY_ROWS`, module docs).
+    pub fn new(upgrade_rows: bool) -> Policies {
+        Policies {
+            upgrade_rows,
+            ..Policies::default()
+        }
+    }
+
     fn cached(&self) -> Option<Arc<Book>> {
         read(&self.current).clone()
     }
 
     /// The policy book as the store holds it now: one revision read, and a read and decode of
-    /// the book only when it changed since this instance last decoded it. Creates the book from
-    /// per-name rows if there is none yet.
+    /// the book only when it changed since this instance last decoded it. Creates the book if
+    /// there is none yet and this instance has not seen one (from the per-name rows only when
+    /// the operator asked for it).
     pub async fn current(&self, store: &impl Store, key: &AeadKey) -> Result<Arc<Book>, ApiError> {
         if let Some(revision) = store.revision(Namespace::System, BOOK_KEY).await?
             && let Some(book) = self.cached().filter(|b| b.revision == revision)
@@ -368,13 +383,17 @@ impl Policies {
             if seen > 0 {
                 tracing::error!(
                     seen,
-                    "the policy book is gone from the store after this instance saw generation {seen}: refusing every policy decision until it is back (restore it, or restart Nexus to start from an empty policy set)"
+                    "the policy book is gone from the store after this instance saw generation {seen}: refusing every policy decision until it is back (restore it from a backup; a restarted Nexus starts from an empty policy set)"
                 );
                 return Err(ApiError::Internal(format!(
                     "the policy book is missing; generation {seen} was seen before"
                 )));
             }
-            migrate(store, key).await?;
+            if self.upgrade_rows {
+                migrate(store, key).await?;
+            } else {
+                create_empty(store, key).await?;
+            }
         }
         Err(ApiError::Internal(
             "the policy book was created but cannot be read back".into(),
@@ -462,15 +481,70 @@ impl Policies {
         Err(ApiError::Contended)
     }
 
-    /// At start, once the root key is loaded: creates the book if there is none (from the
-    /// per-name rows of earlier versions) and removes per-name rows left in the store.
+    /// At start, once the root key is loaded: creates the book if there is none. With
+    /// `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`, moves the per-name rows of earlier versions into it
+    /// and removes them; without, leaves them and warns (module docs).
     pub async fn start(&self, store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
         let book = self.current(store, key).await?;
-        for name in store.list(Namespace::Policies, "").await? {
+        let names = store.list(Namespace::Policies, "").await?;
+        if !self.upgrade_rows {
+            if !names.is_empty() {
+                tracing::warn!(
+                    rows = names.len(),
+                    "per-name policy rows of a release before the policy book are in the store; they are not in force and were not imported. If this deployment was just upgraded from such a release, start one instance with {UPGRADE_ROWS}=true to move them into the policy book (a store administrator can also put rows there: only do it if you trust every row), then unset it"
+                );
+            }
+            return Ok(());
+        }
+        tracing::warn!(
+            "{UPGRADE_ROWS} is set: per-name policy rows in the store are moved into the policy book; unset it once this start has logged that the rows are gone"
+        );
+        let mut rows = Vec::new();
+        for name in names {
             if let Some(entry) = store.get(Namespace::Policies, &name).await? {
-                remove_row(store, key, &name, entry, |n| book.get(n).map(|r| &r.policy)).await?;
+                rows.push((name, entry));
             }
         }
+        let missing: Vec<StoredPolicy> = rows
+            .iter()
+            .filter(|(name, _)| book.get(name).is_none())
+            .filter_map(|(name, entry)| open_row(key, name, &entry.value).ok())
+            .collect();
+        let book = if missing.is_empty() {
+            book
+        } else {
+            let mut added = 0;
+            let changed = self
+                .change(store, key, |policies| {
+                    added = 0;
+                    for row in &missing {
+                        if !policies.iter().any(|p| p.name == row.name) {
+                            policies.push(row.clone());
+                            added += 1;
+                        }
+                    }
+                    if added == 0 {
+                        // Another instance moved them first: nothing to write.
+                        return Err(ApiError::NotFound);
+                    }
+                    policies.sort_by(|a, b| a.name.cmp(&b.name));
+                    Ok(())
+                })
+                .await;
+            match changed {
+                Ok(()) => tracing::info!(
+                    policies = added,
+                    "moved the per-name policy rows of an earlier version into the policy book"
+                ),
+                Err(ApiError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+            self.current(store, key).await?
+        };
+        for (name, entry) in rows {
+            remove_row(store, key, &name, entry, |n| book.get(n).map(|r| &r.policy)).await?;
+        }
+        tracing::info!("no per-name policy rows are left in the store");
         Ok(())
     }
 
@@ -495,6 +569,22 @@ fn open_row(key: &AeadKey, name: &str, value: &[u8]) -> Result<StoredPolicy, Str
         return Err("it names another policy".into());
     }
     Ok(policy)
+}
+
+/// The operator's setting that imports per-name rows.
+const UPGRADE_ROWS: &str = "SPIKE_NEXUS_UPGRADE_POLICY_ROWS";
+
+/// Creates an empty policy book, create-if-absent; per-name rows are not read.
+async fn create_empty(store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
+    let value = seal(key, 1, &[])?;
+    match store
+        .put(Namespace::System, BOOK_KEY, value, Expect::Absent)
+        .await?
+    {
+        Written::Conflict => tracing::info!("another Nexus instance created the policy book first"),
+        Written::Done(_) => tracing::info!("created the policy book (no policies yet)"),
+    }
+    Ok(())
 }
 
 /// Creates the policy book from the per-name rows, create-if-absent, then deletes the rows.
@@ -928,7 +1018,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let instances: Vec<Arc<Policies>> = (0..4).map(|_| Arc::default()).collect();
+        let instances: Vec<Arc<Policies>> = (0..4).map(|_| Arc::new(Policies::new(true))).collect();
         let shared = Arc::new(k);
         let mut tasks = tokio::task::JoinSet::new();
         for p in &instances {
@@ -963,7 +1053,7 @@ mod tests {
         .await
         .unwrap();
         // A write reaches one instance before any start task has run.
-        let (a, b) = (Policies::default(), Policies::default());
+        let (a, b) = (Policies::new(true), Policies::new(true));
         put(
             &b,
             &s,
@@ -978,24 +1068,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_written_once_the_book_exists_are_never_imported() {
+    async fn rows_are_never_imported_without_the_operators_setting() {
         let (s, k) = (MemoryStore::default(), key());
+        let row = |name: &str| {
+            let p = policy(name, "^spiffe://spike\\.ist/app/w$", &format!("^{name}/"));
+            let s = s.clone();
+            let value = seal_row(&k, &p);
+            async move {
+                s.put(Namespace::Policies, &p.name, value, Expect::Absent)
+                    .await
+                    .unwrap();
+            }
+        };
+        // No book and a row (a store as a release before the book left it, or a deleted book
+        // and a replayed row): the book is created empty, the row stays out of force.
+        row("early").await;
         let p = Policies::default();
         p.start(&s, &k).await.unwrap();
-        // An older instance still running, or a replayed row.
-        let late = policy("late", "^spiffe://spike\\.ist/app/w$", "^late/");
-        s.put(
-            Namespace::Policies,
-            "late",
-            seal_row(&k, &late),
-            Expect::Absent,
-        )
-        .await
-        .unwrap();
+        assert!(!may_read(&p, &s, &k, W, "early/1").await);
+        assert!(open(&k, &stored_book(&s).await.value).unwrap().1.is_empty());
+        // A row written once the book exists (an older instance still running, or a replayed
+        // row): neither in force nor imported by a restart.
+        row("late").await;
         assert!(!may_read(&p, &s, &k, W, "late/1").await);
         let restarted = Policies::default();
         restarted.start(&s, &k).await.unwrap();
+        assert!(!may_read(&restarted, &s, &k, W, "early/1").await);
         assert!(!may_read(&restarted, &s, &k, W, "late/1").await);
+        assert_eq!(s.list(Namespace::Policies, "").await.unwrap().len(), 2);
+        // The operator's setting, for one start, moves both into the existing book.
+        let upgrading = Policies::new(true);
+        upgrading.start(&s, &k).await.unwrap();
+        assert!(may_read(&upgrading, &s, &k, W, "early/1").await);
+        assert!(may_read(&restarted, &s, &k, W, "late/1").await);
         assert!(s.list(Namespace::Policies, "").await.unwrap().is_empty());
     }
 

@@ -57,6 +57,23 @@ pub struct NexusConfig {
     /// `SPIKE_NEXUS_METRICS_ADDR`: where Prometheus metrics are served (plain HTTP); unset, no
     /// metrics listener.
     pub metrics: Option<SocketAddr>,
+    /// `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`: move the per-name policy rows of releases before the
+    /// policy book into the book at this start. Off by default: rows found in the store are
+    /// left there, not in force, with a warning, because a store administrator can put a row
+    /// back (a deleted policy would return).
+    pub upgrade_policy_rows: bool,
+}
+
+/// An operator's `true`/`false` setting (any case; empty or unset is `false`).
+fn flag(env: &impl Source, name: &'static str) -> Result<bool> {
+    match env.get(name) {
+        None => Ok(false),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" | "" => Ok(false),
+            _ => Err(invalid(name, format!("expected true or false, got {v:?}"))),
+        },
+    }
 }
 
 impl NexusConfig {
@@ -132,22 +149,12 @@ impl NexusConfig {
         }
         let max_cipher_bytes =
             number::<usize>(env, "SPIKE_NEXUS_CRYPTO_MAX_CIPHERTEXT_SIZE", 65_536)?;
-        let upgrade_secret_records = match env.get("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS") {
-            None => false,
-            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "true" => true,
-                "false" | "" => false,
-                _ => {
-                    return Err(invalid(
-                        "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
-                        format!("expected true or false, got {v:?}"),
-                    ));
-                }
-            },
-        };
+        let upgrade_secret_records = flag(env, "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS")?;
+        let upgrade_policy_rows = flag(env, "SPIKE_NEXUS_UPGRADE_POLICY_ROWS")?;
         Ok(NexusConfig {
             upgrade_secret_records,
             audit: super::audit::AuditConfig::from_source(env)?,
+            upgrade_policy_rows,
             server: Limits::from_source(env)?,
             max_cipher_bytes,
             listen,
@@ -228,6 +235,16 @@ mod tests {
         ]))
         .unwrap();
         assert!(upgrading.upgrade_secret_records);
+        assert!(
+            !upgrading.upgrade_policy_rows,
+            "rows are imported only when asked"
+        );
+        let rows = NexusConfig::from_source(&env(&[
+            ("SPIKE_NEXUS_KEEPER_PEERS", PEERS),
+            ("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "TRUE"),
+        ]))
+        .unwrap();
+        assert!(rows.upgrade_policy_rows);
     }
 
     #[test]
@@ -265,6 +282,10 @@ mod tests {
             (
                 &[("SPIKE_NEXUS_UPGRADE_SECRET_RECORDS", "yes")],
                 "SPIKE_NEXUS_UPGRADE_SECRET_RECORDS",
+            ),
+            (
+                &[("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "1")],
+                "SPIKE_NEXUS_UPGRADE_POLICY_ROWS",
             ),
         ];
         for (pairs, var) in cases {

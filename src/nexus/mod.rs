@@ -299,7 +299,7 @@ impl Nexus {
         Nexus {
             store: Measured::new(store, metrics.store.clone()),
             writers: secrets::Writers::measured(metrics.batches.clone()),
-            policies: Arc::default(),
+            policies: Arc::new(book::Policies::new(config.upgrade_policy_rows)),
             config,
             metrics,
             keys: RwLock::new(None),
@@ -403,8 +403,8 @@ impl Nexus {
         });
     }
 
-    /// Once the key is loaded: creates the policy book, or moves an earlier version's per-name
-    /// policy rows into it, and removes rows left over ([`book::Policies::start`]). In the
+    /// Once the key is loaded: creates the policy book and, when the operator asked for it,
+    /// moves an earlier version's per-name policy rows into it ([`book::Policies::start`]). In the
     /// background, retried until it succeeds; requests that need the book before then create
     /// it themselves.
     fn start_policies(&self, keys: &Arc<Keys>) {

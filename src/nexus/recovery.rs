@@ -30,12 +30,17 @@
 //! [`keepers::search`]: bounded work on the blocking pool, with the newest shards first, so the
 //! first combination tried is the `threshold` most recent shards. `/health` takes none of
 //! these locks.
+//!
+//! **Pending shards are key material.** Their values are held in locked pages of their own
+//! ([`Locked`]), overwritten when replaced and wiped when cleared; the copies a search works on are wiped when
+//! it ends.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{ApiError, Keys, Nexus, keepers};
-use crate::crypto::Share;
+use crate::crypto::locked::Locked;
+use crate::crypto::{KEY_LEN, Share};
 use crate::protocol::nexus::{RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::store::Store;
 
@@ -63,8 +68,11 @@ pub struct Pending {
 
 #[derive(Default)]
 struct Held {
-    /// Index → (generation it arrived in, shard). Shares zeroize when replaced or dropped.
-    shards: BTreeMap<u8, (u64, Share)>,
+    /// Index → the generation its shard arrived in.
+    arrived: BTreeMap<u8, u64>,
+    /// The shard values, the one for index `i` at `i - 1`, in locked pages of their own
+    /// (allocated with the first shard, wiped and unlocked when cleared).
+    values: Option<Locked<[[u8; KEY_LEN]; 255]>>,
     /// Bumped by every accepted shard and by every clear.
     generation: u64,
 }
@@ -76,30 +84,52 @@ impl Pending {
     }
 
     /// Holds `share`, replacing any shard of its index; returns how many are held and the
-    /// generation that took it.
+    /// generation that took it. `share` itself is wiped when it is dropped here.
     fn add(&self, share: Share) -> (usize, u64) {
         let mut held = self.held();
         held.generation += 1;
         let generation = held.generation;
-        held.shards.insert(share.index, (generation, share));
-        (held.shards.len(), generation)
+        let values = held
+            .values
+            .get_or_insert_with(|| Locked::new("pending restore shards"));
+        // Share indices are 1..=255 (Share::new refuses 0).
+        values[usize::from(share.index) - 1].copy_from_slice(share.value());
+        held.arrived.insert(share.index, generation);
+        (held.arrived.len(), generation)
     }
 
-    /// The held shards, newest first, and the generation they make up.
+    /// Copies of the held shards, newest first, and the generation they make up. The copies
+    /// live only for one search (and are wiped when dropped).
     fn newest_first(&self) -> (Vec<Share>, u64) {
         let held = self.held();
-        let mut shards: Vec<&(u64, Share)> = held.shards.values().collect();
-        shards.sort_by_key(|s| std::cmp::Reverse(s.0));
-        (
-            shards.into_iter().map(|(_, s)| s.clone()).collect(),
-            held.generation,
-        )
+        let mut order: Vec<(u64, u8)> = held.arrived.iter().map(|(&i, &g)| (g, i)).collect();
+        order.sort_by_key(|&(g, _)| std::cmp::Reverse(g));
+        let shards = match &held.values {
+            Some(values) => order
+                .into_iter()
+                .filter_map(|(_, i)| Share::new(i, values[usize::from(i) - 1]).ok())
+                .collect(),
+            None => Vec::new(),
+        };
+        (shards, held.generation)
     }
 
     fn clear(&self) {
         let mut held = self.held();
-        held.shards.clear();
+        held.arrived.clear();
+        // Wiped, then unlocked, on drop.
+        held.values = None;
         held.generation += 1;
+    }
+
+    /// Whether the held shard values are in locked pages, checked in the process's memory
+    /// map too (tests).
+    #[cfg(test)]
+    fn is_locked(&self) -> Option<bool> {
+        self.held().values.as_ref().map(|v| {
+            let (addr, len) = v.span();
+            v.is_locked() && crate::platform::hardening::pages_locked(addr, len)
+        })
     }
 }
 
@@ -213,4 +243,32 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
         remaining: 0,
         restored: true,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap freely
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_shards_live_in_locked_pages_one_per_index_newest_first() {
+        let p = Pending::default();
+        assert_eq!(p.is_locked(), None, "nothing allocated before a shard");
+        p.add(Share::new(2, [2; 32]).unwrap());
+        p.add(Share::new(1, [1; 32]).unwrap());
+        let (held, _) = p.add(Share::new(2, [3; 32]).unwrap());
+        assert_eq!(held, 2, "one per index");
+        assert_eq!(
+            p.is_locked(),
+            Some(true),
+            "mlock failed: is RLIMIT_MEMLOCK too low?"
+        );
+        let (shards, _) = p.newest_first();
+        let order: Vec<u8> = shards.iter().map(|s| s.index).collect();
+        assert_eq!(order, [2, 1]);
+        assert_eq!(shards[0].value(), &[3; 32], "the newest wins");
+        p.clear();
+        assert_eq!(p.is_locked(), None, "wiped and released");
+        assert!(p.newest_first().0.is_empty());
+    }
 }

@@ -199,6 +199,18 @@ impl Api {
                 Some(Access::admit(self.store(), policies, keys, caller, trust, want).await?)
             }
         };
+        // Routes whose resource is fixed are decided for it before the body is read.
+        if let Some(access) = &access {
+            match route {
+                Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList => {
+                    access.grant(policy::ACL_PATH)?;
+                }
+                Route::Encrypt | Route::Decrypt => {
+                    access.grant(policy::CIPHER_PATH)?;
+                }
+                _ => {}
+            }
+        }
         let stream = req
             .headers()
             .get(CONTENT_TYPE)
@@ -207,7 +219,9 @@ impl Api {
         match (route, access) {
             (Route::Recover, None) => {
                 let _: Empty = parse(&body)?;
-                ok(&recovery::export(&self.nexus, keys)?)
+                // The answer is the recovery shards: a buffer wiped once it is written.
+                let shards = recovery::export(&self.nexus, keys)?;
+                Ok(transport::json_secret(StatusCode::OK, &shards))
             }
             (Route::Encrypt | Route::Decrypt, Some(access)) => {
                 access.grant(policy::CIPHER_PATH)?;
@@ -592,11 +606,9 @@ impl Gate {
 
 impl Handler for Gate {
     fn privileged(&self, peer: &Peer) -> bool {
-        match self.api.get() {
-            Some(api) => api.privileged(peer),
-            // Before the store is open only /health answers anything useful.
-            None => peer.id.is_none(),
-        }
+        // Before the store is open nothing but `/health` answers, and callers without a
+        // certificate have their own allowance for it: nobody needs the reserve.
+        self.api.get().is_some_and(|api| api.privileged(peer))
     }
 
     fn connections(&self) -> Option<&Connections> {
@@ -643,17 +655,17 @@ impl Gate {
 }
 
 impl Handler for Api {
-    /// Operators (superuser, recover, restore) and callers without a certificate, who can only
-    /// ask `/health`, may use the reserved connections: a workload identity that holds every
-    /// ordinary connection locks out neither the people who run Nexus nor its load balancer.
+    /// Operators (superuser, recover, restore) may use the reserved connections: a workload
+    /// identity that holds every ordinary connection does not lock out the people who run
+    /// Nexus. Callers without a certificate never do (they have their own small allowance, see
+    /// [`crate::transport::Limits::anonymous_connections`]).
     fn privileged(&self, peer: &Peer) -> bool {
-        match &peer.id {
-            None => true,
-            Some(id) => matches!(
+        peer.id.as_ref().is_some_and(|id| {
+            matches!(
                 self.nexus.config.identity.trust.role_of(id),
                 Some(Role::Superuser | Role::Recover | Role::Restore)
-            ),
-        }
+            )
+        })
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Full<Bytes>> {
@@ -822,8 +834,10 @@ impl Api {
             return Err(ApiError::Unauthorized);
         }
         let body = self.body(req).await?;
-        let r: wire::RestoreRequest = parse(&body)?;
-        ok(&recovery::restore(&self.nexus, &r).await?)
+        let parsed = parse::<wire::RestoreRequest>(&body);
+        // The body holds a shard (the parsed request wipes its own copy when dropped).
+        transport::wipe_body(body);
+        ok(&recovery::restore(&self.nexus, &parsed?).await?)
     }
 
     /// The request body, within the size limit and the body deadline.

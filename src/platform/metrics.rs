@@ -88,6 +88,9 @@ label_enum! {
         ConnectionLimit => "connection_limit",
         /// Only a reserved slot was left, and the peer is not one it is kept for.
         ReservedForOperators => "reserved_for_operators",
+        /// A caller without a certificate found its own allowance
+        /// (`SPIKE_HTTP_SERVER_ANONYMOUS_CONNECTIONS`) taken.
+        AnonymousLimit => "anonymous_limit",
         /// The TLS handshake failed (no or a refused certificate, protocol error).
         HandshakeFailed => "handshake_failed",
         /// The TLS handshake did not finish in `SPIKE_HTTP_SERVER_TLS_HANDSHAKE_TIMEOUT`.

@@ -162,6 +162,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// Checks a policy against every rule — name, pattern syntax and size, permissions, reserved
 /// paths — and returns its permissions, deduplicated in the order given. The one definition:
 /// Nexus refuses what fails here with 400, and the CLI refuses it before sending.
+///
+/// An error names the field (and, for a permission, its position) but never repeats what the
+/// field held: Nexus logs these errors, and the request body is the caller's, of any length.
 pub fn validate(req: &PolicyPutRequest) -> Result<Vec<Permission>, String> {
     let bad = |m: String| Err(m);
     validate_name(&req.name)?;
@@ -185,9 +188,11 @@ pub fn validate(req: &PolicyPutRequest) -> Result<Vec<Permission>, String> {
         }
     }
     let mut permissions = Vec::new();
-    for p in &req.permissions {
+    for (i, p) in req.permissions.iter().enumerate() {
         let perm = Permission::parse(p.trim()).ok_or_else(|| {
-            format!("invalid permission {p:?}: expected read, write, list, execute or super")
+            format!(
+                "invalid permission (permissions[{i}]): expected read, write, list, execute or super"
+            )
         })?;
         if !permissions.contains(&perm) {
             permissions.push(perm);
@@ -201,9 +206,59 @@ pub fn validate(req: &PolicyPutRequest) -> Result<Vec<Permission>, String> {
     for reserved in RESERVED {
         if path_re.is_match(reserved) && !reserved_ok(id, path, reserved) {
             return bad(format!(
-                "pathPattern {path:?} matches the reserved path {reserved} by accident: write ^{reserved}$ (or ^spike/system/.*$) and anchor spiffeidPattern with ^...$ to grant it"
+                "pathPattern matches the reserved path {reserved} by accident: write ^{reserved}$ (or ^spike/system/.*$) and anchor spiffeidPattern with ^...$ to grant it"
             ));
         }
     }
     Ok(permissions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field_but_never_repeat_its_value() {
+        let marker = "MARKER-IN-THE-BODY";
+        let base = PolicyPutRequest {
+            name: "p".into(),
+            spiffeid_pattern: "^spiffe://spike\\.ist/app/w$".into(),
+            path_pattern: "^secrets/.*$".into(),
+            permissions: vec!["read".into()],
+        };
+        let long = format!("{marker}{}", "x".repeat(10_000));
+        let cases = [
+            PolicyPutRequest {
+                permissions: vec!["read".into(), long.clone()],
+                ..base.clone()
+            },
+            PolicyPutRequest {
+                path_pattern: format!("{marker}|spike/system/a"),
+                ..base.clone()
+            },
+            PolicyPutRequest {
+                path_pattern: format!("{marker}("),
+                ..base.clone()
+            },
+            PolicyPutRequest {
+                spiffeid_pattern: format!("spiffe://{marker}("),
+                ..base.clone()
+            },
+            PolicyPutRequest {
+                name: long.clone(),
+                ..base.clone()
+            },
+        ];
+        for req in cases {
+            let err = validate(&req).unwrap_err();
+            assert!(!err.contains(marker), "{err}");
+            assert!(err.len() < 300, "{err}");
+        }
+        let err = validate(&PolicyPutRequest {
+            permissions: vec!["read".into(), long],
+            ..base
+        })
+        .unwrap_err();
+        assert!(err.contains("permissions[1]"), "{err}");
+    }
 }

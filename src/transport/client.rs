@@ -151,14 +151,43 @@ impl HttpsClient {
         content_type: &'static str,
         body: Vec<u8>,
     ) -> Result<Reply> {
-        self.request_to(Method::POST, base, addr, path, Some((content_type, body)))
-            .await
+        self.request_to(
+            Method::POST,
+            base,
+            addr,
+            path,
+            Some((content_type, Bytes::from(body))),
+        )
+        .await
     }
 
     /// `POST base + path` with a JSON body.
     pub async fn post_json(&self, base: &Uri, path: &str, body: Vec<u8>) -> Result<Reply> {
-        self.request(Method::POST, base, path, Some(("application/json", body)))
-            .await
+        self.request(
+            Method::POST,
+            base,
+            path,
+            Some(("application/json", Bytes::from(body))),
+        )
+        .await
+    }
+
+    /// `POST base + path` with a JSON body that holds key material: the one buffer is shared
+    /// by every attempt and wiped when the last reference to it is dropped (hyper's own write
+    /// buffers, if it copies into them, are not).
+    pub async fn post_json_secret(
+        &self,
+        base: &Uri,
+        path: &str,
+        body: zeroize::Zeroizing<Vec<u8>>,
+    ) -> Result<Reply> {
+        self.request(
+            Method::POST,
+            base,
+            path,
+            Some(("application/json", Bytes::from_owner(body))),
+        )
+        .await
     }
 
     /// `POST base + path` with any body and content type.
@@ -169,8 +198,13 @@ impl HttpsClient {
         content_type: &'static str,
         body: Vec<u8>,
     ) -> Result<Reply> {
-        self.request(Method::POST, base, path, Some((content_type, body)))
-            .await
+        self.request(
+            Method::POST,
+            base,
+            path,
+            Some((content_type, Bytes::from(body))),
+        )
+        .await
     }
 
     /// `GET base + path`.
@@ -184,7 +218,7 @@ impl HttpsClient {
         method: Method,
         base: &Uri,
         path: &str,
-        body: Option<(&'static str, Vec<u8>)>,
+        body: Option<(&'static str, Bytes)>,
     ) -> Result<Reply> {
         let mut last = None;
         for addr in self.resolve(base).await? {
@@ -210,7 +244,7 @@ impl HttpsClient {
         base: &Uri,
         addr: SocketAddr,
         path: &str,
-        body: Option<(&'static str, Vec<u8>)>,
+        body: Option<(&'static str, Bytes)>,
     ) -> Result<Reply> {
         let url = format!("{}{path}", base.to_string().trim_end_matches('/'));
         let unsent = |reason: String| Error::Unsent {
@@ -253,7 +287,7 @@ impl HttpsClient {
         let payload = match body {
             Some((content_type, bytes)) => {
                 builder = builder.header(CONTENT_TYPE, content_type);
-                Bytes::from(bytes)
+                bytes
             }
             None => Bytes::new(),
         };

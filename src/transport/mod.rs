@@ -7,5 +7,5 @@ pub mod server;
 pub use client::{HttpsClient, Reply, Timeouts};
 pub use server::{
     BodyError, Handler, Limits, Listen, OwnIdentity, Peer, StartError, bind, bytes, error, json,
-    read_body, serve,
+    json_secret, read_body, serve, wipe_body,
 };
