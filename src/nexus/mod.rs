@@ -152,6 +152,9 @@ pub enum Phase {
     AwaitingRestore,
     /// The store could not be read while looking for the verifier.
     StoreUnavailable,
+    /// The store holds a `spike backup restore` that has not finished (its marker is there):
+    /// Nexus neither creates a key nor serves until the restore is run to its end.
+    RestoreIncomplete,
     /// The root key is loaded.
     Ready,
 }
@@ -165,6 +168,9 @@ impl Phase {
             }
             Phase::AwaitingRestore => "awaiting restore from recovery shards".into(),
             Phase::StoreUnavailable => "store unavailable".into(),
+            Phase::RestoreIncomplete => {
+                "store holds an unfinished backup restore: run spike backup restore again".into()
+            }
             Phase::Ready => "ready".into(),
         }
     }
@@ -175,6 +181,7 @@ impl Phase {
             Phase::AwaitingKeepers { .. } => "awaiting_keepers",
             Phase::AwaitingRestore => "awaiting_restore",
             Phase::StoreUnavailable => "store_unavailable",
+            Phase::RestoreIncomplete => "restore_incomplete",
             Phase::Ready => "ready",
         }
     }
@@ -185,6 +192,7 @@ impl Phase {
             Phase::AwaitingKeepers { .. } => KeyState::AwaitingKeepers,
             Phase::AwaitingRestore => KeyState::AwaitingRestore,
             Phase::StoreUnavailable => KeyState::StoreUnavailable,
+            Phase::RestoreIncomplete => KeyState::RestoreIncomplete,
             Phase::Ready => KeyState::Ready,
         }
     }
