@@ -224,6 +224,9 @@ pub struct Keys {
     pub audit: crate::crypto::MacKey,
 }
 
+/// HKDF label of the key that seals policies at rest ([`Keys::policies`]).
+pub const POLICIES_LABEL: &str = "spike/policies/v1";
+
 impl Keys {
     /// Derives the sub-keys of `root` and its `shares` Keeper shards under `derivation` (any
     /// `threshold` of them rebuild it).
@@ -241,7 +244,7 @@ impl Keys {
             derivation,
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
-            policies: root.derive("spike/policies/v1"),
+            policies: root.derive(POLICIES_LABEL),
             cipher: root.derive("spike/cipher/v1"),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
             root,

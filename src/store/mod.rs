@@ -248,11 +248,11 @@ pub trait Store: Send + Sync + 'static {
             let Some(entry) = self.get(Namespace::System, VERIFIER_KEY).await? else {
                 return Ok(None);
             };
-            serde_json::from_slice::<StoredVerifier>(&entry.value)
-                .map(|v| Some(v.into()))
-                .map_err(|e| Error::Corrupt {
+            parse_verifier(&entry.value)
+                .map(Some)
+                .map_err(|reason| Error::Corrupt {
                     backend: self.backend(),
-                    reason: format!("root-key verifier: {e}"),
+                    reason,
                 })
         }
     }
@@ -268,6 +268,13 @@ pub trait Store: Send + Sync + 'static {
             Ok(matches!(written, Written::Done(_)))
         }
     }
+}
+
+/// Decodes the value stored at [`VERIFIER_KEY`].
+pub fn parse_verifier(value: &[u8]) -> std::result::Result<Verifier, String> {
+    serde_json::from_slice::<StoredVerifier>(value)
+        .map(Verifier::from)
+        .map_err(|e| format!("root-key verifier: {e}"))
 }
 
 /// The verifier as stored: JSON with the sealed value in base64.
