@@ -49,7 +49,8 @@ fn failed(e: impl std::fmt::Display) -> CommandError {
     CommandError::failed(e)
 }
 
-/// The file names `create --dir` writes: `spike-backup-<UTC time>.jsonl`.
+/// The file names `create --dir` writes: `spike-backup-<UTC time to the millisecond>.jsonl`,
+/// so names sort in time order.
 const DIR_PREFIX: &str = "spike-backup-";
 const DIR_SUFFIX: &str = ".jsonl";
 
@@ -71,8 +72,19 @@ pub enum Destination {
     },
 }
 
-async fn open_store() -> Result<AnyStore> {
+/// Opens the store the environment names. `existing`: a SQLite file must be there already
+/// (a backup of a directory that holds none would create an empty store there).
+async fn open_store(existing: bool) -> Result<AnyStore> {
     let backend = Backend::from_source(&ProcessEnv).map_err(usage)?;
+    if let Backend::Sqlite { data_dir } = &backend
+        && existing
+        && !data_dir.join("spike.db").exists()
+    {
+        return Err(usage(format!(
+            "there is no SQLite store in {} (SPIKE_NEXUS_DATA_DIR)",
+            data_dir.display()
+        )));
+    }
     AnyStore::open(&backend)
         .await
         .map_err(|e| failed(format!("cannot open the store: {e}")))
@@ -102,18 +114,19 @@ pub async fn create(to: Destination) -> Result<()> {
                 .map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))?;
             let t = time::OffsetDateTime::now_utc();
             let stamp = format!(
-                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+                "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z",
                 t.year(),
                 u8::from(t.month()),
                 t.day(),
                 t.hour(),
                 t.minute(),
-                t.second()
+                t.second(),
+                t.millisecond()
             );
             dir.join(format!("{DIR_PREFIX}{stamp}{DIR_SUFFIX}"))
         }
     };
-    let store = open_store().await?;
+    let store = open_store(true).await?;
     let consistency = store.consistency();
     let snapshot = store
         .snapshot()
@@ -154,7 +167,7 @@ pub async fn create(to: Destination) -> Result<()> {
     let bytes = file::encode(&header, &records);
     if matches!(to, Destination::Dir { .. }) && path.exists() {
         return Err(failed(format!(
-            "{} exists already (two backups in one second?)",
+            "{} exists already (two backups in one millisecond?)",
             path.display()
         )));
     }
@@ -312,7 +325,7 @@ pub async fn restore(path: &Path, recover_dir: Option<&Path>) -> Result<()> {
     if let Some(dir) = recover_dir {
         check_with_shards(&backup, path, dir)?;
     }
-    let store = open_store().await?;
+    let store = open_store(false).await?;
     let target = store
         .snapshot()
         .await
