@@ -34,7 +34,7 @@ pub struct Header {
     pub format: String,
     /// [`VERSION`].
     pub version: u32,
-    /// When the snapshot was taken (RFC 3339, UTC).
+    /// When the snapshot began (RFC 3339, UTC).
     pub created: String,
     /// The backend it was read from.
     pub backend: String,

@@ -128,6 +128,7 @@ pub async fn create(to: Destination) -> Result<()> {
     };
     let store = open_store(true).await?;
     let consistency = store.consistency();
+    let began = rfc3339(now_nanos());
     let snapshot = store
         .snapshot()
         .await
@@ -155,7 +156,7 @@ pub async fn create(to: Destination) -> Result<()> {
     let header = Header {
         format: FORMAT.into(),
         version: VERSION,
-        created: rfc3339(now_nanos()),
+        created: began,
         backend: store.backend().into(),
         consistency: consistency.as_str().into(),
         key_id: verifier.key_id,
