@@ -7,6 +7,7 @@
 //! | part | concern | may import |
 //! |---|---|---|
 //! | [`entry`] | the command line, `spike dev` | everything |
+//! | [`backup`] | `spike backup`: online backups of the store, verified and restored into any backend | nexus, client, store, protocol, crypto, platform |
 //! | [`migrate`] | `spike migrate from-spike`: read a SPIKE store, write into ours | nexus, client, store, transport, identity, protocol, crypto, platform |
 //! | [`nexus`] | `spike nexus`: key lifecycle, Keeper sync, routes, policies, secrets, health | client, store, transport, identity, protocol, crypto, platform |
 //! | [`keeper`] | `spike keeper`: one shard in memory | transport, identity, protocol, crypto, platform |
@@ -22,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod client;
 pub mod crypto;
 pub mod entry;

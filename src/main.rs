@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spike::entry::cli::{Cli, Command, MigrateCommand, PkiCommand};
+use spike::entry::cli::{BackupCommand, Cli, Command, MigrateCommand, PkiCommand};
 use spike::platform::CommandError;
 use spike::platform::env::ProcessEnv;
 use tracing_subscriber::filter::Targets;
@@ -122,6 +122,7 @@ fn main() -> ExitCode {
         Command::Dev(_) => "spike dev",
         Command::Pki { .. } => "spike pki",
         Command::Migrate { .. } => "spike migrate",
+        Command::Backup { .. } => "spike backup",
         Command::Completions { .. } => "spike",
         Command::Secret { .. }
         | Command::Policy { .. }
@@ -189,6 +190,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Migrate {
             command: MigrateCommand::FromSpike(args),
         } => runtime_builder()?.block_on(spike::migrate::from_spike(args.request())),
+        Command::Backup { command } => backup(command),
         Command::Secret { format, command } => client(spike::client::secret::run(format, command)),
         Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
         Command::Cipher { format, command } => client(spike::client::cipher::run(format, command)),
@@ -208,6 +210,31 @@ fn client(
     command: impl std::future::Future<Output = spike::client::run::Result<()>>,
 ) -> Result<(), Failure> {
     spike::client::run::block_on(command)
+}
+
+fn backup(command: BackupCommand) -> Result<(), Failure> {
+    use spike::backup::{self, Destination};
+    match command {
+        BackupCommand::Create {
+            out,
+            dir,
+            keep,
+            force,
+        } => {
+            let to = match (out, dir) {
+                (Some(path), _) => Destination::File { path, force },
+                (None, Some(dir)) => Destination::Dir { dir, keep },
+                (None, None) => return Err(usage("give --out FILE or --dir DIR")),
+            };
+            runtime_builder()?.block_on(backup::create(to))
+        }
+        BackupCommand::Verify { file, recover_dir } => {
+            backup::verify(&file, recover_dir.as_deref())
+        }
+        BackupCommand::Restore { file, recover_dir } => {
+            runtime_builder()?.block_on(backup::restore(&file, recover_dir.as_deref()))
+        }
+    }
 }
 
 fn pki(command: PkiCommand) -> Result<(), Failure> {

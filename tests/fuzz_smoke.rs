@@ -174,3 +174,25 @@ fn spike_store() {
         5_000,
     );
 }
+
+#[test]
+fn backup_file() {
+    // A header and records: the target appends a correct trailer, so these get past the hash.
+    let body = concat!(
+        r#"{"format":"spike-backup","version":1,"created":"2026-01-01T00:00:00Z","backend":"sqlite","consistency":"store","key_id":"0011223344556677","records":2,"secrets":1,"policies":0,"system":1}"#,
+        "\n",
+        r#"{"ns":"secrets","key":"a/b","value":"AQID"}"#,
+        "\n",
+        r#"{"ns":"system","key":"root-key-verifier","value":"eyJrZXlfaWQiOiIwMDExMjIzMzQ0NTU2Njc3Iiwic2VhbGVkIjoiQUE9PSJ9"}"#,
+        "\n"
+    );
+    run(
+        "backup_file",
+        spike::fuzzing::backup_file,
+        &[
+            body.as_bytes(),
+            b"{}\n",
+            br#"{"end":"spike-backup","records":0,"sha256":""}"#,
+        ],
+    );
+}

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("entry", &["*"]),
     (
+        "backup",
+        &["nexus", "client", "store", "protocol", "crypto", "platform"],
+    ),
+    (
         "migrate",
         &[
             "nexus",

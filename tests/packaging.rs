@@ -16,26 +16,40 @@ fn systemd_units_verify_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
     let mut units = Vec::new();
-    for unit in ["spike-nexus.service", "spike-keeper.service"] {
+    let hardening = [
+        "MemorySwapMax=0",
+        "LimitCORE=0",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "CapabilityBoundingSet=",
+        "User=spike",
+    ];
+    for unit in [
+        "spike-nexus.service",
+        "spike-keeper.service",
+        "spike-backup.service",
+        "spike-backup.timer",
+    ] {
         let text = std::fs::read_to_string(format!("{root}/systemd/{unit}")).unwrap();
-        assert!(text.contains("ExecStart=/usr/bin/spike "), "{unit}");
-        for key in [
-            "Type=notify",
-            "Restart=always",
-            "WatchdogSec=30",
-            "MemorySwapMax=0",
-            "LimitCORE=0",
-            "NoNewPrivileges=yes",
-            "ProtectSystem=strict",
-            "ProtectHome=yes",
-            "PrivateTmp=yes",
-            "PrivateDevices=yes",
-            "CapabilityBoundingSet=",
-            "User=spike",
-        ] {
+        let keys: Vec<&str> = match unit {
+            "spike-backup.timer" => vec!["OnCalendar=hourly", "Persistent=true"],
+            "spike-backup.service" => [&["Type=oneshot"][..], &hardening].concat(),
+            _ => [
+                &["Type=notify", "Restart=always", "WatchdogSec=30"][..],
+                &hardening,
+            ]
+            .concat(),
+        };
+        for key in keys {
             assert!(text.lines().any(|l| l == key), "{unit} lacks {key}");
         }
-        assert!(text.contains("EnvironmentFile=/etc/spike/"), "{unit}");
+        if unit.ends_with(".service") {
+            assert!(text.contains("ExecStart=/usr/bin/spike "), "{unit}");
+            assert!(text.contains("EnvironmentFile=/etc/spike/"), "{unit}");
+        }
         let path = dir.path().join(unit);
         std::fs::write(&path, text.replace("/usr/bin/spike", common::spike_bin())).unwrap();
         units.push(path);
@@ -201,6 +215,8 @@ fn deb_package_builds_with_expected_contents() {
     for path in [
         "/lib/systemd/system/spike-nexus.service",
         "/lib/systemd/system/spike-keeper.service",
+        "/lib/systemd/system/spike-backup.service",
+        "/lib/systemd/system/spike-backup.timer",
         "/usr/share/man/man1/spike.1.gz",
         "/usr/share/man/man1/spike-nexus.1.gz",
         "/usr/share/man/man1/spike-secret-put.1.gz",

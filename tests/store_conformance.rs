@@ -119,6 +119,39 @@ async fn listing(s: &impl Store) {
     assert!(s.list(Namespace::System, "").await.unwrap().is_empty());
 }
 
+/// A snapshot holds every record of every namespace with its bytes, sorted by namespace then
+/// key, and leaves out what was deleted.
+async fn snapshot(s: &impl Store) {
+    assert!(s.snapshot().await.unwrap().records.is_empty());
+    let rows: [(Namespace, &str, &[u8]); 5] = [
+        (Namespace::System, "root-key-verifier", b"v"),
+        (Namespace::Secrets, "b", &[0, 255, 10]),
+        (Namespace::Secrets, "a/1", b"one"),
+        (Namespace::Policies, "p", b"pol"),
+        (Namespace::Secrets, "gone", b"x"),
+    ];
+    for (ns, k, v) in rows {
+        s.put(ns, k, v.to_vec(), Expect::Absent).await.unwrap();
+    }
+    let rev = s
+        .revision(Namespace::Secrets, "gone")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.delete(Namespace::Secrets, "gone", &rev).await.unwrap());
+    let got: Vec<(Namespace, String, Vec<u8>)> = s.snapshot().await.unwrap().records;
+    let want: Vec<(Namespace, String, Vec<u8>)> = [
+        (Namespace::Secrets, "a/1", &b"one"[..]),
+        (Namespace::Secrets, "b", &[0, 255, 10]),
+        (Namespace::Policies, "p", b"pol"),
+        (Namespace::System, "root-key-verifier", b"v"),
+    ]
+    .into_iter()
+    .map(|(ns, k, v)| (ns, k.to_string(), v.to_vec()))
+    .collect();
+    assert_eq!(got, want);
+}
+
 /// The revision alone: absent for a missing key, the revision `get` gives for a present one,
 /// a new one after every write, through every handle, gone after a delete.
 async fn revisions<S: Store>(handles: Vec<Arc<S>>) {
@@ -285,6 +318,12 @@ macro_rules! conformance {
             async fn concurrent_compare_and_set_loses_nothing() {
                 let (_guard, handles) = $make;
                 concurrent_writers(handles).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn snapshot_holds_every_record() {
+                let (_guard, handles) = $make;
+                snapshot(&*handles[0]).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

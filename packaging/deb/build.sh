@@ -55,7 +55,7 @@ install -D -m 0755 "$bin" "$pkg/usr/bin/spike"
 if command -v strip >/dev/null; then
   strip --strip-unneeded --remove-section=.comment --remove-section=.note "$pkg/usr/bin/spike"
 fi
-for unit in spike-nexus.service spike-keeper.service; do
+for unit in spike-nexus.service spike-keeper.service spike-backup.service spike-backup.timer; do
   install -D -m 0644 "$root/systemd/$unit" "$pkg/lib/systemd/system/$unit"
 done
 

@@ -77,6 +77,13 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Backups of the store: take one while Nexus serves, check one, restore one into an empty
+    /// store of any backend. Runs with a Nexus's store settings.
+    Backup {
+        /// The verb.
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// Bring the secrets and policies of another secrets store into this deployment's store.
     Migrate {
         /// The source.
@@ -127,6 +134,49 @@ pub enum PkiCommand {
         /// Extra IP address SAN (repeatable).
         #[arg(long)]
         ip: Vec<IpAddr>,
+    },
+}
+
+/// `spike backup` verbs.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Write a consistent snapshot of the store, sealed as stored (no value is ever opened),
+    /// to a file (mode 0600, written under a temporary name and renamed). Safe while Nexus
+    /// serves. Prints the file's path.
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["out", "dir"])))]
+    Create {
+        /// The backup file; an existing one is replaced only with --force.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Write DIR/spike-backup-<UTC time>.jsonl instead (DIR created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// With --dir: keep only the newest N backups in DIR, this one included.
+        #[arg(long, value_name = "N", requires = "dir")]
+        keep: Option<usize>,
+        /// With --out: replace an existing file.
+        #[arg(long, requires = "out")]
+        force: bool,
+    },
+    /// Check that a backup is complete and unchanged; with --recover-dir, also that the root
+    /// key rebuilt from recovery shards opens it (verifier, every secret record, the policy
+    /// book). Writes nothing.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
+        /// A directory of recovery shard files (spike.recovery.<i>.txt), at least the threshold.
+        #[arg(long, value_name = "DIR")]
+        recover_dir: Option<PathBuf>,
+    },
+    /// Load a backup into an empty store of any backend (the one SPIKE_NEXUS_BACKEND_STORE
+    /// names). The whole file is checked first; a failure part-way leaves a marker that keeps
+    /// every Nexus off the store until the same restore is run again and finishes.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// Check with recovery shards first, as verify --recover-dir does.
+        #[arg(long, value_name = "DIR")]
+        recover_dir: Option<PathBuf>,
     },
 }
 

@@ -587,6 +587,12 @@ async fn create_empty(store: &impl Store, key: &AeadKey) -> Result<(), ApiError>
     Ok(())
 }
 
+/// Checks that a per-name policy row of the layout before the book opens under `key` and names
+/// `name`: for `spike backup verify`.
+pub fn check_row(key: &AeadKey, name: &str, value: &[u8]) -> Result<(), String> {
+    open_row(key, name, value).map(drop)
+}
+
 /// Creates the policy book from the per-name rows, create-if-absent, then deletes the rows.
 async fn migrate(store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
     let mut rows = Vec::new();

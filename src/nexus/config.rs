@@ -1,7 +1,6 @@
 //! `spike nexus` configuration from the environment.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper::Uri;
@@ -11,7 +10,7 @@ use crate::platform::env::{
     Error, Result, Source, duration, invalid, listen_addr, number, optional_listen_addr,
     parse_https_url,
 };
-use crate::store::{Backend, S3Config, SecretUrl};
+use crate::store::Backend;
 use crate::transport::Limits;
 
 /// `SPIKE_NEXUS_TLS_PORT` when unset.
@@ -106,33 +105,7 @@ impl NexusConfig {
                 ),
             ));
         }
-        let backend = match env
-            .get("SPIKE_NEXUS_BACKEND_STORE")
-            .unwrap_or_else(|| "sqlite".into())
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "sqlite" => Backend::Sqlite {
-                data_dir: env
-                    .get("SPIKE_NEXUS_DATA_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/spike")),
-            },
-            "memory" => Backend::Memory,
-            "postgres" | "postgresql" => Backend::Postgres {
-                url: SecretUrl::new(env.get("SPIKE_NEXUS_DB_URL").ok_or(Error::Missing {
-                    var: "SPIKE_NEXUS_DB_URL",
-                    hint: "SPIKE_NEXUS_BACKEND_STORE=postgres needs a URL such as postgres://spike@db.example:5432/spike?sslmode=verify-full&sslrootcert=/etc/spike/db-ca.pem",
-                })?),
-            },
-            "s3" => Backend::S3(S3Config::from_source(env)?),
-            other => {
-                return Err(invalid(
-                    "SPIKE_NEXUS_BACKEND_STORE",
-                    format!("unknown backend {other:?} (expected sqlite, postgres, s3 or memory)"),
-                ));
-            }
-        };
+        let backend = Backend::from_source(env)?;
         let max_secret_versions = number::<u32>(env, "SPIKE_NEXUS_MAX_SECRET_VERSIONS", 10)?;
         if max_secret_versions == 0 {
             return Err(invalid(
@@ -202,6 +175,7 @@ fn keeper_peers(env: &impl Source) -> Result<Vec<Uri>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::S3Config;
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -10,6 +10,7 @@
 //! | present | < threshold, some Keeper silent | `awaiting_keepers` |
 //! | absent | none, ≥ threshold Keepers answered empty | new deployment: create a key, write its verifier create-if-absent; the loser of a race discards its key and recovers from the Keepers |
 //! | absent | ≥ threshold, all consistent | adopt the Keepers' key (a SPIKE deployment has no verifier) and write its verifier |
+//! | any, with the restore marker | any | `restore_incomplete`: a `spike backup restore` has not finished; never create or load a key |
 //!
 //! Attempts repeat with capped exponential backoff until the key is loaded. From then on the
 //! shards are pushed at once and every `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
@@ -35,7 +36,7 @@ use super::{Nexus, NexusConfig, Phase};
 use crate::client::keeper::{KeeperClient, ShardAnswer};
 use crate::crypto::{RootKey, Share, Verifier};
 use crate::platform::jitter;
-use crate::store::Store;
+use crate::store::{Namespace, RESTORE_MARKER_KEY, Store};
 use crate::transport::{HttpsClient, Timeouts};
 
 /// First wait between two recovery attempts.
@@ -178,6 +179,32 @@ async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
             return Outcome::Retry;
         }
     };
+    // Read after the verifier: a restore writes its marker, then the verifier, then the
+    // records, and removes the marker last; so a verifier seen before an absent marker is a
+    // finished restore's (or no restore's), and a missing one is never mistaken for a new
+    // deployment while a restore is under way.
+    match nexus
+        .store
+        .revision(Namespace::System, RESTORE_MARKER_KEY)
+        .await
+    {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            if nexus.phase() != Phase::RestoreIncomplete {
+                tracing::error!(
+                    backend = nexus.store.backend(),
+                    "the store holds an unfinished backup restore (its marker is there): not creating or loading a root key, not serving; run spike backup restore again to finish it"
+                );
+            }
+            nexus.set_phase(Phase::RestoreIncomplete);
+            return Outcome::Retry;
+        }
+        Err(e) => {
+            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the store's restore marker");
+            nexus.set_phase(Phase::StoreUnavailable);
+            return Outcome::Retry;
+        }
+    }
     match verifier {
         Some(verifier) => recover(nexus, client, &shards, answered, &verifier).await,
         None if shards.is_empty() => create_new(nexus, client, answered).await,

@@ -164,6 +164,9 @@ pub enum Phase {
     AwaitingRestore,
     /// The store could not be read while looking for the verifier.
     StoreUnavailable,
+    /// The store holds a `spike backup restore` that has not finished (its marker is there):
+    /// Nexus neither creates a key nor serves until the restore is run to its end.
+    RestoreIncomplete,
     /// The root key is loaded.
     Ready,
 }
@@ -177,6 +180,9 @@ impl Phase {
             }
             Phase::AwaitingRestore => "awaiting restore from recovery shards".into(),
             Phase::StoreUnavailable => "store unavailable".into(),
+            Phase::RestoreIncomplete => {
+                "store holds an unfinished backup restore: run spike backup restore again".into()
+            }
             Phase::Ready => "ready".into(),
         }
     }
@@ -187,6 +193,7 @@ impl Phase {
             Phase::AwaitingKeepers { .. } => "awaiting_keepers",
             Phase::AwaitingRestore => "awaiting_restore",
             Phase::StoreUnavailable => "store_unavailable",
+            Phase::RestoreIncomplete => "restore_incomplete",
             Phase::Ready => "ready",
         }
     }
@@ -197,6 +204,7 @@ impl Phase {
             Phase::AwaitingKeepers { .. } => KeyState::AwaitingKeepers,
             Phase::AwaitingRestore => KeyState::AwaitingRestore,
             Phase::StoreUnavailable => KeyState::StoreUnavailable,
+            Phase::RestoreIncomplete => KeyState::RestoreIncomplete,
             Phase::Ready => KeyState::Ready,
         }
     }
@@ -228,6 +236,9 @@ pub struct Keys {
     pub audit: crate::crypto::MacKey,
 }
 
+/// HKDF label of the key that seals policies at rest ([`Keys::policies`]).
+pub const POLICIES_LABEL: &str = "spike/policies/v1";
+
 impl Keys {
     /// Derives the sub-keys of `root` and its `shares` Keeper shards under `derivation` (any
     /// `threshold` of them rebuild it).
@@ -245,7 +256,7 @@ impl Keys {
             derivation,
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
-            policies: root.derive("spike/policies/v1"),
+            policies: root.derive(POLICIES_LABEL),
             cipher: root.derive("spike/cipher/v1"),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
             root,

@@ -547,8 +547,15 @@ impl Api {
             None => {
                 let phase = nexus.phase();
                 health.status = phase.as_str();
-                if let Phase::AwaitingKeepers { have, .. } = phase {
-                    health.keepers_with_shards = Some(have);
+                match phase {
+                    Phase::AwaitingKeepers { have, .. } => health.keepers_with_shards = Some(have),
+                    Phase::RestoreIncomplete => {
+                        health.reason = Some(
+                            "the store holds an unfinished backup restore; run spike backup restore again to finish it"
+                                .into(),
+                        )
+                    }
+                    _ => {}
                 }
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -322,6 +322,12 @@ fn open_record(keys: &SecretKeys, path: &str, stored: &[u8]) -> Result<Record, A
     Ok(record)
 }
 
+/// Checks the record stored at `path` as every read does — it decodes and its MAC verifies
+/// under `keys` — without opening any value: for `spike backup verify`.
+pub fn check_stored(keys: &SecretKeys, path: &str, stored: &[u8]) -> Result<(), ApiError> {
+    open_record(keys, path, stored).map(drop)
+}
+
 /// Encodes `record` for the store at `path`: one more write counted, and its MAC.
 fn seal_record(keys: &SecretKeys, path: &str, record: &mut Record) -> Result<Vec<u8>, ApiError> {
     record.seq = record.seq.checked_add(1).ok_or_else(|| {

@@ -144,6 +144,8 @@ label_enum! {
         AwaitingRestore => "awaiting_restore",
         /// The store is not open yet, or could not be read.
         StoreUnavailable => "store_unavailable",
+        /// The store holds an unfinished backup restore.
+        RestoreIncomplete => "restore_incomplete",
         /// The root key is loaded.
         Ready => "ready",
     }

@@ -50,6 +50,38 @@ impl std::fmt::Debug for SecretUrl {
 }
 
 impl Backend {
+    /// Reads `SPIKE_NEXUS_BACKEND_STORE` and the chosen backend's settings (default: SQLite in
+    /// `/var/lib/spike`).
+    pub fn from_source(env: &impl Source) -> Result<Backend> {
+        Ok(match env
+            .get("SPIKE_NEXUS_BACKEND_STORE")
+            .unwrap_or_else(|| "sqlite".into())
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "sqlite" => Backend::Sqlite {
+                data_dir: env
+                    .get("SPIKE_NEXUS_DATA_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/spike")),
+            },
+            "memory" => Backend::Memory,
+            "postgres" | "postgresql" => Backend::Postgres {
+                url: SecretUrl::new(env.get("SPIKE_NEXUS_DB_URL").ok_or(Error::Missing {
+                    var: "SPIKE_NEXUS_DB_URL",
+                    hint: "SPIKE_NEXUS_BACKEND_STORE=postgres needs a URL such as postgres://spike@db.example:5432/spike?sslmode=verify-full&sslrootcert=/etc/spike/db-ca.pem",
+                })?),
+            },
+            "s3" => Backend::S3(S3Config::from_source(env)?),
+            other => {
+                return Err(invalid(
+                    "SPIKE_NEXUS_BACKEND_STORE",
+                    format!("unknown backend {other:?} (expected sqlite, postgres, s3 or memory)"),
+                ));
+            }
+        })
+    }
+
     /// The backend's name, for logs and `/health`.
     pub fn name(&self) -> &'static str {
         match self {

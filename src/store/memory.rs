@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Entry, Expect, Namespace, Result, Revision, Store, Written};
+use super::{Consistency, Entry, Expect, Namespace, Result, Revision, Snapshot, Store, Written};
 
 /// Clones share one map.
 #[derive(Clone, Default)]
@@ -39,6 +39,20 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn consistency(&self) -> Consistency {
+        Consistency::Store
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let records = self
+            .lock()
+            .entries
+            .iter()
+            .map(|((ns, key), (value, _))| (*ns, key.clone(), value.clone()))
+            .collect();
+        Ok(super::sorted(records))
     }
 
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {

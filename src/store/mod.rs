@@ -97,6 +97,48 @@ impl Namespace {
             Namespace::System => "system",
         }
     }
+
+    /// Every namespace, in the order a snapshot lists them.
+    pub const ALL: [Namespace; 3] = [Namespace::Secrets, Namespace::Policies, Namespace::System];
+
+    /// The namespace named `name` ([`Namespace::as_str`]).
+    pub fn parse(name: &str) -> Option<Namespace> {
+        Namespace::ALL.into_iter().find(|ns| ns.as_str() == name)
+    }
+}
+
+/// How consistent a [`Snapshot`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// The whole store as of one instant (one SQL statement or transaction).
+    Store,
+    /// Each record as of its own read: a write that lands during the export may be in it for
+    /// some records and not others (object stores).
+    Record,
+}
+
+impl Consistency {
+    /// The name written in a backup's header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Store => "store",
+            Consistency::Record => "record",
+        }
+    }
+}
+
+/// Every record of a store, read for a backup: sealed values as stored, sorted by namespace
+/// ([`Namespace::ALL`] order) then key.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// `(namespace, key, value)`.
+    pub records: Vec<(Namespace, String, Vec<u8>)>,
+}
+
+/// Sorts `records` into a snapshot's order.
+fn sorted(mut records: Vec<(Namespace, String, Vec<u8>)>) -> Snapshot {
+    records.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Snapshot { records }
 }
 
 /// An opaque token naming one stored version of a value: a counter in SQL stores, an ETag in
@@ -133,7 +175,12 @@ pub enum Written {
 }
 
 /// The key of the root-key verifier in [`Namespace::System`].
-const VERIFIER_KEY: &str = "root-key-verifier";
+pub const VERIFIER_KEY: &str = "root-key-verifier";
+
+/// The key in [`Namespace::System`] that `spike backup restore` writes first and removes last:
+/// while it exists the store holds part of a restore, and Nexus must neither create a root key
+/// nor serve (`restore_incomplete`).
+pub const RESTORE_MARKER_KEY: &str = "restore-in-progress";
 
 /// The operations Nexus needs from a backing store: a small key-value interface whose writes
 /// are conditional, so that concurrent writers — in one process or many — never lose updates.
@@ -192,17 +239,40 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, ns: Namespace, prefix: &str)
     -> impl Future<Output = Result<Vec<String>>> + Send;
 
+    /// How consistent [`Store::snapshot`] is for this backend.
+    fn consistency(&self) -> Consistency {
+        Consistency::Record
+    }
+
+    /// Every record of the store, for a backup. This default reads each key of each
+    /// namespace in turn, so it is consistent per record only ([`Consistency::Record`]); SQL
+    /// backends read the whole store in one statement instead. A key deleted between the
+    /// listing and its read is left out.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot>> + Send {
+        async move {
+            let mut records = Vec::new();
+            for ns in Namespace::ALL {
+                for key in self.list(ns, "").await? {
+                    if let Some(entry) = self.get(ns, &key).await? {
+                        records.push((ns, key, entry.value));
+                    }
+                }
+            }
+            Ok(sorted(records))
+        }
+    }
+
     /// The root-key verifier, if a root key was ever created for this store.
     fn verifier(&self) -> impl Future<Output = Result<Option<Verifier>>> + Send {
         async move {
             let Some(entry) = self.get(Namespace::System, VERIFIER_KEY).await? else {
                 return Ok(None);
             };
-            serde_json::from_slice::<StoredVerifier>(&entry.value)
-                .map(|v| Some(v.into()))
-                .map_err(|e| Error::Corrupt {
+            parse_verifier(&entry.value)
+                .map(Some)
+                .map_err(|reason| Error::Corrupt {
                     backend: self.backend(),
-                    reason: format!("root-key verifier: {e}"),
+                    reason,
                 })
         }
     }
@@ -218,6 +288,13 @@ pub trait Store: Send + Sync + 'static {
             Ok(matches!(written, Written::Done(_)))
         }
     }
+}
+
+/// Decodes the value stored at [`VERIFIER_KEY`].
+pub fn parse_verifier(value: &[u8]) -> std::result::Result<Verifier, String> {
+    serde_json::from_slice::<StoredVerifier>(value)
+        .map(Verifier::from)
+        .map_err(|e| format!("root-key verifier: {e}"))
 }
 
 /// The verifier as stored: JSON with the sealed value in base64.
@@ -334,6 +411,19 @@ impl Store for AnyStore {
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
         delegate!(self, s => s.list(ns, prefix))
     }
+
+    fn consistency(&self) -> Consistency {
+        match self {
+            AnyStore::Memory(s) => s.consistency(),
+            AnyStore::Sqlite(s) => s.consistency(),
+            AnyStore::S3(s) => s.consistency(),
+            AnyStore::Postgres(s) => s.consistency(),
+        }
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        delegate!(self, s => s.snapshot())
+    }
 }
 
 /// A store whose every operation is counted and timed by backend, operation and result
@@ -419,5 +509,13 @@ impl<S: Store> Store for Measured<S> {
     async fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<String>> {
         self.timed(StoreOp::List, self.inner.list(ns, prefix), |_| false)
             .await
+    }
+
+    fn consistency(&self) -> Consistency {
+        self.inner.consistency()
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.inner.snapshot().await
     }
 }

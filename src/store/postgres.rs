@@ -50,7 +50,9 @@ use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
+use super::{
+    Consistency, Entry, Error, Expect, Namespace, Result, Revision, Snapshot, Store, Written,
+};
 
 const BACKEND: &str = "postgres";
 /// The schema this code writes; `schema_version` records what a database holds.
@@ -59,6 +61,8 @@ const SCHEMA_VERSION: i32 = 1;
 const MIGRATION_LOCK: i64 = 0x73_7069_6b65;
 /// The longest any one store operation may take, waiting for a connection included.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a whole-store export ([`Store::snapshot`]) may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Connections kept per Nexus instance.
 const POOL_SIZE: usize = 16;
 /// How long connecting to one host may take (TCP, TLS, login and the read-write check), unless
@@ -621,13 +625,21 @@ impl PostgresStore {
     where
         F: AsyncFnOnce(&mut Object) -> std::result::Result<T, tokio_postgres::Error>,
     {
-        let deadline = tokio::time::Instant::now() + OP_TIMEOUT;
-        let too_slow = || unavailable(format!("no answer within {}s", OP_TIMEOUT.as_secs()));
+        self.run_within(OP_TIMEOUT, f).await
+    }
+
+    /// [`PostgresStore::run`] with another time limit.
+    async fn run_within<T, F>(&self, limit: Duration, f: F) -> Result<T>
+    where
+        F: AsyncFnOnce(&mut Object) -> std::result::Result<T, tokio_postgres::Error>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        let too_slow = || unavailable(format!("no answer within {}s", limit.as_secs()));
         let mut conn = match tokio::time::timeout_at(deadline, self.fresh_connection()).await {
             Err(_) => {
                 return Err(unavailable(format!(
                     "{NO_CONNECTION} within {}s",
-                    OP_TIMEOUT.as_secs()
+                    limit.as_secs()
                 )));
             }
             Ok(Err(e)) => {
@@ -829,6 +841,40 @@ fn revision(n: i64) -> Revision {
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn consistency(&self) -> Consistency {
+        Consistency::Store
+    }
+
+    /// One `SELECT` of every row inside a `REPEATABLE READ READ ONLY` transaction: the whole
+    /// store as of one instant while writers go on.
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let rows = self
+            .run_within(SNAPSHOT_TIMEOUT, async |c| {
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let rows = tx
+                    .query("SELECT ns, key, value FROM kv ORDER BY ns, key", &[])
+                    .await?;
+                tx.commit().await?;
+                Ok(rows)
+            })
+            .await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            let ns: String = row.get(0);
+            let ns = Namespace::parse(&ns).ok_or_else(|| Error::Corrupt {
+                backend: BACKEND,
+                reason: format!("a row in an unknown namespace {ns:?}"),
+            })?;
+            records.push((ns, row.get(1), row.get(2)));
+        }
+        Ok(super::sorted(records))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{Entry, Error, Expect, Namespace, Result, Revision, Store, Written};
+use super::{
+    Consistency, Entry, Error, Expect, Namespace, Result, Revision, Snapshot, Store, Written,
+};
 
 const BACKEND: &str = "sqlite";
 /// The schema this code writes; `PRAGMA user_version` records what a file holds.
@@ -296,6 +298,39 @@ impl Store for SqliteStore {
     async fn get(&self, ns: Namespace, key: &str) -> Result<Option<Entry>> {
         let key = key.to_string();
         self.read(move |c| get_entry(c, ns, &key)).await
+    }
+
+    fn consistency(&self) -> Consistency {
+        Consistency::Store
+    }
+
+    /// One `SELECT` of every row, on its own connection on the blocking pool: in WAL mode one
+    /// statement reads one snapshot of the file while writers go on.
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_connection(&path)?;
+            let mut stmt = conn
+                .prepare("SELECT ns, key, value FROM kv ORDER BY ns, key")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+                })
+                .map_err(unavailable)?;
+            let mut records = Vec::new();
+            for row in rows {
+                let (ns, key, value) = row.map_err(unavailable)?;
+                let ns = Namespace::parse(&ns).ok_or_else(|| Error::Corrupt {
+                    backend: BACKEND,
+                    reason: format!("a row in an unknown namespace {ns:?}"),
+                })?;
+                records.push((ns, key, value));
+            }
+            Ok(super::sorted(records))
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     async fn revision(&self, ns: Namespace, key: &str) -> Result<Option<Revision>> {
