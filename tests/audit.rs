@@ -58,6 +58,20 @@ fn write_lines(like: &Path, name: &str, lines: &[String]) -> PathBuf {
     path
 }
 
+/// Waits (bounded) until `/health` reports the audit sink as `state`.
+async fn wait_audit(
+    anon: &spike::transport::HttpsClient,
+    url: &hyper::Uri,
+    state: &str,
+    what: &str,
+) {
+    wait_for(what, Duration::from_secs(10), move || async move {
+        let (_, body) = health(anon, url).await?;
+        (body["audit"] == state).then_some(())
+    })
+    .await;
+}
+
 async fn put(client: &spike::transport::HttpsClient, url: &hyper::Uri, path: &str) -> StatusCode {
     call(
         client,
@@ -388,15 +402,7 @@ async fn full_disk(mode: &str) {
     // Space again: the sink recovers by itself and the file is one unbroken chain.
     fs::remove_file(&filler).unwrap();
     wait_status(&anon, &url, "ready").await;
-    wait_for("the audit sink to recover", Duration::from_secs(10), || {
-        let anon = anon.clone();
-        let url = url.clone();
-        async move {
-            let (_, body) = health(&anon, &url).await?;
-            (body["audit"] == "ok").then_some(())
-        }
-    })
-    .await;
+    wait_audit(&anon, &url, "ok", "the audit sink to recover").await;
     assert_eq!(get(&su, &url, "apps/db").await.0, StatusCode::OK);
     let shards = export_shards(&c, &c.nexus[n].base_url());
     let (code, out, err) = verify(&shards, &[&file]);
@@ -442,19 +448,7 @@ async fn blocked_sink(mode: &str) {
     let made = Command::new("mkfifo").arg(&file).status().unwrap();
     assert!(made.success());
     c.nexus[n].signal("HUP");
-    wait_for(
-        "the sink to count as blocked",
-        Duration::from_secs(10),
-        || {
-            let anon = anon.clone();
-            let url = url.clone();
-            async move {
-                let (_, body) = health(&anon, &url).await?;
-                (body["audit"] == "blocked").then_some(())
-            }
-        },
-    )
-    .await;
+    wait_audit(&anon, &url, "blocked", "the sink to count as blocked").await;
     let started = Instant::now();
     let (s, body) = get(&su, &url, "apps/db").await;
     let waited = started.elapsed();
@@ -482,15 +476,7 @@ async fn blocked_sink(mode: &str) {
                 .count()
         }
     });
-    wait_for("the sink to write again", Duration::from_secs(10), || {
-        let anon = anon.clone();
-        let url = url.clone();
-        async move {
-            let (_, body) = health(&anon, &url).await?;
-            (body["audit"] == "ok").then_some(())
-        }
-    })
-    .await;
+    wait_audit(&anon, &url, "ok", "the sink to write again").await;
     assert_eq!(put(&su, &url, "apps/unblocked").await, StatusCode::OK);
     let lines_before = reader.join().unwrap();
     assert!(lines_before >= 1, "the FIFO reader saw the reopen record");

@@ -328,6 +328,15 @@ fn pg_env(url: &str) -> Vec<(String, String)> {
     common::postgres::nexus_env(url)
 }
 
+/// The URL naming `first` and `second`, in that order, that always asks for the writable one.
+fn two_hosts(first: &PgServer, second: &PgServer) -> String {
+    format!(
+        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
+        first.host_port(),
+        second.host_port()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nexus_follow_a_promoted_standby_under_load() {
     if !postgres_expected() {
@@ -336,11 +345,7 @@ async fn three_nexus_follow_a_promoted_standby_under_load() {
     let mut c = Cluster::new(3);
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby(c.dir.path(), "standby");
-    let url = format!(
-        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
-        primary.host_port(),
-        standby.host_port()
-    );
+    let url = two_hosts(&primary, &standby);
     let env = pg_env(&url);
     let urls = start_three(&mut c, &pairs(&env));
     for u in &urls {
@@ -466,11 +471,7 @@ async fn no_writable_host_is_refused_with_a_reason_and_nothing_written() {
     let (ph, pp) = primary.host_port().split_once(':').unwrap();
     let (sh, sp) = standby.host_port().split_once(':').unwrap();
     let urls_given = [
-        format!(
-            "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
-            primary.host_port(),
-            standby.host_port()
-        ),
+        two_hosts(&primary, &standby),
         format!(
             "host={ph},{sh} port={pp},{sp} user=spike dbname=spike_test sslmode=disable target_session_attrs=read-write"
         ),
@@ -585,11 +586,7 @@ async fn a_promoted_standby_still_waiting_for_a_synchronous_standby_is_reported(
     let mut c = Cluster::new(3);
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby_inheriting_sync(c.dir.path(), "standby");
-    let url = format!(
-        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
-        primary.host_port(),
-        standby.host_port()
-    );
+    let url = two_hosts(&primary, &standby);
     let env = pg_env(&url);
     let urls = start_three(&mut c, &pairs(&env));
     let anon = c.anonymous();
@@ -718,11 +715,7 @@ async fn a_fenced_read_only_primary_is_left_for_the_promoted_one() {
     let mut c = Cluster::new(3);
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby(c.dir.path(), "standby");
-    let url = format!(
-        "postgres://spike@{},{}/spike_test?sslmode=disable&target_session_attrs=read-write",
-        primary.host_port(),
-        standby.host_port()
-    );
+    let url = two_hosts(&primary, &standby);
     let env = pg_env(&url);
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
