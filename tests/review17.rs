@@ -1,0 +1,140 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! Review findings (review17) on real processes. These tests FAIL ON PURPOSE until the holes
+//! they show are closed.
+//!
+//! Audit trail: whoever can edit the file but has no root key can change, add or remove
+//! records and `spike audit verify` still exits 0, because a record with `"mac":null` (which
+//! Nexus writes only before the root key is loaded) is accepted anywhere in a trail, and the
+//! first line of a walk may be any record.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use hyper::StatusCode;
+use serde_json::json;
+use spike::protocol::audit::{self, Record};
+
+/// Exports the recovery shards with the real CLI (recover role) into a new directory.
+fn export_shards(c: &Cluster, url: &str) -> PathBuf {
+    let svid = c.pki.issue("recover-op", "/spike/pilot/role/recover");
+    let dir = c.dir.path().join("recovery");
+    let (code, _, err) = run_spike(
+        &["recover", "export", dir.to_str().unwrap()],
+        &client_env(url, &svid),
+    );
+    assert_eq!(code, 0, "{err}");
+    dir
+}
+
+fn verify(shards: &Path, file: &Path) -> (i32, String, String) {
+    run_spike(
+        &[
+            "audit",
+            "verify",
+            "--recover-dir",
+            shards.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+fn write_lines(like: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = like.with_file_name(name);
+    fs::write(
+        &path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    path
+}
+
+/// `lines[from..]` rewritten without MACs, each record changed by `edit`, chained to the line
+/// before it and numbered after it: what someone without the root key can produce.
+fn forge_from(lines: &[String], from: usize, edit: impl Fn(&mut Record)) -> Vec<String> {
+    let mut out: Vec<String> = lines[..from].to_vec();
+    for l in &lines[from..] {
+        let mut record = audit::parse(l).unwrap().record;
+        edit(&mut record);
+        if let Some(prev) = out.last() {
+            record.prev = audit::hex(&audit::digest_of(prev));
+            record.seq = audit::parse(prev).unwrap().record.seq + 1;
+        }
+        out.push(audit::line(&record, None));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_changed_or_removed_without_the_root_key_are_found() {
+    let mut c = Cluster::new(3);
+    let file = c.dir.path().join("audit.jsonl");
+    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    for path in ["apps/a", "apps/b", "apps/c", "apps/d"] {
+        let (status, _) = call(
+            &su,
+            &url,
+            SECRETS_PATH,
+            json!({"path": path, "values": {"v": "x"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let shards = export_shards(&c, &c.nexus[n].base_url());
+    let (code, out, err) = verify(&shards, &file);
+    assert_eq!(code, 0, "the untouched trail verifies: {out}{err}");
+
+    let lines: Vec<String> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let k = lines
+        .iter()
+        .position(|l| l.contains("\"resource\":\"apps/b\""))
+        .unwrap();
+    assert!(lines[k].contains("\"mac\":\""), "apps/b's record has a MAC");
+
+    // 1. apps/b and everything after it rewritten: other resources, another caller.
+    let changed = forge_from(&lines, k, |r| {
+        r.resource = r.resource.replace("apps/", "innocent/");
+        if !r.caller.is_empty() {
+            r.caller = "spiffe://spike.ist/app/someone-else".into();
+        }
+    });
+    // 2. apps/b's record removed (the rest re-chained over the gap).
+    let mut without = lines.clone();
+    without.remove(k);
+    let removed = forge_from(&without, k, |_| {});
+    // 3. The first records cut off: the walk starts at apps/b.
+    let head_cut = lines[k..].to_vec();
+    // 4. The whole file replaced by a trail nobody wrote.
+    let invented = forge_from(&lines, 0, |r| {
+        r.resource = r.resource.replace("apps/", "invented/");
+    });
+
+    let mut accepted = Vec::new();
+    for (name, forged) in [
+        ("changed", &changed),
+        ("removed", &removed),
+        ("head-cut", &head_cut),
+        ("invented", &invented),
+    ] {
+        let path = write_lines(&file, name, forged);
+        let (code, out, err) = verify(&shards, &path);
+        println!("{name}: exit {code}\n{out}{err}");
+        if code == 0 {
+            accepted.push(name);
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "`spike audit verify` exits 0 on trails edited without the root key: {accepted:?}"
+    );
+}
