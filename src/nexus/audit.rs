@@ -396,7 +396,7 @@ impl Writer {
             Tail::Torn => writer.pending.push(b'\n'),
         }
         writer.file = Some(file);
-        writer.chain(Kind::Open, "start".into());
+        writer.chain(Kind::Open, audit::OPEN_START.into());
         writer.flush();
         Ok(writer)
     }

@@ -147,7 +147,8 @@ impl Route {
             Route::Encrypt => "cipher.encrypt",
             Route::Decrypt => "cipher.decrypt",
             Route::Recover => "operator.recover",
-            Route::Restore => "operator.restore",
+            // Audited before the key is loaded: `spike audit verify` knows it by this name.
+            Route::Restore => crate::protocol::audit::KEYLESS_ACTION,
         }
     }
 }
