@@ -138,3 +138,65 @@ async fn audit_records_changed_or_removed_without_the_root_key_are_found() {
         "`spike audit verify` exits 0 on trails edited without the root key: {accepted:?}"
     );
 }
+
+/// A SPIKE database whose `secrets` is a view over an endless recursive query: `spike migrate
+/// from-spike` must refuse it (it is not SPIKE's schema), not spin forever in its first query.
+#[test]
+fn a_spike_database_with_an_endless_view_is_refused_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("hostile.db");
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    db.execute_batch(
+        "CREATE VIEW secrets AS WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) \
+           SELECT 'p' || n AS path, n AS version, x'00' AS nonce, x'00' AS encrypted_data, \
+                  '' AS created_time, NULL AS deleted_time FROM r;
+         CREATE TABLE secret_metadata (path, nonce, encrypted_current_version, \
+           encrypted_oldest_version, encrypted_created_time, encrypted_updated_time, \
+           encrypted_max_versions);
+         CREATE TABLE policies (name, nonce, encrypted_spiffe_id_pattern, \
+           encrypted_path_pattern, encrypted_permissions, created_time, updated_time);",
+    )
+    .unwrap();
+    drop(db);
+    let recover = dir.path().join("recover");
+    let svid = dir.path().join("svid");
+    fs::create_dir_all(&recover).unwrap();
+    fs::create_dir_all(&svid).unwrap();
+    let mut child = spike_command(
+        &[
+            "migrate",
+            "from-spike",
+            "--recover-dir",
+            recover.to_str().unwrap(),
+            db_path.to_str().unwrap(),
+        ],
+        &[
+            ("SPIKE_SVID_DIR", svid.to_str().unwrap()),
+            (
+                "SPIKE_NEXUS_KEEPER_PEERS",
+                "https://127.0.0.1:1,https://127.0.0.1:2,https://127.0.0.1:3",
+            ),
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    println!("{status:?} after {:?}: {err}", started.elapsed());
+    let status = status.expect("spike migrate was still running after 20 s on a 3-line database");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("secrets"), "{err}");
+}
