@@ -200,3 +200,49 @@ fn a_spike_database_with_an_endless_view_is_refused_not_run() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("secrets"), "{err}");
 }
+
+/// A SIGHUP whose reopen fails (the path is, for the moment, a directory) leaves Nexus
+/// refusing every request (fail-closed); once the path can be opened again Nexus must recover
+/// by itself, as it does from a failed write, not wait for another SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_that_failed_is_retried() {
+    let mut c = Cluster::new(3);
+    let file = c.dir.path().join("audit.jsonl");
+    let n = c.start_nexus(&[
+        ("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap()),
+        ("SPIKE_NEXUS_AUDIT_TIMEOUT", "1s"),
+    ]);
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let put = |path: &'static str| {
+        let su = su.clone();
+        let url = url.clone();
+        async move {
+            call(
+                &su,
+                &url,
+                SECRETS_PATH,
+                json!({"path": path, "values": {"v": "x"}}),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(put("apps/a").await, StatusCode::OK);
+
+    fs::rename(&file, c.dir.path().join("audit.jsonl.1")).unwrap();
+    fs::create_dir(&file).unwrap();
+    c.nexus[n].signal("HUP");
+    wait_status(&c.anonymous(), &url, "audit_unavailable").await;
+    assert_eq!(put("apps/b").await, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The path can be opened again: Nexus must notice without another signal.
+    fs::remove_dir(&file).unwrap();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    assert_eq!(put("apps/c").await, StatusCode::OK);
+    assert!(
+        fs::read_to_string(&file).unwrap().contains("apps/c"),
+        "the record went to the new file"
+    );
+}
