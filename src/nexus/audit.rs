@@ -416,7 +416,8 @@ impl Writer {
 
     fn run(&mut self, rx: Receiver<Message>) {
         loop {
-            let first = if self.pending.is_empty() {
+            // A reopen that failed is retried as a failed write is.
+            let first = if self.pending.is_empty() && !self.shared.reopen.load(Ordering::SeqCst) {
                 rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
                 rx.recv_timeout(RETRY)
@@ -554,7 +555,13 @@ impl Writer {
                 tracing::info!(path = %self.path.display(), "audit file reopened");
                 self.chain(Kind::Open, "reopen".into());
             }
-            Err(e) => self.failed(format!("cannot reopen {}: {e}", self.path.display())),
+            Err(e) => {
+                // Asked again: the writer tries every RETRY until it opens (lines meanwhile go
+                // to the file it has, so best-effort loses nothing; fail-closed refuses
+                // requests while this is failing).
+                self.shared.reopen.store(true, Ordering::SeqCst);
+                self.failed(format!("cannot reopen {}: {e}", self.path.display()));
+            }
         }
     }
 }
