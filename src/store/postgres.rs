@@ -389,6 +389,14 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut session_attrs = None;
     let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        // The driver (as libpq) ends the user and password at the first '@': a password with
+        // an '@' of its own would make the rest of it a host name, shown in every connection
+        // error (and on `/health`).
+        if base.matches('@').count() > 1 {
+            return Err(invalid_url(
+                "the user name or password holds an '@': write it as %40",
+            ));
+        }
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -1268,6 +1276,8 @@ mod tests {
             format!("host=h user=spike {SECRET}"),
             format!("host=h user=spike password={SECRET} bogus=1"),
             format!("user=spike password={SECRET}"),
+            // An '@' in the password, not encoded: the rest would be taken for a host.
+            format!("postgres://spike:x@{SECRET}@h/d"),
             // Not URLs, so taken for the key=value form, with the password in a key.
             format!("spike:{SECRET}=@h/d"),
             format!("\"postgres://spike:{SECRET}@h/d?sslmode=require\""),
