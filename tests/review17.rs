@@ -246,3 +246,51 @@ async fn a_reopen_that_failed_is_retried() {
         "the record went to the new file"
     );
 }
+
+/// A backup whose trailer matches (anyone can compute a SHA-256) but which holds a key no
+/// store can take (a NUL character: PostgreSQL text refuses it) must be refused by `verify`
+/// and `restore` before anything is written; restored into PostgreSQL it stopped half-way, and
+/// "run the same restore again" can never finish it.
+#[test]
+fn a_crafted_backup_with_a_key_no_store_holds_is_refused() {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+    let key_id = "00112233aabbccdd";
+    let verifier = json!({"key_id": key_id, "sealed": b64(&[0; 60])}).to_string();
+    let header = json!({
+        "format": "spike-backup", "version": 1, "created": "2026-11-30T00:00:00Z",
+        "backend": "sqlite", "consistency": "store", "key_id": key_id,
+        "records": 3, "secrets": 2, "policies": 0, "system": 1,
+    });
+    let mut body = format!("{header}\n");
+    for (ns, key, value) in [
+        ("secrets", "apps/a", b"x".as_slice()),
+        ("secrets", "apps/b\u{0}c", b"y".as_slice()),
+        ("system", "root-key-verifier", verifier.as_bytes()),
+    ] {
+        body.push_str(&format!(
+            "{}\n",
+            json!({"ns": ns, "key": key, "value": b64(value)})
+        ));
+    }
+    let sha = audit::hex(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref());
+    body.push_str(&format!(
+        "{}\n",
+        json!({"end": "spike-backup", "records": 3, "sha256": sha})
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crafted.jsonl");
+    fs::write(&file, body).unwrap();
+    let (code, out, err) = run_spike(&["backup", "verify", file.to_str().unwrap()], &[]);
+    assert_ne!(code, 0, "a backup with a NUL in a key verifies: {out}{err}");
+    let data = dir.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    let (code, out, err) = run_spike(
+        &["backup", "restore", file.to_str().unwrap()],
+        &[
+            ("SPIKE_NEXUS_BACKEND_STORE", "sqlite"),
+            ("SPIKE_NEXUS_DATA_DIR", data.to_str().unwrap()),
+        ],
+    );
+    assert_ne!(code, 0, "a backup with a NUL in a key restores: {out}{err}");
+}
