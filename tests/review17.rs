@@ -294,3 +294,36 @@ fn a_crafted_backup_with_a_key_no_store_holds_is_refused() {
     );
     assert_ne!(code, 0, "a backup with a NUL in a key restores: {out}{err}");
 }
+
+/// Paths may be 500 bytes long; the audit record must still say which secret a request named.
+/// Two secrets whose paths share their first 256 characters were recorded with the same
+/// truncated resource (`…`), so the trail could not tell which one was read or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_record_names_a_long_path_whole() {
+    let mut c = Cluster::new(3);
+    let file = c.dir.path().join("audit.jsonl");
+    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = c.api_client("su", "/spike/pilot/role/superuser");
+    let stem = format!("apps/{}", "x".repeat(295));
+    let paths = [format!("{stem}/first"), format!("{stem}/second")];
+    for path in &paths {
+        let (status, body) = call(
+            &su,
+            &url,
+            SECRETS_PATH,
+            json!({"path": path, "values": {"v": "x"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let resources: Vec<String> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| audit::parse(l).ok())
+        .filter(|p| p.record.action == "secret.put")
+        .map(|p| p.record.resource)
+        .collect();
+    assert_eq!(resources, paths, "the records name the paths");
+}
