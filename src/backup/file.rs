@@ -226,6 +226,13 @@ pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
                 line.key
             ));
         }
+        // What no store holds (PostgreSQL text cannot take a NUL): refused here, before a
+        // restore writes its marker and stops half-way on it for good.
+        if line.key.is_empty() || line.key.contains('\0') {
+            return Err(format!(
+                "line {n} has an empty key or one with a NUL character, which no store holds: the file was crafted or damaged"
+            ));
+        }
         if ns == Namespace::System && line.key == RESTORE_MARKER_KEY {
             return Err(format!(
                 "line {n} is a restore marker: this was taken from a store in the middle of a restore"

@@ -37,6 +37,7 @@ fn verify(recover_dir: &Path, files: &[PathBuf]) -> Result<()> {
     let mut verifier = Verifier::new(&key, root.key_id());
     drop(root);
     let mut restarts = 0u64;
+    let mut first = None;
     for file in files {
         let reader = std::fs::File::open(file)
             .map(std::io::BufReader::new)
@@ -46,6 +47,9 @@ fn verify(recover_dir: &Path, files: &[PathBuf]) -> Result<()> {
             let line = line.map_err(|e| Error::Failed(format!("{at}: cannot read: {e}")))?;
             match verifier.check(&line) {
                 Ok(record) => {
+                    if first.is_none() {
+                        first = Some(record.clone());
+                    }
                     if record.kind == Kind::Open && record.prev == audit::hex(&audit::GENESIS) {
                         restarts += 1;
                     }
@@ -61,9 +65,17 @@ fn verify(recover_dir: &Path, files: &[PathBuf]) -> Result<()> {
         verifier.unauthenticated,
         restarts,
     );
+    if let Some(first) = &first
+        && first.prev != audit::hex(&audit::GENESIS)
+    {
+        eprintln!(
+            "note: the first record (seq {}) continues a trail whose earlier records are in files not given",
+            first.seq
+        );
+    }
     if verifier.pending > 0 {
         eprintln!(
-            "note: the last {} record(s) have no MAC (Nexus had no root key yet) and no later record vouches for them",
+            "note: the last {} record(s) have no MAC (written as Nexus started, before the root key was loaded) and no later record vouches for them",
             verifier.pending
         );
     }

@@ -196,6 +196,25 @@ impl SpikeDb {
                  encrypted_permissions, created_time, updated_time",
             ),
         ] {
+            // A table, not a view: a view is a query the file's author wrote, which may never
+            // end (a recursive one) or cost anything.
+            let kind: Option<String> = db
+                .conn
+                .query_row(
+                    "SELECT type FROM sqlite_master WHERE name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .ok();
+            if kind.as_deref() != Some("table") {
+                return Err(Error::NotSpike {
+                    path: shown.clone(),
+                    why: format!(
+                        "{table} is not a table (SPIKE's schema has a table {table}; found {})",
+                        kind.as_deref().unwrap_or("nothing of that name")
+                    ),
+                });
+            }
             db.conn
                 .prepare(&format!("SELECT {columns} FROM {table} LIMIT 0"))
                 .map_err(|e| Error::NotSpike {

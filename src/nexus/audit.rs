@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -152,6 +152,9 @@ struct Shared {
     busy_since: Mutex<Option<Instant>>,
     /// Records lost (best-effort) since start.
     dropped: AtomicU64,
+    /// A SIGHUP asked for the file to be reopened: kept here, not only in the queue, so that a
+    /// full queue (a sink that blocks) does not lose it.
+    reopen: AtomicBool,
 }
 
 enum Message {
@@ -240,7 +243,9 @@ impl Trail {
     /// Asks the writer to reopen the file (after logrotate moved it).
     pub fn reopen(&self) {
         if let Some(queue) = &self.queue {
-            // A full queue means the writer is behind; it reopens after the next message.
+            self.shared.reopen.store(true, Ordering::SeqCst);
+            // Only wakes the writer: a full queue means it is busy, and it looks at the flag
+            // after every batch.
             let _ = queue.try_send(Message::Reopen);
         }
     }
@@ -396,7 +401,7 @@ impl Writer {
             Tail::Torn => writer.pending.push(b'\n'),
         }
         writer.file = Some(file);
-        writer.chain(Kind::Open, "start".into());
+        writer.chain(Kind::Open, audit::OPEN_START.into());
         writer.flush();
         Ok(writer)
     }
@@ -411,7 +416,8 @@ impl Writer {
 
     fn run(&mut self, rx: Receiver<Message>) {
         loop {
-            let first = if self.pending.is_empty() {
+            // A reopen that failed is retried as a failed write is.
+            let first = if self.pending.is_empty() && !self.shared.reopen.load(Ordering::SeqCst) {
                 rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
                 rx.recv_timeout(RETRY)
@@ -428,13 +434,14 @@ impl Writer {
             while let Ok(message) = rx.try_recv() {
                 self.take(message);
             }
+            self.reopen_if_asked();
             self.flush();
         }
     }
 
     fn take(&mut self, message: Message) {
         match message {
-            Message::Reopen => self.reopen(),
+            Message::Reopen => self.reopen_if_asked(),
             Message::Record(record, keys, done) => {
                 if keys.is_some() {
                     self.keys = keys;
@@ -528,6 +535,13 @@ impl Writer {
         }
     }
 
+    /// Reopens the file if a SIGHUP asked for it since the last reopen.
+    fn reopen_if_asked(&mut self) {
+        if self.shared.reopen.swap(false, Ordering::SeqCst) {
+            self.reopen();
+        }
+    }
+
     /// SIGHUP: pending lines go to the new file, which continues the chain.
     fn reopen(&mut self) {
         self.flush();
@@ -541,7 +555,13 @@ impl Writer {
                 tracing::info!(path = %self.path.display(), "audit file reopened");
                 self.chain(Kind::Open, "reopen".into());
             }
-            Err(e) => self.failed(format!("cannot reopen {}: {e}", self.path.display())),
+            Err(e) => {
+                // Asked again: the writer tries every RETRY until it opens (lines meanwhile go
+                // to the file it has, so best-effort loses nothing; fail-closed refuses
+                // requests while this is failing).
+                self.shared.reopen.store(true, Ordering::SeqCst);
+                self.failed(format!("cannot reopen {}: {e}", self.path.display()));
+            }
         }
     }
 }

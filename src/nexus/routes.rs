@@ -147,7 +147,8 @@ impl Route {
             Route::Encrypt => "cipher.encrypt",
             Route::Decrypt => "cipher.decrypt",
             Route::Recover => "operator.recover",
-            Route::Restore => "operator.restore",
+            // Audited before the key is loaded: `spike audit verify` knows it by this name.
+            Route::Restore => crate::protocol::audit::KEYLESS_ACTION,
         }
     }
 }
@@ -779,7 +780,9 @@ impl Api {
         let request_id = self.request_ids.next();
         let status = resp.status().as_u16();
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let resource = log_safe(resource);
+        // Whole, so the record says which secret or policy (a valid path is at most
+        // MAX_PATH_LEN bytes); bounded for what a refused request named.
+        let resource = escape_limited(resource, AUDIT_RESOURCE_MAX);
         tracing::info!(
             target: "spike::audit",
             caller = %caller,
@@ -862,13 +865,21 @@ impl Api {
 /// A caller-supplied string made safe for a log line in any format: control characters
 /// (line breaks, terminal escapes) escaped, and at most 256 characters kept.
 pub(crate) fn log_safe(text: &str) -> String {
-    const MAX: usize = 256;
+    escape_limited(text, 256)
+}
+
+/// Characters of a resource the audit line and record keep: more than any valid secret path
+/// ([`crate::protocol::secret::MAX_PATH_LEN`]) or policy name.
+const AUDIT_RESOURCE_MAX: usize = 1024;
+
+/// `text` with control characters escaped and at most `max` characters kept (`…` when cut).
+fn escape_limited(text: &str, max: usize) -> String {
     let mut out: String = text
         .chars()
-        .take(MAX)
+        .take(max)
         .flat_map(char::escape_debug)
         .collect();
-    if text.chars().nth(MAX).is_some() {
+    if text.chars().nth(max).is_some() {
         out.push('…');
     }
     out

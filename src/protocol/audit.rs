@@ -5,7 +5,10 @@
 //! root key is loaded, ends with an HMAC-SHA256 of everything before it (`mac`) under a key
 //! derived from the root key ([`KEY_LABEL`]): whoever can edit the file but does not hold the
 //! root key cannot repair the chain. Lines written before the key was loaded (a restore) carry
-//! `"mac":null`; an edit among them is found at the next line that has a MAC.
+//! `"mac":null`; an edit among them is found at the next line that has a MAC. Since anyone can
+//! write such a line, the verifier accepts one only where Nexus writes one: an `open`, a `gap`
+//! or a restore request before any line with a MAC, or the `open` of a start (which is how a
+//! restarted Nexus continues a file); and a walk must begin with an `open` record.
 //!
 //! What a chain cannot show: records cut from the end of the newest file (nothing follows them
 //! to notice). Each file starts with an `open` record and Nexus writes one at every start and
@@ -22,6 +25,13 @@ pub const KEY_LABEL: &str = "spike/audit/v1";
 
 /// `prev` of the first record of a trail: no line came before it.
 pub const GENESIS: [u8; 32] = [0; 32];
+
+/// The one request Nexus answers (and records) before its root key is loaded: the only
+/// `request` record that may lack a MAC.
+pub const KEYLESS_ACTION: &str = "operator.restore";
+
+/// `detail` of the `open` record Nexus writes when it starts (its first record has no MAC).
+pub const OPEN_START: &str = "start";
 
 /// What a record is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +140,18 @@ pub enum Broken {
     /// The MAC does not match: the record was changed.
     #[error("its MAC does not match: the record was changed")]
     Mac,
+    /// A record without a MAC where Nexus always writes one: every record after the root key
+    /// is loaded has one, until Nexus starts again (an `open` record); before, only `open`,
+    /// `gap` and restore requests are written.
+    #[error(
+        "it has no MAC where Nexus writes one (records were changed, removed or added by someone without the root key)"
+    )]
+    Unauthenticated,
+    /// The first line given is not an `open` record: every file Nexus writes starts with one.
+    #[error(
+        "the first record is not an open record, where every audit file starts: records before it were removed"
+    )]
+    Start,
     /// The record names another root key than the one given.
     #[error("it was written under root key {found}; the recovery shards given rebuild {given}")]
     OtherKey {
@@ -210,6 +232,9 @@ pub struct Verifier<'k> {
     pub unauthenticated: u64,
     /// Lines since the last one with a MAC: only a later MAC vouches for them.
     pub pending: u64,
+    /// Whether a record with a MAC came since Nexus last started: from then on every record
+    /// has one.
+    keyed: bool,
 }
 
 impl<'k> Verifier<'k> {
@@ -222,6 +247,7 @@ impl<'k> Verifier<'k> {
             verified: 0,
             unauthenticated: 0,
             pending: 0,
+            keyed: false,
         }
     }
 
@@ -229,6 +255,9 @@ impl<'k> Verifier<'k> {
     /// `prev` is not known); every other line must follow the one before it.
     pub fn check(&mut self, line: &str) -> Result<Record, Broken> {
         let parsed = parse(line)?;
+        if self.last.is_none() && parsed.record.kind != Kind::Open {
+            return Err(Broken::Start);
+        }
         // Nexus starts a new trail (from GENESIS, seq 1) when it starts on a new file.
         let restart = parsed.record.kind == Kind::Open
             && parsed.record.seq == 1
@@ -261,8 +290,24 @@ impl<'k> Verifier<'k> {
                     .verify(parsed.signed.as_bytes(), mac)
                     .map_err(|_| Broken::Mac)?;
                 self.pending = 0;
+                self.keyed = true;
             }
             None => {
+                // Without the root key anyone can write such a line, so only the lines Nexus
+                // itself writes without a MAC pass: before the key is loaded, and the `open`
+                // of a start.
+                let record = &parsed.record;
+                let keyless = match record.kind {
+                    Kind::Open => !self.keyed || record.detail == OPEN_START,
+                    Kind::Gap => !self.keyed,
+                    Kind::Request => !self.keyed && record.action == KEYLESS_ACTION,
+                };
+                if !keyless {
+                    return Err(Broken::Unauthenticated);
+                }
+                if record.kind == Kind::Open {
+                    self.keyed = false;
+                }
                 self.unauthenticated += 1;
                 self.pending += 1;
             }
@@ -359,6 +404,21 @@ mod tests {
         v.check(&first).unwrap();
         v.check(&second).unwrap();
         assert_eq!((v.unauthenticated, v.pending), (1, 0));
+        // Once a record had a MAC, one without passes only as the `open` of a new start.
+        let third = line(&record(3, &digest_of(&second), Kind::Request), None);
+        assert_eq!(v.check(&third).err(), Some(Broken::Unauthenticated));
+        let mut start = record(3, &digest_of(&second), Kind::Open);
+        start.detail = OPEN_START.into();
+        let start = line(&start, None);
+        v.check(&start).unwrap();
+        let mut restore = record(4, &digest_of(&start), Kind::Request);
+        restore.action = KEYLESS_ACTION.into();
+        v.check(&line(&restore, None)).unwrap();
+        // A walk starts at an `open` record.
+        assert_eq!(
+            Verifier::new(&key, "k".into()).check(&second).err(),
+            Some(Broken::Start)
+        );
         assert!(parse("{\"kind\":\"open\"}").is_err());
         assert!(parse("").is_err());
         assert!(parse(&first.replace("null", "\"zz\"")).is_err());

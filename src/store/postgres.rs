@@ -284,6 +284,30 @@ struct Pair<'a> {
     value: String,
 }
 
+/// The keys of the key=value form: what tokio-postgres parses, and the TLS settings read here.
+const KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "sslrootcert",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
 /// Splits libpq's key=value form (`host=a,b port=5432,5433 user=spike password='x y'`):
 /// whitespace between pairs, optional whitespace around `=`, values bare or single-quoted,
 /// backslash escaping the next character. Errors never quote a value.
@@ -295,6 +319,16 @@ fn split_keywords(text: &str) -> Result<Vec<Pair<'_>>> {
             .find(|c: char| c == '=' || c.is_whitespace())
             .unwrap_or(rest.len());
         let key = &rest[..end];
+        // The keywords libpq and tokio-postgres know, and nothing else: an unknown word is
+        // never handed on to the driver, whose error would quote it (a URL that is not one, as
+        // in `spike:pass=word@host` or a quoted URL, puts the password there).
+        if !KEYWORDS.contains(&key) {
+            return Err(invalid_url(format!(
+                "word {} is not a setting spike knows (expected a postgres:// URL, or key=value pairs with the keys {})",
+                pairs.len() + 1,
+                KEYWORDS.join(", ")
+            )));
+        }
         rest = rest[end..].trim_start();
         // Not quoted: a word without '=' may well be a stray password.
         rest = rest.strip_prefix('=').ok_or_else(|| {
@@ -355,6 +389,14 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut session_attrs = None;
     let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        // The driver (as libpq) ends the user and password at the first '@': a password with
+        // an '@' of its own would make the rest of it a host name, shown in every connection
+        // error (and on `/health`).
+        if base.matches('@').count() > 1 {
+            return Err(invalid_url(
+                "the user name or password holds an '@': write it as %40",
+            ));
+        }
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -1234,6 +1276,13 @@ mod tests {
             format!("host=h user=spike {SECRET}"),
             format!("host=h user=spike password={SECRET} bogus=1"),
             format!("user=spike password={SECRET}"),
+            // An '@' in the password, not encoded: the rest would be taken for a host.
+            format!("postgres://spike:x@{SECRET}@h/d"),
+            // Not URLs, so taken for the key=value form, with the password in a key.
+            format!("spike:{SECRET}=@h/d"),
+            format!("\"postgres://spike:{SECRET}@h/d?sslmode=require\""),
+            format!("POSTGRES://spike:{SECRET}@h/d?sslmode=require"),
+            format!("host=h {SECRET}=1"),
         ] {
             let err = match parse_url(&url).and_then(|s| tls_config(&s.tls).map(|_| s)) {
                 Err(e) => e.to_string(),
