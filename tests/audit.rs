@@ -112,6 +112,18 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
         get(&stranger, &url, "apps/db").await.0,
         StatusCode::UNAUTHORIZED
     );
+    // An action no route has: refused, and recorded with the path it named.
+    assert_eq!(
+        call(
+            &su,
+            &url,
+            &action(SECRETS_PATH, "bogus"),
+            json!({"path": "apps/db"})
+        )
+        .await
+        .0,
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(
         call(
             &su,
@@ -155,6 +167,7 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
                 String::new(),
                 401
             ),
+            (su_id.into(), "none".into(), SECRETS_PATH.into(), 400),
             (su_id.into(), "secret.get".into(), "apps/none".into(), 404),
         ],
         "{text}"
@@ -178,7 +191,11 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
 
     // Every kind of edit is found, at the record where the chain breaks.
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let k = lines.len() - 3; // a request record with records after it
+    // The superuser's read: a request record with records after it.
+    let k = lines
+        .iter()
+        .position(|l| l.contains("\"secret.get\"") && l.contains("\"status\":200"))
+        .unwrap();
     let mut edited = lines.clone();
     edited[k] = edited[k].replace("apps/db", "apps/dc");
     let mut removed = lines.clone();

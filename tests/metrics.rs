@@ -347,13 +347,14 @@ async fn counters_move_with_the_traffic_sent_and_no_label_names_a_path_or_an_ide
             &[("backend", "sqlite"), ("op", "put")]
         ) >= N as f64
     );
-    // One audit line per audited request: the puts, the gets and the refused get.
+    // One audit line per request with a caller: the puts, the gets, the refused get and the
+    // unknown route.
     assert_eq!(
         delta(
             "spike_nexus_audit_records_total",
             &[("sink", "stderr"), ("result", "written")]
         ),
-        (N + M + 1) as f64
+        (N + M + 2) as f64
     );
     assert_eq!(
         after.get("spike_nexus_audit_sink_healthy", &[("sink", "stderr")]),

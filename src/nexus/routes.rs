@@ -712,15 +712,13 @@ impl Api {
         let Some(caller) = peer.id.as_ref() else {
             return error_response(&ApiError::Unauthorized);
         };
+        let started = Instant::now();
         let route = match Route::find(&path, req.uri().query()) {
             Ok(route) => route,
-            Err(e) => {
-                tracing::info!(caller = %caller, path = %log_safe(&path), error = %e, "request refused");
-                return error_response(&e);
-            }
+            // Recorded too: an authenticated caller probing for routes leaves a trace.
+            Err(e) => return self.audited(caller, NO_ROUTE, &path, started, Err(e)).await,
         };
         *labels = (route.endpoint(), route.name());
-        let started = Instant::now();
         // Fail-closed: nothing is done that could not be audited.
         if let Some(e) = self.nexus.audit.refuses() {
             tracing::error!(caller = %caller, action = route.name(), error = %e, "request refused: the audit trail is not being written");
@@ -729,16 +727,21 @@ impl Api {
         if route == Route::Restore {
             // The escape hatch works without a key (that is its point); only restore operators.
             let result = self.restore(req, caller).await;
-            return self.audited(caller, route, "", started, result).await;
+            return self
+                .audited(caller, route.name(), "", started, result)
+                .await;
         }
         let Some(keys) = self.nexus.keys() else {
-            return error_response(&ApiError::NotReady);
+            let refused = Err(ApiError::NotReady);
+            return self
+                .audited(caller, route.name(), "", started, refused)
+                .await;
         };
         let mut resource = String::new();
         let result = self
             .dispatch(route, req, caller, &keys, &mut resource)
             .await;
-        self.audited(caller, route, &resource, started, result)
+        self.audited(caller, route.name(), &resource, started, result)
             .await
     }
 }
@@ -749,7 +752,7 @@ impl Api {
     async fn audited(
         &self,
         caller: &SpiffeId,
-        route: Route,
+        action: &'static str,
         resource: &str,
         started: Instant,
         result: Result<Response<Full<Bytes>>, ApiError>,
@@ -764,14 +767,14 @@ impl Api {
                     | ApiError::Contended => {
                         tracing::error!(
                             caller = %caller,
-                            action = route.name(),
+                            action,
                             backend = self.nexus.store.backend(),
                             error = %e,
                             "request failed"
                         );
                     }
                     _ => {
-                        tracing::info!(caller = %caller, action = route.name(), error = %e, "request refused")
+                        tracing::info!(caller = %caller, action, error = %e, "request refused")
                     }
                 }
                 error_response(&e)
@@ -786,7 +789,7 @@ impl Api {
         tracing::info!(
             target: "spike::audit",
             caller = %caller,
-            action = route.name(),
+            action,
             resource = %resource,
             status,
             micros,
@@ -804,7 +807,7 @@ impl Api {
                 self.nexus.keys(),
                 &request_id,
                 caller.as_str(),
-                route.name(),
+                action,
                 &resource,
                 status,
                 micros,
@@ -824,7 +827,7 @@ impl Api {
         let mut resp = match written {
             Ok(()) => resp,
             Err(e) => {
-                tracing::error!(caller = %caller, action = route.name(), %request_id, error = %e, "answer withheld: its audit record was not written");
+                tracing::error!(caller = %caller, action, %request_id, error = %e, "answer withheld: its audit record was not written");
                 error_response(&ApiError::Audit(e))
             }
         };
@@ -862,17 +865,13 @@ impl Api {
     }
 }
 
-/// A caller-supplied string made safe for a log line in any format: control characters
-/// (line breaks, terminal escapes) escaped, and at most 256 characters kept.
-pub(crate) fn log_safe(text: &str) -> String {
-    escape_limited(text, 256)
-}
-
 /// Characters of a resource the audit line and record keep: more than any valid secret path
 /// ([`crate::protocol::secret::MAX_PATH_LEN`]) or policy name.
 const AUDIT_RESOURCE_MAX: usize = 1024;
 
-/// `text` with control characters escaped and at most `max` characters kept (`…` when cut).
+/// A caller-supplied `text` made safe for a log line or audit record in any format: control
+/// characters (line breaks, terminal escapes) escaped, and at most `max` characters kept (`…`
+/// when cut).
 fn escape_limited(text: &str, max: usize) -> String {
     let mut out: String = text
         .chars()
@@ -930,6 +929,7 @@ mod tests {
 
     #[test]
     fn log_safe_escapes_line_breaks_and_terminal_escapes() {
+        let log_safe = |text: &str| escape_limited(text, 256);
         assert_eq!(log_safe("a\nb"), "a\\nb");
         assert_eq!(log_safe("x\u{1b}[31m"), "x\\u{1b}[31m");
         assert_eq!(log_safe("plain/path"), "plain/path");

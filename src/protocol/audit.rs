@@ -26,9 +26,13 @@ pub const KEY_LABEL: &str = "spike/audit/v1";
 /// `prev` of the first record of a trail: no line came before it.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// The one request Nexus answers (and records) before its root key is loaded: the only
-/// `request` record that may lack a MAC.
+/// The one request Nexus carries out (and records) before its root key is loaded. The only
+/// `request` records that may lack a MAC are of it, or of requests refused with
+/// [`KEYLESS_STATUS`] (no root key yet).
 pub const KEYLESS_ACTION: &str = "operator.restore";
+
+/// The status of a request refused because the root key was not loaded (`state_not_ready`).
+pub const KEYLESS_STATUS: u16 = 503;
 
 /// `detail` of the `open` record Nexus writes when it starts (its first record has no MAC).
 pub const OPEN_START: &str = "start";
@@ -300,7 +304,11 @@ impl<'k> Verifier<'k> {
                 let keyless = match record.kind {
                     Kind::Open => !self.keyed || record.detail == OPEN_START,
                     Kind::Gap => !self.keyed,
-                    Kind::Request => !self.keyed && record.action == KEYLESS_ACTION,
+                    Kind::Request => {
+                        !self.keyed
+                            && (record.action == KEYLESS_ACTION
+                                || record.status == Some(KEYLESS_STATUS))
+                    }
                 };
                 if !keyless {
                     return Err(Broken::Unauthenticated);
