@@ -421,7 +421,16 @@ mod tests {
         v.check(&start).unwrap();
         let mut restore = record(4, &digest_of(&start), Kind::Request);
         restore.action = KEYLESS_ACTION.into();
-        v.check(&line(&restore, None)).unwrap();
+        let restore = line(&restore, None);
+        v.check(&restore).unwrap();
+        // Before the key: a refusal for want of it passes without a MAC, a served read does not.
+        let mut served = record(5, &digest_of(&restore), Kind::Request);
+        assert_eq!(
+            v.check(&line(&served, None)).err(),
+            Some(Broken::Unauthenticated)
+        );
+        served.status = Some(KEYLESS_STATUS);
+        v.check(&line(&served, None)).unwrap();
         // A walk starts at an `open` record.
         assert_eq!(
             Verifier::new(&key, "k".into()).check(&second).err(),
