@@ -12,6 +12,7 @@
 //!   audit lines.
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 //! - [`book`]: every policy in one sealed record, and this instance's validated copy.
+//! - [`keyring`]: the data keys, sealed under the root key in the store (decision 33).
 //! - [`audit`]: the audit file, one chained and MACed record per request.
 
 pub mod audit;
@@ -20,6 +21,7 @@ pub mod book;
 pub mod cipher;
 pub mod config;
 pub mod keepers;
+pub mod keyring;
 pub mod policy;
 pub mod recovery;
 pub mod routes;
@@ -167,6 +169,9 @@ pub enum Phase {
     /// The store holds a `spike backup restore` that has not finished (its marker is there):
     /// Nexus neither creates a key nor serves until the restore is run to its end.
     RestoreIncomplete,
+    /// The root key is loaded but the store's keyring does not open under it (edited, or
+    /// another deployment's): Nexus neither replaces it nor serves.
+    KeyringRefused,
     /// The root key is loaded.
     Ready,
 }
@@ -183,6 +188,10 @@ impl Phase {
             Phase::RestoreIncomplete => {
                 "store holds an unfinished backup restore: run spike backup restore again".into()
             }
+            Phase::KeyringRefused => {
+                "the store's keyring does not open under the root key: restore it from a backup"
+                    .into()
+            }
             Phase::Ready => "ready".into(),
         }
     }
@@ -194,6 +203,7 @@ impl Phase {
             Phase::AwaitingRestore => "awaiting_restore",
             Phase::StoreUnavailable => "store_unavailable",
             Phase::RestoreIncomplete => "restore_incomplete",
+            Phase::KeyringRefused => "keyring_refused",
             Phase::Ready => "ready",
         }
     }
@@ -205,6 +215,7 @@ impl Phase {
             Phase::AwaitingRestore => KeyState::AwaitingRestore,
             Phase::StoreUnavailable => KeyState::StoreUnavailable,
             Phase::RestoreIncomplete => KeyState::RestoreIncomplete,
+            Phase::KeyringRefused => KeyState::KeyringRefused,
             Phase::Ready => KeyState::Ready,
         }
     }
@@ -234,6 +245,9 @@ pub struct Keys {
     pub cipher: AeadKey,
     /// Authenticates the audit trail's records.
     pub audit: crate::crypto::MacKey,
+    /// The data keys ([`keyring`]): the store's keyring once loaded, the legacy entry alone
+    /// for tools that open a store with the root key only.
+    pub keyring: Arc<keyring::Keyring>,
 }
 
 /// HKDF label of the key that seals policies at rest ([`Keys::policies`]).
@@ -257,11 +271,18 @@ impl Keys {
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive(POLICIES_LABEL),
-            cipher: root.derive("spike/cipher/v1"),
+            cipher: root.derive(keyring::CIPHER_LABEL),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
+            keyring: Arc::new(keyring::Keyring::legacy(&root, upgrade_secret_records)),
             root,
             shards,
         })
+    }
+
+    /// The same keys, with the store's keyring.
+    pub fn with_keyring(mut self, keyring: keyring::Keyring) -> Keys {
+        self.keyring = Arc::new(keyring);
+        self
     }
 }
 
@@ -348,20 +369,44 @@ impl Nexus {
         }
     }
 
-    /// Installs the root key and derives its sub-keys. If a key is already loaded, that one is
-    /// kept and returned, so two paths racing to load it cannot replace each other's.
+    /// Reads the store's keyring under `root`, creating it when the store has none
+    /// ([`keyring::ensure`]). A store failure sets `store_unavailable`, a keyring that does
+    /// not open `keyring_refused`; either way the key is not loaded and the caller retries.
+    async fn open_keyring(&self, root: &RootKey) -> Option<keyring::Keyring> {
+        match keyring::ensure(&self.store, root, self.config.upgrade_secret_records).await {
+            Ok(ring) => Some(ring),
+            Err(keyring::Error::Store(e)) => {
+                tracing::error!(backend = self.store.backend(), error = %e, "cannot read or create the keyring");
+                self.set_phase(Phase::StoreUnavailable);
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the root key is right (it opens the verifier) but the store's keyring is refused; it is left as it is");
+                self.set_phase(Phase::KeyringRefused);
+                None
+            }
+        }
+    }
+
+    /// Installs the root key, derives its sub-keys and takes `keyring` as its data keys. If a
+    /// key is already loaded, that one is kept and returned, so two paths racing to load it
+    /// cannot replace each other's.
     fn install(
         &self,
         root: RootKey,
         derivation: ShardDerivation,
+        keyring: keyring::Keyring,
     ) -> Result<Arc<Keys>, crate::crypto::Error> {
-        let keys = Arc::new(Keys::new(
-            root,
-            self.config.threshold,
-            self.config.shares,
-            derivation,
-            self.config.upgrade_secret_records,
-        )?);
+        let keys = Arc::new(
+            Keys::new(
+                root,
+                self.config.threshold,
+                self.config.shares,
+                derivation,
+                self.config.upgrade_secret_records,
+            )?
+            .with_keyring(keyring),
+        );
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));

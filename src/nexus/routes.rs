@@ -555,6 +555,12 @@ impl Api {
                                 .into(),
                         )
                     }
+                    Phase::KeyringRefused => {
+                        health.reason = Some(
+                            "the store's keyring does not open under the root key (edited, or another deployment's); restore it from a backup"
+                                .into(),
+                        )
+                    }
                     _ => {}
                 }
                 StatusCode::SERVICE_UNAVAILABLE

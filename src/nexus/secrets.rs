@@ -33,7 +33,7 @@ use super::ApiError;
 use super::authz::{Grant, Listing};
 pub use super::writers::Writers;
 use super::writers::{Applies, Change, queue_put};
-use crate::crypto::{AeadKey, MacKey, RootKey};
+use crate::crypto::{AeadKey, DataKey, MacKey, RootKey};
 use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::protocol::policy::Permission;
 use crate::protocol::secret as rules;
@@ -70,6 +70,15 @@ impl SecretKeys {
         SecretKeys {
             values: root.derive(VALUES_LABEL),
             records: root.derive_mac(RECORDS_LABEL),
+            upgrade,
+        }
+    }
+
+    /// The keys of secret records under the keyring's data key `key` (same labels).
+    pub fn derive_from(key: &DataKey, upgrade: bool) -> SecretKeys {
+        SecretKeys {
+            values: key.derive(VALUES_LABEL),
+            records: key.derive_mac(RECORDS_LABEL),
             upgrade,
         }
     }

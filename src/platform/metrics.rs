@@ -146,6 +146,8 @@ label_enum! {
         StoreUnavailable => "store_unavailable",
         /// The store holds an unfinished backup restore.
         RestoreIncomplete => "restore_incomplete",
+        /// The store's keyring does not open under the root key (edited, or another key's).
+        KeyringRefused => "keyring_refused",
         /// The root key is loaded.
         Ready => "ready",
     }
