@@ -218,8 +218,8 @@ fn seal(
     let mut plain = Zeroizing::new(Vec::with_capacity(
         4 + entries.len() * (ENTRY_HEAD + KEY_LEN),
     ));
-    let count = u32::try_from(entries.len())
-        .map_err(|_| Error::Refused("too many data keys".into()))?;
+    let count =
+        u32::try_from(entries.len()).map_err(|_| Error::Refused("too many data keys".into()))?;
     plain.extend_from_slice(&count.to_be_bytes());
     for (entry, key) in entries {
         plain.extend_from_slice(&entry.id.to_be_bytes());
@@ -273,9 +273,9 @@ fn open(wrap: &AeadKey, stored: &[u8]) -> Result<(u64, Vec<(Entry, Option<DataKe
         let state = State::from_byte(take(1)?[0]).ok_or_else(|| refused("unknown key state"))?;
         let key = match take(1)?[0] {
             0 if id == LEGACY => None,
-            1 if id != LEGACY => Some(
-                DataKey::from_slice(take(KEY_LEN)?).ok_or_else(|| refused("short data key"))?,
-            ),
+            1 if id != LEGACY => {
+                Some(DataKey::from_slice(take(KEY_LEN)?).ok_or_else(|| refused("short data key"))?)
+            }
             _ => return Err(refused("key bytes do not match the entry's id")),
         };
         if entries.iter().any(|(e, _): &(Entry, _)| e.id == id) {
@@ -355,7 +355,12 @@ pub async fn ensure(
         ];
         let value = seal(&root.derive(KEYRING_LABEL), 1, &entries)?;
         match store
-            .put(Namespace::System, KEYRING_KEY, value.clone(), Expect::Absent)
+            .put(
+                Namespace::System,
+                KEYRING_KEY,
+                value.clone(),
+                Expect::Absent,
+            )
             .await?
         {
             Written::Done(revision) => {
@@ -484,8 +489,12 @@ mod tests {
         // A legacy entry with key bytes, or a real one without, is malformed.
         let bad = seal(&wrap, 1, &[(e(0, State::Active), Some(&k1))]).unwrap();
         assert!(decode(&root, &bad, Revision("r".into()), false).is_err());
-        let bad = seal(&wrap, 1, &[(e(0, State::Active), None), (e(1, State::Active), None)])
-            .unwrap();
+        let bad = seal(
+            &wrap,
+            1,
+            &[(e(0, State::Active), None), (e(1, State::Active), None)],
+        )
+        .unwrap();
         assert!(decode(&root, &bad, Revision("r".into()), false).is_err());
     }
 }

@@ -1,0 +1,293 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! The keyring (decision 33) with real Nexus processes on one shared store (SQLite file,
+//! PostgreSQL): a store written before the keyring is upgraded in place by three instances
+//! starting at once — exactly one keyring, and callers see nothing different; a keyring edited
+//! in the store is refused and left as it is.
+//!
+//! A store "written before the keyring" is made by starting one instance, writing through it,
+//! and removing the `system/keyring` record it created: while every value is still sealed under
+//! the legacy data key 0 (this slice), that store is exactly what an earlier release leaves.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::{StatusCode, Uri};
+use serde_json::json;
+use spike::protocol::nexus::{DECRYPT_PATH, ENCRYPT_PATH};
+use spike::store::{AnyStore, Expect, Namespace, Store, Written};
+use spike::transport::HttpsClient;
+
+const KEYRING: &str = "keyring";
+const SECRETS: &str = "/v1/store/secrets";
+const GET: &str = "/v1/store/secrets?action=get";
+
+/// Environment pairs that point Nexus at one store.
+type BackendEnv = Vec<(String, String)>;
+
+fn superuser(c: &Cluster) -> HttpsClient {
+    c.api_client("superuser", "/spike/pilot/role/superuser")
+}
+
+async fn ok(
+    client: &HttpsClient,
+    url: &Uri,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let (s, b) = call(client, url, path, body).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {b}");
+    b
+}
+
+/// Starts `n` Nexus instances at the same moment (one thread each); returns their URLs once
+/// each is ready.
+async fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
+    let first = c.nexus.len();
+    let envs: Vec<_> = (0..n).map(|_| c.nexus_env(extra)).collect();
+    let dir = c.dir.path().to_path_buf();
+    let barrier = std::sync::Barrier::new(n);
+    let procs: Vec<Proc> = std::thread::scope(|s| {
+        let handles: Vec<_> = envs
+            .into_iter()
+            .enumerate()
+            .map(|(i, env)| {
+                let (dir, barrier) = (&dir, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    Proc::start(&format!("nexus-{}", first + i + 1), dir, &["nexus"], env)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    c.nexus.extend(procs);
+    let urls: Vec<Uri> = c.nexus[first..].iter().map(Proc::url).collect();
+    for url in &urls {
+        wait_status(&c.anonymous(), url, "ready").await;
+    }
+    urls
+}
+
+/// Opens the cluster's store from the test process, as its administrator.
+async fn admin(c: &Cluster, env: &BackendEnv) -> AnyStore {
+    match env.iter().find(|(k, _)| k == "SPIKE_NEXUS_DB_URL") {
+        Some((_, url)) => AnyStore::Postgres(
+            spike::store::postgres::PostgresStore::open(url)
+                .await
+                .unwrap(),
+        ),
+        None => AnyStore::Sqlite(
+            spike::store::sqlite::SqliteStore::open(&c.data_dir)
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+async fn keyring(store: &AnyStore) -> Option<spike::store::Entry> {
+    store.get(Namespace::System, KEYRING).await.unwrap()
+}
+
+/// Overwrites the keyring record with `value`, at a new revision.
+async fn overwrite(store: &AnyStore, value: Vec<u8>) {
+    let current = keyring(store).await.unwrap();
+    assert!(matches!(
+        store
+            .put(
+                Namespace::System,
+                KEYRING,
+                value,
+                Expect::Revision(current.revision)
+            )
+            .await
+            .unwrap(),
+        Written::Done(_)
+    ));
+}
+
+/// One instance writes secrets, a policy and a ciphertext; its keyring is removed, so the store
+/// is one an earlier release left. Three instances then start on it at once: exactly one
+/// creates the keyring, the others use it, and every earlier value reads back as before through
+/// each of them.
+async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: BackendEnv) {
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = superuser(&c);
+    for i in 0..5 {
+        ok(
+            &su,
+            &url,
+            SECRETS,
+            json!({"path": format!("old/{i}"), "values": {"v": format!("value-{i}")}}),
+        )
+        .await;
+    }
+    ok(
+        &su,
+        &url,
+        SECRETS,
+        json!({"path": "old/0", "values": {"v": "second"}}),
+    )
+    .await;
+    ok(
+        &su,
+        &url,
+        "/v1/acl/policy",
+        json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^old/", "permissions": ["read"]}),
+    )
+    .await;
+    let sealed = ok(&su, &url, ENCRYPT_PATH, json!({"plaintext": "aGVsbG8="})).await;
+    let store = admin(&c, &env).await;
+    assert!(
+        keyring(&store).await.is_some(),
+        "a new deployment has a keyring"
+    );
+    c.nexus[n].kill();
+    let gone = keyring(&store).await.unwrap();
+    assert!(
+        store
+            .delete(Namespace::System, KEYRING, &gone.revision)
+            .await
+            .unwrap()
+    );
+
+    let urls = start_together(&mut c, 3, &pairs(&env)).await;
+    let logs: String = c.nexus[1..].iter().map(Proc::logs).collect();
+    assert_eq!(
+        logs.matches("created the keyring").count(),
+        1,
+        "exactly one of the three instances creates the keyring:\n{logs}"
+    );
+    let created = keyring(&store).await.expect("the keyring is in the store");
+    assert_ne!(
+        created.value, gone.value,
+        "a new keyring, not the removed one"
+    );
+    let w = c.api_client("w", "/app/w");
+    for url in &urls {
+        for i in 0..5 {
+            let want = if i == 0 {
+                "second".to_string()
+            } else {
+                format!("value-{i}")
+            };
+            let b = ok(&su, url, GET, json!({"path": format!("old/{i}")})).await;
+            assert_eq!(b["data"]["v"], want.as_str(), "{b}");
+        }
+        let b = ok(&su, url, GET, json!({"path": "old/0", "version": 1})).await;
+        assert_eq!(b["data"]["v"], "value-0");
+        // The policy from before is in force on every instance.
+        let (s, b) = call(&w, url, GET, json!({"path": "old/3"})).await;
+        assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("value-3")));
+        let b = ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
+        assert_eq!(b, json!({"plaintext": "aGVsbG8="}));
+        // New writes work as before.
+        ok(
+            &su,
+            url,
+            SECRETS,
+            json!({"path": "new/1", "values": {"v": "x"}}),
+        )
+        .await;
+    }
+    assert_eq!(
+        keyring(&store).await.unwrap().revision,
+        created.revision,
+        "no instance rewrote the keyring"
+    );
+}
+
+/// A keyring record edited in the store (any byte, or another store's) keeps Nexus from
+/// loading the key — `/health` says `keyring_refused` — and is left as it is; with the genuine
+/// record back, the instance becomes ready and serves what it held.
+async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendEnv) {
+    let n = c.start_nexus(&pairs(&env));
+    let url = c.nexus[n].url();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let su = superuser(&c);
+    ok(
+        &su,
+        &url,
+        SECRETS,
+        json!({"path": "a/1", "values": {"v": "x"}}),
+    )
+    .await;
+    let store = admin(&c, &env).await;
+    let genuine = keyring(&store).await.unwrap().value;
+    c.nexus[n].kill();
+    for i in [3, 12, genuine.len() / 2, genuine.len() - 1] {
+        let mut edited = genuine.clone();
+        edited[i] ^= 0x40;
+        overwrite(&store, edited.clone()).await;
+        c.nexus[n].restart();
+        let body = wait_status(&c.anonymous(), &url, "keyring_refused").await;
+        assert!(
+            body["reason"].as_str().unwrap().contains("keyring"),
+            "{body}"
+        );
+        wait_for(
+            "the refusal in the log",
+            Duration::from_secs(10),
+            || async {
+                c.nexus[n]
+                    .logs()
+                    .contains("keyring is refused")
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            keyring(&store).await.unwrap().value,
+            edited,
+            "byte {i}: left as it is"
+        );
+        c.nexus[n].kill();
+    }
+    overwrite(&store, genuine).await;
+    c.nexus[n].restart();
+    wait_status(&c.anonymous(), &url, "ready").await;
+    let b = ok(&su, &url, GET, json!({"path": "a/1"})).await;
+    assert_eq!(b["data"]["v"], "x");
+}
+
+macro_rules! keyring_suite {
+    ($name:ident, |$c:ident| $setup:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_store_from_before_the_keyring_is_upgraded_once() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::a_store_from_before_the_keyring_is_upgraded_once($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_edited_keyring_is_refused_not_replaced() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::an_edited_keyring_is_refused_not_replaced($c, env).await;
+            }
+        }
+    };
+}
+
+keyring_suite!(sqlite, |c| {
+    let _ = &c;
+    BackendEnv::new()
+});
+
+keyring_suite!(postgres, |c| {
+    let _ = &c;
+    let url = common::postgres::fresh_database().await;
+    vec![
+        (
+            "SPIKE_NEXUS_BACKEND_STORE".to_string(),
+            "postgres".to_string(),
+        ),
+        ("SPIKE_NEXUS_DB_URL".to_string(), url),
+    ]
+});
