@@ -70,6 +70,24 @@ async fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Ve
     urls
 }
 
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The root key of the cluster, rebuilt from its Keepers' shards once every Keeper holds one.
+async fn root_key(c: &Cluster) -> spike::crypto::RootKey {
+    let mut shares = Vec::new();
+    for i in 0..c.keepers.len() {
+        let (index, value) = wait_for("a Keeper's shard", Duration::from_secs(20), || {
+            c.keeper_shard(i)
+        })
+        .await;
+        shares.push(spike::crypto::Share::new(index.unwrap(), value).unwrap());
+    }
+    spike::crypto::combine(&shares).unwrap()
+}
+
 /// Opens the cluster's store from the test process, as its administrator.
 async fn admin(c: &Cluster, env: &BackendEnv) -> AnyStore {
     match env.iter().find(|(k, _)| k == "SPIKE_NEXUS_DB_URL") {
@@ -139,7 +157,14 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^old/", "permissions": ["read"]}),
     )
     .await;
-    let sealed = ok(&su, &url, ENCRYPT_PATH, json!({"plaintext": "aGVsbG8="})).await;
+    // Cipher output of an earlier release: version 1, under the root-derived cipher key.
+    let root = root_key(&c).await;
+    let nonce = [9u8; 12];
+    let old_ct = root
+        .derive("spike/cipher/v1")
+        .seal_with_nonce(nonce, b"", b"hello")
+        .unwrap();
+    let sealed = json!({"version": 1, "nonce": b64(&nonce), "ciphertext": b64(&old_ct)});
     let store = admin(&c, &env).await;
     assert!(
         keyring(&store).await.is_some(),
@@ -157,7 +182,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
     let urls = start_together(&mut c, 3, &pairs(&env)).await;
     let logs: String = c.nexus[1..].iter().map(Proc::logs).collect();
     assert_eq!(
-        logs.matches("created the keyring").count(),
+        logs.matches("created the keyring: data key 1").count(),
         1,
         "exactly one of the three instances creates the keyring:\n{logs}"
     );
@@ -192,6 +217,13 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
             json!({"path": "new/1", "values": {"v": "x"}}),
         )
         .await;
+    }
+    // New cipher output names data key 1, and every instance opens it.
+    let fresh = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "aGk="})).await;
+    assert_eq!(fresh["version"], 2);
+    for url in &urls[1..] {
+        let b = ok(&su, url, DECRYPT_PATH, fresh.clone()).await;
+        assert_eq!(b, json!({"plaintext": "aGk="}));
     }
     assert_eq!(
         keyring(&store).await.unwrap().revision,

@@ -241,8 +241,6 @@ pub struct Keys {
     pub secrets: Arc<secrets::SecretKeys>,
     /// Seals policies at rest.
     pub policies: AeadKey,
-    /// The cipher API's key.
-    pub cipher: AeadKey,
     /// Authenticates the audit trail's records.
     pub audit: crate::crypto::MacKey,
     /// The data keys ([`keyring`]): the store's keyring once loaded, the legacy entry alone
@@ -271,7 +269,6 @@ impl Keys {
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive(POLICIES_LABEL),
-            cipher: root.derive(keyring::CIPHER_LABEL),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
             keyring: Arc::new(keyring::Keyring::legacy(&root, upgrade_secret_records)),
             root,
@@ -770,7 +767,7 @@ mod tests {
             ("secrets", keys.secrets.spans()[0]),
             ("secret records MAC", keys.secrets.spans()[1]),
             ("policies", keys.policies.span()),
-            ("cipher", keys.cipher.span()),
+            ("cipher", keys.keyring.get(0).unwrap().cipher.span()),
             ("shards", keys.shards.span()),
         ];
         let failures = crate::platform::hardening::lock_failures();

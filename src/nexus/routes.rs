@@ -382,15 +382,15 @@ impl Api {
         const OCTETS: &str = "application/octet-stream";
         let result = match (route, stream) {
             (Route::Encrypt, true) => {
-                cipher::encrypt(&keys.cipher, body, limit).map(|(nonce, ct)| {
+                cipher::encrypt(&keys.keyring, body, limit).map(|(nonce, ct)| {
                     transport::bytes(StatusCode::OK, OCTETS, cipher::frame(&nonce, &ct))
                 })
             }
             (Route::Decrypt, true) => cipher::unframe(body)
-                .and_then(|(v, n, c)| cipher::decrypt(&keys.cipher, v, n, c, limit))
+                .and_then(|(v, n, c)| cipher::decrypt(&keys.keyring, v, n, c, limit))
                 .map(|plain| transport::bytes(StatusCode::OK, OCTETS, plain.to_vec())),
             (Route::Encrypt, false) => parse::<wire::EncryptRequest>(body)
-                .and_then(|r| cipher::encrypt(&keys.cipher, &r.plaintext, limit))
+                .and_then(|r| cipher::encrypt(&keys.keyring, &r.plaintext, limit))
                 .map(|(nonce, ct)| {
                     transport::json(
                         StatusCode::OK,
@@ -403,7 +403,7 @@ impl Api {
                 }),
             (_, false) => parse::<wire::DecryptRequest>(body)
                 .and_then(|r| {
-                    cipher::decrypt(&keys.cipher, r.version, &r.nonce, &r.ciphertext, limit)
+                    cipher::decrypt(&keys.keyring, r.version, &r.nonce, &r.ciphertext, limit)
                 })
                 .map(|plain| {
                     transport::json(

@@ -48,8 +48,12 @@ pub const RESTORE_PATH: &str = "/v1/operator/restore";
 /// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
-/// The version byte that starts every cipher stream.
-pub const CIPHER_VERSION: u8 = 1;
+/// The version byte that starts every cipher stream Nexus writes (and the JSON `version`): the
+/// ciphertext names the data key that sealed it (`src/nexus/cipher.rs`).
+pub const CIPHER_VERSION: u8 = 2;
+/// The cipher version of releases before the keyring: sealed under the legacy key, still
+/// opened.
+pub const CIPHER_VERSION_LEGACY: u8 = 1;
 
 /// Stable error codes: SPIKE's, plus ours for what SPIKE does not have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
