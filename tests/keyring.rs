@@ -22,6 +22,7 @@ use spike::transport::HttpsClient;
 const KEYRING: &str = "keyring";
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
+const ROTATE: &str = "/v1/operator/rotate";
 
 /// Environment pairs that point Nexus at one store.
 type BackendEnv = Vec<(String, String)>;
@@ -285,6 +286,95 @@ async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendE
     assert_eq!(b["data"]["v"], "x");
 }
 
+/// The data key id a JSON cipher answer names (the first 4 bytes of its ciphertext field).
+fn key_id_of(sealed: &serde_json::Value) -> u32 {
+    use base64::Engine as _;
+    let field = base64::engine::general_purpose::STANDARD
+        .decode(sealed["ciphertext"].as_str().unwrap())
+        .unwrap();
+    u32::from_be_bytes(field[..4].try_into().unwrap())
+}
+
+/// `spike operator rotate`'s route through one instance adds data key 2; the very next value
+/// sealed through another instance names key 2, and what key 1 sealed still opens on both.
+/// A workload, the recover role and the restore role are refused (401) and change nothing. A
+/// keyring edited in the store while instances run is refused on the next use (500 and a log
+/// line), not replaced; with the genuine record back, service resumes.
+async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: BackendEnv) {
+    let urls = start_together(&mut c, 2, &pairs(&env)).await;
+    let su = superuser(&c);
+    let store = admin(&c, &env).await;
+    let before = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "b25l"})).await;
+    assert_eq!(key_id_of(&before), 1);
+    let genuine = keyring(&store).await.unwrap().value;
+    for (name, path) in [
+        ("w", "/app/w"),
+        ("recover", "/spike/pilot/role/recover"),
+        ("restore", "/spike/pilot/role/restore"),
+    ] {
+        let client = c.api_client(name, path);
+        let (s, b) = call(&client, &urls[0], ROTATE, json!({})).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{name}: {b}");
+    }
+    assert_eq!(
+        keyring(&store).await.unwrap().value,
+        genuine,
+        "refused: nothing changed"
+    );
+    let rotated = ok(&su, &urls[0], ROTATE, json!({})).await;
+    assert_eq!(rotated["currentKey"], 2, "{rotated}");
+    let ids: Vec<_> = rotated["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_u64().unwrap(),
+                k["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (0, "active".to_string()),
+            (1, "active".into()),
+            (2, "active".into())
+        ]
+    );
+    let after = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "dHdv"})).await;
+    assert_eq!(
+        key_id_of(&after),
+        2,
+        "the other instance seals under the new key at once"
+    );
+    for url in &urls {
+        let b = ok(&su, url, DECRYPT_PATH, before.clone()).await;
+        assert_eq!(b, json!({"plaintext": "b25l"}));
+        let b = ok(&su, url, DECRYPT_PATH, after.clone()).await;
+        assert_eq!(b, json!({"plaintext": "dHdv"}));
+    }
+    // Edited while running: refused on the next use, on every instance, and left as it is.
+    let current = keyring(&store).await.unwrap().value;
+    let mut edited = current.clone();
+    let last = edited.len() - 1;
+    edited[last] ^= 1;
+    overwrite(&store, edited.clone()).await;
+    for url in &urls {
+        let (s, b) = call(&su, url, ENCRYPT_PATH, json!({"plaintext": "eA=="})).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    }
+    assert!(
+        c.nexus[0].logs().contains("keyring is refused"),
+        "{}",
+        c.nexus[0].logs()
+    );
+    assert_eq!(keyring(&store).await.unwrap().value, edited);
+    overwrite(&store, current).await;
+    let b = ok(&su, &urls[1], DECRYPT_PATH, after).await;
+    assert_eq!(b, json!({"plaintext": "dHdv"}));
+}
+
 macro_rules! keyring_suite {
     ($name:ident, |$c:ident| $setup:expr) => {
         mod $name {
@@ -295,6 +385,13 @@ macro_rules! keyring_suite {
                 let $c = Cluster::new(3);
                 let env = $setup;
                 super::a_store_from_before_the_keyring_is_upgraded_once($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_rotation_is_used_at_once_by_every_instance() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::a_rotation_is_used_at_once_by_every_instance($c, env).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

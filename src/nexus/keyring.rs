@@ -49,6 +49,8 @@ pub const LEGACY: u32 = 0;
 const ENTRY_HEAD: usize = 4 + 8 + 1 + 1;
 /// Reads of the keyring after a lost create race before giving up.
 const ENSURE_ATTEMPTS: usize = 5;
+/// Compare-and-set attempts of one rotation before giving up.
+const ROTATE_ATTEMPTS: usize = 50;
 
 /// Whether a data key seals new values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +198,9 @@ pub enum Error {
     /// Lost the create race and then found no keyring, repeatedly.
     #[error("the keyring was created by another instance but cannot be read back")]
     Vanished,
+    /// Too many concurrent changes of the keyring.
+    #[error("gave up after too many concurrent keyring changes")]
+    Contended,
 }
 
 fn aad(generation: u64) -> Vec<u8> {
@@ -379,6 +384,122 @@ pub async fn ensure(
     Err(Error::Vanished)
 }
 
+/// Adds a data key to the store's keyring, at the next generation, with compare-and-set (a
+/// lost race is retried from a fresh read, so two rotations at once add two keys). Returns the
+/// keyring as written: its newest key is the current one.
+pub async fn rotate(
+    store: &impl Store,
+    root: &RootKey,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, Error> {
+    let wrap = root.derive(KEYRING_LABEL);
+    for _ in 0..ROTATE_ATTEMPTS {
+        let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await? else {
+            return Err(Error::Refused(
+                "the store has no keyring any more (it was removed)".into(),
+            ));
+        };
+        let (generation, opened) = open(&wrap, &stored.value)?;
+        let id = opened
+            .iter()
+            .map(|(e, _)| e.id)
+            .max()
+            .unwrap_or(LEGACY)
+            .checked_add(1)
+            .ok_or_else(|| Error::Refused("no data key id left".into()))?;
+        let next = generation
+            .checked_add(1)
+            .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
+        let key = DataKey::generate()?;
+        let added = Entry {
+            id,
+            created: now(),
+            state: State::Active,
+        };
+        let mut entries: Vec<(Entry, Option<&DataKey>)> =
+            opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
+        entries.push((added, Some(&key)));
+        let value = seal(&wrap, next, &entries)?;
+        match store
+            .put(
+                Namespace::System,
+                KEYRING_KEY,
+                value.clone(),
+                Expect::Revision(stored.revision),
+            )
+            .await?
+        {
+            Written::Done(revision) => {
+                tracing::info!(
+                    data_key = id,
+                    generation = next,
+                    "added data key {id} to the keyring: new values are sealed under it"
+                );
+                return decode(root, &value, revision, upgrade_secret_records);
+            }
+            Written::Conflict => continue,
+        }
+    }
+    Err(Error::Contended)
+}
+
+/// This instance's copy of the keyring, checked against the store before each use the way
+/// the policy book is ([`super::book`]): one revision read; when it differs, the record is read,
+/// opened and swapped in, so a key added through any instance seals the next value written
+/// through every instance.
+pub struct Current {
+    ring: std::sync::RwLock<Arc<Keyring>>,
+}
+
+impl Current {
+    /// Starts from `ring`.
+    pub fn new(ring: Keyring) -> Current {
+        Current {
+            ring: std::sync::RwLock::new(Arc::new(ring)),
+        }
+    }
+
+    /// The copy in hand, unchecked.
+    pub fn loaded(&self) -> Arc<Keyring> {
+        Arc::clone(&self.ring.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The store's keyring now. A record that does not open, that went missing, or whose
+    /// generation is below the one in hand (put back from before a rotation) is refused.
+    pub async fn validated(
+        &self,
+        store: &impl Store,
+        root: &RootKey,
+        upgrade_secret_records: bool,
+    ) -> Result<Arc<Keyring>, Error> {
+        let loaded = self.loaded();
+        let Some(_) = loaded.revision else {
+            // A keyring that is not in the store (tools, tests): nothing to check against.
+            return Ok(loaded);
+        };
+        let revision = store.revision(Namespace::System, KEYRING_KEY).await?;
+        if revision.is_some() && revision == loaded.revision {
+            return Ok(loaded);
+        }
+        let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await? else {
+            return Err(Error::Refused("the keyring record was removed".into()));
+        };
+        let ring = decode(root, &stored.value, stored.revision, upgrade_secret_records)?;
+        if ring.generation < loaded.generation {
+            return Err(Error::Refused(format!(
+                "generation {} is below {} seen before: an earlier keyring was put back",
+                ring.generation, loaded.generation
+            )));
+        }
+        let ring = Arc::new(ring);
+        let mut slot = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        if slot.generation <= ring.generation {
+            *slot = Arc::clone(&ring);
+        }
+        Ok(ring)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap freely
 mod tests {
@@ -460,6 +581,53 @@ mod tests {
             let now = store.get(Namespace::System, KEYRING_KEY).await.unwrap();
             assert_eq!(now.unwrap().value, edited, "refused, not replaced");
         }
+    }
+
+    #[tokio::test]
+    async fn rotation_adds_a_key_that_every_copy_sees_at_its_next_check() {
+        let store = MemoryStore::default();
+        let root = RootKey::generate().unwrap();
+        let other = Current::new(ensure(&store, &root, false).await.unwrap());
+        let (a, b) = tokio::join!(rotate(&store, &root, false), rotate(&store, &root, false));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut currents = [a.current(), b.current()];
+        currents.sort_unstable();
+        assert_eq!(currents, [2, 3], "two rotations at once add two keys");
+        let seen = other.validated(&store, &root, false).await.unwrap();
+        assert_eq!(seen.current(), 3);
+        assert_eq!(seen.generation, 3);
+        assert!(seen.get(1).is_some() && seen.get(LEGACY).is_some());
+        // An earlier keyring put back is refused by a copy that saw a later one.
+        let old = seal(
+            &root.derive(KEYRING_LABEL),
+            1,
+            &[(
+                Entry {
+                    id: 0,
+                    created: 0,
+                    state: State::Active,
+                },
+                None,
+            )],
+        )
+        .unwrap();
+        let rev = store
+            .revision(Namespace::System, KEYRING_KEY)
+            .await
+            .unwrap();
+        store
+            .put(
+                Namespace::System,
+                KEYRING_KEY,
+                old,
+                Expect::Revision(rev.unwrap()),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            other.validated(&store, &root, false).await,
+            Err(Error::Refused(_))
+        ));
     }
 
     #[test]

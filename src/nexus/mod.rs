@@ -244,8 +244,9 @@ pub struct Keys {
     /// Authenticates the audit trail's records.
     pub audit: crate::crypto::MacKey,
     /// The data keys ([`keyring`]): the store's keyring once loaded, the legacy entry alone
-    /// for tools that open a store with the root key only.
-    pub keyring: Arc<keyring::Keyring>,
+    /// for tools that open a store with the root key only; checked against the store before
+    /// each use ([`Nexus::keyring`]).
+    pub keyring: keyring::Current,
 }
 
 /// HKDF label of the key that seals policies at rest ([`Keys::policies`]).
@@ -270,7 +271,7 @@ impl Keys {
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive(POLICIES_LABEL),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
-            keyring: Arc::new(keyring::Keyring::legacy(&root, upgrade_secret_records)),
+            keyring: keyring::Current::new(keyring::Keyring::legacy(&root, upgrade_secret_records)),
             root,
             shards,
         })
@@ -278,7 +279,7 @@ impl Keys {
 
     /// The same keys, with the store's keyring.
     pub fn with_keyring(mut self, keyring: keyring::Keyring) -> Keys {
-        self.keyring = Arc::new(keyring);
+        self.keyring = keyring::Current::new(keyring);
         self
     }
 }
@@ -344,6 +345,37 @@ impl Nexus {
     pub fn with_audit(mut self, trail: Arc<audit::Trail>) -> Nexus {
         self.audit = trail;
         self
+    }
+
+    /// The store's keyring, checked against the store now ([`keyring::Current::validated`]):
+    /// a keyring that does not open, or that went back in time, is a 500 and a log line.
+    pub async fn keyring(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+        keys.keyring
+            .validated(&self.store, &keys.root, self.config.upgrade_secret_records)
+            .await
+            .map_err(|e| match e {
+                keyring::Error::Store(e) => ApiError::Store(e),
+                e => {
+                    tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
+                    ApiError::Internal(e.to_string())
+                }
+            })
+    }
+
+    /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
+    /// the others at their next check.
+    pub async fn rotate(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+        keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records)
+            .await
+            .map_err(|e| match e {
+                keyring::Error::Store(e) => ApiError::Store(e),
+                keyring::Error::Contended => ApiError::Contended,
+                e => {
+                    tracing::error!(error = %e, "cannot rotate: the store's keyring is refused");
+                    ApiError::Internal(e.to_string())
+                }
+            })?;
+        self.keyring(keys).await
     }
 
     /// The loaded key material, if any.
@@ -767,7 +799,10 @@ mod tests {
             ("secrets", keys.secrets.spans()[0]),
             ("secret records MAC", keys.secrets.spans()[1]),
             ("policies", keys.policies.span()),
-            ("cipher", keys.keyring.get(0).unwrap().cipher.span()),
+            (
+                "cipher",
+                keys.keyring.loaded().get(0).unwrap().cipher.span(),
+            ),
             ("shards", keys.shards.span()),
         ];
         let failures = crate::platform::hardening::lock_failures();

@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::authz::{Access, Need};
+use super::keyring::Keyring;
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::identity::{IdentityState, Role, SpiffeId, SvidSource};
@@ -58,6 +59,7 @@ enum Route {
     Decrypt,
     Recover,
     Restore,
+    Rotate,
 }
 
 impl Route {
@@ -92,6 +94,7 @@ impl Route {
             (wire::DECRYPT_PATH, "") => Route::Decrypt,
             (wire::RECOVER_PATH, "") => Route::Recover,
             (wire::RESTORE_PATH, "") => Route::Restore,
+            (wire::ROTATE_PATH, "") => Route::Rotate,
             _ => return Err(ApiError::BadRequest("unknown route or action".into())),
         })
     }
@@ -109,6 +112,7 @@ impl Route {
             Route::Encrypt | Route::Decrypt => Need::Permission(Permission::Execute),
             Route::Recover => Need::Role(Role::Recover),
             Route::Restore => Need::Role(Role::Restore),
+            Route::Rotate => Need::Role(Role::Superuser),
         }
     }
 
@@ -128,6 +132,7 @@ impl Route {
             Route::Decrypt => "decrypt",
             Route::Recover => "recover",
             Route::Restore => "restore",
+            Route::Rotate => "rotate",
         }
     }
 
@@ -148,6 +153,7 @@ impl Route {
             Route::Decrypt => "cipher.decrypt",
             Route::Recover => "operator.recover",
             Route::Restore => "operator.restore",
+            Route::Rotate => "operator.rotate",
         }
     }
 }
@@ -223,9 +229,26 @@ impl Api {
                 let shards = recovery::export(&self.nexus, keys)?;
                 Ok(transport::json_secret(StatusCode::OK, &shards))
             }
+            (Route::Rotate, None) => {
+                let _: Empty = parse(&body)?;
+                let ring = self.nexus.rotate(keys).await?;
+                ok(&wire::RotateResponse {
+                    current_key: ring.current(),
+                    keys: ring
+                        .entries()
+                        .iter()
+                        .map(|e| wire::DataKeyInfo {
+                            id: e.id,
+                            state: e.state.as_str().to_string(),
+                            created: e.created,
+                        })
+                        .collect(),
+                })
+            }
             (Route::Encrypt | Route::Decrypt, Some(access)) => {
                 access.grant(policy::CIPHER_PATH)?;
-                Ok(self.cipher(route, stream, &body, keys))
+                let ring = self.nexus.keyring(keys).await?;
+                Ok(self.cipher(route, stream, &body, &ring))
             }
             (
                 Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList,
@@ -376,21 +399,19 @@ impl Api {
         route: Route,
         stream: bool,
         body: &[u8],
-        keys: &Keys,
+        ring: &Keyring,
     ) -> Response<Full<Bytes>> {
         let limit = self.nexus.config.max_cipher_bytes;
         const OCTETS: &str = "application/octet-stream";
         let result = match (route, stream) {
-            (Route::Encrypt, true) => {
-                cipher::encrypt(&keys.keyring, body, limit).map(|(nonce, ct)| {
-                    transport::bytes(StatusCode::OK, OCTETS, cipher::frame(&nonce, &ct))
-                })
-            }
+            (Route::Encrypt, true) => cipher::encrypt(ring, body, limit).map(|(nonce, ct)| {
+                transport::bytes(StatusCode::OK, OCTETS, cipher::frame(&nonce, &ct))
+            }),
             (Route::Decrypt, true) => cipher::unframe(body)
-                .and_then(|(v, n, c)| cipher::decrypt(&keys.keyring, v, n, c, limit))
+                .and_then(|(v, n, c)| cipher::decrypt(ring, v, n, c, limit))
                 .map(|plain| transport::bytes(StatusCode::OK, OCTETS, plain.to_vec())),
             (Route::Encrypt, false) => parse::<wire::EncryptRequest>(body)
-                .and_then(|r| cipher::encrypt(&keys.keyring, &r.plaintext, limit))
+                .and_then(|r| cipher::encrypt(ring, &r.plaintext, limit))
                 .map(|(nonce, ct)| {
                     transport::json(
                         StatusCode::OK,
@@ -402,9 +423,7 @@ impl Api {
                     )
                 }),
             (_, false) => parse::<wire::DecryptRequest>(body)
-                .and_then(|r| {
-                    cipher::decrypt(&keys.keyring, r.version, &r.nonce, &r.ciphertext, limit)
-                })
+                .and_then(|r| cipher::decrypt(ring, r.version, &r.nonce, &r.ciphertext, limit))
                 .map(|plain| {
                     transport::json(
                         StatusCode::OK,

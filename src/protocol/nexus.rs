@@ -45,6 +45,8 @@ pub const DECRYPT_PATH: &str = "/v1/cipher/decrypt";
 pub const RECOVER_PATH: &str = "/v1/operator/recover";
 /// One recovery shard from the restore operator.
 pub const RESTORE_PATH: &str = "/v1/operator/restore";
+/// Add a data key to the keyring (ours; superuser only): new values are sealed under it.
+pub const ROTATE_PATH: &str = "/v1/operator/rotate";
 /// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
@@ -395,6 +397,27 @@ pub struct DecryptResponse {
     /// The decrypted bytes (base64).
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
+}
+
+/// One data key of the keyring, as [`ROTATE_PATH`] lists it (nothing secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataKeyInfo {
+    /// The id sealed values carry (0: the legacy key, derived from the root key).
+    pub id: u32,
+    /// `active` or `retired`.
+    pub state: String,
+    /// When it was added, Unix seconds (0 for the legacy key).
+    pub created: u64,
+}
+
+/// [`ROTATE_PATH`] answer: the new current data key and the whole keyring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateResponse {
+    /// The id new values are sealed under from now on, on every instance.
+    #[serde(rename = "currentKey")]
+    pub current_key: u32,
+    /// Every data key, by id.
+    pub keys: Vec<DataKeyInfo>,
 }
 
 /// `/v1/operator/recover` answer: index (decimal string) → 32-byte shard, as SPIKE encodes
