@@ -373,6 +373,26 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     overwrite(&store, current).await;
     let b = ok(&su, &urls[1], DECRYPT_PATH, after).await;
     assert_eq!(b, json!({"plaintext": "dHdv"}));
+
+    // The command line: the superuser rotates to key 3; another identity is told what it needs.
+    let url = urls[0].to_string();
+    let su_svid = c.pki.issue("superuser-cli", "/spike/pilot/role/superuser");
+    let (code, out, err) = run_spike(
+        &["operator", "rotate", "--format", "json"],
+        &client_env(&url, &su_svid),
+    );
+    assert_eq!(code, 0, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["currentKey"], 3, "{out}");
+    let (code, out, _) = run_spike(&["operator", "rotate"], &client_env(&url, &su_svid));
+    assert_eq!(code, 0);
+    assert!(out.starts_with("data key 4 is current"), "{out}");
+    let sealed = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "eA=="})).await;
+    assert_eq!(key_id_of(&sealed), 4);
+    let w_svid = c.pki.issue("w-cli", "/app/w");
+    let (code, _, err) = run_spike(&["operator", "rotate"], &client_env(&url, &w_svid));
+    assert_ne!(code, 0);
+    assert!(err.contains("superuser role"), "{err}");
 }
 
 macro_rules! keyring_suite {

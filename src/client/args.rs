@@ -160,6 +160,15 @@ pub enum RecoverCommand {
     },
 }
 
+/// `spike operator` verbs.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Add a data key to the keyring: from now on every Nexus instance seals new values under
+    /// it; values sealed under older keys stay readable. Prints the keyring. Needs an operator
+    /// SVID with the superuser role.
+    Rotate,
+}
+
 /// `spike audit` verbs.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

@@ -421,6 +421,12 @@ impl NexusClient {
         self.json(wire::RESTORE_PATH, req, Effect::Write).await
     }
 
+    /// Adds a data key to the keyring (superuser only).
+    pub async fn rotate(&self) -> Result<wire::RotateResponse> {
+        self.json(wire::ROTATE_PATH, &wire::Empty {}, Effect::Write)
+            .await
+    }
+
     /// The same client aimed at other Nexus URLs.
     pub fn with_urls(self, urls: Vec<Uri>) -> NexusClient {
         NexusClient { urls, ..self }
