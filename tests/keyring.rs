@@ -126,31 +126,18 @@ async fn overwrite(store: &AnyStore, value: Vec<u8>) {
     ));
 }
 
-/// One instance writes secrets, a policy and a ciphertext; its keyring is removed, so the store
-/// is one an earlier release left. Three instances then start on it at once: exactly one
-/// creates the keyring, the others use it, and every earlier value reads back as before through
-/// each of them.
+/// A store as an earlier release leaves it: one instance creates the root key and the policy
+/// book (and a keyring, which is then removed); secrets are written as earlier releases wrote
+/// them — records sealed and authenticated under the root-derived (legacy) keys, naming no
+/// data key — by the library's import with the legacy keys alone; a policy is in the book
+/// (sealed under the legacy key in this version) and a version 1 ciphertext is kept. Three
+/// instances then start on it at once: exactly one creates the keyring, the others use it, and
+/// every earlier value reads back as before through each of them.
 async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: BackendEnv) {
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
     let su = superuser(&c);
-    for i in 0..5 {
-        ok(
-            &su,
-            &url,
-            SECRETS,
-            json!({"path": format!("old/{i}"), "values": {"v": format!("value-{i}")}}),
-        )
-        .await;
-    }
-    ok(
-        &su,
-        &url,
-        SECRETS,
-        json!({"path": "old/0", "values": {"v": "second"}}),
-    )
-    .await;
     ok(
         &su,
         &url,
@@ -158,6 +145,53 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^old/", "permissions": ["read"]}),
     )
     .await;
+    {
+        let root = root_key(&c).await;
+        let legacy = spike::nexus::secrets::SecretKeys::derive(&root, false);
+        let store = admin(&c, &env).await;
+        let writers = spike::nexus::secrets::Writers::default();
+        for i in 0..5u64 {
+            let version = |v: &str| spike::nexus::secrets::ImportVersion {
+                created: 1_600_000_000_000_000_000,
+                deleted: None,
+                values: [("v".to_string(), v.to_string())].into(),
+            };
+            let mut versions =
+                std::collections::BTreeMap::from([(1, version(&format!("value-{i}")))]);
+            if i == 0 {
+                versions.insert(2, version("second"));
+            }
+            let secret = spike::nexus::secrets::Import {
+                current: versions.len() as u64,
+                versions,
+                created: 1_600_000_000_000_000_000,
+                updated: 1_600_000_000_000_000_000,
+            };
+            spike::nexus::secrets::import(
+                &store,
+                &writers,
+                &legacy,
+                &format!("old/{i}"),
+                &secret,
+                10,
+            )
+            .await
+            .unwrap();
+        }
+        let text = String::from_utf8(
+            store
+                .get(Namespace::Secrets, "old/0")
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+        )
+        .unwrap();
+        assert!(
+            !text.contains("mac_key") && !text.contains("\"key\""),
+            "{text}"
+        );
+    }
     // Cipher output of an earlier release: version 1, under the root-derived cipher key.
     let root = root_key(&c).await;
     let nonce = [9u8; 12];
@@ -286,6 +320,19 @@ async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendE
     assert_eq!(b["data"]["v"], "x");
 }
 
+/// The data key ids a secret record names: each version's, and its MAC's.
+async fn record_keys(store: &AnyStore, path: &str) -> (Vec<u64>, u64) {
+    let entry = store.get(Namespace::Secrets, path).await.unwrap().unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+    let versions = record["versions"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v["key"].as_u64().unwrap_or(0))
+        .collect();
+    (versions, record["mac_key"].as_u64().unwrap_or(0))
+}
+
 /// The data key id a JSON cipher answer names (the first 4 bytes of its ciphertext field).
 fn key_id_of(sealed: &serde_json::Value) -> u32 {
     use base64::Engine as _;
@@ -306,6 +353,14 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     let store = admin(&c, &env).await;
     let before = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "b25l"})).await;
     assert_eq!(key_id_of(&before), 1);
+    ok(
+        &su,
+        &urls[1],
+        SECRETS,
+        json!({"path": "s/1", "values": {"v": "one"}}),
+    )
+    .await;
+    assert_eq!(record_keys(&store, "s/1").await, (vec![1], 1));
     let genuine = keyring(&store).await.unwrap().value;
     for (name, path) in [
         ("w", "/app/w"),
@@ -348,6 +403,24 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
         2,
         "the other instance seals under the new key at once"
     );
+    ok(
+        &su,
+        &urls[1],
+        SECRETS,
+        json!({"path": "s/1", "values": {"v": "two"}}),
+    )
+    .await;
+    assert_eq!(
+        record_keys(&store, "s/1").await,
+        (vec![1, 2], 2),
+        "the new version and the record's MAC are under the new key; the old version as it was"
+    );
+    for url in &urls {
+        for (version, want) in [(1, "one"), (2, "two")] {
+            let b = ok(&su, url, GET, json!({"path": "s/1", "version": version})).await;
+            assert_eq!(b["data"]["v"], want);
+        }
+    }
     for url in &urls {
         let b = ok(&su, url, DECRYPT_PATH, before.clone()).await;
         assert_eq!(b, json!({"plaintext": "b25l"}));

@@ -246,10 +246,25 @@ fn check_with_shards(backup: &Backup, path: &Path, dir: &Path) -> Result<()> {
             path.display()
         )));
     }
-    let secret_keys = SecretKeys::derive(&root, false);
+    // The data keys: the backup's keyring (refused like any record that does not open), or
+    // the legacy key alone for a backup of a store from before the keyring.
+    let mut problems = Vec::new();
+    let secret_keys = match backup
+        .records
+        .iter()
+        .find(|(ns, k, _)| *ns == Namespace::System && k == crate::nexus::keyring::KEYRING_KEY)
+    {
+        Some((_, _, value)) => match crate::nexus::keyring::open_stored(&root, value, false) {
+            Ok(ring) => std::sync::Arc::clone(ring.secrets()),
+            Err(e) => {
+                problems.push(e.to_string());
+                std::sync::Arc::new(SecretKeys::derive(&root, false))
+            }
+        },
+        None => std::sync::Arc::new(SecretKeys::derive(&root, false)),
+    };
     let policy_key = root.derive(POLICIES_LABEL);
     drop(root);
-    let mut problems = Vec::new();
     for (ns, key, value) in &backup.records {
         let problem = match ns {
             Namespace::Secrets => secrets::check_stored(&secret_keys, key, value)

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use super::secrets::SecretKeys;
+use super::secrets::{KeySet, SecretKeys};
 use crate::crypto::{AeadKey, DataKey, KEY_LEN, RootKey};
 use crate::store::{Expect, Namespace, Revision, Store, Written};
 
@@ -100,7 +100,7 @@ pub struct Entry {
 /// The purpose keys derived from one data key.
 pub struct PurposeKeys {
     /// Seals secret versions and authenticates secret records.
-    pub secrets: Arc<SecretKeys>,
+    pub secrets: Arc<KeySet>,
     /// Seals the policy book.
     pub policies: AeadKey,
     /// The cipher API's key.
@@ -112,18 +112,18 @@ pub const CIPHER_LABEL: &str = "spike/cipher/v1";
 
 impl PurposeKeys {
     /// The legacy purpose keys: derived from `root` directly.
-    pub fn legacy(root: &RootKey, upgrade_secret_records: bool) -> PurposeKeys {
+    pub fn legacy(root: &RootKey) -> PurposeKeys {
         PurposeKeys {
-            secrets: Arc::new(SecretKeys::derive(root, upgrade_secret_records)),
+            secrets: Arc::new(KeySet::legacy(root)),
             policies: root.derive(super::POLICIES_LABEL),
             cipher: root.derive(CIPHER_LABEL),
         }
     }
 
     /// The purpose keys of a real data key: same labels, derived from `key`.
-    fn of(key: &DataKey, upgrade_secret_records: bool) -> PurposeKeys {
+    fn of(key: &DataKey) -> PurposeKeys {
         PurposeKeys {
-            secrets: Arc::new(SecretKeys::derive_from(key, upgrade_secret_records)),
+            secrets: Arc::new(KeySet::of(key)),
             policies: key.derive(super::POLICIES_LABEL),
             cipher: key.derive(CIPHER_LABEL),
         }
@@ -138,6 +138,7 @@ pub struct Keyring {
     pub revision: Option<Revision>,
     entries: Vec<Entry>,
     keys: BTreeMap<u32, Arc<PurposeKeys>>,
+    secrets: Arc<SecretKeys>,
 }
 
 impl Keyring {
@@ -145,19 +146,48 @@ impl Keyring {
     /// root key alone (migrate, backup verify) use, and what every value written before the
     /// keyring needs.
     pub fn legacy(root: &RootKey, upgrade_secret_records: bool) -> Keyring {
-        Keyring {
-            generation: 0,
-            revision: None,
-            entries: vec![Entry {
+        Keyring::of(
+            0,
+            None,
+            vec![Entry {
                 id: LEGACY,
                 created: 0,
                 state: State::Active,
             }],
-            keys: BTreeMap::from([(
-                LEGACY,
-                Arc::new(PurposeKeys::legacy(root, upgrade_secret_records)),
-            )]),
+            BTreeMap::from([(LEGACY, Arc::new(PurposeKeys::legacy(root)))]),
+            upgrade_secret_records,
+        )
+    }
+
+    fn of(
+        generation: u64,
+        revision: Option<Revision>,
+        entries: Vec<Entry>,
+        keys: BTreeMap<u32, Arc<PurposeKeys>>,
+        upgrade_secret_records: bool,
+    ) -> Keyring {
+        let current = entries
+            .iter()
+            .filter(|e| e.state == State::Active)
+            .map(|e| e.id)
+            .max()
+            .unwrap_or(LEGACY);
+        let sets = keys
+            .iter()
+            .map(|(id, k)| (*id, Arc::clone(&k.secrets)))
+            .collect();
+        Keyring {
+            generation,
+            revision,
+            entries,
+            keys,
+            secrets: Arc::new(SecretKeys::new(sets, current, upgrade_secret_records)),
         }
+    }
+
+    /// The secret-record keys of every data key, sealing under the current one.
+    pub fn secrets(&self) -> &Arc<SecretKeys> {
+        &self.secrets
     }
 
     /// Every entry, by id.
@@ -310,19 +340,35 @@ fn decode(
     let mut keys = BTreeMap::new();
     for (entry, key) in opened {
         let purpose = match key {
-            None => PurposeKeys::legacy(root, upgrade_secret_records),
-            Some(key) => PurposeKeys::of(&key, upgrade_secret_records),
+            None => PurposeKeys::legacy(root),
+            Some(key) => PurposeKeys::of(&key),
         };
         keys.insert(entry.id, Arc::new(purpose));
         entries.push(entry);
     }
     entries.sort_by_key(|e| e.id);
-    Ok(Keyring {
+    Ok(Keyring::of(
         generation,
-        revision: Some(revision),
+        Some(revision),
         entries,
         keys,
-    })
+        upgrade_secret_records,
+    ))
+}
+
+/// Opens a keyring record read from a store or a backup (`spike backup verify`), without
+/// checking it against anything else.
+pub fn open_stored(
+    root: &RootKey,
+    stored: &[u8],
+    upgrade_secret_records: bool,
+) -> Result<Keyring, Error> {
+    decode(
+        root,
+        stored,
+        Revision(String::new()),
+        upgrade_secret_records,
+    )
 }
 
 /// Reads the store's keyring, creating it first when the store has none (a new deployment,

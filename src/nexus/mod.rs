@@ -237,7 +237,8 @@ pub struct Keys {
     /// holding (a deployment is never re-sharded behind its operator's back), the current one
     /// for a new deployment.
     pub derivation: ShardDerivation,
-    /// Seals secret versions and authenticates secret records at rest.
+    /// Seals secret versions and authenticates secret records at rest: the keyring's keys as
+    /// loaded (requests use the keyring checked against the store, [`Nexus::keyring`]).
     pub secrets: Arc<secrets::SecretKeys>,
     /// Seals policies at rest.
     pub policies: AeadKey,
@@ -279,6 +280,7 @@ impl Keys {
 
     /// The same keys, with the store's keyring.
     pub fn with_keyring(mut self, keyring: keyring::Keyring) -> Keys {
+        self.secrets = Arc::clone(keyring.secrets());
         self.keyring = keyring::Current::new(keyring);
         self
     }

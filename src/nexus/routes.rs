@@ -279,6 +279,8 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
         let writers = &self.nexus.writers;
+        let ring = self.nexus.keyring(keys).await?;
+        let secret_keys = ring.secrets();
         match route {
             Route::SecretPut => {
                 let r: wire::SecretPutRequest = parse(body)?;
@@ -291,7 +293,7 @@ impl Api {
                     max_versions: self.nexus.config.max_secret_versions,
                 };
                 let version =
-                    secrets::put(store, writers, &keys.secrets, &grant, &r.values, opts).await?;
+                    secrets::put(store, writers, secret_keys, &grant, &r.values, opts).await?;
                 ok(&wire::SecretPutResponse { version })
             }
             Route::SecretGet => {
@@ -299,8 +301,7 @@ impl Api {
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
-                let (data, version) =
-                    secrets::read(store, &keys.secrets, &grant, r.version).await?;
+                let (data, version) = secrets::read(store, secret_keys, &grant, r.version).await?;
                 ok(&wire::SecretGetResponse { data, version })
             }
             Route::SecretDelete | Route::SecretUndelete => {
@@ -309,9 +310,9 @@ impl Api {
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
                 if route == Route::SecretDelete {
-                    secrets::delete(store, writers, &keys.secrets, &grant, &r.versions).await?;
+                    secrets::delete(store, writers, secret_keys, &grant, &r.versions).await?;
                 } else {
-                    secrets::undelete(store, writers, &keys.secrets, &grant, &r.versions).await?;
+                    secrets::undelete(store, writers, secret_keys, &grant, &r.versions).await?;
                 }
                 ok(&Empty {})
             }
@@ -320,7 +321,7 @@ impl Api {
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
-                ok(&secrets::metadata(store, &keys.secrets, &grant, r.version).await?)
+                ok(&secrets::metadata(store, secret_keys, &grant, r.version).await?)
             }
             Route::SecretList => {
                 let r: wire::SecretListRequest = parse(body)?;
