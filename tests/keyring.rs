@@ -111,12 +111,17 @@ async fn keyring(store: &AnyStore) -> Option<spike::store::Entry> {
 
 /// Overwrites the keyring record with `value`, at a new revision.
 async fn overwrite(store: &AnyStore, value: Vec<u8>) {
-    let current = keyring(store).await.unwrap();
+    overwrite_at(store, KEYRING, value).await;
+}
+
+/// Overwrites the `system` record `key` with `value`, at a new revision.
+async fn overwrite_at(store: &AnyStore, key: &str, value: Vec<u8>) {
+    let current = store.get(Namespace::System, key).await.unwrap().unwrap();
     assert!(matches!(
         store
             .put(
                 Namespace::System,
-                KEYRING,
+                key,
                 value,
                 Expect::Revision(current.revision)
             )
@@ -129,8 +134,9 @@ async fn overwrite(store: &AnyStore, value: Vec<u8>) {
 /// A store as an earlier release leaves it: one instance creates the root key and the policy
 /// book (and a keyring, which is then removed); secrets are written as earlier releases wrote
 /// them — records sealed and authenticated under the root-derived (legacy) keys, naming no
-/// data key — by the library's import with the legacy keys alone; a policy is in the book
-/// (sealed under the legacy key in this version) and a version 1 ciphertext is kept. Three
+/// data key — by the library's import with the legacy keys alone; the policy book is replaced
+/// by one sealed as earlier releases sealed it (`spkbook1`, legacy key) and a version 1
+/// ciphertext is kept. Three
 /// instances then start on it at once: exactly one creates the keyring, the others use it, and
 /// every earlier value reads back as before through each of them.
 async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: BackendEnv) {
@@ -138,15 +144,30 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
     let su = superuser(&c);
-    ok(
-        &su,
-        &url,
-        "/v1/acl/policy",
-        json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^old/", "permissions": ["read"]}),
-    )
-    .await;
     {
         let root = root_key(&c).await;
+        // The policy book as an earlier release sealed it: `spkbook1`, the legacy key.
+        let policy = spike::nexus::policy::StoredPolicy {
+            name: "w".into(),
+            spiffeid_pattern: "^spiffe://spike\\.ist/app/w$".into(),
+            path_pattern: "^old/".into(),
+            permissions: vec![spike::nexus::policy::Permission::Read],
+            created: 1_600_000_000_000_000_000,
+            updated: 1_600_000_000_000_000_000,
+        };
+        let book =
+            spike::nexus::book::seal(&root.derive("spike/policies/v1"), 7, &[policy]).unwrap();
+        assert_eq!(&book[..8], b"spkbook1");
+        let store = admin(&c, &env).await;
+        wait_for("the policy book", Duration::from_secs(20), || async {
+            store
+                .get(Namespace::System, "policy-book")
+                .await
+                .unwrap()
+                .map(|_| ())
+        })
+        .await;
+        overwrite_at(&store, "policy-book", book).await;
         let legacy = spike::nexus::secrets::SecretKeys::derive(&root, false);
         let store = admin(&c, &env).await;
         let writers = spike::nexus::secrets::Writers::default();
@@ -415,6 +436,27 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
         (vec![1, 2], 2),
         "the new version and the record's MAC are under the new key; the old version as it was"
     );
+    ok(
+        &su,
+        &urls[1],
+        "/v1/acl/policy",
+        json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^s/", "permissions": ["read"]}),
+    )
+    .await;
+    let book = store
+        .get(Namespace::System, "policy-book")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(
+        (&book[..8], &book[16..20]),
+        (&b"spkbook2"[..], &[0u8, 0, 0, 2][..]),
+        "the policy book is sealed under the new key and names it"
+    );
+    let w = c.api_client("w", "/app/w");
+    let (s, b) = call(&w, &urls[0], GET, json!({"path": "s/1"})).await;
+    assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("two")));
     for url in &urls {
         for (version, want) in [(1, "one"), (2, "two")] {
             let b = ok(&su, url, GET, json!({"path": "s/1", "version": version})).await;

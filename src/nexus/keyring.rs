@@ -516,9 +516,9 @@ impl Current {
         &self,
         store: &impl Store,
         root: &RootKey,
-        upgrade_secret_records: bool,
     ) -> Result<Arc<Keyring>, Error> {
         let loaded = self.loaded();
+        let upgrade_secret_records = loaded.secrets().upgrading();
         let Some(_) = loaded.revision else {
             // A keyring that is not in the store (tools, tests): nothing to check against.
             return Ok(loaded);
@@ -639,7 +639,7 @@ mod tests {
         let mut currents = [a.current(), b.current()];
         currents.sort_unstable();
         assert_eq!(currents, [2, 3], "two rotations at once add two keys");
-        let seen = other.validated(&store, &root, false).await.unwrap();
+        let seen = other.validated(&store, &root).await.unwrap();
         assert_eq!(seen.current(), 3);
         assert_eq!(seen.generation, 3);
         assert!(seen.get(1).is_some() && seen.get(LEGACY).is_some());
@@ -671,7 +671,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            other.validated(&store, &root, false).await,
+            other.validated(&store, &root).await,
             Err(Error::Refused(_))
         ));
     }

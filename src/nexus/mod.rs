@@ -278,6 +278,21 @@ impl Keys {
         })
     }
 
+    /// The keyring checked against `store` now ([`keyring::Current::validated`]): a keyring
+    /// that does not open, or that went back in time, is a 500 and a log line.
+    pub async fn keyring(&self, store: &impl Store) -> Result<Arc<keyring::Keyring>, ApiError> {
+        self.keyring
+            .validated(store, &self.root)
+            .await
+            .map_err(|e| match e {
+                keyring::Error::Store(e) => ApiError::Store(e),
+                e => {
+                    tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
+                    ApiError::Internal(e.to_string())
+                }
+            })
+    }
+
     /// The same keys, with the store's keyring.
     pub fn with_keyring(mut self, keyring: keyring::Keyring) -> Keys {
         self.secrets = Arc::clone(keyring.secrets());
@@ -352,16 +367,7 @@ impl Nexus {
     /// The store's keyring, checked against the store now ([`keyring::Current::validated`]):
     /// a keyring that does not open, or that went back in time, is a 500 and a log line.
     pub async fn keyring(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
-        keys.keyring
-            .validated(&self.store, &keys.root, self.config.upgrade_secret_records)
-            .await
-            .map_err(|e| match e {
-                keyring::Error::Store(e) => ApiError::Store(e),
-                e => {
-                    tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
-                    ApiError::Internal(e.to_string())
-                }
-            })
+        keys.keyring(&self.store).await
     }
 
     /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
@@ -506,7 +512,7 @@ impl Nexus {
         runtime.spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             loop {
-                match policies.start(&store, &keys.policies).await {
+                match policies.start(&store, &*keys.keyring.loaded()).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot set up the policy book yet; retrying");

@@ -349,7 +349,8 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
         let book = &self.nexus.policies;
-        let key = &keys.policies;
+        let ring = self.nexus.keyring(keys).await?;
+        let key: &dyn super::book::BookKey = &*ring;
         let grant = access.grant(policy::ACL_PATH)?;
         match route {
             Route::PolicyPut => {
