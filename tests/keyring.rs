@@ -23,6 +23,8 @@ const KEYRING: &str = "keyring";
 const SECRETS: &str = "/v1/store/secrets";
 const GET: &str = "/v1/store/secrets?action=get";
 const ROTATE: &str = "/v1/operator/rotate";
+const REENCRYPT: &str = "/v1/operator/reencrypt";
+const RETIRE: &str = "/v1/operator/retire";
 
 /// Environment pairs that point Nexus at one store.
 type BackendEnv = Vec<(String, String)>;
@@ -510,6 +512,169 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     assert!(err.contains("superuser role"), "{err}");
 }
 
+/// Every secret record and the policy book, as (path, version keys, MAC key); the book as
+/// ("policy-book", [its key], its key).
+async fn store_keys(store: &AnyStore) -> Vec<(String, Vec<u64>, u64)> {
+    let mut out = Vec::new();
+    for path in store.list(Namespace::Secrets, "").await.unwrap() {
+        let (versions, mac) = record_keys(store, &path).await;
+        out.push((path, versions, mac));
+    }
+    let book = store
+        .get(Namespace::System, "policy-book")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    let id = if &book[..8] == b"spkbook2" {
+        u64::from(u32::from_be_bytes(book[16..20].try_into().unwrap()))
+    } else {
+        0
+    };
+    out.push(("policy-book".into(), vec![id], id));
+    out
+}
+
+/// A re-encryption pass started through one instance rewrites every record under older data
+/// keys — deleted versions and the policy book included — and leaves none naming them; every
+/// value reads back the same through every instance. Retiring is refused for the current key,
+/// an unknown one, and one that records still name; accepted once the pass is done; a retired
+/// key seals nothing new but still opens cipher output made under it. A workload may not start
+/// a pass or retire a key.
+async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: BackendEnv) {
+    let urls = start_together(&mut c, 2, &pairs(&env)).await;
+    let su = superuser(&c);
+    let store = admin(&c, &env).await;
+    for i in 0..30 {
+        let path = format!("r/{i}");
+        ok(
+            &su,
+            &urls[i % 2],
+            SECRETS,
+            json!({"path": path, "values": {"v": format!("a{i}")}}),
+        )
+        .await;
+        if i % 3 == 0 {
+            ok(
+                &su,
+                &urls[0],
+                SECRETS,
+                json!({"path": path, "values": {"v": format!("b{i}")}}),
+            )
+            .await;
+        }
+    }
+    ok(
+        &su,
+        &urls[0],
+        "/v1/store/secrets?action=delete",
+        json!({"path": "r/3", "versions": [1]}),
+    )
+    .await;
+    ok(
+        &su,
+        &urls[0],
+        "/v1/acl/policy",
+        json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^r/", "permissions": ["read"]}),
+    )
+    .await;
+    let sealed = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "b2xk"})).await;
+    assert!(
+        store_keys(&store)
+            .await
+            .iter()
+            .all(|(_, v, m)| v.iter().all(|k| *k == 1) && *m == 1)
+    );
+    let retire = |id: u32| json!({ "id": id });
+    for (id, why) in [(1, "the current key"), (9, "an unknown key")] {
+        let (s, b) = call(&su, &urls[1], RETIRE, retire(id)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{why}: {b}");
+    }
+    ok(&su, &urls[0], ROTATE, json!({})).await;
+    let (s, b) = call(&su, &urls[1], RETIRE, retire(1)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "records still name key 1: {b}");
+    let w = c.api_client("w", "/app/w");
+    for (path, body) in [(REENCRYPT, json!({})), (RETIRE, retire(1))] {
+        let (s, _) = call(&w, &urls[0], path, body).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+    }
+
+    ok(&su, &urls[1], REENCRYPT, json!({})).await;
+    wait_for(
+        "the re-encryption pass",
+        Duration::from_secs(30),
+        || async {
+            c.nexus[1]
+                .logs()
+                .contains("re-encryption finished")
+                .then_some(())
+        },
+    )
+    .await;
+    let keys = store_keys(&store).await;
+    assert!(
+        keys.iter()
+            .all(|(_, v, m)| v.iter().all(|k| *k == 2) && *m == 2),
+        "no record names key 1 any more: {keys:?}"
+    );
+    assert_eq!(keys.len(), 31);
+    for url in &urls {
+        for i in 0..30 {
+            let latest = if i % 3 == 0 {
+                format!("b{i}")
+            } else {
+                format!("a{i}")
+            };
+            let b = ok(&su, url, GET, json!({"path": format!("r/{i}")})).await;
+            assert_eq!(b["data"]["v"], latest.as_str());
+        }
+        let b = ok(&su, url, GET, json!({"path": "r/0", "version": 1})).await;
+        assert_eq!(b["data"]["v"], "a0");
+        let (s, b) = call(&w, url, GET, json!({"path": "r/4"})).await;
+        assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("a4")));
+    }
+    // The deleted version was rewritten too: undeleted, it reads as it was.
+    ok(
+        &su,
+        &urls[1],
+        "/v1/store/secrets?action=undelete",
+        json!({"path": "r/3", "versions": [1]}),
+    )
+    .await;
+    let b = ok(&su, &urls[0], GET, json!({"path": "r/3", "version": 1})).await;
+    assert_eq!(b["data"]["v"], "a3");
+
+    let retired = ok(&su, &urls[1], RETIRE, retire(1)).await;
+    assert_eq!(retired["currentKey"], 2);
+    assert_eq!(retired["keys"][1]["state"], "retired", "{retired}");
+    let again = ok(&su, &urls[0], RETIRE, retire(1)).await;
+    assert_eq!(
+        again["keys"][1]["state"], "retired",
+        "retiring twice changes nothing"
+    );
+    // Cipher output made under key 1 still opens; nothing new is sealed under it.
+    for url in &urls {
+        let b = ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
+        assert_eq!(b, json!({"plaintext": "b2xk"}));
+    }
+    let fresh = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "bmV3"})).await;
+    assert_eq!(key_id_of(&fresh), 2);
+
+    // The command line: a pass resumed finds nothing left; retiring the current key is refused
+    // with what to do.
+    let url = urls[0].to_string();
+    let su_svid = c.pki.issue("superuser-cli", "/spike/pilot/role/superuser");
+    let (code, out, err) = run_spike(&["operator", "reencrypt"], &client_env(&url, &su_svid));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("key 1\tretired") && out.contains("re-encryption started"),
+        "{out}"
+    );
+    let (code, _, err) = run_spike(&["operator", "retire", "2"], &client_env(&url, &su_svid));
+    assert_eq!(code, 1);
+    assert!(err.contains("rotate first"), "{err}");
+}
+
 macro_rules! keyring_suite {
     ($name:ident, |$c:ident| $setup:expr) => {
         mod $name {
@@ -527,6 +692,13 @@ macro_rules! keyring_suite {
                 let $c = Cluster::new(3);
                 let env = $setup;
                 super::a_rotation_is_used_at_once_by_every_instance($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reencryption_leaves_no_record_on_an_old_key() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::reencryption_leaves_no_record_on_an_old_key($c, env).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

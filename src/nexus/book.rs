@@ -169,6 +169,19 @@ pub fn seal(
     Ok(out)
 }
 
+/// The data key a stored book names (0 for `spkbook1`), without opening it; `None` when it is
+/// not a book.
+pub fn key_id(value: &[u8]) -> Option<u32> {
+    match value.get(..MAGIC.len())? {
+        m if m == MAGIC => Some(0),
+        m if m == MAGIC_KEYED => {
+            let id = value.get(HEADER_LEN..HEADER_LEN + 4)?;
+            Some(u32::from_be_bytes([id[0], id[1], id[2], id[3]]))
+        }
+        _ => None,
+    }
+}
+
 /// Opens a stored book: its generation and policies, or an error saying why it is not one.
 pub fn open(key: &dyn BookKey, value: &[u8]) -> Result<(u64, Vec<StoredPolicy>), ApiError> {
     let corrupt = |why: &str| ApiError::Internal(format!("the policy book {why}"));

@@ -489,6 +489,101 @@ pub async fn rotate(
     Err(Error::Contended)
 }
 
+/// Marks data key `id` retired, with compare-and-set (the caller has checked that no record
+/// names it). The current key, the legacy key of a keyring without another, or an id the
+/// keyring has not, is refused; retiring a retired key changes nothing.
+pub async fn retire(
+    store: &impl Store,
+    root: &RootKey,
+    id: u32,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, RetireError> {
+    let wrap = root.derive(KEYRING_LABEL);
+    for _ in 0..ROTATE_ATTEMPTS {
+        let Some(stored) = store
+            .get(Namespace::System, KEYRING_KEY)
+            .await
+            .map_err(Error::from)?
+        else {
+            return Err(Error::Refused(
+                "the store has no keyring any more (it was removed)".into(),
+            )
+            .into());
+        };
+        let (generation, mut opened) = open(&wrap, &stored.value)?;
+        let current = opened
+            .iter()
+            .filter(|(e, _)| e.state == State::Active)
+            .map(|(e, _)| e.id)
+            .max();
+        let Some(entry) = opened.iter_mut().find(|(e, _)| e.id == id) else {
+            return Err(RetireError::Unknown(id));
+        };
+        if Some(id) == current {
+            return Err(RetireError::Current(id));
+        }
+        if entry.0.state == State::Retired {
+            return Ok(decode(
+                root,
+                &stored.value,
+                stored.revision,
+                upgrade_secret_records,
+            )?);
+        }
+        entry.0.state = State::Retired;
+        let next = generation
+            .checked_add(1)
+            .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
+        let entries: Vec<(Entry, Option<&DataKey>)> =
+            opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
+        let value = seal(&wrap, next, &entries)?;
+        match store
+            .put(
+                Namespace::System,
+                KEYRING_KEY,
+                value.clone(),
+                Expect::Revision(stored.revision),
+            )
+            .await
+            .map_err(Error::from)?
+        {
+            Written::Done(revision) => {
+                tracing::info!(
+                    data_key = id,
+                    generation = next,
+                    "retired data key {id}: no record in the store names it"
+                );
+                return Ok(decode(root, &value, revision, upgrade_secret_records)?);
+            }
+            Written::Conflict => continue,
+        }
+    }
+    Err(Error::Contended.into())
+}
+
+/// Why a data key was not retired.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetireError {
+    /// The keyring could not be read or written.
+    #[error("{0}")]
+    Keyring(#[from] Error),
+    /// No such data key.
+    #[error("the keyring has no data key {0}")]
+    Unknown(u32),
+    /// It seals new values: rotate first.
+    #[error("data key {0} is the current one: rotate first")]
+    Current(u32),
+    /// Records still name it.
+    #[error("{count} record(s) still name data key {id}: run a re-encryption pass first")]
+    InUse {
+        /// The key.
+        id: u32,
+        /// How many records name it.
+        count: usize,
+    },
+}
+
 /// This instance's copy of the keyring, checked against the store before each use the way
 /// the policy book is ([`super::book`]): one revision read; when it differs, the record is read,
 /// opened and swapped in, so a key added through any instance seals the next value written

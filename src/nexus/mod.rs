@@ -386,6 +386,122 @@ impl Nexus {
         self.keyring(keys).await
     }
 
+    /// Starts a re-encryption pass in the background: every secret record and the policy
+    /// book that name a data key other than the current one are rewritten under it
+    /// ([`secrets::reencrypt`]). Resumable: a pass started again does only what is left.
+    pub async fn reencrypt(&self, keys: &Keys) -> Result<(), ApiError> {
+        let ring = self.keyring(keys).await?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(ApiError::Internal("no runtime to run the pass on".into()));
+        };
+        let (store, writers, policies) = (
+            self.store.clone(),
+            self.writers.clone(),
+            Arc::clone(&self.policies),
+        );
+        runtime.spawn(async move {
+            let current = ring.current();
+            tracing::info!(data_key = current, "re-encryption started");
+            let done = secrets::reencrypt(&store, &writers, ring.secrets()).await;
+            let book = match store.get(crate::store::Namespace::System, book::BOOK_KEY).await {
+                Ok(Some(entry)) if book::key_id(&entry.value) != Some(current) => {
+                    match policies.change(&store, &*ring, |_| Ok(())).await {
+                        Ok(()) => "rewritten",
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-encryption: the policy book was not rewritten");
+                            "failed"
+                        }
+                    }
+                }
+                Ok(_) => "current",
+                Err(e) => {
+                    tracing::error!(error = %e, "re-encryption: cannot read the policy book");
+                    "failed"
+                }
+            };
+            if done.failed == 0 && book != "failed" {
+                tracing::info!(
+                    data_key = current,
+                    rewritten = done.rewritten,
+                    already = done.current,
+                    policy_book = book,
+                    "re-encryption finished: every record is under data key {current}; older \
+                     data keys can be retired (spike operator retire ID)"
+                );
+            } else {
+                tracing::error!(
+                    data_key = current,
+                    rewritten = done.rewritten,
+                    already = done.current,
+                    failed = done.failed,
+                    policy_book = book,
+                    "re-encryption incomplete: the records named above were not rewritten; \
+                     run it again (spike operator reencrypt)"
+                );
+            }
+        });
+        Ok(())
+    }
+
+    /// Retires data key `id` once no record in the store names it (secret records, the
+    /// policy book); cipher output outside the store may still name it, and a retired key
+    /// keeps opening it.
+    pub async fn retire(&self, keys: &Keys, id: u32) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let ring = self.keyring(keys).await?;
+        let refused = |e: keyring::RetireError| {
+            tracing::warn!(error = %e, "data key not retired");
+            ApiError::BadRequest(e.to_string())
+        };
+        if id == ring.current() {
+            return Err(refused(keyring::RetireError::Current(id)));
+        }
+        let mut count = 0;
+        for path in self
+            .store
+            .list(crate::store::Namespace::Secrets, "")
+            .await?
+        {
+            if let Some(entry) = self
+                .store
+                .get(crate::store::Namespace::Secrets, &path)
+                .await?
+                && secrets::names_key(&entry.value, id)
+            {
+                count += 1;
+            }
+        }
+        if let Some(entry) = self
+            .store
+            .get(crate::store::Namespace::System, book::BOOK_KEY)
+            .await?
+            && book::key_id(&entry.value).is_none_or(|k| k == id)
+        {
+            count += 1;
+        }
+        if count > 0 {
+            return Err(refused(keyring::RetireError::InUse { id, count }));
+        }
+        match keyring::retire(
+            &self.store,
+            &keys.root,
+            id,
+            self.config.upgrade_secret_records,
+        )
+        .await
+        {
+            Ok(_) => self.keyring(keys).await,
+            Err(keyring::RetireError::Keyring(keyring::Error::Store(e))) => Err(ApiError::Store(e)),
+            Err(keyring::RetireError::Keyring(keyring::Error::Contended)) => {
+                Err(ApiError::Contended)
+            }
+            Err(e @ keyring::RetireError::Keyring(_)) => {
+                tracing::error!(error = %e, "cannot retire: the store's keyring is refused");
+                Err(ApiError::Internal(e.to_string()))
+            }
+            Err(e) => Err(refused(e)),
+        }
+    }
+
     /// The loaded key material, if any.
     pub fn keys(&self) -> Option<Arc<Keys>> {
         read(&self.keys).clone()

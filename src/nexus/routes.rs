@@ -60,6 +60,8 @@ enum Route {
     Recover,
     Restore,
     Rotate,
+    Reencrypt,
+    Retire,
 }
 
 impl Route {
@@ -95,6 +97,8 @@ impl Route {
             (wire::RECOVER_PATH, "") => Route::Recover,
             (wire::RESTORE_PATH, "") => Route::Restore,
             (wire::ROTATE_PATH, "") => Route::Rotate,
+            (wire::REENCRYPT_PATH, "") => Route::Reencrypt,
+            (wire::RETIRE_PATH, "") => Route::Retire,
             _ => return Err(ApiError::BadRequest("unknown route or action".into())),
         })
     }
@@ -112,7 +116,7 @@ impl Route {
             Route::Encrypt | Route::Decrypt => Need::Permission(Permission::Execute),
             Route::Recover => Need::Role(Role::Recover),
             Route::Restore => Need::Role(Role::Restore),
-            Route::Rotate => Need::Role(Role::Superuser),
+            Route::Rotate | Route::Reencrypt | Route::Retire => Need::Role(Role::Superuser),
         }
     }
 
@@ -133,6 +137,8 @@ impl Route {
             Route::Recover => "recover",
             Route::Restore => "restore",
             Route::Rotate => "rotate",
+            Route::Reencrypt => "reencrypt",
+            Route::Retire => "retire",
         }
     }
 
@@ -154,6 +160,8 @@ impl Route {
             Route::Recover => "operator.recover",
             Route::Restore => "operator.restore",
             Route::Rotate => "operator.rotate",
+            Route::Reencrypt => "operator.reencrypt",
+            Route::Retire => "operator.retire",
         }
     }
 }
@@ -229,9 +237,27 @@ impl Api {
                 let shards = recovery::export(&self.nexus, keys)?;
                 Ok(transport::json_secret(StatusCode::OK, &shards))
             }
-            (Route::Rotate, None) => {
-                let _: Empty = parse(&body)?;
-                let ring = self.nexus.rotate(keys).await?;
+            (Route::Rotate | Route::Reencrypt | Route::Retire, None) => {
+                let ring = match route {
+                    Route::Rotate => {
+                        let r: wire::RotateRequest = parse(&body)?;
+                        let ring = self.nexus.rotate(keys).await?;
+                        if r.reencrypt {
+                            self.nexus.reencrypt(keys).await?;
+                        }
+                        ring
+                    }
+                    Route::Reencrypt => {
+                        let _: Empty = parse(&body)?;
+                        self.nexus.reencrypt(keys).await?;
+                        self.nexus.keyring(keys).await?
+                    }
+                    _ => {
+                        let r: wire::RetireRequest = parse(&body)?;
+                        *resource = r.id.to_string();
+                        self.nexus.retire(keys, r.id).await?
+                    }
+                };
                 ok(&wire::RotateResponse {
                     current_key: ring.current(),
                     keys: ring

@@ -999,6 +999,95 @@ pub async fn import(
     .await
 }
 
+/// Whether the record stored at `path` names data key `id` — a version sealed under it, or its
+/// MAC made with it. A record that does not decode counts as naming it (nothing is retired on
+/// a guess).
+pub fn names_key(stored: &[u8], id: u32) -> bool {
+    serde_json::from_slice::<Record>(stored).map_or(true, |r| {
+        r.mac_key == id || r.versions.values().any(|v| v.key == id)
+    })
+}
+
+/// What [`reencrypt`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reencrypted {
+    /// Records rewritten under the current data key.
+    pub rewritten: usize,
+    /// Records already wholly under it.
+    pub current: usize,
+    /// Records that could not be rewritten (named in an error line each); a later pass
+    /// retries them.
+    pub failed: usize,
+}
+
+/// Rewrites every secret record that names a data key other than `keys`' current one: each
+/// such version opened and sealed again under the current key, the record authenticated with
+/// it — one compare-and-set per record, in the path's turn like any write, so concurrent
+/// writes are neither lost nor blocked for long. Idempotent: a second pass, or one resumed
+/// after a stop, finds only what is still left. Logs its progress every 100 records.
+pub async fn reencrypt(store: &impl Store, writers: &Writers, keys: &SecretKeys) -> Reencrypted {
+    let mut done = Reencrypted::default();
+    let paths = match store.list(Namespace::Secrets, "").await {
+        Ok(paths) => paths,
+        Err(e) => {
+            tracing::error!(error = %e, "re-encryption: cannot list secret records");
+            done.failed += 1;
+            return done;
+        }
+    };
+    let total = paths.len();
+    let current = keys.current;
+    for (i, path) in paths.iter().enumerate() {
+        let outcome = update(store, writers, keys, path, |record| {
+            let Some(mut record) = record else {
+                return Ok((None, false));
+            };
+            if record.mac_key == current && record.versions.values().all(|v| v.key == current) {
+                return Ok((None, false));
+            }
+            let (_, sealer) = keys.sealing(path)?;
+            for (n, version) in record.versions.iter_mut() {
+                if version.key == current {
+                    continue;
+                }
+                let plain = keys
+                    .set(version.key, path)?
+                    .values
+                    .open(&aad(path, *n), &version.sealed)
+                    .map_err(|_| {
+                        ApiError::Internal(format!(
+                            "secret {path:?} version {n} does not open under data key {}",
+                            version.key
+                        ))
+                    })?;
+                version.sealed = sealer.values.seal(&aad(path, *n), &plain)?;
+                version.key = current;
+            }
+            Ok((Some(record), true))
+        })
+        .await;
+        match outcome {
+            Ok(true) => done.rewritten += 1,
+            Ok(false) => done.current += 1,
+            Err(e) => {
+                tracing::error!(path = ?path, error = %e, "re-encryption: record not rewritten");
+                done.failed += 1;
+            }
+        }
+        if (i + 1) % 100 == 0 {
+            tracing::info!(
+                done = i + 1,
+                total,
+                rewritten = done.rewritten,
+                failed = done.failed,
+                data_key = current,
+                "re-encryption in progress"
+            );
+        }
+    }
+    done
+}
+
 /// What [`upgrade`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Upgraded {

@@ -47,6 +47,11 @@ pub const RECOVER_PATH: &str = "/v1/operator/recover";
 pub const RESTORE_PATH: &str = "/v1/operator/restore";
 /// Add a data key to the keyring (ours; superuser only): new values are sealed under it.
 pub const ROTATE_PATH: &str = "/v1/operator/rotate";
+/// Start a re-encryption pass (ours; superuser only): records under older data keys are
+/// rewritten under the current one, in the background.
+pub const REENCRYPT_PATH: &str = "/v1/operator/reencrypt";
+/// Mark a data key retired once no record uses it (ours; superuser only).
+pub const RETIRE_PATH: &str = "/v1/operator/retire";
 /// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
@@ -397,6 +402,21 @@ pub struct DecryptResponse {
     /// The decrypted bytes (base64).
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
+}
+
+/// [`ROTATE_PATH`] request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RotateRequest {
+    /// Also start a re-encryption pass once the key is added.
+    #[serde(default)]
+    pub reencrypt: bool,
+}
+
+/// [`RETIRE_PATH`] request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetireRequest {
+    /// The data key to retire.
+    pub id: u32,
 }
 
 /// One data key of the keyring, as [`ROTATE_PATH`] lists it (nothing secret).
