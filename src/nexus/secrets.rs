@@ -1216,7 +1216,7 @@ mod tests {
             !text.contains("\"key\"") && !text.contains("mac_key"),
             "{text}"
         );
-        assert_eq!(get(&s, &*ring2, "p", None).await.unwrap().0, vals("v1"));
+        assert_eq!(get(&s, &ring2, "p", None).await.unwrap().0, vals("v1"));
         put_at(&s, &w, &ring1, "p", &vals("v2"), opts(None, 10))
             .await
             .unwrap();
@@ -1228,11 +1228,11 @@ mod tests {
         let ids: Vec<u32> = record.versions.values().map(|v| v.key).collect();
         assert_eq!((ids, record.mac_key), (vec![0, 1, 2], 2));
         for (n, want) in [(1, "v1"), (2, "v2"), (3, "v3")] {
-            assert_eq!(get(&s, &*ring2, "p", Some(n)).await.unwrap().0, vals(want));
+            assert_eq!(get(&s, &ring2, "p", Some(n)).await.unwrap().0, vals(want));
         }
         // A keyring without key 2 (an instance that has not seen the rotation yet would have
         // read the keyring again first) refuses the record rather than guessing.
-        assert!(get(&s, &*ring1, "p", Some(1)).await.is_err());
+        assert!(get(&s, &ring1, "p", Some(1)).await.is_err());
         // Any id changed in the store is refused.
         let edit = |f: &dyn Fn(&mut Record)| {
             let mut r = record.clone();
