@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 //! The keyring (decision 33) with real Nexus processes on one shared store (SQLite file,
-//! PostgreSQL): a store written before the keyring is upgraded in place by three instances
+//! PostgreSQL, S3): a store written before the keyring is upgraded in place by three instances
 //! starting at once — exactly one keyring, and callers see nothing different; a keyring edited
 //! in the store is refused and left as it is.
 //!
@@ -93,6 +93,26 @@ async fn root_key(c: &Cluster) -> spike::crypto::RootKey {
 
 /// Opens the cluster's store from the test process, as its administrator.
 async fn admin(c: &Cluster, env: &BackendEnv) -> AnyStore {
+    let var = |k: &str| {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    if let Some(bucket) = var("SPIKE_NEXUS_S3_BUCKET") {
+        let cfg = spike::store::S3Config {
+            endpoint: var("SPIKE_NEXUS_S3_ENDPOINT"),
+            bucket,
+            prefix: var("SPIKE_NEXUS_S3_PREFIX").unwrap(),
+            region: var("SPIKE_NEXUS_S3_REGION").unwrap(),
+            path_style: true,
+            credentials: spike::store::S3Credentials {
+                access_key_id: var("AWS_ACCESS_KEY_ID").unwrap(),
+                secret_access_key: var("AWS_SECRET_ACCESS_KEY").unwrap(),
+                session_token: None,
+            },
+        };
+        return AnyStore::S3(spike::store::s3::S3Store::open(&cfg).unwrap());
+    }
     match env.iter().find(|(k, _)| k == "SPIKE_NEXUS_DB_URL") {
         Some((_, url)) => AnyStore::Postgres(
             spike::store::postgres::PostgresStore::open(url)
@@ -726,4 +746,9 @@ keyring_suite!(postgres, |c| {
         ),
         ("SPIKE_NEXUS_DB_URL".to_string(), url),
     ]
+});
+
+keyring_suite!(s3, |c| {
+    let _ = &c;
+    common::s3::shared_env("keyring")
 });
