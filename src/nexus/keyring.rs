@@ -771,6 +771,25 @@ mod tests {
         ));
     }
 
+    /// The purpose keys of a real data key live in locked pages of their own, like those of
+    /// the root key (the data key's own bytes are dropped, zeroized, once they are derived).
+    #[tokio::test]
+    async fn data_key_purpose_keys_live_in_locked_pages() {
+        use crate::platform::hardening::pages_locked;
+        let ring = ensure(&MemoryStore::default(), &RootKey::generate().unwrap(), false)
+            .await
+            .unwrap();
+        let keys = ring.get(1).unwrap();
+        for (name, (addr, len)) in [
+            ("policies", keys.policies.span()),
+            ("cipher", keys.cipher.span()),
+            ("secrets", ring.secrets().spans()[0]),
+            ("secret records MAC", ring.secrets().spans()[1]),
+        ] {
+            assert!(len > 0 && pages_locked(addr, len), "{name}");
+        }
+    }
+
     #[test]
     fn the_current_key_is_the_newest_active_one() {
         let root = RootKey::generate().unwrap();
