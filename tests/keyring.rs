@@ -532,6 +532,25 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     assert!(err.contains("superuser role"), "{err}");
 }
 
+/// The metrics page of a Nexus started with `SPIKE_NEXUS_METRICS_ADDR=127.0.0.1:0`.
+async fn scrape(proc: &Proc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = proc
+        .logs()
+        .split("serving metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("the metrics address in the log");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    text
+}
+
 /// Every secret record and the policy book, as (path, version keys, MAC key); the book as
 /// ("policy-book", [its key], its key).
 async fn store_keys(store: &AnyStore) -> Vec<(String, Vec<u64>, u64)> {
@@ -562,7 +581,9 @@ async fn store_keys(store: &AnyStore) -> Vec<(String, Vec<u64>, u64)> {
 /// key seals nothing new but still opens cipher output made under it. A workload may not start
 /// a pass or retire a key.
 async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: BackendEnv) {
-    let urls = start_together(&mut c, 2, &pairs(&env)).await;
+    let mut extra = pairs(&env);
+    extra.push(("SPIKE_NEXUS_METRICS_ADDR", "127.0.0.1:0"));
+    let urls = start_together(&mut c, 2, &extra).await;
     let su = superuser(&c);
     let store = admin(&c, &env).await;
     for i in 0..30 {
@@ -631,6 +652,12 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
         },
     )
     .await;
+    let metrics = scrape(&c.nexus[1]).await;
+    assert!(
+        metrics.contains("spike_nexus_reencrypted_records_total{result=\"rewritten\"} 30")
+            && metrics.contains("spike_nexus_data_key_current 2"),
+        "{metrics}"
+    );
     let keys = store_keys(&store).await;
     assert!(
         keys.iter()

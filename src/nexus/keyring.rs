@@ -776,9 +776,13 @@ mod tests {
     #[tokio::test]
     async fn data_key_purpose_keys_live_in_locked_pages() {
         use crate::platform::hardening::pages_locked;
-        let ring = ensure(&MemoryStore::default(), &RootKey::generate().unwrap(), false)
-            .await
-            .unwrap();
+        let ring = ensure(
+            &MemoryStore::default(),
+            &RootKey::generate().unwrap(),
+            false,
+        )
+        .await
+        .unwrap();
         let keys = ring.get(1).unwrap();
         for (name, (addr, len)) in [
             ("policies", keys.policies.span()),

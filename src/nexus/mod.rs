@@ -367,7 +367,9 @@ impl Nexus {
     /// The store's keyring, checked against the store now ([`keyring::Current::validated`]):
     /// a keyring that does not open, or that went back in time, is a 500 and a log line.
     pub async fn keyring(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
-        keys.keyring(&self.store).await
+        let ring = keys.keyring(&self.store).await?;
+        self.metrics.data_key(ring.current());
+        Ok(ring)
     }
 
     /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
@@ -394,15 +396,16 @@ impl Nexus {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(ApiError::Internal("no runtime to run the pass on".into()));
         };
-        let (store, writers, policies) = (
+        let (store, writers, policies, metrics) = (
             self.store.clone(),
             self.writers.clone(),
             Arc::clone(&self.policies),
+            Arc::clone(&self.metrics),
         );
         runtime.spawn(async move {
             let current = ring.current();
             tracing::info!(data_key = current, "re-encryption started");
-            let done = secrets::reencrypt(&store, &writers, ring.secrets()).await;
+            let done = secrets::reencrypt(&store, &writers, ring.secrets(), &metrics).await;
             let book = match store.get(crate::store::Namespace::System, book::BOOK_KEY).await {
                 Ok(Some(entry)) if book::key_id(&entry.value) != Some(current) => {
                     match policies.change(&store, &*ring, |_| Ok(())).await {
@@ -566,6 +569,7 @@ impl Nexus {
         }
         *slot = Some(Arc::clone(&keys));
         drop(slot);
+        self.metrics.data_key(keys.keyring.loaded().current());
         self.set_phase(Phase::Ready);
         if keys.secrets.upgrading() {
             self.upgrade_secret_records(&keys);

@@ -1025,7 +1025,13 @@ pub struct Reencrypted {
 /// it — one compare-and-set per record, in the path's turn like any write, so concurrent
 /// writes are neither lost nor blocked for long. Idempotent: a second pass, or one resumed
 /// after a stop, finds only what is still left. Logs its progress every 100 records.
-pub async fn reencrypt(store: &impl Store, writers: &Writers, keys: &SecretKeys) -> Reencrypted {
+pub async fn reencrypt(
+    store: &impl Store,
+    writers: &Writers,
+    keys: &SecretKeys,
+    metrics: &crate::platform::metrics::NexusMetrics,
+) -> Reencrypted {
+    use crate::platform::metrics::Reencryption;
     let mut done = Reencrypted::default();
     let paths = match store.list(Namespace::Secrets, "").await {
         Ok(paths) => paths,
@@ -1067,11 +1073,18 @@ pub async fn reencrypt(store: &impl Store, writers: &Writers, keys: &SecretKeys)
         })
         .await;
         match outcome {
-            Ok(true) => done.rewritten += 1,
-            Ok(false) => done.current += 1,
+            Ok(true) => {
+                done.rewritten += 1;
+                metrics.reencrypted(Reencryption::Rewritten);
+            }
+            Ok(false) => {
+                done.current += 1;
+                metrics.reencrypted(Reencryption::Current);
+            }
             Err(e) => {
                 tracing::error!(path = ?path, error = %e, "re-encryption: record not rewritten");
                 done.failed += 1;
+                metrics.reencrypted(Reencryption::Failed);
             }
         }
         if (i + 1) % 100 == 0 {
