@@ -114,11 +114,10 @@ pub fn recovery_shard(data: &[u8]) {
 
 /// Cipher stream opening under a fixed key: arbitrary bytes never open.
 pub fn cipher_open(data: &[u8]) {
-    let key = RootKey::from_bytes([7u8; 32])
-        .expect("a valid scalar")
-        .derive("spike/cipher/v1");
+    let root = RootKey::from_bytes([7u8; 32]).expect("a valid scalar");
+    let ring = crate::nexus::keyring::Keyring::legacy(&root, false);
     if let Ok((version, nonce, ciphertext)) = cipher::unframe(data) {
-        assert!(cipher::decrypt(&key, version, nonce, ciphertext, 1 << 20).is_err());
+        assert!(cipher::decrypt(&ring, version, nonce, ciphertext, 1 << 20).is_err());
     }
 }
 

@@ -128,6 +128,7 @@ fn main() -> ExitCode {
         | Command::Policy { .. }
         | Command::Cipher { .. }
         | Command::Recover { .. }
+        | Command::Operator { .. }
         | Command::Audit { .. } => "spike",
     };
     if let Err(msg) = logging {
@@ -195,6 +196,9 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Policy { format, command } => client(spike::client::policy::run(format, command)),
         Command::Cipher { format, command } => client(spike::client::cipher::run(format, command)),
         Command::Recover { command } => client(spike::client::recover::run(command)),
+        Command::Operator { format, command } => {
+            client(spike::client::operator::run(format, command))
+        }
         Command::Audit { command } => spike::client::audit::run(command),
         Command::Completions { shell } => {
             use std::io::Write;

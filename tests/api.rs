@@ -614,7 +614,7 @@ async fn cipher_json_and_stream_modes() {
     let (su, url) = (&f.su, &f.url);
     let (s, enc) = call(su, url, ENCRYPT_PATH, json!({"plaintext": "aGVsbG8="})).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(enc["version"], 1);
+    assert_eq!(enc["version"], 2);
     let (s, dec) = call(su, url, DECRYPT_PATH, enc.clone()).await;
     assert_eq!((s, dec), (StatusCode::OK, json!({"plaintext": "aGVsbG8="})));
     // Stream mode round trip with binary data.
@@ -624,8 +624,8 @@ async fn cipher_json_and_stream_modes() {
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.body[0], 1);
-    assert_eq!(r.body.len(), 1 + 12 + data.len() + 16);
+    assert_eq!(r.body[0], 2);
+    assert_eq!(r.body.len(), 1 + 12 + 4 + data.len() + 16);
     let back = su
         .post(
             url,

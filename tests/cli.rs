@@ -389,8 +389,8 @@ async fn cipher_round_trips_binary_data_through_files_and_pipes() {
         sealed.to_str().unwrap(),
     ]);
     let ct = std::fs::read(&sealed).unwrap();
-    assert_eq!(ct[0], 1, "version byte");
-    assert_eq!(ct.len(), 1 + 12 + data.len() + 16);
+    assert_eq!(ct[0], 2, "version byte");
+    assert_eq!(ct.len(), 1 + 12 + 4 + data.len() + 16);
     s.ok(&[
         "cipher",
         "decrypt",
@@ -417,7 +417,7 @@ async fn cipher_round_trips_binary_data_through_files_and_pipes() {
     );
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     let (code, out, err) = run_with_stdin(
         &s,
         &s.superuser,

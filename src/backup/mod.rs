@@ -28,8 +28,8 @@ use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::{RootKey, shamir};
-use crate::nexus::secrets::{self, SecretKeys};
-use crate::nexus::{POLICIES_LABEL, book};
+use crate::nexus::book;
+use crate::nexus::secrets;
 use crate::platform::CommandError;
 use crate::platform::env::ProcessEnv;
 use crate::protocol::nexus::{now_nanos, rfc3339};
@@ -246,20 +246,33 @@ fn check_with_shards(backup: &Backup, path: &Path, dir: &Path) -> Result<()> {
             path.display()
         )));
     }
-    let secret_keys = SecretKeys::derive(&root, false);
-    let policy_key = root.derive(POLICIES_LABEL);
-    drop(root);
+    // The data keys: the backup's keyring (refused like any record that does not open), or
+    // the legacy key alone for a backup of a store from before the keyring.
     let mut problems = Vec::new();
+    let ring = match backup
+        .records
+        .iter()
+        .find(|(ns, k, _)| *ns == Namespace::System && k == crate::nexus::keyring::KEYRING_KEY)
+    {
+        Some((_, _, value)) => crate::nexus::keyring::open_stored(&root, value, false)
+            .inspect_err(|e| problems.push(e.to_string()))
+            .ok(),
+        None => None,
+    };
+    let ring = ring.unwrap_or_else(|| crate::nexus::keyring::Keyring::legacy(&root, false));
+    let secret_keys = std::sync::Arc::clone(ring.secrets());
+    let policy_key: &dyn book::BookKey = &ring;
+    drop(root);
     for (ns, key, value) in &backup.records {
         let problem = match ns {
             Namespace::Secrets => secrets::check_stored(&secret_keys, key, value)
                 .err()
                 .map(|e| e.to_string()),
-            Namespace::Policies => book::check_row(&policy_key, key, value)
+            Namespace::Policies => book::check_row(policy_key, key, value)
                 .err()
                 .map(|e| format!("policy row {key:?}: {e}")),
             Namespace::System if key == book::BOOK_KEY => {
-                book::open(&policy_key, value).err().map(|e| e.to_string())
+                book::open(policy_key, value).err().map(|e| e.to_string())
             }
             Namespace::System => None,
         };

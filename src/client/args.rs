@@ -160,6 +160,29 @@ pub enum RecoverCommand {
     },
 }
 
+/// `spike operator` verbs.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Add a data key to the keyring: from now on every Nexus instance seals new values under
+    /// it; values sealed under older keys stay readable. Prints the keyring. Needs an operator
+    /// SVID with the superuser role.
+    Rotate {
+        /// Then rewrite every record under an older data key, in the background (Nexus logs
+        /// the progress and the end).
+        #[arg(long)]
+        reencrypt: bool,
+    },
+    /// Start (or resume) rewriting every record under an older data key with the current one,
+    /// in the background. Superuser role.
+    Reencrypt,
+    /// Mark data key ID retired; refused while any record in the store still names it.
+    /// Superuser role.
+    Retire {
+        /// The data key's id, as `spike operator rotate` lists it.
+        id: u32,
+    },
+}
+
 /// `spike audit` verbs.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

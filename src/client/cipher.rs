@@ -3,7 +3,7 @@
 //! Text format (the default) is SPIKE's stream mode: the input bytes go to Nexus as
 //! `application/octet-stream` and the answer bytes are written as they are, so any binary data
 //! works; a ciphertext is `0x01 ‖ nonce(12) ‖ ciphertext‖tag`. `--format json` uses SPIKE's JSON
-//! mode: `encrypt` prints `{"version":1,"nonce":"<b64>","ciphertext":"<b64>"}`, and `decrypt`
+//! mode: `encrypt` prints `{"version":2,"nonce":"<b64>","ciphertext":"<b64>"}`, and `decrypt`
 //! reads that object and prints `{"plaintext":"<b64>"}`.
 //!
 //! Input is stdin unless `--in` names a file; output is stdout unless `--out` names one,

@@ -8,6 +8,7 @@ pub mod cipher;
 pub mod config;
 pub mod keeper;
 pub mod nexus;
+pub mod operator;
 pub mod policy;
 pub mod recover;
 pub mod run;

@@ -421,6 +421,25 @@ impl NexusClient {
         self.json(wire::RESTORE_PATH, req, Effect::Write).await
     }
 
+    /// Adds a data key to the keyring (superuser only), then starts a re-encryption pass if
+    /// `reencrypt`.
+    pub async fn rotate(&self, reencrypt: bool) -> Result<wire::RotateResponse> {
+        let req = wire::RotateRequest { reencrypt };
+        self.json(wire::ROTATE_PATH, &req, Effect::Write).await
+    }
+
+    /// Starts a re-encryption pass (superuser only).
+    pub async fn reencrypt(&self) -> Result<wire::RotateResponse> {
+        self.json(wire::REENCRYPT_PATH, &wire::Empty {}, Effect::Idempotent)
+            .await
+    }
+
+    /// Retires a data key no record names (superuser only).
+    pub async fn retire(&self, id: u32) -> Result<wire::RotateResponse> {
+        let req = wire::RetireRequest { id };
+        self.json(wire::RETIRE_PATH, &req, Effect::Idempotent).await
+    }
+
     /// The same client aimed at other Nexus URLs.
     pub fn with_urls(self, urls: Vec<Uri>) -> NexusClient {
         NexusClient { urls, ..self }

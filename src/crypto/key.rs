@@ -147,37 +147,19 @@ impl RootKey {
 
     /// HKDF-Extract step shared by [`derive`](Self::derive) and [`key_id`](Self::key_id).
     fn prk(&self) -> hkdf::Prk {
-        hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(self.as_bytes())
+        prk(self.as_bytes())
     }
 
     /// Derives the AES-256-GCM key for `label` with HKDF-SHA256
     /// (salt `spike/v1`, info = label bytes).
     pub fn derive(&self, label: &str) -> AeadKey {
-        let info = [label.as_bytes()];
-        let prk = self.prk();
-        let okm = prk
-            .expand(&info, &AES_256_GCM)
-            // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
-            .expect("HKDF-SHA256 can always produce a 32-byte key");
-        // Lock the pages first, then put the key schedule in them.
-        let mut key = Locked::<LessSafeKey>::new("AEAD key");
-        *key = LessSafeKey::new(UnboundKey::from(okm));
-        AeadKey { key }
+        derive_aead(&self.prk(), label)
     }
 
     /// Derives the HMAC-SHA256 key for `label` with HKDF-SHA256 (salt `spike/v1`,
     /// info = `spike/hmac-sha256\0` ‖ label bytes).
     pub fn derive_mac(&self, label: &str) -> MacKey {
-        let info = [MAC_INFO_PREFIX, label.as_bytes()];
-        let prk = self.prk();
-        let okm = prk
-            .expand(&info, hmac::HMAC_SHA256)
-            // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
-            .expect("HKDF-SHA256 can always produce a 32-byte key");
-        // Lock the pages first, then put the key in them.
-        let mut key = Locked::<hmac::Key>::new("HMAC key");
-        *key = hmac::Key::from(okm);
-        MacKey { key }
+        derive_hmac(&self.prk(), label)
     }
 
     /// SPIKE's at-rest key: the root key's own 32 bytes as the AES-256-GCM key, with no
@@ -243,6 +225,80 @@ impl RootKey {
             Ok(plain) => ct_eq_bytes(&plain, VERIFIER_PLAINTEXT),
             Err(_) => false,
         }
+    }
+}
+
+/// HKDF-Extract of `ikm` with the salt `spike/v1`, shared by root and data keys.
+fn prk(ikm: &[u8; KEY_LEN]) -> hkdf::Prk {
+    hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(ikm)
+}
+
+/// The AES-256-GCM key for `label` (info = label bytes) from `prk`.
+fn derive_aead(prk: &hkdf::Prk, label: &str) -> AeadKey {
+    let info = [label.as_bytes()];
+    let okm = prk
+        .expand(&info, &AES_256_GCM)
+        // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
+        .expect("HKDF-SHA256 can always produce a 32-byte key");
+    // Lock the pages first, then put the key schedule in them.
+    let mut key = Locked::<LessSafeKey>::new("AEAD key");
+    *key = LessSafeKey::new(UnboundKey::from(okm));
+    AeadKey { key }
+}
+
+/// The HMAC-SHA256 key for `label` (info = `spike/hmac-sha256\0` ‖ label bytes) from `prk`.
+fn derive_hmac(prk: &hkdf::Prk, label: &str) -> MacKey {
+    let info = [MAC_INFO_PREFIX, label.as_bytes()];
+    let okm = prk
+        .expand(&info, hmac::HMAC_SHA256)
+        // ring only refuses outputs longer than 255 * 32 bytes; we ask for 32.
+        .expect("HKDF-SHA256 can always produce a 32-byte key");
+    // Lock the pages first, then put the key in them.
+    let mut key = Locked::<hmac::Key>::new("HMAC key");
+    *key = hmac::Key::from(okm);
+    MacKey { key }
+}
+
+/// A data key of the keyring (decision 33): 32 random bytes, in locked pages of its own,
+/// from which the purpose keys that seal secrets, policies and cipher output are derived
+/// exactly as they are from a root key (same salt, same labels). Unlike a root key it is never
+/// split into shards: it is stored in the store, sealed under a key derived from the root key.
+/// No `Debug` impl; zeroized on drop.
+pub struct DataKey(Locked<[u8; KEY_LEN]>);
+
+impl DataKey {
+    /// A fresh data key from the system RNG.
+    pub fn generate() -> Result<DataKey> {
+        let mut bytes = Locked::<[u8; KEY_LEN]>::new("data key");
+        SystemRandom::new()
+            .fill(&mut *bytes)
+            .map_err(|_| Error::Random)?;
+        Ok(DataKey(bytes))
+    }
+
+    /// The data key whose bytes are `bytes` (exactly [`KEY_LEN`] of them, else `None`).
+    pub fn from_slice(bytes: &[u8]) -> Option<DataKey> {
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        let mut locked = Locked::<[u8; KEY_LEN]>::new("data key");
+        locked.copy_from_slice(bytes);
+        Some(DataKey(locked))
+    }
+
+    /// The raw key bytes, to seal the keyring.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Derives the AES-256-GCM key for `label`, as [`RootKey::derive`] does.
+    pub fn derive(&self, label: &str) -> AeadKey {
+        derive_aead(&prk(&self.0), label)
+    }
+
+    /// Derives the HMAC-SHA256 key for `label`, as [`RootKey::derive_mac`] does.
+    pub fn derive_mac(&self, label: &str) -> MacKey {
+        derive_hmac(&prk(&self.0), label)
     }
 }
 

@@ -52,7 +52,7 @@ pub mod locked;
 pub mod recovery;
 pub mod shamir;
 
-pub use key::{AeadKey, KEY_LEN, MAC_LEN, MacKey, RootKey, Verifier};
+pub use key::{AeadKey, DataKey, KEY_LEN, MAC_LEN, MacKey, RootKey, Verifier};
 pub use locked::LockedShares;
 pub use recovery::{RECOVERY_SHARD_MAX_LEN, decode_recovery_shard, encode_recovery_shard};
 pub use shamir::{

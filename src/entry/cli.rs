@@ -65,6 +65,15 @@ pub enum Command {
         #[command(subcommand)]
         command: RecoverCommand,
     },
+    /// Key operations on a running deployment: rotate the data key.
+    Operator {
+        /// `text` or `json` (the answer object on one line).
+        #[arg(long, value_enum, default_value_t = Format::Text, global = true)]
+        format: Format,
+        /// The verb.
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// The audit trail: check Nexus audit files offline with recovery shards.
     Audit {
         /// The verb.
@@ -270,7 +279,8 @@ pub struct DevArgs {
 }
 
 pub use crate::client::args::{
-    AuditCommand, CipherCommand, CipherIo, Format, PolicyCommand, RecoverCommand, SecretCommand,
+    AuditCommand, CipherCommand, CipherIo, Format, OperatorCommand, PolicyCommand, RecoverCommand,
+    SecretCommand,
 };
 
 #[cfg(test)]

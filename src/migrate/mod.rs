@@ -152,6 +152,12 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
         config.upgrade_secret_records,
     )
     .map_err(failed)?;
+    // The target's data keys: what migrated values are sealed under and what existing ones
+    // are compared with (created as a Nexus start creates it, if the store has none yet).
+    let ring = crate::nexus::keyring::ensure(&store, &keys.root, config.upgrade_secret_records)
+        .await
+        .map_err(|e| failed(format!("target: {e}")))?;
+    let keys = keys.with_keyring(ring);
     let target = Target {
         store,
         keys,
@@ -277,7 +283,7 @@ impl Target {
         let policy_plan = policy::import(
             &self.store,
             &self.policies,
-            &self.keys.policies,
+            &*self.keys.keyring.loaded(),
             &plan.policies,
             true,
         )
@@ -328,7 +334,7 @@ impl Target {
             match policy::import(
                 &self.store,
                 &self.policies,
-                &self.keys.policies,
+                &*self.keys.keyring.loaded(),
                 &plan.policies,
                 false,
             )

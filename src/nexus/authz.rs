@@ -93,7 +93,8 @@ impl<'a> Access<'a> {
             Caller::Lite if want == Permission::Execute => Ok(access),
             Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
             Caller::Workload => {
-                let book = policies.current(store, &keys.policies).await?;
+                let ring = keys.keyring(store).await?;
+                let book = policies.current(store, &*ring).await?;
                 let granting: Vec<usize> = book
                     .naming(caller)
                     .iter()

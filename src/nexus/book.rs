@@ -4,7 +4,10 @@
 //! # The record
 //! [`Namespace::System`] key [`BOOK_KEY`]: an 8-byte magic, the generation (8 bytes, big
 //! endian), then nonce ‖ AES-256-GCM of the JSON `{"generation", "policies": [...]}` under the
-//! policy key, with associated data `spike/policy-book/v1\0policy-book\0<generation>`. Every
+//! policy key, with associated data `spike/policy-book/v1\0policy-book\0<generation>`. Under a
+//! data key of the keyring other than the legacy key 0 ([`super::keyring`]) the magic is
+//! `spkbook2`, the data key's id (4 bytes, big endian) follows the generation, and the
+//! associated data is `spike/policy-book/v2\0policy-book\0<generation>\0<id>`. Every
 //! change — put or delete of any policy — rewrites the whole book at the next generation with
 //! compare-and-set on the store revision it was read at, so generations never repeat and
 //! writers through any number of instances never lose each other's changes.
@@ -70,7 +73,49 @@ use crate::store::{Entry, Expect, Namespace, Revision, Store, Written};
 pub const BOOK_KEY: &str = "policy-book";
 /// The first bytes of a stored book.
 const MAGIC: &[u8; 8] = b"spkbook1";
+/// The first bytes of a book sealed under a data key of the keyring (decision 33): the header
+/// is followed by the key's id (4 bytes, big endian).
+const MAGIC_KEYED: &[u8; 8] = b"spkbook2";
 const HEADER_LEN: usize = MAGIC.len() + 8;
+
+/// The keys the policy book is sealed and opened with: a keyring (sealing under its current
+/// data key, opening under the one a book names), or one legacy key alone (tools and tests
+/// that hold only the root key; per-name rows were always sealed under it).
+pub trait BookKey: Send + Sync {
+    /// The id and key a book is sealed under now; id 0 writes the layout of earlier releases.
+    fn sealing(&self) -> Result<(u32, &AeadKey), ApiError>;
+    /// The key of data key `id`, if known.
+    fn opening(&self, id: u32) -> Option<&AeadKey>;
+}
+
+impl BookKey for AeadKey {
+    fn sealing(&self) -> Result<(u32, &AeadKey), ApiError> {
+        Ok((0, self))
+    }
+
+    fn opening(&self, id: u32) -> Option<&AeadKey> {
+        (id == 0).then_some(self)
+    }
+}
+
+impl BookKey for super::keyring::Keyring {
+    fn sealing(&self) -> Result<(u32, &AeadKey), ApiError> {
+        let id = self.current();
+        self.get(id)
+            .map(|k| (id, &k.policies))
+            .ok_or_else(|| ApiError::Internal(format!("the keyring has no data key {id}")))
+    }
+
+    fn opening(&self, id: u32) -> Option<&AeadKey> {
+        self.get(id).map(|k| &k.policies)
+    }
+}
+
+/// The legacy key of `key`, which per-name rows are sealed under.
+fn row_key(key: &dyn BookKey) -> Result<&AeadKey, String> {
+    key.opening(0)
+        .ok_or_else(|| "no legacy key to open per-name policy rows".to_string())
+}
 /// Compare-and-set attempts for one change before giving up with 503.
 const CHANGE_ATTEMPTS: usize = 50;
 /// Callers whose policies one book remembers at most.
@@ -78,6 +123,10 @@ const MAX_CALLERS: usize = 4096;
 
 fn aad(generation: u64) -> Vec<u8> {
     format!("spike/policy-book/v1\0{BOOK_KEY}\0{generation}").into_bytes()
+}
+
+fn aad_keyed(generation: u64, id: u32) -> Vec<u8> {
+    format!("spike/policy-book/v2\0{BOOK_KEY}\0{generation}\0{id}").into_bytes()
 }
 
 #[derive(Serialize)]
@@ -94,7 +143,7 @@ struct Contents {
 
 /// Seals a book of `policies` (sorted by name) at `generation`.
 pub fn seal(
-    key: &AeadKey,
+    key: &dyn BookKey,
     generation: u64,
     policies: &[StoredPolicy],
 ) -> Result<Vec<u8>, ApiError> {
@@ -105,16 +154,36 @@ pub fn seal(
         })
         .map_err(|e| ApiError::Internal(e.to_string()))?,
     );
-    let sealed = key.seal(&aad(generation), &plain)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&generation.to_be_bytes());
-    out.extend_from_slice(&sealed);
+    let (id, key) = key.sealing()?;
+    let mut out = Vec::with_capacity(HEADER_LEN + 4 + plain.len() + 28);
+    if id == 0 {
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&generation.to_be_bytes());
+        out.extend_from_slice(&key.seal(&aad(generation), &plain)?);
+    } else {
+        out.extend_from_slice(MAGIC_KEYED);
+        out.extend_from_slice(&generation.to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&key.seal(&aad_keyed(generation, id), &plain)?);
+    }
     Ok(out)
 }
 
+/// The data key a stored book names (0 for `spkbook1`), without opening it; `None` when it is
+/// not a book.
+pub fn key_id(value: &[u8]) -> Option<u32> {
+    match value.get(..MAGIC.len())? {
+        m if m == MAGIC => Some(0),
+        m if m == MAGIC_KEYED => {
+            let id = value.get(HEADER_LEN..HEADER_LEN + 4)?;
+            Some(u32::from_be_bytes([id[0], id[1], id[2], id[3]]))
+        }
+        _ => None,
+    }
+}
+
 /// Opens a stored book: its generation and policies, or an error saying why it is not one.
-pub fn open(key: &AeadKey, value: &[u8]) -> Result<(u64, Vec<StoredPolicy>), ApiError> {
+pub fn open(key: &dyn BookKey, value: &[u8]) -> Result<(u64, Vec<StoredPolicy>), ApiError> {
     let corrupt = |why: &str| ApiError::Internal(format!("the policy book {why}"));
     let (magic, rest) = value
         .split_at_checked(MAGIC.len())
@@ -122,13 +191,26 @@ pub fn open(key: &AeadKey, value: &[u8]) -> Result<(u64, Vec<StoredPolicy>), Api
     let (generation, sealed) = rest
         .split_at_checked(8)
         .ok_or_else(|| corrupt("is truncated"))?;
-    if magic != MAGIC {
-        return Err(corrupt("is not a policy book"));
-    }
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(generation);
     let generation = u64::from_be_bytes(bytes);
-    let plain = key.open(&aad(generation), sealed).map_err(|_| {
+    let (id, aad, sealed) = if magic == MAGIC {
+        (0, aad(generation), sealed)
+    } else if magic == MAGIC_KEYED {
+        let (id, sealed) = sealed
+            .split_at_checked(4)
+            .ok_or_else(|| corrupt("is truncated"))?;
+        let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+        (id, aad_keyed(generation, id), sealed)
+    } else {
+        return Err(corrupt("is not a policy book"));
+    };
+    let key = key.opening(id).ok_or_else(|| {
+        corrupt(&format!(
+            "(generation {generation}) names data key {id}, which the keyring has not"
+        ))
+    })?;
+    let plain = key.open(&aad, sealed).map_err(|_| {
         corrupt(&format!(
             "(generation {generation}) does not open under this root key: it was edited, or its generation changed, outside spike"
         ))
@@ -364,7 +446,11 @@ impl Policies {
     /// the book only when it changed since this instance last decoded it. Creates the book if
     /// there is none yet and this instance has not seen one (from the per-name rows only when
     /// the operator asked for it).
-    pub async fn current(&self, store: &impl Store, key: &AeadKey) -> Result<Arc<Book>, ApiError> {
+    pub async fn current(
+        &self,
+        store: &impl Store,
+        key: &dyn BookKey,
+    ) -> Result<Arc<Book>, ApiError> {
         if let Some(revision) = store.revision(Namespace::System, BOOK_KEY).await?
             && let Some(book) = self.cached().filter(|b| b.revision == revision)
         {
@@ -373,7 +459,7 @@ impl Policies {
         self.reload(store, key).await
     }
 
-    async fn reload(&self, store: &impl Store, key: &AeadKey) -> Result<Arc<Book>, ApiError> {
+    async fn reload(&self, store: &impl Store, key: &dyn BookKey) -> Result<Arc<Book>, ApiError> {
         let _loading = self.loading.lock().await;
         for _ in 0..3 {
             if let Some(entry) = store.get(Namespace::System, BOOK_KEY).await? {
@@ -402,7 +488,7 @@ impl Policies {
 
     /// Takes `entry` (the stored book) as the current book, unless it is the one already held.
     /// Called with `loading` held.
-    fn adopt(&self, key: &AeadKey, entry: Entry) -> Result<Arc<Book>, ApiError> {
+    fn adopt(&self, key: &dyn BookKey, entry: Entry) -> Result<Arc<Book>, ApiError> {
         let previous = self.cached();
         if let Some(book) = previous.as_ref().filter(|b| b.revision == entry.revision) {
             return Ok(Arc::clone(book));
@@ -451,7 +537,7 @@ impl Policies {
     pub async fn change(
         &self,
         store: &impl Store,
-        key: &AeadKey,
+        key: &dyn BookKey,
         mut edit: impl FnMut(&mut Vec<StoredPolicy>) -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
         let _writing = self.writing.lock().await;
@@ -484,7 +570,7 @@ impl Policies {
     /// At start, once the root key is loaded: creates the book if there is none. With
     /// `SPIKE_NEXUS_UPGRADE_POLICY_ROWS`, moves the per-name rows of earlier versions into it
     /// and removes them; without, leaves them and warns (module docs).
-    pub async fn start(&self, store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
+    pub async fn start(&self, store: &impl Store, key: &dyn BookKey) -> Result<(), ApiError> {
         let book = self.current(store, key).await?;
         let names = store.list(Namespace::Policies, "").await?;
         if !self.upgrade_rows {
@@ -559,8 +645,8 @@ fn row_aad(name: &str) -> Vec<u8> {
     format!("spike/policy/v1\0{name}").into_bytes()
 }
 
-fn open_row(key: &AeadKey, name: &str, value: &[u8]) -> Result<StoredPolicy, String> {
-    let plain = key
+fn open_row(key: &dyn BookKey, name: &str, value: &[u8]) -> Result<StoredPolicy, String> {
+    let plain = row_key(key)?
         .open(&row_aad(name), value)
         .map_err(|_| "it does not open under this root key".to_string())?;
     let policy: StoredPolicy =
@@ -575,7 +661,7 @@ fn open_row(key: &AeadKey, name: &str, value: &[u8]) -> Result<StoredPolicy, Str
 const UPGRADE_ROWS: &str = "SPIKE_NEXUS_UPGRADE_POLICY_ROWS";
 
 /// Creates an empty policy book, create-if-absent; per-name rows are not read.
-async fn create_empty(store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
+async fn create_empty(store: &impl Store, key: &dyn BookKey) -> Result<(), ApiError> {
     let value = seal(key, 1, &[])?;
     match store
         .put(Namespace::System, BOOK_KEY, value, Expect::Absent)
@@ -589,12 +675,12 @@ async fn create_empty(store: &impl Store, key: &AeadKey) -> Result<(), ApiError>
 
 /// Checks that a per-name policy row of the layout before the book opens under `key` and names
 /// `name`: for `spike backup verify`.
-pub fn check_row(key: &AeadKey, name: &str, value: &[u8]) -> Result<(), String> {
+pub fn check_row(key: &dyn BookKey, name: &str, value: &[u8]) -> Result<(), String> {
     open_row(key, name, value).map(drop)
 }
 
 /// Creates the policy book from the per-name rows, create-if-absent, then deletes the rows.
-async fn migrate(store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
+async fn migrate(store: &impl Store, key: &dyn BookKey) -> Result<(), ApiError> {
     let mut rows = Vec::new();
     for name in store.list(Namespace::Policies, "").await? {
         if let Some(entry) = store.get(Namespace::Policies, &name).await? {
@@ -642,7 +728,7 @@ async fn migrate(store: &impl Store, key: &AeadKey) -> Result<(), ApiError> {
 /// A row that changed meanwhile is looked at again (a few times).
 async fn remove_row<'a>(
     store: &impl Store,
-    key: &AeadKey,
+    key: &dyn BookKey,
     name: &str,
     mut entry: Entry,
     in_book: impl Fn(&str) -> Option<&'a StoredPolicy>,
@@ -869,7 +955,7 @@ mod tests {
     async fn changes_through_one_instance_take_turns_instead_of_racing() {
         let (s, k) = (Counting::default(), Arc::new(key()));
         let p = Arc::new(Policies::default());
-        p.current(&s, &k).await.unwrap();
+        p.current(&s, &*k).await.unwrap();
         let before = s.puts.load(Ordering::SeqCst);
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..16 {
@@ -884,7 +970,7 @@ mod tests {
         }
         let writes = s.puts.load(Ordering::SeqCst) - before;
         assert_eq!(writes, 16, "changes lost compare-and-sets to each other");
-        assert_eq!(p.current(&s, &k).await.unwrap().rules().len(), 16);
+        assert_eq!(p.current(&s, &*k).await.unwrap().rules().len(), 16);
     }
 
     #[tokio::test]
@@ -926,6 +1012,37 @@ mod tests {
         // The limit (module docs): an instance that never saw the later generation cannot tell.
         replay(granting.value).await;
         assert!(may_read(&Policies::default(), &s, &k, W, "db/x").await);
+    }
+
+    /// Under a keyring the book is sealed under the current data key and names it; a book of
+    /// an earlier release (legacy key, `spkbook1`) still opens; the id cannot be changed.
+    #[tokio::test]
+    async fn a_book_names_the_data_key_that_sealed_it() {
+        let root = crate::crypto::RootKey::generate().unwrap();
+        let ring = super::super::keyring::ensure(&MemoryStore::default(), &root, false)
+            .await
+            .unwrap();
+        let p = [policy("a", "^spiffe://x/y$", "^a/")];
+        let sealed = seal(&ring, 4, &p).unwrap();
+        assert_eq!(&sealed[..8], MAGIC_KEYED);
+        assert_eq!(&sealed[16..20], &[0, 0, 0, 1]);
+        assert_eq!(open(&ring, &sealed).unwrap().0, 4);
+        let legacy = root.derive(crate::nexus::POLICIES_LABEL);
+        assert!(
+            open(&legacy, &sealed).is_err(),
+            "the legacy key alone cannot open it"
+        );
+        let old = seal(&legacy, 3, &p).unwrap();
+        assert_eq!(&old[..8], MAGIC);
+        assert_eq!(open(&ring, &old).unwrap().0, 3);
+        for id in [0u8, 2] {
+            let mut edited = sealed.clone();
+            edited[19] = id;
+            assert!(open(&ring, &edited).is_err(), "id {id}");
+        }
+        let mut downgraded = sealed.clone();
+        downgraded[..8].copy_from_slice(MAGIC);
+        assert!(open(&ring, &downgraded).is_err());
     }
 
     #[tokio::test]
@@ -1029,7 +1146,7 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         for p in &instances {
             let (p, s, k) = (Arc::clone(p), s.clone(), Arc::clone(&shared));
-            tasks.spawn(async move { p.start(&s, &k).await });
+            tasks.spawn(async move { p.start(&s, &*k).await });
         }
         while let Some(r) = tasks.join_next().await {
             r.unwrap().unwrap();

@@ -353,7 +353,10 @@ async fn load(
 ) -> Outcome {
     let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
     let derivation = nexus.derivation_of(&key, &observed);
-    let keys = match nexus.install(key, derivation) {
+    let Some(keyring) = nexus.open_keyring(&key).await else {
+        return Outcome::Retry;
+    };
+    let keys = match nexus.install(key, derivation, keyring) {
         Ok(keys) => keys,
         Err(e) => {
             tracing::error!(error = %e, "cannot split the root key with the configured Shamir parameters");

@@ -12,6 +12,7 @@
 //!   audit lines.
 //! - [`secrets`], [`policy`], [`cipher`]: what the routes do, on the store and the keys.
 //! - [`book`]: every policy in one sealed record, and this instance's validated copy.
+//! - [`keyring`]: the data keys, sealed under the root key in the store (decision 33).
 //! - [`audit`]: the audit file, one chained and MACed record per request.
 
 pub mod audit;
@@ -20,6 +21,7 @@ pub mod book;
 pub mod cipher;
 pub mod config;
 pub mod keepers;
+pub mod keyring;
 pub mod policy;
 pub mod recovery;
 pub mod routes;
@@ -167,6 +169,9 @@ pub enum Phase {
     /// The store holds a `spike backup restore` that has not finished (its marker is there):
     /// Nexus neither creates a key nor serves until the restore is run to its end.
     RestoreIncomplete,
+    /// The root key is loaded but the store's keyring does not open under it (edited, or
+    /// another deployment's): Nexus neither replaces it nor serves.
+    KeyringRefused,
     /// The root key is loaded.
     Ready,
 }
@@ -183,6 +188,10 @@ impl Phase {
             Phase::RestoreIncomplete => {
                 "store holds an unfinished backup restore: run spike backup restore again".into()
             }
+            Phase::KeyringRefused => {
+                "the store's keyring does not open under the root key: restore it from a backup"
+                    .into()
+            }
             Phase::Ready => "ready".into(),
         }
     }
@@ -194,6 +203,7 @@ impl Phase {
             Phase::AwaitingRestore => "awaiting_restore",
             Phase::StoreUnavailable => "store_unavailable",
             Phase::RestoreIncomplete => "restore_incomplete",
+            Phase::KeyringRefused => "keyring_refused",
             Phase::Ready => "ready",
         }
     }
@@ -205,6 +215,7 @@ impl Phase {
             Phase::AwaitingRestore => KeyState::AwaitingRestore,
             Phase::StoreUnavailable => KeyState::StoreUnavailable,
             Phase::RestoreIncomplete => KeyState::RestoreIncomplete,
+            Phase::KeyringRefused => KeyState::KeyringRefused,
             Phase::Ready => KeyState::Ready,
         }
     }
@@ -226,14 +237,17 @@ pub struct Keys {
     /// holding (a deployment is never re-sharded behind its operator's back), the current one
     /// for a new deployment.
     pub derivation: ShardDerivation,
-    /// Seals secret versions and authenticates secret records at rest.
+    /// Seals secret versions and authenticates secret records at rest: the keyring's keys as
+    /// loaded (requests use the keyring checked against the store, [`Nexus::keyring`]).
     pub secrets: Arc<secrets::SecretKeys>,
     /// Seals policies at rest.
     pub policies: AeadKey,
-    /// The cipher API's key.
-    pub cipher: AeadKey,
     /// Authenticates the audit trail's records.
     pub audit: crate::crypto::MacKey,
+    /// The data keys ([`keyring`]): the store's keyring once loaded, the legacy entry alone
+    /// for tools that open a store with the root key only; checked against the store before
+    /// each use ([`Nexus::keyring`]).
+    pub keyring: keyring::Current,
 }
 
 /// HKDF label of the key that seals policies at rest ([`Keys::policies`]).
@@ -257,11 +271,33 @@ impl Keys {
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
             policies: root.derive(POLICIES_LABEL),
-            cipher: root.derive("spike/cipher/v1"),
             audit: root.derive_mac(crate::protocol::audit::KEY_LABEL),
+            keyring: keyring::Current::new(keyring::Keyring::legacy(&root, upgrade_secret_records)),
             root,
             shards,
         })
+    }
+
+    /// The keyring checked against `store` now ([`keyring::Current::validated`]): a keyring
+    /// that does not open, or that went back in time, is a 500 and a log line.
+    pub async fn keyring(&self, store: &impl Store) -> Result<Arc<keyring::Keyring>, ApiError> {
+        self.keyring
+            .validated(store, &self.root)
+            .await
+            .map_err(|e| match e {
+                keyring::Error::Store(e) => ApiError::Store(e),
+                e => {
+                    tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
+                    ApiError::Internal(e.to_string())
+                }
+            })
+    }
+
+    /// The same keys, with the store's keyring.
+    pub fn with_keyring(mut self, keyring: keyring::Keyring) -> Keys {
+        self.secrets = Arc::clone(keyring.secrets());
+        self.keyring = keyring::Current::new(keyring);
+        self
     }
 }
 
@@ -328,6 +364,147 @@ impl Nexus {
         self
     }
 
+    /// The store's keyring, checked against the store now ([`keyring::Current::validated`]):
+    /// a keyring that does not open, or that went back in time, is a 500 and a log line.
+    pub async fn keyring(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let ring = keys.keyring(&self.store).await?;
+        self.metrics.data_key(ring.current());
+        Ok(ring)
+    }
+
+    /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
+    /// the others at their next check.
+    pub async fn rotate(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+        keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records)
+            .await
+            .map_err(|e| match e {
+                keyring::Error::Store(e) => ApiError::Store(e),
+                keyring::Error::Contended => ApiError::Contended,
+                e => {
+                    tracing::error!(error = %e, "cannot rotate: the store's keyring is refused");
+                    ApiError::Internal(e.to_string())
+                }
+            })?;
+        self.keyring(keys).await
+    }
+
+    /// Starts a re-encryption pass in the background: every secret record and the policy
+    /// book that name a data key other than the current one are rewritten under it
+    /// ([`secrets::reencrypt`]). Resumable: a pass started again does only what is left.
+    pub async fn reencrypt(&self, keys: &Keys) -> Result<(), ApiError> {
+        let ring = self.keyring(keys).await?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(ApiError::Internal("no runtime to run the pass on".into()));
+        };
+        let (store, writers, policies, metrics) = (
+            self.store.clone(),
+            self.writers.clone(),
+            Arc::clone(&self.policies),
+            Arc::clone(&self.metrics),
+        );
+        runtime.spawn(async move {
+            let current = ring.current();
+            tracing::info!(data_key = current, "re-encryption started");
+            let done = secrets::reencrypt(&store, &writers, ring.secrets(), &metrics).await;
+            let book = match store.get(crate::store::Namespace::System, book::BOOK_KEY).await {
+                Ok(Some(entry)) if book::key_id(&entry.value) != Some(current) => {
+                    match policies.change(&store, &*ring, |_| Ok(())).await {
+                        Ok(()) => "rewritten",
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-encryption: the policy book was not rewritten");
+                            "failed"
+                        }
+                    }
+                }
+                Ok(_) => "current",
+                Err(e) => {
+                    tracing::error!(error = %e, "re-encryption: cannot read the policy book");
+                    "failed"
+                }
+            };
+            if done.failed == 0 && book != "failed" {
+                tracing::info!(
+                    data_key = current,
+                    rewritten = done.rewritten,
+                    already = done.current,
+                    policy_book = book,
+                    "re-encryption finished: every record is under data key {current}; older \
+                     data keys can be retired (spike operator retire ID)"
+                );
+            } else {
+                tracing::error!(
+                    data_key = current,
+                    rewritten = done.rewritten,
+                    already = done.current,
+                    failed = done.failed,
+                    policy_book = book,
+                    "re-encryption incomplete: the records named above were not rewritten; \
+                     run it again (spike operator reencrypt)"
+                );
+            }
+        });
+        Ok(())
+    }
+
+    /// Retires data key `id` once no record in the store names it (secret records, the
+    /// policy book); cipher output outside the store may still name it, and a retired key
+    /// keeps opening it.
+    pub async fn retire(&self, keys: &Keys, id: u32) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let ring = self.keyring(keys).await?;
+        let refused = |e: keyring::RetireError| {
+            tracing::warn!(error = %e, "data key not retired");
+            ApiError::BadRequest(e.to_string())
+        };
+        if id == ring.current() {
+            return Err(refused(keyring::RetireError::Current(id)));
+        }
+        let mut count = 0;
+        for path in self
+            .store
+            .list(crate::store::Namespace::Secrets, "")
+            .await?
+        {
+            if let Some(entry) = self
+                .store
+                .get(crate::store::Namespace::Secrets, &path)
+                .await?
+                && secrets::names_key(&entry.value, id)
+            {
+                count += 1;
+            }
+        }
+        if let Some(entry) = self
+            .store
+            .get(crate::store::Namespace::System, book::BOOK_KEY)
+            .await?
+            && book::key_id(&entry.value).is_none_or(|k| k == id)
+        {
+            count += 1;
+        }
+        if count > 0 {
+            return Err(refused(keyring::RetireError::InUse { id, count }));
+        }
+        match keyring::retire(
+            &self.store,
+            &keys.root,
+            id,
+            self.config.upgrade_secret_records,
+        )
+        .await
+        {
+            Ok(_) => self.keyring(keys).await,
+            Err(keyring::RetireError::Keyring(keyring::Error::Store(e))) => Err(ApiError::Store(e)),
+            Err(keyring::RetireError::Keyring(keyring::Error::Contended)) => {
+                Err(ApiError::Contended)
+            }
+            Err(e @ keyring::RetireError::Keyring(_)) => {
+                tracing::error!(error = %e, "cannot retire: the store's keyring is refused");
+                Err(ApiError::Internal(e.to_string()))
+            }
+            Err(e) => Err(refused(e)),
+        }
+    }
+
     /// The loaded key material, if any.
     pub fn keys(&self) -> Option<Arc<Keys>> {
         read(&self.keys).clone()
@@ -348,26 +525,51 @@ impl Nexus {
         }
     }
 
-    /// Installs the root key and derives its sub-keys. If a key is already loaded, that one is
-    /// kept and returned, so two paths racing to load it cannot replace each other's.
+    /// Reads the store's keyring under `root`, creating it when the store has none
+    /// ([`keyring::ensure`]). A store failure sets `store_unavailable`, a keyring that does
+    /// not open `keyring_refused`; either way the key is not loaded and the caller retries.
+    async fn open_keyring(&self, root: &RootKey) -> Option<keyring::Keyring> {
+        match keyring::ensure(&self.store, root, self.config.upgrade_secret_records).await {
+            Ok(ring) => Some(ring),
+            Err(keyring::Error::Store(e)) => {
+                tracing::error!(backend = self.store.backend(), error = %e, "cannot read or create the keyring");
+                self.set_phase(Phase::StoreUnavailable);
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the root key is right (it opens the verifier) but the store's keyring is refused; it is left as it is");
+                self.set_phase(Phase::KeyringRefused);
+                None
+            }
+        }
+    }
+
+    /// Installs the root key, derives its sub-keys and takes `keyring` as its data keys. If a
+    /// key is already loaded, that one is kept and returned, so two paths racing to load it
+    /// cannot replace each other's.
     fn install(
         &self,
         root: RootKey,
         derivation: ShardDerivation,
+        keyring: keyring::Keyring,
     ) -> Result<Arc<Keys>, crate::crypto::Error> {
-        let keys = Arc::new(Keys::new(
-            root,
-            self.config.threshold,
-            self.config.shares,
-            derivation,
-            self.config.upgrade_secret_records,
-        )?);
+        let keys = Arc::new(
+            Keys::new(
+                root,
+                self.config.threshold,
+                self.config.shares,
+                derivation,
+                self.config.upgrade_secret_records,
+            )?
+            .with_keyring(keyring),
+        );
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
         }
         *slot = Some(Arc::clone(&keys));
         drop(slot);
+        self.metrics.data_key(keys.keyring.loaded().current());
         self.set_phase(Phase::Ready);
         if keys.secrets.upgrading() {
             self.upgrade_secret_records(&keys);
@@ -430,7 +632,7 @@ impl Nexus {
         runtime.spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             loop {
-                match policies.start(&store, &keys.policies).await {
+                match policies.start(&store, &*keys.keyring.loaded()).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot set up the policy book yet; retrying");
@@ -725,7 +927,10 @@ mod tests {
             ("secrets", keys.secrets.spans()[0]),
             ("secret records MAC", keys.secrets.spans()[1]),
             ("policies", keys.policies.span()),
-            ("cipher", keys.cipher.span()),
+            (
+                "cipher",
+                keys.keyring.loaded().get(0).unwrap().cipher.span(),
+            ),
             ("shards", keys.shards.span()),
         ];
         let failures = crate::platform::hardening::lock_failures();

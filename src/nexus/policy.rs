@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiError;
 use super::authz::Grant;
+use super::book::BookKey;
 use super::book::Policies;
-use crate::crypto::AeadKey;
 use crate::identity::SpiffeId;
 use crate::protocol::nexus::{self as wire, Policy, PolicyPutRequest};
 use crate::protocol::policy::{self as rules, compile, reserved_index, reserved_reach};
@@ -104,7 +104,7 @@ fn granted(grant: &Grant, want: Permission) -> Result<(), ApiError> {
 pub async fn put(
     store: &impl Store,
     policies: &Policies,
-    key: &AeadKey,
+    key: &dyn BookKey,
     grant: &Grant,
     req: &PolicyPutRequest,
 ) -> Result<(), ApiError> {
@@ -134,7 +134,7 @@ pub async fn put(
 pub async fn get(
     store: &impl Store,
     policies: &Policies,
-    key: &AeadKey,
+    key: &dyn BookKey,
     grant: &Grant,
     name: &str,
 ) -> Result<StoredPolicy, ApiError> {
@@ -150,7 +150,7 @@ pub async fn get(
 pub async fn delete(
     store: &impl Store,
     policies: &Policies,
-    key: &AeadKey,
+    key: &dyn BookKey,
     grant: &Grant,
     name: &str,
 ) -> Result<(), ApiError> {
@@ -171,7 +171,7 @@ pub async fn delete(
 pub async fn all(
     store: &impl Store,
     policies: &Policies,
-    key: &AeadKey,
+    key: &dyn BookKey,
     grant: &Grant,
 ) -> Result<Vec<StoredPolicy>, ApiError> {
     granted(grant, Permission::List)?;
@@ -211,7 +211,7 @@ pub enum PolicyImport {
 pub async fn import(
     store: &impl Store,
     policies: &Policies,
-    key: &AeadKey,
+    key: &dyn BookKey,
     imported: &[StoredPolicy],
     dry_run: bool,
 ) -> Result<PolicyImport, ApiError> {

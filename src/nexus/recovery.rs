@@ -231,7 +231,12 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
     // Recovery files of SPIKE's Pilot are Keeper shards: their derivation is the deployment's
     // (ours come from a second polynomial and match neither; the current one is used).
     let derivation = nexus.derivation_of(&key, &shards);
-    let keys = nexus.install(key, derivation)?;
+    let Some(keyring) = nexus.open_keyring(&key).await else {
+        return Err(ApiError::Internal(
+            "the root key is rebuilt but the store's keyring cannot be read or is refused".into(),
+        ));
+    };
+    let keys = nexus.install(key, derivation, keyring)?;
     nexus.pending_restore.clear();
     drop(searched_in_vain);
     tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "restored the root key from recovery shards; refilling Keepers");

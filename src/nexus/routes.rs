@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::authz::{Access, Need};
+use super::keyring::Keyring;
 use super::policy::{self, Permission};
 use super::{ApiError, Keys, Nexus, Phase, cipher, recovery, secrets};
 use crate::identity::{IdentityState, Role, SpiffeId, SvidSource};
@@ -58,6 +59,9 @@ enum Route {
     Decrypt,
     Recover,
     Restore,
+    Rotate,
+    Reencrypt,
+    Retire,
 }
 
 impl Route {
@@ -92,6 +96,9 @@ impl Route {
             (wire::DECRYPT_PATH, "") => Route::Decrypt,
             (wire::RECOVER_PATH, "") => Route::Recover,
             (wire::RESTORE_PATH, "") => Route::Restore,
+            (wire::ROTATE_PATH, "") => Route::Rotate,
+            (wire::REENCRYPT_PATH, "") => Route::Reencrypt,
+            (wire::RETIRE_PATH, "") => Route::Retire,
             _ => return Err(ApiError::BadRequest("unknown route or action".into())),
         })
     }
@@ -109,6 +116,7 @@ impl Route {
             Route::Encrypt | Route::Decrypt => Need::Permission(Permission::Execute),
             Route::Recover => Need::Role(Role::Recover),
             Route::Restore => Need::Role(Role::Restore),
+            Route::Rotate | Route::Reencrypt | Route::Retire => Need::Role(Role::Superuser),
         }
     }
 
@@ -128,6 +136,9 @@ impl Route {
             Route::Decrypt => "decrypt",
             Route::Recover => "recover",
             Route::Restore => "restore",
+            Route::Rotate => "rotate",
+            Route::Reencrypt => "reencrypt",
+            Route::Retire => "retire",
         }
     }
 
@@ -149,6 +160,9 @@ impl Route {
             Route::Recover => "operator.recover",
             // Audited before the key is loaded: `spike audit verify` knows it by this name.
             Route::Restore => crate::protocol::audit::KEYLESS_ACTION,
+            Route::Rotate => "operator.rotate",
+            Route::Reencrypt => "operator.reencrypt",
+            Route::Retire => "operator.retire",
         }
     }
 }
@@ -224,9 +238,44 @@ impl Api {
                 let shards = recovery::export(&self.nexus, keys)?;
                 Ok(transport::json_secret(StatusCode::OK, &shards))
             }
+            (Route::Rotate | Route::Reencrypt | Route::Retire, None) => {
+                let ring = match route {
+                    Route::Rotate => {
+                        let r: wire::RotateRequest = parse(&body)?;
+                        let ring = self.nexus.rotate(keys).await?;
+                        if r.reencrypt {
+                            self.nexus.reencrypt(keys).await?;
+                        }
+                        ring
+                    }
+                    Route::Reencrypt => {
+                        let _: Empty = parse(&body)?;
+                        self.nexus.reencrypt(keys).await?;
+                        self.nexus.keyring(keys).await?
+                    }
+                    _ => {
+                        let r: wire::RetireRequest = parse(&body)?;
+                        *resource = r.id.to_string();
+                        self.nexus.retire(keys, r.id).await?
+                    }
+                };
+                ok(&wire::RotateResponse {
+                    current_key: ring.current(),
+                    keys: ring
+                        .entries()
+                        .iter()
+                        .map(|e| wire::DataKeyInfo {
+                            id: e.id,
+                            state: e.state.as_str().to_string(),
+                            created: e.created,
+                        })
+                        .collect(),
+                })
+            }
             (Route::Encrypt | Route::Decrypt, Some(access)) => {
                 access.grant(policy::CIPHER_PATH)?;
-                Ok(self.cipher(route, stream, &body, keys))
+                let ring = self.nexus.keyring(keys).await?;
+                Ok(self.cipher(route, stream, &body, &ring))
             }
             (
                 Route::PolicyPut | Route::PolicyGet | Route::PolicyDelete | Route::PolicyList,
@@ -257,6 +306,8 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
         let writers = &self.nexus.writers;
+        let ring = self.nexus.keyring(keys).await?;
+        let secret_keys = ring.secrets();
         match route {
             Route::SecretPut => {
                 let r: wire::SecretPutRequest = parse(body)?;
@@ -269,7 +320,7 @@ impl Api {
                     max_versions: self.nexus.config.max_secret_versions,
                 };
                 let version =
-                    secrets::put(store, writers, &keys.secrets, &grant, &r.values, opts).await?;
+                    secrets::put(store, writers, secret_keys, &grant, &r.values, opts).await?;
                 ok(&wire::SecretPutResponse { version })
             }
             Route::SecretGet => {
@@ -277,8 +328,7 @@ impl Api {
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
-                let (data, version) =
-                    secrets::read(store, &keys.secrets, &grant, r.version).await?;
+                let (data, version) = secrets::read(store, secret_keys, &grant, r.version).await?;
                 ok(&wire::SecretGetResponse { data, version })
             }
             Route::SecretDelete | Route::SecretUndelete => {
@@ -287,9 +337,9 @@ impl Api {
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
                 if route == Route::SecretDelete {
-                    secrets::delete(store, writers, &keys.secrets, &grant, &r.versions).await?;
+                    secrets::delete(store, writers, secret_keys, &grant, &r.versions).await?;
                 } else {
-                    secrets::undelete(store, writers, &keys.secrets, &grant, &r.versions).await?;
+                    secrets::undelete(store, writers, secret_keys, &grant, &r.versions).await?;
                 }
                 ok(&Empty {})
             }
@@ -298,7 +348,7 @@ impl Api {
                 *resource = r.path.clone();
                 secrets::validate_path(&r.path)?;
                 let grant = access.grant(&r.path)?;
-                ok(&secrets::metadata(store, &keys.secrets, &grant, r.version).await?)
+                ok(&secrets::metadata(store, secret_keys, &grant, r.version).await?)
             }
             Route::SecretList => {
                 let r: wire::SecretListRequest = parse(body)?;
@@ -326,7 +376,8 @@ impl Api {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let store = self.store();
         let book = &self.nexus.policies;
-        let key = &keys.policies;
+        let ring = self.nexus.keyring(keys).await?;
+        let key: &dyn super::book::BookKey = &*ring;
         let grant = access.grant(policy::ACL_PATH)?;
         match route {
             Route::PolicyPut => {
@@ -377,21 +428,19 @@ impl Api {
         route: Route,
         stream: bool,
         body: &[u8],
-        keys: &Keys,
+        ring: &Keyring,
     ) -> Response<Full<Bytes>> {
         let limit = self.nexus.config.max_cipher_bytes;
         const OCTETS: &str = "application/octet-stream";
         let result = match (route, stream) {
-            (Route::Encrypt, true) => {
-                cipher::encrypt(&keys.cipher, body, limit).map(|(nonce, ct)| {
-                    transport::bytes(StatusCode::OK, OCTETS, cipher::frame(&nonce, &ct))
-                })
-            }
+            (Route::Encrypt, true) => cipher::encrypt(ring, body, limit).map(|(nonce, ct)| {
+                transport::bytes(StatusCode::OK, OCTETS, cipher::frame(&nonce, &ct))
+            }),
             (Route::Decrypt, true) => cipher::unframe(body)
-                .and_then(|(v, n, c)| cipher::decrypt(&keys.cipher, v, n, c, limit))
+                .and_then(|(v, n, c)| cipher::decrypt(ring, v, n, c, limit))
                 .map(|plain| transport::bytes(StatusCode::OK, OCTETS, plain.to_vec())),
             (Route::Encrypt, false) => parse::<wire::EncryptRequest>(body)
-                .and_then(|r| cipher::encrypt(&keys.cipher, &r.plaintext, limit))
+                .and_then(|r| cipher::encrypt(ring, &r.plaintext, limit))
                 .map(|(nonce, ct)| {
                     transport::json(
                         StatusCode::OK,
@@ -403,9 +452,7 @@ impl Api {
                     )
                 }),
             (_, false) => parse::<wire::DecryptRequest>(body)
-                .and_then(|r| {
-                    cipher::decrypt(&keys.cipher, r.version, &r.nonce, &r.ciphertext, limit)
-                })
+                .and_then(|r| cipher::decrypt(ring, r.version, &r.nonce, &r.ciphertext, limit))
                 .map(|plain| {
                     transport::json(
                         StatusCode::OK,
@@ -553,6 +600,12 @@ impl Api {
                     Phase::RestoreIncomplete => {
                         health.reason = Some(
                             "the store holds an unfinished backup restore; run spike backup restore again to finish it"
+                                .into(),
+                        )
+                    }
+                    Phase::KeyringRefused => {
+                        health.reason = Some(
+                            "the store's keyring does not open under the root key (edited, or another deployment's); restore it from a backup"
                                 .into(),
                         )
                     }

@@ -33,7 +33,7 @@ use super::ApiError;
 use super::authz::{Grant, Listing};
 pub use super::writers::Writers;
 use super::writers::{Applies, Change, queue_put};
-use crate::crypto::{AeadKey, MacKey, RootKey};
+use crate::crypto::{AeadKey, DataKey, MacKey, RootKey};
 use crate::protocol::nexus::{self as wire, SecretMetadata, SecretMetadataResponse, VersionInfo};
 use crate::protocol::policy::Permission;
 use crate::protocol::secret as rules;
@@ -51,13 +51,43 @@ const VALUES_LABEL: &str = "spike/secrets/v1";
 const RECORDS_LABEL: &str = "spike/secret-records/v1";
 /// The first bytes of every record MAC's input: what it is, and the version of its layout.
 const RECORD_MAC_DOMAIN: &[u8] = b"spike/secret-record/v1\0";
+/// The same for a record that names data keys (decision 33): the ids are in the MAC's input.
+const RECORD_MAC_DOMAIN_KEYED: &[u8] = b"spike/secret-record/v2\0";
 
-/// The keys of secret records, derived from the root key when it is loaded.
-pub struct SecretKeys {
+/// The secret-record keys derived from one data key of the keyring ([`super::keyring`]).
+pub struct KeySet {
     /// Seals each version's values (AES-256-GCM).
     values: AeadKey,
     /// Authenticates each record (HMAC-SHA256).
     records: MacKey,
+}
+
+impl KeySet {
+    /// The legacy set (data key 0): derived from the root key directly.
+    pub fn legacy(root: &RootKey) -> KeySet {
+        KeySet {
+            values: root.derive(VALUES_LABEL),
+            records: root.derive_mac(RECORDS_LABEL),
+        }
+    }
+
+    /// The set of a real data key: the same labels, derived from `key`.
+    pub fn of(key: &DataKey) -> KeySet {
+        KeySet {
+            values: key.derive(VALUES_LABEL),
+            records: key.derive_mac(RECORDS_LABEL),
+        }
+    }
+}
+
+/// The keys of secret records: one [`KeySet`] per data key of the keyring, by id, and the id
+/// new versions and record MACs are made under. Each version names the data key that sealed
+/// it, each record the one that authenticated it; a name the keyring lacks is refused (500).
+pub struct SecretKeys {
+    /// The sets, by data key id.
+    sets: BTreeMap<u32, Arc<KeySet>>,
+    /// The id of the set that seals and authenticates what is written now.
+    current: u32,
     /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: a record without MAC, as written before records
     /// were authenticated, is accepted as stored and gets its MAC on its next write ([`upgrade`]).
     /// Off, such a record is refused like a tampered one.
@@ -65,19 +95,44 @@ pub struct SecretKeys {
 }
 
 impl SecretKeys {
-    /// The keys of secret records under `root`; `upgrade` accepts records without MAC.
+    /// The legacy keys alone, under `root` (what every release before the keyring used, and
+    /// what tools holding only the root key write with); `upgrade` accepts records without MAC.
     pub fn derive(root: &RootKey, upgrade: bool) -> SecretKeys {
+        SecretKeys::new(
+            BTreeMap::from([(0, Arc::new(KeySet::legacy(root)))]),
+            0,
+            upgrade,
+        )
+    }
+
+    /// The keys of a keyring: `sets` by id, writing under `current`.
+    pub fn new(sets: BTreeMap<u32, Arc<KeySet>>, current: u32, upgrade: bool) -> SecretKeys {
         SecretKeys {
-            values: root.derive(VALUES_LABEL),
-            records: root.derive_mac(RECORDS_LABEL),
+            sets,
+            current,
             upgrade,
         }
+    }
+
+    /// The set of data key `id`; a record naming one the keyring lacks is refused.
+    fn set(&self, id: u32, path: &str) -> Result<&KeySet, ApiError> {
+        self.sets.get(&id).map(|s| &**s).ok_or_else(|| {
+            ApiError::Internal(format!(
+                "secret record at {path:?} names data key {id}, which the keyring has not:                  refused"
+            ))
+        })
+    }
+
+    /// The id and set that seal and authenticate what is written now.
+    fn sealing(&self, path: &str) -> Result<(u32, &KeySet), ApiError> {
+        Ok((self.current, self.set(self.current, path)?))
     }
 
     /// Address and length of each key's locked pages, for the test that inspects them.
     #[cfg(test)]
     pub(crate) fn spans(&self) -> [(usize, usize); 2] {
-        [self.values.span(), self.records.span()]
+        let set = &self.sets[&self.current];
+        [set.values.span(), set.records.span()]
     }
 
     /// Whether records without MAC are accepted ([`SecretKeys::derive`]).
@@ -113,6 +168,9 @@ pub struct Record {
     /// 0 in a record written before records were authenticated.
     #[serde(default)]
     pub seq: u64,
+    /// The data key whose MAC key made [`Record::mac`]; 0 (absent) for the legacy key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mac_key: u32,
     /// HMAC-SHA256 of the path and every other field ([`authenticated`]), set by each write.
     /// Absent only in a record written before records were authenticated.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "mac_b64")]
@@ -187,6 +245,13 @@ pub struct Version {
     /// nonce ‖ ciphertext ‖ tag of the JSON map.
     #[serde(with = "crate::protocol::nexus::b64")]
     pub sealed: Vec<u8>,
+    /// The data key that sealed it; 0 (absent) for the legacy key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key: u32,
+}
+
+fn is_zero(id: &u32) -> bool {
+    *id == 0
 }
 
 /// The associated data binding a sealed version to its place.
@@ -217,11 +282,22 @@ fn authenticated(path: &str, record: &Record) -> Vec<u8> {
         versions,
         requests,
         seq,
+        mac_key,
         mac: _,
     } = record;
-    let mut out = Vec::with_capacity(128 + path.len() + versions.len() * 57 + requests.len() * 80);
-    out.extend_from_slice(RECORD_MAC_DOMAIN);
+    // A record whose every key is the legacy one keeps the layout of earlier releases, so it
+    // verifies as stored; any other names its keys (layout v2), so no id can be changed.
+    let keyed = *mac_key != 0 || versions.values().any(|v| v.key != 0);
+    let mut out = Vec::with_capacity(136 + path.len() + versions.len() * 61 + requests.len() * 80);
+    if keyed {
+        out.extend_from_slice(RECORD_MAC_DOMAIN_KEYED);
+    } else {
+        out.extend_from_slice(RECORD_MAC_DOMAIN);
+    }
     bytes(&mut out, path.as_bytes());
+    if keyed {
+        out.extend_from_slice(&mac_key.to_be_bytes());
+    }
     for n in [current, oldest, last, seq] {
         out.extend_from_slice(&n.to_be_bytes());
     }
@@ -234,6 +310,7 @@ fn authenticated(path: &str, record: &Record) -> Vec<u8> {
             created,
             deleted,
             sealed,
+            key,
         } = version;
         out.extend_from_slice(&number.to_be_bytes());
         out.extend_from_slice(&created.to_be_bytes());
@@ -245,6 +322,9 @@ fn authenticated(path: &str, record: &Record) -> Vec<u8> {
             }
         }
         out.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, sealed).as_ref());
+        if keyed {
+            out.extend_from_slice(&key.to_be_bytes());
+        }
     }
     out.extend_from_slice(&(requests.len() as u64).to_be_bytes());
     for Applied { id, version } in requests {
@@ -301,6 +381,7 @@ fn open_record(keys: &SecretKeys, path: &str, stored: &[u8]) -> Result<Record, A
     })?;
     match &record.mac {
         Some(tag) => keys
+            .set(record.mac_key, path)?
             .records
             .verify(&authenticated(path, &record), tag)
             .map_err(|_| {
@@ -335,7 +416,9 @@ fn seal_record(keys: &SecretKeys, path: &str, record: &mut Record) -> Result<Vec
             "secret record at {path:?} has no write number left"
         ))
     })?;
-    record.mac = Some(keys.records.sign(&authenticated(path, record)).to_vec());
+    let (id, set) = keys.sealing(path)?;
+    record.mac_key = id;
+    record.mac = Some(set.records.sign(&authenticated(path, record)).to_vec());
     serde_json::to_vec(record)
         .map_err(|e| ApiError::Internal(format!("cannot encode secret record: {e}")))
 }
@@ -440,7 +523,8 @@ async fn put_at<S: Store + Clone>(
         }
         let version = record.as_ref().map_or(0, |r| r.last) + 1;
         // The only step that can fail once the checks pass, done before the record changes.
-        let sealed = sealer.values.seal(&aad(&owned_path, version), &plaintext)?;
+        let (key, set) = sealer.sealing(&owned_path)?;
+        let sealed = set.values.seal(&aad(&owned_path, version), &plaintext)?;
         let now = wire::now_nanos();
         let record = record.get_or_insert_with(|| Record {
             created: now,
@@ -452,6 +536,7 @@ async fn put_at<S: Store + Clone>(
                 created: now,
                 deleted: None,
                 sealed,
+                key,
             },
         );
         record.last = version;
@@ -507,6 +592,7 @@ fn open_version(
         .filter(|v| v.deleted.is_none())
         .ok_or(ApiError::NotFound)?;
     let plaintext = keys
+        .set(entry.key, path)?
         .values
         .open(&aad(path, wanted), &entry.sealed).map_err(|_| {
         ApiError::Internal(format!(
@@ -818,7 +904,7 @@ fn compare(
                 "version {n} is deleted on one side only"
             )));
         }
-        let plaintext = keys.values.open(&aad(path, *n), &ours.sealed).map_err(|_| {
+        let plaintext = keys.set(ours.key, path)?.values.open(&aad(path, *n), &ours.sealed).map_err(|_| {
             ApiError::Internal(format!(
                 "secret {path:?} version {n} does not open under this root key (tampered or moved)"
             ))
@@ -885,7 +971,12 @@ pub async fn import(
                 Version {
                     created: v.created,
                     deleted: v.deleted,
-                    sealed: keys.values.seal(&aad(path, *n), &plaintext)?,
+                    sealed: keys
+                        .sealing(path)?
+                        .1
+                        .values
+                        .seal(&aad(path, *n), &plaintext)?,
+                    key: keys.current,
                 },
             );
         }
@@ -899,12 +990,115 @@ pub async fn import(
             versions,
             requests: Vec::new(),
             seq: 0,
+            mac_key: 0,
             mac: None,
         };
         record.oldest = lowest_live(&record);
         Ok((Some(record), Imported::Written))
     })
     .await
+}
+
+/// Whether the record stored at `path` names data key `id` — a version sealed under it, or its
+/// MAC made with it. A record that does not decode counts as naming it (nothing is retired on
+/// a guess).
+pub fn names_key(stored: &[u8], id: u32) -> bool {
+    serde_json::from_slice::<Record>(stored).map_or(true, |r| {
+        r.mac_key == id || r.versions.values().any(|v| v.key == id)
+    })
+}
+
+/// What [`reencrypt`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reencrypted {
+    /// Records rewritten under the current data key.
+    pub rewritten: usize,
+    /// Records already wholly under it.
+    pub current: usize,
+    /// Records that could not be rewritten (named in an error line each); a later pass
+    /// retries them.
+    pub failed: usize,
+}
+
+/// Rewrites every secret record that names a data key other than `keys`' current one: each
+/// such version opened and sealed again under the current key, the record authenticated with
+/// it — one compare-and-set per record, in the path's turn like any write, so concurrent
+/// writes are neither lost nor blocked for long. Idempotent: a second pass, or one resumed
+/// after a stop, finds only what is still left. Logs its progress every 100 records.
+pub async fn reencrypt(
+    store: &impl Store,
+    writers: &Writers,
+    keys: &SecretKeys,
+    metrics: &crate::platform::metrics::NexusMetrics,
+) -> Reencrypted {
+    use crate::platform::metrics::Reencryption;
+    let mut done = Reencrypted::default();
+    let paths = match store.list(Namespace::Secrets, "").await {
+        Ok(paths) => paths,
+        Err(e) => {
+            tracing::error!(error = %e, "re-encryption: cannot list secret records");
+            done.failed += 1;
+            return done;
+        }
+    };
+    let total = paths.len();
+    let current = keys.current;
+    for (i, path) in paths.iter().enumerate() {
+        let outcome = update(store, writers, keys, path, |record| {
+            let Some(mut record) = record else {
+                return Ok((None, false));
+            };
+            if record.mac_key == current && record.versions.values().all(|v| v.key == current) {
+                return Ok((None, false));
+            }
+            let (_, sealer) = keys.sealing(path)?;
+            for (n, version) in record.versions.iter_mut() {
+                if version.key == current {
+                    continue;
+                }
+                let plain = keys
+                    .set(version.key, path)?
+                    .values
+                    .open(&aad(path, *n), &version.sealed)
+                    .map_err(|_| {
+                        ApiError::Internal(format!(
+                            "secret {path:?} version {n} does not open under data key {}",
+                            version.key
+                        ))
+                    })?;
+                version.sealed = sealer.values.seal(&aad(path, *n), &plain)?;
+                version.key = current;
+            }
+            Ok((Some(record), true))
+        })
+        .await;
+        match outcome {
+            Ok(true) => {
+                done.rewritten += 1;
+                metrics.reencrypted(Reencryption::Rewritten);
+            }
+            Ok(false) => {
+                done.current += 1;
+                metrics.reencrypted(Reencryption::Current);
+            }
+            Err(e) => {
+                tracing::error!(path = ?path, error = %e, "re-encryption: record not rewritten");
+                done.failed += 1;
+                metrics.reencrypted(Reencryption::Failed);
+            }
+        }
+        if (i + 1) % 100 == 0 {
+            tracing::info!(
+                done = i + 1,
+                total,
+                rewritten = done.rewritten,
+                failed = done.failed,
+                data_key = current,
+                "re-encryption in progress"
+            );
+        }
+    }
+    done
 }
 
 /// What [`upgrade`] found.
@@ -999,6 +1193,77 @@ mod tests {
             request_id: Some(id),
             max_versions: 10,
         }
+    }
+
+    /// Records name the data keys that sealed them: a record of an earlier release (legacy
+    /// key, no ids) reads under a keyring; a put after a rotation seals its version and the
+    /// record's MAC under the new key and keeps every older version as it was; changing any id
+    /// in the store — to another key, or back to the legacy layout — is refused.
+    #[tokio::test]
+    async fn versions_and_records_name_their_data_key() {
+        use crate::crypto::DataKey;
+        let root = RootKey::generate().unwrap();
+        let (d1, d2) = (DataKey::generate().unwrap(), DataKey::generate().unwrap());
+        let sets = |ids: &[u32]| -> BTreeMap<u32, Arc<KeySet>> {
+            ids.iter()
+                .map(|id| {
+                    let set = match id {
+                        0 => KeySet::legacy(&root),
+                        1 => KeySet::of(&d1),
+                        _ => KeySet::of(&d2),
+                    };
+                    (*id, Arc::new(set))
+                })
+                .collect()
+        };
+        let legacy = Arc::new(SecretKeys::derive(&root, false));
+        let ring1 = Arc::new(SecretKeys::new(sets(&[0, 1]), 1, false));
+        let ring2 = Arc::new(SecretKeys::new(sets(&[0, 1, 2]), 2, false));
+        let (s, w) = (MemoryStore::default(), Writers::default());
+        put_at(&s, &w, &legacy, "p", &vals("v1"), opts(None, 10))
+            .await
+            .unwrap();
+        let stored = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        let text = String::from_utf8(stored.value.clone()).unwrap();
+        assert!(
+            !text.contains("\"key\"") && !text.contains("mac_key"),
+            "{text}"
+        );
+        assert_eq!(get(&s, &ring2, "p", None).await.unwrap().0, vals("v1"));
+        put_at(&s, &w, &ring1, "p", &vals("v2"), opts(None, 10))
+            .await
+            .unwrap();
+        put_at(&s, &w, &ring2, "p", &vals("v3"), opts(None, 10))
+            .await
+            .unwrap();
+        let stored = s.get(Namespace::Secrets, "p").await.unwrap().unwrap();
+        let record: Record = serde_json::from_slice(&stored.value).unwrap();
+        let ids: Vec<u32> = record.versions.values().map(|v| v.key).collect();
+        assert_eq!((ids, record.mac_key), (vec![0, 1, 2], 2));
+        for (n, want) in [(1, "v1"), (2, "v2"), (3, "v3")] {
+            assert_eq!(get(&s, &ring2, "p", Some(n)).await.unwrap().0, vals(want));
+        }
+        // A keyring without key 2 (an instance that has not seen the rotation yet would have
+        // read the keyring again first) refuses the record rather than guessing.
+        assert!(get(&s, &ring1, "p", Some(1)).await.is_err());
+        // Any id changed in the store is refused.
+        let edit = |f: &dyn Fn(&mut Record)| {
+            let mut r = record.clone();
+            f(&mut r);
+            serde_json::to_vec(&r).unwrap()
+        };
+        for edited in [
+            edit(&|r| r.mac_key = 1),
+            edit(&|r| r.mac_key = 0),
+            edit(&|r| r.versions.get_mut(&2).unwrap().key = 2),
+            edit(&|r| {
+                r.mac_key = 0;
+                r.versions.values_mut().for_each(|v| v.key = 0);
+            }),
+        ] {
+            assert!(open_record(&ring2, "p", &edited).is_err());
+        }
+        assert!(open_record(&ring2, "p", &stored.value).is_ok());
     }
 
     #[tokio::test]

@@ -146,6 +146,8 @@ label_enum! {
         StoreUnavailable => "store_unavailable",
         /// The store holds an unfinished backup restore.
         RestoreIncomplete => "restore_incomplete",
+        /// The store's keyring does not open under the root key (edited, or another key's).
+        KeyringRefused => "keyring_refused",
         /// The root key is loaded.
         Ready => "ready",
     }
@@ -157,6 +159,18 @@ label_enum! {
         /// The Keeper took it.
         Ok => "ok",
         /// No answer, or a refusal.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
+    /// What a re-encryption pass did with one secret record.
+    pub enum Reencryption {
+        /// Rewritten under the current data key.
+        Rewritten => "rewritten",
+        /// Already wholly under it.
+        Current => "current",
+        /// Not rewritten (named in an error line; a later pass retries it).
         Failed => "failed",
     }
 }
@@ -232,6 +246,11 @@ struct PushLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     cause: Refusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReencryptLabels {
+    result: Reencryption,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -409,6 +428,8 @@ pub struct NexusMetrics {
     pushes: Family<PushLabels, Counter>,
     audit_healthy: Family<SinkLabels, Gauge>,
     audit_records: Family<AuditLabels, Counter>,
+    data_key: Gauge,
+    reencrypted: Family<ReencryptLabels, Counter>,
 }
 
 impl NexusMetrics {
@@ -431,6 +452,8 @@ impl NexusMetrics {
             pushes: Family::default(),
             audit_healthy: Family::default(),
             audit_records: Family::default(),
+            data_key: Gauge::default(),
+            reencrypted: Family::default(),
         };
         m.connections.register(&mut registry, "nexus");
         let r = &mut registry;
@@ -497,6 +520,16 @@ impl NexusMetrics {
             "Audit records, by sink and result",
             m.audit_records.clone(),
         );
+        r.register(
+            "spike_nexus_data_key_current",
+            "The id of the data key this instance seals new values under (decision 33)",
+            m.data_key.clone(),
+        );
+        r.register(
+            "spike_nexus_reencrypted_records",
+            "Secret records seen by re-encryption passes on this instance, by result",
+            m.reencrypted.clone(),
+        );
         for position in 1..=keepers {
             let keeper = u8::try_from(position).unwrap_or(u8::MAX);
             m.keeper_up.get_or_create(&KeeperLabels { keeper }).set(0);
@@ -537,6 +570,18 @@ impl NexusMetrics {
         self.latency
             .get_or_create(&RouteLabels { route, action })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// New values are sealed under data key `id`.
+    pub fn data_key(&self, id: u32) {
+        self.data_key.set(i64::from(id));
+    }
+
+    /// A re-encryption pass did `result` with one record.
+    pub fn reencrypted(&self, result: Reencryption) {
+        self.reencrypted
+            .get_or_create(&ReencryptLabels { result })
+            .inc();
     }
 
     /// The root-key lifecycle is in `state`; when that is a change, it began now.

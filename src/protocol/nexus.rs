@@ -45,11 +45,22 @@ pub const DECRYPT_PATH: &str = "/v1/cipher/decrypt";
 pub const RECOVER_PATH: &str = "/v1/operator/recover";
 /// One recovery shard from the restore operator.
 pub const RESTORE_PATH: &str = "/v1/operator/restore";
+/// Add a data key to the keyring (ours; superuser only): new values are sealed under it.
+pub const ROTATE_PATH: &str = "/v1/operator/rotate";
+/// Start a re-encryption pass (ours; superuser only): records under older data keys are
+/// rewritten under the current one, in the background.
+pub const REENCRYPT_PATH: &str = "/v1/operator/reencrypt";
+/// Mark a data key retired once no record uses it (ours; superuser only).
+pub const RETIRE_PATH: &str = "/v1/operator/retire";
 /// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
-/// The version byte that starts every cipher stream.
-pub const CIPHER_VERSION: u8 = 1;
+/// The version byte that starts every cipher stream Nexus writes (and the JSON `version`): the
+/// ciphertext names the data key that sealed it (`src/nexus/cipher.rs`).
+pub const CIPHER_VERSION: u8 = 2;
+/// The cipher version of releases before the keyring: sealed under the legacy key, still
+/// opened.
+pub const CIPHER_VERSION_LEGACY: u8 = 1;
 
 /// Stable error codes: SPIKE's, plus ours for what SPIKE does not have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +402,42 @@ pub struct DecryptResponse {
     /// The decrypted bytes (base64).
     #[serde(with = "b64")]
     pub plaintext: Vec<u8>,
+}
+
+/// [`ROTATE_PATH`] request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RotateRequest {
+    /// Also start a re-encryption pass once the key is added.
+    #[serde(default)]
+    pub reencrypt: bool,
+}
+
+/// [`RETIRE_PATH`] request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetireRequest {
+    /// The data key to retire.
+    pub id: u32,
+}
+
+/// One data key of the keyring, as [`ROTATE_PATH`] lists it (nothing secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataKeyInfo {
+    /// The id sealed values carry (0: the legacy key, derived from the root key).
+    pub id: u32,
+    /// `active` or `retired`.
+    pub state: String,
+    /// When it was added, Unix seconds (0 for the legacy key).
+    pub created: u64,
+}
+
+/// [`ROTATE_PATH`] answer: the new current data key and the whole keyring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateResponse {
+    /// The id new values are sealed under from now on, on every instance.
+    #[serde(rename = "currentKey")]
+    pub current_key: u32,
+    /// Every data key, by id.
+    pub keys: Vec<DataKeyInfo>,
 }
 
 /// `/v1/operator/recover` answer: index (decimal string) → 32-byte shard, as SPIKE encodes
