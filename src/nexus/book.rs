@@ -888,18 +888,17 @@ mod tests {
 
     const W: &str = "spiffe://spike.ist/app/w";
 
+    /// A policy letting [`W`] read `db/...`.
+    fn grants_w() -> StoredPolicy {
+        policy("w", "^spiffe://spike\\.ist/app/w$", "^db/")
+    }
+
     #[tokio::test]
     async fn a_change_through_one_instance_is_in_force_for_the_next_request_on_another() {
         let (s, k) = (MemoryStore::default(), key());
         let (a, b) = (Policies::default(), Policies::default());
         assert!(!may_read(&b, &s, &k, W, "db/x").await);
-        put(
-            &a,
-            &s,
-            &k,
-            policy("w", "^spiffe://spike\\.ist/app/w$", "^db/"),
-        )
-        .await;
+        put(&a, &s, &k, grants_w()).await;
         assert!(may_read(&b, &s, &k, W, "db/x").await);
         remove(&b, &s, &k, "w").await;
         assert!(!may_read(&a, &s, &k, W, "db/x").await);
@@ -927,13 +926,7 @@ mod tests {
     async fn an_unchanged_book_costs_one_revision_read_and_no_decoding() {
         let (s, k) = (Counting::default(), key());
         let p = Policies::default();
-        put(
-            &p,
-            &s,
-            &k,
-            policy("w", "^spiffe://spike\\.ist/app/w$", "^db/"),
-        )
-        .await;
+        put(&p, &s, &k, grants_w()).await;
         let first = p.current(&s, &k).await.unwrap();
         let (gets, revisions) = (
             s.gets.load(Ordering::SeqCst),
@@ -977,13 +970,7 @@ mod tests {
     async fn an_older_book_put_back_is_refused_until_a_later_one_is_back() {
         let (s, k) = (MemoryStore::default(), key());
         let p = Policies::default();
-        put(
-            &p,
-            &s,
-            &k,
-            policy("w", "^spiffe://spike\\.ist/app/w$", "^db/"),
-        )
-        .await;
+        put(&p, &s, &k, grants_w()).await;
         let granting = stored_book(&s).await;
         remove(&p, &s, &k, "w").await;
         let revoked = stored_book(&s).await;
@@ -1049,13 +1036,7 @@ mod tests {
     async fn an_edited_book_does_not_open() {
         let (s, k) = (MemoryStore::default(), key());
         let p = Policies::default();
-        put(
-            &p,
-            &s,
-            &k,
-            policy("w", "^spiffe://spike\\.ist/app/w$", "^db/"),
-        )
-        .await;
+        put(&p, &s, &k, grants_w()).await;
         let good = stored_book(&s).await.value;
         let generation = u64::from_be_bytes(good[8..16].try_into().unwrap());
         let mut flipped = good.clone();
@@ -1097,13 +1078,7 @@ mod tests {
     async fn a_book_removed_after_it_was_seen_is_refused() {
         let (s, k) = (MemoryStore::default(), key());
         let p = Policies::default();
-        put(
-            &p,
-            &s,
-            &k,
-            policy("w", "^spiffe://spike\\.ist/app/w$", "^db/"),
-        )
-        .await;
+        put(&p, &s, &k, grants_w()).await;
         let book = stored_book(&s).await;
         assert!(
             s.delete(Namespace::System, BOOK_KEY, &book.revision)
