@@ -28,36 +28,6 @@ fn records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Exports the recovery shards with the real CLI (recover role) into a new directory.
-fn export_shards(c: &Cluster, url: &str) -> PathBuf {
-    let svid = c.pki.issue("recover-op", "/spike/pilot/role/recover");
-    let dir = c.dir.path().join("recovery");
-    let (code, _, err) = run_spike(
-        &["recover", "export", dir.to_str().unwrap()],
-        &client_env(url, &svid),
-    );
-    assert_eq!(code, 0, "{err}");
-    dir
-}
-
-/// `spike audit verify --recover-dir DIR FILES...`: (exit code, stdout, stderr).
-fn verify(shards: &Path, files: &[&Path]) -> (i32, String, String) {
-    let mut args = vec!["audit", "verify", "--recover-dir", shards.to_str().unwrap()];
-    args.extend(files.iter().map(|f| f.to_str().unwrap()));
-    run_spike(&args, &[])
-}
-
-/// Writes `lines` (each without its newline) as a file next to `like`, named `name`.
-fn write_lines(like: &Path, name: &str, lines: &[String]) -> PathBuf {
-    let path = like.with_file_name(name);
-    fs::write(
-        &path,
-        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    path
-}
-
 /// Waits (bounded) until `/health` reports the audit sink as `state`.
 async fn wait_audit(
     anon: &spike::transport::HttpsClient,
@@ -83,18 +53,28 @@ async fn put(client: &spike::transport::HttpsClient, url: &hyper::Uri, path: &st
     .0
 }
 
-async fn get(
+/// `POST /v1/store/secrets?action=VERB` naming `path`.
+async fn on_path(
     client: &spike::transport::HttpsClient,
     url: &hyper::Uri,
+    verb: &str,
     path: &str,
 ) -> (StatusCode, Value) {
     call(
         client,
         url,
-        &action(SECRETS_PATH, "get"),
+        &action(SECRETS_PATH, verb),
         json!({"path": path}),
     )
     .await
+}
+
+async fn get(
+    client: &spike::transport::HttpsClient,
+    url: &hyper::Uri,
+    path: &str,
+) -> (StatusCode, Value) {
+    on_path(client, url, "get", path).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,27 +94,10 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
     );
     // An action no route has: refused, and recorded with the path it named.
     assert_eq!(
-        call(
-            &su,
-            &url,
-            &action(SECRETS_PATH, "bogus"),
-            json!({"path": "apps/db"})
-        )
-        .await
-        .0,
+        on_path(&su, &url, "bogus", "apps/db").await.0,
         StatusCode::BAD_REQUEST
     );
-    assert_eq!(
-        call(
-            &su,
-            &url,
-            &action(SECRETS_PATH, "get"),
-            json!({"path": "apps/none"})
-        )
-        .await
-        .0,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(get(&su, &url, "apps/none").await.0, StatusCode::NOT_FOUND);
 
     let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "audit file mode");
@@ -184,8 +147,9 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
         );
     }
 
-    let shards = export_shards(&c, &c.nexus[n].base_url());
-    let (code, out, err) = verify(&shards, &[&file]);
+    let shards = c.dir.path().join("recovery");
+    c.export_recovery_shards(&c.nexus[n].base_url(), &shards);
+    let (code, out, err) = audit_verify(&shards, &[&file]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("records verified"), "{out}");
 
@@ -215,7 +179,7 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
         ("status-changed", &status_only, k + 1),
     ] {
         let path = write_lines(&file, name, lines);
-        let (code, out, err) = verify(&shards, &[&path]);
+        let (code, out, err) = audit_verify(&shards, &[&path]);
         assert_eq!(code, 1, "{name} was not found: {out}{err}");
         assert!(
             err.contains(&format!("{}:{broken_at}", path.display()))
@@ -236,7 +200,7 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
         format!("spike:2:{}", "35".repeat(32)),
     )
     .unwrap();
-    let (code, _, err) = verify(&other, &[&file]);
+    let (code, _, err) = audit_verify(&other, &[&file]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("written under root key"), "{err}");
     assert!(!c.dump_logs().contains(SECRET_VALUE));
@@ -283,14 +247,15 @@ async fn sighup_reopens_the_file_the_chain_continues_and_no_process_dies() {
         0o600
     );
 
-    let shards = export_shards(&c, &c.nexus[n].base_url());
-    let (code, out, err) = verify(&shards, &[&oldest, &rotated, &file]);
+    let shards = c.dir.path().join("recovery");
+    c.export_recovery_shards(&c.nexus[n].base_url(), &shards);
+    let (code, out, err) = audit_verify(&shards, &[&oldest, &rotated, &file]);
     assert_eq!(code, 0, "{out}{err}");
     // A missing file in the middle, or the files out of order, break the chain.
-    let (code, _, err) = verify(&shards, &[&oldest, &file]);
+    let (code, _, err) = audit_verify(&shards, &[&oldest, &file]);
     assert_eq!(code, 1, "a missing file was not found");
     assert!(err.contains(&format!("{}:1", file.display())), "{err}");
-    let (code, _, err) = verify(&shards, &[&oldest, &file, &rotated]);
+    let (code, _, err) = audit_verify(&shards, &[&oldest, &file, &rotated]);
     assert_eq!(code, 1, "files out of order were not found: {err}");
     // A client command survives SIGHUP too: `spike secret get` of a Nexus that does not
     // answer is still running when the signal comes.
@@ -323,7 +288,7 @@ async fn sighup_reopens_the_file_the_chain_continues_and_no_process_dies() {
     c.nexus[n].wait_listening();
     wait_status(&c.anonymous(), &c.nexus[n].url(), "ready").await;
     assert_eq!(put(&su, &c.nexus[n].url(), "apps/d").await, StatusCode::OK);
-    let (code, out, err) = verify(&shards, &[&oldest, &rotated, &file]);
+    let (code, out, err) = audit_verify(&shards, &[&oldest, &rotated, &file]);
     assert_eq!(code, 0, "{out}{err}");
 }
 
@@ -421,8 +386,9 @@ async fn full_disk(mode: &str) {
     wait_status(&anon, &url, "ready").await;
     wait_audit(&anon, &url, "ok", "the audit sink to recover").await;
     assert_eq!(get(&su, &url, "apps/db").await.0, StatusCode::OK);
-    let shards = export_shards(&c, &c.nexus[n].base_url());
-    let (code, out, err) = verify(&shards, &[&file]);
+    let shards = c.dir.path().join("recovery");
+    c.export_recovery_shards(&c.nexus[n].base_url(), &shards);
+    let (code, out, err) = audit_verify(&shards, &[&file]);
     assert_eq!(code, 0, "{out}{err}");
     let gets = records(&file)
         .iter()

@@ -38,17 +38,6 @@ fn sqlite_env(dir: &Path) -> Vec<(String, String)> {
     ]
 }
 
-/// Exports the recovery shards with the real CLI (recover role) into `dir`.
-fn export_shards(c: &Cluster, url: &Uri, dir: &Path) {
-    let svid = c.pki.issue("recover-op", "/spike/pilot/role/recover");
-    let url = url.to_string();
-    let (code, _, err) = run_spike(
-        &["recover", "export", dir.to_str().unwrap()],
-        &client_env(&url, &svid),
-    );
-    assert_eq!(code, 0, "{err}");
-}
-
 /// Restores the root key into the Nexus at `url` from `threshold` recovery files (restore role).
 fn restore_shards(c: &Cluster, url: &Uri, dir: &Path, threshold: usize) {
     let svid = c.pki.issue("restore-op", "/spike/pilot/role/restore");
@@ -121,7 +110,7 @@ async fn the_restore_drill_on_postgres_under_write_load() {
     let key_id = wait_status(&anon, &url, "ready").await["key_id"].clone();
     let su = c.api_client("su", "/spike/pilot/role/superuser");
     let shards = c.dir.path().join("recovery");
-    export_shards(&c, &url, &shards);
+    c.export_recovery_shards(&url.to_string(), &shards);
 
     // Four writers, each acknowledging its own paths; every ack is timed.
     let acked: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
@@ -306,7 +295,7 @@ async fn s3_backup_and_verify() {
         );
     }
     let shards = c.dir.path().join("recovery");
-    export_shards(&c, &url, &shards);
+    c.export_recovery_shards(&url.to_string(), &shards);
     let dir = c.dir.path().join("backups");
     let mut files = Vec::new();
     for _ in 0..2 {
@@ -375,7 +364,7 @@ async fn bad_backups_and_targets_are_refused_and_nothing_is_written() {
         );
     }
     let shards_a = a.dir.path().join("recovery");
-    export_shards(&a, &url, &shards_a);
+    a.export_recovery_shards(&url.to_string(), &shards_a);
     let good = a.dir.path().join("good.jsonl");
     let (code, _, err) = backup(
         &["create", "--out", good.to_str().unwrap()],
@@ -395,7 +384,7 @@ async fn bad_backups_and_targets_are_refused_and_nothing_is_written() {
         .unwrap()
         .to_string();
     let shards_b = b.dir.path().join("recovery");
-    export_shards(&b, &url_b, &shards_b);
+    b.export_recovery_shards(&url_b.to_string(), &shards_b);
 
     let bad = a.dir.path().join("bad.jsonl");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![

@@ -18,7 +18,6 @@ use common::postgres::PgServer;
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
-use spike::identity::Role;
 use spike::transport::HttpsClient;
 
 /// Environment pairs that point Nexus at one store.
@@ -40,20 +39,6 @@ impl Outage for PgServer {
     }
 }
 
-/// Starts `n` Nexus instances together (every process spawned before any is waited for) and
-/// returns their URLs.
-fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
-    c.start_nexus_together(n, extra)
-        .into_iter()
-        .map(|i| c.nexus[i].url())
-        .collect()
-}
-
-fn superuser(c: &Cluster) -> HttpsClient {
-    let dir = c.pki.issue("superuser", "/spike/pilot/role/superuser");
-    client(Some(&dir), &c.pki, Role::Nexus)
-}
-
 /// Counts "secret write conflict" debug lines in every Nexus log.
 fn conflicts_logged(c: &Cluster) -> usize {
     c.nexus
@@ -70,11 +55,8 @@ async fn concurrent_writes_through_three_instances(backend: BackendEnv) {
     let mut c = Cluster::new(3);
     let mut extra = pairs(&backend);
     extra.push(("SPIKE_NEXUS_MAX_SECRET_VERSIONS", "1000"));
-    let urls = start_together(&mut c, 3, &extra);
-    for url in &urls {
-        wait_status(&c.anonymous(), url, "ready").await;
-    }
-    let su = superuser(&c);
+    let urls = c.start_ready_together(3, &extra).await;
+    let su = c.superuser();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..WRITERS {
         let (su, url) = (su.clone(), urls[w % urls.len()].clone());
@@ -160,7 +142,11 @@ async fn simultaneous_first_start_makes_one_root_key(backend: BackendEnv) {
     // shards waits in a Keeper's backlog until they are thawed together, so all of them reach
     // the create-if-absent step at about the same moment.
     let frozen = Frozen::freeze(c.keepers.iter().map(Proc::pid).collect());
-    let urls = start_together(&mut c, 3, &pairs(&backend));
+    let urls: Vec<Uri> = c
+        .start_nexus_together(3, &pairs(&backend))
+        .into_iter()
+        .map(|i| c.nexus[i].url())
+        .collect();
     frozen.thaw();
     let mut key_ids = BTreeSet::new();
     for url in &urls {
@@ -246,12 +232,9 @@ async fn run_load(
 /// is lost; when the store returns, service resumes without restarting Nexus.
 async fn store_outage_under_load(backend: BackendEnv, store: &dyn Outage) {
     let mut c = Cluster::new(3);
-    let urls = start_together(&mut c, 3, &pairs(&backend));
+    let urls = c.start_ready_together(3, &pairs(&backend)).await;
     let anon = c.anonymous();
-    for url in &urls {
-        wait_status(&anon, url, "ready").await;
-    }
-    let su = superuser(&c);
+    let su = c.superuser();
     let stop = Arc::new(AtomicBool::new(false));
     let failing = Arc::new(AtomicUsize::new(0));
     let load = tokio::spawn(run_load(
@@ -481,7 +464,7 @@ async fn throughput(name: &str, backend: BackendEnv) {
     let n = c.start_nexus(&pairs(&backend));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = superuser(&c);
+    let su = c.superuser();
     for write in [true, false] {
         let started = std::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();

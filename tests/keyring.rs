@@ -13,11 +13,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hyper::{StatusCode, Uri};
+use hyper::StatusCode;
 use serde_json::json;
 use spike::protocol::nexus::{DECRYPT_PATH, ENCRYPT_PATH};
 use spike::store::{AnyStore, Expect, Namespace, Store, Written};
-use spike::transport::HttpsClient;
 
 const KEYRING: &str = "keyring";
 const SECRETS: &str = "/v1/store/secrets";
@@ -28,50 +27,6 @@ const RETIRE: &str = "/v1/operator/retire";
 
 /// Environment pairs that point Nexus at one store.
 type BackendEnv = Vec<(String, String)>;
-
-fn superuser(c: &Cluster) -> HttpsClient {
-    c.api_client("superuser", "/spike/pilot/role/superuser")
-}
-
-async fn ok(
-    client: &HttpsClient,
-    url: &Uri,
-    path: &str,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let (s, b) = call(client, url, path, body).await;
-    assert_eq!(s, StatusCode::OK, "{path}: {b}");
-    b
-}
-
-/// Starts `n` Nexus instances at the same moment (one thread each); returns their URLs once
-/// each is ready.
-async fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
-    let first = c.nexus.len();
-    let envs: Vec<_> = (0..n).map(|_| c.nexus_env(extra)).collect();
-    let dir = c.dir.path().to_path_buf();
-    let barrier = std::sync::Barrier::new(n);
-    let procs: Vec<Proc> = std::thread::scope(|s| {
-        let handles: Vec<_> = envs
-            .into_iter()
-            .enumerate()
-            .map(|(i, env)| {
-                let (dir, barrier) = (&dir, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    Proc::start(&format!("nexus-{}", first + i + 1), dir, &["nexus"], env)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    c.nexus.extend(procs);
-    let urls: Vec<Uri> = c.nexus[first..].iter().map(Proc::url).collect();
-    for url in &urls {
-        wait_status(&c.anonymous(), url, "ready").await;
-    }
-    urls
-}
 
 fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
@@ -165,7 +120,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = superuser(&c);
+    let su = c.superuser();
     {
         let root = root_key(&c).await;
         // The policy book as an earlier release sealed it: `spkbook1`, the legacy key.
@@ -257,7 +212,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
             .unwrap()
     );
 
-    let urls = start_together(&mut c, 3, &pairs(&env)).await;
+    let urls = c.start_ready_together(3, &pairs(&env)).await;
     let logs: String = c.nexus[1..].iter().map(Proc::logs).collect();
     assert_eq!(
         logs.matches("created the keyring: data key 1").count(),
@@ -277,18 +232,18 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
             } else {
                 format!("value-{i}")
             };
-            let b = ok(&su, url, GET, json!({"path": format!("old/{i}")})).await;
+            let b = call_ok(&su, url, GET, json!({"path": format!("old/{i}")})).await;
             assert_eq!(b["data"]["v"], want.as_str(), "{b}");
         }
-        let b = ok(&su, url, GET, json!({"path": "old/0", "version": 1})).await;
+        let b = call_ok(&su, url, GET, json!({"path": "old/0", "version": 1})).await;
         assert_eq!(b["data"]["v"], "value-0");
         // The policy from before is in force on every instance.
         let (s, b) = call(&w, url, GET, json!({"path": "old/3"})).await;
         assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("value-3")));
-        let b = ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
         assert_eq!(b, json!({"plaintext": "aGVsbG8="}));
         // New writes work as before.
-        ok(
+        call_ok(
             &su,
             url,
             SECRETS,
@@ -297,10 +252,10 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         .await;
     }
     // New cipher output names data key 1, and every instance opens it.
-    let fresh = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "aGk="})).await;
+    let fresh = call_ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "aGk="})).await;
     assert_eq!(fresh["version"], 2);
     for url in &urls[1..] {
-        let b = ok(&su, url, DECRYPT_PATH, fresh.clone()).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, fresh.clone()).await;
         assert_eq!(b, json!({"plaintext": "aGk="}));
     }
     assert_eq!(
@@ -317,8 +272,8 @@ async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendE
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = superuser(&c);
-    ok(
+    let su = c.superuser();
+    call_ok(
         &su,
         &url,
         SECRETS,
@@ -359,7 +314,7 @@ async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendE
     overwrite(&store, genuine).await;
     c.nexus[n].restart();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let b = ok(&su, &url, GET, json!({"path": "a/1"})).await;
+    let b = call_ok(&su, &url, GET, json!({"path": "a/1"})).await;
     assert_eq!(b["data"]["v"], "x");
 }
 
@@ -391,12 +346,12 @@ fn key_id_of(sealed: &serde_json::Value) -> u32 {
 /// keyring edited in the store while instances run is refused on the next use (500 and a log
 /// line), not replaced; with the genuine record back, service resumes.
 async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: BackendEnv) {
-    let urls = start_together(&mut c, 2, &pairs(&env)).await;
-    let su = superuser(&c);
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let su = c.superuser();
     let store = admin(&c, &env).await;
-    let before = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "b25l"})).await;
+    let before = call_ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "b25l"})).await;
     assert_eq!(key_id_of(&before), 1);
-    ok(
+    call_ok(
         &su,
         &urls[1],
         SECRETS,
@@ -419,7 +374,7 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
         genuine,
         "refused: nothing changed"
     );
-    let rotated = ok(&su, &urls[0], ROTATE, json!({})).await;
+    let rotated = call_ok(&su, &urls[0], ROTATE, json!({})).await;
     assert_eq!(rotated["currentKey"], 2, "{rotated}");
     let ids: Vec<_> = rotated["keys"]
         .as_array()
@@ -440,13 +395,13 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
             (2, "active".into())
         ]
     );
-    let after = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "dHdv"})).await;
+    let after = call_ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "dHdv"})).await;
     assert_eq!(
         key_id_of(&after),
         2,
         "the other instance seals under the new key at once"
     );
-    ok(
+    call_ok(
         &su,
         &urls[1],
         SECRETS,
@@ -458,7 +413,7 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
         (vec![1, 2], 2),
         "the new version and the record's MAC are under the new key; the old version as it was"
     );
-    ok(
+    call_ok(
         &su,
         &urls[1],
         "/v1/acl/policy",
@@ -481,14 +436,14 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("two")));
     for url in &urls {
         for (version, want) in [(1, "one"), (2, "two")] {
-            let b = ok(&su, url, GET, json!({"path": "s/1", "version": version})).await;
+            let b = call_ok(&su, url, GET, json!({"path": "s/1", "version": version})).await;
             assert_eq!(b["data"]["v"], want);
         }
     }
     for url in &urls {
-        let b = ok(&su, url, DECRYPT_PATH, before.clone()).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, before.clone()).await;
         assert_eq!(b, json!({"plaintext": "b25l"}));
-        let b = ok(&su, url, DECRYPT_PATH, after.clone()).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, after.clone()).await;
         assert_eq!(b, json!({"plaintext": "dHdv"}));
     }
     // Edited while running: refused on the next use, on every instance, and left as it is.
@@ -508,7 +463,7 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     );
     assert_eq!(keyring(&store).await.unwrap().value, edited);
     overwrite(&store, current).await;
-    let b = ok(&su, &urls[1], DECRYPT_PATH, after).await;
+    let b = call_ok(&su, &urls[1], DECRYPT_PATH, after).await;
     assert_eq!(b, json!({"plaintext": "dHdv"}));
 
     // The command line: the superuser rotates to key 3; another identity is told what it needs.
@@ -524,7 +479,7 @@ async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: Backe
     let (code, out, _) = run_spike(&["operator", "rotate"], &client_env(&url, &su_svid));
     assert_eq!(code, 0);
     assert!(out.starts_with("data key 4 is current"), "{out}");
-    let sealed = ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "eA=="})).await;
+    let sealed = call_ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "eA=="})).await;
     assert_eq!(key_id_of(&sealed), 4);
     let w_svid = c.pki.issue("w-cli", "/app/w");
     let (code, _, err) = run_spike(&["operator", "rotate"], &client_env(&url, &w_svid));
@@ -583,12 +538,12 @@ async fn store_keys(store: &AnyStore) -> Vec<(String, Vec<u64>, u64)> {
 async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: BackendEnv) {
     let mut extra = pairs(&env);
     extra.push(("SPIKE_NEXUS_METRICS_ADDR", "127.0.0.1:0"));
-    let urls = start_together(&mut c, 2, &extra).await;
-    let su = superuser(&c);
+    let urls = c.start_ready_together(2, &extra).await;
+    let su = c.superuser();
     let store = admin(&c, &env).await;
     for i in 0..30 {
         let path = format!("r/{i}");
-        ok(
+        call_ok(
             &su,
             &urls[i % 2],
             SECRETS,
@@ -596,7 +551,7 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
         )
         .await;
         if i % 3 == 0 {
-            ok(
+            call_ok(
                 &su,
                 &urls[0],
                 SECRETS,
@@ -605,21 +560,21 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
             .await;
         }
     }
-    ok(
+    call_ok(
         &su,
         &urls[0],
         "/v1/store/secrets?action=delete",
         json!({"path": "r/3", "versions": [1]}),
     )
     .await;
-    ok(
+    call_ok(
         &su,
         &urls[0],
         "/v1/acl/policy",
         json!({"name": "w", "spiffeidPattern": "^spiffe://spike\\.ist/app/w$", "pathPattern": "^r/", "permissions": ["read"]}),
     )
     .await;
-    let sealed = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "b2xk"})).await;
+    let sealed = call_ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "b2xk"})).await;
     assert!(
         store_keys(&store)
             .await
@@ -631,7 +586,7 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
         let (s, b) = call(&su, &urls[1], RETIRE, retire(id)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{why}: {b}");
     }
-    ok(&su, &urls[0], ROTATE, json!({})).await;
+    call_ok(&su, &urls[0], ROTATE, json!({})).await;
     let (s, b) = call(&su, &urls[1], RETIRE, retire(1)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "records still name key 1: {b}");
     let w = c.api_client("w", "/app/w");
@@ -640,7 +595,7 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
     }
 
-    ok(&su, &urls[1], REENCRYPT, json!({})).await;
+    call_ok(&su, &urls[1], REENCRYPT, json!({})).await;
     wait_for(
         "the re-encryption pass",
         Duration::from_secs(30),
@@ -672,39 +627,39 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
             } else {
                 format!("a{i}")
             };
-            let b = ok(&su, url, GET, json!({"path": format!("r/{i}")})).await;
+            let b = call_ok(&su, url, GET, json!({"path": format!("r/{i}")})).await;
             assert_eq!(b["data"]["v"], latest.as_str());
         }
-        let b = ok(&su, url, GET, json!({"path": "r/0", "version": 1})).await;
+        let b = call_ok(&su, url, GET, json!({"path": "r/0", "version": 1})).await;
         assert_eq!(b["data"]["v"], "a0");
         let (s, b) = call(&w, url, GET, json!({"path": "r/4"})).await;
         assert_eq!((s, &b["data"]["v"]), (StatusCode::OK, &json!("a4")));
     }
     // The deleted version was rewritten too: undeleted, it reads as it was.
-    ok(
+    call_ok(
         &su,
         &urls[1],
         "/v1/store/secrets?action=undelete",
         json!({"path": "r/3", "versions": [1]}),
     )
     .await;
-    let b = ok(&su, &urls[0], GET, json!({"path": "r/3", "version": 1})).await;
+    let b = call_ok(&su, &urls[0], GET, json!({"path": "r/3", "version": 1})).await;
     assert_eq!(b["data"]["v"], "a3");
 
-    let retired = ok(&su, &urls[1], RETIRE, retire(1)).await;
+    let retired = call_ok(&su, &urls[1], RETIRE, retire(1)).await;
     assert_eq!(retired["currentKey"], 2);
     assert_eq!(retired["keys"][1]["state"], "retired", "{retired}");
-    let again = ok(&su, &urls[0], RETIRE, retire(1)).await;
+    let again = call_ok(&su, &urls[0], RETIRE, retire(1)).await;
     assert_eq!(
         again["keys"][1]["state"], "retired",
         "retiring twice changes nothing"
     );
     // Cipher output made under key 1 still opens; nothing new is sealed under it.
     for url in &urls {
-        let b = ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, sealed.clone()).await;
         assert_eq!(b, json!({"plaintext": "b2xk"}));
     }
-    let fresh = ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "bmV3"})).await;
+    let fresh = call_ok(&su, &urls[0], ENCRYPT_PATH, json!({"plaintext": "bmV3"})).await;
     assert_eq!(key_id_of(&fresh), 2);
 
     // The command line: a pass resumed finds nothing left; retiring the current key is refused

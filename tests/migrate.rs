@@ -55,6 +55,19 @@ fn migrate(c: &Cluster, store: &[(String, String)], args: &[&str]) -> (i32, Stri
     (code, out, err)
 }
 
+/// [`migrate`] of the SPIKE database at `db`, its key from the fixture's recovery files, with
+/// `extra` arguments.
+fn migrate_with_fixture_key(
+    c: &Cluster,
+    store: &[(String, String)],
+    db: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let recover = fixture_recover();
+    let args = [&[db, "--recover-dir", recover.as_str()], extra].concat();
+    migrate(c, store, &args)
+}
+
 /// Every record of the target store with its revision, read through the store itself.
 async fn dump(c: &Cluster, store: &[(String, String)]) -> BTreeMap<String, (Vec<u8>, String)> {
     let config = NexusConfig::from_source(&target_env(c, store)).unwrap();
@@ -232,11 +245,7 @@ async fn check_fixture(c: &Cluster, su: &Path) {
 /// started afterwards on the same store serves it too.
 async fn fixture_into(store: Vec<(String, String)>) {
     let (mut c, su) = ready_cluster(&store).await;
-    let (code, out, err) = migrate(
-        &c,
-        &store,
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &store, &fixture_db(), &[]);
     assert_eq!(code, 0, "{out}{err}\n{}", c.dump_logs());
     assert!(
         out.contains("6 secret(s) with 15 version(s) and 3 policy(ies) written"),
@@ -248,11 +257,7 @@ async fn fixture_into(store: Vec<(String, String)>) {
     assert_eq!(code, 0, "{err}");
 
     let before = dump(&c, &store).await;
-    let (code, out, err) = migrate(
-        &c,
-        &store,
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &store, &fixture_db(), &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("nothing to do"), "{out}");
     assert!(
@@ -302,25 +307,13 @@ async fn a_rerun_completes_a_partial_migration() {
             .unwrap();
         }
     }
-    let (code, out, err) = migrate(
-        &c,
-        &[],
-        &[
-            partial.to_str().unwrap(),
-            "--recover-dir",
-            &fixture_recover(),
-        ],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &[], partial.to_str().unwrap(), &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("3 secret(s) with 6 version(s) and 3 policy(ies) written"),
         "{out}"
     );
-    let (code, out, err) = migrate(
-        &c,
-        &[],
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &[], &fixture_db(), &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("3 secret(s) with 9 version(s) and 0 policy(ies) written; 3 secret(s) and 3 policy(ies) already there"),
@@ -409,15 +402,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     let truncated = dir.join("truncated.db");
     let bytes = std::fs::read(fixture_db()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let (code, _, err) = migrate(
-        &c,
-        &[],
-        &[
-            truncated.to_str().unwrap(),
-            "--recover-dir",
-            &fixture_recover(),
-        ],
-    );
+    let (code, _, err) = migrate_with_fixture_key(&c, &[], truncated.to_str().unwrap(), &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not an intact SQLite database"), "{err}");
     unchanged().await;
@@ -426,15 +411,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     let mut copy = bytes.clone();
     copy[2 * 4096..3 * 4096].fill(0xff);
     std::fs::write(&damaged_page, &copy).unwrap();
-    let (code, _, err) = migrate(
-        &c,
-        &[],
-        &[
-            damaged_page.to_str().unwrap(),
-            "--recover-dir",
-            &fixture_recover(),
-        ],
-    );
+    let (code, _, err) = migrate_with_fixture_key(&c, &[], damaged_page.to_str().unwrap(), &[]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("not an intact SQLite database (truncated or damaged: "),
@@ -457,11 +434,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     ] {
         let f = dir.join(name);
         std::fs::write(&f, content).unwrap();
-        let (code, _, err) = migrate(
-            &c,
-            &[],
-            &[f.to_str().unwrap(), "--recover-dir", &fixture_recover()],
-        );
+        let (code, _, err) = migrate_with_fixture_key(&c, &[], f.to_str().unwrap(), &[]);
         assert_eq!(code, 2, "{name}: {err}");
         assert!(
             err.contains("SQLite") || err.contains("not a SPIKE Nexus database"),
@@ -489,15 +462,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
         )
         .unwrap();
     }
-    let (code, _, err) = migrate(
-        &c,
-        &[],
-        &[
-            damaged.to_str().unwrap(),
-            "--recover-dir",
-            &fixture_recover(),
-        ],
-    );
+    let (code, _, err) = migrate_with_fixture_key(&c, &[], damaged.to_str().unwrap(), &[]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("damaged") && err.contains("\"app/rotating\" version 5"),
@@ -506,11 +471,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     unchanged().await;
 
     // The conflicting secret: refused, named, nothing written (no policy either).
-    let (code, out, err) = migrate(
-        &c,
-        &[],
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &[], &fixture_db(), &[]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("exist in the target with other content") && err.contains("\"app/api/token\""),
@@ -526,16 +487,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
     // run too; and a policy of the same name with another grant is named as well.
     let (code, _, err) = cli(&c, &su, &["secret", "delete", "app/api/token"]);
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = migrate(
-        &c,
-        &[],
-        &[
-            &fixture_db(),
-            "--recover-dir",
-            &fixture_recover(),
-            "--dry-run",
-        ],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &[], &fixture_db(), &["--dry-run"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("\"app/api/token\" (versions 1 here, 1,2 in the source)"),
@@ -557,11 +509,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
         &client_env(&c.nexus[0].base_url(), &su),
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = migrate(
-        &c,
-        &[],
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, _, err) = migrate_with_fixture_key(&c, &[], &fixture_db(), &[]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("policy \"db-readers\" (another grant)"),
@@ -573,11 +521,7 @@ async fn bad_input_is_refused_and_leaves_the_target_as_it_was() {
 async fn a_target_without_a_root_key_is_refused() {
     // Keepers up, no Nexus ever started on the store: a new deployment.
     let c = Cluster::new(3);
-    let (code, out, err) = migrate(
-        &c,
-        &[],
-        &[&fixture_db(), "--recover-dir", &fixture_recover()],
-    );
+    let (code, out, err) = migrate_with_fixture_key(&c, &[], &fixture_db(), &[]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("new deployment; start a Nexus on it first"),

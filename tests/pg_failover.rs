@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::postgres::PgServer;
+use common::postgres::{PgServer, nexus_env};
 use common::*;
 use hyper::{StatusCode, Uri};
 use serde_json::json;
-use spike::identity::Role;
 use spike::transport::HttpsClient;
 
 /// PostgreSQL comes with `./test`; without it (and outside CI) these tests skip, as the other
@@ -35,11 +34,6 @@ fn postgres_expected() -> bool {
         return false;
     }
     true
-}
-
-fn superuser(c: &Cluster) -> HttpsClient {
-    let dir = c.pki.issue("superuser", "/spike/pilot/role/superuser");
-    client(Some(&dir), &c.pki, Role::Nexus)
 }
 
 /// One write (and the read of it that follows when it is acknowledged), as a writer saw it.
@@ -138,7 +132,7 @@ async fn failover_under_load(
     after_promotion: AfterPromotion<'_>,
 ) {
     const WRITERS_PER_INSTANCE: usize = 2;
-    let su = superuser(c);
+    let su = c.superuser();
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let tasks = spawn_load(&su, &urls, WRITERS_PER_INSTANCE, &stop, &log);
@@ -317,17 +311,6 @@ async fn failover_under_load(
     );
 }
 
-fn start_three(c: &mut Cluster, env: &[(&str, &str)]) -> Vec<Uri> {
-    c.start_nexus_together(3, env)
-        .into_iter()
-        .map(|i| c.nexus[i].url())
-        .collect()
-}
-
-fn pg_env(url: &str) -> Vec<(String, String)> {
-    common::postgres::nexus_env(url)
-}
-
 /// The URL naming `first` and `second`, in that order, that always asks for the writable one.
 fn two_hosts(first: &PgServer, second: &PgServer) -> String {
     format!(
@@ -346,11 +329,8 @@ async fn three_nexus_follow_a_promoted_standby_under_load() {
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby(c.dir.path(), "standby");
     let url = two_hosts(&primary, &standby);
-    let env = pg_env(&url);
-    let urls = start_three(&mut c, &pairs(&env));
-    for u in &urls {
-        wait_status(&c.anonymous(), u, "ready").await;
-    }
+    let env = nexus_env(&url);
+    let urls = c.start_ready_together(3, &pairs(&env)).await;
     failover_under_load(
         "multi-host URL",
         &c,
@@ -430,11 +410,8 @@ async fn three_nexus_through_pgbouncer_follow_a_promotion_after_a_reload() {
     })
     .await;
     let url = format!("postgres://spike@127.0.0.1:{port}/spike_test?sslmode=disable");
-    let env = pg_env(&url);
-    let urls = start_three(&mut c, &pairs(&env));
-    for u in &urls {
-        wait_status(&c.anonymous(), u, "ready").await;
-    }
+    let env = nexus_env(&url);
+    let urls = c.start_ready_together(3, &pairs(&env)).await;
     let dir = c.dir.path().join("pgbouncer");
     let pid = bouncer.pid();
     let new_primary = standby.host_port().to_string();
@@ -479,7 +456,7 @@ async fn no_writable_host_is_refused_with_a_reason_and_nothing_written() {
     ];
     let mut urls = Vec::new();
     for given in &urls_given {
-        let env = pg_env(given);
+        let env = nexus_env(given);
         let i = c.start_nexus(&pairs(&env));
         urls.push(c.nexus[i].url());
     }
@@ -517,7 +494,7 @@ async fn no_writable_host_is_refused_with_a_reason_and_nothing_written() {
         assert!(n.is_running(), "nexus-{} exited", i + 1);
         assert!(n.logs().contains("standby"), "{}", n.logs());
     }
-    let su = superuser(&c);
+    let su = c.superuser();
     for url in &urls {
         let (s, b) = call(
             &su,
@@ -587,13 +564,10 @@ async fn a_promoted_standby_still_waiting_for_a_synchronous_standby_is_reported(
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby_inheriting_sync(c.dir.path(), "standby");
     let url = two_hosts(&primary, &standby);
-    let env = pg_env(&url);
-    let urls = start_three(&mut c, &pairs(&env));
+    let env = nexus_env(&url);
+    let urls = c.start_ready_together(3, &pairs(&env)).await;
     let anon = c.anonymous();
-    for u in &urls {
-        wait_status(&anon, u, "ready").await;
-    }
-    let su = superuser(&c);
+    let su = c.superuser();
     let write = |url: Uri, path: String| {
         let su = su.clone();
         async move {
@@ -716,11 +690,11 @@ async fn a_fenced_read_only_primary_is_left_for_the_promoted_one() {
     let primary = PgServer::start_named(c.dir.path(), "primary");
     let standby = primary.start_standby(c.dir.path(), "standby");
     let url = two_hosts(&primary, &standby);
-    let env = pg_env(&url);
+    let env = nexus_env(&url);
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = superuser(&c);
+    let su = c.superuser();
     // Several writers at once, so the pool holds several connections to the primary.
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..8 {

@@ -128,51 +128,13 @@ impl Admin {
     }
 }
 
-fn superuser(c: &Cluster) -> HttpsClient {
-    c.api_client("superuser", "/spike/pilot/role/superuser")
-}
-
 fn grant(name: &str, id: &str, path: &str) -> serde_json::Value {
     json!({"name": name, "spiffeidPattern": id, "pathPattern": path, "permissions": ["read"]})
-}
-
-async fn ok(client: &HttpsClient, url: &Uri, path: &str, body: serde_json::Value) {
-    let (s, b) = call(client, url, path, body).await;
-    assert_eq!(s, StatusCode::OK, "{path}: {b}");
 }
 
 /// The status a workload gets reading `path` through `url`.
 async fn read_status(w: &HttpsClient, url: &Uri, path: &str) -> (StatusCode, serde_json::Value) {
     call(w, url, GET, json!({ "path": path })).await
-}
-
-/// Starts `n` Nexus instances at the same moment (one thread each); returns their URLs once
-/// each is ready.
-async fn start_together(c: &mut Cluster, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
-    let first = c.nexus.len();
-    let envs: Vec<_> = (0..n).map(|_| c.nexus_env(extra)).collect();
-    let dir = c.dir.path().to_path_buf();
-    let barrier = std::sync::Barrier::new(n);
-    let procs: Vec<Proc> = std::thread::scope(|s| {
-        let handles: Vec<_> = envs
-            .into_iter()
-            .enumerate()
-            .map(|(i, env)| {
-                let (dir, barrier) = (&dir, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    Proc::start(&format!("nexus-{}", first + i + 1), dir, &["nexus"], env)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    c.nexus.extend(procs);
-    let urls: Vec<Uri> = c.nexus[first..].iter().map(Proc::url).collect();
-    for url in &urls {
-        wait_status(&c.anonymous(), url, "ready").await;
-    }
-    urls
 }
 
 /// Every Nexus log of the cluster, together.
@@ -187,17 +149,17 @@ async fn a_change_is_in_force_for_the_next_request_on_another_instance(
     env: BackendEnv,
     _admin: Admin,
 ) {
-    let urls = start_together(&mut c, 2, &pairs(&env)).await;
-    let su = superuser(&c);
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let su = c.superuser();
     let w = c.api_client("w", "/app/w");
-    ok(
+    call_ok(
         &su,
         &urls[0],
         SECRETS,
         json!({"path": "books/1", "values": {"v": "x"}}),
     )
     .await;
-    ok(
+    call_ok(
         &su,
         &urls[0],
         SECRETS,
@@ -215,7 +177,7 @@ async fn a_change_is_in_force_for_the_next_request_on_another_instance(
             read_status(&w, reader, "books/1").await.0,
             StatusCode::UNAUTHORIZED
         );
-        ok(&su, writer, POLICY, grant("w", id, "^books/")).await;
+        call_ok(&su, writer, POLICY, grant("w", id, "^books/")).await;
         assert_eq!(
             read_status(&w, reader, "books/1").await.0,
             StatusCode::OK,
@@ -226,7 +188,7 @@ async fn a_change_is_in_force_for_the_next_request_on_another_instance(
             StatusCode::UNAUTHORIZED
         );
         // Changed in place: the old path is refused, the new one granted, at once.
-        ok(&su, writer, POLICY, grant("w", id, "^other/")).await;
+        call_ok(&su, writer, POLICY, grant("w", id, "^other/")).await;
         assert_eq!(
             read_status(&w, reader, "books/1").await.0,
             StatusCode::UNAUTHORIZED
@@ -235,7 +197,7 @@ async fn a_change_is_in_force_for_the_next_request_on_another_instance(
         let (s, l) = call(&su, reader, &format!("{POLICY}?action=list"), json!({})).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(l["policies"][0]["pathPattern"], "^other/", "{l}");
-        ok(
+        call_ok(
             &su,
             writer,
             &format!("{POLICY}?action=delete"),
@@ -257,16 +219,16 @@ async fn a_replayed_or_edited_book_fails_closed(mut c: Cluster, env: BackendEnv,
     let n = c.start_nexus(&pairs(&env));
     let url = c.nexus[n].url();
     wait_status(&c.anonymous(), &url, "ready").await;
-    let su = superuser(&c);
+    let su = c.superuser();
     let w = c.api_client("w", "/app/w");
-    ok(
+    call_ok(
         &su,
         &url,
         SECRETS,
         json!({"path": "books/1", "values": {"v": "x"}}),
     )
     .await;
-    ok(
+    call_ok(
         &su,
         &url,
         POLICY,
@@ -275,7 +237,7 @@ async fn a_replayed_or_edited_book_fails_closed(mut c: Cluster, env: BackendEnv,
     .await;
     assert_eq!(read_status(&w, &url, "books/1").await.0, StatusCode::OK);
     let granting = admin.read(Namespace::System, BOOK).await.unwrap();
-    ok(
+    call_ok(
         &su,
         &url,
         &format!("{POLICY}?action=delete"),
@@ -451,7 +413,7 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
 
     let mut upgrading = pairs(&env);
     upgrading.push(("SPIKE_NEXUS_UPGRADE_POLICY_ROWS", "true"));
-    let urls = start_together(&mut c, 3, &upgrading).await;
+    let urls = c.start_ready_together(3, &upgrading).await;
     wait_for(
         "the per-name rows to go",
         Duration::from_secs(20),
@@ -471,9 +433,9 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
         1,
         "{logs}"
     );
-    let su = superuser(&c);
+    let su = c.superuser();
     for path in ["a/1", "b/1", "c/1"] {
-        ok(
+        call_ok(
             &su,
             &urls[0],
             SECRETS,
@@ -512,7 +474,7 @@ async fn per_name_rows_move_into_one_book(mut c: Cluster, env: BackendEnv, admin
         assert_eq!(listed, expected);
     }
     // Changes go to the book from now on, and no row comes back.
-    ok(
+    call_ok(
         &su,
         &urls[1],
         &format!("{POLICY}?action=delete"),

@@ -10,47 +10,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use common::*;
 use hyper::StatusCode;
 use serde_json::json;
 use spike::protocol::audit::{self, Record};
-
-/// Exports the recovery shards with the real CLI (recover role) into a new directory.
-fn export_shards(c: &Cluster, url: &str) -> PathBuf {
-    let svid = c.pki.issue("recover-op", "/spike/pilot/role/recover");
-    let dir = c.dir.path().join("recovery");
-    let (code, _, err) = run_spike(
-        &["recover", "export", dir.to_str().unwrap()],
-        &client_env(url, &svid),
-    );
-    assert_eq!(code, 0, "{err}");
-    dir
-}
-
-fn verify(shards: &Path, file: &Path) -> (i32, String, String) {
-    run_spike(
-        &[
-            "audit",
-            "verify",
-            "--recover-dir",
-            shards.to_str().unwrap(),
-            file.to_str().unwrap(),
-        ],
-        &[],
-    )
-}
-
-fn write_lines(like: &Path, name: &str, lines: &[String]) -> PathBuf {
-    let path = like.with_file_name(name);
-    fs::write(
-        &path,
-        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    path
-}
 
 /// `lines[from..]` rewritten without MACs, each record changed by `edit`, chained to the line
 /// before it and numbered after it: what someone without the root key can produce.
@@ -86,8 +50,9 @@ async fn audit_records_changed_or_removed_without_the_root_key_are_found() {
         .await;
         assert_eq!(status, StatusCode::OK);
     }
-    let shards = export_shards(&c, &c.nexus[n].base_url());
-    let (code, out, err) = verify(&shards, &file);
+    let shards = c.dir.path().join("recovery");
+    c.export_recovery_shards(&c.nexus[n].base_url(), &shards);
+    let (code, out, err) = audit_verify(&shards, &[&file]);
     assert_eq!(code, 0, "the untouched trail verifies: {out}{err}");
 
     let lines: Vec<String> = fs::read_to_string(&file)
@@ -127,7 +92,7 @@ async fn audit_records_changed_or_removed_without_the_root_key_are_found() {
         ("invented", &invented),
     ] {
         let path = write_lines(&file, name, forged);
-        let (code, out, err) = verify(&shards, &path);
+        let (code, out, err) = audit_verify(&shards, &[&path]);
         println!("{name}: exit {code}\n{out}{err}");
         if code == 0 {
             accepted.push(name);

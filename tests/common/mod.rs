@@ -621,6 +621,36 @@ impl Cluster {
         Some((body["id"].as_u64().map(|i| i as u8), shard))
     }
 
+    /// A client with the superuser operator's SVID.
+    pub fn superuser(&self) -> HttpsClient {
+        self.api_client("superuser", "/spike/pilot/role/superuser")
+    }
+
+    /// Starts `n` Nexus instances together ([`Cluster::start_nexus_together`]) and returns
+    /// their URLs once each answers `/health` with `ready`.
+    pub async fn start_ready_together(&mut self, n: usize, extra: &[(&str, &str)]) -> Vec<Uri> {
+        let urls: Vec<Uri> = self
+            .start_nexus_together(n, extra)
+            .into_iter()
+            .map(|i| self.nexus[i].url())
+            .collect();
+        for url in &urls {
+            wait_status(&self.anonymous(), url, "ready").await;
+        }
+        urls
+    }
+
+    /// Exports the recovery shards of the Nexus at `url` into `dir` with the real CLI, as a
+    /// recover-role operator.
+    pub fn export_recovery_shards(&self, url: &str, dir: &Path) {
+        let svid = self.pki.issue("recover-op", "/spike/pilot/role/recover");
+        let (code, _, err) = run_spike(
+            &["recover", "export", dir.to_str().unwrap()],
+            &client_env(url, &svid),
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+
     /// Dumps every process log; call before a failing assertion for context.
     pub fn dump_logs(&self) -> String {
         self.keepers
@@ -653,6 +683,36 @@ pub async fn call(
             serde_json::json!({ "client_error": e.to_string() }),
         ),
     }
+}
+
+/// [`call`] that must answer 200: returns the parsed answer.
+pub async fn call_ok(
+    client: &HttpsClient,
+    url: &Uri,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let (s, b) = call(client, url, path, body).await;
+    assert_eq!(s, StatusCode::OK, "{path}: {b}");
+    b
+}
+
+/// `spike audit verify --recover-dir SHARDS FILES...`: (exit code, stdout, stderr).
+pub fn audit_verify(shards: &Path, files: &[&Path]) -> (i32, String, String) {
+    let mut args = vec!["audit", "verify", "--recover-dir", shards.to_str().unwrap()];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    run_spike(&args, &[])
+}
+
+/// Writes `lines` (each without its newline) as a file named `name` beside `like`.
+pub fn write_lines(like: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = like.with_file_name(name);
+    fs::write(
+        &path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    path
 }
 
 /// Borrowed `(name, value)` pairs from owned ones, for `Cluster::start_nexus`.
