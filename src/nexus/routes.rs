@@ -866,16 +866,16 @@ impl Api {
                 micros,
             )
             .await;
-        if self.nexus.audit.health() != super::audit::Health::Off {
+        let sink = self.nexus.audit.health();
+        if sink != super::audit::Health::Off {
             let result = match written {
                 Ok(()) => AuditResult::Written,
                 Err(_) => AuditResult::Failed,
             };
             self.nexus.metrics.audit_record(AuditSink::File, result);
-            self.nexus.metrics.audit_sink_health(
-                AuditSink::File,
-                self.nexus.audit.health() == super::audit::Health::Ok,
-            );
+            self.nexus
+                .metrics
+                .audit_sink_health(AuditSink::File, sink == super::audit::Health::Ok);
         }
         let mut resp = match written {
             Ok(()) => resp,
