@@ -63,15 +63,23 @@ else
   as_pg() { "$@"; }
 fi
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
-pick_port() {
-  local p
-  for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
-    if ! port_in_use "$p"; then echo "$p"; return 0; fi
+# Starts the server in DIR/data on DIR/port, or on a newly picked port (kept in DIR/port) when
+# DIR has none. A picked port that another server took between the pick and the bind is
+# replaced, up to five times; a port that clients already know (DIR/url exists) is kept.
+start_server() {
+  local dir=$1 data=$1/data
+  for _ in 1 2 3 4 5; do
+    port=$(cat "$dir/port" 2>/dev/null || pick_port)
+    echo "$port" >"$dir/port"
+    if as_pg "$bin/pg_ctl" -D "$data" -o "-p $port" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
+      return 0
+    fi
+    if [ -f "$dir/url" ] || ! tail -n 5 "$dir/server.log" | grep -q "could not bind"; then break; fi
+    rm -f "$dir/port"
   done
-  echo "postgres.sh: no free port found" >&2
   return 1
 }
 
@@ -106,20 +114,7 @@ local replication all trust
 host  replication all 127.0.0.1/32 trust
 HBA
     fi
-    started=0
-    for _ in 1 2 3 4 5; do
-      port=$(cat "$dir/port" 2>/dev/null || pick_port)
-      echo "$port" >"$dir/port"
-      if as_pg "$bin/pg_ctl" -D "$data" -o "-p $port" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
-        started=1
-        break
-      fi
-      # Port taken between the check and the bind (another test's server): pick another,
-      # unless this directory already had a port that clients know.
-      if [ -f "$dir/url" ]; then break; fi
-      rm -f "$dir/port"
-    done
-    if [ "$started" != 1 ]; then
+    if ! start_server "$dir"; then
       echo "postgres.sh: PostgreSQL did not start; its log:" >&2
       tail -n 30 "$dir/server.log" >&2 || true
       exit 1
@@ -163,9 +158,7 @@ HBA
 unix_socket_directories = '$dir'
 synchronous_standby_names = '$own_sync'
 CONF
-    port=$(pick_port)
-    echo "$port" >"$dir/port"
-    if ! as_pg "$bin/pg_ctl" -D "$data" -o "-p $port" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1; then
+    if ! start_server "$dir"; then
       echo "postgres.sh: the standby did not start; its log:" >&2
       tail -n 30 "$dir/server.log" >&2 || true
       exit 1

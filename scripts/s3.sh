@@ -38,9 +38,8 @@ install_moto() {
   touch "$venv/.installed"
 }
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 start() {
   local dir="$1" mode="${2:-}"
@@ -53,7 +52,7 @@ start() {
   if [[ -f "$dir/pid" ]] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
     echo "s3.sh: already running in $dir" >&2
   else
-    [[ -f "$dir/port" ]] || free_port >"$dir/port"
+    [[ -f "$dir/port" ]] || pick_port >"$dir/port"
     local port
     port="$(cat "$dir/port")"
     "$venv/bin/python" "$here/s3-test-server.py" --port "$port" --data "$dir/data" \

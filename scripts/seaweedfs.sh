@@ -71,9 +71,8 @@ build() {
   exec 8>&-
 }
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 # True if the pid in DIR/pid is alive and serves DIR (a recycled pid is not ours).
 running() {
@@ -160,9 +159,13 @@ start() {
   fi
   stop "$dir"
   if [[ ! -f "$dir/ports" ]]; then
-    local name
+    local name port picked=" "
     for name in master master_grpc volume volume_grpc filer filer_grpc s3 s3_grpc; do
-      echo "$name=$(free_port)"
+      # Nothing listens on a picked port yet: draw again until it differs from the others.
+      port=$(pick_port)
+      while [[ "$picked" == *" $port "* ]]; do port=$(pick_port); done
+      picked+="$port "
+      echo "$name=$port"
     done >"$dir/ports.new"
     mv "$dir/ports.new" "$dir/ports"
   fi

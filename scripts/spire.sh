@@ -147,16 +147,8 @@ as_uid() {
     --inh-caps +dac_override --ambient-caps +dac_override "$@"
 }
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-pick_port() {
-  local p
-  for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 30000))
-    if ! port_in_use "$p"; then echo "$p"; return 0; fi
-  done
-  die "no free port found"
-}
+# shellcheck source=ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 # True if the pid in FILE is alive and was started with config CONF (a recycled pid is not
 # ours; the config path, unlike the binary's, survives a rebuild of the binaries).
