@@ -33,55 +33,6 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// The root key of the cluster, rebuilt from its Keepers' shards once every Keeper holds one.
-async fn root_key(c: &Cluster) -> spike::crypto::RootKey {
-    let mut shares = Vec::new();
-    for i in 0..c.keepers.len() {
-        let (index, value) = wait_for("a Keeper's shard", Duration::from_secs(20), || {
-            c.keeper_shard(i)
-        })
-        .await;
-        shares.push(spike::crypto::Share::new(index.unwrap(), value).unwrap());
-    }
-    spike::crypto::combine(&shares).unwrap()
-}
-
-/// Opens the cluster's store from the test process, as its administrator.
-async fn admin(c: &Cluster, env: &BackendEnv) -> AnyStore {
-    let var = |k: &str| {
-        env.iter()
-            .find(|(name, _)| name == k)
-            .map(|(_, v)| v.clone())
-    };
-    if let Some(bucket) = var("SPIKE_NEXUS_S3_BUCKET") {
-        let cfg = spike::store::S3Config {
-            endpoint: var("SPIKE_NEXUS_S3_ENDPOINT"),
-            bucket,
-            prefix: var("SPIKE_NEXUS_S3_PREFIX").unwrap(),
-            region: var("SPIKE_NEXUS_S3_REGION").unwrap(),
-            path_style: true,
-            credentials: spike::store::S3Credentials {
-                access_key_id: var("AWS_ACCESS_KEY_ID").unwrap(),
-                secret_access_key: var("AWS_SECRET_ACCESS_KEY").unwrap(),
-                session_token: None,
-            },
-        };
-        return AnyStore::S3(spike::store::s3::S3Store::open(&cfg).unwrap());
-    }
-    match env.iter().find(|(k, _)| k == "SPIKE_NEXUS_DB_URL") {
-        Some((_, url)) => AnyStore::Postgres(
-            spike::store::postgres::PostgresStore::open(url)
-                .await
-                .unwrap(),
-        ),
-        None => AnyStore::Sqlite(
-            spike::store::sqlite::SqliteStore::open(&c.data_dir)
-                .await
-                .unwrap(),
-        ),
-    }
-}
-
 async fn keyring(store: &AnyStore) -> Option<spike::store::Entry> {
     store.get(Namespace::System, KEYRING).await.unwrap()
 }
@@ -135,7 +86,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         let book =
             spike::nexus::book::seal(&root.derive("spike/policies/v1"), 7, &[policy]).unwrap();
         assert_eq!(&book[..8], b"spkbook1");
-        let store = admin(&c, &env).await;
+        let store = admin_store(&c, &env).await;
         wait_for("the policy book", Duration::from_secs(20), || async {
             store
                 .get(Namespace::System, "policy-book")
@@ -146,7 +97,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         .await;
         overwrite_at(&store, "policy-book", book).await;
         let legacy = spike::nexus::secrets::SecretKeys::derive(&root, false);
-        let store = admin(&c, &env).await;
+        let store = admin_store(&c, &env).await;
         let writers = spike::nexus::secrets::Writers::default();
         for i in 0..5u64 {
             let version = |v: &str| spike::nexus::secrets::ImportVersion {
@@ -198,7 +149,7 @@ async fn a_store_from_before_the_keyring_is_upgraded_once(mut c: Cluster, env: B
         .seal_with_nonce(nonce, b"", b"hello")
         .unwrap();
     let sealed = json!({"version": 1, "nonce": b64(&nonce), "ciphertext": b64(&old_ct)});
-    let store = admin(&c, &env).await;
+    let store = admin_store(&c, &env).await;
     assert!(
         keyring(&store).await.is_some(),
         "a new deployment has a keyring"
@@ -280,7 +231,7 @@ async fn an_edited_keyring_is_refused_not_replaced(mut c: Cluster, env: BackendE
         json!({"path": "a/1", "values": {"v": "x"}}),
     )
     .await;
-    let store = admin(&c, &env).await;
+    let store = admin_store(&c, &env).await;
     let genuine = keyring(&store).await.unwrap().value;
     c.nexus[n].kill();
     for i in [3, 12, genuine.len() / 2, genuine.len() - 1] {
@@ -348,7 +299,7 @@ fn key_id_of(sealed: &serde_json::Value) -> u32 {
 async fn a_rotation_is_used_at_once_by_every_instance(mut c: Cluster, env: BackendEnv) {
     let urls = c.start_ready_together(2, &pairs(&env)).await;
     let su = c.superuser();
-    let store = admin(&c, &env).await;
+    let store = admin_store(&c, &env).await;
     let before = call_ok(&su, &urls[1], ENCRYPT_PATH, json!({"plaintext": "b25l"})).await;
     assert_eq!(key_id_of(&before), 1);
     call_ok(
@@ -540,7 +491,7 @@ async fn reencryption_leaves_no_record_on_an_old_key(mut c: Cluster, env: Backen
     extra.push(("SPIKE_NEXUS_METRICS_ADDR", "127.0.0.1:0"));
     let urls = c.start_ready_together(2, &extra).await;
     let su = c.superuser();
-    let store = admin(&c, &env).await;
+    let store = admin_store(&c, &env).await;
     for i in 0..30 {
         let path = format!("r/{i}");
         call_ok(

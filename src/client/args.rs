@@ -181,6 +181,20 @@ pub enum OperatorCommand {
         /// The data key's id, as `spike operator rotate` lists it.
         id: u32,
     },
+    /// Replace the root key: a new one is made, the keyring re-wrapped under it and its shards
+    /// sent to the Keepers (and confirmed held) while every Nexus instance keeps serving.
+    /// Recovery shards exported before it no longer restore anything: export new ones at once
+    /// (spike recover export). Superuser role.
+    Rekey {
+        /// The new threshold (default: the current one).
+        #[arg(long)]
+        threshold: Option<u8>,
+        /// The new Keepers, comma-separated HTTPS URLs in Shamir index order (default: the
+        /// current ones). Change SPIKE_NEXUS_KEEPER_PEERS and SPIKE_NEXUS_SHAMIR_* on every
+        /// instance to match afterwards, one at a time; until then the store's record is used.
+        #[arg(long, value_name = "URLS", value_delimiter = ',')]
+        keepers: Option<Vec<String>>,
+    },
 }
 
 /// `spike audit` verbs.
@@ -190,8 +204,10 @@ pub enum AuditCommand {
     /// before and authenticated with the deployment's audit key (rebuilt from recovery shards).
     Verify {
         /// A directory of recovery shard files (spike.recovery.<i>.txt), at least the threshold.
-        #[arg(long, value_name = "DIR")]
-        recover_dir: PathBuf,
+        /// Give it once per root key the files span: a trail that crosses a rekey has records
+        /// under the old key and the new one.
+        #[arg(long, value_name = "DIR", required = true)]
+        recover_dir: Vec<PathBuf>,
         /// Audit files, oldest first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,

@@ -25,17 +25,30 @@ pub fn run(command: AuditCommand) -> Result<()> {
     }
 }
 
-fn verify(recover_dir: &Path, files: &[PathBuf]) -> Result<()> {
-    let shares = super::recover::read_dir(recover_dir)?;
+/// The audit key and root key id the recovery shards in `dir` rebuild.
+fn audit_key(dir: &Path) -> Result<(crate::crypto::MacKey, String)> {
+    let shares = super::recover::read_dir(dir)?;
     let root = shamir::combine(&shares).map_err(|e| {
         Error::Usage(format!(
             "the recovery shards in {} do not combine: {e}",
-            recover_dir.display()
+            dir.display()
         ))
     })?;
-    let key = root.derive_mac(audit::KEY_LABEL);
-    let mut verifier = Verifier::new(&key, root.key_id());
-    drop(root);
+    Ok((root.derive_mac(audit::KEY_LABEL), root.key_id()))
+}
+
+fn verify(recover_dirs: &[PathBuf], files: &[PathBuf]) -> Result<()> {
+    let keys = recover_dirs
+        .iter()
+        .map(|d| audit_key(d))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(((first_key, first_id), rest)) = keys.split_first() else {
+        return Err(Error::Usage("give --recover-dir at least once".into()));
+    };
+    let mut verifier = rest.iter().fold(
+        Verifier::new(first_key, first_id.clone()),
+        |v, (key, id)| v.also(key, id.clone()),
+    );
     let mut restarts = 0u64;
     let mut first = None;
     for file in files {

@@ -74,6 +74,8 @@ pub enum Error {
         status: StatusCode,
         /// Its error code (`err`).
         code: String,
+        /// Why, when it says (`reason`, ours for operator routes).
+        reason: Option<String>,
     },
     /// Nexus answered 200 with a body that is not the expected shape.
     #[error("unexpected answer from Nexus at {url}: {reason}")]
@@ -440,6 +442,12 @@ impl NexusClient {
         self.json(wire::RETIRE_PATH, &req, Effect::Idempotent).await
     }
 
+    /// Replaces the root key and its sharing (superuser only). Not retried on another
+    /// instance: a second rekey would be refused while the first runs.
+    pub async fn rekey(&self, req: &wire::RekeyRequest) -> Result<wire::RekeyResponse> {
+        self.json(wire::REKEY_PATH, req, Effect::Write).await
+    }
+
     /// The same client aimed at other Nexus URLs.
     pub fn with_urls(self, urls: Vec<Uri>) -> NexusClient {
         NexusClient { urls, ..self }
@@ -543,6 +551,9 @@ impl NexusClient {
                     Ok(reply) => {
                         let err = Error::Api {
                             code: error_code(&reply.body),
+                            reason: serde_json::from_slice::<wire::ErrorBody>(&reply.body)
+                                .ok()
+                                .and_then(|e| e.reason),
                             status: reply.status,
                             url,
                         };

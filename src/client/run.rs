@@ -69,7 +69,15 @@ pub(crate) struct Op<'a> {
 /// Turns an error of a call to Nexus into the command's error.
 pub(crate) fn nexus_failure(client: &NexusClient, op: &Op<'_>, e: nexus_api::Error) -> Error {
     let message = match e {
-        nexus_api::Error::Api { url, status, code } => match ErrorCode::parse(&code) {
+        nexus_api::Error::Api {
+            url,
+            code,
+            reason: Some(reason),
+            ..
+        } => format!("Nexus at {url}: {reason} ({code})"),
+        nexus_api::Error::Api {
+            url, status, code, ..
+        } => match ErrorCode::parse(&code) {
             Some(ErrorCode::AccessUnauthorized) => format!(
                 "no policy grants {} {} on {} (access_unauthorized)",
                 client.caller(),

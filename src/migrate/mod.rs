@@ -146,8 +146,7 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
         .map_err(|e| failed(format!("target: {e}")))?;
     let keys = Keys::new(
         root,
-        config.threshold,
-        config.shares,
+        crate::nexus::rekey::Sharing::of_config(&config),
         ShardDerivation::default(),
         config.upgrade_secret_records,
     )

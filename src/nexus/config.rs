@@ -87,14 +87,8 @@ impl NexusConfig {
                 "must be between 1 and 255",
             ));
         }
-        if threshold == 0 || threshold > shares {
-            return Err(invalid(
-                "SPIKE_NEXUS_SHAMIR_THRESHOLD",
-                format!(
-                    "must be between 1 and SPIKE_NEXUS_SHAMIR_SHARES ({shares}), got {threshold}"
-                ),
-            ));
-        }
+        crate::protocol::nexus::check_sharing(threshold, usize::from(shares))
+            .map_err(|reason| invalid("SPIKE_NEXUS_SHAMIR_THRESHOLD", reason))?;
         let keeper_peers = keeper_peers(env)?;
         if keeper_peers.len() != usize::from(shares) {
             return Err(invalid(

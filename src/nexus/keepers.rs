@@ -39,6 +39,10 @@ use crate::platform::jitter;
 use crate::store::{Namespace, RESTORE_MARKER_KEY, Store};
 use crate::transport::{HttpsClient, Timeouts};
 
+/// Longest wait between two looks at the store for a rekey ([`super::rekey::tend`]) once the
+/// key is loaded; Keepers are refilled every `SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL`.
+const REKEY_CHECK: Duration = Duration::from_secs(2);
+
 /// First wait between two recovery attempts.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Most shards interpolated in one search (a combination of `t` shards costs `t`): measured
@@ -92,9 +96,25 @@ async fn run(nexus: Arc<Nexus>, client: KeeperClient) {
             Outcome::RetrySoon => tokio::time::sleep(jitter(INITIAL_BACKOFF)).await,
         }
     }
+    let interval = nexus.config.keeper_update_interval;
+    let mut pushed = tokio::time::Instant::now();
     loop {
-        push_all(&nexus, &client).await;
-        tokio::time::sleep(nexus.config.keeper_update_interval).await;
+        tokio::time::sleep(interval.min(REKEY_CHECK)).await;
+        // A rekey finished elsewhere is followed, one under way is tended, and Keepers are
+        // refilled only with the store's current key.
+        let current = super::rekey::tend(&nexus, &client).await;
+        if current && pushed.elapsed() >= interval {
+            push_all(&nexus, &client).await;
+            pushed = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Refills every Keeper now, unless a rekey is under way or this instance's key is no longer
+/// the store's ([`super::rekey::tend`] says which).
+pub(super) async fn refill_if_current(nexus: &Arc<Nexus>, client: &KeeperClient) {
+    if super::rekey::tend(nexus, client).await {
+        push_all(nexus, client).await;
     }
 }
 
@@ -118,7 +138,7 @@ pub struct Round {
 
 /// Asks every Keeper for its shard, all at once, and counts which answered.
 async fn gather(nexus: &Nexus, client: &KeeperClient) -> Round {
-    let round = gather_from(nexus.peers(), client).await;
+    let round = gather_from(&nexus.peers(), client).await;
     for (position, up) in &round.reachable {
         nexus.metrics.keeper_reachable(*position, *up);
     }
@@ -168,9 +188,35 @@ pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
 /// One recovery attempt: gather the Keepers' shards, read the verifier, then recover, create
 /// or adopt the key, or wait.
 async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
+    // The sharing since the last rekey, and a rekey under way: both say which Keepers to ask.
+    let (deployment, journal) = match tokio::try_join!(
+        super::rekey::peek_deployment(&nexus.store),
+        super::rekey::journal(&nexus.store)
+    ) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key record or the rekey journal");
+            nexus.set_phase(Phase::StoreUnavailable);
+            return Outcome::Retry;
+        }
+    };
+    if let Some(sharing) = deployment.and_then(|d| d.sharing()) {
+        nexus.set_awaiting(sharing);
+    }
     let Round {
-        shards, answered, ..
+        mut shards,
+        answered,
+        ..
     } = gather(nexus, client).await;
+    if let Some(next) = journal.as_ref().and_then(super::rekey::Journal::sharing) {
+        let known = nexus.peers();
+        let more: Vec<Uri> = next
+            .peers
+            .into_iter()
+            .filter(|p| !known.contains(p))
+            .collect();
+        shards.extend(gather_from(&more, client).await.shards);
+    }
     let verifier = match nexus.store.verifier().await {
         Ok(v) => v,
         Err(e) => {
@@ -206,31 +252,66 @@ async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
         }
     }
     match verifier {
-        Some(verifier) => recover(nexus, client, &shards, answered, &verifier).await,
+        Some(verifier) => {
+            recover(
+                nexus,
+                client,
+                &shards,
+                answered,
+                &verifier,
+                journal.as_ref(),
+            )
+            .await
+        }
         None if shards.is_empty() => create_new(nexus, client, answered).await,
         None => adopt(nexus, client, &shards).await,
     }
 }
 
-/// The store has a verifier: find the combination of shards that opens it.
+/// The store has a verifier: find the combination of shards that opens it. During a rekey
+/// the Keepers may hold shards of the new key instead: either key opens the journal, which
+/// gives the other, and the instance loads the one the rekey's step says is current.
 async fn recover(
     nexus: &Arc<Nexus>,
     client: &KeeperClient,
     shards: &[(String, Share)],
     answered: usize,
     verifier: &Verifier,
+    journal: Option<&super::rekey::Journal>,
 ) -> Outcome {
-    let threshold = usize::from(nexus.config.threshold);
-    let found = search(by_index(shards), threshold, Some(verifier.clone())).await;
+    let threshold = usize::from(nexus.sharing().threshold);
+    let mut found = search(by_index(shards), threshold, Some(verifier.clone())).await;
+    if found.key.is_none()
+        && let Some(j) = journal
+        && let Some(next) = j.sharing()
+    {
+        let to = j.to_verifier();
+        found = search(by_index(shards), usize::from(next.threshold), Some(to)).await;
+    }
     if let Some(key) = found.key {
-        return load(
-            nexus,
-            client,
-            key,
-            shards,
-            "recovered the root key from Keepers",
-        )
-        .await;
+        let (key, sharing, what) = match journal.and_then(|j| Some((j, j.keys(&key)?))) {
+            Some((j, (from, to))) if j.step() == super::rekey::Step::Committing => {
+                // The keyring goes under the new key first (idempotent), so that it opens;
+                // the Keeper round right after loading finishes the rest of the rekey.
+                let upgrade = nexus.config.upgrade_secret_records;
+                if let Err(e) = super::keyring::rewrap(&nexus.store, &from, &to, upgrade).await {
+                    tracing::error!(error = %e, "cannot re-wrap the keyring for the rekey under way");
+                    return Outcome::Retry;
+                }
+                (
+                    to,
+                    j.sharing(),
+                    "recovered the root key from Keepers during a rekey that is committing: using the new key",
+                )
+            }
+            Some((_, (from, _))) => (
+                from,
+                None,
+                "recovered the root key from Keepers during a rekey that has not committed: using the current key",
+            ),
+            None => (key, None, "recovered the root key from Keepers"),
+        };
+        return load(nexus, client, key, sharing, shards, what).await;
     }
     if shards.len() >= threshold {
         tracing::error!(
@@ -253,7 +334,7 @@ async fn recover(
 
 /// No verifier and no shards: a new deployment, once enough Keepers answer (empty).
 async fn create_new(nexus: &Arc<Nexus>, client: &KeeperClient, answered: usize) -> Outcome {
-    let threshold = usize::from(nexus.config.threshold);
+    let threshold = usize::from(nexus.sharing().threshold);
     if answered < threshold {
         nexus.set_phase(Phase::AwaitingKeepers {
             have: 0,
@@ -281,7 +362,7 @@ async fn create_new(nexus: &Arc<Nexus>, client: &KeeperClient, answered: usize) 
 /// Shards but no verifier: a deployment whose store never had one (SPIKE's) or one whose store
 /// was replaced. Adopt the Keepers' key only if every shard agrees.
 async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Share)]) -> Outcome {
-    let threshold = usize::from(nexus.config.threshold);
+    let threshold = usize::from(nexus.sharing().threshold);
     let Some(key) = search(by_index(shards), threshold, None).await.key else {
         nexus.set_phase(Phase::AwaitingKeepers {
             have: shards.len(),
@@ -292,7 +373,7 @@ async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Sha
     // Every shard must come from one polynomial of this key, under either SPIKE derivation.
     let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
     let all_agree = matches!(
-        crate::crypto::shamir::identify_derivation(&key, nexus.config.threshold, &observed),
+        crate::crypto::shamir::identify_derivation(&key, nexus.sharing().threshold, &observed),
         Ok(Some(_))
     );
     if !all_agree {
@@ -329,7 +410,7 @@ async fn create(
         }
     };
     match nexus.store.create_verifier(&verifier).await {
-        Ok(true) => load(nexus, client, key, shards, what).await,
+        Ok(true) => load(nexus, client, key, None, shards, what).await,
         Ok(false) => {
             tracing::info!(
                 "another Nexus instance created the root key first; recovering it from the Keepers"
@@ -344,19 +425,32 @@ async fn create(
     }
 }
 
+/// Loads `key`, shared as `sharing` (during a rekey: the journal's) or as its root-key record
+/// says, then refills the Keepers unless a rekey is under way.
 async fn load(
     nexus: &Arc<Nexus>,
     client: &KeeperClient,
     key: RootKey,
+    sharing: Option<super::rekey::Sharing>,
     shards: &[(String, Share)],
     what: &str,
 ) -> Outcome {
+    let sharing = match sharing {
+        Some(sharing) => sharing,
+        None => match super::rekey::sharing_of(nexus, &key).await {
+            Ok(sharing) => sharing,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the deployment's sharing");
+                return Outcome::Retry;
+            }
+        },
+    };
     let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
-    let derivation = nexus.derivation_of(&key, &observed);
+    let derivation = nexus.derivation_of_sharing(&key, &sharing, &observed);
     let Some(keyring) = nexus.open_keyring(&key).await else {
         return Outcome::Retry;
     };
-    let keys = match nexus.install(key, derivation, keyring) {
+    let keys = match nexus.install(key, sharing, derivation, keyring) {
         Ok(keys) => keys,
         Err(e) => {
             tracing::error!(error = %e, "cannot split the root key with the configured Shamir parameters");
@@ -378,7 +472,7 @@ async fn load(
     }
     nexus.set_inconsistent(inconsistent);
     tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "{what}");
-    push_all(nexus, client).await;
+    refill_if_current(nexus, client).await;
     Outcome::Loaded
 }
 
@@ -422,8 +516,14 @@ pub async fn deployment_key(
     store: &impl Store,
 ) -> Result<RootKey, KeyError> {
     let verifier = store.verifier().await?.ok_or(KeyError::NewDeployment)?;
-    let Round { shards, .. } = gather_from(&config.keeper_peers, client).await;
-    let need = usize::from(config.threshold);
+    // Since a rekey the store's record says which Keepers hold the key, and how many rebuild it.
+    let sharing = super::rekey::peek_deployment(store)
+        .await?
+        .filter(|d| d.key_id == verifier.key_id)
+        .and_then(|d| d.sharing())
+        .unwrap_or_else(|| super::rekey::Sharing::of_config(config));
+    let Round { shards, .. } = gather_from(&sharing.peers, client).await;
+    let need = usize::from(sharing.threshold);
     if shards.len() < need {
         return Err(KeyError::TooFewShards {
             have: shards.len(),
@@ -461,12 +561,21 @@ pub(super) async fn search(
     threshold: usize,
     verifier: Option<Verifier>,
 ) -> Search {
-    let joined = tokio::task::spawn_blocking(move || {
-        find_key(&shards, threshold, MAX_SEARCH_TERMS, |k| {
-            verifier.as_ref().is_none_or(|v| k.opens(v))
-        })
+    search_by(shards, threshold, move |k| {
+        verifier.as_ref().is_none_or(|v| k.opens(v))
     })
-    .await;
+    .await
+}
+
+/// [`find_key`] on the blocking pool, accepting a key that `accept` takes.
+pub(super) async fn search_by(
+    shards: Vec<Share>,
+    threshold: usize,
+    accept: impl Fn(&RootKey) -> bool + Send + 'static,
+) -> Search {
+    let joined =
+        tokio::task::spawn_blocking(move || find_key(&shards, threshold, MAX_SEARCH_TERMS, accept))
+            .await;
     // The search only ends early if it panicked: nothing was found.
     joined.unwrap_or(Search {
         key: None,
@@ -571,7 +680,13 @@ fn for_each_combination(n: usize, k: usize, f: &mut dyn FnMut(&[usize]) -> bool)
 pub(super) async fn push_all(nexus: &Arc<Nexus>, client: &KeeperClient) {
     let Some(keys) = nexus.keys() else { return };
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, (url, share)) in nexus.peers().iter().zip(keys.shards.iter()).enumerate() {
+    for (i, (url, share)) in keys
+        .sharing
+        .peers
+        .iter()
+        .zip(keys.shards.iter())
+        .enumerate()
+    {
         let client = client.clone();
         let url = url.clone();
         let share = share.clone();

@@ -17,7 +17,8 @@
 //! (8 bytes, big endian), then nonce ‖ AES-256-GCM under `root.derive("spike/keyring/v1")` of
 //! the entries, with associated data `spike/keyring/v1\0keyring\0<generation>`. Each entry is
 //! its id (4 bytes), creation time (Unix seconds, 8 bytes), state (1 byte: active, retired),
-//! and for ids other than 0 the key's 32 bytes; the plaintext lives only in zeroized buffers.
+//! and for ids other than 0 the key's 32 bytes — for id 0 too after a rekey ([`rewrap`]): the
+//! bytes of the root key that derived it; the plaintext lives only in zeroized buffers.
 //! A record that does not open — edited, truncated, swapped generation, another root key's —
 //! is refused (the instance logs it and does not load the key, or answers 500), never replaced.
 //!
@@ -306,9 +307,10 @@ fn open(wrap: &AeadKey, stored: &[u8]) -> Result<(u64, Vec<(Entry, Option<DataKe
         let mut created = [0u8; 8];
         created.copy_from_slice(take(8)?);
         let state = State::from_byte(take(1)?[0]).ok_or_else(|| refused("unknown key state"))?;
+        // The legacy entry has no bytes until a rekey gives it the old root key's.
         let key = match take(1)?[0] {
             0 if id == LEGACY => None,
-            1 if id != LEGACY => {
+            1 => {
                 Some(DataKey::from_slice(take(KEY_LEN)?).ok_or_else(|| refused("short data key"))?)
             }
             _ => return Err(refused("key bytes do not match the entry's id")),
@@ -482,6 +484,60 @@ pub async fn rotate(
                     "added data key {id} to the keyring: new values are sealed under it"
                 );
                 return decode(root, &value, revision, upgrade_secret_records);
+            }
+            Written::Conflict => continue,
+        }
+    }
+    Err(Error::Contended)
+}
+
+/// Re-wraps the store's keyring from root key `from` to `to` (a rekey), at the next
+/// generation, with compare-and-set. The legacy entry 0, whose purpose keys `from` derived,
+/// takes `from`'s bytes as its key, so what `from` sealed before the keyring stays readable
+/// under `to`. A keyring already under `to` is returned as it is (the step is idempotent).
+pub async fn rewrap(
+    store: &impl Store,
+    from: &RootKey,
+    to: &RootKey,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, Error> {
+    let (old_wrap, new_wrap) = (from.derive(KEYRING_LABEL), to.derive(KEYRING_LABEL));
+    for _ in 0..ROTATE_ATTEMPTS {
+        let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await? else {
+            return Err(Error::Refused(
+                "the store has no keyring to re-wrap (it was removed)".into(),
+            ));
+        };
+        if open(&new_wrap, &stored.value).is_ok() {
+            return decode(to, &stored.value, stored.revision, upgrade_secret_records);
+        }
+        let (generation, mut opened) = open(&old_wrap, &stored.value)?;
+        for (entry, key) in &mut opened {
+            if entry.id == LEGACY && key.is_none() {
+                *key = DataKey::from_slice(from.as_bytes());
+            }
+        }
+        let next = generation
+            .checked_add(1)
+            .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
+        let entries: Vec<(Entry, Option<&DataKey>)> =
+            opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
+        let value = seal(&new_wrap, next, &entries)?;
+        match store
+            .put(
+                Namespace::System,
+                KEYRING_KEY,
+                value.clone(),
+                Expect::Revision(stored.revision),
+            )
+            .await?
+        {
+            Written::Done(revision) => {
+                tracing::info!(
+                    generation = next,
+                    "re-wrapped the keyring under the new root key"
+                );
+                return decode(to, &value, revision, upgrade_secret_records);
             }
             Written::Conflict => continue,
         }
@@ -818,9 +874,7 @@ mod tests {
         assert_eq!(ring.generation, 3);
         assert_eq!(ring.current(), 1);
         assert_eq!(ring.entries()[2], e(2, State::Retired));
-        // A legacy entry with key bytes, or a real one without, is malformed.
-        let bad = seal(&wrap, 1, &[(e(0, State::Active), Some(&k1))]).unwrap();
-        assert!(decode(&root, &bad, Revision("r".into()), false).is_err());
+        // A real entry without key bytes is malformed.
         let bad = seal(
             &wrap,
             1,

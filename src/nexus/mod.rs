@@ -14,6 +14,7 @@
 //! - [`book`]: every policy in one sealed record, and this instance's validated copy.
 //! - [`keyring`]: the data keys, sealed under the root key in the store (decision 33).
 //! - [`audit`]: the audit file, one chained and MACed record per request.
+//! - [`rekey`]: a new root key and Keeper sharing while every instance serves (decision 34).
 
 pub mod audit;
 pub mod authz;
@@ -24,6 +25,7 @@ pub mod keepers;
 pub mod keyring;
 pub mod policy;
 pub mod recovery;
+pub mod rekey;
 pub mod routes;
 pub mod secrets;
 pub mod writers;
@@ -106,6 +108,15 @@ pub enum ApiError {
     /// The request's audit record could not be written (fail-closed): 503.
     #[error("{0}")]
     Audit(#[from] audit::Unavailable),
+    /// An operator route refused or failed, with a reason for the operator (superuser routes
+    /// only: the reason names keys by id and Keepers by URL, never anything secret).
+    #[error("{reason}")]
+    Operator {
+        /// The error code (and so the status).
+        code: ErrorCode,
+        /// What the operator is told.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -143,6 +154,7 @@ impl ApiError {
             ApiError::NotReady => ErrorCode::StateNotReady,
             ApiError::Contended => ErrorCode::StoreUnavailable,
             ApiError::Audit(_) => ErrorCode::AuditUnavailable,
+            ApiError::Operator { code, .. } => *code,
             ApiError::Store(crate::store::Error::Unavailable { .. }) => ErrorCode::StoreUnavailable,
             ApiError::Store(_) | ApiError::Crypto(_) | ApiError::Internal(_) => {
                 ErrorCode::ApiInternalError
@@ -233,6 +245,9 @@ pub struct Keys {
     /// are a pure function of the key and the derivation, so computing them once is not a
     /// cache of state.
     pub shards: LockedShares,
+    /// How the key is shared: its threshold and Keepers (the store's root-key record since a
+    /// rekey, the configuration before the first).
+    pub sharing: rekey::Sharing,
     /// How the shards' polynomial is drawn from the key: the one the Keepers were found
     /// holding (a deployment is never re-sharded behind its operator's back), the current one
     /// for a new deployment.
@@ -254,19 +269,22 @@ pub struct Keys {
 pub const POLICIES_LABEL: &str = "spike/policies/v1";
 
 impl Keys {
-    /// Derives the sub-keys of `root` and its `shares` Keeper shards under `derivation` (any
-    /// `threshold` of them rebuild it).
+    /// Derives the sub-keys of `root` and its Keeper shards under `derivation`, one per Keeper
+    /// of `sharing` (any threshold of them rebuild it).
     pub fn new(
         root: RootKey,
-        threshold: u8,
-        shares: u8,
+        sharing: rekey::Sharing,
         derivation: ShardDerivation,
         upgrade_secret_records: bool,
     ) -> Result<Keys, crate::crypto::Error> {
         let shards = LockedShares::new(&crate::crypto::shamir::split_with(
-            &root, threshold, shares, derivation,
+            &root,
+            sharing.threshold,
+            sharing.shares(),
+            derivation,
         )?);
         Ok(Keys {
+            sharing,
             derivation,
             key_id: root.key_id(),
             secrets: Arc::new(secrets::SecretKeys::derive(&root, upgrade_secret_records)),
@@ -284,13 +302,7 @@ impl Keys {
         self.keyring
             .validated(store, &self.root)
             .await
-            .map_err(|e| match e {
-                keyring::Error::Store(e) => ApiError::Store(e),
-                e => {
-                    tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
-                    ApiError::Internal(e.to_string())
-                }
-            })
+            .map_err(keyring_error)
     }
 
     /// The same keys, with the store's keyring.
@@ -325,6 +337,24 @@ pub struct Nexus {
     pending_restore: recovery::Pending,
     /// Where every request's audit record goes.
     pub audit: Arc<audit::Trail>,
+    /// The sharing to recover with while no key is loaded: the store's root-key record's once
+    /// read, the configuration's before.
+    awaiting: RwLock<rekey::Sharing>,
+    /// One [`rekey::follow`] at a time.
+    following: tokio::sync::Mutex<()>,
+}
+
+/// A keyring failure as an answer: the store's own errors as they are, a refused keyring as a
+/// 500 and a log line (nothing is sealed or opened with it).
+pub(crate) fn keyring_error(e: keyring::Error) -> ApiError {
+    match e {
+        keyring::Error::Store(e) => ApiError::Store(e),
+        keyring::Error::Contended => ApiError::Contended,
+        e => {
+            tracing::error!(error = %e, "the store's keyring is refused; nothing is sealed or opened with it");
+            ApiError::Internal(e.to_string())
+        }
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -342,6 +372,7 @@ impl Nexus {
     pub fn new(config: NexusConfig, store: AnyStore, metrics: Arc<NexusMetrics>) -> Nexus {
         let need = usize::from(config.threshold);
         let phase = Phase::AwaitingKeepers { have: 0, need };
+        let awaiting = RwLock::new(rekey::Sharing::of_config(&config));
         metrics.key_state(phase.key_state());
         Nexus {
             store: Measured::new(store, metrics.store.clone()),
@@ -355,6 +386,8 @@ impl Nexus {
             keeper_client: std::sync::OnceLock::new(),
             pending_restore: recovery::Pending::default(),
             audit: Arc::new(audit::Trail::off()),
+            awaiting,
+            following: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -364,34 +397,47 @@ impl Nexus {
         self
     }
 
-    /// The store's keyring, checked against the store now ([`keyring::Current::validated`]):
-    /// a keyring that does not open, or that went back in time, is a 500 and a log line.
-    pub async fn keyring(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
-        let ring = keys.keyring(&self.store).await?;
+    /// The store's keyring, checked against the store now ([`keyring::Current::validated`]).
+    /// A keyring that no longer opens under `keys` because a rekey replaced the root key is
+    /// followed ([`rekey::follow`]) and read under the new key; any other keyring that does not
+    /// open, or that went back in time, is a 500 and a log line.
+    pub async fn keyring(self: &Arc<Self>, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let ring = match keys.keyring.validated(&self.store, &keys.root).await {
+            Ok(ring) => ring,
+            Err(keyring::Error::Refused(_)) => {
+                let current = rekey::follow(self, keys).await?;
+                current.keyring(&self.store).await?
+            }
+            Err(e) => return Err(keyring_error(e)),
+        };
         self.metrics.data_key(ring.current());
         Ok(ring)
     }
 
+    /// The key material to change keys with: `keys`, or the key that replaced it when a rekey
+    /// happened through another instance (the keyring is checked first, which follows it).
+    pub(crate) async fn current(self: &Arc<Self>, keys: &Arc<Keys>) -> Result<Arc<Keys>, ApiError> {
+        self.keyring(keys).await?;
+        Ok(self.keys().unwrap_or_else(|| Arc::clone(keys)))
+    }
+
     /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
     /// the others at their next check.
-    pub async fn rotate(&self, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
+    pub async fn rotate(
+        self: &Arc<Self>,
+        keys: &Arc<Keys>,
+    ) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let keys = self.current(keys).await?;
         keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records)
             .await
-            .map_err(|e| match e {
-                keyring::Error::Store(e) => ApiError::Store(e),
-                keyring::Error::Contended => ApiError::Contended,
-                e => {
-                    tracing::error!(error = %e, "cannot rotate: the store's keyring is refused");
-                    ApiError::Internal(e.to_string())
-                }
-            })?;
-        self.keyring(keys).await
+            .map_err(keyring_error)?;
+        self.keyring(&keys).await
     }
 
     /// Starts a re-encryption pass in the background: every secret record and the policy
     /// book that name a data key other than the current one are rewritten under it
     /// ([`secrets::reencrypt`]). Resumable: a pass started again does only what is left.
-    pub async fn reencrypt(&self, keys: &Keys) -> Result<(), ApiError> {
+    pub async fn reencrypt(self: &Arc<Self>, keys: &Keys) -> Result<(), ApiError> {
         let ring = self.keyring(keys).await?;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(ApiError::Internal("no runtime to run the pass on".into()));
@@ -449,7 +495,12 @@ impl Nexus {
     /// Retires data key `id` once no record in the store names it (secret records, the
     /// policy book); cipher output outside the store may still name it, and a retired key
     /// keeps opening it.
-    pub async fn retire(&self, keys: &Keys, id: u32) -> Result<Arc<keyring::Keyring>, ApiError> {
+    pub async fn retire(
+        self: &Arc<Self>,
+        keys: &Arc<Keys>,
+        id: u32,
+    ) -> Result<Arc<keyring::Keyring>, ApiError> {
+        let keys = &self.current(keys).await?;
         let ring = self.keyring(keys).await?;
         let refused = |e: keyring::RetireError| {
             tracing::warn!(error = %e, "data key not retired");
@@ -493,14 +544,7 @@ impl Nexus {
         .await
         {
             Ok(_) => self.keyring(keys).await,
-            Err(keyring::RetireError::Keyring(keyring::Error::Store(e))) => Err(ApiError::Store(e)),
-            Err(keyring::RetireError::Keyring(keyring::Error::Contended)) => {
-                Err(ApiError::Contended)
-            }
-            Err(e @ keyring::RetireError::Keyring(_)) => {
-                tracing::error!(error = %e, "cannot retire: the store's keyring is refused");
-                Err(ApiError::Internal(e.to_string()))
-            }
+            Err(keyring::RetireError::Keyring(e)) => Err(keyring_error(e)),
             Err(e) => Err(refused(e)),
         }
     }
@@ -550,14 +594,15 @@ impl Nexus {
     fn install(
         &self,
         root: RootKey,
+        sharing: rekey::Sharing,
         derivation: ShardDerivation,
         keyring: keyring::Keyring,
     ) -> Result<Arc<Keys>, crate::crypto::Error> {
+        self.note_sharing(&sharing);
         let keys = Arc::new(
             Keys::new(
                 root,
-                self.config.threshold,
-                self.config.shares,
+                sharing,
                 derivation,
                 self.config.upgrade_secret_records,
             )?
@@ -576,6 +621,82 @@ impl Nexus {
         }
         self.start_policies(&keys);
         Ok(keys)
+    }
+
+    /// Replaces the loaded key with `root` after a rekey (shared as `sharing`, its keyring
+    /// `keyring`); a key already replaced by the same one is kept.
+    pub fn replace(
+        &self,
+        root: RootKey,
+        sharing: rekey::Sharing,
+        derivation: ShardDerivation,
+        keyring: keyring::Keyring,
+    ) -> Result<Arc<Keys>, ApiError> {
+        let key_id = root.key_id();
+        if let Some(now) = self.keys()
+            && now.key_id == key_id
+        {
+            return Ok(now);
+        }
+        self.note_sharing(&sharing);
+        let keys = Arc::new(
+            Keys::new(
+                root,
+                sharing,
+                derivation,
+                self.config.upgrade_secret_records,
+            )?
+            .with_keyring(keyring),
+        );
+        let old = write(&self.keys).replace(Arc::clone(&keys));
+        tracing::info!(
+            key_id = %keys.key_id,
+            previous = ?old.map(|k| k.key_id.clone()),
+            "now using root key {}",
+            keys.key_id
+        );
+        self.metrics.data_key(keys.keyring.loaded().current());
+        self.set_phase(Phase::Ready);
+        Ok(keys)
+    }
+
+    /// Says when the deployment's sharing (since a rekey) is not this instance's configuration.
+    fn note_sharing(&self, sharing: &rekey::Sharing) {
+        if sharing.peers != self.config.keeper_peers || sharing.threshold != self.config.threshold {
+            tracing::warn!(
+                threshold = sharing.threshold,
+                keepers = %sharing.peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                "the deployment's sharing differs from this instance's SPIKE_NEXUS_SHAMIR_* and \
+                 SPIKE_NEXUS_KEEPER_PEERS: the deployment's is used; update the configuration"
+            );
+        }
+    }
+
+    /// How the key is shared now: the loaded key's sharing, or the one recovery uses while
+    /// there is no key.
+    pub fn sharing(&self) -> rekey::Sharing {
+        match self.keys() {
+            Some(keys) => keys.sharing.clone(),
+            None => read(&self.awaiting).clone(),
+        }
+    }
+
+    /// Recover with `sharing` from now on (the store's root-key record was read).
+    fn set_awaiting(&self, sharing: rekey::Sharing) {
+        *write(&self.awaiting) = sharing;
+    }
+
+    /// The client that talks to Keepers (set when the Keeper task starts).
+    pub fn keeper_client(&self) -> Result<crate::client::keeper::KeeperClient, ApiError> {
+        self.keeper_client
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("the Keeper task has not started".into()))
+    }
+
+    /// Gives every Keeper its shard of the loaded key now.
+    pub async fn refill(self: &Arc<Self>, client: &crate::client::keeper::KeeperClient) {
+        keepers::push_all(self, client).await;
     }
 
     /// `SPIKE_NEXUS_UPGRADE_SECRET_RECORDS`: gives every secret record without a MAC its MAC,
@@ -657,12 +778,22 @@ impl Nexus {
     /// or sent by operators): all of them when the deployment is consistent; a mix means some
     /// shards are stale and will be refilled. The current derivation when none are known.
     pub fn derivation_of(&self, key: &RootKey, observed: &[Share]) -> ShardDerivation {
-        let t = self.config.threshold;
+        self.derivation_of_sharing(key, &self.sharing(), observed)
+    }
+
+    /// [`Nexus::derivation_of`] for a key shared as `sharing`.
+    pub fn derivation_of_sharing(
+        &self,
+        key: &RootKey,
+        sharing: &rekey::Sharing,
+        observed: &[Share],
+    ) -> ShardDerivation {
+        let (t, n) = (sharing.threshold, sharing.shares());
         if let Ok(Some(d)) = crate::crypto::shamir::identify_derivation(key, t, observed) {
             return d;
         }
         let explained = |d: ShardDerivation| {
-            crate::crypto::shamir::split_with(key, t, self.config.shares, d)
+            crate::crypto::shamir::split_with(key, t, n, d)
                 .map(|expected| {
                     observed
                         .iter()
@@ -682,8 +813,8 @@ impl Nexus {
     }
 
     /// The Keeper URLs, in Shamir index order.
-    pub fn peers(&self) -> &[Uri] {
-        &self.config.keeper_peers
+    pub fn peers(&self) -> Vec<Uri> {
+        self.sharing().peers
     }
 }
 
@@ -914,8 +1045,15 @@ mod tests {
         let keys = Arc::new(
             Keys::new(
                 RootKey::generate().unwrap(),
-                2,
-                3,
+                rekey::Sharing::parse(
+                    2,
+                    &[
+                        "https://127.0.0.1:1".into(),
+                        "https://127.0.0.1:2".into(),
+                        "https://127.0.0.1:3".into(),
+                    ],
+                )
+                .unwrap(),
                 ShardDerivation::default(),
                 false,
             )

@@ -10,6 +10,10 @@
 //! the Keepers on their own. Any consistent set restores: our recovery shards, or SPIKE's
 //! (which are Keeper-polynomial shards). Restore is refused once the key is loaded.
 //!
+//! **Shards from before a rekey** rebuild a key the store's root-key record lists as replaced:
+//! they are refused with a message that says so, and every pending shard is dropped (they can
+//! never help), so the operator starts again with the shards exported since.
+//!
 //! **Pending shards: one per index, the newest wins.** An index must lie in `1..=shares`
 //! (400 otherwise), and a shard for an index already held replaces it, so an instance never
 //! holds more than `shares` shards however many are sent. Newest-wins because the operator
@@ -44,10 +48,13 @@ use crate::crypto::{KEY_LEN, Share};
 use crate::protocol::nexus::{RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::store::Store;
 
-/// The recovery shards of the loaded key.
-pub fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {
+/// The recovery shards of the loaded key, shared as the key is; the store records that this
+/// key's shards were exported (`/health` says when they have not been since a rekey).
+pub async fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {
     let shards =
-        crate::crypto::split_recovery(&keys.root, nexus.config.threshold, nexus.config.shares)?;
+        crate::crypto::split_recovery(&keys.root, keys.sharing.threshold, keys.sharing.shares())?;
+    super::rekey::record_export(&nexus.store, &keys.root).await?;
+    nexus.metrics.recovery_exported(true);
     Ok(RecoverResponse {
         shards: shards
             .iter()
@@ -151,13 +158,14 @@ pub async fn restore(
             "this Nexus already has its root key; restore is only for an instance reporting awaiting_restore".into(),
         ));
     }
-    let shares = nexus.config.shares;
+    let sharing = nexus.sharing();
+    let shares = sharing.shares();
     let index = u8::try_from(req.id)
         .ok()
         .filter(|i| (1..=shares).contains(i))
         .ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "shard index {} is out of range 1..={shares} (SPIKE_NEXUS_SHAMIR_SHARES)",
+                "shard index {} is out of range 1..={shares} (the deployment's Keeper count)",
                 req.id
             ))
         })?;
@@ -165,9 +173,16 @@ pub async fn restore(
         .shard
         .ok_or_else(|| ApiError::BadRequest("the request carries no shard".into()))?;
     let share = Share::new(index, value).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let threshold = usize::from(nexus.config.threshold);
+    let threshold = usize::from(sharing.threshold);
     let (held, generation) = nexus.pending_restore.add(share);
     if held < threshold {
+        // Shards of a key a rekey replaced may be fewer than today's threshold: say so now
+        // rather than after the operator has typed in more of them.
+        let (shards, _) = nexus.pending_restore.newest_first();
+        if let Some(why) = predate(nexus, &shards).await {
+            nexus.pending_restore.clear();
+            return Err(refused(why));
+        }
         return Ok(progress(held, threshold));
     }
     let nexus = Arc::clone(nexus);
@@ -179,7 +194,7 @@ pub async fn restore(
 /// Tries the held shards against the verifier, one attempt at a time, for a request whose
 /// shard arrived in `generation`.
 async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse, ApiError> {
-    let threshold = usize::from(nexus.config.threshold);
+    let threshold = usize::from(nexus.sharing().threshold);
     let mut searched_in_vain = nexus.pending_restore.attempt.lock().await;
     if nexus.keys().is_some() {
         // An attempt this one waited behind (or the Keepers) loaded the key.
@@ -213,6 +228,11 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
     let found = keepers::search(shards.clone(), threshold, Some(verifier)).await;
     let Some(key) = found.key else {
         *searched_in_vain = current;
+        if let Some(why) = predate(nexus, &shards).await {
+            tracing::warn!(held, "restore: {why}");
+            nexus.pending_restore.clear();
+            return Err(refused(why));
+        }
         tracing::warn!(
             held,
             tried = found.tried,
@@ -230,24 +250,70 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
     };
     // Recovery files of SPIKE's Pilot are Keeper shards: their derivation is the deployment's
     // (ours come from a second polynomial and match neither; the current one is used).
-    let derivation = nexus.derivation_of(&key, &shards);
+    let sharing = super::rekey::sharing_of(nexus, &key).await?;
+    let derivation = nexus.derivation_of_sharing(&key, &sharing, &shards);
     let Some(keyring) = nexus.open_keyring(&key).await else {
         return Err(ApiError::Internal(
             "the root key is rebuilt but the store's keyring cannot be read or is refused".into(),
         ));
     };
-    let keys = nexus.install(key, derivation, keyring)?;
+    let keys = nexus.install(key, sharing, derivation, keyring)?;
     nexus.pending_restore.clear();
     drop(searched_in_vain);
     tracing::info!(key_id = %keys.key_id, shard_derivation = %keys.derivation, "restored the root key from recovery shards; refilling Keepers");
     if let Some(client) = nexus.keeper_client.get() {
-        keepers::push_all(nexus, client).await;
+        keepers::refill_if_current(nexus, client).await;
     }
     Ok(RestoreResponse {
         collected: held,
         remaining: 0,
         restored: true,
     })
+}
+
+/// A refusal the restore operator is told the reason of (key ids and times only).
+fn refused(reason: String) -> ApiError {
+    ApiError::Operator {
+        code: crate::protocol::nexus::ErrorCode::ApiBadRequest,
+        reason,
+    }
+}
+
+/// Why `shards` are refused, when they rebuild a root key that a rekey replaced: the store's
+/// root-key record lists the ids (and thresholds) of the keys it replaced. Key ids are
+/// one-way fingerprints, so the shards are only combined and compared, never used.
+async fn predate(nexus: &Nexus, shards: &[Share]) -> Option<String> {
+    let deployment = super::rekey::peek_deployment(&nexus.store).await.ok()??;
+    let mut thresholds: Vec<u8> = deployment.previous.iter().map(|p| p.threshold).collect();
+    thresholds.sort_unstable();
+    thresholds.dedup();
+    for t in thresholds {
+        if usize::from(t) > shards.len() {
+            continue;
+        }
+        let previous = deployment.previous.clone();
+        let found = keepers::search_by(shards.to_vec(), usize::from(t), move |k| {
+            let id = k.key_id();
+            previous.iter().any(|p| p.key_id == id)
+        })
+        .await;
+        if let Some(key) = found.key {
+            let id = key.key_id();
+            let when = deployment
+                .previous
+                .iter()
+                .find(|p| p.key_id == id)
+                .map(|p| p.replaced.clone())
+                .unwrap_or_default();
+            return Some(format!(
+                "these recovery shards rebuild root key {id}, which a rekey replaced at {when}: \
+                 they predate the rekey and restore nothing, so the pending shards were dropped; \
+                 send the shards exported since (spike recover export), of key {}",
+                deployment.key_id
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -62,6 +62,7 @@ enum Route {
     Rotate,
     Reencrypt,
     Retire,
+    Rekey,
 }
 
 impl Route {
@@ -99,6 +100,7 @@ impl Route {
             (wire::ROTATE_PATH, "") => Route::Rotate,
             (wire::REENCRYPT_PATH, "") => Route::Reencrypt,
             (wire::RETIRE_PATH, "") => Route::Retire,
+            (wire::REKEY_PATH, "") => Route::Rekey,
             _ => return Err(ApiError::BadRequest("unknown route or action".into())),
         })
     }
@@ -116,7 +118,9 @@ impl Route {
             Route::Encrypt | Route::Decrypt => Need::Permission(Permission::Execute),
             Route::Recover => Need::Role(Role::Recover),
             Route::Restore => Need::Role(Role::Restore),
-            Route::Rotate | Route::Reencrypt | Route::Retire => Need::Role(Role::Superuser),
+            Route::Rotate | Route::Reencrypt | Route::Retire | Route::Rekey => {
+                Need::Role(Role::Superuser)
+            }
         }
     }
 
@@ -139,6 +143,7 @@ impl Route {
             Route::Rotate => "rotate",
             Route::Reencrypt => "reencrypt",
             Route::Retire => "retire",
+            Route::Rekey => "rekey",
         }
     }
 
@@ -163,6 +168,7 @@ impl Route {
             Route::Rotate => "operator.rotate",
             Route::Reencrypt => "operator.reencrypt",
             Route::Retire => "operator.retire",
+            Route::Rekey => "operator.rekey",
         }
     }
 }
@@ -198,7 +204,7 @@ impl Api {
         route: Route,
         req: Request<Incoming>,
         caller: &SpiffeId,
-        keys: &Keys,
+        keys: &Arc<Keys>,
         resource: &mut String,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let trust = &self.nexus.config.identity.trust;
@@ -235,8 +241,37 @@ impl Api {
             (Route::Recover, None) => {
                 let _: Empty = parse(&body)?;
                 // The answer is the recovery shards: a buffer wiped once it is written.
-                let shards = recovery::export(&self.nexus, keys)?;
+                let keys = &self.nexus.current(keys).await?;
+                let shards = recovery::export(&self.nexus, keys).await?;
                 Ok(transport::json_secret(StatusCode::OK, &shards))
+            }
+            (Route::Rekey, None) => {
+                let r: wire::RekeyRequest = parse(&body)?;
+                let keys = self.nexus.current(keys).await?;
+                let sharing = super::rekey::Sharing::parse(
+                    r.threshold.unwrap_or(keys.sharing.threshold),
+                    &r.keepers.unwrap_or_else(|| {
+                        keys.sharing.peers.iter().map(ToString::to_string).collect()
+                    }),
+                )
+                .map_err(|reason| ApiError::Operator {
+                    code: wire::ErrorCode::ApiBadRequest,
+                    reason: format!("the new sharing is refused: {reason}"),
+                })?;
+                let done = super::rekey::rekey(&self.nexus, &keys, sharing).await?;
+                ok(&wire::RekeyResponse {
+                    previous_key_id: keys.key_id.clone(),
+                    key_id: done.keys.key_id.clone(),
+                    threshold: done.keys.sharing.threshold,
+                    keepers: done
+                        .keys
+                        .sharing
+                        .peers
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    unconfirmed: done.unconfirmed,
+                })
             }
             (Route::Rotate | Route::Reencrypt | Route::Retire, None) => {
                 let ring = match route {
@@ -500,7 +535,17 @@ fn ok<T: Serialize>(body: &T) -> Result<Response<Full<Bytes>>, ApiError> {
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     let code = e.code();
-    transport::error(code.status(), code.as_str())
+    match e {
+        // Operator routes say why (superuser callers; nothing secret in the reason).
+        ApiError::Operator { reason, .. } => transport::json(
+            code.status(),
+            &wire::ErrorBody {
+                err: code.as_str().to_string(),
+                reason: Some(reason.clone()),
+            },
+        ),
+        _ => transport::error(code.status(), code.as_str()),
+    }
 }
 
 /// `/health` answer. Carries no secret: the key id is a one-way fingerprint.
@@ -530,6 +575,11 @@ struct Health {
     /// The audit file: `ok`, `failing` or `blocked` (absent when there is none).
     #[serde(skip_serializing_if = "Option::is_none")]
     audit: Option<&'static str>,
+    /// Whether the current root key's recovery shards have been exported: `exported`, or
+    /// `not_exported` (never, or not since a rekey replaced the key: run `spike recover
+    /// export`). Absent while no key is loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_shards: Option<&'static str>,
 }
 
 impl Health {
@@ -547,6 +597,7 @@ impl Health {
             identity: "ready",
             svid_expires: None,
             audit: None,
+            recovery_shards: None,
         }
     }
 }
@@ -554,7 +605,7 @@ impl Health {
 impl Api {
     async fn health(&self) -> Response<Full<Bytes>> {
         let nexus = &self.nexus;
-        let mut health = Health::new("ready", nexus.store.backend(), nexus.config.threshold);
+        let mut health = Health::new("ready", nexus.store.backend(), nexus.sharing().threshold);
         health.inconsistent_keepers = nexus.inconsistent_keepers();
         let audit = nexus.audit.health();
         if audit != super::audit::Health::Off {
@@ -578,8 +629,17 @@ impl Api {
             Some(keys) => {
                 health.key_id = Some(keys.key_id.clone());
                 health.shard_derivation = Some(keys.derivation.to_string());
-                match tokio::time::timeout(HEALTH_STORE_TIMEOUT, nexus.store.ping()).await {
-                    Ok(Ok(())) => StatusCode::OK,
+                let checked = async {
+                    nexus.store.ping().await?;
+                    super::rekey::exported(&nexus.store, &keys.root).await
+                };
+                match tokio::time::timeout(HEALTH_STORE_TIMEOUT, checked).await {
+                    Ok(Ok(exported)) => {
+                        nexus.metrics.recovery_exported(exported);
+                        health.recovery_shards =
+                            Some(if exported { "exported" } else { "not_exported" });
+                        StatusCode::OK
+                    }
                     Ok(Err(e)) => {
                         health.status = "store_unavailable";
                         health.reason = Some(e.to_string());

@@ -430,6 +430,8 @@ pub struct NexusMetrics {
     audit_records: Family<AuditLabels, Counter>,
     data_key: Gauge,
     reencrypted: Family<ReencryptLabels, Counter>,
+    rekeys: Counter,
+    recovery_exported: Gauge,
 }
 
 impl NexusMetrics {
@@ -454,6 +456,8 @@ impl NexusMetrics {
             audit_records: Family::default(),
             data_key: Gauge::default(),
             reencrypted: Family::default(),
+            rekeys: Counter::default(),
+            recovery_exported: Gauge::default(),
         };
         m.connections.register(&mut registry, "nexus");
         let r = &mut registry;
@@ -526,6 +530,17 @@ impl NexusMetrics {
             m.data_key.clone(),
         );
         r.register(
+            "spike_nexus_rekeys",
+            "Rekeys this instance finished (its own or one it took over; decision 34)",
+            m.rekeys.clone(),
+        );
+        r.register(
+            "spike_nexus_recovery_shards_exported",
+            "1 when the recovery shards of the current root key have been exported (spike \
+             recover export), 0 when not since the key was created or replaced by a rekey",
+            m.recovery_exported.clone(),
+        );
+        r.register(
             "spike_nexus_reencrypted_records",
             "Secret records seen by re-encryption passes on this instance, by result",
             m.reencrypted.clone(),
@@ -575,6 +590,16 @@ impl NexusMetrics {
     /// New values are sealed under data key `id`.
     pub fn data_key(&self, id: u32) {
         self.data_key.set(i64::from(id));
+    }
+
+    /// This instance finished a rekey.
+    pub fn rekeyed(&self) {
+        self.rekeys.inc();
+    }
+
+    /// Whether the current root key's recovery shards have been exported.
+    pub fn recovery_exported(&self, exported: bool) {
+        self.recovery_exported.set(i64::from(exported));
     }
 
     /// A re-encryption pass did `result` with one record.

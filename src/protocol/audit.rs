@@ -213,7 +213,8 @@ pub fn parse(line: &str) -> Result<Parsed, Broken> {
     })
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+/// The bytes of lowercase or uppercase hex `text`, if it is hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
@@ -225,8 +226,8 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 
 /// Walks a trail line by line: each call checks one line against the ones before it.
 pub struct Verifier<'k> {
-    key: &'k MacKey,
-    key_id: String,
+    /// The audit keys given, by root key id: a trail that spans a rekey has records of each.
+    keys: Vec<(String, &'k MacKey)>,
     /// Digest and seq of the last line seen.
     last: Option<([u8; 32], u64)>,
     /// Lines that verified.
@@ -245,14 +246,20 @@ impl<'k> Verifier<'k> {
     /// A verifier with the audit key of the root key whose id is `key_id`.
     pub fn new(key: &'k MacKey, key_id: String) -> Verifier<'k> {
         Verifier {
-            key,
-            key_id,
+            keys: vec![(key_id, key)],
             last: None,
             verified: 0,
             unauthenticated: 0,
             pending: 0,
             keyed: false,
         }
+    }
+
+    /// The same verifier, also holding the audit key of root key `key_id` (a trail that spans
+    /// a rekey: each record names the key it was written under).
+    pub fn also(mut self, key: &'k MacKey, key_id: String) -> Verifier<'k> {
+        self.keys.push((key_id, key));
+        self
     }
 
     /// Checks the next line. The first line of a walk is taken as where the trail starts (its
@@ -282,16 +289,24 @@ impl<'k> Verifier<'k> {
         }
         match &parsed.mac {
             Some(mac) => {
-                if let Some(found) = &parsed.record.key_id
-                    && *found != self.key_id
-                {
-                    return Err(Broken::OtherKey {
-                        found: found.clone(),
-                        given: self.key_id.clone(),
-                    });
-                }
-                self.key
-                    .verify(parsed.signed.as_bytes(), mac)
+                let key = match &parsed.record.key_id {
+                    Some(found) => self
+                        .keys
+                        .iter()
+                        .find(|(id, _)| id == found)
+                        .map(|(_, k)| *k)
+                        .ok_or_else(|| Broken::OtherKey {
+                            found: found.clone(),
+                            given: self
+                                .keys
+                                .iter()
+                                .map(|(id, _)| id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })?,
+                    None => self.keys[0].1,
+                };
+                key.verify(parsed.signed.as_bytes(), mac)
                     .map_err(|_| Broken::Mac)?;
                 self.pending = 0;
                 self.keyed = true;

@@ -52,6 +52,8 @@ pub const ROTATE_PATH: &str = "/v1/operator/rotate";
 pub const REENCRYPT_PATH: &str = "/v1/operator/reencrypt";
 /// Mark a data key retired once no record uses it (ours; superuser only).
 pub const RETIRE_PATH: &str = "/v1/operator/retire";
+/// A new root key, re-wrapped keyring and new Keeper shards (ours; superuser only).
+pub const REKEY_PATH: &str = "/v1/operator/rekey";
 /// Readiness for load balancers (`GET`/`HEAD`, no client certificate).
 pub const HEALTH_PATH: &str = "/health";
 
@@ -141,6 +143,10 @@ impl ErrorCode {
 pub struct ErrorBody {
     /// The [`ErrorCode`]'s text (or another code from a SPIKE Nexus).
     pub err: String,
+    /// Why, for the operator routes of ours that say (superuser callers only; never anything
+    /// secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `{}`: the answer (or request) with nothing in it.
@@ -438,6 +444,53 @@ pub struct RotateResponse {
     pub current_key: u32,
     /// Every data key, by id.
     pub keys: Vec<DataKeyInfo>,
+}
+
+/// [`REKEY_PATH`] request: the new sharing; what is left out stays as it is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyRequest {
+    /// Shards that rebuild the new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u8>,
+    /// The Keepers of the new key, in Shamir index order (HTTPS URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepers: Option<Vec<String>>,
+}
+
+/// [`REKEY_PATH`] answer (nothing secret: key ids are one-way fingerprints).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RekeyResponse {
+    /// The key replaced.
+    #[serde(rename = "previousKeyId")]
+    pub previous_key_id: String,
+    /// The new root key's id.
+    #[serde(rename = "keyId")]
+    pub key_id: String,
+    /// Its threshold.
+    pub threshold: u8,
+    /// Its Keepers, in index order.
+    pub keepers: Vec<String>,
+    /// Keepers that did not confirm their new shard (they are refilled later).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
+}
+
+/// The rule every Shamir sharing obeys, wherever it is given (configuration, `spike operator
+/// rekey`, the server): between 1 and 255 Keepers, one shard each, and a threshold between 1
+/// and the number of Keepers.
+pub fn check_sharing(threshold: u8, keepers: usize) -> Result<(), String> {
+    if keepers == 0 || keepers > 255 {
+        return Err(format!(
+            "needs between 1 and 255 Keepers (one shard each), got {keepers}"
+        ));
+    }
+    if threshold == 0 || usize::from(threshold) > keepers {
+        return Err(format!(
+            "the threshold must be between 1 and the number of Keepers ({keepers}), got {threshold}"
+        ));
+    }
+    Ok(())
 }
 
 /// `/v1/operator/recover` answer: index (decimal string) → 32-byte shard, as SPIKE encodes

@@ -280,7 +280,7 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `verifier` only if the store has none yet. Returns `true` when this call created
     /// it and `false` when another writer got there first (the existing one is left untouched).
     fn create_verifier(&self, verifier: &Verifier) -> impl Future<Output = Result<bool>> + Send {
-        let value = serde_json::to_vec(&StoredVerifier::from(verifier.clone())).unwrap_or_default();
+        let value = encode_verifier(verifier);
         async move {
             let written = self
                 .put(Namespace::System, VERIFIER_KEY, value, Expect::Absent)
@@ -288,6 +288,11 @@ pub trait Store: Send + Sync + 'static {
             Ok(matches!(written, Written::Done(_)))
         }
     }
+}
+
+/// The value stored at [`VERIFIER_KEY`] for `verifier`.
+pub fn encode_verifier(verifier: &Verifier) -> Vec<u8> {
+    serde_json::to_vec(&StoredVerifier::from(verifier.clone())).unwrap_or_default()
 }
 
 /// Decodes the value stored at [`VERIFIER_KEY`].

@@ -536,6 +536,22 @@ impl Cluster {
         }
     }
 
+    /// Starts one more Keeper (`keeper-<n>`, SPIFFE ID `/spike/keeper/<n>`) and returns its
+    /// index in `self.keepers`. Nexus instances started before do not know it.
+    pub fn add_keeper(&mut self) -> usize {
+        let n = self.keepers.len() + 1;
+        let svid = self
+            .pki
+            .issue(&format!("keeper-{n}"), &format!("/spike/keeper/{n}"));
+        self.keepers.push(Proc::start(
+            &format!("keeper-{n}"),
+            self.dir.path(),
+            &["keeper"],
+            server_env(&svid, &[("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0")]),
+        ));
+        n - 1
+    }
+
     /// `SPIKE_NEXUS_KEEPER_PEERS` for the running Keepers.
     pub fn peers(&self) -> String {
         self.keepers
@@ -658,6 +674,55 @@ impl Cluster {
             .chain(self.nexus.iter())
             .map(|p| format!("===== {} =====\n{}", p.name, p.logs()))
             .collect()
+    }
+}
+
+/// The root key of the cluster, rebuilt from its Keepers' shards once every Keeper holds one.
+pub async fn root_key(c: &Cluster) -> spike::crypto::RootKey {
+    let mut shares = Vec::new();
+    for i in 0..c.keepers.len() {
+        let (index, value) = wait_for("a Keeper's shard", Duration::from_secs(20), || {
+            c.keeper_shard(i)
+        })
+        .await;
+        shares.push(spike::crypto::Share::new(index.unwrap(), value).unwrap());
+    }
+    spike::crypto::combine(&shares).unwrap()
+}
+
+/// Opens the cluster's store from the test process, as its administrator.
+pub async fn admin_store(c: &Cluster, env: &[(String, String)]) -> spike::store::AnyStore {
+    let var = |k: &str| {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    if let Some(bucket) = var("SPIKE_NEXUS_S3_BUCKET") {
+        let cfg = spike::store::S3Config {
+            endpoint: var("SPIKE_NEXUS_S3_ENDPOINT"),
+            bucket,
+            prefix: var("SPIKE_NEXUS_S3_PREFIX").unwrap(),
+            region: var("SPIKE_NEXUS_S3_REGION").unwrap(),
+            path_style: true,
+            credentials: spike::store::S3Credentials {
+                access_key_id: var("AWS_ACCESS_KEY_ID").unwrap(),
+                secret_access_key: var("AWS_SECRET_ACCESS_KEY").unwrap(),
+                session_token: None,
+            },
+        };
+        return spike::store::AnyStore::S3(spike::store::s3::S3Store::open(&cfg).unwrap());
+    }
+    match env.iter().find(|(k, _)| k == "SPIKE_NEXUS_DB_URL") {
+        Some((_, url)) => spike::store::AnyStore::Postgres(
+            spike::store::postgres::PostgresStore::open(url)
+                .await
+                .unwrap(),
+        ),
+        None => spike::store::AnyStore::Sqlite(
+            spike::store::sqlite::SqliteStore::open(&c.data_dir)
+                .await
+                .unwrap(),
+        ),
     }
 }
 

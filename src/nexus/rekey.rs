@@ -1,0 +1,813 @@
+//! `spike operator rekey`: a new root key, the keyring re-wrapped under it, new Keeper shards,
+//! optionally a new threshold and Keeper list, while every instance keeps serving (decision 34
+//! in `docs/decisions.md`).
+//!
+//! # Records (all in [`Namespace::System`])
+//! - [`REKEY_KEY`], the journal of a rekey under way, created with create-if-absent (so of two
+//!   rekeys started at once exactly one proceeds) and removed when it is done. It holds the new
+//!   key sealed under the old one and the old sealed under the new one, the new key's verifier
+//!   and sharing, bound together as associated data: an instance holding either key learns the
+//!   other from it, so whoever is left can finish or undo a rekey whose initiator died.
+//! - [`ROOT_KEY_RECORD`], the deployment's sharing since its last rekey: the key id, the
+//!   threshold, the Keeper list and the ids of the keys it replaced, MACed under the key. Absent
+//!   until the first rekey; the configuration (`SPIKE_NEXUS_SHAMIR_*`, `SPIKE_NEXUS_KEEPER_PEERS`)
+//!   applies until then, and is only a default after it.
+//! - [`RECOVERY_EXPORT_KEY`]: which key's recovery shards were last exported, MACed; `/health`
+//!   and the metrics say when the current key's have not been.
+//!
+//! # The steps
+//! 1. **prepare**: write the journal (`prepared`). Instances stop refilling Keepers while it
+//!    is there, so nothing overwrites the new shards.
+//! 2. **push**: send the new shards to the new Keepers and read each back. Fewer than the new
+//!    threshold confirmed: undo (remove the journal, give the old shards back) and say which
+//!    Keepers failed. Nothing of the old key has changed yet.
+//! 3. **commit**: the journal goes to `committing` (compare-and-set: one of an initiator and a
+//!    sweeper that resumes a stale journal wins), then [`finish`]: the keyring is re-wrapped
+//!    (the legacy data key 0 keeps opening what the old root key sealed), the root-key record
+//!    written, the verifier replaced, the new key installed, its shards pushed again, the
+//!    journal removed. Every step is idempotent: any instance that holds either key finishes a
+//!    `committing` journal it finds.
+//!
+//! An instance that still holds the old key notices at its next request (the keyring no longer
+//! opens under it) or at its next Keeper round (the verifier changed) and [`follow`]s: from the
+//! journal while it exists, from the Keepers as a restart would after.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Uri;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, Keys, Nexus};
+use crate::client::keeper::{KeeperClient, ShardAnswer};
+use crate::crypto::{KEY_LEN, RootKey, Share, Verifier};
+use crate::protocol::nexus::{b64, now_nanos, rfc3339};
+use crate::store::{Expect, Namespace, Revision, Store, VERIFIER_KEY, Written};
+
+/// The journal of a rekey under way.
+pub const REKEY_KEY: &str = "rekey";
+/// The deployment's root key and its sharing since the last rekey.
+pub const ROOT_KEY_RECORD: &str = "root-key";
+/// Whose recovery shards were last exported.
+pub const RECOVERY_EXPORT_KEY: &str = "recovery-export";
+/// HKDF label of the key each root key seals the other under in the journal.
+const REKEY_LABEL: &str = "spike/rekey/v1";
+/// HKDF label of the MAC key of [`ROOT_KEY_RECORD`] and [`RECOVERY_EXPORT_KEY`].
+const RECORD_MAC_LABEL: &str = "spike/root-key/v1";
+/// Compare-and-set attempts on one record before giving up.
+const ATTEMPTS: usize = 50;
+
+/// How a root key is shared among Keepers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sharing {
+    /// Shards that rebuild the key.
+    pub threshold: u8,
+    /// The Keepers, in Shamir index order: Keeper `i` (0-based) holds index `i + 1`.
+    pub peers: Vec<Uri>,
+}
+
+impl Sharing {
+    /// The sharing the configuration describes.
+    pub fn of_config(config: &super::NexusConfig) -> Sharing {
+        Sharing {
+            threshold: config.threshold,
+            peers: config.keeper_peers.clone(),
+        }
+    }
+
+    /// Checks `threshold` and `keepers` (URLs) with the rules of the configuration.
+    pub fn parse(threshold: u8, keepers: &[String]) -> Result<Sharing, String> {
+        let mut peers: Vec<Uri> = Vec::with_capacity(keepers.len());
+        for k in keepers {
+            let uri = crate::platform::env::parse_https_url(k.trim())?;
+            if peers.contains(&uri) {
+                return Err(format!("Keeper {k:?} is listed twice"));
+            }
+            peers.push(uri);
+        }
+        crate::protocol::nexus::check_sharing(threshold, peers.len())?;
+        Ok(Sharing { threshold, peers })
+    }
+
+    /// Shards in all: one per Keeper (at most 255, checked by [`Sharing::parse`]).
+    pub fn shares(&self) -> u8 {
+        u8::try_from(self.peers.len()).unwrap_or(u8::MAX)
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.peers.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// A key id replaced by a rekey.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replaced {
+    /// The old key's public id.
+    pub key_id: String,
+    /// When the rekey replaced it (RFC 3339).
+    pub replaced: String,
+    /// The threshold of its shards (so restore can tell an old set of recovery shards).
+    pub threshold: u8,
+}
+
+/// [`ROOT_KEY_RECORD`]'s content (the MAC is over its JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// The root key's public id.
+    pub key_id: String,
+    /// The threshold of its Keeper shards.
+    pub threshold: u8,
+    /// Its Keepers, in index order.
+    pub keepers: Vec<String>,
+    /// When it became the root key (RFC 3339).
+    pub since: String,
+    /// The keys it replaced, oldest first.
+    pub previous: Vec<Replaced>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Maced<T> {
+    #[serde(flatten)]
+    body: T,
+    mac: String,
+}
+
+impl Deployment {
+    /// Its sharing, if the record holds a valid one.
+    pub fn sharing(&self) -> Option<Sharing> {
+        Sharing::parse(self.threshold, &self.keepers).ok()
+    }
+}
+
+fn mac_input<T: Serialize>(kind: &str, body: &T) -> Vec<u8> {
+    let mut input = format!("{kind}\0").into_bytes();
+    input.extend_from_slice(&serde_json::to_vec(body).unwrap_or_default());
+    input
+}
+
+fn seal_record<T: Serialize>(root: &RootKey, kind: &str, body: T) -> Vec<u8> {
+    let tag = root
+        .derive_mac(RECORD_MAC_LABEL)
+        .sign(&mac_input(kind, &body));
+    let mac = crate::protocol::audit::hex(&tag);
+    serde_json::to_vec(&Maced { body, mac }).unwrap_or_default()
+}
+
+/// Decodes a MACed record without checking the MAC (what an instance without the key can do).
+fn peek<T: for<'de> Deserialize<'de>>(value: &[u8]) -> Option<T> {
+    serde_json::from_slice::<Maced<T>>(value)
+        .ok()
+        .map(|m| m.body)
+}
+
+/// Decodes a MACed record and checks its MAC under `root`.
+fn open_record<T: Serialize + for<'de> Deserialize<'de>>(
+    root: &RootKey,
+    kind: &str,
+    value: &[u8],
+) -> Option<T> {
+    let m: Maced<T> = serde_json::from_slice(value).ok()?;
+    let tag = crate::protocol::audit::unhex(&m.mac)?;
+    root.derive_mac(RECORD_MAC_LABEL)
+        .verify(&mac_input(kind, &m.body), &tag)
+        .ok()?;
+    Some(m.body)
+}
+
+/// The store's root-key record, unauthenticated: what an instance without a key may use to
+/// know which Keepers to ask (a forged one only makes it ask the wrong ones; the shards are
+/// accepted only if they open the verifier, and nothing is sent to a Keeper before the record
+/// is checked under the key).
+pub async fn peek_deployment(
+    store: &impl Store,
+) -> Result<Option<Deployment>, crate::store::Error> {
+    Ok(store
+        .get(Namespace::System, ROOT_KEY_RECORD)
+        .await?
+        .and_then(|e| peek(&e.value)))
+}
+
+/// The store's root-key record for `root`: `Ok(None)` when there is none or it describes
+/// another key; an error when it is there for this key but does not verify.
+pub async fn deployment(
+    store: &impl Store,
+    root: &RootKey,
+) -> Result<Option<Deployment>, ApiError> {
+    let Some(entry) = store.get(Namespace::System, ROOT_KEY_RECORD).await? else {
+        return Ok(None);
+    };
+    let key_id = root.key_id();
+    match peek::<Deployment>(&entry.value) {
+        Some(d) if d.key_id == key_id => {}
+        _ => return Ok(None),
+    }
+    open_record::<Deployment>(root, ROOT_KEY_RECORD, &entry.value)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::Internal(
+                "the store's root-key record names this key but its MAC does not verify: refused"
+                    .into(),
+            )
+        })
+}
+
+/// The sharing of `root`: its root-key record's when there is one, else the configuration's.
+pub async fn sharing_of(nexus: &Nexus, root: &RootKey) -> Result<Sharing, ApiError> {
+    match deployment(&nexus.store, root).await? {
+        Some(d) => d.sharing().ok_or_else(|| {
+            ApiError::Internal("the store's root-key record holds an invalid sharing".into())
+        }),
+        None => Ok(Sharing::of_config(&nexus.config)),
+    }
+}
+
+/// [`RECOVERY_EXPORT_KEY`]'s content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Export {
+    key_id: String,
+    exported: String,
+}
+
+/// Records that the recovery shards of `root` were exported now.
+pub async fn record_export(store: &impl Store, root: &RootKey) -> Result<(), ApiError> {
+    let value = seal_record(
+        root,
+        RECOVERY_EXPORT_KEY,
+        Export {
+            key_id: root.key_id(),
+            exported: rfc3339(now_nanos()),
+        },
+    );
+    for _ in 0..ATTEMPTS {
+        let expect = match store
+            .revision(Namespace::System, RECOVERY_EXPORT_KEY)
+            .await?
+        {
+            Some(r) => Expect::Revision(r),
+            None => Expect::Absent,
+        };
+        if let Written::Done(_) = store
+            .put(
+                Namespace::System,
+                RECOVERY_EXPORT_KEY,
+                value.clone(),
+                expect,
+            )
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Contended)
+}
+
+/// Whether the recovery shards of `root` have been exported (a MAC-checked record says so).
+pub async fn exported(store: &impl Store, root: &RootKey) -> Result<bool, crate::store::Error> {
+    let Some(entry) = store.get(Namespace::System, RECOVERY_EXPORT_KEY).await? else {
+        return Ok(false);
+    };
+    Ok(
+        open_record::<Export>(root, RECOVERY_EXPORT_KEY, &entry.value)
+            .is_some_and(|e| e.key_id == root.key_id()),
+    )
+}
+
+/// Where a journal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// The new shards are being pushed; nothing of the old key changed. Undone if they are not
+    /// confirmed.
+    Prepared,
+    /// The new shards are confirmed: the rekey only goes forward from here.
+    Committing,
+}
+
+/// What is bound into both sealed keys: changing any of it makes the journal refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Bound {
+    from: String,
+    to: String,
+    threshold: u8,
+    keepers: Vec<String>,
+    /// Unix seconds; a `prepared` journal this old is resumed by another instance.
+    started: u64,
+    /// The new key's verifier.
+    to_key_id: String,
+    #[serde(with = "b64")]
+    to_verifier: Vec<u8>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct JournalWire {
+    #[serde(flatten)]
+    bound: Bound,
+    step: Step,
+    #[serde(with = "b64")]
+    to_under_from: Vec<u8>,
+    #[serde(with = "b64")]
+    from_under_to: Vec<u8>,
+}
+
+/// A journal read from the store.
+pub struct Journal {
+    wire: JournalWire,
+    /// The revision it was read at.
+    pub revision: Revision,
+}
+
+impl Journal {
+    /// Where it is.
+    pub fn step(&self) -> Step {
+        self.wire.step
+    }
+
+    /// The old key's id.
+    pub fn from(&self) -> &str {
+        &self.wire.bound.from
+    }
+
+    /// The new key's id.
+    pub fn to(&self) -> &str {
+        &self.wire.bound.to
+    }
+
+    /// The new key's verifier.
+    pub fn to_verifier(&self) -> Verifier {
+        Verifier {
+            key_id: self.wire.bound.to_key_id.clone(),
+            sealed: self.wire.bound.to_verifier.clone(),
+        }
+    }
+
+    /// The new sharing.
+    pub fn sharing(&self) -> Option<Sharing> {
+        Sharing::parse(self.wire.bound.threshold, &self.wire.bound.keepers).ok()
+    }
+
+    /// Seconds since it was started.
+    fn age(&self) -> u64 {
+        now_secs().saturating_sub(self.wire.bound.started)
+    }
+
+    fn aad(&self, direction: &str) -> Vec<u8> {
+        aad(&self.wire.bound, direction)
+    }
+
+    /// Both keys (old, new), given either of them; `None` if `held` is neither.
+    pub fn keys(&self, held: &RootKey) -> Option<(RootKey, RootKey)> {
+        let id = held.key_id();
+        let bound = &self.wire.bound;
+        let other = |sealed: &[u8], direction: &str| -> Option<RootKey> {
+            let plain = held
+                .derive(REKEY_LABEL)
+                .open(&self.aad(direction), sealed)
+                .ok()?;
+            let mut bytes = [0u8; KEY_LEN];
+            if plain.len() != KEY_LEN {
+                return None;
+            }
+            bytes.copy_from_slice(&plain);
+            RootKey::from_bytes(bytes).ok()
+        };
+        let (from, to) = if id == bound.from {
+            let to = other(&self.wire.to_under_from, "to")?;
+            (held.clone(), to)
+        } else if id == bound.to {
+            let from = other(&self.wire.from_under_to, "from")?;
+            (from, held.clone())
+        } else {
+            return None;
+        };
+        (from.key_id() == bound.from && to.key_id() == bound.to && to.opens(&self.to_verifier()))
+            .then_some((from, to))
+    }
+}
+
+fn aad(bound: &Bound, direction: &str) -> Vec<u8> {
+    let mut aad = format!("{REKEY_LABEL}\0{direction}\0").into_bytes();
+    aad.extend_from_slice(&serde_json::to_vec(bound).unwrap_or_default());
+    aad
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The journal in the store, if a rekey is under way. One that does not parse is reported as
+/// a store corruption (it is never guessed at or removed).
+pub async fn journal(store: &impl Store) -> Result<Option<Journal>, crate::store::Error> {
+    let Some(entry) = store.get(Namespace::System, REKEY_KEY).await? else {
+        return Ok(None);
+    };
+    let wire: JournalWire =
+        serde_json::from_slice(&entry.value).map_err(|e| crate::store::Error::Corrupt {
+            backend: store.backend(),
+            reason: format!("rekey journal: {e}"),
+        })?;
+    Ok(Some(Journal {
+        wire,
+        revision: entry.revision,
+    }))
+}
+
+/// A `prepared` journal older than this is taken for abandoned (its initiator died) and
+/// resumed by another instance: well beyond the longest a push and read-back of every Keeper
+/// can take (three bounded steps each, `SPIKE_NEXUS_KEEPER_TIMEOUT`).
+pub fn stale_after(nexus: &Nexus) -> Duration {
+    (nexus.config.keeper_timeout * 10).max(Duration::from_secs(5))
+}
+
+/// What a rekey did.
+pub struct Done {
+    /// The new key's material, now installed on this instance.
+    pub keys: Arc<Keys>,
+    /// Keepers that did not confirm their new shard (URLs); they are refilled later.
+    pub unconfirmed: Vec<String>,
+}
+
+/// Runs a rekey through this instance, which holds `keys`: to `sharing` (the current one
+/// when the caller gave none).
+pub async fn rekey(
+    nexus: &Arc<Nexus>,
+    keys: &Arc<Keys>,
+    sharing: Sharing,
+) -> Result<Done, ApiError> {
+    let store = &nexus.store;
+    let refused = |reason: String| ApiError::Operator {
+        code: crate::protocol::nexus::ErrorCode::ApiConflict,
+        reason,
+    };
+    if let Some(j) = journal(store).await? {
+        return Err(refused(format!(
+            "a rekey from key {} to key {} is already under way ({}); nothing was done: run \
+             this again once it has finished",
+            j.from(),
+            j.to(),
+            match j.step() {
+                Step::Prepared => "pushing its shards",
+                Step::Committing => "committing",
+            }
+        )));
+    }
+    let verifier = store.verifier().await?;
+    if verifier.as_ref().map(|v| v.key_id.as_str()) != Some(keys.key_id.as_str()) {
+        return Err(refused(
+            "the root key changed since this instance loaded it (another rekey finished): \
+             nothing was done; run this again"
+                .into(),
+        ));
+    }
+    let client = nexus.keeper_client()?;
+    let to = RootKey::generate()?;
+    let to_verifier = to.make_verifier()?;
+    let bound = Bound {
+        from: keys.key_id.clone(),
+        to: to.key_id(),
+        threshold: sharing.threshold,
+        keepers: sharing.urls(),
+        started: now_secs(),
+        to_key_id: to_verifier.key_id.clone(),
+        to_verifier: to_verifier.sealed.clone(),
+    };
+    let wire = JournalWire {
+        to_under_from: keys
+            .root
+            .derive(REKEY_LABEL)
+            .seal(&aad(&bound, "to"), to.as_bytes())?,
+        from_under_to: to
+            .derive(REKEY_LABEL)
+            .seal(&aad(&bound, "from"), keys.root.as_bytes())?,
+        bound,
+        step: Step::Prepared,
+    };
+    let value = serde_json::to_vec(&wire).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let revision = match store
+        .put(Namespace::System, REKEY_KEY, value, Expect::Absent)
+        .await?
+    {
+        Written::Done(r) => r,
+        Written::Conflict => {
+            return Err(refused(
+                "another rekey started at the same moment through another instance; nothing \
+                 was done here: run this again once it has finished"
+                    .into(),
+            ));
+        }
+    };
+    tracing::info!(from = %wire.bound.from, to = %wire.bound.to, threshold = sharing.threshold, keepers = sharing.peers.len(), "rekey: journal written; pushing the new key's shards");
+    let j = Journal { wire, revision };
+    advance(nexus, &client, j, keys.root.clone(), to, true).await
+}
+
+/// Takes a `prepared` journal forward: push and confirm the new shards, then commit; or, with
+/// fewer than the new threshold confirmed, undo it. `initiator`: this call wrote the journal
+/// (its errors go to the operator who asked).
+async fn advance(
+    nexus: &Arc<Nexus>,
+    client: &KeeperClient,
+    j: Journal,
+    from: RootKey,
+    to: RootKey,
+    initiator: bool,
+) -> Result<Done, ApiError> {
+    let sharing = j
+        .sharing()
+        .ok_or_else(|| ApiError::Internal("the rekey journal holds an invalid sharing".into()))?;
+    let shards = crate::crypto::shamir::split_with(
+        &to,
+        sharing.threshold,
+        sharing.shares(),
+        crate::crypto::shamir::ShardDerivation::default(),
+    )?;
+    let (confirmed, failed) = push_and_confirm(client, &sharing.peers, &shards).await;
+    if confirmed < usize::from(sharing.threshold) {
+        // Undo: the journal goes (compare-and-set: unless someone else moved it first), and
+        // the Keepers get the old key's shards back.
+        let undone = nexus
+            .store
+            .delete(Namespace::System, REKEY_KEY, &j.revision)
+            .await?;
+        if undone {
+            nexus.refill(client).await;
+        }
+        let reason = format!(
+            "only {confirmed} of the {} Keepers confirmed their new shard, and {} are needed \
+             (no answer or a wrong shard from: {}); nothing changed: key {} is still the root \
+             key{}",
+            sharing.peers.len(),
+            sharing.threshold,
+            failed.join(", "),
+            j.from(),
+            if initiator {
+                ""
+            } else {
+                " (an abandoned rekey was undone)"
+            }
+        );
+        tracing::error!("rekey undone: {reason}");
+        return Err(ApiError::Operator {
+            code: crate::protocol::nexus::ErrorCode::ApiInternalError,
+            reason,
+        });
+    }
+    let mut wire = j.wire.clone();
+    wire.step = Step::Committing;
+    let value = serde_json::to_vec(&wire).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match nexus
+        .store
+        .put(
+            Namespace::System,
+            REKEY_KEY,
+            value,
+            Expect::Revision(j.revision.clone()),
+        )
+        .await?
+    {
+        Written::Done(revision) => {
+            let j = Journal { wire, revision };
+            let keys = finish(nexus, client, &j, &from, &to).await?;
+            Ok(Done {
+                keys,
+                unconfirmed: failed,
+            })
+        }
+        Written::Conflict => Err(ApiError::Operator {
+            code: crate::protocol::nexus::ErrorCode::ApiConflict,
+            reason: "another instance took this rekey over (it had been idle too long); see \
+                     its logs and /health for the outcome"
+                .into(),
+        }),
+    }
+}
+
+/// Sends `shards[i]` to `peers[i]` and reads each back: how many Keepers hold their new
+/// shard, and the URLs of those that do not.
+async fn push_and_confirm(
+    client: &KeeperClient,
+    peers: &[Uri],
+    shards: &[Share],
+) -> (usize, Vec<String>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (url, share) in peers.iter().zip(shards) {
+        let (client, url, share) = (client.clone(), url.clone(), share.clone());
+        tasks.spawn(async move {
+            let held = match client.contribute(&url, &share).await {
+                Ok(()) => matches!(
+                    client.shard(&url, share.index).await,
+                    Ok(ShardAnswer::Shard(back)) if back.ct_eq(&share)
+                ),
+                Err(e) => {
+                    tracing::warn!(keeper = %url, error = %e, "rekey: cannot send the new shard");
+                    false
+                }
+            };
+            (url, held)
+        });
+    }
+    let (mut confirmed, mut failed) = (0, Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, true)) => confirmed += 1,
+            Ok((url, false)) => failed.push(url.to_string()),
+            Err(_) => {}
+        }
+    }
+    failed.sort();
+    (confirmed, failed)
+}
+
+/// Carries a `committing` journal to its end; idempotent, so any instance holding either key
+/// may run it, and several at once converge: the keyring re-wrapped under the new key, the
+/// root-key record written, the verifier replaced, the new key installed here and its shards
+/// pushed, the journal removed.
+pub async fn finish(
+    nexus: &Arc<Nexus>,
+    client: &KeeperClient,
+    j: &Journal,
+    from: &RootKey,
+    to: &RootKey,
+) -> Result<Arc<Keys>, ApiError> {
+    let store = &nexus.store;
+    let sharing = j
+        .sharing()
+        .ok_or_else(|| ApiError::Internal("the rekey journal holds an invalid sharing".into()))?;
+    let upgrade = nexus.config.upgrade_secret_records;
+    let ring = super::keyring::rewrap(store, from, to, upgrade)
+        .await
+        .map_err(super::keyring_error)?;
+    // The root-key record, then the verifier: an instance that recovers in between finds the
+    // journal and finishes it too.
+    let previous = match peek_deployment(store).await? {
+        Some(d) if d.key_id == j.to() => None,
+        Some(d) if d.key_id == j.from() => Some((d.previous, d.threshold)),
+        _ => Some((Vec::new(), nexus.config.threshold)),
+    };
+    if let Some((mut previous, threshold)) = previous {
+        previous.push(Replaced {
+            key_id: j.from().to_string(),
+            replaced: rfc3339(now_nanos()),
+            threshold,
+        });
+        let record = seal_record(
+            to,
+            ROOT_KEY_RECORD,
+            Deployment {
+                key_id: j.to().to_string(),
+                threshold: sharing.threshold,
+                keepers: sharing.urls(),
+                since: rfc3339(now_nanos()),
+                previous,
+            },
+        );
+        put_over(store, ROOT_KEY_RECORD, record).await?;
+    }
+    let verifier = to.make_verifier()?;
+    if store.verifier().await?.map(|v| v.key_id) != Some(verifier.key_id.clone()) {
+        let value = crate::store::encode_verifier(&verifier);
+        put_over(store, VERIFIER_KEY, value).await?;
+    }
+    let derivation = crate::crypto::shamir::ShardDerivation::default();
+    let keys = nexus.replace(to.clone(), sharing.clone(), derivation, ring)?;
+    let shards: Vec<Share> = keys.shards.iter().collect();
+    let (confirmed, failed) = push_and_confirm(client, &sharing.peers, &shards).await;
+    let _ = store
+        .delete(Namespace::System, REKEY_KEY, &j.revision)
+        .await?;
+    nexus.metrics.rekeyed();
+    tracing::info!(
+        from = %j.from(),
+        to = %j.to(),
+        threshold = sharing.threshold,
+        keepers = sharing.peers.len(),
+        confirmed,
+        unconfirmed = ?failed,
+        "rekey finished: key {} is the root key; recovery shards exported before now no longer \
+         restore it (spike recover export)",
+        j.to()
+    );
+    Ok(keys)
+}
+
+/// Writes `value` at `key` whatever is there (compare-and-set from a fresh read each time).
+async fn put_over(store: &impl Store, key: &str, value: Vec<u8>) -> Result<(), ApiError> {
+    for _ in 0..ATTEMPTS {
+        let expect = match store.revision(Namespace::System, key).await? {
+            Some(r) => Expect::Revision(r),
+            None => Expect::Absent,
+        };
+        if let Written::Done(_) = store
+            .put(Namespace::System, key, value.clone(), expect)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Contended)
+}
+
+/// The Keeper round's look at rekeys, on an instance with a key: finishes a `committing`
+/// journal, resumes a stale `prepared` one, and follows a rekey finished elsewhere. Returns
+/// whether this instance may refill Keepers now (no journal, and its key is the verifier's).
+pub async fn tend(nexus: &Arc<Nexus>, client: &KeeperClient) -> bool {
+    let Some(keys) = nexus.keys() else {
+        return false;
+    };
+    let store = &nexus.store;
+    let j = match journal(store).await {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the rekey journal; not refilling Keepers this round");
+            return false;
+        }
+    };
+    if let Some(j) = j {
+        let Some((from, to)) = j.keys(&keys.root) else {
+            // A journal of keys this instance does not hold: a finished rekey it has not
+            // followed yet, or a forged record. Follow the verifier.
+            let _ = follow(nexus, &keys).await;
+            return false;
+        };
+        let outcome = match j.step() {
+            Step::Committing => finish(nexus, client, &j, &from, &to).await.map(|_| ()),
+            Step::Prepared if Duration::from_secs(j.age()) >= stale_after(nexus) => {
+                tracing::warn!(from = %j.from(), to = %j.to(), "resuming a rekey whose initiator went quiet");
+                advance(nexus, client, j, from, to, false).await.map(|_| ())
+            }
+            Step::Prepared => Ok(()),
+        };
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "rekey: not finished this round; retrying at the next");
+        }
+        return false;
+    }
+    match store.verifier().await {
+        Ok(Some(v)) if v.key_id == keys.key_id => true,
+        Ok(_) => {
+            let _ = follow(nexus, &keys).await;
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the root-key verifier; not refilling Keepers this round");
+            false
+        }
+    }
+}
+
+/// This instance holds `stale`, which no longer opens the store's keyring or verifier: learn
+/// the key that does, from the journal while a rekey is under way, else from the Keepers (as
+/// a restart would), and install it. One at a time; a caller that finds the key already
+/// replaced takes the new one.
+pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiError> {
+    let _one = nexus.following.lock().await;
+    if let Some(now) = nexus.keys()
+        && now.key_id != stale.key_id
+    {
+        return Ok(now);
+    }
+    let client = nexus.keeper_client()?;
+    if let Some(j) = journal(&nexus.store).await?
+        && let Some((from, to)) = j.keys(&stale.root)
+        && j.step() == Step::Committing
+    {
+        return finish(nexus, &client, &j, &from, &to).await;
+    }
+    let Some(verifier) = nexus.store.verifier().await? else {
+        return Err(ApiError::Internal(
+            "the store's root-key verifier is gone".into(),
+        ));
+    };
+    if verifier.key_id == stale.key_id {
+        return Err(ApiError::Internal(
+            "the store's keyring does not open under the root key, which the verifier still \
+             names: the keyring was edited or replaced"
+                .into(),
+        ));
+    }
+    tracing::info!(held = %stale.key_id, store = %verifier.key_id, "the root key was replaced by a rekey through another instance; learning it from the Keepers");
+    let sharing = match peek_deployment(&nexus.store).await? {
+        Some(d) if d.key_id == verifier.key_id => d.sharing(),
+        _ => None,
+    }
+    .unwrap_or_else(|| stale.sharing.clone());
+    let round = super::keepers::gather_from(&sharing.peers, &client).await;
+    let shards: Vec<Share> = round.shards.into_iter().map(|(_, s)| s).collect();
+    let found =
+        super::keepers::search(shards, usize::from(sharing.threshold), Some(verifier)).await;
+    let Some(key) = found.key else {
+        return Err(ApiError::Operator {
+            code: crate::protocol::nexus::ErrorCode::StateNotReady,
+            reason: "the root key was replaced by a rekey and the Keepers do not hold enough of \
+                     the new one yet; retry shortly"
+                .into(),
+        });
+    };
+    let sharing = sharing_of(nexus, &key).await?;
+    let ring = super::keyring::ensure(&nexus.store, &key, nexus.config.upgrade_secret_records)
+        .await
+        .map_err(super::keyring_error)?;
+    let derivation = nexus.derivation_of_sharing(&key, &sharing, &[]);
+    nexus.replace(key, sharing, derivation, ring)
+}

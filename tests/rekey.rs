@@ -1,0 +1,693 @@
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+//! `spike operator rekey` (decision 34) with real Nexus and Keeper processes on one shared
+//! store (SQLite file, PostgreSQL): a rotation and a rekey from 3 Keepers / threshold 2 to 5 / 3
+//! under a steady load through three instances with no failed request and every acknowledged
+//! write readable after; two rekeys at once; a Nexus killed in the middle of one; recovery
+//! shards from before a rekey refused, new ones restoring after every Keeper is lost; and the
+//! bad input (a threshold above the Keeper count, unreachable new Keepers, a store that is
+//! down) refused with nothing changed.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use hyper::{StatusCode, Uri};
+use serde_json::json;
+use spike::store::{Namespace, Store};
+
+const REKEY: &str = "/v1/operator/rekey";
+const ROTATE: &str = "/v1/operator/rotate";
+const JOURNAL: &str = "rekey";
+
+type BackendEnv = Vec<(String, String)>;
+
+/// The key id every instance reports on `/health`, once they all agree and are ready.
+async fn agreed_key_id(c: &Cluster, urls: &[Uri]) -> String {
+    let anon = c.anonymous();
+    let mut ids = BTreeSet::new();
+    for url in urls {
+        let body = wait_status(&anon, url, "ready").await;
+        ids.insert(body["key_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "instances disagree: {ids:?}\n{}",
+        c.dump_logs()
+    );
+    ids.into_iter().next().unwrap()
+}
+
+/// Waits until every instance reports `key_id` on `/health`.
+async fn every_instance_uses(c: &Cluster, urls: &[Uri], key_id: &str) {
+    let anon = c.anonymous();
+    for url in urls {
+        wait_for(
+            "an instance to use the new root key",
+            Duration::from_secs(60),
+            || async {
+                let (_, body) = health(&anon, url).await?;
+                (body["key_id"] == key_id).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// The key id that the shards held by the Keepers at `indices` rebuild.
+async fn keepers_key_id(c: &Cluster, indices: &[usize]) -> String {
+    let mut shares = Vec::new();
+    for &i in indices {
+        let (index, value) = c.keeper_shard(i).await.expect("the Keeper holds a shard");
+        shares.push(spike::crypto::Share::new(index.unwrap(), value).unwrap());
+    }
+    spike::crypto::combine(&shares).unwrap().key_id()
+}
+
+/// What the steady load saw.
+#[derive(Default, Debug)]
+struct Load {
+    acked: BTreeMap<String, String>,
+    failures: Vec<String>,
+    requests: usize,
+}
+
+/// One worker of the steady load: writes distinct paths round-robin through `urls`, reads each
+/// back through the next instance, and encrypts and decrypts through two others, until `stop`
+/// (or a hard bound on operations). Every answer that is not 200 is a failure.
+async fn worker(
+    su: spike::transport::HttpsClient,
+    urls: Vec<Uri>,
+    w: usize,
+    stop: Arc<AtomicBool>,
+) -> Load {
+    let mut load = Load::default();
+    for n in 0..20_000usize {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let at = |k: usize| &urls[(n + w + k) % urls.len()];
+        let (path, value) = (format!("load/{w}/{n}"), format!("v{w}-{n}"));
+        let (s, b) = call(
+            &su,
+            at(0),
+            SECRETS_PATH,
+            json!({"path": path, "values": {"v": value}}),
+        )
+        .await;
+        load.requests += 1;
+        if s != StatusCode::OK {
+            load.failures.push(format!("put {path}: {s} {b}"));
+            continue;
+        }
+        load.acked.insert(path.clone(), value.clone());
+        let (s, b) = call(
+            &su,
+            at(1),
+            &action(SECRETS_PATH, "get"),
+            json!({"path": path}),
+        )
+        .await;
+        load.requests += 1;
+        if s != StatusCode::OK || b["data"]["v"] != value.as_str() {
+            load.failures.push(format!("get {path}: {s} {b}"));
+        }
+        let (s, sealed) = call(&su, at(2), ENCRYPT_PATH, json!({"plaintext": "aGVsbG8="})).await;
+        load.requests += 1;
+        if s != StatusCode::OK {
+            load.failures.push(format!("encrypt: {s} {sealed}"));
+            continue;
+        }
+        let (s, b) = call(&su, at(0), DECRYPT_PATH, sealed).await;
+        load.requests += 1;
+        if s != StatusCode::OK || b["plaintext"] != "aGVsbG8=" {
+            load.failures.push(format!("decrypt: {s} {b}"));
+        }
+    }
+    load
+}
+
+struct Steady {
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<Load>,
+}
+
+impl Steady {
+    fn start(c: &Cluster, urls: &[Uri], workers: usize) -> Steady {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..workers {
+            tasks.spawn(worker(c.superuser(), urls.to_vec(), w, Arc::clone(&stop)));
+        }
+        Steady { stop, tasks }
+    }
+
+    async fn stop(self) -> Load {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Load::default();
+        for l in join_all(self.tasks).await {
+            all.acked.extend(l.acked);
+            all.failures.extend(l.failures);
+            all.requests += l.requests;
+        }
+        all
+    }
+}
+
+/// Waits until the load has made `n` more acknowledged writes (counted in the store's list).
+async fn writes_land(su: &spike::transport::HttpsClient, url: &Uri, at_least: usize) {
+    wait_for("the load to write", Duration::from_secs(60), || async {
+        let (s, b) = call(su, url, &action(SECRETS_PATH, "list"), json!({})).await;
+        (s == StatusCode::OK && b["keys"].as_array().is_some_and(|k| k.len() >= at_least))
+            .then_some(())
+    })
+    .await;
+}
+
+/// Every acknowledged write reads back, with its value, through every instance.
+async fn all_readable(c: &Cluster, urls: &[Uri], acked: &BTreeMap<String, String>) {
+    let su = c.superuser();
+    for url in urls {
+        for (path, value) in acked {
+            let (s, b) = call(
+                &su,
+                url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(
+                (s, &b["data"]["v"]),
+                (StatusCode::OK, &json!(value)),
+                "{path} via {url}"
+            );
+        }
+    }
+}
+
+/// The issue's scenario: three instances under a steady mix of reads, writes and cipher
+/// calls; a rotation through one instance, then a rekey from 3/2 to 5/3 with two new Keepers
+/// through another. Not one request fails, every instance ends on the new key (without a
+/// restart), every acknowledged write reads back everywhere, all five Keepers hold shards of
+/// the new key (any three rebuild it, two do not), and `/health` says the recovery shards
+/// have not been exported since, until they are.
+async fn rotate_and_rekey_under_load(mut c: Cluster, env: BackendEnv) {
+    let urls = c.start_ready_together(3, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    let load = Steady::start(&c, &urls, 3);
+    writes_land(&su, &urls[0], 10).await;
+
+    let rotated = call_ok(&su, &urls[0], ROTATE, json!({})).await;
+    assert_eq!(rotated["currentKey"], 2, "{rotated}");
+    writes_land(&su, &urls[1], 30).await;
+
+    let (k4, k5) = (c.add_keeper(), c.add_keeper());
+    let keepers: Vec<String> = c
+        .keepers
+        .iter()
+        .map(|k| k.url().to_string().trim_end_matches('/').to_string())
+        .collect();
+    let answer = call_ok(
+        &su,
+        &urls[1],
+        REKEY,
+        json!({"threshold": 3, "keepers": keepers}),
+    )
+    .await;
+    println!("rekey answered: {answer}");
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(answer["previousKeyId"], old.as_str());
+    assert_eq!(answer["threshold"], 3);
+    every_instance_uses(&c, &urls, &new).await;
+    let before = c.superuser();
+    writes_land(&before, &urls[2], 60).await;
+    let load = load.stop().await;
+    println!(
+        "steady load across the rotation and the rekey: {} requests, {} acknowledged writes, {} failed",
+        load.requests,
+        load.acked.len(),
+        load.failures.len()
+    );
+    assert!(
+        load.failures.is_empty(),
+        "{:?}\n{}",
+        load.failures,
+        c.dump_logs()
+    );
+    all_readable(&c, &urls, &load.acked).await;
+
+    // Five Keepers, threshold 3: any three rebuild the new key, two do not.
+    assert_eq!(keepers_key_id(&c, &[0, 2, k5]).await, new);
+    assert_eq!(keepers_key_id(&c, &[1, 3, 4]).await, new);
+    assert_ne!(keepers_key_id(&c, &[0, k4]).await, new);
+    // The journal is gone; the store's record names the new key and the one it replaced.
+    let store = admin_store(&c, &env).await;
+    assert!(
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let record: serde_json::Value = serde_json::from_slice(
+        &store
+            .get(Namespace::System, "root-key")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert_eq!(record["key_id"], new.as_str());
+    assert_eq!(record["previous"][0]["key_id"], old.as_str());
+
+    // Recovery shards: not exported since the rekey, on /health and in the metrics, until an
+    // export (which works at once).
+    let anon = c.anonymous();
+    for url in &urls {
+        let (_, body) = health(&anon, url).await.unwrap();
+        assert_eq!(body["recovery_shards"], "not_exported", "{body}");
+        assert_eq!(body["threshold"], 3, "{body}");
+    }
+    let dir = c.dir.path().join("recovery-new");
+    c.export_recovery_shards(&urls[0].to_string(), &dir);
+    for url in &urls {
+        let (_, body) = health(&anon, url).await.unwrap();
+        assert_eq!(body["recovery_shards"], "exported", "{body}");
+    }
+    // An instance started now, still configured with the three old Keepers and threshold 2,
+    // uses the deployment's record: it becomes ready on the new key.
+    let late = c.start_nexus(&pairs(&env));
+    let url = c.nexus[late].url();
+    let body = wait_status(&anon, &url, "ready").await;
+    assert_eq!(body["key_id"], new.as_str(), "{body}");
+    assert!(
+        c.nexus[late]
+            .logs()
+            .contains("differs from this instance's SPIKE_NEXUS_SHAMIR"),
+        "{}",
+        c.nexus[late].logs()
+    );
+}
+
+/// Two rekeys sent at once through two instances: exactly one new root key; the other is
+/// refused with a reason (or finds the key already replaced), and every instance and every
+/// Keeper ends on the one key.
+async fn two_rekeys_at_once_make_one_key(mut c: Cluster, env: BackendEnv) {
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    let (a, b) = tokio::join!(
+        call(&su, &urls[0], REKEY, json!({})),
+        call(&su, &urls[1], REKEY, json!({}))
+    );
+    println!("two rekeys at once: {} {} / {} {}", a.0, a.1, b.0, b.1);
+    let winners: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .collect();
+    assert_eq!(winners.len(), 1, "{a:?} {b:?}\n{}", c.dump_logs());
+    let loser = if a.0 == StatusCode::OK { &b } else { &a };
+    assert_eq!(loser.0, StatusCode::CONFLICT, "{loser:?}");
+    assert!(
+        loser.1["reason"].as_str().unwrap().contains("rekey"),
+        "{loser:?}"
+    );
+    let new = winners[0].1["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    every_instance_uses(&c, &urls, &new).await;
+    assert_eq!(keepers_key_id(&c, &[0, 1]).await, new);
+    assert_eq!(keepers_key_id(&c, &[1, 2]).await, new);
+}
+
+/// Recovery shards exported before a rekey are refused, saying they predate it; those
+/// exported after restore the deployment once every Keeper is lost, and what was written
+/// before and after the rekey reads back.
+async fn old_recovery_shards_are_refused_new_ones_restore(mut c: Cluster, env: BackendEnv) {
+    let urls = c.start_ready_together(1, &pairs(&env)).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "before", "values": {"v": "1"}}),
+    )
+    .await;
+    let old_dir = c.dir.path().join("recovery-old");
+    c.export_recovery_shards(&urls[0].to_string(), &old_dir);
+    let answer = call_ok(&su, &urls[0], REKEY, json!({})).await;
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "after", "values": {"v": "2"}}),
+    )
+    .await;
+    let new_dir = c.dir.path().join("recovery-new");
+    c.export_recovery_shards(&urls[0].to_string(), &new_dir);
+
+    // Every Keeper lost (restarted empty), then Nexus restarted: it waits for a restore.
+    for k in c.keepers.iter_mut() {
+        k.restart();
+    }
+    c.nexus[0].restart();
+    let url = c.nexus[0].url();
+    wait_status(&c.anonymous(), &url, "awaiting_restore").await;
+
+    let restorer = c.pki.issue("restore-op", "/spike/pilot/role/restore");
+    let restore = |file: std::path::PathBuf| {
+        run_spike(
+            &[
+                "recover",
+                "restore",
+                "--nexus",
+                &url.to_string(),
+                file.to_str().unwrap(),
+            ],
+            &client_env(&url.to_string(), &restorer),
+        )
+    };
+    let (code, out, err) = restore(old_dir.join("spike.recovery.1.txt"));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = restore(old_dir.join("spike.recovery.2.txt"));
+    println!("an old shard after the rekey: exit {code}: {out}{err}");
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("predate the rekey"), "{out}{err}");
+    let (_, body) = health(&c.anonymous(), &url).await.unwrap();
+    assert_eq!(body["status"], "awaiting_restore", "{body}");
+
+    for i in 1..=2 {
+        let (code, out, err) = restore(new_dir.join(format!("spike.recovery.{i}.txt")));
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let body = wait_status(&c.anonymous(), &url, "ready").await;
+    assert_eq!(body["key_id"], new.as_str());
+    for (path, v) in [("before", "1"), ("after", "2")] {
+        let b = call_ok(
+            &su,
+            &url,
+            &action(SECRETS_PATH, "get"),
+            json!({"path": path}),
+        )
+        .await;
+        assert_eq!(b["data"]["v"], v);
+    }
+}
+
+/// A Nexus killed while its rekey is pushing shards (one new Keeper does not answer, which
+/// holds the rekey in that step): restarted, it becomes ready on the key the store names; the
+/// rekey left behind is taken over once it has been idle long enough and finished (four of five
+/// Keepers confirm, threshold 3); the other instance never stops serving, and every instance
+/// ends on one new key.
+async fn a_nexus_killed_during_a_rekey(mut c: Cluster, env: BackendEnv) {
+    let mut env = env;
+    env.push(("SPIKE_NEXUS_KEEPER_TIMEOUT".into(), "1s".into()));
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[1],
+        SECRETS_PATH,
+        json!({"path": "kept", "values": {"v": "1"}}),
+    )
+    .await;
+    // A "Keeper" that accepts connections and never answers the handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("https://{}", silent.local_addr().unwrap());
+    c.add_keeper();
+    let mut keepers: Vec<String> = c
+        .keepers
+        .iter()
+        .map(|k| k.url().to_string().trim_end_matches('/').to_string())
+        .collect();
+    keepers.push(silent_url.clone());
+    let store = admin_store(&c, &env).await;
+    let rekey = {
+        let (su, url) = (su.clone(), urls[0].clone());
+        tokio::spawn(async move {
+            call(
+                &su,
+                &url,
+                REKEY,
+                json!({"threshold": 3, "keepers": keepers}),
+            )
+            .await
+        })
+    };
+    wait_for("the rekey journal", Duration::from_secs(20), || async {
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .map(|_| ())
+    })
+    .await;
+    c.nexus[0].kill();
+    let answered = rekey.await.unwrap();
+    println!("the killed initiator's client saw: {answered:?}");
+    // The other instance serves throughout.
+    call_ok(
+        &su,
+        &urls[1],
+        SECRETS_PATH,
+        json!({"path": "during", "values": {"v": "2"}}),
+    )
+    .await;
+    c.nexus[0].restart();
+    let restarted = c.nexus[0].url();
+    let body = wait_status(&c.anonymous(), &restarted, "ready").await;
+    println!("restarted in the middle of a rekey: {body}");
+    // The journal is finished by whoever takes it over; both instances end on one new key.
+    wait_for(
+        "the rekey to be finished",
+        Duration::from_secs(120),
+        || async {
+            store
+                .get(Namespace::System, JOURNAL)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let urls = vec![restarted, urls[1].clone()];
+    let anon = c.anonymous();
+    let mut ids = BTreeSet::new();
+    for url in &urls {
+        let id = wait_for("a key id", Duration::from_secs(60), || async {
+            let (_, b) = health(&anon, url).await?;
+            let id = b["key_id"].as_str()?.to_string();
+            (id != old).then_some(id)
+        })
+        .await;
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}\n{}", c.dump_logs());
+    let new = ids.into_iter().next().unwrap();
+    // Taken over by an instance, not finished by the one that was killed.
+    let logs = c.dump_logs();
+    for line in logs.lines().filter(|l| {
+        l.contains("resuming a rekey")
+            || l.contains("rekey finished")
+            || l.contains("not committed")
+    }) {
+        println!("{}", &line[..line.len().min(240)]);
+    }
+    assert!(
+        logs.contains("resuming a rekey whose initiator went quiet"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("during a rekey that has not committed: using the current key"),
+        "{logs}"
+    );
+    assert_eq!(keepers_key_id(&c, &[0, 1, 3]).await, new);
+    for url in &urls {
+        for (path, v) in [("kept", "1"), ("during", "2")] {
+            let b = call_ok(
+                &su,
+                url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(b["data"]["v"], v);
+        }
+    }
+    drop(silent);
+}
+
+/// Bad input changes nothing: a threshold above the Keeper count (server and CLI), a Keeper
+/// URL that is not HTTPS, and new Keepers that do not answer (fewer than the threshold
+/// confirm): clear errors, the same root key everywhere, the Keepers still holding it, no
+/// journal left, and the data readable.
+async fn bad_rekeys_change_nothing(mut c: Cluster, env: BackendEnv) {
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "x", "values": {"v": "1"}}),
+    )
+    .await;
+    let peers: Vec<String> = c.peers().split(',').map(String::from).collect();
+    for (body, says) in [
+        (
+            json!({"threshold": 4}),
+            "threshold must be between 1 and the number of Keepers (3)",
+        ),
+        (json!({"threshold": 0}), "threshold must be between 1"),
+        (json!({"keepers": ["http://127.0.0.1:1"]}), "https"),
+        (json!({"keepers": [peers[0], peers[0]]}), "listed twice"),
+        (json!({"keepers": []}), "between 1 and 255 Keepers"),
+        (json!({"threshold": "two"}), ""),
+    ] {
+        let (s, b) = call(&su, &urls[0], REKEY, body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {b}");
+        assert!(
+            b["reason"].as_str().unwrap_or("").contains(says),
+            "{body}: {b}"
+        );
+    }
+    // Two new Keepers that do not exist and threshold 3 of 4: two confirm, three needed.
+    let mut keepers = peers.clone();
+    keepers.truncate(2);
+    keepers.push("https://127.0.0.1:1".into());
+    keepers.push("https://127.0.0.1:2".into());
+    let (s, b) = call(
+        &su,
+        &urls[1],
+        REKEY,
+        json!({"threshold": 3, "keepers": keepers}),
+    )
+    .await;
+    println!("unreachable new Keepers: {s} {b}");
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    let reason = b["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("only 2 of the 4 Keepers confirmed"),
+        "{reason}"
+    );
+    assert!(reason.contains("https://127.0.0.1:1"), "{reason}");
+    assert!(
+        reason.contains(&format!("key {old} is still the root key")),
+        "{reason}"
+    );
+    let store = admin_store(&c, &env).await;
+    assert!(
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(agreed_key_id(&c, &urls).await, old);
+    for pair in [[0, 1], [1, 2], [0, 2]] {
+        assert_eq!(keepers_key_id(&c, &pair).await, old, "Keepers {pair:?}");
+    }
+    let b = call_ok(
+        &su,
+        &urls[0],
+        &action(SECRETS_PATH, "get"),
+        json!({"path": "x"}),
+    )
+    .await;
+    assert_eq!(b["data"]["v"], "1");
+
+    // The command line checks the sharing before sending anything, with the same rule.
+    let svid = c.pki.issue("superuser-cli", "/spike/pilot/role/superuser");
+    let url = urls[0].to_string();
+    let (code, _, err) = run_spike(
+        &[
+            "operator",
+            "rekey",
+            "--threshold",
+            "3",
+            "--keepers",
+            &peers[..2].join(","),
+        ],
+        &client_env(&url, &svid),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("threshold must be between 1 and the number of Keepers (2)"),
+        "{err}"
+    );
+    // And a good one through the CLI works, and says to export recovery shards.
+    let (code, out, err) = run_spike(&["operator", "rekey"], &client_env(&url, &svid));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("root key {old} replaced by")),
+        "{out}"
+    );
+    assert!(out.contains("spike recover export"), "{out}");
+    // Not the superuser: refused.
+    let other = c.api_client("workload", "/workload/app");
+    let (s, _) = call(&other, &urls[0], REKEY, json!({})).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+macro_rules! rekey_suite {
+    ($name:ident, |$c:ident| $setup:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rotate_and_rekey_under_load() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::rotate_and_rekey_under_load($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn two_rekeys_at_once_make_one_key() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::two_rekeys_at_once_make_one_key($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn old_recovery_shards_are_refused_new_ones_restore() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::old_recovery_shards_are_refused_new_ones_restore($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_nexus_killed_during_a_rekey() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::a_nexus_killed_during_a_rekey($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn bad_rekeys_change_nothing() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::bad_rekeys_change_nothing($c, env).await;
+            }
+        }
+    };
+}
+
+rekey_suite!(sqlite, |c| {
+    let _ = &c;
+    BackendEnv::new()
+});
+
+rekey_suite!(postgres, |c| {
+    let _ = &c;
+    let url = common::postgres::fresh_database().await;
+    common::postgres::nexus_env(&url)
+});
