@@ -126,7 +126,12 @@ async fn open_store(existing: bool) -> Result<AnyStore> {
 async fn key_from_keepers(store: &impl Store, what: &str) -> Result<RootKey> {
     let config = NexusConfig::from_source(&ProcessEnv).map_err(|e| {
         usage(format!(
-            "{what} needs the root key: it asks the Keepers for it as a Nexus does, with a Nexus's settings (its SVID files or SPIFFE_ENDPOINT_SOCKET, SPIKE_NEXUS_KEEPER_PEERS, SPIKE_NEXUS_SHAMIR_THRESHOLD; /etc/spike/nexus.env), or rebuilds it from recovery shards with --recover-dir DIR: {e}"
+            "{what} needs the root key: it asks the Keepers for it as a Nexus does, with a Nexus's settings (its SVID files or SPIFFE_ENDPOINT_SOCKET, SPIKE_NEXUS_KEEPER_PEERS, SPIKE_NEXUS_SHAMIR_THRESHOLD; /etc/spike/nexus.env), or rebuilds it from recovery shards with --recover-dir DIR{}: {e}",
+            if what.ends_with("verify") {
+                " (--structure-only checks the file without the key, which proves nothing against tampering)"
+            } else {
+                ""
+            }
         ))
     })?;
     let (_own, tls) = crate::client::keeper::tls_as_nexus(
