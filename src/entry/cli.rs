@@ -86,8 +86,9 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-    /// Backups of the store: take one while Nexus serves, check one, restore one into an empty
-    /// store of any backend. Runs with a Nexus's store settings.
+    /// Backups of the store, authenticated under the root key: take one while Nexus serves,
+    /// check one, restore one into an empty store of any backend. Runs with a Nexus's settings
+    /// (store, identity, Keepers) or recovery shards.
     Backup {
         /// The verb.
         #[command(subcommand)]
