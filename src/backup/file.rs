@@ -178,9 +178,9 @@ impl Backup {
     }
 }
 
-/// What the MAC covers: the domain `spike-backup/2/mac\0`, the SHA-256 of the header and every record line in
-/// order (so their content, order and number, and the header with its time and counts), the
-/// record count and the root key's id, each of fixed length or last.
+/// What the MAC covers: the domain `spike-backup/2/mac\0`, the SHA-256 of the header and every
+/// record line in order (so their content, order and number, and the header with its time and
+/// counts), the record count and the root key's id, each of fixed length or last.
 pub fn mac_message(body_sha256: &[u8; 32], records: u64, key_id: &str) -> Vec<u8> {
     let mut m = Vec::with_capacity(MAC_DOMAIN.len() + 32 + 8 + key_id.len());
     m.extend_from_slice(MAC_DOMAIN);

@@ -1,5 +1,5 @@
 //! `spike backup create | verify | restore`: online backups of the store, in one logical
-//! format for every backend ([`file`]), so a backup restores into any backend.
+//! format for every backend ([`mod@file`]), so a backup restores into any backend.
 //!
 //! The commands run with a Nexus's settings (`SPIKE_NEXUS_BACKEND_STORE` and the chosen
 //! backend's variables, [`Backend::from_source`]). A backup is the store's sealed bytes, never
