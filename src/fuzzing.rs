@@ -157,30 +157,59 @@ pub fn spike_store(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A `spike backup` file, as `verify` and `restore` read it: once as given, and once with a
-/// correct trailer appended (so the records get past the SHA-256, which random bytes never
-/// match). An accepted file has records sorted and unique, counted by its header, and encodes
-/// back to a file that reads the same.
+/// A `spike backup` file, as `verify` and `restore` read it: once as given, and once with each
+/// kind of correct trailer appended (so the records get past the SHA-256, which random bytes
+/// never match): a version 1 trailer (no MAC) and a version 2 trailer with a MAC under a fixed
+/// key. An accepted file has records sorted and unique, counted by its header; it
+/// authenticates under the key that made its MAC and under no other, never without a MAC; and
+/// it encodes back to a file that reads the same.
 pub fn backup_file(data: &[u8]) {
-    use crate::backup::file::{decode, encode};
+    use crate::backup::file::{self, AuthError, Seal, decode};
     let _ = decode(data);
     let mut body = data.to_vec();
     if !body.ends_with(b"\n") {
         body.push(b'\n');
     }
-    let lines = body
+    let lines: Vec<&[u8]> = body
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
-        .count();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
-    let trailer = serde_json::json!({
-        "end": "spike-backup",
-        "records": lines.saturating_sub(1),
-        "sha256": crate::protocol::audit::hex(digest.as_ref()),
-    });
-    body.extend_from_slice(trailer.to_string().as_bytes());
-    body.push(b'\n');
-    if let Ok(backup) = decode(&body) {
+        .collect();
+    let records = lines.len().saturating_sub(1) as u64;
+    // The header's key id, so the trailer can name the same one.
+    let key_id = lines
+        .first()
+        .and_then(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+        .and_then(|h| h.get("key_id").and_then(|k| k.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+    let sha256 = crate::protocol::audit::hex(&digest);
+    let Ok(root) = RootKey::from_bytes([7; 32]) else {
+        return;
+    };
+    let key = root.derive_mac(file::MAC_LABEL);
+    let Ok(other) = RootKey::from_bytes([8; 32]) else {
+        return;
+    };
+    let other = other.derive_mac(file::MAC_LABEL);
+    let tag = key.sign(&file::mac_message(&digest, records, &key_id));
+    let trailers = [
+        serde_json::json!({"end": "spike-backup", "records": records, "sha256": sha256}),
+        serde_json::json!({
+            "end": "spike-backup",
+            "records": records,
+            "sha256": sha256,
+            "key_id": key_id,
+            "mac": crate::protocol::audit::hex(&tag),
+        }),
+    ];
+    for trailer in trailers {
+        let mut whole = body.clone();
+        whole.extend_from_slice(trailer.to_string().as_bytes());
+        whole.push(b'\n');
+        let Ok(backup) = decode(&whole) else {
+            continue;
+        };
         assert_eq!(backup.records.len() as u64, backup.header.records);
         assert!(
             backup
@@ -188,8 +217,42 @@ pub fn backup_file(data: &[u8]) {
                 .windows(2)
                 .all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1))
         );
-        let again = decode(&encode(&backup.header, &backup.records)).expect("re-encoded");
+        let again = match &backup.seal {
+            Seal::Mac { key_id: named, .. } => {
+                assert_eq!(named, &key_id);
+                assert_eq!(backup.header.key_id, key_id);
+                assert_eq!(backup.authenticate(&key, &key_id), Ok(()));
+                assert_eq!(backup.authenticate(&other, &key_id), Err(AuthError::Forged));
+                let again = decode(&file::encode(
+                    &backup.header,
+                    &backup.records,
+                    &key,
+                    &key_id,
+                ))
+                .expect("re-encoded");
+                assert_eq!(again.authenticate(&key, &key_id), Ok(()));
+                again
+            }
+            Seal::Unauthenticated => {
+                assert_eq!(
+                    backup.authenticate(&key, &key_id),
+                    Err(AuthError::Unauthenticated)
+                );
+                decode(&file::encode_unauthenticated(
+                    &backup.header,
+                    &backup.records,
+                ))
+                .expect("re-encoded")
+            }
+        };
         assert_eq!(again.records, backup.records);
         assert_eq!(again.header, backup.header);
+        // The same kind of seal under the same key id (the tag covers the bytes, which a
+        // re-encoding may lay out differently).
+        assert_eq!(again.key_id(), backup.key_id());
+        assert_eq!(
+            again.seal == Seal::Unauthenticated,
+            backup.seal == Seal::Unauthenticated
+        );
     }
 }

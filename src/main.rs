@@ -217,27 +217,46 @@ fn client(
 }
 
 fn backup(command: BackupCommand) -> Result<(), Failure> {
-    use spike::backup::{self, Destination};
+    use spike::backup::{self, Check, Destination, KeySource};
+    let key =
+        |dir: Option<std::path::PathBuf>| dir.map_or(KeySource::Keepers, KeySource::RecoverDir);
     match command {
         BackupCommand::Create {
             out,
             dir,
             keep,
             force,
+            recover_dir,
         } => {
             let to = match (out, dir) {
                 (Some(path), _) => Destination::File { path, force },
                 (None, Some(dir)) => Destination::Dir { dir, keep },
                 (None, None) => return Err(usage("give --out FILE or --dir DIR")),
             };
-            runtime_builder()?.block_on(backup::create(to))
+            runtime_builder()?.block_on(backup::create(to, key(recover_dir)))
         }
-        BackupCommand::Verify { file, recover_dir } => {
-            backup::verify(&file, recover_dir.as_deref())
+        BackupCommand::Verify {
+            file,
+            recover_dir,
+            structure_only,
+            accept_unauthenticated,
+        } => {
+            let check = if structure_only {
+                Check::StructureOnly
+            } else {
+                Check::Full(key(recover_dir))
+            };
+            runtime_builder()?.block_on(backup::verify(&file, check, accept_unauthenticated))
         }
-        BackupCommand::Restore { file, recover_dir } => {
-            runtime_builder()?.block_on(backup::restore(&file, recover_dir.as_deref()))
-        }
+        BackupCommand::Restore {
+            file,
+            recover_dir,
+            accept_unauthenticated,
+        } => runtime_builder()?.block_on(backup::restore(
+            &file,
+            key(recover_dir),
+            accept_unauthenticated,
+        )),
     }
 }
 

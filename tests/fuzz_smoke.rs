@@ -177,20 +177,28 @@ fn spike_store() {
 
 #[test]
 fn backup_file() {
-    // A header and records: the target appends a correct trailer, so these get past the hash.
-    let body = concat!(
-        r#"{"format":"spike-backup","version":1,"created":"2026-01-01T00:00:00Z","backend":"sqlite","consistency":"store","key_id":"0011223344556677","records":2,"secrets":1,"policies":0,"system":1}"#,
-        "\n",
-        r#"{"ns":"secrets","key":"a/b","value":"AQID"}"#,
-        "\n",
-        r#"{"ns":"system","key":"root-key-verifier","value":"eyJrZXlfaWQiOiIwMDExMjIzMzQ0NTU2Njc3Iiwic2VhbGVkIjoiQUE9PSJ9"}"#,
-        "\n"
-    );
+    // A header and records: the target appends correct trailers, so these get past the hash
+    // (and, version 2, the MAC).
+    let body = |version: u32| {
+        format!(
+            concat!(
+                r#"{{"format":"spike-backup","version":{},"created":"2026-01-01T00:00:00Z","backend":"sqlite","consistency":"store","key_id":"0011223344556677","records":2,"secrets":1,"policies":0,"system":1}}"#,
+                "\n",
+                r#"{{"ns":"secrets","key":"a/b","value":"AQID"}}"#,
+                "\n",
+                r#"{{"ns":"system","key":"root-key-verifier","value":"eyJrZXlfaWQiOiIwMDExMjIzMzQ0NTU2Njc3Iiwic2VhbGVkIjoiQUE9PSJ9"}}"#,
+                "\n"
+            ),
+            version
+        )
+    };
+    let (v1, v2) = (body(1), body(2));
     run(
         "backup_file",
         spike::fuzzing::backup_file,
         &[
-            body.as_bytes(),
+            v1.as_bytes(),
+            v2.as_bytes(),
             b"{}\n",
             br#"{"end":"spike-backup","records":0,"sha256":""}"#,
         ],

@@ -54,6 +54,40 @@ fn systemd_units_verify_cleanly() {
         std::fs::write(&path, text.replace("/usr/bin/spike", common::spike_bin())).unwrap();
         units.push(path);
     }
+    // spike backup asks the Keepers for the root key with Nexus's identity: whatever of
+    // Nexus's sandbox decides what files, sockets and networks it reaches is the backup's too.
+    let nexus = std::fs::read_to_string(format!("{root}/systemd/spike-nexus.service")).unwrap();
+    let backup = std::fs::read_to_string(format!("{root}/systemd/spike-backup.service")).unwrap();
+    let reach = [
+        "EnvironmentFile=",
+        "User=",
+        "Group=",
+        "ReadOnlyPaths=",
+        "ReadWritePaths=",
+        "InaccessiblePaths=",
+        "BindReadOnlyPaths=",
+        "ProtectSystem=",
+        "ProtectHome=",
+        "PrivateTmp=",
+        "PrivateNetwork=",
+        "IPAddress",
+        "RestrictAddressFamilies=",
+        "SystemCallFilter=",
+        "RestrictFileSystems=",
+        "SocketBindDeny=",
+    ];
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| reach.iter().any(|k| l.starts_with(k)))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        lines(&backup),
+        lines(&nexus),
+        "spike-backup.service reaches less than Nexus"
+    );
+    assert!(backup.contains("After=network-online.target spike-nexus.service"));
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .args(&units)

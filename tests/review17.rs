@@ -246,18 +246,35 @@ fn a_crafted_backup_with_a_key_no_store_holds_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("crafted.jsonl");
     fs::write(&file, body).unwrap();
-    let (code, out, err) = run_spike(&["backup", "verify", file.to_str().unwrap()], &[]);
+    // Refused by the structure check, which needs no key (and comes before any MAC: a file
+    // whose MAC verifies is still checked).
+    let (code, out, err) = run_spike(
+        &[
+            "backup",
+            "verify",
+            file.to_str().unwrap(),
+            "--structure-only",
+        ],
+        &[],
+    );
     assert_ne!(code, 0, "a backup with a NUL in a key verifies: {out}{err}");
+    assert!(err.contains("NUL"), "{err}");
     let data = dir.path().join("data");
     fs::create_dir_all(&data).unwrap();
     let (code, out, err) = run_spike(
-        &["backup", "restore", file.to_str().unwrap()],
+        &[
+            "backup",
+            "restore",
+            file.to_str().unwrap(),
+            "--accept-unauthenticated",
+        ],
         &[
             ("SPIKE_NEXUS_BACKEND_STORE", "sqlite"),
             ("SPIKE_NEXUS_DATA_DIR", data.to_str().unwrap()),
         ],
     );
     assert_ne!(code, 0, "a backup with a NUL in a key restores: {out}{err}");
+    assert!(err.contains("NUL"), "{err}");
 }
 
 /// Paths may be 500 bytes long; the audit record must still say which secret a request named.

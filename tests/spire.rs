@@ -36,6 +36,9 @@ struct AgentCluster {
     nexus: Vec<Proc>,
     /// SPIRE's bundle, for the test's own `/health` client.
     pki: Pki,
+    /// `SPIKE_NEXUS_KEEPER_PEERS` and `SPIKE_NEXUS_DATA_DIR` of the Nexus instances.
+    peers: String,
+    data: std::path::PathBuf,
 }
 
 impl AgentCluster {
@@ -99,6 +102,8 @@ impl AgentCluster {
             keepers,
             nexus,
             pki,
+            peers,
+            data,
         }
     }
 
@@ -124,6 +129,31 @@ impl AgentCluster {
             .map(|p| format!("===== {} =====\n{}", p.name, p.logs()))
             .collect()
     }
+}
+
+/// Runs `spike backup ARGS` as the workload `uid` with the Nexus settings of `c` and the
+/// agent's socket, as spike-backup.service runs it with SPIFFE_ENDPOINT_SOCKET in nexus.env.
+fn backup_as(spire: &Spire, c: &AgentCluster, uid: u32, args: &[&str]) -> (i32, String, String) {
+    let out = spire
+        .command_as(uid, spike_bin())
+        .arg("backup")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SPIFFE_ENDPOINT_SOCKET", spire.endpoint())
+        .env("SPIKE_TRUST_ROOT", TD)
+        .env("SPIKE_SPIFFE_SOURCE_TIMEOUT", "10s")
+        .env("SPIKE_NEXUS_KEEPER_PEERS", &c.peers)
+        .env("SPIKE_NEXUS_SHAMIR_SHARES", c.keepers.len().to_string())
+        .env("SPIKE_NEXUS_DATA_DIR", &c.data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Runs `spike ARGS` as the workload `uid` against `urls`: (exit status, stdout, stderr).
@@ -165,6 +195,20 @@ async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
     let su = spire.uid("superuser");
     let (code, _, err) = cli_as(&spire, su, &urls, &["secret", "put", "apps/one/db", "k=v"]);
     assert_eq!(code, 0, "{err}\n{}", c.logs());
+
+    // spike backup gets the root key from the Keepers with the Nexus identity the agent gives
+    // it, and verifies with it; another identity gets no shard and writes no backup.
+    let file = c.dir.path().join("agent-backup.jsonl");
+    let path = file.to_str().unwrap();
+    let (code, _, err) = backup_as(&spire, &c, su, &["create", "--out", path]);
+    assert_ne!(code, 0, "a backup as the superuser: {err}");
+    assert!(err.contains("as a Nexus"), "{err}");
+    assert!(!file.exists());
+    let (code, _, err) = backup_as(&spire, &c, nexus, &["create", "--out", path]);
+    assert_eq!(code, 0, "{err}\n{}", c.logs());
+    let (code, out, err) = backup_as(&spire, &c, nexus, &["verify", path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("its MAC verifies"), "{out}");
     for n in &c.nexus {
         let (code, out, err) = cli_as(
             &spire,

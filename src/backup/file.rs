@@ -1,30 +1,47 @@
 //! The backup file: one logical format for every backend, JSON lines.
 //!
-//! 1. A header: `{"format":"spike-backup","version":1,"created":…,"backend":…,
+//! 1. A header: `{"format":"spike-backup","version":2,"created":…,"backend":…,
 //!    "consistency":"store"|"record","key_id":…,"records":N,"secrets":…,"policies":…,"system":…}`.
 //! 2. One line per record, sorted by namespace then key: `{"ns":…,"key":…,"value":BASE64}`. The
 //!    value is the store's bytes as they are — sealed values, MACed records, the sealed policy
 //!    book, the root-key verifier — never opened to write the backup.
-//! 3. A trailer: `{"end":"spike-backup","records":N,"sha256":HEX}`, the SHA-256 over every
-//!    byte before it.
+//! 3. A trailer: `{"end":"spike-backup","records":N,"sha256":HEX,"key_id":ID,"mac":HEX}`:
+//!    the SHA-256 over every byte before it (header and record lines, in order), and an
+//!    HMAC-SHA256 under a key derived from the deployment's root key ([`MAC_LABEL`]) over that
+//!    SHA-256, the record count and the key id ([`mac_message`]).
 //!
-//! The trailer makes a truncated or damaged file fail to read; it is not a MAC (whoever edits
-//! the file can recompute it). What a backup holds is authenticated the way the store is:
-//! every secret record by its MAC, the policy book and the verifier by AEAD under the root key
-//! (`spike backup verify --recover-dir`).
+//! [`decode`] checks the structure only: complete, well-formed, counts agree, the SHA-256
+//! matches (so truncation and damage are named precisely). That proves nothing against a
+//! deliberate edit — whoever edits the file can recompute a hash. [`Backup::authenticate`]
+//! checks the MAC with the root key: only a holder of the root key can produce a file it
+//! accepts, whatever was dropped, reordered, duplicated, changed, cut or spliced.
+//!
+//! Version 1 (before the MAC) had the same lines and a trailer without `key_id` and `mac`. It is
+//! still read, as [`Seal::Unauthenticated`], so the commands can refuse it by name and accept
+//! it only when told.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::Verifier;
+use crate::crypto::{MAC_LEN, MacKey, Verifier};
 use crate::protocol::audit::hex;
 use crate::store::{Namespace, RESTORE_MARKER_KEY, VERIFIER_KEY};
 
 /// The header's `format`.
 pub const FORMAT: &str = "spike-backup";
-/// The version of the format this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The version of the format this code writes: 2, with a keyed MAC in the trailer.
+pub const VERSION: u32 = 2;
+/// The version written before the MAC (an unkeyed SHA-256 only): read, never written.
+pub const UNAUTHENTICATED_VERSION: u32 = 1;
+/// The label under which the backup MAC key is derived from the root key
+/// (`root.derive_mac(MAC_LABEL)`, HKDF then HMAC-SHA256). Used for backups only, so no other
+/// MAC made under the root key (audit records, secret records) verifies as a backup's. The
+/// `v1` names the key derivation, not the file format.
+pub const MAC_LABEL: &str = "spike/backup/v1";
+/// What a MAC message starts with: the format and its version, so a tag of this format can
+/// never be read as one of another.
+const MAC_DOMAIN: &[u8] = b"spike-backup/2/mac\0";
 
 /// What a backup says it contains.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,7 +49,7 @@ pub const VERSION: u32 = 1;
 pub struct Header {
     /// Always [`FORMAT`].
     pub format: String,
-    /// [`VERSION`].
+    /// [`VERSION`] (or [`UNAUTHENTICATED_VERSION`] in an old file).
     pub version: u32,
     /// When the snapshot began (RFC 3339, UTC).
     pub created: String,
@@ -67,17 +84,52 @@ struct Trailer {
     end: String,
     records: u64,
     sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
-/// A backup read whole and checked: its header and records.
+/// How a backup is authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// A MAC under the root key whose id is given ([`VERSION`]).
+    Mac {
+        /// [`crate::crypto::RootKey::key_id`] of the key the MAC was made under.
+        key_id: String,
+        /// The HMAC-SHA256 tag.
+        tag: [u8; MAC_LEN],
+    },
+    /// No MAC: a file of [`UNAUTHENTICATED_VERSION`]; anyone could have written it.
+    Unauthenticated,
+}
+
+/// A backup read whole and checked for structure: its header and records.
 #[derive(Debug)]
 pub struct Backup {
     /// The header.
     pub header: Header,
     /// `(namespace, key, value)`, sorted.
     pub records: Vec<(Namespace, String, Vec<u8>)>,
-    /// The SHA-256 in the trailer: names this backup.
+    /// The SHA-256 of the header and records, hex: names this backup.
     pub sha256: String,
+    /// The trailer's MAC, or none in an old file.
+    pub seal: Seal,
+    digest: [u8; 32],
+}
+
+/// Why [`Backup::authenticate`] refused a backup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthError {
+    /// The file has no MAC (format version 1).
+    Unauthenticated,
+    /// The MAC was made under another root key than the one given.
+    OtherKey {
+        /// The key id the trailer names.
+        made_under: String,
+    },
+    /// The MAC does not verify: the file was changed by someone without the root key.
+    Forged,
 }
 
 impl Backup {
@@ -96,10 +148,52 @@ impl Backup {
             .ok()
             .map(|i| self.records[i].2.as_slice())
     }
+
+    /// The id of the root key this backup says it was made under: the trailer's (the header's
+    /// in an old file, which has none in its trailer).
+    pub fn key_id(&self) -> &str {
+        match &self.seal {
+            Seal::Mac { key_id, .. } => key_id,
+            Seal::Unauthenticated => &self.header.key_id,
+        }
+    }
+
+    /// Checks the MAC under `key`, the backup MAC key ([`MAC_LABEL`]) of the root key whose id
+    /// is `key_id`. Constant time in the tag.
+    pub fn authenticate(&self, key: &MacKey, key_id: &str) -> Result<(), AuthError> {
+        let Seal::Mac {
+            key_id: made_under,
+            tag,
+        } = &self.seal
+        else {
+            return Err(AuthError::Unauthenticated);
+        };
+        if made_under != key_id {
+            return Err(AuthError::OtherKey {
+                made_under: made_under.clone(),
+            });
+        }
+        let message = mac_message(&self.digest, self.records.len() as u64, made_under);
+        key.verify(&message, tag).map_err(|_| AuthError::Forged)
+    }
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+/// What the MAC covers: the domain `spike-backup/2/mac\0`, the SHA-256 of the header and every
+/// record line in order (so their content, order and number, and the header with its time and
+/// counts), the record count and the root key's id, each of fixed length or last.
+pub fn mac_message(body_sha256: &[u8; 32], records: u64, key_id: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(MAC_DOMAIN.len() + 32 + 8 + key_id.len());
+    m.extend_from_slice(MAC_DOMAIN);
+    m.extend_from_slice(body_sha256);
+    m.extend_from_slice(&records.to_be_bytes());
+    m.extend_from_slice(key_id.as_bytes());
+    m
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 fn json_line(out: &mut Vec<u8>, value: &impl Serialize) {
@@ -118,8 +212,8 @@ pub fn counts(records: &[(Namespace, String, Vec<u8>)]) -> BTreeMap<Namespace, u
     counts
 }
 
-/// The file's bytes for `header` and `records` (sorted).
-pub fn encode(header: &Header, records: &[(Namespace, String, Vec<u8>)]) -> Vec<u8> {
+/// The header and record lines of `header` and `records` (sorted), without the trailer.
+fn encode_body(header: &Header, records: &[(Namespace, String, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     json_line(&mut out, header);
     for (ns, key, value) in records {
@@ -132,18 +226,71 @@ pub fn encode(header: &Header, records: &[(Namespace, String, Vec<u8>)]) -> Vec<
             },
         );
     }
+    out
+}
+
+/// The file's bytes for `header` and `records` (sorted), with a trailer that carries the MAC
+/// under `key`, the backup MAC key ([`MAC_LABEL`]) of the root key whose id is `key_id`.
+pub fn encode(
+    header: &Header,
+    records: &[(Namespace, String, Vec<u8>)],
+    key: &MacKey,
+    key_id: &str,
+) -> Vec<u8> {
+    let mut out = encode_body(header, records);
+    let digest = sha256(&out);
+    let tag = key.sign(&mac_message(&digest, records.len() as u64, key_id));
     let trailer = Trailer {
         end: FORMAT.into(),
         records: records.len() as u64,
-        sha256: sha256(&out),
+        sha256: hex(&digest),
+        key_id: Some(key_id.into()),
+        mac: Some(hex(&tag)),
     };
     json_line(&mut out, &trailer);
     out
 }
 
-/// Reads and checks a whole backup: complete (the trailer is there, counts agree), unchanged
-/// since written (the SHA-256), every line well-formed, records sorted and unique, a verifier
-/// whose key id is the header's. The error says what is wrong and where.
+/// A file of the old format ([`UNAUTHENTICATED_VERSION`], no MAC), as spike wrote it before the
+/// MAC: for tests and fuzzing only.
+#[doc(hidden)]
+pub fn encode_unauthenticated(
+    header: &Header,
+    records: &[(Namespace, String, Vec<u8>)],
+) -> Vec<u8> {
+    let mut out = encode_body(header, records);
+    let trailer = Trailer {
+        end: FORMAT.into(),
+        records: records.len() as u64,
+        sha256: hex(&sha256(&out)),
+        key_id: None,
+        mac: None,
+    };
+    json_line(&mut out, &trailer);
+    out
+}
+
+fn unhex_tag(text: &str) -> Option<[u8; MAC_LEN]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 2 * MAC_LEN {
+        return None;
+    }
+    let mut out = [0u8; MAC_LEN];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Reads a whole backup and checks its structure: complete (the trailer is there, counts
+/// agree), undamaged (the SHA-256), every line well-formed, records sorted and unique, a
+/// verifier whose key id is the header's and the trailer's. The error says what is wrong and
+/// where. This is not authentication: see [`Backup::authenticate`].
 pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
     if bytes.is_empty() {
         return Err("the file is empty: not a backup, or truncated to nothing".into());
@@ -189,7 +336,8 @@ pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
             record_lines.len()
         ));
     }
-    let got = sha256(body);
+    let digest = sha256(body);
+    let got = hex(&digest);
     if got != trailer.sha256 {
         return Err(format!(
             "the SHA-256 of the header and records ({got}) is not the one in the trailer ({}): the file was edited or damaged after it was written",
@@ -204,12 +352,34 @@ pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
             header.format
         ));
     }
-    if header.version != VERSION {
-        return Err(format!(
-            "format version {} is not one this spike reads ({VERSION}); use the spike that wrote it",
-            header.version
-        ));
-    }
+    let seal = match (header.version, trailer.key_id, trailer.mac) {
+        (VERSION, Some(key_id), Some(mac)) => {
+            let tag = unhex_tag(&mac).ok_or("the trailer's MAC is not 64 lowercase hex digits")?;
+            if key_id != header.key_id {
+                return Err(format!(
+                    "the trailer names root key {key_id} but the header names {}",
+                    header.key_id
+                ));
+            }
+            Seal::Mac { key_id, tag }
+        }
+        (VERSION, _, _) => {
+            return Err(format!(
+                "the trailer of a version {VERSION} backup has no MAC or no key id: the file was cut or edited"
+            ));
+        }
+        (UNAUTHENTICATED_VERSION, None, None) => Seal::Unauthenticated,
+        (UNAUTHENTICATED_VERSION, _, _) => {
+            return Err(format!(
+                "a version {UNAUTHENTICATED_VERSION} backup with a MAC in its trailer: the file was edited"
+            ));
+        }
+        (other, _, _) => {
+            return Err(format!(
+                "format version {other} is not one this spike reads ({UNAUTHENTICATED_VERSION} or {VERSION}); use the spike that wrote it"
+            ));
+        }
+    };
     let mut records: Vec<(Namespace, String, Vec<u8>)> = Vec::with_capacity(record_lines.len());
     for (i, line) in record_lines.iter().enumerate() {
         let n = i + 2;
@@ -252,7 +422,9 @@ pub fn decode(bytes: &[u8]) -> Result<Backup, String> {
     let backup = Backup {
         header,
         records,
-        sha256: trailer.sha256,
+        sha256: got,
+        seal,
+        digest,
     };
     let verifier = backup.verifier()?;
     if verifier.key_id != backup.header.key_id {
@@ -269,9 +441,8 @@ mod tests {
     use super::*;
     use crate::crypto::RootKey;
 
-    fn sample() -> (Header, Vec<(Namespace, String, Vec<u8>)>) {
-        let key = RootKey::generate().unwrap();
-        let v = key.make_verifier().unwrap();
+    fn sample(root: &RootKey) -> (Header, Vec<(Namespace, String, Vec<u8>)>) {
+        let v = root.make_verifier().unwrap();
         let mut s = crate::store::Snapshot::default();
         s.records
             .push((Namespace::Secrets, "a".into(), b"one".to_vec()));
@@ -302,14 +473,39 @@ mod tests {
         (header, s.records)
     }
 
+    fn make(root: &RootKey, header: &Header, records: &[(Namespace, String, Vec<u8>)]) -> Vec<u8> {
+        encode(header, records, &root.derive_mac(MAC_LABEL), &root.key_id())
+    }
+
+    /// What an editor without the root key can do: new header and record lines, the SHA-256
+    /// and count recomputed, the MAC and key id kept from `trailer_of`.
+    fn reseal(lines: &[&str], trailer_of: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(trailer_of).unwrap();
+        let mut trailer: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let body = lines.join("\n") + "\n";
+        trailer["sha256"] = hex(&sha256(body.as_bytes())).into();
+        trailer["records"] = (lines.len() - 1).into();
+        format!("{body}{trailer}\n").into_bytes()
+    }
+
+    fn authentic(root: &RootKey, bytes: &[u8]) -> Result<(), AuthError> {
+        decode(bytes)
+            .unwrap()
+            .authenticate(&root.derive_mac(MAC_LABEL), &root.key_id())
+    }
+
     #[test]
     fn round_trip_and_every_damage_is_named() {
-        let (header, records) = sample();
-        let bytes = encode(&header, &records);
+        let root = RootKey::generate().unwrap();
+        let (header, records) = sample(&root);
+        let bytes = make(&root, &header, &records);
         let back = decode(&bytes).unwrap();
         assert_eq!(back.header, header);
         assert_eq!(back.records, records);
         assert_eq!(back.value(Namespace::Secrets, "a"), Some(&b"one"[..]));
+        assert_eq!(back.key_id(), root.key_id());
+        assert_eq!(authentic(&root, &bytes), Ok(()));
 
         let cut = decode(&bytes[..bytes.len() - 10]).unwrap_err();
         assert!(cut.contains("truncated"), "{cut}");
@@ -330,5 +526,95 @@ mod tests {
         let e = decode(&edited).unwrap_err();
         assert!(e.contains("SHA-256"), "{e}");
         assert!(decode(b"").unwrap_err().contains("empty"));
+        // A version 2 trailer without its MAC.
+        let mut trailer: serde_json::Value = serde_json::from_str(lines[4]).unwrap();
+        trailer.as_object_mut().unwrap().remove("mac");
+        let stripped = format!("{}\n{trailer}\n", lines[..4].join("\n"));
+        let e = decode(stripped.as_bytes()).unwrap_err();
+        assert!(e.contains("no MAC"), "{e}");
+    }
+
+    #[test]
+    fn the_mac_catches_every_edit_made_without_the_root_key() {
+        let root = RootKey::generate().unwrap();
+        let (header, records) = sample(&root);
+        let bytes = make(&root, &header, &records);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let (head, recs) = (lines[0], &lines[1..4]);
+
+        // A record dropped (header counts edited to match).
+        let fewer_header = head
+            .replace(r#""records":3"#, r#""records":2"#)
+            .replace(r#""secrets":2"#, r#""secrets":1"#);
+        let dropped = reseal(&[&fewer_header, recs[1], recs[2]], &bytes);
+        assert_eq!(authentic(&root, &dropped), Err(AuthError::Forged));
+        // The header changed (another time).
+        let later = head.replace("2026-01-01", "2027-01-01");
+        let changed = reseal(&[&later, recs[0], recs[1], recs[2]], &bytes);
+        assert_eq!(authentic(&root, &changed), Err(AuthError::Forged));
+        // A record's value changed.
+        let other = recs[0].replace(r#""value":"b25l""#, r#""value":"dHdv""#);
+        assert_ne!(other, recs[0]);
+        let changed = reseal(&[head, &other, recs[1], recs[2]], &bytes);
+        assert_eq!(authentic(&root, &changed), Err(AuthError::Forged));
+        // Reordered and duplicated lines are refused before the MAC.
+        let reordered = reseal(&[head, recs[1], recs[0], recs[2]], &bytes);
+        assert!(decode(&reordered).unwrap_err().contains("out of order"));
+        let twice = head
+            .replace(r#""records":3"#, r#""records":4"#)
+            .replace(r#""secrets":2"#, r#""secrets":3"#);
+        let duplicated = reseal(&[&twice, recs[0], recs[0], recs[1], recs[2]], &bytes);
+        assert!(decode(&duplicated).unwrap_err().contains("repeated"));
+        // An older backup's trailer on a newer body of the same deployment.
+        let mut newer = records.clone();
+        newer.insert(1, (Namespace::Secrets, "a2".into(), b"new".to_vec()));
+        let newer_header = Header {
+            records: 4,
+            secrets: 3,
+            ..header.clone()
+        };
+        let newer_bytes = make(&root, &newer_header, &newer);
+        let newer_text = String::from_utf8(newer_bytes).unwrap();
+        let newer_lines: Vec<&str> = newer_text.lines().collect();
+        let replayed = reseal(&newer_lines[..5], &bytes);
+        assert_eq!(authentic(&root, &replayed), Err(AuthError::Forged));
+        // The key id in the trailer changed: named as another key, or (made to match the
+        // checker's key) forged.
+        let other_root = RootKey::generate().unwrap();
+        assert_eq!(
+            decode(&bytes)
+                .unwrap()
+                .authenticate(&other_root.derive_mac(MAC_LABEL), &other_root.key_id()),
+            Err(AuthError::OtherKey {
+                made_under: root.key_id()
+            })
+        );
+        assert_eq!(
+            decode(&bytes)
+                .unwrap()
+                .authenticate(&other_root.derive_mac(MAC_LABEL), &root.key_id()),
+            Err(AuthError::Forged)
+        );
+        // The old format: readable, never authentic.
+        let old_header = Header {
+            version: UNAUTHENTICATED_VERSION,
+            ..header.clone()
+        };
+        let old = encode_unauthenticated(&old_header, &records);
+        let back = decode(&old).unwrap();
+        assert_eq!(back.seal, Seal::Unauthenticated);
+        assert_eq!(authentic(&root, &old), Err(AuthError::Unauthenticated));
+        // A version 1 header put on a version 2 file to dodge the MAC.
+        let downgraded = reseal(
+            &[
+                &head.replace(r#""version":2"#, r#""version":1"#),
+                recs[0],
+                recs[1],
+                recs[2],
+            ],
+            &bytes,
+        );
+        assert!(decode(&downgraded).unwrap_err().contains("edited"));
     }
 }

@@ -1,26 +1,37 @@
 //! `spike backup create | verify | restore`: online backups of the store, in one logical
-//! format for every backend ([`file`]), so a backup restores into any backend.
+//! format for every backend ([`mod@file`]), so a backup restores into any backend.
 //!
-//! The commands run with a Nexus's store settings (`SPIKE_NEXUS_BACKEND_STORE` and the chosen
-//! backend's variables, [`Backend::from_source`]) and need no identity and no root key:
-//! a backup is the store's sealed bytes, never opened.
+//! The commands run with a Nexus's settings (`SPIKE_NEXUS_BACKEND_STORE` and the chosen
+//! backend's variables, [`Backend::from_source`]). A backup is the store's sealed bytes, never
+//! opened, authenticated as a whole by a MAC under a key derived from the deployment's root key
+//! ([`file::MAC_LABEL`]), so no one without the root key can make a file that `verify` or
+//! `restore` accepts. The root key ([`KeySource`]) comes from the Keepers, asked with the Nexus
+//! identity as a Nexus asks them and accepted only if it opens the verifier
+//! ([`keepers::deployment_key`]), or from recovery shards (`--recover-dir`); it is held only
+//! in this process, in locked memory, and dropped as soon as the MAC key and data keys are
+//! derived.
 //!
 //! - **create** reads every record with [`Store::snapshot`] while Nexus serves: SQLite and
 //!   PostgreSQL in one statement (the whole store as of one instant), S3 one object at a time
 //!   (each record consistent, the whole not: the header says `"consistency":"record"`). The
-//!   file is written 0600 under a temporary name and renamed into place.
-//! - **verify** reads the whole file and checks it is complete and unchanged; with
-//!   `--recover-dir` it rebuilds the root key from recovery shards, in this process, and checks
-//!   that it opens the verifier, that every secret record's MAC verifies and that the policy
-//!   book opens. It writes nothing.
-//! - **restore** checks the whole file first, then writes into an empty store only: a marker
-//!   ([`RESTORE_MARKER_KEY`]) first, then the verifier, then every record, create-if-absent,
-//!   and removes the marker last. While the marker is there a Nexus reports
+//!   file is written 0600 under a temporary name and renamed into place, only once the key is
+//!   in hand.
+//! - **verify** reads the whole file and checks its structure; with the key it checks the MAC,
+//!   that the key opens the verifier, that every secret record's MAC verifies and that the
+//!   policy book opens. `--structure-only` skips the key and says that it proved nothing
+//!   against tampering. It writes nothing.
+//! - **restore** checks the whole file, MAC included, first, then writes into an empty store
+//!   only: a marker ([`RESTORE_MARKER_KEY`]) first, then the verifier, then every record,
+//!   create-if-absent, and removes the marker last. While the marker is there a Nexus reports
 //!   `restore_incomplete` and neither creates nor loads a root key, so a store left half
 //!   written by a failure is never served and never becomes a new deployment; running the same
 //!   restore again resumes it (records already written with the same bytes are skipped).
 //!   The verifier goes first so that a Nexus that raced the restore on the empty store and won
 //!   is noticed before any record is written (the restore then stops and removes its marker).
+//!
+//! A file of the format before the MAC ([`file::UNAUTHENTICATED_VERSION`]) is refused unless
+//! `--accept-unauthenticated` is given; then a warning is logged and the records are still
+//! checked one by one under the key.
 
 pub mod file;
 
@@ -28,15 +39,16 @@ use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::{RootKey, shamir};
-use crate::nexus::book;
 use crate::nexus::secrets;
+use crate::nexus::{NexusConfig, book, keepers};
 use crate::platform::CommandError;
 use crate::platform::env::ProcessEnv;
 use crate::protocol::nexus::{now_nanos, rfc3339};
+use crate::store::memory::MemoryStore;
 use crate::store::{
     AnyStore, Backend, Expect, Namespace, RESTORE_MARKER_KEY, Store, VERIFIER_KEY, Written,
 };
-use file::{Backup, FORMAT, Header, VERSION};
+use file::{AuthError, Backup, FORMAT, Header, MAC_LABEL, Seal, VERSION};
 
 /// A failure, with its exit status: 2 for bad input or configuration, 1 otherwise.
 type Result<T> = std::result::Result<T, CommandError>;
@@ -53,6 +65,24 @@ fn failed(e: impl std::fmt::Display) -> CommandError {
 /// so names sort in time order.
 const DIR_PREFIX: &str = "spike-backup-";
 const DIR_SUFFIX: &str = ".jsonl";
+
+/// Where the root key comes from.
+pub enum KeySource {
+    /// The deployment's Keepers (`SPIKE_NEXUS_KEEPER_PEERS`, `SPIKE_NEXUS_SHAMIR_THRESHOLD`),
+    /// asked with this process's Nexus identity (the same settings as `spike nexus`).
+    Keepers,
+    /// A directory of recovery shard files (`--recover-dir`), at least the threshold.
+    RecoverDir(PathBuf),
+}
+
+impl KeySource {
+    fn describe(&self) -> String {
+        match self {
+            KeySource::Keepers => "the Keepers' shards".into(),
+            KeySource::RecoverDir(dir) => format!("the recovery shards in {}", dir.display()),
+        }
+    }
+}
 
 /// Where `spike backup create` writes.
 pub enum Destination {
@@ -90,8 +120,49 @@ async fn open_store(existing: bool) -> Result<AnyStore> {
         .map_err(|e| failed(format!("cannot open the store: {e}")))
 }
 
-/// Runs `spike backup create`.
-pub async fn create(to: Destination) -> Result<()> {
+/// The root key from the Keepers, found as a Nexus finds it ([`keepers::deployment_key`]):
+/// a threshold of their shards that opens the verifier `store` holds. `what` names the command
+/// in errors.
+async fn key_from_keepers(store: &impl Store, what: &str) -> Result<RootKey> {
+    let config = NexusConfig::from_source(&ProcessEnv).map_err(|e| {
+        usage(format!(
+            "{what} needs the root key: it asks the Keepers for it as a Nexus does, with a Nexus's settings (its SVID files or SPIFFE_ENDPOINT_SOCKET, SPIKE_NEXUS_KEEPER_PEERS, SPIKE_NEXUS_SHAMIR_THRESHOLD; /etc/spike/nexus.env), or rebuilds it from recovery shards with --recover-dir DIR{}: {e}",
+            if what.ends_with("verify") {
+                " (--structure-only checks the file without the key, which proves nothing against tampering)"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    let (_own, tls) = crate::client::keeper::tls_as_nexus(
+        &config.identity,
+        &format!("{what} asks the Keepers for the root key as a Nexus"),
+    )
+    .await?;
+    let client = keepers::keeper_client(&config, tls);
+    keepers::deployment_key(&config, &client, store)
+        .await
+        .map_err(|e| {
+            failed(format!(
+                "{what}: cannot get the root key from the Keepers: {e}"
+            ))
+        })
+}
+
+/// The root key rebuilt from the recovery shards in `dir`, in this process.
+fn key_from_shards(dir: &Path) -> Result<RootKey> {
+    let shares = crate::client::recover::read_dir(dir)?;
+    shamir::combine(&shares).map_err(|e| {
+        usage(format!(
+            "the recovery shards in {} do not combine: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// Runs `spike backup create`: the MAC is made under the root key from `key`, which must open
+/// the store's verifier.
+pub async fn create(to: Destination, key: KeySource) -> Result<()> {
     // Refuse a bad destination before reading the whole store.
     let path = match &to {
         Destination::File { path, force } => {
@@ -151,6 +222,20 @@ pub async fn create(to: Destination) -> Result<()> {
         ));
     };
     let verifier = crate::store::parse_verifier(verifier).map_err(failed)?;
+    let root = match &key {
+        KeySource::Keepers => key_from_keepers(&store, "spike backup create").await?,
+        KeySource::RecoverDir(dir) => key_from_shards(dir)?,
+    };
+    let key_id = root.key_id();
+    if key_id != verifier.key_id || !root.opens(&verifier) {
+        return Err(failed(format!(
+            "{} rebuild root key {key_id}, which does not open the store's verifier (root key {}): they are another deployment's, or fewer than its threshold; nothing written",
+            key.describe(),
+            verifier.key_id
+        )));
+    }
+    let mac = root.derive_mac(MAC_LABEL);
+    drop(root);
     let per_ns = file::counts(&records);
     let count = |ns| per_ns.get(&ns).copied().unwrap_or(0);
     let header = Header {
@@ -165,7 +250,8 @@ pub async fn create(to: Destination) -> Result<()> {
         policies: count(Namespace::Policies),
         system: count(Namespace::System),
     };
-    let bytes = file::encode(&header, &records);
+    let bytes = file::encode(&header, &records, &mac, &key_id);
+    drop(mac);
     if matches!(to, Destination::Dir { .. }) && path.exists() {
         return Err(failed(format!(
             "{} exists already (two backups in one millisecond?)",
@@ -175,7 +261,7 @@ pub async fn create(to: Destination) -> Result<()> {
     crate::platform::fs::replace(&path, &bytes, crate::platform::fs::PRIVATE)
         .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
     eprintln!(
-        "backed up {} record(s) ({} secret(s)) of the {} store, root key {}, consistent per {}, {} bytes",
+        "backed up {} record(s) ({} secret(s)) of the {} store, authenticated under root key {}, consistent per {}, {} bytes",
         header.records,
         header.secrets,
         header.backend,
@@ -212,38 +298,93 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads and checks a whole backup file.
-fn read(path: &Path) -> Result<Backup> {
+/// Reads a whole backup file and checks its structure. A file without a MAC is refused here,
+/// before any key is asked for, unless `accept_unauthenticated`.
+fn read(path: &Path, accept_unauthenticated: bool) -> Result<Backup> {
     let bytes =
         std::fs::read(path).map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?;
-    file::decode(&bytes).map_err(|e| failed(format!("{}: {e}", path.display())))
+    let backup = file::decode(&bytes).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    if backup.seal == Seal::Unauthenticated && !accept_unauthenticated {
+        return Err(failed(format!(
+            "{}: format version {}, written before backups carried a MAC: it is unauthenticated (anyone who could edit the file could have dropped or changed records unnoticed); refused, nothing written. --accept-unauthenticated accepts it anyway (its records are still checked one by one under the root key)",
+            path.display(),
+            file::UNAUTHENTICATED_VERSION
+        )));
+    }
+    Ok(backup)
 }
 
-/// Rebuilds the root key from the recovery shards in `dir` and checks everything in `backup`
-/// with it. Writes nothing.
-fn check_with_shards(backup: &Backup, path: &Path, dir: &Path) -> Result<()> {
-    let shares = crate::client::recover::read_dir(dir)?;
-    let root: RootKey = shamir::combine(&shares).map_err(|e| {
-        usage(format!(
-            "the recovery shards in {} do not combine: {e}",
-            dir.display()
-        ))
-    })?;
+/// The root key `backup` was made under, from `key`: the Keepers are asked to open the
+/// backup's own verifier (the deployment's store may be gone, empty or another's).
+async fn backup_key(backup: &Backup, path: &Path, key: &KeySource, what: &str) -> Result<RootKey> {
+    match key {
+        KeySource::RecoverDir(dir) => key_from_shards(dir),
+        KeySource::Keepers => {
+            let verifier = backup
+                .value(Namespace::System, VERIFIER_KEY)
+                .ok_or_else(|| failed("the backup holds no verifier"))?;
+            let own = MemoryStore::default();
+            own.put(
+                Namespace::System,
+                VERIFIER_KEY,
+                verifier.to_vec(),
+                Expect::Absent,
+            )
+            .await
+            .map_err(failed)?;
+            key_from_keepers(&own, what).await.map_err(|e| match e {
+                CommandError::Failed(why) => failed(format!(
+                    "{}: this backup was made under root key {}; {why} (after a rekey, or for another deployment's backup, give that key's recovery shards with --recover-dir)",
+                    path.display(),
+                    backup.key_id()
+                )),
+                other => other,
+            })
+        }
+    }
+}
+
+/// Checks everything in `backup` with `root`, the key from `source`: the MAC (unless the file
+/// has none and that was accepted), then that the key opens the verifier, every secret record
+/// and the policy book. Writes nothing.
+fn check_with_key(backup: &Backup, path: &Path, root: RootKey, source: &KeySource) -> Result<()> {
     let rebuilt = root.key_id();
-    if rebuilt != backup.header.key_id {
+    if rebuilt != backup.key_id() {
         return Err(failed(format!(
-            "{}: this backup was made under root key {}; the shards in {} rebuild {}: they are another deployment's (or fewer than its threshold)",
+            "{}: this backup was made under root key {}; {} rebuild {}: they are another deployment's (or of another era of its root key, or fewer than its threshold)",
             path.display(),
-            backup.header.key_id,
-            dir.display(),
+            backup.key_id(),
+            source.describe(),
             rebuilt
         )));
+    }
+    match backup.authenticate(&root.derive_mac(MAC_LABEL), &rebuilt) {
+        Ok(()) => {}
+        Err(AuthError::Unauthenticated) => tracing::warn!(
+            file = %path.display(),
+            "accepting a backup without a MAC (format version {}) as told by --accept-unauthenticated: nothing proves it was not edited; its records are checked one by one",
+            file::UNAUTHENTICATED_VERSION
+        ),
+        Err(AuthError::OtherKey { made_under }) => {
+            return Err(failed(format!(
+                "{}: this backup was made under root key {made_under}; {} rebuild {rebuilt}",
+                path.display(),
+                source.describe()
+            )));
+        }
+        Err(AuthError::Forged) => {
+            return Err(failed(format!(
+                "{}: the backup's MAC does not verify under root key {rebuilt}: the file was changed by someone without the root key (records dropped, added, changed or reordered, the header edited, parts of backups spliced or a trailer replayed); refused, nothing written",
+                path.display()
+            )));
+        }
     }
     let verifier = backup.verifier().map_err(failed)?;
     if !root.opens(&verifier) {
         return Err(failed(format!(
-            "{}: the root-key verifier does not open under the key the shards rebuild (its id matches): the verifier was altered",
-            path.display()
+            "{}: the root-key verifier does not open under the key {} rebuild (its id matches): the verifier was altered",
+            path.display(),
+            source.describe()
         )));
     }
     // The data keys: the backup's keyring (refused like any record that does not open), or
@@ -284,7 +425,7 @@ fn check_with_shards(backup: &Backup, path: &Path, dir: &Path) -> Result<()> {
             "{}: {} record(s) do not open under root key {}: {}{}",
             path.display(),
             problems.len(),
-            backup.header.key_id,
+            backup.key_id(),
             shown.join("; "),
             if problems.len() > shown.len() {
                 "; …"
@@ -304,20 +445,47 @@ fn describe(backup: &Backup) -> String {
     )
 }
 
+/// What `spike backup verify` checks.
+pub enum Check {
+    /// The structure alone (`--structure-only`): no key, so nothing against tampering.
+    StructureOnly,
+    /// Everything, with the root key from here.
+    Full(KeySource),
+}
+
 /// Runs `spike backup verify`.
-pub fn verify(path: &Path, recover_dir: Option<&Path>) -> Result<()> {
-    let backup = read(path)?;
-    match recover_dir {
-        None => println!(
-            "{}: complete and unchanged since written; {} (not opened: give --recover-dir to check it opens under the root key)",
-            path.display(),
-            describe(&backup)
-        ),
-        Some(dir) => {
-            check_with_shards(&backup, path, dir)?;
+pub async fn verify(path: &Path, check: Check, accept_unauthenticated: bool) -> Result<()> {
+    match check {
+        Check::StructureOnly => {
+            // The structure of an old file is checked too: nothing is accepted here.
+            let backup = read(path, true)?;
+            let seal = match &backup.seal {
+                Seal::Mac { key_id, .. } => {
+                    format!("it carries a MAC under root key {key_id}, NOT checked")
+                }
+                Seal::Unauthenticated => format!(
+                    "format version {}: it carries no MAC at all",
+                    file::UNAUTHENTICATED_VERSION
+                ),
+            };
             println!(
-                "{}: complete and unchanged since written, and the root key rebuilt from the recovery shards opens its verifier, every secret record and the policy book; {}",
+                "{}: structure only: complete, well-formed, undamaged; {}; {seal}. Authenticity was NOT checked: this proves nothing against tampering (anyone can write a file that passes); verify with the Keepers or --recover-dir to check its MAC",
                 path.display(),
+                describe(&backup)
+            );
+        }
+        Check::Full(key) => {
+            let backup = read(path, accept_unauthenticated)?;
+            let root = backup_key(&backup, path, &key, "spike backup verify").await?;
+            check_with_key(&backup, path, root, &key)?;
+            let mac = match backup.seal {
+                Seal::Mac { .. } => "its MAC verifies under the root key",
+                Seal::Unauthenticated => "it has NO MAC (accepted by --accept-unauthenticated)",
+            };
+            println!(
+                "{}: complete, {mac}, and the root key from {} opens its verifier, every secret record and the policy book; {}",
+                path.display(),
+                key.describe(),
                 describe(&backup)
             );
         }
@@ -333,12 +501,12 @@ struct Marker {
     started: String,
 }
 
-/// Runs `spike backup restore`.
-pub async fn restore(path: &Path, recover_dir: Option<&Path>) -> Result<()> {
-    let backup = read(path)?;
-    if let Some(dir) = recover_dir {
-        check_with_shards(&backup, path, dir)?;
-    }
+/// Runs `spike backup restore`: the whole backup, MAC included, is checked with the root key
+/// from `key` before anything is written.
+pub async fn restore(path: &Path, key: KeySource, accept_unauthenticated: bool) -> Result<()> {
+    let backup = read(path, accept_unauthenticated)?;
+    let root = backup_key(&backup, path, &key, "spike backup restore").await?;
+    check_with_key(&backup, path, root, &key)?;
     let store = open_store(false).await?;
     let target = store
         .snapshot()

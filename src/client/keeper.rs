@@ -1,5 +1,6 @@
 //! The Keeper client: the one place that speaks [`crate::protocol::keeper`] from Nexus's side,
-//! used by Nexus's Keeper sync and by `spike dev`.
+//! used by Nexus's Keeper sync, by `spike dev` and by the tools that ask the Keepers as a Nexus
+//! (`spike migrate`, `spike backup`: [`tls_as_nexus`]).
 //!
 //! Request bodies are built from the protocol types, never by hand; a shard read back is
 //! checked (32 bytes, a valid scalar) and labelled with the index the Keeper holds it under.
@@ -8,8 +9,10 @@ use hyper::{StatusCode, Uri};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::Share;
+use crate::identity::{ExpectedPeer, IdentityConfig, Role};
+use crate::platform::CommandError;
 use crate::protocol::keeper::{CONTRIBUTE_PATH, ContributeRequest, SHARD_PATH, ShardResponse};
-use crate::transport::HttpsClient;
+use crate::transport::{HttpsClient, OwnIdentity};
 
 /// Largest answer a Keeper sends: a shard response is well under 1 KiB.
 pub const MAX_RESPONSE: usize = 4096;
@@ -53,6 +56,36 @@ pub enum Error {
         /// The HTTP status it answered with.
         status: StatusCode,
     },
+}
+
+/// The TLS configuration of a command that asks the Keepers for their shards as a Nexus does
+/// (`spike migrate`, `spike backup`): it presents this process's SVID from `identity` (a
+/// Nexus's settings: SVID files or the Workload API), which must carry the Nexus role, and
+/// expects Keeper IDs. Keep the returned [`OwnIdentity`] as long as the configuration: it
+/// follows SVID rotation. `runs_as` ends the error message, e.g. "the migration runs as a
+/// Nexus". Exit status 3 when the SPIFFE agent gave no identity, as for a server.
+pub async fn tls_as_nexus(
+    identity: &IdentityConfig,
+    runs_as: &str,
+) -> Result<(OwnIdentity, std::sync::Arc<rustls::ClientConfig>), CommandError> {
+    let own = OwnIdentity::load(identity, Role::Nexus)
+        .await
+        .map_err(|e| {
+            let why = format!("{e} ({runs_as}: same SVID, store and Keeper settings)");
+            if e.is_agent_unavailable() {
+                CommandError::NoIdentity(why)
+            } else {
+                CommandError::usage(why)
+            }
+        })?;
+    let tls = crate::identity::client_config_for(
+        Some(&own.source),
+        None,
+        &identity.trust,
+        ExpectedPeer::Role(Role::Keeper),
+    )
+    .map_err(CommandError::usage)?;
+    Ok((own, tls))
 }
 
 /// Talks to Keepers over an mTLS client that presents a Nexus identity.

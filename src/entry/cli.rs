@@ -86,8 +86,9 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
-    /// Backups of the store: take one while Nexus serves, check one, restore one into an empty
-    /// store of any backend. Runs with a Nexus's store settings.
+    /// Backups of the store, authenticated under the root key: take one while Nexus serves,
+    /// check one, restore one into an empty store of any backend. Runs with a Nexus's settings
+    /// (store, identity, Keepers) or recovery shards.
     Backup {
         /// The verb.
         #[command(subcommand)]
@@ -149,9 +150,10 @@ pub enum PkiCommand {
 /// `spike backup` verbs.
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// Write a consistent snapshot of the store, sealed as stored (no value is ever opened),
-    /// to a file (mode 0600, written under a temporary name and renamed). Safe while Nexus
-    /// serves. Prints the file's path.
+    /// Write a consistent snapshot of the store, sealed as stored (no value is ever opened)
+    /// and authenticated by a MAC under the root key, to a file (mode 0600, written under a
+    /// temporary name and renamed). Safe while Nexus serves. Prints the file's path.
+    #[command(long_about = CREATE_ABOUT)]
     #[command(group(clap::ArgGroup::new("to").required(true).args(["out", "dir"])))]
     Create {
         /// The backup file; an existing one is replaced only with --force.
@@ -166,28 +168,58 @@ pub enum BackupCommand {
         /// With --out: replace an existing file.
         #[arg(long, requires = "out")]
         force: bool,
+        /// Rebuild the root key from the recovery shard files (spike.recovery.<i>.txt, at
+        /// least the threshold) in DIR instead of asking the Keepers.
+        #[arg(long, value_name = "DIR")]
+        recover_dir: Option<PathBuf>,
     },
-    /// Check that a backup is complete and unchanged; with --recover-dir, also that the root
-    /// key rebuilt from recovery shards opens it (verifier, every secret record, the policy
-    /// book). Writes nothing.
+    /// Check a backup with the root key: its MAC, then that the key opens its verifier, every
+    /// secret record and the policy book. Writes nothing.
+    #[command(long_about = VERIFY_ABOUT)]
     Verify {
         /// The backup file.
         file: PathBuf,
-        /// A directory of recovery shard files (spike.recovery.<i>.txt), at least the threshold.
-        #[arg(long, value_name = "DIR")]
+        /// Rebuild the root key from the recovery shard files (spike.recovery.<i>.txt, at
+        /// least the threshold) in DIR instead of asking the Keepers.
+        #[arg(long, value_name = "DIR", conflicts_with = "structure_only")]
         recover_dir: Option<PathBuf>,
+        /// Check the structure only, without the root key: complete, well-formed, undamaged.
+        /// Proves nothing against tampering.
+        #[arg(long)]
+        structure_only: bool,
+        /// Accept a backup of format version 1, which has no MAC (a warning is logged).
+        #[arg(long)]
+        accept_unauthenticated: bool,
     },
     /// Load a backup into an empty store of any backend (the one SPIKE_NEXUS_BACKEND_STORE
-    /// names). The whole file is checked first; a failure part-way leaves a marker that keeps
-    /// every Nexus off the store until the same restore is run again and finishes.
+    /// names), after checking all of it, MAC included, with the root key.
+    #[command(long_about = RESTORE_ABOUT)]
     Restore {
         /// The backup file.
         file: PathBuf,
-        /// Check with recovery shards first, as verify --recover-dir does.
+        /// Rebuild the backup's root key from the recovery shard files (spike.recovery.<i>.txt,
+        /// at least the threshold) in DIR instead of asking the Keepers.
         #[arg(long, value_name = "DIR")]
         recover_dir: Option<PathBuf>,
+        /// Accept a backup of format version 1, which has no MAC (a warning is logged).
+        #[arg(long)]
+        accept_unauthenticated: bool,
     },
 }
+
+const CREATE_ABOUT: &str = "Write a consistent snapshot of the store, sealed as stored (no value is ever opened), to a file (mode 0600, written under a temporary name and renamed). Safe while Nexus serves. Prints the file's path.
+
+Run it with the environment of one of the deployment's Nexus instances (/etc/spike/nexus.env): the store settings, and the Nexus identity (SVID files or SPIFFE_ENDPOINT_SOCKET) with SPIKE_NEXUS_KEEPER_PEERS and SPIKE_NEXUS_SHAMIR_THRESHOLD. It asks the Keepers for their shards as a Nexus does and accepts the root key only if it opens the store's verifier; with --recover-dir it rebuilds the key from recovery shards instead. The key stays in this process, in locked memory, and authenticates the file: a MAC under a key derived from it covers the header and every record, in order, so no one without the root key can change, drop, add, reorder or splice records unnoticed. Without the key, nothing is written.";
+
+const VERIFY_ABOUT: &str = "Check a backup with the root key: its MAC (nothing changed since it was made by a holder of the root key), then that the key opens its verifier, every secret record and the policy book. Writes nothing.
+
+The root key comes from the Keepers, asked with a Nexus's identity and settings (SPIKE_NEXUS_KEEPER_PEERS, SPIKE_NEXUS_SHAMIR_THRESHOLD, its SVID), which must hold the key the backup was made under; or from recovery shards (--recover-dir). A backup made under another root key (another deployment, or before a rekey) is named as such. --structure-only checks without any key that the file is complete, well-formed and undamaged, and says that this proves nothing against tampering.
+
+A backup of format version 1 (written before backups carried a MAC) is refused unless --accept-unauthenticated is given.";
+
+const RESTORE_ABOUT: &str = "Load a backup into an empty store of any backend (the one SPIKE_NEXUS_BACKEND_STORE names). Nothing is written unless the whole file is complete and its MAC verifies under the backup's root key, and that key opens its verifier, every secret record and the policy book. A failure part-way leaves a marker that keeps every Nexus off the store until the same restore is run again and finishes.
+
+The backup's root key comes from its recovery shards (--recover-dir: the disaster case, when the store and the Keepers are gone), or from the Keepers if they still hold it (asked with a Nexus's identity and settings, as verify does). A backup of format version 1 (no MAC) is refused unless --accept-unauthenticated is given.";
 
 /// `spike migrate` sources.
 #[derive(Debug, Subcommand)]

@@ -27,7 +27,6 @@ use std::path::PathBuf;
 
 use crate::crypto::shamir::ShardDerivation;
 use crate::crypto::{RootKey, Share};
-use crate::identity::{ExpectedPeer, Role};
 use crate::nexus::keepers::{self, MAX_SEARCH_TERMS};
 use crate::nexus::policy::{self, PolicyImport, StoredPolicy};
 use crate::nexus::secrets::{self, Import, Imported};
@@ -36,7 +35,6 @@ use crate::platform::CommandError;
 use crate::platform::env::ProcessEnv;
 use crate::protocol::nexus::PolicyPutRequest;
 use crate::store::AnyStore;
-use crate::transport::OwnIdentity;
 use spike_db::{Contents, SpikeDb};
 
 /// Where the source deployment's root key comes from.
@@ -75,26 +73,9 @@ pub async fn from_spike(args: FromSpike) -> Result<()> {
     let db = SpikeDb::open(&args.db).map_err(usage)?;
     let probe = db.probe().map_err(usage)?;
 
-    let own = OwnIdentity::load(&config.identity, Role::Nexus)
-        .await
-        .map_err(|e| {
-            let why = format!(
-                "{e} (the migration runs as a Nexus: same SVID, store and Keeper settings)"
-            );
-            // As for a server: 3 when the SPIFFE agent gave no identity, so scripts can tell.
-            if e.is_agent_unavailable() {
-                CommandError::NoIdentity(why)
-            } else {
-                usage(why)
-            }
-        })?;
-    let tls = crate::identity::client_config_for(
-        Some(&own.source),
-        None,
-        &config.identity.trust,
-        ExpectedPeer::Role(Role::Keeper),
-    )
-    .map_err(usage)?;
+    let (_own, tls) =
+        crate::client::keeper::tls_as_nexus(&config.identity, "the migration runs as a Nexus")
+            .await?;
     let keeper_client = keepers::keeper_client(&config, tls);
 
     let contents = match &probe {
