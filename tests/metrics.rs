@@ -678,6 +678,7 @@ fn the_shipped_scrape_config_and_alert_rules_pass_promtool() {
         "SpikeKeeperDown",
         "SpikeStoreErrors",
         "SpikeAuditSinkFailing",
+        "SpikeRecoveryShardsNotExported",
     ] {
         assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
     }
