@@ -18,41 +18,32 @@ pub async fn run(format: Format, command: OperatorCommand) -> Result<()> {
             client.caller()
         )));
     }
-    if let OperatorCommand::Rekey { threshold, keepers } = command {
-        return rekey(&client, format, RekeyRequest { threshold, keepers }).await;
-    }
-    let (permission, note) = match command {
-        OperatorCommand::Rotate { reencrypt: true } => (
+    const STARTED: &str = "re-encryption started: Nexus logs its progress and its end\n";
+    let (permission, note, resp) = match command {
+        OperatorCommand::Rekey { threshold, keepers } => {
+            return rekey(&client, format, RekeyRequest { threshold, keepers }).await;
+        }
+        OperatorCommand::Rotate { reencrypt } => (
             "rotate",
-            "re-encryption started: Nexus logs its progress and its end\n",
+            if reencrypt { STARTED } else { "" },
+            client.rotate(reencrypt).await,
         ),
-        OperatorCommand::Rotate { reencrypt: false } => ("rotate", ""),
-        OperatorCommand::Reencrypt => (
-            "reencrypt",
-            "re-encryption started: Nexus logs its progress and its end\n",
-        ),
-        OperatorCommand::Retire { .. } | OperatorCommand::Rekey { .. } => ("retire", ""),
+        OperatorCommand::Reencrypt => ("reencrypt", STARTED, client.reencrypt().await),
+        OperatorCommand::Retire { id } => ("retire", "", client.retire(id).await),
     };
     let op = Op {
         permission,
         resource: "the keyring",
         subject: "the keyring".into(),
-        invalid_hint: match command {
-            OperatorCommand::Retire { .. } => {
-                "a key in use is not retired: the current key (rotate first), or one that records \
-                 still name (run spike operator reencrypt and wait for its end in the Nexus log)"
-            }
-            _ => "key operations need a Nexus of this version with its root key loaded",
+        invalid_hint: if permission == "retire" {
+            "a key in use is not retired: the current key (rotate first), or one that records \
+             still name (run spike operator reencrypt and wait for its end in the Nexus log)"
+        } else {
+            "key operations need a Nexus of this version with its root key loaded"
         },
         write: true,
     };
-    let resp = match command {
-        OperatorCommand::Rotate { reencrypt } => client.rotate(reencrypt).await,
-        OperatorCommand::Reencrypt => client.reencrypt().await,
-        OperatorCommand::Retire { id } => client.retire(id).await,
-        OperatorCommand::Rekey { .. } => return Ok(()),
-    }
-    .map_err(|e| nexus_failure(&client, &op, e))?;
+    let resp = resp.map_err(|e| nexus_failure(&client, &op, e))?;
     print(format, &resp, note)
 }
 

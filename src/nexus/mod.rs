@@ -404,10 +404,13 @@ impl Nexus {
     pub async fn keyring(self: &Arc<Self>, keys: &Keys) -> Result<Arc<keyring::Keyring>, ApiError> {
         let ring = match keys.keyring.validated(&self.store, &keys.root).await {
             Ok(ring) => ring,
-            Err(keyring::Error::Refused(_)) => {
-                let current = rekey::follow(self, keys).await?;
-                current.keyring(&self.store).await?
-            }
+            Err(keyring::Error::Refused(why)) => match rekey::follow(self, keys).await {
+                Ok(current) => current.keyring(&self.store).await?,
+                Err(e) => {
+                    tracing::error!(error = %e, refused = %why, "the store's keyring is refused; nothing is sealed or opened with it");
+                    return Err(e);
+                }
+            },
             Err(e) => return Err(keyring_error(e)),
         };
         self.metrics.data_key(ring.current());
@@ -427,11 +430,21 @@ impl Nexus {
         self: &Arc<Self>,
         keys: &Arc<Keys>,
     ) -> Result<Arc<keyring::Keyring>, ApiError> {
-        let keys = self.current(keys).await?;
-        keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records)
-            .await
-            .map_err(keyring_error)?;
-        self.keyring(&keys).await
+        let mut keys = self.current(keys).await?;
+        // A rekey that lands between the check and the write re-wraps the keyring under a key
+        // this one does not open: follow it and add the key under the new one.
+        let mut followed = false;
+        loop {
+            match keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records).await
+            {
+                Ok(_) => return self.keyring(&keys).await,
+                Err(keyring::Error::Refused(_)) if !followed => {
+                    followed = true;
+                    keys = self.current(&keys).await?;
+                }
+                Err(e) => return Err(keyring_error(e)),
+            }
+        }
     }
 
     /// Starts a re-encryption pass in the background: every secret record and the policy

@@ -363,12 +363,12 @@ impl Journal {
                 .derive(REKEY_LABEL)
                 .open(&self.aad(direction), sealed)
                 .ok()?;
-            let mut bytes = [0u8; KEY_LEN];
             if plain.len() != KEY_LEN {
                 return None;
             }
+            let mut bytes = zeroize::Zeroizing::new([0u8; KEY_LEN]);
             bytes.copy_from_slice(&plain);
-            RootKey::from_bytes(bytes).ok()
+            RootKey::from_bytes(*bytes).ok()
         };
         let (from, to) = if id == bound.from {
             let to = other(&self.wire.to_under_from, "to")?;
@@ -671,6 +671,7 @@ pub async fn finish(
     }
     let derivation = crate::crypto::shamir::ShardDerivation::default();
     let keys = nexus.replace(to.clone(), sharing.clone(), derivation, ring)?;
+    nexus.metrics.recovery_exported(false);
     let shards: Vec<Share> = keys.shards.iter().collect();
     let (confirmed, failed) = push_and_confirm(client, &sharing.peers, &shards).await;
     let _ = store
