@@ -332,6 +332,19 @@ async fn backup_key(backup: &Backup, path: &Path, key: &KeySource, what: &str) -
             )
             .await
             .map_err(failed)?;
+            // Since a rekey, the backup's root-key record says which Keepers hold its key.
+            if let Some(record) =
+                backup.value(Namespace::System, crate::nexus::rekey::ROOT_KEY_RECORD)
+            {
+                own.put(
+                    Namespace::System,
+                    crate::nexus::rekey::ROOT_KEY_RECORD,
+                    record.to_vec(),
+                    Expect::Absent,
+                )
+                .await
+                .map_err(failed)?;
+            }
             key_from_keepers(&own, what).await.map_err(|e| match e {
                 CommandError::Failed(why) => failed(format!(
                     "{}: this backup was made under root key {}; {why} (after a rekey, or for another deployment's backup, give that key's recovery shards with --recover-dir)",

@@ -726,8 +726,9 @@ pub async fn tend(nexus: &Arc<Nexus>, client: &KeeperClient) -> bool {
     };
     if let Some(j) = j {
         let Some((from, to)) = j.keys(&keys.root) else {
-            // A journal of keys this instance does not hold: a finished rekey it has not
-            // followed yet, or a forged record. Follow the verifier.
+            // A journal of keys this instance does not hold: a later rekey while this one
+            // has not followed the last yet, or a forged record. Follow the verifier.
+            tracing::warn!(from = %j.from(), to = %j.to(), held = %keys.key_id, "a rekey journal names keys this instance does not hold; Keepers are not refilled while it is there");
             let _ = follow(nexus, &keys).await;
             return false;
         };
