@@ -1121,3 +1121,112 @@ async fn held_shards(c: &Cluster, n: usize) -> Vec<(Option<u8>, [u8; 32])> {
     }
     all
 }
+
+/// The store goes down in the middle of a rekey: the new shards are being pushed (a silent new
+/// Keeper holds the push for `SPIKE_NEXUS_KEEPER_TIMEOUT`) when the server stops, so the commit
+/// cannot be written. The operator is told `store_unavailable`; when the store is back every
+/// instance still serves on the old key until the rekey left `prepared` is taken over and
+/// finished (three of four new Keepers confirm, threshold 3): one new key everywhere, the data
+/// readable, no journal left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_in_the_middle_of_a_rekey() {
+    let mut c = Cluster::new(3);
+    let pg = common::postgres::PgServer::start_named(c.dir.path(), "pg");
+    let mut env = common::postgres::nexus_env(&pg.url);
+    env.push(("SPIKE_NEXUS_KEEPER_TIMEOUT".into(), "3s".into()));
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "kept", "values": {"v": "1"}}),
+    )
+    .await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut keepers = c.keeper_urls();
+    keepers.push(format!("https://{}", silent.local_addr().unwrap()));
+    let store = admin_store(&c, &env).await;
+    let rekey = {
+        let (su, url) = (su.clone(), urls[0].clone());
+        tokio::spawn(async move {
+            call(
+                &su,
+                &url,
+                REKEY,
+                json!({"threshold": 3, "keepers": keepers}),
+            )
+            .await
+        })
+    };
+    let to = wait_for("the rekey journal", Duration::from_secs(20), || async {
+        let entry = store.get(Namespace::System, JOURNAL).await.unwrap()?;
+        let j: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+        Some(j["to"].as_str().unwrap().to_string())
+    })
+    .await;
+    pg.stop("immediate");
+    let (s, b) = rekey.await.unwrap();
+    println!("the store went down while the rekey pushed its shards: {s} {b}");
+    assert_eq!(
+        (s, &b["err"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("store_unavailable")),
+        "{b}\n{}",
+        c.dump_logs()
+    );
+
+    pg.restart();
+    // Every instance serves on the old key while the journal waits to be taken over.
+    assert_eq!(agreed_key_id(&c, &urls).await, old);
+    let store = admin_store(&c, &env).await;
+    assert!(
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .is_some(),
+        "the rekey was neither finished nor undone while the store was down"
+    );
+    call_ok(
+        &su,
+        &urls[1],
+        SECRETS_PATH,
+        json!({"path": "meanwhile", "values": {"v": "2"}}),
+    )
+    .await;
+    wait_for(
+        "the rekey to be taken over and finished",
+        Duration::from_secs(120),
+        || async {
+            store
+                .get(Namespace::System, JOURNAL)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    every_instance_uses(&c, &urls, &to).await;
+    assert_eq!(keepers_key_id(&c, &[0, 1, 2]).await, to);
+    for url in &urls {
+        for (path, v) in [("kept", "1"), ("meanwhile", "2")] {
+            let b = call_ok(
+                &su,
+                url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(b["data"]["v"], v, "{url}");
+        }
+    }
+    let logs = c.dump_logs();
+    assert!(
+        logs.contains("resuming a rekey whose initiator went quiet"),
+        "{logs}"
+    );
+    assert!(!logs.contains("panicked"), "{logs}");
+    drop(silent);
+}
