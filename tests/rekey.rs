@@ -3,9 +3,11 @@
 //! store (SQLite file, PostgreSQL): a rotation and a rekey from 3 Keepers / threshold 2 to 5 / 3
 //! under a steady load through three instances with no failed request and every acknowledged
 //! write readable after; two rekeys at once; a Nexus killed in the middle of one; recovery
-//! shards from before a rekey refused, new ones restoring after every Keeper is lost; and the
-//! bad input (a threshold above the Keeper count, unreachable new Keepers, a store that is
-//! down) refused with nothing changed.
+//! shards from before a rekey refused, new ones restoring after every Keeper is lost; an audit
+//! trail that spans a rekey; a rekey that drops a Keeper; an instance started with the new
+//! configuration; the bad input (a threshold above the Keeper count, unreachable new Keepers, a
+//! rotate or a rekey while the store is down) refused with nothing changed; and the store
+//! going down in the middle of a rekey.
 
 mod common;
 
