@@ -3,9 +3,11 @@
 //! store (SQLite file, PostgreSQL): a rotation and a rekey from 3 Keepers / threshold 2 to 5 / 3
 //! under a steady load through three instances with no failed request and every acknowledged
 //! write readable after; two rekeys at once; a Nexus killed in the middle of one; recovery
-//! shards from before a rekey refused, new ones restoring after every Keeper is lost; and the
-//! bad input (a threshold above the Keeper count, unreachable new Keepers, a store that is
-//! down) refused with nothing changed.
+//! shards from before a rekey refused, new ones restoring after every Keeper is lost; an audit
+//! trail that spans a rekey; a rekey that drops a Keeper; an instance started with the new
+//! configuration; the bad input (a threshold above the Keeper count, unreachable new Keepers, a
+//! rotate or a rekey while the store is down) refused with nothing changed; and the store
+//! going down in the middle of a rekey.
 
 mod common;
 
@@ -638,6 +640,272 @@ async fn bad_rekeys_change_nothing(mut c: Cluster, env: BackendEnv) {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
 
+/// An audit trail that spans a rekey: its records before name the old root key and after the
+/// new one, so `spike audit verify` needs the recovery shards of both (exported before and
+/// after); with either set alone it fails at the first record of the other key and names it.
+async fn an_audit_trail_across_a_rekey(mut c: Cluster, env: BackendEnv) {
+    let file = c.dir.path().join("audit.jsonl");
+    let mut env = env;
+    env.push((
+        "SPIKE_NEXUS_AUDIT_FILE".into(),
+        file.to_str().unwrap().into(),
+    ));
+    let urls = c.start_ready_together(1, &pairs(&env)).await;
+    let url = &urls[0];
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    let before = c.dir.path().join("recovery-before");
+    c.export_recovery_shards(&url.to_string(), &before);
+    call_ok(
+        &su,
+        url,
+        SECRETS_PATH,
+        json!({"path": "a", "values": {"v": "1"}}),
+    )
+    .await;
+    call_ok(&su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
+    let answer = call_ok(&su, url, REKEY, json!({})).await;
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    call_ok(
+        &su,
+        url,
+        SECRETS_PATH,
+        json!({"path": "b", "values": {"v": "2"}}),
+    )
+    .await;
+    call_ok(&su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
+    let after = c.dir.path().join("recovery-after");
+    c.export_recovery_shards(&url.to_string(), &after);
+
+    // The trail holds records under each key.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let key_ids: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["key_id"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        key_ids,
+        BTreeSet::from([old.clone(), new.clone()]),
+        "{text}"
+    );
+
+    let (code, out, err) = audit_verify_with(&[&before, &after], &[&file]);
+    println!("both sets of recovery shards: exit {code}: {out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("records verified"), "{out}");
+    let (code, out, err) = audit_verify_with(&[&after, &before], &[&file]);
+    assert_eq!(
+        code, 0,
+        "the order of --recover-dir does not matter: {out}{err}"
+    );
+    for (given, missing) in [(&after, &old), (&before, &new)] {
+        let (code, out, err) = audit_verify_with(&[given], &[&file]);
+        println!("only {}: exit {code}: {err}", given.display());
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains(&format!("written under root key {missing}")),
+            "{out}{err}"
+        );
+    }
+}
+
+/// A rekey from 3 Keepers / threshold 2 to the first two Keepers / threshold 2: the two hold
+/// shards of the new key (together they rebuild it); the third keeps the old key's shard it had
+/// (documented: a rekey does not wipe a Keeper it drops), and no instance sends it anything
+/// again: restarted empty, it stays empty over full Keeper rounds of every instance, while the
+/// first Keeper, restarted empty too, is refilled.
+async fn a_rekey_that_drops_a_keeper(mut c: Cluster, env: BackendEnv) {
+    let mut env = env;
+    env.push(("SPIKE_NEXUS_KEEPER_UPDATE_INTERVAL".into(), "1s".into()));
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    assert_eq!(root_key(&c).await.key_id(), old);
+    let dropped = c.keeper_shard(2).await.unwrap();
+    let su = c.superuser();
+    let kept = c.keeper_urls()[..2].to_vec();
+    let answer = call_ok(
+        &su,
+        &urls[0],
+        REKEY,
+        json!({"threshold": 2, "keepers": kept}),
+    )
+    .await;
+    println!("rekey to two Keepers answered: {answer}");
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(answer["keepers"].as_array().unwrap().len(), 2, "{answer}");
+    every_instance_uses(&c, &urls, &new).await;
+    assert_eq!(keepers_key_id(&c, &[0, 1]).await, new);
+    assert!(
+        c.keeper_shard(2).await == Some(dropped),
+        "the dropped Keeper's shard changed"
+    );
+    let anon = c.anonymous();
+    for url in &urls {
+        let (_, body) = health(&anon, url).await.unwrap();
+        assert_eq!(body["threshold"], 2, "{body}");
+    }
+
+    // Both restarted empty; from here on an instance's push to the dropped Keeper is a defect.
+    let (first, third) = (
+        c.keepers[0].url().to_string(),
+        c.keepers[2].url().to_string(),
+    );
+    let offsets: Vec<usize> = c.nexus.iter().map(|p| p.logs().len()).collect();
+    c.keepers[0].restart();
+    c.keepers[2].restart();
+    // Three more pushes to the first Keeper from each instance: the first may belong to a
+    // round begun before the restarts, so the third's round began after a whole round that
+    // began after them.
+    for (p, &from) in c.nexus.iter().zip(&offsets) {
+        wait_for(
+            "three Keeper rounds of an instance",
+            Duration::from_secs(60),
+            || async { (pushes_to(&p.logs()[from..], &first) >= 3).then_some(()) },
+        )
+        .await;
+    }
+    assert_eq!(keepers_key_id(&c, &[0, 1]).await, new);
+    assert!(
+        c.keeper_shard(2).await.is_none(),
+        "the dropped Keeper was sent a shard:\n{}",
+        c.dump_logs()
+    );
+    for (p, &from) in c.nexus.iter().zip(&offsets) {
+        let since = &p.logs()[from..];
+        assert_eq!(pushes_to(since, &third), 0, "{since}");
+        assert!(
+            !since
+                .lines()
+                .any(|l| l.contains("cannot send shard") && l.contains(&third)),
+            "{since}"
+        );
+    }
+}
+
+/// After a rekey from 3/2 to 5/3, an instance started with the new configuration (the five
+/// Keepers, SPIKE_NEXUS_SHAMIR_SHARES=5, SPIKE_NEXUS_SHAMIR_THRESHOLD=3) becomes ready on the
+/// new key without saying that its configuration differs. Then every Keeper is lost: both
+/// instances, restarted, await a restore (the new key is only in recovery shards now); three
+/// of the new recovery shards, one with an index beyond the old Keeper count, restore it
+/// through the instance still configured for 3/2 (it takes the sharing from the store), and
+/// the other recovers from the Keepers the restore refilled.
+async fn the_new_configuration_and_every_keeper_lost(mut c: Cluster, env: BackendEnv) {
+    let urls = c.start_ready_together(1, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "before", "values": {"v": "1"}}),
+    )
+    .await;
+    c.add_keeper();
+    c.add_keeper();
+    let answer = call_ok(
+        &su,
+        &urls[0],
+        REKEY,
+        json!({"threshold": 3, "keepers": c.keeper_urls()}),
+    )
+    .await;
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "after", "values": {"v": "2"}}),
+    )
+    .await;
+
+    // The cluster's environment names every running Keeper and SHARES=5; the threshold too.
+    let mut extra = pairs(&env);
+    extra.push(("SPIKE_NEXUS_SHAMIR_THRESHOLD", "3"));
+    let n = c.start_nexus(&extra);
+    let configured = c.nexus[n].url();
+    let anon = c.anonymous();
+    let body = wait_status(&anon, &configured, "ready").await;
+    assert_eq!(body["key_id"], new.as_str(), "{body}");
+    assert_eq!(body["threshold"], 3, "{body}");
+    let logs = c.nexus[n].logs();
+    assert!(
+        logs.contains("recovered the root key from Keepers"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("differs from this instance's SPIKE_NEXUS_SHAMIR"),
+        "{logs}"
+    );
+
+    let dir = c.dir.path().join("recovery-new");
+    c.export_recovery_shards(&configured.to_string(), &dir);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 5);
+
+    // Every Keeper lost (restarted empty) while no instance runs, then both instances again.
+    for p in c.nexus.iter_mut() {
+        p.kill();
+    }
+    for k in c.keepers.iter_mut() {
+        k.restart();
+    }
+    for p in c.nexus.iter_mut() {
+        p.restart();
+    }
+    let urls: Vec<Uri> = c.nexus.iter().map(Proc::url).collect();
+    for url in &urls {
+        let body = wait_status(&anon, url, "awaiting_restore").await;
+        println!("every Keeper lost after the rekey, {url}: {body}");
+        // The instance configured with the old sharing awaits with the deployment's.
+        assert_eq!(body["threshold"], 3, "{body}");
+    }
+    let restorer = c.pki.issue("restore-op", "/spike/pilot/role/restore");
+    let first = urls[0].to_string();
+    for i in [5, 2, 4] {
+        let file = dir.join(format!("spike.recovery.{i}.txt"));
+        let (code, out, err) = run_spike(
+            &[
+                "recover",
+                "restore",
+                "--nexus",
+                &first,
+                file.to_str().unwrap(),
+            ],
+            &client_env(&first, &restorer),
+        );
+        println!("restore shard {i} through the instance configured for 3/2: {out}{err}");
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    for url in &urls {
+        let body = wait_status(&anon, url, "ready").await;
+        assert_eq!(body["key_id"], new.as_str(), "{url}: {body}");
+    }
+    assert_eq!(keepers_key_id(&c, &[0, 1, 2]).await, new);
+    assert_eq!(keepers_key_id(&c, &[1, 3, 4]).await, new);
+    for url in &urls {
+        for (path, v) in [("before", "1"), ("after", "2")] {
+            let b = call_ok(
+                &su,
+                url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(b["data"]["v"], v, "{url}");
+        }
+    }
+}
+
+/// Lines of a Nexus log that say a shard was sent to the Keeper at `keeper` (its URL).
+fn pushes_to(log: &str, keeper: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("shard sent") && l.contains(keeper))
+        .count()
+}
+
 macro_rules! rekey_suite {
     ($name:ident, |$c:ident| $setup:expr) => {
         mod $name {
@@ -677,6 +945,27 @@ macro_rules! rekey_suite {
                 let env = $setup;
                 super::bad_rekeys_change_nothing($c, env).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_audit_trail_across_a_rekey() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::an_audit_trail_across_a_rekey($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_rekey_that_drops_a_keeper() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::a_rekey_that_drops_a_keeper($c, env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_new_configuration_and_every_keeper_lost() {
+                let $c = Cluster::new(3);
+                let env = $setup;
+                super::the_new_configuration_and_every_keeper_lost($c, env).await;
+            }
         }
     };
 }
@@ -691,3 +980,255 @@ rekey_suite!(postgres, |c| {
     let url = common::postgres::fresh_database().await;
     common::postgres::nexus_env(&url)
 });
+
+/// The store goes down (a PostgreSQL server of this test's own, stopped as a crash would) under
+/// two ready instances: a rotate and a rekey through either, over the API and through the CLI,
+/// answer 503 `store_unavailable`, and nothing panics or is left half-done. When the store is
+/// back, both instances are still on the old key, the store has no rekey journal, the Keepers
+/// (and a new Keeper the refused rekey named) hold what they held; then a rotate and a rekey
+/// both work, and every instance and Keeper ends on the new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_rotate_and_rekey_are_refused_and_change_nothing() {
+    let mut c = Cluster::new(3);
+    let pg = common::postgres::PgServer::start_named(c.dir.path(), "pg");
+    let env = common::postgres::nexus_env(&pg.url);
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    assert_eq!(root_key(&c).await.key_id(), old);
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "kept", "values": {"v": "1"}}),
+    )
+    .await;
+    let k4 = c.add_keeper();
+    let held: Vec<_> = held_shards(&c, 3).await;
+
+    pg.stop("immediate");
+    let wider = json!({"threshold": 3, "keepers": c.keeper_urls()});
+    for url in &urls {
+        for (path, body) in [
+            (ROTATE, json!({})),
+            (ROTATE, json!({"reencrypt": true})),
+            (REKEY, json!({})),
+            (REKEY, wider.clone()),
+        ] {
+            let (s, b) = call(&su, url, path, body.clone()).await;
+            println!("store down: {path} {body} via {url}: {s} {b}");
+            assert_eq!(
+                (s, &b["err"]),
+                (StatusCode::SERVICE_UNAVAILABLE, &json!("store_unavailable")),
+                "{path} {body}: {b}"
+            );
+        }
+    }
+    let svid = c.pki.issue("superuser-cli", "/spike/pilot/role/superuser");
+    let cli_urls = urls
+        .iter()
+        .map(|u| u.to_string().trim_end_matches('/').to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for args in [
+        &["operator", "rotate"][..],
+        &["operator", "rekey"][..],
+        &[
+            "operator",
+            "rekey",
+            "--threshold",
+            "3",
+            "--keepers",
+            &c.keeper_urls().join(","),
+        ][..],
+    ] {
+        let (code, out, err) = run_spike(args, &client_env(&cli_urls, &svid));
+        println!(
+            "store down: spike {}: exit {code}: {out}{err}",
+            args.join(" ")
+        );
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(
+            err.contains("cannot reach its backing store (store_unavailable)"),
+            "{out}{err}"
+        );
+    }
+    // Nothing reached the Keepers meanwhile, and every instance still runs.
+    assert!(
+        held_shards(&c, 3).await == held,
+        "the Keepers' shards changed while the store was down"
+    );
+    assert!(
+        c.keeper_shard(k4).await.is_none(),
+        "the new Keeper got a shard"
+    );
+    for p in c.nexus.iter_mut() {
+        assert!(p.is_running(), "{}", p.logs());
+    }
+
+    pg.restart();
+    assert_eq!(agreed_key_id(&c, &urls).await, old);
+    let store = admin_store(&c, &env).await;
+    assert!(
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get(Namespace::System, "root-key")
+            .await
+            .unwrap()
+            .is_none(),
+        "no rekey was recorded"
+    );
+    assert!(
+        held_shards(&c, 3).await == held,
+        "the Keepers' shards changed after the store came back"
+    );
+    assert_eq!(keepers_key_id(&c, &[0, 2]).await, old);
+    assert!(
+        c.keeper_shard(k4).await.is_none(),
+        "the new Keeper got a shard"
+    );
+
+    let rotated = call_ok(&su, &urls[1], ROTATE, json!({})).await;
+    assert_eq!(rotated["currentKey"], 2, "{rotated}");
+    let answer = call_ok(&su, &urls[0], REKEY, wider).await;
+    let new = answer["keyId"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    every_instance_uses(&c, &urls, &new).await;
+    assert_eq!(keepers_key_id(&c, &[0, 1, k4]).await, new);
+    for url in &urls {
+        let b = call_ok(
+            &su,
+            url,
+            &action(SECRETS_PATH, "get"),
+            json!({"path": "kept"}),
+        )
+        .await;
+        assert_eq!(b["data"]["v"], "1");
+    }
+    let logs = c.dump_logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// The shards the first `n` Keepers hold (each must hold one).
+async fn held_shards(c: &Cluster, n: usize) -> Vec<(Option<u8>, [u8; 32])> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(c.keeper_shard(i).await.expect("the Keeper holds a shard"));
+    }
+    all
+}
+
+/// The store goes down in the middle of a rekey: the new shards are being pushed (a silent new
+/// Keeper holds the push for `SPIKE_NEXUS_KEEPER_TIMEOUT`) when the server stops, so the commit
+/// cannot be written. The operator is told `store_unavailable`; when the store is back every
+/// instance still serves on the old key until the rekey left `prepared` is taken over and
+/// finished (three of four new Keepers confirm, threshold 3): one new key everywhere, the data
+/// readable, no journal left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_in_the_middle_of_a_rekey() {
+    let mut c = Cluster::new(3);
+    let pg = common::postgres::PgServer::start_named(c.dir.path(), "pg");
+    let mut env = common::postgres::nexus_env(&pg.url);
+    env.push(("SPIKE_NEXUS_KEEPER_TIMEOUT".into(), "3s".into()));
+    let urls = c.start_ready_together(2, &pairs(&env)).await;
+    let old = agreed_key_id(&c, &urls).await;
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[0],
+        SECRETS_PATH,
+        json!({"path": "kept", "values": {"v": "1"}}),
+    )
+    .await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut keepers = c.keeper_urls();
+    keepers.push(format!("https://{}", silent.local_addr().unwrap()));
+    let store = admin_store(&c, &env).await;
+    let rekey = {
+        let (su, url) = (su.clone(), urls[0].clone());
+        tokio::spawn(async move {
+            call(
+                &su,
+                &url,
+                REKEY,
+                json!({"threshold": 3, "keepers": keepers}),
+            )
+            .await
+        })
+    };
+    let to = wait_for("the rekey journal", Duration::from_secs(20), || async {
+        let entry = store.get(Namespace::System, JOURNAL).await.unwrap()?;
+        let j: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+        Some(j["to"].as_str().unwrap().to_string())
+    })
+    .await;
+    pg.stop("immediate");
+    let (s, b) = rekey.await.unwrap();
+    println!("the store went down while the rekey pushed its shards: {s} {b}");
+    assert_eq!(
+        (s, &b["err"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("store_unavailable")),
+        "{b}\n{}",
+        c.dump_logs()
+    );
+
+    pg.restart();
+    // Every instance serves on the old key while the journal waits to be taken over.
+    assert_eq!(agreed_key_id(&c, &urls).await, old);
+    let store = admin_store(&c, &env).await;
+    assert!(
+        store
+            .get(Namespace::System, JOURNAL)
+            .await
+            .unwrap()
+            .is_some(),
+        "the rekey was neither finished nor undone while the store was down"
+    );
+    call_ok(
+        &su,
+        &urls[1],
+        SECRETS_PATH,
+        json!({"path": "meanwhile", "values": {"v": "2"}}),
+    )
+    .await;
+    wait_for(
+        "the rekey to be taken over and finished",
+        Duration::from_secs(120),
+        || async {
+            store
+                .get(Namespace::System, JOURNAL)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    every_instance_uses(&c, &urls, &to).await;
+    assert_eq!(keepers_key_id(&c, &[0, 1, 2]).await, to);
+    for url in &urls {
+        for (path, v) in [("kept", "1"), ("meanwhile", "2")] {
+            let b = call_ok(
+                &su,
+                url,
+                &action(SECRETS_PATH, "get"),
+                json!({"path": path}),
+            )
+            .await;
+            assert_eq!(b["data"]["v"], v, "{url}");
+        }
+    }
+    let logs = c.dump_logs();
+    assert!(
+        logs.contains("resuming a rekey whose initiator went quiet"),
+        "{logs}"
+    );
+    assert!(!logs.contains("panicked"), "{logs}");
+    drop(silent);
+}

@@ -554,11 +554,15 @@ impl Cluster {
 
     /// `SPIKE_NEXUS_KEEPER_PEERS` for the running Keepers.
     pub fn peers(&self) -> String {
+        self.keeper_urls().join(",")
+    }
+
+    /// The running Keepers' URLs (no trailing slash), in order: a rekey's `keepers` list.
+    pub fn keeper_urls(&self) -> Vec<String> {
         self.keepers
             .iter()
             .map(|k| k.url().to_string().trim_end_matches('/').to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+            .collect()
     }
 
     /// Environment for a Nexus on this cluster's Keepers and SQLite directory.
@@ -764,7 +768,16 @@ pub async fn call_ok(
 
 /// `spike audit verify --recover-dir SHARDS FILES...`: (exit code, stdout, stderr).
 pub fn audit_verify(shards: &Path, files: &[&Path]) -> (i32, String, String) {
-    let mut args = vec!["audit", "verify", "--recover-dir", shards.to_str().unwrap()];
+    audit_verify_with(&[shards], files)
+}
+
+/// `spike audit verify --recover-dir D1 --recover-dir D2 ... FILES...` (a trail that spans a
+/// rekey needs the recovery shards of each root key): (exit code, stdout, stderr).
+pub fn audit_verify_with(dirs: &[&Path], files: &[&Path]) -> (i32, String, String) {
+    let mut args = vec!["audit", "verify"];
+    for dir in dirs {
+        args.extend(["--recover-dir", dir.to_str().unwrap()]);
+    }
     args.extend(files.iter().map(|f| f.to_str().unwrap()));
     run_spike(&args, &[])
 }
