@@ -1177,6 +1177,14 @@ async fn postgres_down_in_the_middle_of_a_rekey() {
         "{b}\n{}",
         c.dump_logs()
     );
+    // The operator is told the rekey is not lost, and to look before starting another.
+    assert!(
+        b["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("it is recorded"),
+        "{b}"
+    );
 
     pg.restart();
     // Every instance serves on the old key while the journal waits to be taken over.

@@ -499,7 +499,22 @@ pub async fn rekey(
     };
     tracing::info!(from = %wire.bound.from, to = %wire.bound.to, threshold = sharing.threshold, keepers = sharing.peers.len(), "rekey: journal written; pushing the new key's shards");
     let j = Journal { wire, revision };
-    advance(nexus, &client, j, keys.root.clone(), to, true).await
+    let pending = stale_after(nexus).as_secs();
+    advance(nexus, &client, j, keys.root.clone(), to, true)
+        .await
+        .map_err(|e| match e {
+            // The journal is written: say that the rekey is not lost, so the operator checks
+            // before starting another (which would also void shards exported meanwhile).
+            ApiError::Store(e) => ApiError::Operator {
+                code: crate::protocol::nexus::ErrorCode::StoreUnavailable,
+                reason: format!(
+                    "the store failed during the rekey ({e}); it is recorded, and an instance \
+                     finishes or undoes it once the store is back (within about {pending} s): \
+                     check the key_id on /health before running it again"
+                ),
+            },
+            e => e,
+        })
 }
 
 /// Takes a `prepared` journal forward: push and confirm the new shards, then commit; or, with
