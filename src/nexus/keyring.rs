@@ -432,129 +432,26 @@ pub async fn ensure(
     Err(Error::Vanished)
 }
 
-/// Adds a data key to the store's keyring, at the next generation, with compare-and-set (a
-/// lost race is retried from a fresh read, so two rotations at once add two keys). Returns the
-/// keyring as written: its newest key is the current one.
-pub async fn rotate(
-    store: &impl Store,
-    root: &RootKey,
-    upgrade_secret_records: bool,
-) -> Result<Keyring, Error> {
-    let wrap = root.derive(KEYRING_LABEL);
-    for _ in 0..ROTATE_ATTEMPTS {
-        let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await? else {
-            return Err(Error::Refused(
-                "the store has no keyring any more (it was removed)".into(),
-            ));
-        };
-        let (generation, opened) = open(&wrap, &stored.value)?;
-        let id = opened
-            .iter()
-            .map(|(e, _)| e.id)
-            .max()
-            .unwrap_or(LEGACY)
-            .checked_add(1)
-            .ok_or_else(|| Error::Refused("no data key id left".into()))?;
-        let next = generation
-            .checked_add(1)
-            .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
-        let key = DataKey::generate()?;
-        let added = Entry {
-            id,
-            created: now(),
-            state: State::Active,
-        };
-        let mut entries: Vec<(Entry, Option<&DataKey>)> =
-            opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
-        entries.push((added, Some(&key)));
-        let value = seal(&wrap, next, &entries)?;
-        match store
-            .put(
-                Namespace::System,
-                KEYRING_KEY,
-                value.clone(),
-                Expect::Revision(stored.revision),
-            )
-            .await?
-        {
-            Written::Done(revision) => {
-                tracing::info!(
-                    data_key = id,
-                    generation = next,
-                    "added data key {id} to the keyring: new values are sealed under it"
-                );
-                return decode(root, &value, revision, upgrade_secret_records);
-            }
-            Written::Conflict => continue,
-        }
-    }
-    Err(Error::Contended)
+/// Whether an edit of the keyring's entries changed them.
+enum Edit {
+    /// Seal and write them at the next generation.
+    Changed,
+    /// Nothing to write: the keyring is returned as it is.
+    Unchanged,
 }
 
-/// Re-wraps the store's keyring from root key `from` to `to` (a rekey), at the next
-/// generation, with compare-and-set. The legacy entry 0, whose purpose keys `from` derived,
-/// takes `from`'s bytes as its key, so what `from` sealed before the keyring stays readable
-/// under `to`. A keyring already under `to` is returned as it is (the step is idempotent).
-pub async fn rewrap(
+/// Reads the store's keyring, opens it under `from`, lets `edit` change its entries, seals
+/// them under `to` at the next generation and writes them with compare-and-set; a lost race
+/// starts again from a fresh read (so two changes at once both land). Returns the keyring as
+/// written, decoded under `to`.
+async fn change<E: From<Error>>(
     store: &impl Store,
     from: &RootKey,
     to: &RootKey,
     upgrade_secret_records: bool,
-) -> Result<Keyring, Error> {
-    let (old_wrap, new_wrap) = (from.derive(KEYRING_LABEL), to.derive(KEYRING_LABEL));
-    for _ in 0..ROTATE_ATTEMPTS {
-        let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await? else {
-            return Err(Error::Refused(
-                "the store has no keyring to re-wrap (it was removed)".into(),
-            ));
-        };
-        if open(&new_wrap, &stored.value).is_ok() {
-            return decode(to, &stored.value, stored.revision, upgrade_secret_records);
-        }
-        let (generation, mut opened) = open(&old_wrap, &stored.value)?;
-        for (entry, key) in &mut opened {
-            if entry.id == LEGACY && key.is_none() {
-                *key = DataKey::from_slice(from.as_bytes());
-            }
-        }
-        let next = generation
-            .checked_add(1)
-            .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
-        let entries: Vec<(Entry, Option<&DataKey>)> =
-            opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
-        let value = seal(&new_wrap, next, &entries)?;
-        match store
-            .put(
-                Namespace::System,
-                KEYRING_KEY,
-                value.clone(),
-                Expect::Revision(stored.revision),
-            )
-            .await?
-        {
-            Written::Done(revision) => {
-                tracing::info!(
-                    generation = next,
-                    "re-wrapped the keyring under the new root key"
-                );
-                return decode(to, &value, revision, upgrade_secret_records);
-            }
-            Written::Conflict => continue,
-        }
-    }
-    Err(Error::Contended)
-}
-
-/// Marks data key `id` retired, with compare-and-set (the caller has checked that no record
-/// names it). The current key, the legacy key of a keyring without another, or an id the
-/// keyring has not, is refused; retiring a retired key changes nothing.
-pub async fn retire(
-    store: &impl Store,
-    root: &RootKey,
-    id: u32,
-    upgrade_secret_records: bool,
-) -> Result<Keyring, RetireError> {
-    let wrap = root.derive(KEYRING_LABEL);
+    mut edit: impl FnMut(&mut Vec<(Entry, Option<DataKey>)>) -> Result<Edit, E>,
+) -> Result<Keyring, E> {
+    let wrap = from.derive(KEYRING_LABEL);
     for _ in 0..ROTATE_ATTEMPTS {
         let Some(stored) = store
             .get(Namespace::System, KEYRING_KEY)
@@ -567,32 +464,20 @@ pub async fn retire(
             .into());
         };
         let (generation, mut opened) = open(&wrap, &stored.value)?;
-        let current = opened
-            .iter()
-            .filter(|(e, _)| e.state == State::Active)
-            .map(|(e, _)| e.id)
-            .max();
-        let Some(entry) = opened.iter_mut().find(|(e, _)| e.id == id) else {
-            return Err(RetireError::Unknown(id));
-        };
-        if Some(id) == current {
-            return Err(RetireError::Current(id));
-        }
-        if entry.0.state == State::Retired {
+        if let Edit::Unchanged = edit(&mut opened)? {
             return Ok(decode(
-                root,
+                from,
                 &stored.value,
                 stored.revision,
                 upgrade_secret_records,
             )?);
         }
-        entry.0.state = State::Retired;
         let next = generation
             .checked_add(1)
             .ok_or_else(|| Error::Refused("generation at its limit".into()))?;
         let entries: Vec<(Entry, Option<&DataKey>)> =
             opened.iter().map(|(e, k)| (*e, k.as_ref())).collect();
-        let value = seal(&wrap, next, &entries)?;
+        let value = seal(&to.derive(KEYRING_LABEL), next, &entries)?;
         match store
             .put(
                 Namespace::System,
@@ -604,17 +489,126 @@ pub async fn retire(
             .map_err(Error::from)?
         {
             Written::Done(revision) => {
-                tracing::info!(
-                    data_key = id,
-                    generation = next,
-                    "retired data key {id}: no record in the store names it"
-                );
-                return Ok(decode(root, &value, revision, upgrade_secret_records)?);
+                return Ok(decode(to, &value, revision, upgrade_secret_records)?);
             }
             Written::Conflict => continue,
         }
     }
     Err(Error::Contended.into())
+}
+
+/// Adds a data key to the store's keyring, at the next generation, with compare-and-set (a
+/// lost race is retried from a fresh read, so two rotations at once add two keys). Returns the
+/// keyring as written: its newest key is the current one.
+pub async fn rotate(
+    store: &impl Store,
+    root: &RootKey,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, Error> {
+    let ring = change(store, root, root, upgrade_secret_records, |entries| {
+        let id = entries
+            .iter()
+            .map(|(e, _)| e.id)
+            .max()
+            .unwrap_or(LEGACY)
+            .checked_add(1)
+            .ok_or_else(|| Error::Refused("no data key id left".into()))?;
+        let added = Entry {
+            id,
+            created: now(),
+            state: State::Active,
+        };
+        entries.push((added, Some(DataKey::generate()?)));
+        Ok::<_, Error>(Edit::Changed)
+    })
+    .await?;
+    let id = ring.current();
+    tracing::info!(
+        data_key = id,
+        generation = ring.generation,
+        "added data key {id} to the keyring: new values are sealed under it"
+    );
+    Ok(ring)
+}
+
+/// Re-wraps the store's keyring from root key `from` to `to` (a rekey), at the next
+/// generation, with compare-and-set. The legacy entry 0, whose purpose keys `from` derived,
+/// takes `from`'s bytes as its key, so what `from` sealed before the keyring stays readable
+/// under `to`. A keyring already under `to` is returned as it is (the step is idempotent).
+pub async fn rewrap(
+    store: &impl Store,
+    from: &RootKey,
+    to: &RootKey,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, Error> {
+    if let Some(stored) = store.get(Namespace::System, KEYRING_KEY).await?
+        && open(&to.derive(KEYRING_LABEL), &stored.value).is_ok()
+    {
+        return decode(to, &stored.value, stored.revision, upgrade_secret_records);
+    }
+    let ring = change(store, from, to, upgrade_secret_records, |entries| {
+        for (entry, key) in entries.iter_mut() {
+            if entry.id == LEGACY && key.is_none() {
+                *key = DataKey::from_slice(from.as_bytes());
+            }
+        }
+        Ok::<_, Error>(Edit::Changed)
+    })
+    .await;
+    match ring {
+        Ok(ring) => {
+            tracing::info!(
+                generation = ring.generation,
+                "re-wrapped the keyring under the new root key"
+            );
+            Ok(ring)
+        }
+        // Re-wrapped by another instance between the check and the write.
+        Err(Error::Refused(_)) => {
+            let stored = store
+                .get(Namespace::System, KEYRING_KEY)
+                .await?
+                .ok_or_else(|| Error::Refused("the keyring was removed".into()))?;
+            decode(to, &stored.value, stored.revision, upgrade_secret_records)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks data key `id` retired, with compare-and-set (the caller has checked that no record
+/// names it). The current key, the legacy key of a keyring without another, or an id the
+/// keyring has not, is refused; retiring a retired key changes nothing.
+pub async fn retire(
+    store: &impl Store,
+    root: &RootKey,
+    id: u32,
+    upgrade_secret_records: bool,
+) -> Result<Keyring, RetireError> {
+    let ring = change(store, root, root, upgrade_secret_records, |entries| {
+        let current = entries
+            .iter()
+            .filter(|(e, _)| e.state == State::Active)
+            .map(|(e, _)| e.id)
+            .max();
+        let Some((entry, _)) = entries.iter_mut().find(|(e, _)| e.id == id) else {
+            return Err(RetireError::Unknown(id));
+        };
+        if Some(id) == current {
+            return Err(RetireError::Current(id));
+        }
+        if entry.state == State::Retired {
+            return Ok(Edit::Unchanged);
+        }
+        entry.state = State::Retired;
+        Ok(Edit::Changed)
+    })
+    .await?;
+    tracing::info!(
+        data_key = id,
+        generation = ring.generation,
+        "retired data key {id}: no record in the store names it"
+    );
+    Ok(ring)
 }
 
 /// Why a data key was not retired.

@@ -611,16 +611,7 @@ impl Nexus {
         derivation: ShardDerivation,
         keyring: keyring::Keyring,
     ) -> Result<Arc<Keys>, crate::crypto::Error> {
-        self.note_sharing(&sharing);
-        let keys = Arc::new(
-            Keys::new(
-                root,
-                sharing,
-                derivation,
-                self.config.upgrade_secret_records,
-            )?
-            .with_keyring(keyring),
-        );
+        let keys = self.derive(root, sharing, derivation, keyring)?;
         let mut slot = write(&self.keys);
         if let Some(existing) = slot.as_ref() {
             return Ok(Arc::clone(existing));
@@ -651,16 +642,7 @@ impl Nexus {
         {
             return Ok(now);
         }
-        self.note_sharing(&sharing);
-        let keys = Arc::new(
-            Keys::new(
-                root,
-                sharing,
-                derivation,
-                self.config.upgrade_secret_records,
-            )?
-            .with_keyring(keyring),
-        );
+        let keys = self.derive(root, sharing, derivation, keyring)?;
         let old = write(&self.keys).replace(Arc::clone(&keys));
         tracing::info!(
             key_id = %keys.key_id,
@@ -671,6 +653,21 @@ impl Nexus {
         self.metrics.data_key(keys.keyring.loaded().current());
         self.set_phase(Phase::Ready);
         Ok(keys)
+    }
+
+    /// The key material of `root`, shared as `sharing`, with `keyring` as its data keys.
+    fn derive(
+        &self,
+        root: RootKey,
+        sharing: rekey::Sharing,
+        derivation: ShardDerivation,
+        keyring: keyring::Keyring,
+    ) -> Result<Arc<Keys>, crate::crypto::Error> {
+        self.note_sharing(&sharing);
+        let upgrade = self.config.upgrade_secret_records;
+        Ok(Arc::new(
+            Keys::new(root, sharing, derivation, upgrade)?.with_keyring(keyring),
+        ))
     }
 
     /// Says when the deployment's sharing (since a rekey) is not this instance's configuration.
