@@ -717,9 +717,9 @@ fn unb64(text: &serde_json::Value) -> Vec<u8> {
 }
 
 /// Checks through `url` that every read the earlier release answered is answered the same:
-/// each secret's metadata (unless `written_since` names it) and every version read (status
-/// and body), the policies (the deleted one stays deleted, the others are in force for
-/// workloads), and both kinds of cipher output open to their plaintexts.
+/// each secret's metadata and every version read (status, and body when found), the secret
+/// list, the policies (the deleted one stays deleted, the others are in force for the workloads
+/// they name), and both kinds of cipher output open to their plaintexts.
 async fn reads_as_the_release_wrote(c: &Cluster, url: &Uri, written: &serde_json::Value) {
     let su = c.superuser();
     for (path, secret) in written["secrets"].as_object().unwrap() {
