@@ -812,12 +812,13 @@ async fn reads_as_the_release_wrote(c: &Cluster, url: &Uri, written: &serde_json
 
 /// A store the release before the keyring really wrote (not a simulation): three instances of
 /// this release start together on it with empty Keepers and wait for a restore, since the root
-/// key lives only in the recovery shards that release exported. Restored through one of them
-/// with `spike recover restore`, every instance becomes ready; exactly one creates the
-/// keyring; every secret version, deletion, policy and cipher output reads back through every
-/// instance exactly as that release answered. New values are sealed under data key 1; a
-/// rotation and a re-encryption pass move every record off the legacy key 0, which can then be
-/// retired, and what it sealed still reads.
+/// key lives only in the recovery shards that release exported. Restored with
+/// `spike recover restore` (the last shard sent to all three at once), every instance becomes
+/// ready; exactly one creates the keyring; every secret version, deletion, policy and cipher
+/// output reads back through every instance exactly as that release answered. New values are
+/// sealed under data key 1; a rotation and a re-encryption pass move every record off the
+/// legacy key 0, which can then be retired, and what it sealed still reads; an instance
+/// restarted after all this creates no keyring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_written_by_the_release_before_the_keyring_is_upgraded() {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -856,23 +857,63 @@ async fn a_store_written_by_the_release_before_the_keyring_is_upgraded() {
         wait_status(&anon, url, "awaiting_restore").await;
     }
     assert!(keyring(&store).await.is_none(), "no key, no keyring");
+    // Every instance gets recovery shard 1, then all three get shard 3 at once: each that
+    // still waits rebuilds the key and tries to create the keyring, so the creation races.
     let restorer = c.pki.issue("restorer", "/spike/pilot/role/restore");
-    let target = c.nexus[0].base_url();
-    for (i, said) in [(1, "1 collected, 1 more needed"), (3, "restored")] {
-        let file = fixture.join(format!("shards/spike.recovery.{i}.txt"));
+    let shard = |i: u32| fixture.join(format!("shards/spike.recovery.{i}.txt"));
+    let targets: Vec<String> = c.nexus.iter().map(Proc::base_url).collect();
+    for target in &targets {
         let (code, _, err) = run_spike(
             &[
                 "recover",
                 "restore",
                 "--nexus",
-                &target,
-                file.to_str().unwrap(),
+                target,
+                shard(1).to_str().unwrap(),
             ],
-            &client_env(&target, &restorer),
+            &client_env(target, &restorer),
         );
         assert_eq!(code, 0, "{err}");
-        assert!(err.contains(said), "{err}");
+        assert!(err.contains("1 collected, 1 more needed"), "{err}");
     }
+    let last = shard(3);
+    let restores: Vec<_> = targets
+        .iter()
+        .map(|target| {
+            spike_command(
+                &[
+                    "recover",
+                    "restore",
+                    "--nexus",
+                    target,
+                    last.to_str().unwrap(),
+                ],
+                &client_env(target, &restorer),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut restored = 0;
+    for child in restores {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // An instance that already took the key from the Keepers another one refilled
+        // refuses the restore as healthy (exit 1); that is the only other outcome allowed.
+        match out.status.code() {
+            Some(0) => {
+                assert!(err.contains("restored"), "{err}");
+                restored += 1;
+            }
+            Some(1) => {}
+            other => panic!("restore exited with {other:?}: {err}"),
+        }
+    }
+    assert!(restored >= 1);
+    println!("{restored} of 3 instances were restored from the shards at once");
     let mut key_ids = Vec::new();
     for url in &urls {
         key_ids.push(wait_status(&anon, url, "ready").await["key_id"].clone());
@@ -962,9 +1003,14 @@ async fn a_store_written_by_the_release_before_the_keyring_is_upgraded() {
         let b = call_ok(&su, url, DECRYPT_PATH, fresh.clone()).await;
         assert_eq!(b, json!({"plaintext": "bmV3"}));
     }
-    assert_ne!(
-        keyring(&store).await.unwrap().revision,
-        created.revision,
-        "rotated and retired"
-    );
+    let settled = keyring(&store).await.unwrap();
+    assert_ne!(settled.revision, created.revision, "rotated and retired");
+    // An instance restarted later takes the key from the Keepers and reads the keyring: it
+    // creates none and serves what the old release wrote.
+    c.nexus[2].restart();
+    wait_status(&anon, &c.nexus[2].url(), "ready").await;
+    reads_as_the_release_wrote(&c, &c.nexus[2].url(), &after).await;
+    let logs: String = c.nexus.iter().map(Proc::logs).collect();
+    assert_eq!(logs.matches("created the keyring").count(), 1, "{logs}");
+    assert_eq!(keyring(&store).await.unwrap().revision, settled.revision);
 }
