@@ -4,9 +4,11 @@
 //! starting at once — exactly one keyring, and callers see nothing different; a keyring edited
 //! in the store is refused and left as it is.
 //!
-//! A store "written before the keyring" is made by starting one instance, writing through it,
-//! and removing the `system/keyring` record it created: while every value is still sealed under
-//! the legacy data key 0 (this slice), that store is exactly what an earlier release leaves.
+//! On every backend, a store "written before the keyring" is made by starting one instance,
+//! writing through it, and removing the `system/keyring` record it created: while every value
+//! is still sealed under the legacy data key 0 (this slice), that store is what an earlier
+//! release leaves. On SQLite, a store the release before the keyring really wrote
+//! (`tests/fixtures/pre-keyring`) is upgraded too, restored from that release's recovery shards.
 
 mod common;
 
@@ -14,9 +16,11 @@ use std::time::Duration;
 
 use common::*;
 use hyper::StatusCode;
+use hyper::Uri;
 use serde_json::json;
 use spike::protocol::nexus::{DECRYPT_PATH, ENCRYPT_PATH};
 use spike::store::{AnyStore, Expect, Namespace, Store, Written};
+use spike::transport::HttpsClient;
 
 const KEYRING: &str = "keyring";
 const SECRETS: &str = "/v1/store/secrets";
@@ -685,3 +689,337 @@ keyring_suite!(s3, |c| {
     let _ = &c;
     common::s3::shared_env("keyring")
 });
+
+/// The fixture `tests/fixtures/pre-keyring`: a SQLite store, its recovery shards and what was
+/// written through it, made by a real deployment of the release before the keyring (its
+/// README says how).
+const PRE_KEYRING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pre-keyring");
+
+/// The stream-mode cipher of `url`: (status, answer bytes).
+async fn stream(
+    client: &HttpsClient,
+    url: &Uri,
+    path: &str,
+    data: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let reply = client
+        .post(url, path, "application/octet-stream", data)
+        .await
+        .unwrap();
+    (reply.status, reply.body.to_vec())
+}
+
+fn unb64(text: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_str().unwrap())
+        .unwrap()
+}
+
+/// Checks through `url` that every read the earlier release answered is answered the same:
+/// each secret's metadata and every version read (status, and body when found), the secret
+/// list, the policies (the deleted one stays deleted, the others are in force for the workloads
+/// they name), and both kinds of cipher output open to their plaintexts.
+async fn reads_as_the_release_wrote(c: &Cluster, url: &Uri, written: &serde_json::Value) {
+    let su = c.superuser();
+    for (path, secret) in written["secrets"].as_object().unwrap() {
+        let (s, meta) = call(
+            &su,
+            url,
+            &common::action(SECRET_METADATA_PATH, "get"),
+            json!({ "path": path }),
+        )
+        .await;
+        assert_eq!((s, &meta), (StatusCode::OK, &secret["metadata"]), "{path}");
+        for read in secret["reads"].as_array().unwrap() {
+            let mut body = json!({ "path": path });
+            if !read["version"].is_null() {
+                body["version"] = read["version"].clone();
+            }
+            let (s, b) = call(&su, url, GET, body).await;
+            assert_eq!(
+                s.as_u16(),
+                read["status"].as_u64().unwrap() as u16,
+                "{path} {}: {b}",
+                read["version"]
+            );
+            if s == StatusCode::OK {
+                assert_eq!(b, read["body"], "{path} {}", read["version"]);
+            }
+        }
+    }
+    let (s, b) = call(&su, url, &common::action(SECRETS_PATH, "list"), json!({})).await;
+    assert_eq!((s, &b), (StatusCode::OK, &written["list"]));
+    let (s, b) = call(&su, url, &common::action(POLICY_PATH, "list"), json!({})).await;
+    assert_eq!((s, &b), (StatusCode::OK, &written["policies"]));
+    let (s, b) = call(
+        &su,
+        url,
+        &common::action(POLICY_PATH, "get"),
+        json!({ "id": written["policies"]["policies"][0]["name"] }),
+    )
+    .await;
+    assert_eq!(
+        (s, &b["pathPattern"]),
+        (
+            StatusCode::OK,
+            &written["policies"]["policies"][0]["pathPattern"]
+        ),
+        "{b}"
+    );
+    for name in written["deletedPolicies"].as_array().unwrap() {
+        let (s, b) = call(
+            &su,
+            url,
+            &common::action(POLICY_PATH, "get"),
+            json!({ "id": name }),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{name}: {b}");
+    }
+    // The policies are in force for the workloads they name, and only for them.
+    let app = c.api_client("app", "/workload/app");
+    let (s, b) = call(&app, url, GET, json!({"path": "app/api"})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _) = call(&app, url, GET, json!({"path": "team/cfg"})).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let doomed = c.api_client("doomed", "/workload/doomed");
+    let (s, _) = call(&doomed, url, GET, json!({"path": "app/api"})).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the deleted policy grants nothing"
+    );
+    // Cipher output of the earlier release opens, for the workload its policy names too.
+    let cipher = &written["cipher"];
+    let user = c.api_client("cipher", "/workload/cipher");
+    for client in [&su, &user] {
+        let b = call_ok(client, url, DECRYPT_PATH, cipher["json"]["sealed"].clone()).await;
+        assert_eq!(b["plaintext"], cipher["json"]["plaintext"]);
+        let (s, plain) = stream(
+            client,
+            url,
+            DECRYPT_PATH,
+            unb64(&cipher["stream"]["sealed"]),
+        )
+        .await;
+        assert_eq!(
+            (s, plain),
+            (StatusCode::OK, unb64(&cipher["stream"]["plaintext"]))
+        );
+    }
+}
+
+/// A store the release before the keyring really wrote (not a simulation): three instances of
+/// this release start together on it with empty Keepers and wait for a restore, since the root
+/// key lives only in the recovery shards that release exported. Restored with
+/// `spike recover restore` (the last shard sent to all three at once), every instance becomes
+/// ready; exactly one creates the keyring; every secret version, deletion, policy and cipher
+/// output reads back through every instance exactly as that release answered. New values are
+/// sealed under data key 1; a rotation and a re-encryption pass move every record off the
+/// legacy key 0, which can then be retired, and what it sealed still reads; an instance
+/// restarted after all this creates no keyring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_by_the_release_before_the_keyring_is_upgraded() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fixture = std::path::Path::new(PRE_KEYRING);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("written.json")).unwrap())
+            .unwrap();
+    let mut c = Cluster::new(3);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&c.data_dir)
+        .unwrap();
+    let db = c.data_dir.join("spike.db");
+    std::fs::copy(fixture.join("store/spike.db"), &db).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let store = admin_store(&c, &[]).await;
+    assert!(
+        keyring(&store).await.is_none(),
+        "the fixture predates the keyring"
+    );
+    let legacy = store_keys(&store).await;
+    assert!(
+        legacy
+            .iter()
+            .all(|(_, v, m)| v.iter().all(|k| *k == 0) && *m == 0),
+        "every record is under the legacy key: {legacy:?}"
+    );
+
+    let anon = c.anonymous();
+    let urls: Vec<Uri> = c
+        .start_nexus_together(3, &[("SPIKE_NEXUS_METRICS_ADDR", "127.0.0.1:0")])
+        .into_iter()
+        .map(|i| c.nexus[i].url())
+        .collect();
+    for url in &urls {
+        wait_status(&anon, url, "awaiting_restore").await;
+    }
+    assert!(keyring(&store).await.is_none(), "no key, no keyring");
+    // Every instance gets recovery shard 1, then all three get shard 3 at once: each that
+    // still waits rebuilds the key and tries to create the keyring, so the creation races.
+    let restorer = c.pki.issue("restorer", "/spike/pilot/role/restore");
+    let shard = |i: u32| fixture.join(format!("shards/spike.recovery.{i}.txt"));
+    let targets: Vec<String> = c.nexus.iter().map(Proc::base_url).collect();
+    for target in &targets {
+        let (code, _, err) = run_spike(
+            &[
+                "recover",
+                "restore",
+                "--nexus",
+                target,
+                shard(1).to_str().unwrap(),
+            ],
+            &client_env(target, &restorer),
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("1 collected, 1 more needed"), "{err}");
+    }
+    let last = shard(3);
+    let restores: Vec<_> = targets
+        .iter()
+        .map(|target| {
+            spike_command(
+                &[
+                    "recover",
+                    "restore",
+                    "--nexus",
+                    target,
+                    last.to_str().unwrap(),
+                ],
+                &client_env(target, &restorer),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut restored = 0;
+    for child in restores {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // An instance that already took the key from the Keepers another one refilled
+        // refuses the restore as healthy (exit 1); that is the only other outcome allowed.
+        match out.status.code() {
+            Some(0) => {
+                assert!(err.contains("restored"), "{err}");
+                restored += 1;
+            }
+            Some(1) => {}
+            other => panic!("restore exited with {other:?}: {err}"),
+        }
+    }
+    assert!(restored >= 1);
+    println!("{restored} of 3 instances were restored from the shards at once");
+    let mut key_ids = Vec::new();
+    for url in &urls {
+        key_ids.push(wait_status(&anon, url, "ready").await["key_id"].clone());
+    }
+    assert!(key_ids.iter().all(|k| *k == key_ids[0]), "{key_ids:?}");
+    let logs: String = c.nexus.iter().map(Proc::logs).collect();
+    assert_eq!(
+        logs.matches("created the keyring: data key 1").count(),
+        1,
+        "exactly one instance creates the keyring:\n{logs}"
+    );
+    println!(
+        "{} instance(s) lost the race to create it",
+        logs.matches("another Nexus instance created the keyring first")
+            .count()
+    );
+    let system = store.list(Namespace::System, "").await.unwrap();
+    assert_eq!(
+        system.iter().filter(|k| *k == KEYRING).count(),
+        1,
+        "{system:?}"
+    );
+    let created = keyring(&store).await.unwrap();
+
+    for url in &urls {
+        reads_as_the_release_wrote(&c, url, &written).await;
+    }
+    assert_eq!(store_keys(&store).await, legacy, "reading rewrote nothing");
+
+    // New values are sealed under the keyring's data key 1; old ones still read.
+    let su = c.superuser();
+    call_ok(
+        &su,
+        &urls[1],
+        SECRETS,
+        json!({"path": "new/after", "values": {"v": "fresh"}}),
+    )
+    .await;
+    assert_eq!(record_keys(&store, "new/after").await, (vec![1], 1));
+    let fresh = call_ok(&su, &urls[2], ENCRYPT_PATH, json!({"plaintext": "bmV3"})).await;
+    assert_eq!(key_id_of(&fresh), 1);
+    for url in &urls {
+        let b = call_ok(&su, url, GET, json!({"path": "new/after"})).await;
+        assert_eq!(b["data"]["v"], "fresh");
+        let b = call_ok(&su, url, GET, json!({"path": "app/db", "version": 1})).await;
+        assert_eq!(b, written["secrets"]["app/db"]["reads"][0]["body"]);
+    }
+
+    // Rotate, re-encrypt, and the legacy key can go.
+    let retire = |id: u32| json!({ "id": id });
+    let (s, b) = call(&su, &urls[0], RETIRE, retire(0)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "records still name key 0: {b}");
+    let rotated = call_ok(&su, &urls[0], ROTATE, json!({})).await;
+    assert_eq!(rotated["currentKey"], 2, "{rotated}");
+    call_ok(&su, &urls[1], REENCRYPT, json!({})).await;
+    wait_for(
+        "the re-encryption pass",
+        Duration::from_secs(30),
+        || async {
+            c.nexus[1]
+                .logs()
+                .contains("re-encryption finished")
+                .then_some(())
+        },
+    )
+    .await;
+    let keys = store_keys(&store).await;
+    assert!(
+        keys.iter()
+            .all(|(_, v, m)| v.iter().all(|k| *k == 2) && *m == 2),
+        "no record names key 0 or 1 any more: {keys:?}"
+    );
+    assert_eq!(keys.len(), legacy.len() + 1, "{keys:?}");
+    let metrics = scrape(&c.nexus[1]).await;
+    let rewritten = format!(
+        "spike_nexus_reencrypted_records_total{{result=\"rewritten\"}} {}",
+        keys.len() - 1
+    );
+    assert!(metrics.contains(&rewritten), "{rewritten}\n{metrics}");
+    for id in [0, 1] {
+        let b = call_ok(&su, &urls[2], RETIRE, retire(id)).await;
+        assert_eq!(b["keys"][id as usize]["state"], "retired", "{b}");
+    }
+    // The list now holds new/after as well; everything else reads exactly as before.
+    let mut after = written.clone();
+    let mut paths: Vec<String> = serde_json::from_value(written["list"]["keys"].clone()).unwrap();
+    paths.push("new/after".into());
+    paths.sort();
+    after["list"] = json!({ "keys": paths });
+    for url in &urls {
+        reads_as_the_release_wrote(&c, url, &after).await;
+        let b = call_ok(&su, url, DECRYPT_PATH, fresh.clone()).await;
+        assert_eq!(b, json!({"plaintext": "bmV3"}));
+    }
+    let settled = keyring(&store).await.unwrap();
+    assert_ne!(settled.revision, created.revision, "rotated and retired");
+    // An instance restarted later takes the key from the Keepers and reads the keyring: it
+    // creates none and serves what the old release wrote.
+    c.nexus[2].restart();
+    wait_status(&anon, &c.nexus[2].url(), "ready").await;
+    reads_as_the_release_wrote(&c, &c.nexus[2].url(), &after).await;
+    let logs: String = c.nexus.iter().map(Proc::logs).collect();
+    assert_eq!(
+        logs.matches("created the keyring: data key 1").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(keyring(&store).await.unwrap().revision, settled.revision);
+}

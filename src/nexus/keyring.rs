@@ -730,6 +730,112 @@ mod tests {
         assert!(a.get(LEGACY).unwrap().cipher.open(b"x", &sealed).is_err());
     }
 
+    /// A store on which the first `readers` reads of the keyring each return only once all of
+    /// them have read it: every caller sees no keyring, so they all try to create one.
+    struct ReadTogether {
+        inner: MemoryStore,
+        readers: usize,
+        first_reads: std::sync::atomic::AtomicUsize,
+        barrier: tokio::sync::Barrier,
+    }
+
+    impl ReadTogether {
+        fn new(readers: usize) -> ReadTogether {
+            ReadTogether {
+                inner: MemoryStore::default(),
+                readers,
+                first_reads: std::sync::atomic::AtomicUsize::new(0),
+                barrier: tokio::sync::Barrier::new(readers),
+            }
+        }
+    }
+
+    impl Store for ReadTogether {
+        fn backend(&self) -> &'static str {
+            "memory"
+        }
+
+        async fn ping(&self) -> crate::store::Result<()> {
+            self.inner.ping().await
+        }
+
+        async fn get(
+            &self,
+            ns: Namespace,
+            key: &str,
+        ) -> crate::store::Result<Option<crate::store::Entry>> {
+            let read = self.inner.get(ns, key).await;
+            let nth = self
+                .first_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if key == KEYRING_KEY && nth < self.readers {
+                self.barrier.wait().await;
+            }
+            read
+        }
+
+        async fn revision(
+            &self,
+            ns: Namespace,
+            key: &str,
+        ) -> crate::store::Result<Option<Revision>> {
+            self.inner.revision(ns, key).await
+        }
+
+        async fn put(
+            &self,
+            ns: Namespace,
+            key: &str,
+            value: Vec<u8>,
+            expect: Expect,
+        ) -> crate::store::Result<Written> {
+            self.inner.put(ns, key, value, expect).await
+        }
+
+        async fn delete(
+            &self,
+            ns: Namespace,
+            key: &str,
+            revision: &Revision,
+        ) -> crate::store::Result<bool> {
+            self.inner.delete(ns, key, revision).await
+        }
+
+        async fn list(&self, ns: Namespace, prefix: &str) -> crate::store::Result<Vec<String>> {
+            self.inner.list(ns, prefix).await
+        }
+    }
+
+    /// Instances that all read "no keyring" before any writes one (a store written before the
+    /// keyring, several instances getting the root key at once): one create wins, the others
+    /// lose it and use the winner's record — never a keyring of their own.
+    #[tokio::test]
+    async fn a_lost_create_race_uses_the_winners_keyring() {
+        let store = ReadTogether::new(3);
+        let root = RootKey::generate().unwrap();
+        let (a, b, c) = tokio::join!(
+            ensure(&store, &root, false),
+            ensure(&store, &root, false),
+            ensure(&store, &root, false)
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        let stored = store
+            .get(Namespace::System, KEYRING_KEY)
+            .await
+            .unwrap()
+            .unwrap();
+        for ring in [&a, &b, &c] {
+            assert_eq!(ring.revision.as_ref(), Some(&stored.revision));
+        }
+        let sealed = b.get(1).unwrap().cipher.seal(b"x", b"hello").unwrap();
+        for ring in [&a, &c] {
+            assert_eq!(
+                &ring.get(1).unwrap().cipher.open(b"x", &sealed).unwrap()[..],
+                b"hello"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_edited_or_foreign_keyring_is_refused_and_kept() {
         let store = MemoryStore::default();
