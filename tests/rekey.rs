@@ -403,6 +403,40 @@ async fn old_recovery_shards_are_refused_new_ones_restore(mut c: Cluster, env: B
     }
 }
 
+/// Starts a rekey through `url` to every Keeper of `c` and `silent` (a listener that never
+/// answers, which holds the rekey in its push step), threshold 3, and returns once its
+/// journal is in the store: the request's task and the new key's id.
+async fn rekey_held_in_its_push(
+    c: &Cluster,
+    su: &spike::transport::HttpsClient,
+    url: &Uri,
+    store: &spike::store::AnyStore,
+    silent: &std::net::TcpListener,
+) -> (
+    tokio::task::JoinHandle<(StatusCode, serde_json::Value)>,
+    String,
+) {
+    let mut keepers = c.keeper_urls();
+    keepers.push(format!("https://{}", silent.local_addr().unwrap()));
+    let (su, url) = (su.clone(), url.clone());
+    let rekey = tokio::spawn(async move {
+        call(
+            &su,
+            &url,
+            REKEY,
+            json!({"threshold": 3, "keepers": keepers}),
+        )
+        .await
+    });
+    let to = wait_for("the rekey journal", Duration::from_secs(20), || async {
+        let entry = store.get(Namespace::System, JOURNAL).await.unwrap()?;
+        let j: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
+        Some(j["to"].as_str().unwrap().to_string())
+    })
+    .await;
+    (rekey, to)
+}
+
 /// A Nexus killed while its rekey is pushing shards (one new Keeper does not answer, which
 /// holds the rekey in that step): restarted, it becomes ready on the key the store names; the
 /// rekey left behind is taken over once it has been idle long enough and finished (four of five
@@ -423,35 +457,9 @@ async fn a_nexus_killed_during_a_rekey(mut c: Cluster, env: BackendEnv) {
     .await;
     // A "Keeper" that accepts connections and never answers the handshake.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let silent_url = format!("https://{}", silent.local_addr().unwrap());
     c.add_keeper();
-    let mut keepers: Vec<String> = c
-        .keepers
-        .iter()
-        .map(|k| k.url().to_string().trim_end_matches('/').to_string())
-        .collect();
-    keepers.push(silent_url.clone());
     let store = admin_store(&c, &env).await;
-    let rekey = {
-        let (su, url) = (su.clone(), urls[0].clone());
-        tokio::spawn(async move {
-            call(
-                &su,
-                &url,
-                REKEY,
-                json!({"threshold": 3, "keepers": keepers}),
-            )
-            .await
-        })
-    };
-    wait_for("the rekey journal", Duration::from_secs(20), || async {
-        store
-            .get(Namespace::System, JOURNAL)
-            .await
-            .unwrap()
-            .map(|_| ())
-    })
-    .await;
+    let (rekey, _) = rekey_held_in_its_push(&c, &su, &urls[0], &store, &silent).await;
     c.nexus[0].kill();
     let answered = rekey.await.unwrap();
     println!("the killed initiator's client saw: {answered:?}");
@@ -1147,27 +1155,8 @@ async fn postgres_down_in_the_middle_of_a_rekey() {
     )
     .await;
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut keepers = c.keeper_urls();
-    keepers.push(format!("https://{}", silent.local_addr().unwrap()));
     let store = admin_store(&c, &env).await;
-    let rekey = {
-        let (su, url) = (su.clone(), urls[0].clone());
-        tokio::spawn(async move {
-            call(
-                &su,
-                &url,
-                REKEY,
-                json!({"threshold": 3, "keepers": keepers}),
-            )
-            .await
-        })
-    };
-    let to = wait_for("the rekey journal", Duration::from_secs(20), || async {
-        let entry = store.get(Namespace::System, JOURNAL).await.unwrap()?;
-        let j: serde_json::Value = serde_json::from_slice(&entry.value).unwrap();
-        Some(j["to"].as_str().unwrap().to_string())
-    })
-    .await;
+    let (rekey, to) = rekey_held_in_its_push(&c, &su, &urls[0], &store, &silent).await;
     pg.stop("immediate");
     let (s, b) = rekey.await.unwrap();
     println!("the store went down while the rekey pushed its shards: {s} {b}");
