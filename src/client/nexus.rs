@@ -118,6 +118,9 @@ enum Effect {
     Idempotent,
     /// Changes stored state: replayed only when it cannot have been sent.
     Write,
+    /// A [`Effect::Write`] whose every answer is final, `503` included: a rekey that answered
+    /// 503 may have changed the root key, and sent again elsewhere it would replace that one.
+    Once,
 }
 
 /// How long an address that failed is tried only after the others.
@@ -445,7 +448,7 @@ impl NexusClient {
     /// Replaces the root key and its sharing (superuser only). Not retried on another
     /// instance: a second rekey would be refused while the first runs.
     pub async fn rekey(&self, req: &wire::RekeyRequest) -> Result<wire::RekeyResponse> {
-        self.json(wire::REKEY_PATH, req, Effect::Write).await
+        self.json(wire::REKEY_PATH, req, Effect::Once).await
     }
 
     /// The same client aimed at other Nexus URLs.
@@ -557,7 +560,8 @@ impl NexusClient {
                             status: reply.status,
                             url,
                         };
-                        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+                        if reply.status != StatusCode::SERVICE_UNAVAILABLE || effect == Effect::Once
+                        {
                             mark(c.addr, false);
                             return Outcome {
                                 result: Err(err),
@@ -577,7 +581,7 @@ impl NexusClient {
                         mark(c.addr, true);
                         tracing::debug!("{e}; the request may have reached it");
                         attempts.insert(c.place, e);
-                        if effect == Effect::Write {
+                        if matches!(effect, Effect::Write | Effect::Once) {
                             return Outcome {
                                 result: Err(transport(attempts)),
                                 replayed,

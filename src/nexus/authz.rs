@@ -18,11 +18,10 @@
 
 use std::sync::Arc;
 
-use super::book::{Book, Policies};
-use super::{ApiError, Keys};
+use super::book::Book;
+use super::{ApiError, Keys, Nexus};
 use crate::identity::{Role, SpiffeId, TrustRoots};
 use crate::protocol::policy::{CIPHER_PATH, Permission, SECRET_LIST_PATH};
-use crate::store::{AnyStore, Measured};
 
 /// What kind of caller this is, by its SPIFFE ID alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +73,7 @@ pub struct Access<'a> {
 impl<'a> Access<'a> {
     /// Decides whether `caller` may use a route that needs `want`, before reading its body.
     pub async fn admit(
-        store: &Measured<AnyStore>,
-        policies: &Policies,
+        nexus: &Arc<Nexus>,
         keys: &Keys,
         caller: &'a SpiffeId,
         trust: &TrustRoots,
@@ -93,8 +91,9 @@ impl<'a> Access<'a> {
             Caller::Lite if want == Permission::Execute => Ok(access),
             Caller::Lite | Caller::Refused => Err(ApiError::Unauthorized),
             Caller::Workload => {
-                let ring = keys.keyring(store).await?;
-                let book = policies.current(store, &*ring).await?;
+                // Through Nexus: a keyring re-wrapped by a rekey is followed, not refused.
+                let ring = nexus.keyring(keys).await?;
+                let book = nexus.policies.current(&nexus.store, &*ring).await?;
                 let granting: Vec<usize> = book
                     .naming(caller)
                     .iter()

@@ -189,18 +189,24 @@ pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
 /// or adopt the key, or wait.
 async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
     // The sharing since the last rekey, and a rekey under way: both say which Keepers to ask.
-    let (deployment, journal) = match tokio::try_join!(
+    // The record is not checked yet (no key): it is used only if it names the key the
+    // verifier names, and only to choose whom to ask.
+    let (verifier, deployment, journal) = match tokio::try_join!(
+        nexus.store.verifier(),
         super::rekey::peek_deployment(&nexus.store),
         super::rekey::journal(&nexus.store)
     ) {
         Ok(found) => found,
         Err(e) => {
-            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key record or the rekey journal");
+            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key verifier, its record or the rekey journal");
             nexus.set_phase(Phase::StoreUnavailable);
             return Outcome::Retry;
         }
     };
-    if let Some(sharing) = deployment.and_then(|d| d.sharing()) {
+    if let Some(sharing) = deployment
+        .filter(|d| verifier.as_ref().is_some_and(|v| v.key_id == d.key_id))
+        .and_then(|d| d.sharing())
+    {
         nexus.set_awaiting(sharing);
     }
     let Round {
@@ -217,14 +223,6 @@ async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
             .collect();
         shards.extend(gather_from(&more, client).await.shards);
     }
-    let verifier = match nexus.store.verifier().await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key verifier");
-            nexus.set_phase(Phase::StoreUnavailable);
-            return Outcome::Retry;
-        }
-    };
     // Read after the verifier: a restore writes its marker, then the verifier, then the
     // records, and removes the marker last; so a verifier seen before an absent marker is a
     // finished restore's (or no restore's), and a missing one is never mistaken for a new
@@ -269,8 +267,10 @@ async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
 }
 
 /// The store has a verifier: find the combination of shards that opens it. During a rekey
-/// the Keepers may hold shards of the new key instead: either key opens the journal, which
-/// gives the other, and the instance loads the one the rekey's step says is current.
+/// the Keepers may hold shards of the new key instead: a committed rekey's new key is loaded
+/// (the keyring re-wrapped first, idempotently; the Keeper round right after finishes the
+/// rest), an uncommitted one's gives the old key (the journal's `from`, sealed under it),
+/// which the store still names.
 async fn recover(
     nexus: &Arc<Nexus>,
     client: &KeeperClient,
@@ -280,37 +280,44 @@ async fn recover(
     journal: Option<&super::rekey::Journal>,
 ) -> Outcome {
     let threshold = usize::from(nexus.sharing().threshold);
-    let mut found = search(by_index(shards), threshold, Some(verifier.clone())).await;
-    if found.key.is_none()
-        && let Some(j) = journal
-        && let Some(next) = j.sharing()
-    {
-        let to = j.to_verifier();
-        found = search(by_index(shards), usize::from(next.threshold), Some(to)).await;
-    }
-    if let Some(key) = found.key {
-        let (key, sharing, what) = match journal.and_then(|j| Some((j, j.keys(&key)?))) {
-            Some((j, (from, to))) if j.step() == super::rekey::Step::Committing => {
-                // The keyring goes under the new key first (idempotent), so that it opens;
-                // the Keeper round right after loading finishes the rest of the rekey.
-                let upgrade = nexus.config.upgrade_secret_records;
-                if let Err(e) = super::keyring::rewrap(&nexus.store, &from, &to, upgrade).await {
-                    tracing::error!(error = %e, "cannot re-wrap the keyring for the rekey under way");
-                    return Outcome::Retry;
-                }
-                (
-                    to,
-                    j.sharing(),
-                    "recovered the root key from Keepers during a rekey that is committing: using the new key",
-                )
+    let found = search(by_index(shards), threshold, Some(verifier.clone())).await;
+    let new_key = match journal.and_then(|j| Some((j, j.sharing()?))) {
+        Some((j, next)) => {
+            let to = j.to_verifier();
+            search(by_index(shards), usize::from(next.threshold), Some(to))
+                .await
+                .key
+                .map(|k| (j, k))
+        }
+        None => None,
+    };
+    let chosen = match (new_key, found.key) {
+        (Some((j, to)), _) if j.committed(&to) => {
+            let Some(from) = j.from_key(&to) else {
+                return Outcome::Retry;
+            };
+            let upgrade = nexus.config.upgrade_secret_records;
+            if let Err(e) = super::keyring::rewrap(&nexus.store, &from, &to, upgrade).await {
+                tracing::error!(error = %e, "cannot re-wrap the keyring for the committed rekey");
+                return Outcome::Retry;
             }
-            Some((_, (from, _))) => (
+            Some((
+                to,
+                j.sharing(),
+                "recovered the root key from Keepers during a committed rekey: using the new key",
+            ))
+        }
+        (_, Some(key)) => Some((key, None, "recovered the root key from Keepers")),
+        (Some((j, to)), None) => j.from_key(&to).filter(|from| from.opens(verifier)).map(|from| {
+            (
                 from,
                 None,
                 "recovered the root key from Keepers during a rekey that has not committed: using the current key",
-            ),
-            None => (key, None, "recovered the root key from Keepers"),
-        };
+            )
+        }),
+        (None, None) => None,
+    };
+    if let Some((key, sharing, what)) = chosen {
         return load(nexus, client, key, sharing, shards, what).await;
     }
     if shards.len() >= threshold {
@@ -334,7 +341,8 @@ async fn recover(
 
 /// No verifier and no shards: a new deployment, once enough Keepers answer (empty).
 async fn create_new(nexus: &Arc<Nexus>, client: &KeeperClient, answered: usize) -> Outcome {
-    let threshold = usize::from(nexus.sharing().threshold);
+    // A new deployment: the configuration's sharing, whatever a record says.
+    let threshold = usize::from(nexus.config.threshold);
     if answered < threshold {
         nexus.set_phase(Phase::AwaitingKeepers {
             have: 0,
@@ -362,7 +370,7 @@ async fn create_new(nexus: &Arc<Nexus>, client: &KeeperClient, answered: usize) 
 /// Shards but no verifier: a deployment whose store never had one (SPIKE's) or one whose store
 /// was replaced. Adopt the Keepers' key only if every shard agrees.
 async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Share)]) -> Outcome {
-    let threshold = usize::from(nexus.sharing().threshold);
+    let threshold = usize::from(nexus.config.threshold);
     let Some(key) = search(by_index(shards), threshold, None).await.key else {
         nexus.set_phase(Phase::AwaitingKeepers {
             have: shards.len(),
@@ -373,7 +381,7 @@ async fn adopt(nexus: &Arc<Nexus>, client: &KeeperClient, shards: &[(String, Sha
     // Every shard must come from one polynomial of this key, under either SPIKE derivation.
     let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
     let all_agree = matches!(
-        crate::crypto::shamir::identify_derivation(&key, nexus.sharing().threshold, &observed),
+        crate::crypto::shamir::identify_derivation(&key, nexus.config.threshold, &observed),
         Ok(Some(_))
     );
     if !all_agree {
@@ -435,9 +443,12 @@ async fn load(
     shards: &[(String, Share)],
     what: &str,
 ) -> Outcome {
+    let Some(keyring) = nexus.open_keyring(&key).await else {
+        return Outcome::Retry;
+    };
     let sharing = match sharing {
         Some(sharing) => sharing,
-        None => match super::rekey::sharing_of(nexus, &key).await {
+        None => match super::rekey::sharing_of(nexus, &key, &keyring).await {
             Ok(sharing) => sharing,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the deployment's sharing");
@@ -447,9 +458,6 @@ async fn load(
     };
     let observed: Vec<Share> = shards.iter().map(|(_, s)| s.clone()).collect();
     let derivation = nexus.derivation_of_sharing(&key, &sharing, &observed);
-    let Some(keyring) = nexus.open_keyring(&key).await else {
-        return Outcome::Retry;
-    };
     let keys = match nexus.install(key, sharing, derivation, keyring) {
         Ok(keys) => keys,
         Err(e) => {

@@ -140,6 +140,8 @@ pub struct Keyring {
     entries: Vec<Entry>,
     keys: BTreeMap<u32, Arc<PurposeKeys>>,
     secrets: Arc<SecretKeys>,
+    /// A rekey made this keyring's root key: data key 0 carries the bytes of an earlier one.
+    rekeyed: bool,
 }
 
 impl Keyring {
@@ -183,6 +185,7 @@ impl Keyring {
             entries,
             keys,
             secrets: Arc::new(SecretKeys::new(sets, current, upgrade_secret_records)),
+            rekeyed: false,
         }
     }
 
@@ -204,6 +207,12 @@ impl Keyring {
             .map(|e| e.id)
             .max()
             .unwrap_or(LEGACY)
+    }
+
+    /// Whether a rekey made the root key this keyring is sealed under (data key 0 carries the
+    /// bytes of an earlier root key).
+    pub fn rekeyed(&self) -> bool {
+        self.rekeyed
     }
 
     /// The purpose keys of the data key `id`, if the keyring has it.
@@ -338,6 +347,7 @@ fn decode(
     upgrade_secret_records: bool,
 ) -> Result<Keyring, Error> {
     let (generation, opened) = open(&root.derive(KEYRING_LABEL), stored)?;
+    let rekeyed = opened.iter().any(|(e, k)| e.id == LEGACY && k.is_some());
     let mut entries = Vec::with_capacity(opened.len());
     let mut keys = BTreeMap::new();
     for (entry, key) in opened {
@@ -349,13 +359,15 @@ fn decode(
         entries.push(entry);
     }
     entries.sort_by_key(|e| e.id);
-    Ok(Keyring::of(
+    let mut ring = Keyring::of(
         generation,
         Some(revision),
         entries,
         keys,
         upgrade_secret_records,
-    ))
+    );
+    ring.rekeyed = rekeyed;
+    Ok(ring)
 }
 
 /// Opens a keyring record read from a store or a backup (`spike backup verify`), without

@@ -342,6 +342,9 @@ pub struct Nexus {
     awaiting: RwLock<rekey::Sharing>,
     /// One [`rekey::follow`] at a time.
     following: tokio::sync::Mutex<()>,
+    /// The rekey journal revision this instance saw last and when it first saw it: a journal's
+    /// age on this instance's own clock.
+    journal_seen: std::sync::Mutex<Option<(crate::store::Revision, std::time::Instant)>>,
 }
 
 /// A keyring failure as an answer: the store's own errors as they are, a refused keyring as a
@@ -388,6 +391,7 @@ impl Nexus {
             audit: Arc::new(audit::Trail::off()),
             awaiting,
             following: tokio::sync::Mutex::new(()),
+            journal_seen: std::sync::Mutex::new(None),
         }
     }
 
@@ -548,17 +552,20 @@ impl Nexus {
         if count > 0 {
             return Err(refused(keyring::RetireError::InUse { id, count }));
         }
-        match keyring::retire(
-            &self.store,
-            &keys.root,
-            id,
-            self.config.upgrade_secret_records,
-        )
-        .await
-        {
-            Ok(_) => self.keyring(keys).await,
-            Err(keyring::RetireError::Keyring(e)) => Err(keyring_error(e)),
-            Err(e) => Err(refused(e)),
+        let upgrade = self.config.upgrade_secret_records;
+        let mut keys = Arc::clone(keys);
+        let mut followed = false;
+        loop {
+            match keyring::retire(&self.store, &keys.root, id, upgrade).await {
+                Ok(_) => return self.keyring(&keys).await,
+                // A rekey landed meanwhile (as in `rotate`): follow it once and retire under it.
+                Err(keyring::RetireError::Keyring(keyring::Error::Refused(_))) if !followed => {
+                    followed = true;
+                    keys = self.current(&keys).await?;
+                }
+                Err(keyring::RetireError::Keyring(e)) => return Err(keyring_error(e)),
+                Err(e) => return Err(refused(e)),
+            }
         }
     }
 
@@ -644,6 +651,8 @@ impl Nexus {
         }
         let keys = self.derive(root, sharing, derivation, keyring)?;
         let old = write(&self.keys).replace(Arc::clone(&keys));
+        // Not exported for this key yet, as far as this instance knows (/health checks).
+        self.metrics.recovery_exported(false);
         tracing::info!(
             key_id = %keys.key_id,
             previous = ?old.map(|k| k.key_id.clone()),
@@ -694,6 +703,18 @@ impl Nexus {
     /// Recover with `sharing` from now on (the store's root-key record was read).
     fn set_awaiting(&self, sharing: rekey::Sharing) {
         *write(&self.awaiting) = sharing;
+    }
+
+    /// How long this instance has seen the rekey journal at `revision` unchanged.
+    pub fn journal_age(&self, revision: &crate::store::Revision) -> std::time::Duration {
+        let mut seen = self.journal_seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.as_ref() {
+            Some((r, since)) if r == revision => since.elapsed(),
+            _ => {
+                *seen = Some((revision.clone(), std::time::Instant::now()));
+                std::time::Duration::ZERO
+            }
+        }
     }
 
     /// The client that talks to Keepers (set when the Keeper task starts).

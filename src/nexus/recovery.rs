@@ -51,6 +51,17 @@ use crate::store::Store;
 /// The recovery shards of the loaded key, shared as the key is; the store records that this
 /// key's shards were exported (`/health` says when they have not been since a rekey).
 pub async fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {
+    if let Some(j) = super::rekey::journal(&nexus.store).await? {
+        // Shards exported now would be voided by the rekey's commit in a moment.
+        return Err(ApiError::Operator {
+            code: crate::protocol::nexus::ErrorCode::ApiConflict,
+            reason: format!(
+                "a rekey from key {} to key {} is under way: export once it has finished",
+                j.from(),
+                j.to()
+            ),
+        });
+    }
     let shards =
         crate::crypto::split_recovery(&keys.root, keys.sharing.threshold, keys.sharing.shares())?;
     super::rekey::record_export(&nexus.store, &keys.root).await?;
@@ -250,13 +261,13 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
     };
     // Recovery files of SPIKE's Pilot are Keeper shards: their derivation is the deployment's
     // (ours come from a second polynomial and match neither; the current one is used).
-    let sharing = super::rekey::sharing_of(nexus, &key).await?;
-    let derivation = nexus.derivation_of_sharing(&key, &sharing, &shards);
     let Some(keyring) = nexus.open_keyring(&key).await else {
         return Err(ApiError::Internal(
             "the root key is rebuilt but the store's keyring cannot be read or is refused".into(),
         ));
     };
+    let sharing = super::rekey::sharing_of(nexus, &key, &keyring).await?;
+    let derivation = nexus.derivation_of_sharing(&key, &sharing, &shards);
     let keys = nexus.install(key, sharing, derivation, keyring)?;
     nexus.pending_restore.clear();
     drop(searched_in_vain);
@@ -283,7 +294,13 @@ fn refused(reason: String) -> ApiError {
 /// root-key record lists the ids (and thresholds) of the keys it replaced. Key ids are
 /// one-way fingerprints, so the shards are only combined and compared, never used.
 async fn predate(nexus: &Nexus, shards: &[Share]) -> Option<String> {
+    // The record is not authenticated here (no key yet): it is used only when it names the
+    // key the verifier names, and a key the verifier names is never called replaced.
+    let current = nexus.store.verifier().await.ok()??.key_id;
     let deployment = super::rekey::peek_deployment(&nexus.store).await.ok()??;
+    if deployment.key_id != current {
+        return None;
+    }
     let mut thresholds: Vec<u8> = deployment.previous.iter().map(|p| p.threshold).collect();
     thresholds.sort_unstable();
     thresholds.dedup();
@@ -292,9 +309,10 @@ async fn predate(nexus: &Nexus, shards: &[Share]) -> Option<String> {
             continue;
         }
         let previous = deployment.previous.clone();
+        let current = current.clone();
         let found = keepers::search_by(shards.to_vec(), usize::from(t), move |k| {
             let id = k.key_id();
-            previous.iter().any(|p| p.key_id == id)
+            id != current && previous.iter().any(|p| p.key_id == id)
         })
         .await;
         if let Some(key) = found.key {

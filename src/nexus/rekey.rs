@@ -5,9 +5,10 @@
 //! # Records (all in [`Namespace::System`])
 //! - [`REKEY_KEY`], the journal of a rekey under way, created with create-if-absent (so of two
 //!   rekeys started at once exactly one proceeds) and removed when it is done. It holds the new
-//!   key sealed under the old one and the old sealed under the new one, the new key's verifier
-//!   and sharing, bound together as associated data: an instance holding either key learns the
-//!   other from it, so whoever is left can finish or undo a rekey whose initiator died.
+//!   key's id, verifier and sharing, the old key sealed under the new one (whoever holds the
+//!   new key can re-wrap the keyring), and once committed a MAC under the new key. It never
+//!   holds the new key in a form the old one opens: whoever kept the old key (old recovery
+//!   shards, a removed Keeper set) and reads the store learns nothing of the new one.
 //! - [`ROOT_KEY_RECORD`], the deployment's sharing since its last rekey: the key id, the
 //!   threshold, the Keeper list and the ids of the keys it replaced, MACed under the key. Absent
 //!   until the first rekey; the configuration (`SPIKE_NEXUS_SHAMIR_*`, `SPIKE_NEXUS_KEEPER_PEERS`)
@@ -16,21 +17,25 @@
 //!   and the metrics say when the current key's have not been.
 //!
 //! # The steps
-//! 1. **prepare**: write the journal (`prepared`). Instances stop refilling Keepers while it
-//!    is there, so nothing overwrites the new shards.
+//! 1. **prepare**: write the journal; check that the verifier still names the old key (a
+//!    rekey that finished meanwhile makes this one withdraw); wait out any Keeper refill that
+//!    began before the journal existed (instances refill only while there is none).
 //! 2. **push**: send the new shards to the new Keepers and read each back. Fewer than the new
 //!    threshold confirmed: undo (remove the journal, give the old shards back) and say which
 //!    Keepers failed. Nothing of the old key has changed yet.
-//! 3. **commit**: the journal goes to `committing` (compare-and-set: one of an initiator and a
-//!    sweeper that resumes a stale journal wins), then [`finish`]: the keyring is re-wrapped
+//! 3. **commit**: the journal gets a MAC under the new key (compare-and-set: an undo by another
+//!    instance and the commit cannot both happen), then [`finish`]: the keyring is re-wrapped
 //!    (the legacy data key 0 keeps opening what the old root key sealed), the root-key record
 //!    written, the verifier replaced, the new key installed, its shards pushed again, the
-//!    journal removed. Every step is idempotent: any instance that holds either key finishes a
-//!    `committing` journal it finds.
+//!    journal removed. Every step is idempotent.
 //!
-//! An instance that still holds the old key notices at its next request (the keyring no longer
-//! opens under it) or at its next Keeper round (the verifier changed) and [`follow`]s: from the
-//! journal while it exists, from the Keepers as a restart would after.
+//! **Whoever is left.** A journal without a commit MAC whose initiator went quiet (the same
+//! revision seen for ten Keeper timeouts on this instance's clock) is undone by any instance
+//! holding the old key. A committed one is finished by any instance: one holding the old key
+//! first learns the new one from the Keepers (at least the threshold confirmed it before the
+//! commit), as a restart would. An instance that still holds the old key after the commit
+//! notices at its next request (the keyring no longer opens under it) or Keeper round (the
+//! verifier changed) and [`follow`]s the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,12 +216,25 @@ pub async fn deployment(
         })
 }
 
-/// The sharing of `root`: its root-key record's when there is one, else the configuration's.
-pub async fn sharing_of(nexus: &Nexus, root: &RootKey) -> Result<Sharing, ApiError> {
+/// The sharing of `root`, whose keyring is `ring`: its root-key record's when there is one,
+/// else the configuration's — but only for a key no rekey made (the keyring says so: a rekey
+/// gives data key 0 the old root key's bytes). A rekeyed deployment without its record is
+/// refused rather than shared as the configuration says, which may still list Keepers a rekey
+/// removed.
+pub async fn sharing_of(
+    nexus: &Nexus,
+    root: &RootKey,
+    ring: &super::keyring::Keyring,
+) -> Result<Sharing, ApiError> {
     match deployment(&nexus.store, root).await? {
         Some(d) => d.sharing().ok_or_else(|| {
             ApiError::Internal("the store's root-key record holds an invalid sharing".into())
         }),
+        None if ring.rekeyed() => Err(ApiError::Internal(
+            "this root key was made by a rekey but the store has no root-key record for it \
+             (removed or replaced): refusing to fall back to the configuration's Keepers"
+                .into(),
+        )),
         None => Ok(Sharing::of_config(&nexus.config)),
     }
 }
@@ -272,25 +290,14 @@ pub async fn exported(store: &impl Store, root: &RootKey) -> Result<bool, crate:
     )
 }
 
-/// Where a journal is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// The new shards are being pushed; nothing of the old key changed. Undone if they are not
-    /// confirmed.
-    Prepared,
-    /// The new shards are confirmed: the rekey only goes forward from here.
-    Committing,
-}
-
-/// What is bound into both sealed keys: changing any of it makes the journal refused.
+/// A rekey's journal, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Bound {
     from: String,
     to: String,
     threshold: u8,
     keepers: Vec<String>,
-    /// Unix seconds; a `prepared` journal this old is resumed by another instance.
+    /// Unix seconds, for people reading the record (staleness is measured locally).
     started: u64,
     /// The new key's verifier.
     to_key_id: String,
@@ -302,11 +309,13 @@ struct Bound {
 struct JournalWire {
     #[serde(flatten)]
     bound: Bound,
-    step: Step,
-    #[serde(with = "b64")]
-    to_under_from: Vec<u8>,
+    /// The old key, sealed under the new one (associated data: everything in `bound`).
     #[serde(with = "b64")]
     from_under_to: Vec<u8>,
+    /// Set at the commit: HMAC-SHA256 under the new key over `bound`. Only a holder of the new
+    /// key can make or check it, so the store cannot commit (or un-commit) a rekey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    commit: Option<String>,
 }
 
 /// A journal read from the store.
@@ -317,11 +326,6 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Where it is.
-    pub fn step(&self) -> Step {
-        self.wire.step
-    }
-
     /// The old key's id.
     pub fn from(&self) -> &str {
         &self.wire.bound.from
@@ -345,47 +349,55 @@ impl Journal {
         Sharing::parse(self.wire.bound.threshold, &self.wire.bound.keepers).ok()
     }
 
-    /// Seconds since it was started.
-    fn age(&self) -> u64 {
-        now_secs().saturating_sub(self.wire.bound.started)
+    /// Whether the journal carries a commit MAC at all (only [`Journal::committed`] says
+    /// whether it is genuine).
+    pub fn claims_commit(&self) -> bool {
+        self.wire.commit.is_some()
     }
 
-    fn aad(&self, direction: &str) -> Vec<u8> {
-        aad(&self.wire.bound, direction)
-    }
-
-    /// Both keys (old, new), given either of them; `None` if `held` is neither.
-    pub fn keys(&self, held: &RootKey) -> Option<(RootKey, RootKey)> {
-        let id = held.key_id();
-        let bound = &self.wire.bound;
-        let other = |sealed: &[u8], direction: &str| -> Option<RootKey> {
-            let plain = held
-                .derive(REKEY_LABEL)
-                .open(&self.aad(direction), sealed)
-                .ok()?;
-            if plain.len() != KEY_LEN {
-                return None;
-            }
-            let mut bytes = zeroize::Zeroizing::new([0u8; KEY_LEN]);
-            bytes.copy_from_slice(&plain);
-            RootKey::from_bytes(*bytes).ok()
+    /// Whether `to` (the new key) made the commit MAC.
+    pub fn committed(&self, to: &RootKey) -> bool {
+        let Some(tag) = self
+            .wire
+            .commit
+            .as_deref()
+            .and_then(crate::protocol::audit::unhex)
+        else {
+            return false;
         };
-        let (from, to) = if id == bound.from {
-            let to = other(&self.wire.to_under_from, "to")?;
-            (held.clone(), to)
-        } else if id == bound.to {
-            let from = other(&self.wire.from_under_to, "from")?;
-            (from, held.clone())
-        } else {
+        to.key_id() == self.wire.bound.to
+            && to
+                .derive_mac(REKEY_LABEL)
+                .verify(&aad(&self.wire.bound, "commit"), &tag)
+                .is_ok()
+    }
+
+    /// The new key, if `key` is it (it opens the journal's verifier).
+    pub fn is_to(&self, key: &RootKey) -> bool {
+        key.key_id() == self.wire.bound.to && key.opens(&self.to_verifier())
+    }
+
+    /// The old key, opened with the new one.
+    pub fn from_key(&self, to: &RootKey) -> Option<RootKey> {
+        if !self.is_to(to) {
             return None;
-        };
-        (from.key_id() == bound.from && to.key_id() == bound.to && to.opens(&self.to_verifier()))
-            .then_some((from, to))
+        }
+        let plain = to
+            .derive(REKEY_LABEL)
+            .open(&aad(&self.wire.bound, "from"), &self.wire.from_under_to)
+            .ok()?;
+        if plain.len() != KEY_LEN {
+            return None;
+        }
+        let mut bytes = zeroize::Zeroizing::new([0u8; KEY_LEN]);
+        bytes.copy_from_slice(&plain);
+        let from = RootKey::from_bytes(*bytes).ok()?;
+        (from.key_id() == self.wire.bound.from).then_some(from)
     }
 }
 
-fn aad(bound: &Bound, direction: &str) -> Vec<u8> {
-    let mut aad = format!("{REKEY_LABEL}\0{direction}\0").into_bytes();
+fn aad(bound: &Bound, what: &str) -> Vec<u8> {
+    let mut aad = format!("{REKEY_LABEL}\0{what}\0").into_bytes();
     aad.extend_from_slice(&serde_json::to_vec(bound).unwrap_or_default());
     aad
 }
@@ -413,11 +425,17 @@ pub async fn journal(store: &impl Store) -> Result<Option<Journal>, crate::store
     }))
 }
 
-/// A `prepared` journal older than this is taken for abandoned (its initiator died) and
-/// resumed by another instance: well beyond the longest a push and read-back of every Keeper
-/// can take (three bounded steps each, `SPIKE_NEXUS_KEEPER_TIMEOUT`).
+/// A journal without a commit that this instance has seen unchanged for this long is taken
+/// for abandoned (its initiator died) and undone: well beyond the longest a rekey's waits,
+/// pushes and read-backs can take (each a few bounded `SPIKE_NEXUS_KEEPER_TIMEOUT` steps).
 pub fn stale_after(nexus: &Nexus) -> Duration {
     (nexus.config.keeper_timeout * 10).max(Duration::from_secs(5))
+}
+
+/// The longest a Keeper refill that passed its check can still be sending: connect, handshake
+/// and request, each bounded by `SPIKE_NEXUS_KEEPER_TIMEOUT`, and a margin.
+fn refill_bound(nexus: &Nexus) -> Duration {
+    nexus.config.keeper_timeout * 3 + Duration::from_millis(500)
 }
 
 /// What a rekey did.
@@ -428,6 +446,10 @@ pub struct Done {
     pub unconfirmed: Vec<String>,
 }
 
+fn operator(code: crate::protocol::nexus::ErrorCode, reason: String) -> ApiError {
+    ApiError::Operator { code, reason }
+}
+
 /// Runs a rekey through this instance, which holds `keys`: to `sharing` (the current one
 /// when the caller gave none).
 pub async fn rekey(
@@ -435,26 +457,28 @@ pub async fn rekey(
     keys: &Arc<Keys>,
     sharing: Sharing,
 ) -> Result<Done, ApiError> {
+    use crate::protocol::nexus::ErrorCode;
     let store = &nexus.store;
-    let refused = |reason: String| ApiError::Operator {
-        code: crate::protocol::nexus::ErrorCode::ApiConflict,
-        reason,
-    };
     if let Some(j) = journal(store).await? {
-        return Err(refused(format!(
-            "a rekey from key {} to key {} is already under way ({}); nothing was done: run \
-             this again once it has finished",
-            j.from(),
-            j.to(),
-            match j.step() {
-                Step::Prepared => "pushing its shards",
-                Step::Committing => "committing",
-            }
-        )));
+        return Err(operator(
+            ErrorCode::ApiConflict,
+            format!(
+                "a rekey from key {} to key {} is already under way ({}); nothing was done: \
+                 run this again once it has finished",
+                j.from(),
+                j.to(),
+                if j.claims_commit() {
+                    "committing"
+                } else {
+                    "pushing its shards"
+                }
+            ),
+        ));
     }
-    let verifier = store.verifier().await?;
-    if verifier.as_ref().map(|v| v.key_id.as_str()) != Some(keys.key_id.as_str()) {
-        return Err(refused(
+    let names_ours = |v: Option<Verifier>| v.is_some_and(|v| v.key_id == keys.key_id);
+    if !names_ours(store.verifier().await?) {
+        return Err(operator(
+            ErrorCode::ApiConflict,
             "the root key changed since this instance loaded it (another rekey finished): \
              nothing was done; run this again"
                 .into(),
@@ -473,15 +497,11 @@ pub async fn rekey(
         to_verifier: to_verifier.sealed.clone(),
     };
     let wire = JournalWire {
-        to_under_from: keys
-            .root
-            .derive(REKEY_LABEL)
-            .seal(&aad(&bound, "to"), to.as_bytes())?,
         from_under_to: to
             .derive(REKEY_LABEL)
             .seal(&aad(&bound, "from"), keys.root.as_bytes())?,
         bound,
-        step: Step::Prepared,
+        commit: None,
     };
     let value = serde_json::to_vec(&wire).map_err(|e| ApiError::Internal(e.to_string()))?;
     let revision = match store
@@ -490,44 +510,57 @@ pub async fn rekey(
     {
         Written::Done(r) => r,
         Written::Conflict => {
-            return Err(refused(
+            return Err(operator(
+                ErrorCode::ApiConflict,
                 "another rekey started at the same moment through another instance; nothing \
                  was done here: run this again once it has finished"
                     .into(),
             ));
         }
     };
-    tracing::info!(from = %wire.bound.from, to = %wire.bound.to, threshold = sharing.threshold, keepers = sharing.peers.len(), "rekey: journal written; pushing the new key's shards");
     let j = Journal { wire, revision };
+    // A rekey that finished between the checks above and the journal: withdraw.
+    if !names_ours(store.verifier().await?) {
+        let _ = store
+            .delete(Namespace::System, REKEY_KEY, &j.revision)
+            .await;
+        return Err(operator(
+            ErrorCode::ApiConflict,
+            "another rekey finished while this one started: nothing was done; run this again"
+                .into(),
+        ));
+    }
+    let wait = refill_bound(nexus);
+    tracing::info!(from = %j.from(), to = %j.to(), threshold = sharing.threshold, keepers = sharing.peers.len(), "rekey: journal written; waiting {wait:?} for Keeper refills already under way, then pushing the new key's shards");
+    tokio::time::sleep(wait).await;
     let pending = stale_after(nexus).as_secs();
-    advance(nexus, &client, j, keys.root.clone(), to, true)
+    advance(nexus, &client, j, &keys.root, to)
         .await
         .map_err(|e| match e {
             // The journal is written: say that the rekey is not lost, so the operator checks
             // before starting another (which would also void shards exported meanwhile).
-            ApiError::Store(e) => ApiError::Operator {
-                code: crate::protocol::nexus::ErrorCode::StoreUnavailable,
-                reason: format!(
+            ApiError::Store(e) => operator(
+                ErrorCode::StoreUnavailable,
+                format!(
                     "the store failed during the rekey ({e}); it is recorded, and an instance \
                      finishes or undoes it once the store is back (within about {pending} s): \
                      check the key_id on /health before running it again"
                 ),
-            },
+            ),
             e => e,
         })
 }
 
-/// Takes a `prepared` journal forward: push and confirm the new shards, then commit; or, with
-/// fewer than the new threshold confirmed, undo it. `initiator`: this call wrote the journal
-/// (its errors go to the operator who asked).
+/// The initiator's steps after the journal: push and confirm the new shards, then commit; or,
+/// with fewer than the new threshold confirmed, undo.
 async fn advance(
     nexus: &Arc<Nexus>,
     client: &KeeperClient,
     j: Journal,
-    from: RootKey,
+    from: &RootKey,
     to: RootKey,
-    initiator: bool,
 ) -> Result<Done, ApiError> {
+    use crate::protocol::nexus::ErrorCode;
     let sharing = j
         .sharing()
         .ok_or_else(|| ApiError::Internal("the rekey journal holds an invalid sharing".into()))?;
@@ -539,37 +572,22 @@ async fn advance(
     )?;
     let (confirmed, failed) = push_and_confirm(client, &sharing.peers, &shards).await;
     if confirmed < usize::from(sharing.threshold) {
-        // Undo: the journal goes (compare-and-set: unless someone else moved it first), and
-        // the Keepers get the old key's shards back.
-        let undone = nexus
-            .store
-            .delete(Namespace::System, REKEY_KEY, &j.revision)
-            .await?;
-        if undone {
-            nexus.refill(client).await;
-        }
+        undo(nexus, client, &j, from, false).await?;
         let reason = format!(
             "only {confirmed} of the {} Keepers confirmed their new shard, and {} are needed \
              (no answer or a wrong shard from: {}); nothing changed: key {} is still the root \
-             key{}",
+             key",
             sharing.peers.len(),
             sharing.threshold,
             failed.join(", "),
             j.from(),
-            if initiator {
-                ""
-            } else {
-                " (an abandoned rekey was undone)"
-            }
         );
         tracing::error!("rekey undone: {reason}");
-        return Err(ApiError::Operator {
-            code: crate::protocol::nexus::ErrorCode::ApiInternalError,
-            reason,
-        });
+        return Err(operator(ErrorCode::ApiInternalError, reason));
     }
     let mut wire = j.wire.clone();
-    wire.step = Step::Committing;
+    let tag = to.derive_mac(REKEY_LABEL).sign(&aad(&wire.bound, "commit"));
+    wire.commit = Some(crate::protocol::audit::hex(&tag));
     let value = serde_json::to_vec(&wire).map_err(|e| ApiError::Internal(e.to_string()))?;
     match nexus
         .store
@@ -583,19 +601,48 @@ async fn advance(
     {
         Written::Done(revision) => {
             let j = Journal { wire, revision };
-            let keys = finish(nexus, client, &j, &from, &to).await?;
+            let keys = finish(nexus, client, &j, from, &to).await?;
             Ok(Done {
                 keys,
                 unconfirmed: failed,
             })
         }
-        Written::Conflict => Err(ApiError::Operator {
-            code: crate::protocol::nexus::ErrorCode::ApiConflict,
-            reason: "another instance took this rekey over (it had been idle too long); see \
-                     its logs and /health for the outcome"
+        Written::Conflict => Err(operator(
+            ErrorCode::ApiConflict,
+            "another instance undid this rekey (it had been idle too long); nothing changed: \
+             see /health for the root key"
                 .into(),
-        }),
+        )),
     }
+}
+
+/// Removes an uncommitted journal (compare-and-set on the revision read) and gives the Keepers
+/// the old key's shards back, if the store still names it. `wait`: let pushes of the new key
+/// that may still be in flight (a quiet initiator's) end first.
+async fn undo(
+    nexus: &Arc<Nexus>,
+    client: &KeeperClient,
+    j: &Journal,
+    from: &RootKey,
+    wait: bool,
+) -> Result<(), ApiError> {
+    if !nexus
+        .store
+        .delete(Namespace::System, REKEY_KEY, &j.revision)
+        .await?
+    {
+        return Ok(());
+    }
+    if wait {
+        tokio::time::sleep(refill_bound(nexus)).await;
+    }
+    let still = nexus.store.verifier().await?;
+    if still.is_some_and(|v| v.key_id == from.key_id())
+        && nexus.keys().is_some_and(|k| k.key_id == from.key_id())
+    {
+        nexus.refill(client).await;
+    }
+    Ok(())
 }
 
 /// Sends `shards[i]` to `peers[i]` and reads each back: how many Keepers hold their new
@@ -634,8 +681,8 @@ async fn push_and_confirm(
     (confirmed, failed)
 }
 
-/// Carries a `committing` journal to its end; idempotent, so any instance holding either key
-/// may run it, and several at once converge: the keyring re-wrapped under the new key, the
+/// Carries a committed journal to its end; idempotent, so any instance holding both keys may
+/// run it, and several at once converge: the keyring re-wrapped under the new key, the
 /// root-key record written, the verifier replaced, the new key installed here and its shards
 /// pushed, the journal removed.
 pub async fn finish(
@@ -645,6 +692,11 @@ pub async fn finish(
     from: &RootKey,
     to: &RootKey,
 ) -> Result<Arc<Keys>, ApiError> {
+    if !j.committed(to) || from.key_id() != j.from() {
+        return Err(ApiError::Internal(
+            "the rekey journal's commit does not verify under its new key: refused".into(),
+        ));
+    }
     let store = &nexus.store;
     let sharing = j
         .sharing()
@@ -654,17 +706,22 @@ pub async fn finish(
         .await
         .map_err(super::keyring_error)?;
     // The root-key record, then the verifier: an instance that recovers in between finds the
-    // journal and finishes it too.
-    let previous = match peek_deployment(store).await? {
-        Some(d) if d.key_id == j.to() => None,
-        Some(d) if d.key_id == j.from() => Some((d.previous, d.threshold)),
-        _ => Some((Vec::new(), nexus.config.threshold)),
-    };
-    if let Some((mut previous, threshold)) = previous {
+    // journal and finishes it too. What the record keeps of the keys before is taken from a
+    // record this key pair can vouch for only.
+    let current = peek_deployment(store).await?;
+    if current.as_ref().map(|d| d.key_id.as_str()) != Some(j.to()) {
+        let mut previous = match deployment(store, from).await? {
+            Some(d) => d.previous,
+            None => Vec::new(),
+        };
+        let old_threshold = match deployment(store, from).await? {
+            Some(d) => d.threshold,
+            None => nexus.config.threshold,
+        };
         previous.push(Replaced {
             key_id: j.from().to_string(),
             replaced: rfc3339(now_nanos()),
-            threshold,
+            threshold: old_threshold,
         });
         let record = seal_record(
             to,
@@ -686,7 +743,6 @@ pub async fn finish(
     }
     let derivation = crate::crypto::shamir::ShardDerivation::default();
     let keys = nexus.replace(to.clone(), sharing.clone(), derivation, ring)?;
-    nexus.metrics.recovery_exported(false);
     let shards: Vec<Share> = keys.shards.iter().collect();
     let (confirmed, failed) = push_and_confirm(client, &sharing.peers, &shards).await;
     let _ = store
@@ -724,9 +780,80 @@ async fn put_over(store: &impl Store, key: &str, value: Vec<u8>) -> Result<(), A
     Err(ApiError::Contended)
 }
 
-/// The Keeper round's look at rekeys, on an instance with a key: finishes a `committing`
-/// journal, resumes a stale `prepared` one, and follows a rekey finished elsewhere. Returns
-/// whether this instance may refill Keepers now (no journal, and its key is the verifier's).
+/// The new key of `j`, learned from the Keepers of its sharing: at least its threshold held
+/// their shard before the journal could be committed.
+async fn learn_to(client: &KeeperClient, j: &Journal) -> Option<RootKey> {
+    let sharing = j.sharing()?;
+    let round = super::keepers::gather_from(&sharing.peers, client).await;
+    let shards: Vec<Share> = round.shards.into_iter().map(|(_, s)| s).collect();
+    let to = j.to_verifier();
+    let found = super::keepers::search(shards, usize::from(sharing.threshold), Some(to)).await;
+    if found.key.is_none() {
+        tracing::warn!(to = %j.to(), "the Keepers do not hold enough of the rekey's new key yet");
+    }
+    found.key.filter(|k| j.is_to(k))
+}
+
+/// Takes a journal found in the store one step on, from an instance holding `held`:
+/// - committed (a commit MAC, or the verifier already naming the new key): finish it, learning
+///   the new key from the Keepers if this instance holds the old one;
+/// - not committed, and unchanged for [`stale_after`] on this instance: undo it, if this
+///   instance holds the old key;
+/// - naming neither the store's key nor the one it would become: it is left from a rekey that
+///   can never finish (put back, or forged): removed.
+///
+/// Returns the new key when this instance now holds it.
+async fn resolve(
+    nexus: &Arc<Nexus>,
+    client: &KeeperClient,
+    j: &Journal,
+    held: &Keys,
+) -> Result<Option<Arc<Keys>>, ApiError> {
+    let store = &nexus.store;
+    let verifier = store.verifier().await?.map(|v| v.key_id);
+    let names = |id: &str| verifier.as_deref() == Some(id);
+    if !names(j.from()) && !names(j.to()) {
+        tracing::warn!(from = %j.from(), to = %j.to(), "removing a rekey journal that names neither the store's root key nor a successor: it can never finish");
+        let _ = store
+            .delete(Namespace::System, REKEY_KEY, &j.revision)
+            .await?;
+        return Ok(None);
+    }
+    let (from, to) = if held.key_id == j.to() {
+        let from = j.from_key(&held.root).ok_or_else(|| {
+            ApiError::Internal("the rekey journal's old key does not open".into())
+        })?;
+        (from, Some(held.root.clone()))
+    } else if held.key_id == j.from() {
+        (held.root.clone(), None)
+    } else {
+        return Ok(None);
+    };
+    let committed_looking = j.claims_commit() || names(j.to());
+    if committed_looking {
+        let to = match to {
+            Some(to) => to,
+            None => learn_to(client, j).await.ok_or(ApiError::NotReady)?,
+        };
+        if j.committed(&to) {
+            return finish(nexus, client, j, &from, &to).await.map(Some);
+        }
+        if names(j.to()) {
+            // Only a commit swaps the verifier, and then the MAC was there: it was removed.
+            tracing::error!(to = %j.to(), "the store names the rekey's new key but the journal's commit MAC is missing: the journal was edited; left as it is");
+        }
+        return Ok(None);
+    }
+    if held.key_id == j.from() && nexus.journal_age(&j.revision) >= stale_after(nexus) {
+        tracing::warn!(from = %j.from(), to = %j.to(), "undoing a rekey whose initiator went quiet: nothing of it was committed");
+        undo(nexus, client, j, &from, true).await?;
+    }
+    Ok(None)
+}
+
+/// The Keeper round's look at rekeys, on an instance with a key: takes a journal on
+/// ([`resolve`]) and follows a rekey finished elsewhere. Returns whether this instance may
+/// refill Keepers now (no journal, and its key is the verifier's).
 pub async fn tend(nexus: &Arc<Nexus>, client: &KeeperClient) -> bool {
     let Some(keys) = nexus.keys() else {
         return false;
@@ -740,23 +867,8 @@ pub async fn tend(nexus: &Arc<Nexus>, client: &KeeperClient) -> bool {
         }
     };
     if let Some(j) = j {
-        let Some((from, to)) = j.keys(&keys.root) else {
-            // A journal of keys this instance does not hold: a later rekey while this one
-            // has not followed the last yet, or a forged record. Follow the verifier.
-            tracing::warn!(from = %j.from(), to = %j.to(), held = %keys.key_id, "a rekey journal names keys this instance does not hold; Keepers are not refilled while it is there");
-            let _ = follow(nexus, &keys).await;
-            return false;
-        };
-        let outcome = match j.step() {
-            Step::Committing => finish(nexus, client, &j, &from, &to).await.map(|_| ()),
-            Step::Prepared if Duration::from_secs(j.age()) >= stale_after(nexus) => {
-                tracing::warn!(from = %j.from(), to = %j.to(), "resuming a rekey whose initiator went quiet");
-                advance(nexus, client, j, from, to, false).await.map(|_| ())
-            }
-            Step::Prepared => Ok(()),
-        };
-        if let Err(e) = outcome {
-            tracing::error!(error = %e, "rekey: not finished this round; retrying at the next");
+        if let Err(e) = resolve(nexus, client, &j, &keys).await {
+            tracing::warn!(error = %e, "rekey: not taken further this round; retrying at the next");
         }
         return false;
     }
@@ -774,9 +886,9 @@ pub async fn tend(nexus: &Arc<Nexus>, client: &KeeperClient) -> bool {
 }
 
 /// This instance holds `stale`, which no longer opens the store's keyring or verifier: learn
-/// the key that does, from the journal while a rekey is under way, else from the Keepers (as
-/// a restart would), and install it. One at a time; a caller that finds the key already
-/// replaced takes the new one.
+/// the key that does — by finishing a committed rekey, or from the Keepers as a restart would —
+/// and install it. One at a time; a caller that finds the key already replaced takes the new
+/// one.
 pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiError> {
     let _one = nexus.following.lock().await;
     if let Some(now) = nexus.keys()
@@ -786,10 +898,9 @@ pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiEr
     }
     let client = nexus.keeper_client()?;
     if let Some(j) = journal(&nexus.store).await?
-        && let Some((from, to)) = j.keys(&stale.root)
-        && j.step() == Step::Committing
+        && let Some(now) = resolve(nexus, &client, &j, stale).await?
     {
-        return finish(nexus, &client, &j, &from, &to).await;
+        return Ok(now);
     }
     let Some(verifier) = nexus.store.verifier().await? else {
         return Err(ApiError::Internal(
@@ -814,17 +925,15 @@ pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiEr
     let found =
         super::keepers::search(shards, usize::from(sharing.threshold), Some(verifier)).await;
     let Some(key) = found.key else {
-        return Err(ApiError::Operator {
-            code: crate::protocol::nexus::ErrorCode::StateNotReady,
-            reason: "the root key was replaced by a rekey and the Keepers do not hold enough of \
-                     the new one yet; retry shortly"
-                .into(),
-        });
+        tracing::warn!(
+            "the root key was replaced by a rekey and the Keepers do not hold enough of the new one yet"
+        );
+        return Err(ApiError::NotReady);
     };
-    let sharing = sharing_of(nexus, &key).await?;
     let ring = super::keyring::ensure(&nexus.store, &key, nexus.config.upgrade_secret_records)
         .await
         .map_err(super::keyring_error)?;
+    let sharing = sharing_of(nexus, &key, &ring).await?;
     let derivation = nexus.derivation_of_sharing(&key, &sharing, &[]);
     nexus.replace(key, sharing, derivation, ring)
 }

@@ -216,8 +216,7 @@ impl Api {
                 None
             }
             Need::Permission(want) => {
-                let policies = &self.nexus.policies;
-                Some(Access::admit(self.store(), policies, keys, caller, trust, want).await?)
+                Some(Access::admit(&self.nexus, keys, caller, trust, want).await?)
             }
         };
         // Routes whose resource is fixed are decided for it before the body is read.
