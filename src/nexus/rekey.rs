@@ -30,7 +30,7 @@
 //!    journal removed. Every step is idempotent.
 //!
 //! **Whoever is left.** A journal without a commit MAC whose initiator went quiet (the same
-//! revision seen for ten Keeper timeouts on this instance's clock) is undone by any instance
+//! revision seen for twenty Keeper timeouts on this instance's clock) is undone by any instance
 //! holding the old key. A committed one is finished by any instance: one holding the old key
 //! first learns the new one from the Keepers (at least the threshold confirmed it before the
 //! commit), as a restart would. An instance that still holds the old key after the commit
@@ -426,10 +426,11 @@ pub async fn journal(store: &impl Store) -> Result<Option<Journal>, crate::store
 }
 
 /// A journal without a commit that this instance has seen unchanged for this long is taken
-/// for abandoned (its initiator died) and undone: well beyond the longest a rekey's waits,
-/// pushes and read-backs can take (each a few bounded `SPIKE_NEXUS_KEEPER_TIMEOUT` steps).
+/// for abandoned (its initiator died) and undone: twice the longest an initiator can take
+/// before its commit (the wait for refills in flight, three Keeper timeouts; then a push and
+/// a read-back, three each).
 pub fn stale_after(nexus: &Nexus) -> Duration {
-    (nexus.config.keeper_timeout * 10).max(Duration::from_secs(5))
+    (nexus.config.keeper_timeout * 20).max(Duration::from_secs(10))
 }
 
 /// The longest a Keeper refill that passed its check can still be sending: connect, handshake
@@ -710,13 +711,9 @@ pub async fn finish(
     // record this key pair can vouch for only.
     let current = peek_deployment(store).await?;
     if current.as_ref().map(|d| d.key_id.as_str()) != Some(j.to()) {
-        let mut previous = match deployment(store, from).await? {
-            Some(d) => d.previous,
-            None => Vec::new(),
-        };
-        let old_threshold = match deployment(store, from).await? {
-            Some(d) => d.threshold,
-            None => nexus.config.threshold,
+        let (mut previous, old_threshold) = match deployment(store, from).await? {
+            Some(d) => (d.previous, d.threshold),
+            None => (Vec::new(), nexus.config.threshold),
         };
         previous.push(Replaced {
             key_id: j.from().to_string(),
