@@ -182,21 +182,30 @@ async fn writes_land(su: &spike::transport::HttpsClient, url: &Uri, at_least: us
 
 /// Every acknowledged write reads back, with its value, through every instance.
 async fn all_readable(c: &Cluster, urls: &[Uri], acked: &BTreeMap<String, String>) {
-    let su = c.superuser();
+    let acked: Vec<(&str, &str)> = acked
+        .iter()
+        .map(|(p, v)| (p.as_str(), v.as_str()))
+        .collect();
+    reads_back(&c.superuser(), urls, &acked).await;
+}
+
+/// Writes `{"v": value}` at `path` through `url`; it must be acknowledged.
+async fn put_v(su: &spike::transport::HttpsClient, url: &Uri, path: &str, value: &str) {
+    call_ok(
+        su,
+        url,
+        SECRETS_PATH,
+        json!({"path": path, "values": {"v": value}}),
+    )
+    .await;
+}
+
+/// Every `(path, value)` reads back `{"v": value}` through every one of `urls`.
+async fn reads_back(su: &spike::transport::HttpsClient, urls: &[Uri], expected: &[(&str, &str)]) {
     for url in urls {
-        for (path, value) in acked {
-            let (s, b) = call(
-                &su,
-                url,
-                &action(SECRETS_PATH, "get"),
-                json!({"path": path}),
-            )
-            .await;
-            assert_eq!(
-                (s, &b["data"]["v"]),
-                (StatusCode::OK, &json!(value)),
-                "{path} via {url}"
-            );
+        for (path, value) in expected {
+            let b = call_ok(su, url, &action(SECRETS_PATH, "get"), json!({"path": path})).await;
+            assert_eq!(b["data"]["v"], *value, "{path} via {url}");
         }
     }
 }
@@ -354,24 +363,12 @@ async fn two_rekeys_at_once_make_one_key(mut c: Cluster, env: BackendEnv) {
 async fn old_recovery_shards_are_refused_new_ones_restore(mut c: Cluster, env: BackendEnv) {
     let urls = c.start_ready_together(1, &pairs(&env)).await;
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "before", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "before", "1").await;
     let old_dir = c.dir.path().join("recovery-old");
     c.export_recovery_shards(&urls[0].to_string(), &old_dir);
     let answer = call_ok(&su, &urls[0], REKEY, json!({})).await;
     let new = answer["keyId"].as_str().unwrap().to_string();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "after", "values": {"v": "2"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "after", "2").await;
     let new_dir = c.dir.path().join("recovery-new");
     c.export_recovery_shards(&urls[0].to_string(), &new_dir);
 
@@ -411,16 +408,12 @@ async fn old_recovery_shards_are_refused_new_ones_restore(mut c: Cluster, env: B
     }
     let body = wait_status(&c.anonymous(), &url, "ready").await;
     assert_eq!(body["key_id"], new.as_str());
-    for (path, v) in [("before", "1"), ("after", "2")] {
-        let b = call_ok(
-            &su,
-            &url,
-            &action(SECRETS_PATH, "get"),
-            json!({"path": path}),
-        )
-        .await;
-        assert_eq!(b["data"]["v"], v);
-    }
+    reads_back(
+        &su,
+        std::slice::from_ref(&url),
+        &[("before", "1"), ("after", "2")],
+    )
+    .await;
 }
 
 /// Starts a rekey through `url` to every Keeper of `c` and `silent` (a listener that never
@@ -468,13 +461,7 @@ async fn a_nexus_killed_during_a_rekey(mut c: Cluster, env: BackendEnv) {
     let urls = c.start_ready_together(2, &pairs(&env)).await;
     let old = agreed_key_id(&c, &urls).await;
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[1],
-        SECRETS_PATH,
-        json!({"path": "kept", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[1], "kept", "1").await;
     // A "Keeper" that accepts connections and never answers the handshake.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     c.add_keeper();
@@ -484,13 +471,7 @@ async fn a_nexus_killed_during_a_rekey(mut c: Cluster, env: BackendEnv) {
     let answered = rekey.await.unwrap();
     println!("the killed initiator's client saw: {answered:?}");
     // The other instance serves throughout.
-    call_ok(
-        &su,
-        &urls[1],
-        SECRETS_PATH,
-        json!({"path": "during", "values": {"v": "2"}}),
-    )
-    .await;
+    put_v(&su, &urls[1], "during", "2").await;
     c.nexus[0].restart();
     let restarted = c.nexus[0].url();
     let body = wait_status(&c.anonymous(), &restarted, "ready").await;
@@ -529,18 +510,7 @@ async fn a_nexus_killed_during_a_rekey(mut c: Cluster, env: BackendEnv) {
     let answer = call_ok(&su, &urls[0], REKEY, json!({})).await;
     let new = answer["keyId"].as_str().unwrap().to_string();
     every_instance_uses(&c, &urls, &new).await;
-    for url in &urls {
-        for (path, v) in [("kept", "1"), ("during", "2")] {
-            let b = call_ok(
-                &su,
-                url,
-                &action(SECRETS_PATH, "get"),
-                json!({"path": path}),
-            )
-            .await;
-            assert_eq!(b["data"]["v"], v);
-        }
-    }
+    reads_back(&su, &urls, &[("kept", "1"), ("during", "2")]).await;
     drop(silent);
 }
 
@@ -552,13 +522,7 @@ async fn bad_rekeys_change_nothing(mut c: Cluster, env: BackendEnv) {
     let urls = c.start_ready_together(2, &pairs(&env)).await;
     let old = agreed_key_id(&c, &urls).await;
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "x", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "x", "1").await;
     let peers: Vec<String> = c.peers().split(',').map(String::from).collect();
     for (body, says) in [
         (
@@ -614,14 +578,7 @@ async fn bad_rekeys_change_nothing(mut c: Cluster, env: BackendEnv) {
     for pair in [[0, 1], [1, 2], [0, 2]] {
         assert_eq!(keepers_key_id(&c, &pair).await, old, "Keepers {pair:?}");
     }
-    let b = call_ok(
-        &su,
-        &urls[0],
-        &action(SECRETS_PATH, "get"),
-        json!({"path": "x"}),
-    )
-    .await;
-    assert_eq!(b["data"]["v"], "1");
+    reads_back(&su, &urls[..1], &[("x", "1")]).await;
 
     // The command line checks the sharing before sending anything, with the same rule.
     let svid = c.pki.issue("superuser-cli", "/spike/pilot/role/superuser");
@@ -672,24 +629,12 @@ async fn an_audit_trail_across_a_rekey(mut c: Cluster, env: BackendEnv) {
     let su = c.superuser();
     let before = c.dir.path().join("recovery-before");
     c.export_recovery_shards(&url.to_string(), &before);
-    call_ok(
-        &su,
-        url,
-        SECRETS_PATH,
-        json!({"path": "a", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, url, "a", "1").await;
     call_ok(&su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
     let answer = call_ok(&su, url, REKEY, json!({})).await;
     let new = answer["keyId"].as_str().unwrap().to_string();
     assert_ne!(new, old);
-    call_ok(
-        &su,
-        url,
-        SECRETS_PATH,
-        json!({"path": "b", "values": {"v": "2"}}),
-    )
-    .await;
+    put_v(&su, url, "b", "2").await;
     call_ok(&su, url, &action(SECRETS_PATH, "get"), json!({"path": "a"})).await;
     let after = c.dir.path().join("recovery-after");
     c.export_recovery_shards(&url.to_string(), &after);
@@ -812,13 +757,7 @@ async fn the_new_configuration_and_every_keeper_lost(mut c: Cluster, env: Backen
     let urls = c.start_ready_together(1, &pairs(&env)).await;
     let old = agreed_key_id(&c, &urls).await;
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "before", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "before", "1").await;
     c.add_keeper();
     c.add_keeper();
     let answer = call_ok(
@@ -830,13 +769,7 @@ async fn the_new_configuration_and_every_keeper_lost(mut c: Cluster, env: Backen
     .await;
     let new = answer["keyId"].as_str().unwrap().to_string();
     assert_ne!(new, old);
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "after", "values": {"v": "2"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "after", "2").await;
 
     // The cluster's environment names every running Keeper and SHARES=5; the threshold too.
     let mut extra = pairs(&env);
@@ -901,18 +834,7 @@ async fn the_new_configuration_and_every_keeper_lost(mut c: Cluster, env: Backen
     }
     assert_eq!(keepers_key_id(&c, &[0, 1, 2]).await, new);
     assert_eq!(keepers_key_id(&c, &[1, 3, 4]).await, new);
-    for url in &urls {
-        for (path, v) in [("before", "1"), ("after", "2")] {
-            let b = call_ok(
-                &su,
-                url,
-                &action(SECRETS_PATH, "get"),
-                json!({"path": path}),
-            )
-            .await;
-            assert_eq!(b["data"]["v"], v, "{url}");
-        }
-    }
+    reads_back(&su, &urls, &[("before", "1"), ("after", "2")]).await;
 }
 
 /// Lines of a Nexus log that say a shard was sent to the Keeper at `keeper` (its URL).
@@ -1012,13 +934,7 @@ async fn postgres_down_rotate_and_rekey_are_refused_and_change_nothing() {
     let old = agreed_key_id(&c, &urls).await;
     assert_eq!(root_key(&c).await.key_id(), old);
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "kept", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "kept", "1").await;
     let k4 = c.add_keeper();
     let held: Vec<_> = held_shards(&c, 3).await;
 
@@ -1117,16 +1033,7 @@ async fn postgres_down_rotate_and_rekey_are_refused_and_change_nothing() {
     assert_ne!(new, old);
     every_instance_uses(&c, &urls, &new).await;
     assert_eq!(keepers_key_id(&c, &[0, 1, k4]).await, new);
-    for url in &urls {
-        let b = call_ok(
-            &su,
-            url,
-            &action(SECRETS_PATH, "get"),
-            json!({"path": "kept"}),
-        )
-        .await;
-        assert_eq!(b["data"]["v"], "1");
-    }
+    reads_back(&su, &urls, &[("kept", "1")]).await;
     let logs = c.dump_logs();
     assert!(!logs.contains("panicked"), "{logs}");
 }
@@ -1157,13 +1064,7 @@ async fn postgres_down_in_the_middle_of_a_rekey() {
     let urls = c.start_ready_together(2, &pairs(&env)).await;
     let old = agreed_key_id(&c, &urls).await;
     let su = c.superuser();
-    call_ok(
-        &su,
-        &urls[0],
-        SECRETS_PATH,
-        json!({"path": "kept", "values": {"v": "1"}}),
-    )
-    .await;
+    put_v(&su, &urls[0], "kept", "1").await;
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let store = admin_store(&c, &env).await;
     let (rekey, to) = rekey_held_in_its_push(&c, &su, &urls[0], &store, &silent).await;
@@ -1197,13 +1098,7 @@ async fn postgres_down_in_the_middle_of_a_rekey() {
             .is_some(),
         "the rekey was neither finished nor undone while the store was down"
     );
-    call_ok(
-        &su,
-        &urls[1],
-        SECRETS_PATH,
-        json!({"path": "meanwhile", "values": {"v": "2"}}),
-    )
-    .await;
+    put_v(&su, &urls[1], "meanwhile", "2").await;
     wait_for(
         "the rekey to be undone",
         Duration::from_secs(120),
@@ -1225,18 +1120,7 @@ async fn postgres_down_in_the_middle_of_a_rekey() {
         || async { (keepers_key_id(&c, &[0, 1, 2]).await == old).then_some(()) },
     )
     .await;
-    for url in &urls {
-        for (path, v) in [("kept", "1"), ("meanwhile", "2")] {
-            let b = call_ok(
-                &su,
-                url,
-                &action(SECRETS_PATH, "get"),
-                json!({"path": path}),
-            )
-            .await;
-            assert_eq!(b["data"]["v"], v, "{url}");
-        }
-    }
+    reads_back(&su, &urls, &[("kept", "1"), ("meanwhile", "2")]).await;
     let logs = c.dump_logs();
     assert!(
         logs.contains("undoing a rekey whose initiator went quiet"),
