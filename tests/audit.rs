@@ -80,10 +80,7 @@ async fn get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_leaves_one_chained_record_and_edits_are_found() {
     let mut c = Cluster::new(3);
-    let file = c.dir.path().join("audit.jsonl");
-    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
-    let url = c.nexus[n].url();
-    wait_status(&c.anonymous(), &url, "ready").await;
+    let (file, n, url) = c.start_audited_nexus().await;
     let su = c.api_client("su", "/spike/pilot/role/superuser");
     let stranger = c.api_client("stranger", "/app/stranger");
     assert_eq!(put(&su, &url, "apps/db").await, StatusCode::OK);
@@ -209,10 +206,7 @@ async fn every_request_leaves_one_chained_record_and_edits_are_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reopens_the_file_the_chain_continues_and_no_process_dies() {
     let mut c = Cluster::new(3);
-    let file = c.dir.path().join("audit.jsonl");
-    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
-    let url = c.nexus[n].url();
-    wait_status(&c.anonymous(), &url, "ready").await;
+    let (file, n, url) = c.start_audited_nexus().await;
     let su = c.api_client("su", "/spike/pilot/role/superuser");
     assert_eq!(put(&su, &url, "apps/a").await, StatusCode::OK);
 

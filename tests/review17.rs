@@ -35,10 +35,7 @@ fn forge_from(lines: &[String], from: usize, edit: impl Fn(&mut Record)) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_records_changed_or_removed_without_the_root_key_are_found() {
     let mut c = Cluster::new(3);
-    let file = c.dir.path().join("audit.jsonl");
-    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
-    let url = c.nexus[n].url();
-    wait_status(&c.anonymous(), &url, "ready").await;
+    let (file, n, url) = c.start_audited_nexus().await;
     let su = c.api_client("su", "/spike/pilot/role/superuser");
     for path in ["apps/a", "apps/b", "apps/c", "apps/d"] {
         let (status, _) = call(
@@ -283,10 +280,7 @@ fn a_crafted_backup_with_a_key_no_store_holds_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_record_names_a_long_path_whole() {
     let mut c = Cluster::new(3);
-    let file = c.dir.path().join("audit.jsonl");
-    let n = c.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
-    let url = c.nexus[n].url();
-    wait_status(&c.anonymous(), &url, "ready").await;
+    let (file, _, url) = c.start_audited_nexus().await;
     let su = c.api_client("su", "/spike/pilot/role/superuser");
     let stem = format!("apps/{}", "x".repeat(295));
     let paths = [format!("{stem}/first"), format!("{stem}/second")];

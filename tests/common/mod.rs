@@ -605,6 +605,16 @@ impl Cluster {
         (first..first + n).collect()
     }
 
+    /// Starts a Nexus that writes its audit trail to `audit.jsonl` in the cluster's directory;
+    /// returns the file, the instance's index in `self.nexus` and its URL once it is ready.
+    pub async fn start_audited_nexus(&mut self) -> (PathBuf, usize, Uri) {
+        let file = self.dir.path().join("audit.jsonl");
+        let n = self.start_nexus(&[("SPIKE_NEXUS_AUDIT_FILE", file.to_str().unwrap())]);
+        let url = self.nexus[n].url();
+        wait_status(&self.anonymous(), &url, "ready").await;
+        (file, n, url)
+    }
+
     /// A client of Nexus's API with a new SVID for `spiffe_path` in this cluster's trust domain.
     pub fn api_client(&self, name: &str, spiffe_path: &str) -> HttpsClient {
         client(
