@@ -709,16 +709,21 @@ mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
 
+    /// [`ensure`] by three callers at once, as three instances starting together.
+    async fn three_at_once(store: &impl Store, root: &RootKey) -> [Keyring; 3] {
+        let (a, b, c) = tokio::join!(
+            ensure(store, root, false),
+            ensure(store, root, false),
+            ensure(store, root, false)
+        );
+        [a.unwrap(), b.unwrap(), c.unwrap()]
+    }
+
     #[tokio::test]
     async fn created_once_and_read_back_by_every_instance() {
         let store = MemoryStore::default();
         let root = RootKey::generate().unwrap();
-        let (a, b, c) = tokio::join!(
-            ensure(&store, &root, false),
-            ensure(&store, &root, false),
-            ensure(&store, &root, false)
-        );
-        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        let [a, b, c] = three_at_once(&store, &root).await;
         assert_eq!(a.revision, b.revision);
         assert_eq!(b.revision, c.revision);
         assert_eq!(a.current(), 1);
@@ -825,12 +830,7 @@ mod tests {
     async fn a_lost_create_race_uses_the_winners_keyring() {
         let store = ReadTogether::new(3);
         let root = RootKey::generate().unwrap();
-        let (a, b, c) = tokio::join!(
-            ensure(&store, &root, false),
-            ensure(&store, &root, false),
-            ensure(&store, &root, false)
-        );
-        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        let [a, b, c] = three_at_once(&store, &root).await;
         let stored = store
             .get(Namespace::System, KEYRING_KEY)
             .await
