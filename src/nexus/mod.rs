@@ -143,6 +143,14 @@ impl Error {
 }
 
 impl ApiError {
+    /// An [`ApiError::Operator`]: `code`, with `reason` told to the operator.
+    pub fn operator(code: ErrorCode, reason: impl Into<String>) -> ApiError {
+        ApiError::Operator {
+            code,
+            reason: reason.into(),
+        }
+    }
+
     /// The code (and status) the caller is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {

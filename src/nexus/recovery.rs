@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{ApiError, Keys, Nexus, keepers};
 use crate::crypto::locked::Locked;
 use crate::crypto::{KEY_LEN, Share};
-use crate::protocol::nexus::{RecoverResponse, RestoreRequest, RestoreResponse};
+use crate::protocol::nexus::{ErrorCode, RecoverResponse, RestoreRequest, RestoreResponse};
 use crate::store::Store;
 
 /// The recovery shards of the loaded key, shared as the key is; the store records that this
@@ -53,14 +53,14 @@ use crate::store::Store;
 pub async fn export(nexus: &Nexus, keys: &Keys) -> Result<RecoverResponse, ApiError> {
     if let Some(j) = super::rekey::journal(&nexus.store).await? {
         // Shards exported now would be voided by the rekey's commit in a moment.
-        return Err(ApiError::Operator {
-            code: crate::protocol::nexus::ErrorCode::ApiConflict,
-            reason: format!(
+        return Err(ApiError::operator(
+            ErrorCode::ApiConflict,
+            format!(
                 "a rekey from key {} to key {} is under way: export once it has finished",
                 j.from(),
                 j.to()
             ),
-        });
+        ));
     }
     let shards =
         crate::crypto::split_recovery(&keys.root, keys.sharing.threshold, keys.sharing.shares())?;
@@ -192,7 +192,8 @@ pub async fn restore(
         let (shards, _) = nexus.pending_restore.newest_first();
         if let Some(why) = predate(nexus, &shards).await {
             nexus.pending_restore.clear();
-            return Err(refused(why));
+            // The restore operator is told why (key ids and times only).
+            return Err(ApiError::operator(ErrorCode::ApiBadRequest, why));
         }
         return Ok(progress(held, threshold));
     }
@@ -242,7 +243,8 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
         if let Some(why) = predate(nexus, &shards).await {
             tracing::warn!(held, "restore: {why}");
             nexus.pending_restore.clear();
-            return Err(refused(why));
+            // The restore operator is told why (key ids and times only).
+            return Err(ApiError::operator(ErrorCode::ApiBadRequest, why));
         }
         tracing::warn!(
             held,
@@ -280,14 +282,6 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
         remaining: 0,
         restored: true,
     })
-}
-
-/// A refusal the restore operator is told the reason of (key ids and times only).
-fn refused(reason: String) -> ApiError {
-    ApiError::Operator {
-        code: crate::protocol::nexus::ErrorCode::ApiBadRequest,
-        reason,
-    }
 }
 
 /// Why `shards` are refused, when they rebuild a root key that a rekey replaced: the store's

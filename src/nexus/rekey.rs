@@ -447,10 +447,6 @@ pub struct Done {
     pub unconfirmed: Vec<String>,
 }
 
-fn operator(code: crate::protocol::nexus::ErrorCode, reason: String) -> ApiError {
-    ApiError::Operator { code, reason }
-}
-
 /// Runs a rekey through this instance, which holds `keys`: to `sharing` (the current one
 /// when the caller gave none).
 pub async fn rekey(
@@ -461,7 +457,7 @@ pub async fn rekey(
     use crate::protocol::nexus::ErrorCode;
     let store = &nexus.store;
     if let Some(j) = journal(store).await? {
-        return Err(operator(
+        return Err(ApiError::operator(
             ErrorCode::ApiConflict,
             format!(
                 "a rekey from key {} to key {} is already under way ({}); nothing was done: \
@@ -478,11 +474,10 @@ pub async fn rekey(
     }
     let names_ours = |v: Option<Verifier>| v.is_some_and(|v| v.key_id == keys.key_id);
     if !names_ours(store.verifier().await?) {
-        return Err(operator(
+        return Err(ApiError::operator(
             ErrorCode::ApiConflict,
             "the root key changed since this instance loaded it (another rekey finished): \
-             nothing was done; run this again"
-                .into(),
+             nothing was done; run this again",
         ));
     }
     let client = nexus.keeper_client()?;
@@ -511,11 +506,10 @@ pub async fn rekey(
     {
         Written::Done(r) => r,
         Written::Conflict => {
-            return Err(operator(
+            return Err(ApiError::operator(
                 ErrorCode::ApiConflict,
                 "another rekey started at the same moment through another instance; nothing \
-                 was done here: run this again once it has finished"
-                    .into(),
+                 was done here: run this again once it has finished",
             ));
         }
     };
@@ -525,10 +519,9 @@ pub async fn rekey(
         let _ = store
             .delete(Namespace::System, REKEY_KEY, &j.revision)
             .await;
-        return Err(operator(
+        return Err(ApiError::operator(
             ErrorCode::ApiConflict,
-            "another rekey finished while this one started: nothing was done; run this again"
-                .into(),
+            "another rekey finished while this one started: nothing was done; run this again",
         ));
     }
     let wait = refill_bound(nexus);
@@ -540,7 +533,7 @@ pub async fn rekey(
         .map_err(|e| match e {
             // The journal is written: say that the rekey is not lost, so the operator checks
             // before starting another (which would also void shards exported meanwhile).
-            ApiError::Store(e) => operator(
+            ApiError::Store(e) => ApiError::operator(
                 ErrorCode::StoreUnavailable,
                 format!(
                     "the store failed during the rekey ({e}); it is recorded, and an instance \
@@ -584,7 +577,7 @@ async fn advance(
             j.from(),
         );
         tracing::error!("rekey undone: {reason}");
-        return Err(operator(ErrorCode::ApiInternalError, reason));
+        return Err(ApiError::operator(ErrorCode::ApiInternalError, reason));
     }
     let mut wire = j.wire.clone();
     let tag = to.derive_mac(REKEY_LABEL).sign(&aad(&wire.bound, "commit"));
@@ -608,11 +601,10 @@ async fn advance(
                 unconfirmed: failed,
             })
         }
-        Written::Conflict => Err(operator(
+        Written::Conflict => Err(ApiError::operator(
             ErrorCode::ApiConflict,
             "another instance undid this rekey (it had been idle too long); nothing changed: \
-             see /health for the root key"
-                .into(),
+             see /health for the root key",
         )),
     }
 }

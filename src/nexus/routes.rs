@@ -253,9 +253,11 @@ impl Api {
                         keys.sharing.peers.iter().map(ToString::to_string).collect()
                     }),
                 )
-                .map_err(|reason| ApiError::Operator {
-                    code: wire::ErrorCode::ApiBadRequest,
-                    reason: format!("the new sharing is refused: {reason}"),
+                .map_err(|reason| {
+                    ApiError::operator(
+                        wire::ErrorCode::ApiBadRequest,
+                        format!("the new sharing is refused: {reason}"),
+                    )
                 })?;
                 let done = super::rekey::rekey(&self.nexus, &keys, sharing).await?;
                 ok(&wire::RekeyResponse {
