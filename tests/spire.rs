@@ -75,36 +75,41 @@ impl AgentCluster {
             .collect::<Vec<_>>()
             .join(",");
         let data = dir.path().join("data");
-        let nexus = nexus_uids
-            .iter()
-            .enumerate()
-            .map(|(i, uid)| {
-                Proc::start_as(
-                    *uid,
-                    &format!("nexus-{}", i + 1),
-                    dir.path(),
-                    &["nexus"],
-                    agent_env(
-                        spire,
-                        &[
-                            ("SPIKE_NEXUS_TLS_PORT", "127.0.0.1:0"),
-                            ("SPIKE_NEXUS_KEEPER_PEERS", &peers),
-                            ("SPIKE_NEXUS_SHAMIR_SHARES", &keepers.len().to_string()),
-                            ("SPIKE_NEXUS_DATA_DIR", data.to_str().unwrap()),
-                            ("SPIKE_NEXUS_RECOVERY_MAX_INTERVAL", "500ms"),
-                        ],
-                    ),
-                )
-            })
-            .collect();
-        AgentCluster {
+        let mut c = AgentCluster {
             dir,
             keepers,
-            nexus,
+            nexus: Vec::new(),
             pki,
             peers,
             data,
+        };
+        for uid in nexus_uids {
+            c.start_nexus(spire, *uid, &[]);
         }
+        c
+    }
+
+    /// Starts one more Nexus as the workload `uid` on the cluster's Keepers and store, with
+    /// `extra` on top of the common settings.
+    fn start_nexus(&mut self, spire: &Spire, uid: u32, extra: &[(&str, &str)]) {
+        let shares = self.keepers.len().to_string();
+        let mut settings = vec![
+            ("SPIKE_NEXUS_TLS_PORT", "127.0.0.1:0"),
+            ("SPIKE_NEXUS_KEEPER_PEERS", self.peers.as_str()),
+            ("SPIKE_NEXUS_SHAMIR_SHARES", shares.as_str()),
+            ("SPIKE_NEXUS_DATA_DIR", self.data.to_str().unwrap()),
+            ("SPIKE_NEXUS_RECOVERY_MAX_INTERVAL", "500ms"),
+        ];
+        settings.extend_from_slice(extra);
+        let name = format!("nexus-{}", self.nexus.len() + 1);
+        let proc = Proc::start_as(
+            uid,
+            &name,
+            self.dir.path(),
+            &["nexus"],
+            agent_env(spire, &settings),
+        );
+        self.nexus.push(proc);
     }
 
     fn urls(&self) -> String {
@@ -131,24 +136,17 @@ impl AgentCluster {
     }
 }
 
-/// Runs `spike backup ARGS` as the workload `uid` with the Nexus settings of `c` and the
-/// agent's socket, as spike-backup.service runs it with SPIFFE_ENDPOINT_SOCKET in nexus.env.
-fn backup_as(spire: &Spire, c: &AgentCluster, uid: u32, args: &[&str]) -> (i32, String, String) {
-    let out = spire
-        .command_as(uid, spike_bin())
-        .arg("backup")
-        .args(args)
+/// Runs `spike ARGS` as the workload `uid` of `spire`'s agent with only `env` (and `PATH`) in
+/// its environment: (exit status, stdout, stderr).
+fn run_as(spire: &Spire, uid: u32, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = spire.command_as(uid, spike_bin());
+    cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("SPIFFE_ENDPOINT_SOCKET", spire.endpoint())
-        .env("SPIKE_TRUST_ROOT", TD)
         .env("SPIKE_SPIFFE_SOURCE_TIMEOUT", "10s")
-        .env("SPIKE_NEXUS_KEEPER_PEERS", &c.peers)
-        .env("SPIKE_NEXUS_SHAMIR_SHARES", c.keepers.len().to_string())
-        .env("SPIKE_NEXUS_DATA_DIR", &c.data)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+        .envs(env.iter().copied());
+    let out = common::process::output_within(&mut cmd, common::process::COMMAND_LIMIT);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -156,25 +154,24 @@ fn backup_as(spire: &Spire, c: &AgentCluster, uid: u32, args: &[&str]) -> (i32, 
     )
 }
 
+/// Runs `spike backup ARGS` as the workload `uid` with the Nexus settings of `c` and the
+/// agent's socket, as spike-backup.service runs it with SPIFFE_ENDPOINT_SOCKET in nexus.env.
+fn backup_as(spire: &Spire, c: &AgentCluster, uid: u32, args: &[&str]) -> (i32, String, String) {
+    let args = [&["backup"], args].concat();
+    let shares = c.keepers.len().to_string();
+    let env = [
+        ("SPIKE_TRUST_ROOT", TD),
+        ("SPIKE_NEXUS_KEEPER_PEERS", c.peers.as_str()),
+        ("SPIKE_NEXUS_SHAMIR_SHARES", shares.as_str()),
+        ("SPIKE_NEXUS_DATA_DIR", c.data.to_str().unwrap()),
+    ];
+    run_as(spire, uid, &args, &env)
+}
+
 /// Runs `spike ARGS` as the workload `uid` against `urls`: (exit status, stdout, stderr).
 fn cli_as(spire: &Spire, uid: u32, urls: &str, args: &[&str]) -> (i32, String, String) {
-    let out = spire
-        .command_as(uid, spike_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SPIFFE_ENDPOINT_SOCKET", spire.endpoint())
-        .env("SPIKE_TRUST_ROOT", TD)
-        .env("SPIKE_NEXUS_API_URL", urls)
-        .env("SPIKE_SPIFFE_SOURCE_TIMEOUT", "10s")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let env = [("SPIKE_TRUST_ROOT", TD), ("SPIKE_NEXUS_API_URL", urls)];
+    run_as(spire, uid, args, &env)
 }
 
 fn keepers(spire: &Spire) -> Vec<u32> {
@@ -468,5 +465,246 @@ fn bad_identity_sources_stop_the_server_with_a_clear_message() {
         assert_eq!(code, *want_code, "{env:?}: {err}");
         assert!(err.contains(want), "{env:?}: {err}");
         assert!(!err.contains("listening on"), "{env:?}: {err}");
+    }
+}
+
+/// How many SVID or bundle updates from the agent `proc` took in so far.
+fn updates_taken(proc: &Proc) -> usize {
+    let logs = proc.logs();
+    logs.matches("SVID from the SPIFFE Workload API").count()
+        + logs
+            .matches("trust bundles from the SPIFFE Workload API changed")
+            .count()
+}
+
+/// Waits until `proc` took in an update from the agent after the first `seen`.
+async fn wait_for_update(proc: &Proc, seen: usize, what: &str) {
+    wait_for(what, Duration::from_secs(30), || {
+        let now = updates_taken(proc);
+        async move { (now > seen).then_some(()) }
+    })
+    .await;
+}
+
+/// Federation on real SPIRE servers (spike.ist and other.td federate both ways, bundles set
+/// with `spire-server bundle set`): a workload of other.td, with the SVID its own agent gives it,
+/// reaches a Nexus whose SPIKE_TRUST_ROOT lists other.td (and is then authorised by policies
+/// alone); a Nexus whose list does not name other.td refuses it at the handshake although its
+/// agent delivers other.td's bundle. The federated bundle replaced on the server (by a CA that
+/// did not sign the workload) and then removed is followed without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
+    let Some(spire) = Spire::shared() else { return };
+    let Some(other) = Spire::other() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    spire.set_federated_bundle(&other.trust_domain, &other.bundle_pem());
+    other.set_federated_bundle(&spire.trust_domain, &spire.bundle_pem());
+    let nexus_uid = fresh_uid();
+    let fed = ["-federatesWith", &other.td_id()];
+    let nexus_entry = spire.create_entry(nexus_uid, &spire.id("/spike/nexus"), &fed);
+    let app = fresh_uid();
+    let app_id = other.id("/app/fed");
+    let app_entry = other.create_entry(app, &app_id, &["-federatesWith", &spire.td_id()]);
+    spire.wait_for_svid(nexus_uid, &spire.id("/spike/nexus"));
+    other.wait_for_svid(app, &app_id);
+
+    let mut c = AgentCluster::start(&spire, &keepers(&spire), &[]);
+    let both = format!("{},{}", spire.trust_domain, other.trust_domain);
+    c.start_nexus(&spire, nexus_uid, &[("SPIKE_TRUST_ROOT", &both)]);
+    c.start_nexus(&spire, nexus_uid, &[]);
+    c.wait_ready().await;
+    let (federating, narrow) = (&c.nexus[0], &c.nexus[1]);
+    // The narrow Nexus was handed other.td's bundle too, and set it aside.
+    assert!(
+        narrow.logs().contains(r#"ignored=["other.td"]"#),
+        "{}",
+        narrow.logs()
+    );
+    let su = spire.uid("superuser");
+    let (code, _, err) = cli_as(&spire, su, &c.urls(), &["secret", "put", "fed/db", "k=v"]);
+    assert_eq!(code, 0, "{err}");
+
+    // The other.td workload runs `spike` with its own agent: it trusts spike.ist for Nexus.
+    let from_other_td = |url: &str| {
+        let env = [
+            ("SPIKE_TRUST_ROOT", other.trust_domain.as_str()),
+            ("SPIKE_TRUST_ROOT_NEXUS", spire.trust_domain.as_str()),
+            ("SPIKE_NEXUS_API_URL", url),
+        ];
+        run_as(&other, app, &["secret", "get", "fed/db", "k"], &env)
+    };
+    let (code, _, err) = from_other_td(&federating.base_url());
+    assert_eq!(code, 1, "{err}\n{}", federating.logs());
+    assert!(err.contains("access_unauthorized"), "{err}");
+    let pattern = format!("^{}$", app_id.replace('.', "\\."));
+    let (code, _, err) = cli_as(
+        &spire,
+        su,
+        &c.urls(),
+        &[
+            "policy",
+            "create",
+            "--name",
+            "other-td",
+            "--spiffeid-pattern",
+            &pattern,
+            "--path-pattern",
+            "^fed/.*$",
+            "--permissions",
+            "read",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let served = || {
+        let (code, out, err) = from_other_td(&federating.base_url());
+        assert_eq!((code, out.trim()), (0, "v"), "{err}");
+    };
+    served();
+    let refused_by = |n: &Proc| {
+        let (code, out, err) = from_other_td(&n.base_url());
+        assert_ne!(code, 0, "{} served other.td: {out}", n.name);
+        assert!(out.trim().is_empty(), "{out}");
+        assert!(
+            !err.contains("access_unauthorized"),
+            "not a TLS refusal: {err}"
+        );
+    };
+    refused_by(narrow);
+    // Refused for want of a bundle: the one the agent sent was not taken in.
+    let no_bundle = format!("no trust bundle for trust domain other.td (peer {app_id})");
+    assert!(narrow.logs().contains(&no_bundle), "{}", narrow.logs());
+
+    // other.td's bundle replaced on the server by a CA that did not sign the workload (its
+    // CA rolled over without the federation refreshing): refused, with no restart; the real
+    // bundle back: served again.
+    let seen = updates_taken(federating);
+    spire.set_federated_bundle(&other.trust_domain, &spire.bundle_pem());
+    wait_for_update(federating, seen, "the replaced other.td bundle").await;
+    refused_by(federating);
+    let seen = updates_taken(federating);
+    spire.set_federated_bundle(&other.trust_domain, &other.bundle_pem());
+    wait_for_update(federating, seen, "other.td's own bundle again").await;
+    served();
+
+    // The federation removed: refused, and the Nexus says why; spike.ist is served as before.
+    spire.delete_federated_bundle(&other.trust_domain);
+    wait_for(
+        "Nexus notices other.td's bundle is gone",
+        Duration::from_secs(30),
+        || {
+            let logs = federating.logs();
+            async move { logs.contains("no trust bundle for other.td").then_some(()) }
+        },
+    )
+    .await;
+    refused_by(federating);
+    for n in &c.nexus {
+        let (code, out, err) = cli_as(&spire, su, &n.base_url(), &["secret", "get", "fed/db", "k"]);
+        assert_eq!((code, out.trim()), (0, "v"), "{err}");
+    }
+    other.delete_entry(&app_entry);
+    spire.delete_entry(&nexus_entry);
+    other.delete_federated_bundle(&spire.trust_domain);
+    assert!(!c.logs().contains("panicked"));
+}
+
+/// Bad identity sources on a real agent stop a server, and a client command, with a message
+/// naming the cause and the variable: the SPIRE server's own API socket given as the Workload
+/// API, a process the agent has no entry for, and a trust domain the agent has no bundle for
+/// (in SPIKE_TRUST_ROOT or in one role's variable). None of them serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_that_cannot_give_a_usable_identity_is_named() {
+    let Some(spire) = Spire::shared() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let server_socket = format!("unix://{}", spire.server_socket.display());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let keeper = ["keeper"];
+    let nexus = ["nexus"];
+    let client = ["secret", "list"];
+    /// (identity, command, environment, exit status, words the message must hold)
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        Vec<(&'a str, &'a str)>,
+        i32,
+        &'a [&'a str],
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "keeper-1",
+            &keeper,
+            vec![("SPIFFE_ENDPOINT_SOCKET", &server_socket)],
+            3,
+            &[
+                "SPIFFE_ENDPOINT_SOCKET",
+                "does not serve the SPIFFE Workload API",
+            ],
+        ),
+        (
+            "superuser",
+            &client,
+            vec![("SPIFFE_ENDPOINT_SOCKET", &server_socket)],
+            2,
+            &[
+                "SPIFFE_ENDPOINT_SOCKET",
+                "does not serve the SPIFFE Workload API",
+            ],
+        ),
+        (
+            "unregistered",
+            &keeper,
+            vec![],
+            3,
+            &["no SVID for this process", "PermissionDenied"],
+        ),
+        (
+            "keeper-1",
+            &keeper,
+            vec![("SPIKE_TRUST_ROOT", "spike.ist,absent.td")],
+            3,
+            &[
+                "no trust bundle for absent.td",
+                "SPIKE_TRUST_ROOT",
+                "bundles for spike.ist",
+            ],
+        ),
+        (
+            "nexus",
+            &nexus,
+            vec![("SPIKE_TRUST_ROOT_KEEPER", "absent.td")],
+            3,
+            &["no trust bundle for absent.td (listed in SPIKE_TRUST_ROOT_KEEPER)"],
+        ),
+        (
+            "superuser",
+            &client,
+            vec![("SPIKE_TRUST_ROOT_NEXUS", "absent.td")],
+            2,
+            &["no trust bundle for absent.td (listed in SPIKE_TRUST_ROOT_NEXUS)"],
+        ),
+    ];
+    for (who, args, env, want_code, words) in cases {
+        let mut all = vec![
+            ("SPIKE_SPIFFE_SOURCE_TIMEOUT", "2s"),
+            ("SPIKE_TRUST_ROOT", TD),
+            ("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0"),
+            ("SPIKE_NEXUS_TLS_PORT", "127.0.0.1:0"),
+            (
+                "SPIKE_NEXUS_KEEPER_PEERS",
+                "https://127.0.0.1:1,https://127.0.0.1:2,https://127.0.0.1:3",
+            ),
+            ("SPIKE_NEXUS_DATA_DIR", data),
+            ("SPIKE_NEXUS_API_URL", "https://127.0.0.1:1"),
+        ];
+        all.extend(env.iter().copied());
+        let (code, out, err) = run_as(&spire, spire.uid(who), args, &all);
+        let case = format!("{who} {args:?} {env:?}");
+        assert_eq!(code, want_code, "{case}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{case}: no {w:?} in: {err}");
+        }
+        assert!(out.is_empty(), "{case}: {out}");
+        assert!(!err.contains("listening on"), "{case}: {err}");
     }
 }

@@ -67,7 +67,7 @@ impl SvidPaths {
 }
 
 /// The CA certificates peers are verified against.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub(super) enum Trust {
     /// One set of CAs for every configured trust domain: SVID files and fixed
     /// bundles, where nothing says which CA belongs to which trust domain
@@ -342,6 +342,11 @@ impl Svid {
     /// when one set of CAs serves every configured trust domain (files).
     pub fn bundle_domains(&self) -> Option<Vec<&str>> {
         self.trust.domains()
+    }
+
+    /// True if `other` trusts exactly the CAs this SVID trusts.
+    pub(super) fn same_trust(&self, other: &Svid) -> bool {
+        self.trust == other.trust
     }
 
     pub(super) fn certified_key(&self) -> &Arc<CertifiedKey> {

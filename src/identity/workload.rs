@@ -488,6 +488,14 @@ impl Shared {
                 format_utc(svid.not_after())
             );
         }
+        if !rotated && before.as_ref().is_some_and(|b| !b.same_trust(&svid)) {
+            tracing::info!(
+                endpoint = %self.endpoint,
+                bundles = ?svid.bundle_domains().unwrap_or_default(),
+                ignored = ?update.ignored,
+                "trust bundles from the SPIFFE Workload API changed; new handshakes use them"
+            );
+        }
         if !state.is_ready() {
             tracing::error!(
                 endpoint = %self.endpoint,

@@ -71,10 +71,7 @@ pub fn spike_command(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 /// Runs `spike ARGS` to completion and returns (status code, stdout, stderr).
 pub fn run_spike(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = spike_command(args, env)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn spike");
+    let out = process::output_within(&mut spike_command(args, env), process::COMMAND_LIMIT);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

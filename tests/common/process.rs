@@ -155,6 +155,37 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
+/// How long [`output_within`]'s callers let a command that should end run.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `cmd` (stdin closed) to completion, as `Command::output` does, but kills it and fails
+/// the test if it is still running after `limit`: a command that should have stopped (a server
+/// given bad input) must fail the test, not hang it.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the command");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("collect the command's output"),
+        Err(_) => {
+            signal(pid, "KILL");
+            let out = rx.recv().ok().and_then(Result::ok);
+            let stderr = out.map_or_else(String::new, |o| {
+                String::from_utf8_lossy(&o.stderr).into_owned()
+            });
+            panic!("{cmd:?} was still running after {limit:?}; killed. Its stderr:\n{stderr}");
+        }
+    }
+}
+
 /// Processes held with SIGSTOP. SIGCONT on [`Frozen::thaw`], or on drop when an assertion fails
 /// first: a server left stopped would hang its own cleanup (and PostgreSQL's `pg_ctl stop`).
 pub struct Frozen(Vec<u32>);

@@ -118,6 +118,58 @@ impl Spire {
         format!("spiffe://{}{path}", self.trust_domain)
     }
 
+    /// `spiffe://TD`: the trust domain as `-federatesWith` and `bundle set -id` name it.
+    pub fn td_id(&self) -> String {
+        format!("spiffe://{}", self.trust_domain)
+    }
+
+    /// `spire-server ARGS -socketPath SERVER_SOCKET`: its stdout, or why it failed.
+    fn server(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.server_bin)
+            .args(args)
+            .arg("-socketPath")
+            .arg(&self.server_socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spire-server");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// This server's own X.509 bundle, PEM (`spire-server bundle show`).
+    pub fn bundle_pem(&self) -> String {
+        self.server(&["bundle", "show"])
+            .unwrap_or_else(|e| panic!("bundle show on {}: {e}", self.trust_domain))
+    }
+
+    /// Makes `pem` the federated bundle of trust domain `td` on this server, replacing any
+    /// earlier one (`spire-server bundle set`, as a bundle endpoint refresh would): the agent
+    /// hands it to every workload whose entry federates with `td`.
+    pub fn set_federated_bundle(&self, td: &str, pem: &str) {
+        let file = self.dir.join(format!("federated-{td}.pem"));
+        std::fs::write(&file, pem).expect("write the federated bundle");
+        let id = format!("spiffe://{td}");
+        let path = file.to_str().expect("a UTF-8 path");
+        self.server(&["bundle", "set", "-id", &id, "-format", "pem", "-path", path])
+            .unwrap_or_else(|e| panic!("bundle set {td} on {}: {e}", self.trust_domain));
+    }
+
+    /// Removes the federated bundle of `td` and every entry's federation with it (`spire-server
+    /// bundle delete -mode dissociate`); nothing to remove is fine.
+    pub fn delete_federated_bundle(&self, td: &str) {
+        let id = format!("spiffe://{td}");
+        if let Err(e) = self.server(&["bundle", "delete", "-id", &id, "-mode", "dissociate"]) {
+            assert!(
+                e.contains("NotFound") || e.contains("not found"),
+                "bundle delete {td}: {e}"
+            );
+        }
+    }
+
     /// Every registered identity (and `unregistered`).
     pub fn identities(&self) -> Vec<Identity> {
         let table = std::fs::read_to_string(self.dir.join("identities"))
