@@ -15,15 +15,16 @@ use tracing_subscriber::filter::Targets;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `SPIKE_SYSTEM_LOG_LEVEL`: a level (`info`), or per-target levels such as
-/// `spike=debug,hyper=warn`. Checked here because tracing's own parser takes any unknown word
-/// for a target name and would silently turn logging — the audit lines included — off.
-fn log_filter(text: Option<&str>) -> Result<Targets, String> {
+/// `spike=debug,hyper=warn`; unset or empty means `default`. Checked here because tracing's own
+/// parser takes any unknown word for a target name and would silently turn logging — the audit
+/// lines included — off.
+fn log_filter(text: Option<&str>, default: &str) -> Result<Targets, String> {
     const VAR: &str = "SPIKE_SYSTEM_LOG_LEVEL";
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let text = text
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .unwrap_or("info")
+        .unwrap_or(default)
         .to_ascii_lowercase();
     for item in text.split(',') {
         let (target, level) = match item.split_once('=') {
@@ -46,12 +47,15 @@ fn log_filter(text: Option<&str>) -> Result<Targets, String> {
         .map_err(|e| format!("{VAR}: {text:?} is not a valid filter ({e})"))
 }
 
-fn init_logging() -> Result<(), String> {
+fn init_logging(default: &str) -> Result<(), String> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     // A plain target filter, not `EnvFilter`, which compiles regular expressions at every
     // start: code no server otherwise runs (a Keeper never does), mapped into every process.
-    let filter = log_filter(std::env::var("SPIKE_SYSTEM_LOG_LEVEL").ok().as_deref())?;
+    let filter = log_filter(
+        std::env::var("SPIKE_SYSTEM_LOG_LEVEL").ok().as_deref(),
+        default,
+    )?;
     let json = match std::env::var("SPIKE_SYSTEM_LOG_FORMAT")
         .unwrap_or_default()
         .trim()
@@ -115,23 +119,25 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let cli = Cli::parse();
-    let logging = init_logging();
-    let name = match &cli.command {
-        Command::Nexus => "spike nexus",
-        Command::Keeper => "spike keeper",
-        Command::Dev(_) => "spike dev",
-        Command::Pki { .. } => "spike pki",
-        Command::Migrate { .. } => "spike migrate",
-        Command::Backup { .. } => "spike backup",
-        Command::Completions { .. } => "spike",
+    // Servers and the commands units run log their progress; a command an operator or a
+    // script runs prints its answer, and only warnings beside it (not, say, every SVID the
+    // agent hands it).
+    let (name, default_level) = match &cli.command {
+        Command::Nexus => ("spike nexus", "info"),
+        Command::Keeper => ("spike keeper", "info"),
+        Command::Dev(_) => ("spike dev", "info"),
+        Command::Pki { .. } => ("spike pki", "info"),
+        Command::Migrate { .. } => ("spike migrate", "info"),
+        Command::Backup { .. } => ("spike backup", "info"),
+        Command::Completions { .. } => ("spike", "warn"),
         Command::Secret { .. }
         | Command::Policy { .. }
         | Command::Cipher { .. }
         | Command::Recover { .. }
         | Command::Operator { .. }
-        | Command::Audit { .. } => "spike",
+        | Command::Audit { .. } => ("spike", "warn"),
     };
-    if let Err(msg) = logging {
+    if let Err(msg) = init_logging(default_level) {
         eprintln!("{name}: {msg}");
         return ExitCode::from(2);
     }
@@ -300,7 +306,7 @@ mod tests {
             Some("spike=debug,hyper=warn"),
             Some("off"),
         ] {
-            assert!(log_filter(ok).is_ok(), "{ok:?}");
+            assert!(log_filter(ok, "info").is_ok(), "{ok:?}");
         }
         for bad in [
             "warning",
@@ -310,7 +316,7 @@ mod tests {
             "info,",
             "a b=info",
         ] {
-            let err = log_filter(Some(bad)).unwrap_err();
+            let err = log_filter(Some(bad), "info").unwrap_err();
             assert!(err.starts_with("SPIKE_SYSTEM_LOG_LEVEL"), "{bad}: {err}");
         }
     }

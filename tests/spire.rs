@@ -29,6 +29,16 @@ fn agent_env(spire: &Spire, extra: &[(&str, &str)]) -> HashMap<String, String> {
     env
 }
 
+/// Writes the agent's current bundle where `pki` keeps its CA, for the test's own clients.
+fn fetch_bundle(spire: &Spire, pki: &Pki) {
+    spire.write_svid_files(spire.uid("superuser"), &pki.ca_dir);
+    std::fs::copy(
+        pki.ca_dir.join("svid_bundle.pem"),
+        pki.ca_dir.join("ca.pem"),
+    )
+    .unwrap();
+}
+
 /// Keepers and Nexus instances running as SPIRE workloads.
 struct AgentCluster {
     dir: tempfile::TempDir,
@@ -44,18 +54,12 @@ struct AgentCluster {
 impl AgentCluster {
     fn start(spire: &Spire, keeper_uids: &[u32], nexus_uids: &[u32]) -> AgentCluster {
         let dir = tempfile::tempdir().unwrap();
-        let bundle_dir = dir.path().join("bundle");
-        spire.write_svid_files(spire.uid("superuser"), &bundle_dir);
-        std::fs::copy(
-            bundle_dir.join("svid_bundle.pem"),
-            bundle_dir.join("ca.pem"),
-        )
-        .unwrap();
         let pki = Pki {
             root: dir.path().to_path_buf(),
-            ca_dir: bundle_dir,
+            ca_dir: dir.path().join("bundle"),
             trust_domain: TD.to_string(),
         };
+        fetch_bundle(spire, &pki);
         let keepers: Vec<Proc> = keeper_uids
             .iter()
             .enumerate()
@@ -214,6 +218,8 @@ async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
             &["secret", "get", "apps/one/db", "k"],
         );
         assert_eq!((code, out.trim()), (0, "v"), "{err}");
+        // The answer alone: no log line about the SVID the agent handed the command.
+        assert_eq!(err, "", "a successful command wrote to stderr");
     }
 
     // A workload: refused until a policy names it, then served.
@@ -525,17 +531,34 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
     assert_eq!(code, 0, "{err}");
 
     // The other.td workload runs `spike` with its own agent: it trusts spike.ist for Nexus.
-    let from_other_td = |url: &str| {
+    let other_td_runs = |uid: u32, url: &str, args: &[&str]| {
         let env = [
             ("SPIKE_TRUST_ROOT", other.trust_domain.as_str()),
             ("SPIKE_TRUST_ROOT_NEXUS", spire.trust_domain.as_str()),
             ("SPIKE_NEXUS_API_URL", url),
         ];
-        run_as(&other, app, &["secret", "get", "fed/db", "k"], &env)
+        run_as(&other, uid, args, &env)
     };
+    let from_other_td = |url: &str| other_td_runs(app, url, &["secret", "get", "fed/db", "k"]);
     let (code, _, err) = from_other_td(&federating.base_url());
     assert_eq!(code, 1, "{err}\n{}", federating.logs());
     assert!(err.contains("access_unauthorized"), "{err}");
+    // other.td may name a workload of its own superuser: for this Nexus it is a workload like
+    // any other (SPIKE_TRUST_ROOT_PILOT is spike.ist), with no policy and so no access.
+    let mimic = fresh_uid();
+    let mimic_id = other.id("/spike/pilot/role/superuser");
+    let mimic_entry = other.create_entry(mimic, &mimic_id, &["-federatesWith", &spire.td_id()]);
+    other.wait_for_svid(mimic, &mimic_id);
+    for args in [
+        &["secret", "put", "fed/db", "k=forged"][..],
+        &["policy", "list"],
+        &["secret", "get", "fed/db", "k"],
+    ] {
+        let (code, out, err) = other_td_runs(mimic, &federating.base_url(), args);
+        assert_eq!(code, 1, "{args:?} as {mimic_id}: {out}{err}");
+        assert!(err.contains("access_unauthorized"), "{args:?}: {err}");
+    }
+    other.delete_entry(&mimic_entry);
     let pattern = format!("^{}$", app_id.replace('.', "\\."));
     let (code, _, err) = cli_as(
         &spire,
@@ -707,4 +730,136 @@ async fn a_real_agent_that_cannot_give_a_usable_identity_is_named() {
         assert!(out.is_empty(), "{case}: {out}");
         assert!(!err.contains("listening on"), "{case}: {err}");
     }
+}
+
+/// `spire-server localauthority x509 ARGS` on `spire`'s server: the authority ID it printed.
+fn local_authority(spire: &Spire, args: &[&str]) -> String {
+    let out = std::process::Command::new(&spire.server_bin)
+        .args(["localauthority", "x509"])
+        .args(args)
+        .arg("-socketPath")
+        .arg(&spire.server_socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "localauthority x509 {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Authority ID:"))
+        .map(|id| id.trim().to_string())
+        .unwrap_or_else(|| panic!("no authority ID in: {text}"))
+}
+
+/// The trust domain's CA rolls over as SPIRE operators do it, while Keepers, a Nexus and the
+/// CLI serve requests: a new authority prepared (every process takes in the grown bundle),
+/// activated, and the old one tainted (every process gets an SVID from the new CA at once). No
+/// request fails, and a Nexus started afterwards reaches ready on Keepers whose SVIDs the new CA
+/// signed. (The last step, `revoke`, only shrinks the bundle, as the federated bundle replaced
+/// and removed in the test above does; here it would have to wait out SPIRE's own server and
+/// agent SVID rotation, or the agent stops.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rollover_of_the_trust_domain_costs_no_request() {
+    let Some(spire) = Spire::shared() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let nexus = spire.uid("nexus");
+    let mut c = AgentCluster::start(&spire, &keepers(&spire), &[nexus]);
+    c.wait_ready().await;
+    let urls = c.urls();
+    let su = spire.uid("superuser");
+    let mut sent = 0;
+    let mut put = || {
+        let (code, _, err) = cli_as(
+            &spire,
+            su,
+            &urls,
+            &["secret", "put", "ca/x", &format!("v={sent}")],
+        );
+        assert_eq!(code, 0, "request {sent} failed: {err}\n{}", c.logs());
+        sent += 1;
+    };
+    put();
+    let procs: Vec<&Proc> = c.keepers.iter().chain(c.nexus.iter()).collect();
+    let seen = |f: fn(&Proc) -> usize| procs.iter().map(|p| f(p)).collect::<Vec<_>>();
+    /// Sends requests until every process counted more by `f` than `before`.
+    async fn until_all(
+        procs: &[&Proc],
+        f: fn(&Proc) -> usize,
+        before: &[usize],
+        what: &str,
+        put: &mut dyn FnMut(),
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some((p, _)) = procs.iter().zip(before).find(|(p, b)| f(p) <= **b) {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not see {what}:\n{}",
+                p.name,
+                p.logs()
+            );
+            put();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let old = local_authority(&spire, &["show"]);
+
+    let before = seen(updates_taken);
+    let new = local_authority(&spire, &["prepare"]);
+    assert_ne!(new, old);
+    until_all(
+        &procs,
+        updates_taken,
+        &before,
+        "the prepared CA in the bundle",
+        &mut put,
+    )
+    .await;
+
+    local_authority(&spire, &["activate", "-authorityID", &new]);
+    // A superuser registered now gets an SVID from the new CA while Nexus still holds its
+    // old-CA SVID: served only if Nexus took in the grown bundle that came without an SVID.
+    let fresh = fresh_uid();
+    let fresh_id = spire.id("/spike/pilot/role/superuser");
+    let entry = spire.create_entry(fresh, &fresh_id, &[]);
+    spire.wait_for_svid(fresh, &fresh_id);
+    let (code, _, err) = cli_as(&spire, fresh, &urls, &["secret", "put", "ca/new", "v=1"]);
+    assert_eq!(
+        code,
+        0,
+        "a new-CA SVID before the rotation: {err}\n{}",
+        c.logs()
+    );
+    spire.delete_entry(&entry);
+    let before = seen(svids_taken);
+    local_authority(&spire, &["taint", "-authorityID", &old]);
+    until_all(
+        &procs,
+        svids_taken,
+        &before,
+        "an SVID from the new CA",
+        &mut put,
+    )
+    .await;
+
+    put();
+    println!("{sent} requests across a CA rollover, none failed");
+
+    // A Nexus started now loads the root key from Keepers that hold new-CA SVIDs only.
+    c.start_nexus(&spire, nexus, &[]);
+    fetch_bundle(&spire, &c.pki);
+    c.wait_ready().await;
+    let (code, out, err) = cli_as(
+        &spire,
+        su,
+        &c.nexus[1].base_url(),
+        &["secret", "get", "ca/x", "v"],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, (sent - 1).to_string().as_str()),
+        "{err}"
+    );
+    assert!(!c.logs().contains("panicked"));
 }

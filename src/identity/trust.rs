@@ -17,10 +17,14 @@
 //!
 //! Differences from SPIKE, decided here:
 //! - SPIKE defaults every role variable to `spike.ist` on its own and only logs
-//!   `SPIKE_TRUST_ROOT`. Here an unset role variable falls back to the
-//!   `SPIKE_TRUST_ROOT` list (itself `spike.ist` by default), so one variable
-//!   is enough for a single trust domain, and `SPIKE_TRUST_ROOT` decides whose
-//!   workloads Nexus serves (SPIKE lets any SVID its bundles verify through).
+//!   `SPIKE_TRUST_ROOT`. Here an unset role variable falls back to the first
+//!   (primary) `SPIKE_TRUST_ROOT` domain (itself `spike.ist` by default), so
+//!   one variable is enough for a single trust domain, and `SPIKE_TRUST_ROOT`
+//!   decides whose workloads Nexus serves (SPIKE lets any SVID its bundles
+//!   verify through). Listing a federated domain there admits its workloads,
+//!   to be authorised by policies, and never a role: a federated domain's
+//!   `/spike/pilot/role/superuser` is an ordinary workload unless
+//!   `SPIKE_TRUST_ROOT_PILOT` names that domain.
 //! - A listed value that is not a valid trust domain name (an empty entry, a
 //!   `spiffe://` prefix, upper case) is refused at start with the variable's
 //!   name, where SPIKE silently matches nothing.
@@ -97,17 +101,20 @@ pub(super) fn parse_list(var: &'static str, value: &str) -> Result<Vec<String>> 
 
 impl TrustRoots {
     /// Reads the five variables through `get` (which returns `None` for unset
-    /// or empty ones). Unset role variables take the `SPIKE_TRUST_ROOT` list;
-    /// unset `SPIKE_TRUST_ROOT` is `spike.ist`.
+    /// or empty ones). Unset role variables take the first (primary)
+    /// `SPIKE_TRUST_ROOT` domain; unset `SPIKE_TRUST_ROOT` is `spike.ist`.
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<TrustRoots> {
         let general = match get(TRUST_ROOT) {
             Some(v) => parse_list(TRUST_ROOT, &v)?,
             None => vec![DEFAULT_TRUST_DOMAIN.to_string()],
         };
+        // Roles stay in the primary domain unless their variable says otherwise: workloads
+        // of the other listed (federated) domains get no role by default.
+        let primary = general[..1].to_vec();
         let role = |var: &'static str| -> Result<Vec<String>> {
             match get(var) {
                 Some(v) => parse_list(var, &v),
-                None => Ok(general.clone()),
+                None => Ok(primary.clone()),
             }
         };
         Ok(TrustRoots {
@@ -321,13 +328,20 @@ mod tests {
     }
 
     #[test]
-    fn role_variables_fall_back_to_the_general_list() {
+    fn role_variables_fall_back_to_the_primary_domain() {
         let t = roots(&[(TRUST_ROOT, "a.org, b.org"), (TRUST_ROOT_KEEPER, "k.org")]).unwrap();
         assert_eq!(t.primary(), "a.org");
-        assert_eq!(t.domains_of(Role::Nexus), ["a.org", "b.org"]);
+        assert_eq!(t.domains_of(Role::Workload), ["a.org", "b.org"]);
+        assert_eq!(t.domains_of(Role::Nexus), ["a.org"]);
         assert_eq!(t.domains_of(Role::Keeper), ["k.org"]);
-        assert_eq!(t.domains_of(Role::Recover), ["a.org", "b.org"]);
-        assert_eq!(t.lite_workload_domains(), ["a.org", "b.org"]);
+        assert_eq!(t.domains_of(Role::Recover), ["a.org"]);
+        assert_eq!(t.lite_workload_domains(), ["a.org"]);
+        // b.org's role paths are ordinary workloads: listing it admits no operator.
+        for path in ["spike/pilot/role/superuser", "spike/nexus", "spike/keeper"] {
+            let b = id(&format!("spiffe://b.org/{path}"));
+            assert_eq!(t.role_of(&b), Some(Role::Workload), "{path}");
+        }
+        assert!(!t.is_lite_workload(&id("spiffe://b.org/spike/workload/role/lite")));
         assert_eq!(t.all_domains(), ["a.org", "b.org", "k.org"]);
         assert!(t.contains("k.org") && !t.contains("c.org"));
         assert_eq!(
