@@ -505,7 +505,11 @@ fn usage_errors_exit_2_and_unreachable_nexus_exits_1() {
     assert!(err.contains("spiffeidPattern"), "{err}");
     // No SVID configured: say what to set.
     let err = usage(&["secret", "get", "p"], &[("SPIKE_NEXUS_API_URL", &urls)]);
-    assert!(err.contains("set SPIKE_SVID_DIR"), "{err}");
+    assert!(
+        err.starts_with("spike: no identity source: SPIFFE_ENDPOINT_SOCKET is unset"),
+        "{err}"
+    );
+    assert!(err.contains("or SPIKE_SVID_DIR to a directory"), "{err}");
     let err = usage(
         &["secret", "get", "p"],
         &[

@@ -472,6 +472,28 @@ fn bad_identity_sources_stop_the_server_with_a_clear_message() {
         assert!(err.contains(want), "{env:?}: {err}");
         assert!(!err.contains("listening on"), "{env:?}: {err}");
     }
+
+    // Nothing configured: SPIRE's default socket, as in SPIKE. Where no agent is there, a
+    // server and a client command stop at once, naming both ways to give an identity: they do
+    // not wait out the source timeout (longer than run_spike's limit) for an agent nobody
+    // said to expect.
+    if !std::path::Path::new("/tmp/spire-agent/public/api.sock").exists() {
+        let base = [
+            ("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0"),
+            ("SPIKE_SPIFFE_SOURCE_TIMEOUT", "600s"),
+        ];
+        for (args, want_code) in [(&["keeper"][..], 3), (&["secret", "list"], 2)] {
+            let (code, _, err) = run_spike(args, &base);
+            assert_eq!(code, want_code, "{args:?}: {err}");
+            for want in [
+                "no identity source",
+                "/tmp/spire-agent/public/api.sock",
+                "SPIKE_SVID_DIR",
+            ] {
+                assert!(err.contains(want), "{args:?}: no {want:?} in {err}");
+            }
+        }
+    }
 }
 
 /// How many SVID or bundle updates from the agent `proc` took in so far.

@@ -43,6 +43,10 @@ pub async fn connect() -> Result<NexusClient> {
     NexusClient::from_env(&ProcessEnv)
         .await
         .map_err(|e| match e {
+            // It names the variables itself.
+            nexus_api::Error::Identity(e @ crate::identity::Error::NoIdentitySource { .. }) => {
+                Error::Usage(e.to_string())
+            }
             nexus_api::Error::Identity(e) => Error::Usage(format!(
                 "cannot load your SVID: {e} (SPIFFE_ENDPOINT_SOCKET, or SPIKE_SVID_DIR, or \
              SPIKE_SVID_CERT, SPIKE_SVID_KEY and SPIKE_SVID_BUNDLE, must give the identity you \

@@ -34,8 +34,9 @@ pub use trust::{
     TRUST_ROOT_NEXUS, TRUST_ROOT_PILOT, TrustRoots,
 };
 pub use workload::{
-    AgentProblem, Backoff, DEFAULT_FIRST_SVID_TIMEOUT, ENDPOINT_SOCKET, PendingIdentity,
-    SOURCE_TIMEOUT, WorkloadApiConfig, parse_endpoint, start as start_workload_api,
+    AgentProblem, Backoff, DEFAULT_ENDPOINT, DEFAULT_FIRST_SVID_TIMEOUT, ENDPOINT_SOCKET,
+    PendingIdentity, SOURCE_TIMEOUT, WorkloadApiConfig, parse_endpoint,
+    start as start_workload_api,
 };
 
 use std::path::PathBuf;
@@ -179,13 +180,10 @@ pub enum Error {
     )]
     BothIdentitySources { files_var: &'static str },
 
-    /// Neither the Workload API nor SVID files are configured.
-    #[error(
-        "no identity source: set SPIFFE_ENDPOINT_SOCKET to the SPIFFE Workload API socket \
-         (e.g. unix:///tmp/spire-agent/public/api.sock), or set SPIKE_SVID_DIR to a directory \
-         holding svid.pem, svid_key.pem and svid_bundle.pem"
-    )]
-    NoIdentitySource,
+    /// Neither `SPIFFE_ENDPOINT_SOCKET` nor SVID files are set, and nothing
+    /// is at SPIRE's default socket ([`AgentProblem::NothingConfigured`]).
+    #[error("{problem}")]
+    NoIdentitySource { problem: AgentProblem },
 
     /// `SPIFFE_ENDPOINT_SOCKET` is not a usable endpoint.
     #[error("SPIFFE_ENDPOINT_SOCKET={value:?}: {reason}")]
@@ -216,7 +214,10 @@ impl Error {
     /// True for the errors that mean "the SPIFFE agent did not give this
     /// process an identity" (so a caller can exit with a status of its own).
     pub fn is_agent_unavailable(&self) -> bool {
-        matches!(self, Error::AgentTimeout { .. } | Error::WorkloadApi { .. })
+        matches!(
+            self,
+            Error::AgentTimeout { .. } | Error::WorkloadApi { .. } | Error::NoIdentitySource { .. }
+        )
     }
 }
 

@@ -7,9 +7,12 @@
 //! - Both at once is refused, naming both variables: SPIKE itself only knows
 //!   the Workload API, and silently preferring one would let a stale
 //!   `SPIKE_SVID_DIR` or a globally exported `SPIFFE_ENDPOINT_SOCKET` decide
-//!   which identity a server presents. Neither is refused too: unlike SPIKE
-//!   we do not default to `/tmp/spire-agent/public/api.sock`, so a process
-//!   never picks up an identity nobody configured.
+//!   which identity a server presents.
+//! - Neither takes SPIRE's default socket,
+//!   `unix:///tmp/spire-agent/public/api.sock`, as SPIKE does, so `spike`
+//!   drops into an existing SPIRE deployment unconfigured. If nothing is at
+//!   that path the process stops at once with a message naming both
+//!   variables (it does not wait for an agent nobody said to expect).
 //!
 //! Unlike SPIKE, which reads the environment wherever it needs a value, the
 //! lookup is a parameter, so `config.rs` can feed it its own source.
@@ -56,7 +59,7 @@ impl IdentityConfig {
         let files_var = SVID_VARS.into_iter().find(|v| get(v).is_some());
         let source = match (get(ENDPOINT_SOCKET), files_var) {
             (Some(_), Some(files_var)) => return Err(Error::BothIdentitySources { files_var }),
-            (None, None) => return Err(Error::NoIdentitySource),
+            (None, None) => SourceConfig::WorkloadApi(WorkloadApiConfig::spire_default()),
             (Some(endpoint), None) => {
                 SourceConfig::WorkloadApi(WorkloadApiConfig::parse(&endpoint)?)
             }
@@ -161,7 +164,7 @@ mod tests {
     }
 
     #[test]
-    fn both_or_neither_is_refused() {
+    fn both_is_refused() {
         for files_var in SVID_VARS {
             let e = cfg(&[(ENDPOINT_SOCKET, "unix:///s"), (files_var, "/x")])
                 .unwrap_err()
@@ -171,12 +174,21 @@ mod tests {
                 "{e}"
             );
         }
-        let e = cfg(&[]).unwrap_err();
-        assert!(matches!(e, Error::NoIdentitySource), "{e}");
-        let e = e.to_string();
+    }
+
+    #[test]
+    fn neither_takes_spires_default_socket() {
+        let c = cfg(&[]).unwrap();
+        let SourceConfig::WorkloadApi(w) = &c.source else {
+            panic!("{c:?}");
+        };
+        assert_eq!(w.socket, PathBuf::from("/tmp/spire-agent/public/api.sock"));
+        assert!(w.implicit);
         assert!(
-            e.contains("SPIFFE_ENDPOINT_SOCKET") && e.contains("SPIKE_SVID_DIR"),
-            "{e}"
+            !cfg(&[(ENDPOINT_SOCKET, "unix:///s")]).map_or(true, |c| match c.source {
+                SourceConfig::WorkloadApi(w) => w.implicit,
+                SourceConfig::Files(_) => true,
+            })
         );
     }
 

@@ -79,6 +79,9 @@ use super::{Error, Result};
 
 /// `SPIFFE_ENDPOINT_SOCKET`: where the Workload API listens (SPIKE's name).
 pub const ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
+/// The endpoint when neither `SPIFFE_ENDPOINT_SOCKET` nor SVID files are set:
+/// SPIRE's default agent socket, SPIKE's default.
+pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/spire-agent/public/api.sock";
 /// `SPIKE_SPIFFE_SOURCE_TIMEOUT`: how long to wait for the first SVID (SPIKE's name).
 pub const SOURCE_TIMEOUT: &str = "SPIKE_SPIFFE_SOURCE_TIMEOUT";
 /// Default for [`WorkloadApiConfig::first_svid_timeout`] (SPIKE's default).
@@ -98,6 +101,10 @@ pub struct WorkloadApiConfig {
     pub first_svid_timeout: Duration,
     /// Delays between attempts to (re)open the stream.
     pub retry: Backoff,
+    /// Nothing was configured and this is [`DEFAULT_ENDPOINT`]: a socket that
+    /// does not exist fails at once, naming the variables, rather than being
+    /// waited for.
+    pub implicit: bool,
 }
 
 /// Exponential backoff: `initial`, doubled after each failed attempt, at most
@@ -130,7 +137,18 @@ impl WorkloadApiConfig {
             socket: parse_endpoint(endpoint)?,
             first_svid_timeout: DEFAULT_FIRST_SVID_TIMEOUT,
             retry: Backoff::default(),
+            implicit: false,
         })
+    }
+
+    /// [`DEFAULT_ENDPOINT`], for a process given no identity source (SPIKE's
+    /// default).
+    pub fn spire_default() -> WorkloadApiConfig {
+        WorkloadApiConfig {
+            implicit: true,
+            ..WorkloadApiConfig::parse(DEFAULT_ENDPOINT)
+                .unwrap_or_else(|_| unreachable!("the default endpoint parses"))
+        }
     }
 }
 
@@ -184,6 +202,9 @@ pub enum AgentProblem {
     /// Nothing at the socket path: the agent is not running (yet), or the
     /// path is wrong.
     NoSocket { path: PathBuf },
+    /// No identity source was configured, and nothing is at SPIRE's default
+    /// socket path either.
+    NothingConfigured { path: PathBuf },
     /// The path exists but is no unix socket.
     NotASocket { path: PathBuf },
     /// The socket did not accept the connection or the HTTP/2 handshake.
@@ -214,7 +235,9 @@ impl AgentProblem {
     fn is_permanent(&self) -> bool {
         matches!(
             self,
-            AgentProblem::NotASocket { .. } | AgentProblem::NotWorkloadApi { .. }
+            AgentProblem::NotASocket { .. }
+                | AgentProblem::NotWorkloadApi { .. }
+                | AgentProblem::NothingConfigured { .. }
         )
     }
 }
@@ -225,6 +248,11 @@ impl fmt::Display for AgentProblem {
             AgentProblem::NoSocket { path } => write!(
                 f,
                 "socket {} does not exist (is the SPIRE agent running, and is this its Workload API socket?)",
+                path.display()
+            ),
+            AgentProblem::NothingConfigured { path } => write!(
+                f,
+                "no identity source: {ENDPOINT_SOCKET} is unset and SPIRE's default socket {} does not exist; set {ENDPOINT_SOCKET} to the agent's Workload API socket, or SPIKE_SVID_DIR to a directory holding svid.pem, svid_key.pem and svid_bundle.pem",
                 path.display()
             ),
             AgentProblem::NotASocket { path } => {
@@ -398,6 +426,8 @@ struct Shared {
     /// `SPIFFE_ENDPOINT_SOCKET` as given.
     endpoint: String,
     socket: PathBuf,
+    /// [`WorkloadApiConfig::implicit`]
+    implicit: bool,
     trust: TrustRoots,
     /// The SVID in use; `None` until the first usable update.
     current: RwLock<Option<Arc<Svid>>>,
@@ -529,6 +559,12 @@ async fn check_socket(path: &Path) -> std::result::Result<(), AgentProblem> {
 /// delivered a usable SVID.
 async fn session(shared: &Shared) -> (AgentProblem, bool) {
     if let Err(p) = check_socket(&shared.socket).await {
+        let p = match p {
+            AgentProblem::NoSocket { path } if shared.implicit && shared.current().is_none() => {
+                AgentProblem::NothingConfigured { path }
+            }
+            p => p,
+        };
         return (p, false);
     }
     let client =
@@ -653,10 +689,17 @@ impl fmt::Debug for PendingIdentity {
 /// Starts streaming SVIDs from the Workload API (inside a tokio runtime).
 /// Nothing fails here; [`PendingIdentity::ready`] reports.
 pub fn start(config: WorkloadApiConfig, trust: TrustRoots) -> PendingIdentity {
+    if config.implicit {
+        tracing::info!(
+            endpoint = %config.endpoint,
+            "{ENDPOINT_SOCKET} and SPIKE_SVID_* are unset: taking this process's identity from SPIRE's default Workload API socket"
+        );
+    }
     let (changed, _) = tokio::sync::watch::channel(0);
     let shared = Arc::new(Shared {
         endpoint: config.endpoint,
         socket: config.socket,
+        implicit: config.implicit,
         trust,
         current: RwLock::new(None),
         problem: Mutex::new(None),
@@ -707,6 +750,9 @@ impl PendingIdentity {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             if let Some(problem) = fatal {
+                if let AgentProblem::NothingConfigured { .. } = problem {
+                    return Err(Error::NoIdentitySource { problem });
+                }
                 return Err(Error::WorkloadApi {
                     endpoint: self.shared.endpoint.clone(),
                     problem,

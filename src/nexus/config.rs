@@ -313,11 +313,14 @@ mod tests {
     }
 
     #[test]
-    fn svid_files_must_be_given() {
+    fn no_identity_settings_mean_spires_default_socket() {
         let mut map = HashMap::new();
         map.insert("SPIKE_NEXUS_KEEPER_PEERS".to_string(), PEERS.to_string());
-        let err = NexusConfig::from_source(&map).unwrap_err().to_string();
-        assert!(err.contains("SPIKE_SVID"), "{err}");
+        let cfg = NexusConfig::from_source(&map).unwrap();
+        let crate::identity::SourceConfig::WorkloadApi(w) = &cfg.identity.source else {
+            panic!("{:?}", cfg.identity.source)
+        };
+        assert_eq!(w.endpoint, crate::identity::DEFAULT_ENDPOINT);
     }
 
     #[test]

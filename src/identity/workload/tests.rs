@@ -294,6 +294,7 @@ fn config(path: &Path, timeout: Duration) -> WorkloadApiConfig {
             initial: Duration::from_millis(20),
             max: Duration::from_millis(100),
         },
+        implicit: false,
     }
 }
 
@@ -578,6 +579,32 @@ async fn missing_socket_waits_then_names_the_path() {
         "{e}"
     );
     assert!(e.contains("SPIFFE_ENDPOINT_SOCKET"), "{e}");
+}
+
+/// Nothing configured and nothing at SPIRE's default path: the process stops
+/// at once (not after the timeout), naming both ways to give it an identity.
+#[tokio::test]
+async fn nothing_configured_and_no_default_socket_fails_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = socket_in(&tmp);
+    let implicit = WorkloadApiConfig {
+        implicit: true,
+        ..config(&path, Duration::from_secs(600))
+    };
+    let pending = start(implicit, TrustRoots::single("spike.ist").unwrap());
+    let e = tokio::time::timeout(Duration::from_secs(30), pending.ready())
+        .await
+        .expect("waited for a socket nobody configured")
+        .unwrap_err();
+    let e = e.to_string();
+    for want in [
+        "no identity source",
+        "SPIFFE_ENDPOINT_SOCKET is unset",
+        &path.display().to_string(),
+        "SPIKE_SVID_DIR",
+    ] {
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
 }
 
 #[tokio::test]
