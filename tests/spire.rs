@@ -386,28 +386,17 @@ async fn rotations_and_an_agent_outage_cost_no_request() {
             assert_eq!(status, StatusCode::OK, "request {i}: {b}");
         }
     };
-    let agent_pid = std::fs::read_to_string(spire.dir.join("agent.pid")).unwrap();
     let stopped = Instant::now();
-    common::process::signal(agent_pid.trim().parse().unwrap(), "TERM");
-    let outage = Duration::from_secs(12);
+    let outage = spire.stop_agent();
+    let away = Duration::from_secs(12);
     let mut during = 0;
-    while stopped.elapsed() < outage {
+    while stopped.elapsed() < away {
         put_held(sent).await;
         sent += 1;
         during += 1;
     }
     assert_eq!(health(&anon, &nexus_url).await.unwrap().0, StatusCode::OK);
-    let restart =
-        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/spire.sh"))
-            .arg("start")
-            .arg(&spire.dir)
-            .output()
-            .unwrap();
-    assert!(
-        restart.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restart.stderr)
-    );
+    outage.end();
     let after = svids_taken(&c.nexus[0]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while svids_taken(&c.nexus[0]) <= after {
@@ -421,10 +410,7 @@ async fn rotations_and_an_agent_outage_cost_no_request() {
     }
     // And new processes get SVIDs again.
     put(sent);
-    println!(
-        "agent away {:?}: {during} requests during the outage, none failed",
-        outage
-    );
+    println!("agent away {away:?}: {during} requests during the outage, none failed");
     for e in entries {
         spire.delete_entry(&e);
     }
@@ -883,5 +869,74 @@ async fn a_ca_rollover_of_the_trust_domain_costs_no_request() {
         (0, (sent - 1).to_string().as_str()),
         "{err}"
     );
+    assert!(!c.logs().contains("panicked"));
+}
+
+/// `/health` of `url` as `curl -k` reads it (a certificate that has expired must not keep the
+/// answer from the test): (HTTP status, body).
+fn health_insecure(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--max-time", "5", "-w", "\n%{http_code}"])
+        .arg(format!("{url}/health"))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The agent away until the Nexus SVID expires: `/health` answers 503 `svid_expired`, with the
+/// agent's problem as the reason, rather than report ready behind a dead certificate. The agent
+/// back: a new SVID, ready again, and requests served, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_svid_that_expires_while_the_agent_is_away_is_reported_then_replaced() {
+    let Some(spire) = Spire::shared() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let nexus_uid = fresh_uid();
+    let nexus_id = spire.id("/spike/nexus");
+    let entry = spire.create_entry(nexus_uid, &nexus_id, &["-x509SVIDTTL", "20"]);
+    spire.wait_for_svid(nexus_uid, &nexus_id);
+    let c = AgentCluster::start(&spire, &keepers(&spire), &[nexus_uid]);
+    c.wait_ready().await;
+    let url = c.nexus[0].base_url();
+    let su = spire.uid("superuser");
+    let get = || cli_as(&spire, su, &c.urls(), &["secret", "list"]);
+    assert_eq!(get().0, 0);
+
+    let outage = spire.stop_agent();
+    let body = wait_for(
+        "/health to report the expired SVID",
+        Duration::from_secs(60),
+        || {
+            let (code, body) = health_insecure(&url);
+            async move { (code == 503 && body.contains("svid_expired")).then_some(body) }
+        },
+    )
+    .await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "svid_expired", "{body}");
+    assert_eq!(health["identity"], "svid_expired", "{body}");
+    assert!(health["svid_expires"].is_string(), "{body}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("does not exist") || reason.contains("connect"),
+        "{body}"
+    );
+    // The stream task says so at its next attempt to reach the agent.
+    wait_for("Nexus logs the expiry", Duration::from_secs(30), || {
+        let logs = c.nexus[0].logs();
+        async move { logs.contains("has not replaced it").then_some(()) }
+    })
+    .await;
+
+    outage.end();
+    wait_for("ready again", Duration::from_secs(60), || {
+        let (code, body) = health_insecure(&url);
+        async move { (code == 200 && body.contains(r#""identity":"ready""#)).then_some(()) }
+    })
+    .await;
+    let (code, _, err) = get();
+    assert_eq!(code, 0, "{err}\n{}", c.logs());
+    spire.delete_entry(&entry);
     assert!(!c.logs().contains("panicked"));
 }

@@ -331,6 +331,53 @@ impl Spire {
     }
 }
 
+/// The agent stopped by [`Spire::stop_agent`]; started again by [`AgentOutage::end`], or on
+/// drop when an assertion fails first, so one failing test does not leave later ones without
+/// an agent.
+pub struct AgentOutage {
+    spire: Option<Spire>,
+}
+
+impl Spire {
+    /// Stops the agent (SIGTERM), as an agent restart or crash would; the server keeps running.
+    pub fn stop_agent(&self) -> AgentOutage {
+        let pid = std::fs::read_to_string(self.dir.join("agent.pid")).expect("read agent.pid");
+        let ok = Command::new("kill")
+            .args(["-TERM", pid.trim()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM {}", pid.trim());
+        AgentOutage {
+            spire: Some(self.clone()),
+        }
+    }
+
+    /// Starts the agent again (`scripts/spire.sh start`: a new agent, attested afresh).
+    fn start_agent(&self) -> Result<String, String> {
+        self.script(&["start", self.dir.to_str().unwrap()])
+    }
+}
+
+impl AgentOutage {
+    /// Starts the agent again; fails the test if it does not come up.
+    pub fn end(mut self) {
+        if let Some(spire) = self.spire.take() {
+            spire
+                .start_agent()
+                .unwrap_or_else(|e| panic!("restart the agent: {e}"));
+        }
+    }
+}
+
+impl Drop for AgentOutage {
+    fn drop(&mut self) {
+        if let Some(spire) = self.spire.take() {
+            let _ = spire.start_agent();
+        }
+    }
+}
+
 /// A uid no registered identity and no other test process uses (47100-47999), for a test's own
 /// entries; any entry a crashed earlier run left on it is deleted first (on the shared
 /// spike.ist instance, and on other.td when that runs).
