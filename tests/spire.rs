@@ -428,11 +428,37 @@ fn bad_identity_sources_stop_the_server_with_a_clear_message() {
     let missing = format!("unix://{}/missing.sock", dir.path().display());
     let file = format!("unix://{}", not_a_socket.display());
     let svid_dir = dir.path().to_str().unwrap();
+    // Sockets that are not a Workload API: one answers HTTP/1.1 (as a web server or the
+    // Docker daemon would), one takes connections and says nothing.
+    let http1 = dir.path().join("http1.sock");
+    let silent = dir.path().join("silent.sock");
+    let http1_listener = std::os::unix::net::UnixListener::bind(&http1).unwrap();
+    let silent_listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in http1_listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let http1 = format!("unix://{}", http1.display());
+    let silent = format!("unix://{}", silent.display());
     /// (environment, exit status, words of the message)
     type Case<'a> = (&'a [(&'a str, &'a str)], i32, &'a str);
     let cases: &[Case] = &[
         (&[("SPIFFE_ENDPOINT_SOCKET", &missing)], 3, "does not exist"),
         (&[("SPIFFE_ENDPOINT_SOCKET", &file)], 3, "not a"),
+        (
+            &[("SPIFFE_ENDPOINT_SOCKET", &http1)],
+            3,
+            "names no SPIFFE Workload API",
+        ),
+        (
+            &[("SPIFFE_ENDPOINT_SOCKET", &silent)],
+            3,
+            "nothing answered the Workload API call",
+        ),
         (
             &[("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:1")],
             2,
@@ -458,6 +484,7 @@ fn bad_identity_sources_stop_the_server_with_a_clear_message() {
         assert!(err.contains(want), "{env:?}: {err}");
         assert!(!err.contains("listening on"), "{env:?}: {err}");
     }
+    drop(silent_listener);
 
     // Nothing configured: SPIRE's default socket, as in SPIKE. Where no agent is there, a
     // server and a client command stop at once, naming both ways to give an identity: they do

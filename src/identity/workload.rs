@@ -86,6 +86,9 @@ pub const DEFAULT_ENDPOINT: &str = "unix:///tmp/spire-agent/public/api.sock";
 pub const SOURCE_TIMEOUT: &str = "SPIKE_SPIFFE_SOURCE_TIMEOUT";
 /// Default for [`WorkloadApiConfig::first_svid_timeout`] (SPIKE's default).
 pub const DEFAULT_FIRST_SVID_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`WorkloadApiConfig::answer_timeout`]: an agent answers a new
+/// stream at once, with the SVID or `PermissionDenied`.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CONTEXT: &str = "the Workload API's SVID";
 
@@ -101,6 +104,11 @@ pub struct WorkloadApiConfig {
     pub first_svid_timeout: Duration,
     /// Delays between attempts to (re)open the stream.
     pub retry: Backoff,
+    /// How long one attempt waits for the connection, the stream and its
+    /// first message before it counts as failed ([`AgentProblem::NoAnswer`])
+    /// and is retried: a socket that accepts and stays silent is named, not
+    /// waited on in silence.
+    pub answer_timeout: Duration,
     /// Nothing was configured and this is [`DEFAULT_ENDPOINT`]: a socket that
     /// does not exist fails at once, naming the variables, rather than being
     /// waited for.
@@ -137,6 +145,7 @@ impl WorkloadApiConfig {
             socket: parse_endpoint(endpoint)?,
             first_svid_timeout: DEFAULT_FIRST_SVID_TIMEOUT,
             retry: Backoff::default(),
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
             implicit: false,
         })
     }
@@ -209,6 +218,9 @@ pub enum AgentProblem {
     NotASocket { path: PathBuf },
     /// The socket did not accept the connection or the HTTP/2 handshake.
     Connect { reason: String },
+    /// The socket took the connection but nothing answered within
+    /// [`WorkloadApiConfig::answer_timeout`].
+    NoAnswer { waited: Duration },
     /// Something answers, but not the Workload API.
     NotWorkloadApi { reason: String },
     /// The agent knows of no SVID for this process (`PermissionDenied`).
@@ -259,6 +271,11 @@ impl fmt::Display for AgentProblem {
                 write!(f, "{} exists but is not a unix socket", path.display())
             }
             AgentProblem::Connect { reason } => write!(f, "cannot connect: {reason}"),
+            AgentProblem::NoAnswer { waited } => write!(
+                f,
+                "the socket took the connection but nothing answered the Workload API call within {} (an agent still starting or hung, or no SPIFFE Workload API)",
+                super::humantime(*waited)
+            ),
             AgentProblem::NotWorkloadApi { reason } => write!(
                 f,
                 "the socket does not serve the SPIFFE Workload API ({reason}); point {ENDPOINT_SOCKET} at the agent's Workload API socket"
@@ -268,7 +285,15 @@ impl fmt::Display for AgentProblem {
                 "the agent has no SVID for this process (PermissionDenied: {message}); register this workload with SPIRE (an entry whose selectors match this process) or wait for the agent to sync it"
             ),
             AgentProblem::Status { code, message } => {
-                write!(f, "the stream failed with gRPC {code}: {message}")
+                write!(f, "the stream failed with gRPC {code}: {message}")?;
+                if code == "INTERNAL" || code == "UNKNOWN" {
+                    // What an HTTP/1 server, or one that hangs up, looks like to gRPC.
+                    write!(
+                        f,
+                        " (the agent failed, or {ENDPOINT_SOCKET} names no SPIFFE Workload API)"
+                    )?;
+                }
+                Ok(())
             }
             AgentProblem::StreamEnded => f.write_str("the agent closed the stream"),
             AgentProblem::BadResponse { reason } => write!(f, "unusable response: {reason}"),
@@ -557,7 +582,7 @@ async fn check_socket(path: &Path) -> std::result::Result<(), AgentProblem> {
 
 /// One connection and stream, until it ends; returns why, and whether it
 /// delivered a usable SVID.
-async fn session(shared: &Shared) -> (AgentProblem, bool) {
+async fn session(shared: &Shared, answer_timeout: Duration) -> (AgentProblem, bool) {
     if let Err(p) = check_socket(&shared.socket).await {
         let p = match p {
             AgentProblem::NoSocket { path } if shared.implicit && shared.current().is_none() => {
@@ -567,19 +592,39 @@ async fn session(shared: &Shared) -> (AgentProblem, bool) {
         };
         return (p, false);
     }
-    let client =
-        match spiffe::WorkloadApiClient::connect(Endpoint::Unix(shared.socket.clone())).await {
-            Ok(c) => c,
-            Err(e) => return (problem_of(&e), false),
-        };
-    let stream = match client.stream_x509_contexts().await {
-        Ok(s) => s,
-        Err(e) => return (problem_of(&e), false),
+    let no_answer = AgentProblem::NoAnswer {
+        waited: answer_timeout,
+    };
+    let deadline = tokio::time::Instant::now() + answer_timeout;
+    let opening = async {
+        let client = spiffe::WorkloadApiClient::connect(Endpoint::Unix(shared.socket.clone()))
+            .await
+            .map_err(|e| problem_of(&e))?;
+        client
+            .stream_x509_contexts()
+            .await
+            .map_err(|e| problem_of(&e))
+    };
+    let stream = match tokio::time::timeout_at(deadline, opening).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(p)) => return (p, false),
+        Err(_) => return (no_answer, false),
     };
     let mut stream = std::pin::pin!(stream);
     let mut delivered = false;
+    let mut answered = false;
     loop {
-        match stream.next().await {
+        // The first message is due at once; later ones come when something changes.
+        let next = if answered {
+            stream.next().await
+        } else {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => return (no_answer, false),
+            }
+        };
+        answered = true;
+        match next {
             None => return (AgentProblem::StreamEnded, delivered),
             Some(Err(e)) => return (problem_of(&e), delivered),
             Some(Ok(ctx)) => delivered |= shared.apply(&ctx),
@@ -588,11 +633,11 @@ async fn session(shared: &Shared) -> (AgentProblem, bool) {
 }
 
 /// Opens the stream again and again, for as long as the source lives.
-async fn supervise(shared: Arc<Shared>, retry: Backoff) {
+async fn supervise(shared: Arc<Shared>, retry: Backoff, answer_timeout: Duration) {
     let mut delay = retry.initial;
     let mut expiry_reported: Option<SystemTime> = None;
     loop {
-        let (problem, delivered) = session(&shared).await;
+        let (problem, delivered) = session(&shared, answer_timeout).await;
         if delivered {
             delay = retry.initial;
         }
@@ -706,7 +751,11 @@ pub fn start(config: WorkloadApiConfig, trust: TrustRoots) -> PendingIdentity {
         fatal: Mutex::new(None),
         changed,
     });
-    let task = TaskGuard(tokio::spawn(supervise(Arc::clone(&shared), config.retry)));
+    let task = TaskGuard(tokio::spawn(supervise(
+        Arc::clone(&shared),
+        config.retry,
+        config.answer_timeout,
+    )));
     PendingIdentity {
         shared,
         task,
@@ -762,10 +811,14 @@ impl PendingIdentity {
                 Ok(Ok(())) => {}
                 // The task ended without a verdict (it never does); or the time is up.
                 Ok(Err(_)) | Err(_) => {
+                    // No problem yet: the one attempt so far is still waiting for an answer.
+                    let problem = self.shared.problem().unwrap_or(AgentProblem::NoAnswer {
+                        waited: self.timeout,
+                    });
                     return Err(Error::AgentTimeout {
                         endpoint: self.shared.endpoint.clone(),
                         waited: self.timeout,
-                        problem: self.shared.problem(),
+                        problem: Some(problem),
                     });
                 }
             }

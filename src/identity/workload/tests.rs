@@ -294,6 +294,7 @@ fn config(path: &Path, timeout: Duration) -> WorkloadApiConfig {
             initial: Duration::from_millis(20),
             max: Duration::from_millis(100),
         },
+        answer_timeout: Duration::from_secs(5),
         implicit: false,
     }
 }
@@ -605,6 +606,49 @@ async fn nothing_configured_and_no_default_socket_fails_at_once() {
     ] {
         assert!(e.contains(want), "{want:?} not in {e}");
     }
+}
+
+/// A socket that takes connections and never answers (a hung agent, or no
+/// Workload API at all): each attempt gives up after the answer timeout, the
+/// problem is named while waiting, and the final error names it too.
+#[tokio::test]
+async fn a_socket_that_never_answers_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = socket_in(&tmp);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let silent = WorkloadApiConfig {
+        answer_timeout: Duration::from_millis(200),
+        ..config(&path, Duration::from_secs(2))
+    };
+    let pending = start(silent, TrustRoots::single("spike.ist").unwrap());
+    eventually("the silence is named while waiting", || {
+        matches!(pending.problem(), Some(AgentProblem::NoAnswer { .. }))
+    })
+    .await;
+    let e = pending.ready().await.unwrap_err();
+    assert!(e.is_agent_unavailable());
+    let e = e.to_string();
+    assert!(
+        e.contains("nothing answered the Workload API call within 200ms"),
+        "{e}"
+    );
+    held.abort();
+
+    // A first-SVID timeout shorter than one attempt still says what it waited on.
+    let listener = tokio::net::UnixListener::bind(tmp.path().join("b.sock")).unwrap();
+    let _keep = listener;
+    let pending = start(
+        config(&tmp.path().join("b.sock"), Duration::from_millis(300)),
+        TrustRoots::single("spike.ist").unwrap(),
+    );
+    let e = pending.ready().await.unwrap_err().to_string();
+    assert!(e.contains("nothing answered"), "{e}");
 }
 
 #[tokio::test]
