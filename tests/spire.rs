@@ -222,6 +222,22 @@ async fn keepers_nexus_and_cli_take_their_identity_from_the_agent() {
         assert_eq!(err, "", "a successful command wrote to stderr");
     }
 
+    // The recover operator exports the recovery shards with the identity the agent gives it;
+    // the superuser may not.
+    let shards = c.dir.path().join("recovery");
+    let shards_arg = shards.to_str().unwrap();
+    let (code, _, err) = cli_as(&spire, su, &urls, &["recover", "export", shards_arg]);
+    assert_ne!(code, 0, "the superuser exported recovery shards");
+    assert!(
+        err.contains("needs an operator SVID with the recover role")
+            && err.contains("your SVID is spiffe://spike.ist/spike/pilot/role/superuser"),
+        "{err}"
+    );
+    let rec = spire.uid("recover");
+    let (code, _, err) = cli_as(&spire, rec, &urls, &["recover", "export", shards_arg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(shards.join("spike.recovery.1.txt").exists());
+
     // A workload: refused until a policy names it, then served.
     let one = spire.uid("app-one");
     let (code, _, err) = cli_as(&spire, one, &urls, &["secret", "get", "apps/one/db", "k"]);

@@ -3,21 +3,14 @@
 //! key is current and every key's state; rekey prints the new root key and its sharing.
 
 use super::args::{Format, OperatorCommand};
-use super::run::{Error, Op, Result, connect, nexus_failure, print_json, stdout};
+use super::run::{Error, Op, Result, connect, nexus_failure, print_json, require_role, stdout};
 use crate::identity::Role;
 use crate::protocol::nexus::{RekeyRequest, RekeyResponse, RotateResponse};
 
 /// Runs one `spike operator` verb.
 pub async fn run(format: Format, command: OperatorCommand) -> Result<()> {
     let client = connect().await?;
-    let td = client.caller().trust_domain().to_string();
-    if Role::of(client.caller(), &td) != Some(Role::Superuser) {
-        return Err(Error::Usage(format!(
-            "spike operator needs an operator SVID with the superuser role \
-             (spiffe://{td}/spike/pilot/role/superuser); SPIKE_SVID_DIR names {}",
-            client.caller()
-        )));
-    }
+    require_role(&client, Role::Superuser, "spike operator")?;
     const STARTED: &str = "re-encryption started: Nexus logs its progress and its end\n";
     let (permission, note, resp) = match command {
         OperatorCommand::Rekey { threshold, keepers } => {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use hyper::Uri;
 
 use super::args::RecoverCommand;
-use super::run::{Error, Op, Result, connect, nexus_failure};
+use super::run::{Error, Op, Result, connect, nexus_failure, require_role};
 use crate::crypto::{Share, decode_recovery_shard, encode_recovery_shard};
 use crate::identity::Role;
 use crate::platform::fs;
@@ -79,17 +79,6 @@ pub async fn run(command: RecoverCommand) -> Result<()> {
         RecoverCommand::Export { dir } => export(&dir).await,
         RecoverCommand::Restore { nexus, file } => restore(&nexus, &file).await,
     }
-}
-
-fn require_role(client: &crate::client::nexus::NexusClient, role: Role, what: &str) -> Result<()> {
-    let td = client.caller().trust_domain().to_string();
-    if Role::of(client.caller(), &td) != Some(role) {
-        return Err(Error::Usage(format!(
-            "{what} needs an operator SVID with the {role} role (spiffe://{td}/spike/pilot/role/{role}); SPIKE_SVID_DIR names {}",
-            client.caller()
-        )));
-    }
-    Ok(())
 }
 
 async fn export(dir: &Path) -> Result<()> {

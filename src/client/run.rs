@@ -56,6 +56,23 @@ pub async fn connect() -> Result<NexusClient> {
         })
 }
 
+/// Refuses, before anything is sent, a command that needs the operator `role` when the
+/// caller's SVID (from files or the Workload API) holds another: `what` names the command.
+pub(crate) fn require_role(
+    client: &NexusClient,
+    role: crate::identity::Role,
+    what: &str,
+) -> Result<()> {
+    let caller = client.caller();
+    let td = caller.trust_domain();
+    if crate::identity::Role::of(caller, td) == Some(role) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "{what} needs an operator SVID with the {role} role (spiffe://{td}/spike/pilot/role/{role}); your SVID is {caller}"
+    )))
+}
+
 /// What a command asked of Nexus, to turn a refusal into a message that says what to fix.
 pub(crate) struct Op<'a> {
     /// The permission Nexus checks ...
