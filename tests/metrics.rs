@@ -235,6 +235,25 @@ async fn counters_move_with_the_traffic_sent_and_no_label_names_a_path_or_an_ide
     })
     .await;
 
+    // Each server's own SVID: held, and expiring after now (read from the certificate).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let keeper = scrape(metrics_addr(&c.keepers[0]).await).await;
+    for (role, s) in [("nexus", &before), ("keeper", &keeper)] {
+        assert_eq!(
+            s.get(&format!("spike_{role}_svid_ready"), &[]),
+            1.0,
+            "{role}"
+        );
+        let expiry = s.get(&format!("spike_{role}_svid_expiry_timestamp_seconds"), &[]);
+        assert!(
+            expiry > now && expiry < now + 400.0 * 86400.0,
+            "{role}: {expiry}"
+        );
+    }
+
     // Known traffic: N puts and M gets by a superuser, one get refused to a workload that no
     // policy names, one request for an unknown route, and one connection that is not TLS.
     const N: usize = 5;

@@ -939,12 +939,36 @@ async fn an_svid_that_expires_while_the_agent_is_away_is_reported_then_replaced(
     let nexus_id = spire.id("/spike/nexus");
     let entry = spire.create_entry(nexus_uid, &nexus_id, &["-x509SVIDTTL", "20"]);
     spire.wait_for_svid(nexus_uid, &nexus_id);
-    let c = AgentCluster::start(&spire, &keepers(&spire), &[nexus_uid]);
+    let mut c = AgentCluster::start(&spire, &keepers(&spire), &[]);
+    c.start_nexus(
+        &spire,
+        nexus_uid,
+        &[("SPIKE_NEXUS_METRICS_ADDR", "127.0.0.1:0")],
+    );
     c.wait_ready().await;
     let url = c.nexus[0].base_url();
     let su = spire.uid("superuser");
     let get = || cli_as(&spire, su, &c.urls(), &["secret", "list"]);
     assert_eq!(get().0, 0);
+    // spike_nexus_svid_ready, as Prometheus would scrape it.
+    let metrics = c.nexus[0]
+        .logs()
+        .split("serving metrics at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .expect("Nexus logs its metrics address");
+    let svid_ready = || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", &metrics])
+            .output()
+            .expect("curl is installed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("spike_nexus_svid_ready "))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(svid_ready().as_deref(), Some("1"));
 
     let outage = spire.stop_agent();
     let body = wait_for(
@@ -965,6 +989,11 @@ async fn an_svid_that_expires_while_the_agent_is_away_is_reported_then_replaced(
         reason.contains("does not exist") || reason.contains("connect"),
         "{body}"
     );
+    wait_for("the metric to say so", Duration::from_secs(10), || {
+        let v = svid_ready();
+        async move { (v.as_deref() == Some("0")).then_some(()) }
+    })
+    .await;
     // The stream task says so at its next attempt to reach the agent.
     wait_for("Nexus logs the expiry", Duration::from_secs(30), || {
         let logs = c.nexus[0].logs();
@@ -980,6 +1009,11 @@ async fn an_svid_that_expires_while_the_agent_is_away_is_reported_then_replaced(
     .await;
     let (code, _, err) = get();
     assert_eq!(code, 0, "{err}\n{}", c.logs());
+    wait_for("the metric to recover", Duration::from_secs(10), || {
+        let v = svid_ready();
+        async move { (v.as_deref() == Some("1")).then_some(()) }
+    })
+    .await;
     spire.delete_entry(&entry);
     assert!(!c.logs().contains("panicked"));
 }

@@ -68,7 +68,7 @@ pub async fn tls_as_nexus(
     identity: &IdentityConfig,
     runs_as: &str,
 ) -> Result<(OwnIdentity, std::sync::Arc<rustls::ClientConfig>), CommandError> {
-    let own = OwnIdentity::load(identity, Role::Nexus)
+    let own = OwnIdentity::load(identity, Role::Nexus, None)
         .await
         .map_err(|e| {
             let why = format!("{e} ({runs_as}: same SVID, store and Keeper settings)");

@@ -416,6 +416,16 @@ impl IdentityState {
         }
     }
 
+    /// When the SVID in use expires; `None` while waiting for the first.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        match self {
+            IdentityState::WaitingForAgent => None,
+            IdentityState::Ready { not_after } | IdentityState::Expired { not_after } => {
+                Some(*not_after)
+            }
+        }
+    }
+
     /// A stable short name for health reports: `waiting_for_agent`, `ready`,
     /// `svid_expired`.
     pub fn name(&self) -> &'static str {

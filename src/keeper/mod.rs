@@ -241,7 +241,8 @@ async fn run_with(
             ))
         }
     };
-    let own = transport::OwnIdentity::load(&cfg.identity, Role::Keeper).await?;
+    let own =
+        transport::OwnIdentity::load(&cfg.identity, Role::Keeper, Some(&metrics.svid)).await?;
     let tls = crate::identity::server_config_for(
         &own.source,
         &cfg.identity.trust,

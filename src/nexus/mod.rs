@@ -902,7 +902,8 @@ async fn run_with(
             ))
         }
     };
-    let own = transport::OwnIdentity::load(&config.identity, Role::Nexus).await?;
+    let own =
+        transport::OwnIdentity::load(&config.identity, Role::Nexus, Some(&metrics.svid)).await?;
     let trust = &config.identity.trust;
     let server_tls = crate::identity::server_config_for(&own.source, trust, ClientAuth::Optional)?;
     let keeper_tls = crate::identity::client_config_for(
@@ -967,7 +968,7 @@ fn instance_name(addr: std::net::SocketAddr) -> String {
 }
 
 /// Reopens the audit file at every SIGHUP (logrotate's signal), until dropped.
-fn reopen_on_hangup(trail: Arc<audit::Trail>) -> Option<AbortOnDrop> {
+fn reopen_on_hangup(trail: Arc<audit::Trail>) -> Option<crate::platform::AbortOnDrop> {
     let mut hangups = match crate::platform::hangups() {
         Ok(hangups) => hangups,
         Err(e) => {
@@ -975,21 +976,12 @@ fn reopen_on_hangup(trail: Arc<audit::Trail>) -> Option<AbortOnDrop> {
             return None;
         }
     };
-    Some(AbortOnDrop(tokio::spawn(async move {
+    Some(crate::platform::AbortOnDrop(tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reopening the audit file");
             trail.reopen();
         }
     })))
-}
-
-/// Stops a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// What runs beside the server once the store is open; stopped on drop.

@@ -354,6 +354,38 @@ impl Connections {
     }
 }
 
+/// A server's own SVID (`spike_<role>_svid_*`), refreshed from its identity source: an alert
+/// sees an SVID the agent has stopped renewing before it expires, and a process that has none.
+#[derive(Clone, Debug, Default)]
+pub struct SvidGauges {
+    ready: Gauge,
+    expiry: Gauge,
+}
+
+impl SvidGauges {
+    fn register(&self, registry: &mut Registry, role: &str) {
+        registry.register(
+            format!("spike_{role}_svid_ready"),
+            "1 while this process holds an unexpired SVID; 0 while it waits for its first, or once it has expired",
+            self.ready.clone(),
+        );
+        registry.register(
+            format!("spike_{role}_svid_expiry_timestamp_seconds"),
+            "When the SVID in use expires, in Unix seconds (0 before the first)",
+            self.expiry.clone(),
+        );
+    }
+
+    /// The SVID's state now: usable or not, and when it expires (`None`: no SVID yet).
+    pub fn set(&self, ready: bool, not_after: Option<SystemTime>) {
+        self.ready.set(i64::from(ready));
+        let expiry = not_after
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.expiry.set(expiry);
+    }
+}
+
 /// Store operation counts and latencies (`spike_store_*`), fed at the store boundary.
 #[derive(Clone, Debug)]
 pub struct StoreOps {
@@ -415,6 +447,8 @@ pub struct NexusMetrics {
     registry: Arc<Registry>,
     /// The HTTPS server's connections.
     pub connections: Connections,
+    /// This instance's SVID.
+    pub svid: SvidGauges,
     /// The backing store's operations.
     pub store: StoreOps,
     /// Group-commit batch sizes.
@@ -443,6 +477,7 @@ impl NexusMetrics {
         let m = NexusMetrics {
             registry: Arc::new(Registry::default()),
             connections: Connections::default(),
+            svid: SvidGauges::default(),
             store: StoreOps::default(),
             batches: BatchSizes::default(),
             requests: Family::default(),
@@ -460,6 +495,7 @@ impl NexusMetrics {
             recovery_exported: Gauge::default(),
         };
         m.connections.register(&mut registry, "nexus");
+        m.svid.register(&mut registry, "nexus");
         let r = &mut registry;
         r.register(
             "spike_nexus_requests",
@@ -676,6 +712,8 @@ pub struct KeeperMetrics {
     registry: Arc<Registry>,
     /// The HTTPS server's connections.
     pub connections: Connections,
+    /// This Keeper's SVID.
+    pub svid: SvidGauges,
     requests: Family<KeeperRequestLabels, Counter>,
     shard_held: Gauge,
     shard_index: Gauge,
@@ -690,12 +728,14 @@ impl KeeperMetrics {
         let m = KeeperMetrics {
             registry: Arc::new(Registry::default()),
             connections: Connections::default(),
+            svid: SvidGauges::default(),
             requests: Family::default(),
             shard_held: Gauge::default(),
             shard_index: Gauge::default(),
             contributions: Counter::default(),
         };
         m.connections.register(&mut registry, "keeper");
+        m.svid.register(&mut registry, "keeper");
         registry.register(
             "spike_keeper_requests",
             "Requests answered, by route (contribute, shard, none) and HTTP status",

@@ -62,3 +62,13 @@ pub fn jitter(d: std::time::Duration) -> std::time::Duration {
 pub fn up_to(max: std::time::Duration) -> std::time::Duration {
     max.mul_f64(spread_fraction())
 }
+
+/// Stops a background task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

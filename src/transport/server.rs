@@ -82,14 +82,18 @@ pub struct OwnIdentity {
     pub id: SpiffeId,
     /// Keeps the SVID reloader running.
     _reloader: ReloaderGuard,
+    /// Keeps the SVID gauges current.
+    _gauges: Option<crate::platform::AbortOnDrop>,
 }
 
 impl OwnIdentity {
     /// Opens this process's SVID source (for the Workload API: waits for the first SVID),
-    /// checks that the SVID carries `role`, and starts watching SVID files.
+    /// checks that the SVID carries `role`, starts watching SVID files, and keeps a server's
+    /// `gauges` current (they read "no SVID" until then).
     pub async fn load(
         identity: &crate::identity::IdentityConfig,
         role: Role,
+        gauges: Option<&crate::platform::metrics::SvidGauges>,
     ) -> Result<OwnIdentity, StartError> {
         let td = identity.trust_domain();
         let source = identity.open().await?;
@@ -102,12 +106,30 @@ impl OwnIdentity {
             });
         }
         let _reloader = source.spawn_reloader(crate::identity::SVID_RELOAD_INTERVAL);
+        let _gauges = gauges.map(|g| report_svid(Arc::downgrade(&source), g.clone()));
         Ok(OwnIdentity {
             source,
             id,
             _reloader,
+            _gauges,
         })
     }
+}
+
+/// Sets `gauges` from the SVID in use every second, while the source lives.
+fn report_svid(
+    source: std::sync::Weak<SvidSource>,
+    gauges: crate::platform::metrics::SvidGauges,
+) -> crate::platform::AbortOnDrop {
+    crate::platform::AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        while let Some(source) = source.upgrade() {
+            let state = source.state();
+            gauges.set(state.is_ready(), state.not_after());
+            drop(source);
+            tick.tick().await;
+        }
+    }))
 }
 
 /// Binds the listener, and returns it with the address it really got (port 0 resolved).
