@@ -869,6 +869,8 @@ async fn a_ca_rollover_of_the_trust_domain_costs_no_request() {
     .await;
 
     local_authority(&spire, &["activate", "-authorityID", &new]);
+    // Any SVID issued from now on comes from the new CA.
+    let before = seen(svids_taken);
     // A superuser registered now gets an SVID from the new CA while Nexus still holds its
     // old-CA SVID: served only if Nexus took in the grown bundle that came without an SVID.
     let fresh = fresh_uid();
@@ -883,7 +885,6 @@ async fn a_ca_rollover_of_the_trust_domain_costs_no_request() {
         c.logs()
     );
     spire.delete_entry(&entry);
-    let before = seen(svids_taken);
     local_authority(&spire, &["taint", "-authorityID", &old]);
     until_all(
         &procs,
