@@ -124,7 +124,8 @@ async fn open_store(existing: bool) -> Result<AnyStore> {
 /// a threshold of their shards that opens the verifier `store` holds. `what` names the command
 /// in errors.
 async fn key_from_keepers(store: &impl Store, what: &str) -> Result<RootKey> {
-    let config = NexusConfig::from_source(&ProcessEnv).map_err(|e| {
+    // A settings problem (none given, or wrong) says both ways to get the key.
+    let needs_key = |e: &dyn std::fmt::Display| {
         usage(format!(
             "{what} needs the root key: it asks the Keepers for it as a Nexus does, with a Nexus's settings (its SVID files or SPIFFE_ENDPOINT_SOCKET, SPIKE_NEXUS_KEEPER_PEERS, SPIKE_NEXUS_SHAMIR_THRESHOLD; /etc/spike/nexus.env), or rebuilds it from recovery shards with --recover-dir DIR{}: {e}",
             if what.ends_with("verify") {
@@ -133,12 +134,17 @@ async fn key_from_keepers(store: &impl Store, what: &str) -> Result<RootKey> {
                 ""
             }
         ))
-    })?;
+    };
+    let config = NexusConfig::from_source(&ProcessEnv).map_err(|e| needs_key(&e))?;
     let (_own, tls) = crate::client::keeper::tls_as_nexus(
         &config.identity,
         &format!("{what} asks the Keepers for the root key as a Nexus"),
     )
-    .await?;
+    .await
+    .map_err(|e| match e {
+        CommandError::Usage(m) => needs_key(&m),
+        other => other,
+    })?;
     let client = keepers::keeper_client(&config, tls);
     keepers::deployment_key(&config, &client, store)
         .await

@@ -63,7 +63,8 @@ pub enum Error {
 /// Nexus's settings: SVID files or the Workload API), which must carry the Nexus role, and
 /// expects Keeper IDs. Keep the returned [`OwnIdentity`] as long as the configuration: it
 /// follows SVID rotation. `runs_as` ends the error message, e.g. "the migration runs as a
-/// Nexus". Exit status 3 when the SPIFFE agent gave no identity, as for a server.
+/// Nexus". Exit status 3 when the SPIFFE agent gave no identity, as for a server; 2 when no
+/// identity source is configured at all (a one-shot command is not retried by a supervisor).
 pub async fn tls_as_nexus(
     identity: &IdentityConfig,
     runs_as: &str,
@@ -72,7 +73,13 @@ pub async fn tls_as_nexus(
         .await
         .map_err(|e| {
             let why = format!("{e} ({runs_as}: same SVID, store and Keeper settings)");
-            if e.is_agent_unavailable() {
+            let unconfigured = matches!(
+                &e,
+                crate::transport::StartError::Identity(
+                    crate::identity::Error::NoIdentitySource { .. }
+                )
+            );
+            if e.is_agent_unavailable() && !unconfigured {
                 CommandError::NoIdentity(why)
             } else {
                 CommandError::usage(why)
