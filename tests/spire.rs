@@ -547,8 +547,10 @@ async fn wait_for_update(proc: &Proc, seen: usize, what: &str) {
 /// with `spire-server bundle set`): a workload of other.td, with the SVID its own agent gives it,
 /// reaches a Nexus whose SPIKE_TRUST_ROOT lists other.td (and is then authorised by policies
 /// alone); a Nexus whose list does not name other.td refuses it at the handshake although its
-/// agent delivers other.td's bundle. The federated bundle replaced on the server (by a CA that
-/// did not sign the workload) and then removed is followed without a restart.
+/// agent delivers other.td's bundle. other.td's own superuser ID is a workload without access,
+/// unless SPIKE_TRUST_ROOT_PILOT names other.td (then spike.ist's superuser is none). The
+/// federated bundle replaced on the server (by a CA that did not sign the workload) and then
+/// removed is followed without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
     let Some(spire) = Spire::shared() else { return };
@@ -562,15 +564,26 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
     let app = fresh_uid();
     let app_id = other.id("/app/fed");
     let app_entry = other.create_entry(app, &app_id, &["-federatesWith", &spire.td_id()]);
+    // other.td may name a workload of its own superuser.
+    let mimic = fresh_uid();
+    let mimic_id = other.id("/spike/pilot/role/superuser");
+    let mimic_entry = other.create_entry(mimic, &mimic_id, &["-federatesWith", &spire.td_id()]);
     spire.wait_for_svid(nexus_uid, &spire.id("/spike/nexus"));
     other.wait_for_svid(app, &app_id);
+    other.wait_for_svid(mimic, &mimic_id);
 
     let mut c = AgentCluster::start(&spire, &keepers(&spire), &[]);
     let both = format!("{},{}", spire.trust_domain, other.trust_domain);
     c.start_nexus(&spire, nexus_uid, &[("SPIKE_TRUST_ROOT", &both)]);
     c.start_nexus(&spire, nexus_uid, &[]);
+    // Operators from other.td only: SPIKE_TRUST_ROOT_PILOT names it.
+    let pilots = [
+        ("SPIKE_TRUST_ROOT", both.as_str()),
+        ("SPIKE_TRUST_ROOT_PILOT", "other.td"),
+    ];
+    c.start_nexus(&spire, nexus_uid, &pilots);
     c.wait_ready().await;
-    let (federating, narrow) = (&c.nexus[0], &c.nexus[1]);
+    let (federating, narrow, pilots_abroad) = (&c.nexus[0], &c.nexus[1], &c.nexus[2]);
     // The narrow Nexus was handed other.td's bundle too, and set it aside.
     assert!(
         narrow.logs().contains(r#"ignored=["other.td"]"#),
@@ -578,7 +591,8 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
         narrow.logs()
     );
     let su = spire.uid("superuser");
-    let (code, _, err) = cli_as(&spire, su, &c.urls(), &["secret", "put", "fed/db", "k=v"]);
+    let url = federating.base_url();
+    let (code, _, err) = cli_as(&spire, su, &url, &["secret", "put", "fed/db", "k=v"]);
     assert_eq!(code, 0, "{err}");
 
     // The other.td workload runs `spike` with its own agent: it trusts spike.ist for Nexus.
@@ -594,12 +608,8 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
     let (code, _, err) = from_other_td(&federating.base_url());
     assert_eq!(code, 1, "{err}\n{}", federating.logs());
     assert!(err.contains("access_unauthorized"), "{err}");
-    // other.td may name a workload of its own superuser: for this Nexus it is a workload like
-    // any other (SPIKE_TRUST_ROOT_PILOT is spike.ist), with no policy and so no access.
-    let mimic = fresh_uid();
-    let mimic_id = other.id("/spike/pilot/role/superuser");
-    let mimic_entry = other.create_entry(mimic, &mimic_id, &["-federatesWith", &spire.td_id()]);
-    other.wait_for_svid(mimic, &mimic_id);
+    // other.td's superuser ID: for this Nexus a workload like any other (SPIKE_TRUST_ROOT_PILOT
+    // defaults to spike.ist), with no policy and so no access.
     for args in [
         &["secret", "put", "fed/db", "k=forged"][..],
         &["policy", "list"],
@@ -609,12 +619,30 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
         assert_eq!(code, 1, "{args:?} as {mimic_id}: {out}{err}");
         assert!(err.contains("access_unauthorized"), "{args:?}: {err}");
     }
+    // Where SPIKE_TRUST_ROOT_PILOT names other.td, it is the superuser, and spike.ist's is not.
+    let (code, _, err) = other_td_runs(
+        mimic,
+        &pilots_abroad.base_url(),
+        &["secret", "put", "fed/db", "k=v"],
+    );
+    assert_eq!(code, 0, "{err}\n{}", pilots_abroad.logs());
+    let (code, _, err) = cli_as(
+        &spire,
+        su,
+        &pilots_abroad.base_url(),
+        &["secret", "get", "fed/db", "k"],
+    );
+    assert_eq!(
+        code, 1,
+        "spike.ist's superuser served where other.td holds the role: {err}"
+    );
+    assert!(err.contains("access_unauthorized"), "{err}");
     other.delete_entry(&mimic_entry);
     let pattern = format!("^{}$", app_id.replace('.', "\\."));
     let (code, _, err) = cli_as(
         &spire,
         su,
-        &c.urls(),
+        &url,
         &[
             "policy",
             "create",
@@ -672,7 +700,7 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
     )
     .await;
     refused_by(federating);
-    for n in &c.nexus {
+    for n in [federating, narrow] {
         let (code, out, err) = cli_as(&spire, su, &n.base_url(), &["secret", "get", "fed/db", "k"]);
         assert_eq!((code, out.trim()), (0, "v"), "{err}");
     }
