@@ -712,8 +712,9 @@ async fn federated_bundles_count_for_exactly_the_configured_trust_domains() {
 
 /// Bad identity sources on a real agent stop a server, and a client command, with a message
 /// naming the cause and the variable: the SPIRE server's own API socket given as the Workload
-/// API, a process the agent has no entry for, and a trust domain the agent has no bundle for
-/// (in SPIKE_TRUST_ROOT or in one role's variable). None of them serves.
+/// API, a process the agent has no entry for, one registered as another role, and a trust
+/// domain the agent has no bundle for (in SPIKE_TRUST_ROOT or in one role's variable). None of
+/// them serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_agent_that_cannot_give_a_usable_identity_is_named() {
     let Some(spire) = Spire::shared() else { return };
@@ -759,6 +760,21 @@ async fn a_real_agent_that_cannot_give_a_usable_identity_is_named() {
             vec![],
             3,
             &["no SVID for this process", "PermissionDenied"],
+        ),
+        // Registered, but as another role: the agent's SVID is not served as the wrong one.
+        (
+            "nexus",
+            &keeper,
+            vec![],
+            1,
+            &["spiffe://spike.ist/spike/nexus, which is not a keeper identity"],
+        ),
+        (
+            "app-one",
+            &nexus,
+            vec![],
+            1,
+            &["spiffe://spike.ist/app/one, which is not a nexus identity"],
         ),
         (
             "keeper-1",
