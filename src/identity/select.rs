@@ -184,12 +184,11 @@ mod tests {
         };
         assert_eq!(w.socket, PathBuf::from("/tmp/spire-agent/public/api.sock"));
         assert!(w.implicit);
-        assert!(
-            !cfg(&[(ENDPOINT_SOCKET, "unix:///s")]).map_or(true, |c| match c.source {
-                SourceConfig::WorkloadApi(w) => w.implicit,
-                SourceConfig::Files(_) => true,
-            })
-        );
+        let c = cfg(&[(ENDPOINT_SOCKET, "unix:///s")]).unwrap();
+        let SourceConfig::WorkloadApi(w) = &c.source else {
+            panic!("{c:?}");
+        };
+        assert!(!w.implicit, "a socket that was set is not SPIRE's default");
     }
 
     #[test]
