@@ -245,3 +245,36 @@ async fn watchdog_pings_stop_while_the_store_is_unreachable_and_resume_after() {
         failed(&texts)
     );
 }
+
+/// A Keeper whose Workload API socket does not exist yet says why it waits in its sd_notify
+/// STATUS (what `systemctl status` shows an operator), and sends no READY=1 meanwhile.
+#[test]
+fn a_server_waiting_for_the_agent_says_so_in_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = NotifySocket::bind(dir.path(), "keeper.sock");
+    let missing = dir.path().join("agent.sock");
+    let endpoint = format!("unix://{}", missing.display());
+    let mut env = std::collections::HashMap::new();
+    for (k, v) in [
+        ("NOTIFY_SOCKET", sock.path.to_str().unwrap()),
+        ("SPIFFE_ENDPOINT_SOCKET", endpoint.as_str()),
+        ("SPIKE_SPIFFE_SOURCE_TIMEOUT", "60s"),
+        ("SPIKE_KEEPER_TLS_PORT", "127.0.0.1:0"),
+    ] {
+        env.insert(k.to_string(), v.to_string());
+    }
+    let mut keeper = Proc::launch("keeper", dir.path(), &["keeper"], env);
+    let waiting = format!(
+        "STATUS=waiting for an SVID from the SPIFFE Workload API: socket {} does not exist",
+        missing.display()
+    );
+    sock.wait_for("the waiting STATUS", |m| {
+        m.iter().any(|t| t.contains(&waiting))
+    });
+    assert!(
+        !sock.texts().iter().any(|t| t.contains("READY=1")),
+        "{:?}",
+        sock.texts()
+    );
+    keeper.kill();
+}
