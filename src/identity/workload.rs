@@ -270,7 +270,10 @@ impl fmt::Display for AgentProblem {
             AgentProblem::NotASocket { path } => {
                 write!(f, "{} exists but is not a unix socket", path.display())
             }
-            AgentProblem::Connect { reason } => write!(f, "cannot connect: {reason}"),
+            AgentProblem::Connect { reason } => write!(
+                f,
+                "cannot connect: {reason} (the agent is not running, or {ENDPOINT_SOCKET} names no SPIFFE Workload API)"
+            ),
             AgentProblem::NoAnswer { waited } => write!(
                 f,
                 "the socket took the connection but nothing answered the Workload API call within {} (an agent still starting or hung, or no SPIFFE Workload API)",
@@ -284,18 +287,17 @@ impl fmt::Display for AgentProblem {
                 f,
                 "the agent has no SVID for this process (PermissionDenied: {message}); register this workload with SPIRE (an entry whose selectors match this process) or wait for the agent to sync it"
             ),
-            AgentProblem::Status { code, message } => {
-                write!(f, "the stream failed with gRPC {code}: {message}")?;
-                if code == "INTERNAL" || code == "UNKNOWN" {
-                    // What an HTTP/1 server, or one that hangs up, looks like to gRPC.
-                    write!(
-                        f,
-                        " (the agent failed, or {ENDPOINT_SOCKET} names no SPIFFE Workload API)"
-                    )?;
-                }
-                Ok(())
-            }
-            AgentProblem::StreamEnded => f.write_str("the agent closed the stream"),
+            // Every status but PermissionDenied, Unimplemented and InvalidArgument (sorted
+            // out above) means the agent failed or is not one: an HTTP/1 server, or a server
+            // that hangs up, shows as INTERNAL, UNKNOWN or CANCELLED depending on timing.
+            AgentProblem::Status { code, message } => write!(
+                f,
+                "the stream failed with gRPC {code}: {message} (the agent failed, or {ENDPOINT_SOCKET} names no SPIFFE Workload API)"
+            ),
+            AgentProblem::StreamEnded => write!(
+                f,
+                "the agent closed the stream (it stopped, or {ENDPOINT_SOCKET} names no SPIFFE Workload API)"
+            ),
             AgentProblem::BadResponse { reason } => write!(f, "unusable response: {reason}"),
             AgentProblem::MissingBundles {
                 svid,
