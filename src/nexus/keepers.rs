@@ -189,13 +189,17 @@ pub async fn gather_from(peers: &[Uri], client: &KeeperClient) -> Round {
 /// or adopt the key, or wait.
 async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
     // The sharing since the last rekey, and a rekey under way: both say which Keepers to ask.
-    // The record is not checked yet (no key): it is used only if it names the key the
-    // verifier names, and only to choose whom to ask.
-    let (verifier, deployment, journal) = match tokio::try_join!(
-        nexus.store.verifier(),
-        super::rekey::peek_deployment(&nexus.store),
-        super::rekey::journal(&nexus.store)
-    ) {
+    // The record is not checked yet (no key): it is used only to choose whom to ask.
+    let read = async {
+        let (verifier, journal) =
+            tokio::try_join!(nexus.store.verifier(), super::rekey::journal(&nexus.store))?;
+        let deployment = match &verifier {
+            Some(v) => super::rekey::peek_deployment(&nexus.store, v).await?,
+            None => None,
+        };
+        Ok::<_, crate::store::Error>((verifier, deployment, journal))
+    };
+    let (verifier, deployment, journal) = match read.await {
         Ok(found) => found,
         Err(e) => {
             tracing::error!(backend = nexus.store.backend(), error = %e, "cannot read the root-key verifier, its record or the rekey journal");
@@ -203,10 +207,7 @@ async fn attempt(nexus: &Arc<Nexus>, client: &KeeperClient) -> Outcome {
             return Outcome::Retry;
         }
     };
-    if let Some(sharing) = deployment
-        .filter(|d| verifier.as_ref().is_some_and(|v| v.key_id == d.key_id))
-        .and_then(|d| d.sharing())
-    {
+    if let Some(sharing) = deployment.and_then(|d| d.sharing()) {
         nexus.set_awaiting(sharing);
     }
     let Round {
@@ -525,9 +526,8 @@ pub async fn deployment_key(
 ) -> Result<RootKey, KeyError> {
     let verifier = store.verifier().await?.ok_or(KeyError::NewDeployment)?;
     // Since a rekey the store's record says which Keepers hold the key, and how many rebuild it.
-    let sharing = super::rekey::peek_deployment(store)
+    let sharing = super::rekey::peek_deployment(store, &verifier)
         .await?
-        .filter(|d| d.key_id == verifier.key_id)
         .and_then(|d| d.sharing())
         .unwrap_or_else(|| super::rekey::Sharing::of_config(config));
     let Round { shards, .. } = gather_from(&sharing.peers, client).await;

@@ -288,13 +288,13 @@ async fn attempt(nexus: &Arc<Nexus>, generation: u64) -> Result<RestoreResponse,
 /// root-key record lists the ids (and thresholds) of the keys it replaced. Key ids are
 /// one-way fingerprints, so the shards are only combined and compared, never used.
 async fn predate(nexus: &Nexus, shards: &[Share]) -> Option<String> {
-    // The record is not authenticated here (no key yet): it is used only when it names the
-    // key the verifier names, and a key the verifier names is never called replaced.
-    let current = nexus.store.verifier().await.ok()??.key_id;
-    let deployment = super::rekey::peek_deployment(&nexus.store).await.ok()??;
-    if deployment.key_id != current {
-        return None;
-    }
+    // The record is not authenticated here (no key yet): peek_deployment keeps it only when
+    // it names the key the verifier names, and that key is never called replaced.
+    let verifier = nexus.store.verifier().await.ok()??;
+    let deployment = super::rekey::peek_deployment(&nexus.store, &verifier)
+        .await
+        .ok()??;
+    let current = verifier.key_id;
     let mut thresholds: Vec<u8> = deployment.previous.iter().map(|p| p.threshold).collect();
     thresholds.sort_unstable();
     thresholds.dedup();

@@ -179,11 +179,23 @@ fn open_record<T: Serialize + for<'de> Deserialize<'de>>(
     Some(m.body)
 }
 
-/// The store's root-key record, unauthenticated: what an instance without a key may use to
-/// know which Keepers to ask (a forged one only makes it ask the wrong ones; the shards are
-/// accepted only if they open the verifier, and nothing is sent to a Keeper before the record
-/// is checked under the key).
+/// The store's root-key record, unauthenticated, when it names the key `verifier` names: what
+/// an instance without a key may use to know which Keepers to ask (a forged one only makes it
+/// ask the wrong ones; the shards are accepted only if they open the verifier, and nothing is
+/// sent to a Keeper before the record is checked under the key). A record of another key is
+/// left out, so the verifier's key is never taken for one a rekey replaced.
 pub async fn peek_deployment(
+    store: &impl Store,
+    verifier: &Verifier,
+) -> Result<Option<Deployment>, crate::store::Error> {
+    Ok(peek_any_deployment(store)
+        .await?
+        .filter(|d| d.key_id == verifier.key_id))
+}
+
+/// The store's root-key record, unauthenticated, whichever key it names: only for a rekey's
+/// finish, which asks whether the record of the new key is written yet.
+async fn peek_any_deployment(
     store: &impl Store,
 ) -> Result<Option<Deployment>, crate::store::Error> {
     Ok(store
@@ -701,7 +713,7 @@ pub async fn finish(
     // The root-key record, then the verifier: an instance that recovers in between finds the
     // journal and finishes it too. What the record keeps of the keys before is taken from a
     // record this key pair can vouch for only.
-    let current = peek_deployment(store).await?;
+    let current = peek_any_deployment(store).await?;
     if current.as_ref().map(|d| d.key_id.as_str()) != Some(j.to()) {
         let (mut previous, old_threshold) = match deployment(store, from).await? {
             Some(d) => (d.previous, d.threshold),
@@ -904,11 +916,10 @@ pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiEr
         ));
     }
     tracing::info!(held = %stale.key_id, store = %verifier.key_id, "the root key was replaced by a rekey through another instance; learning it from the Keepers");
-    let sharing = match peek_deployment(&nexus.store).await? {
-        Some(d) if d.key_id == verifier.key_id => d.sharing(),
-        _ => None,
-    }
-    .unwrap_or_else(|| stale.sharing.clone());
+    let sharing = peek_deployment(&nexus.store, &verifier)
+        .await?
+        .and_then(|d| d.sharing())
+        .unwrap_or_else(|| stale.sharing.clone());
     let round = super::keepers::gather_from(&sharing.peers, &client).await;
     let shards: Vec<Share> = round.shards.into_iter().map(|(_, s)| s).collect();
     let found =
