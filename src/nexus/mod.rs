@@ -436,27 +436,49 @@ impl Nexus {
         Ok(self.keys().unwrap_or_else(|| Arc::clone(keys)))
     }
 
+    /// Runs the keyring change `edit` under `keys`' root key and answers the keyring after it.
+    /// A rekey that lands between the check and the write re-wraps the keyring under a key
+    /// `keys` does not open (`edit` fails with an error `rekeyed` recognises): it is followed
+    /// once and `edit` runs again under the new key. Other errors go through `refused`.
+    async fn edit_keyring<E, Fut>(
+        self: &Arc<Self>,
+        keys: Arc<Keys>,
+        edit: impl Fn(Arc<Keys>) -> Fut,
+        rekeyed: impl Fn(&E) -> bool,
+        refused: impl Fn(E) -> ApiError,
+    ) -> Result<Arc<keyring::Keyring>, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let mut keys = keys;
+        let mut followed = false;
+        loop {
+            match edit(Arc::clone(&keys)).await {
+                Ok(()) => return self.keyring(&keys).await,
+                Err(e) if !followed && rekeyed(&e) => {
+                    followed = true;
+                    keys = self.current(&keys).await?;
+                }
+                Err(e) => return Err(refused(e)),
+            }
+        }
+    }
+
     /// Adds a data key to the keyring ([`keyring::rotate`]); this instance uses it at once,
     /// the others at their next check.
     pub async fn rotate(
         self: &Arc<Self>,
         keys: &Arc<Keys>,
     ) -> Result<Arc<keyring::Keyring>, ApiError> {
-        let mut keys = self.current(keys).await?;
-        // A rekey that lands between the check and the write re-wraps the keyring under a key
-        // this one does not open: follow it and add the key under the new one.
-        let mut followed = false;
-        loop {
-            match keyring::rotate(&self.store, &keys.root, self.config.upgrade_secret_records).await
-            {
-                Ok(_) => return self.keyring(&keys).await,
-                Err(keyring::Error::Refused(_)) if !followed => {
-                    followed = true;
-                    keys = self.current(&keys).await?;
-                }
-                Err(e) => return Err(keyring_error(e)),
-            }
-        }
+        let keys = self.current(keys).await?;
+        let (store, upgrade) = (&self.store, self.config.upgrade_secret_records);
+        self.edit_keyring(
+            keys,
+            |k| async move { keyring::rotate(store, &k.root, upgrade).await.map(drop) },
+            |e| matches!(e, keyring::Error::Refused(_)),
+            keyring_error,
+        )
+        .await
     }
 
     /// Starts a re-encryption pass in the background: every secret record and the policy
@@ -560,21 +582,17 @@ impl Nexus {
         if count > 0 {
             return Err(refused(keyring::RetireError::InUse { id, count }));
         }
-        let upgrade = self.config.upgrade_secret_records;
-        let mut keys = Arc::clone(keys);
-        let mut followed = false;
-        loop {
-            match keyring::retire(&self.store, &keys.root, id, upgrade).await {
-                Ok(_) => return self.keyring(&keys).await,
-                // A rekey landed meanwhile (as in `rotate`): follow it once and retire under it.
-                Err(keyring::RetireError::Keyring(keyring::Error::Refused(_))) if !followed => {
-                    followed = true;
-                    keys = self.current(&keys).await?;
-                }
-                Err(keyring::RetireError::Keyring(e)) => return Err(keyring_error(e)),
-                Err(e) => return Err(refused(e)),
-            }
-        }
+        let (store, upgrade) = (&self.store, self.config.upgrade_secret_records);
+        self.edit_keyring(
+            Arc::clone(keys),
+            |k| async move { keyring::retire(store, &k.root, id, upgrade).await.map(drop) },
+            |e| matches!(e, keyring::RetireError::Keyring(keyring::Error::Refused(_))),
+            |e| match e {
+                keyring::RetireError::Keyring(e) => keyring_error(e),
+                e => refused(e),
+            },
+        )
+        .await
     }
 
     /// The loaded key material, if any.
