@@ -530,18 +530,28 @@ pub async fn deployment_key(
         .await?
         .and_then(|d| d.sharing())
         .unwrap_or_else(|| super::rekey::Sharing::of_config(config));
-    let Round { shards, .. } = gather_from(&sharing.peers, client).await;
+    let (key, have) = key_held_by(&sharing, client, verifier).await;
     let need = usize::from(sharing.threshold);
-    if shards.len() < need {
-        return Err(KeyError::TooFewShards {
-            have: shards.len(),
-            need,
-        });
+    match key {
+        Some(key) => Ok(key),
+        None if have < need => Err(KeyError::TooFewShards { have, need }),
+        None => Err(KeyError::NoKey),
     }
-    search(by_index(&shards), need, Some(verifier))
+}
+
+/// The key that `sharing`'s Keepers hold, each asked once: a threshold of their shards that
+/// opens `verifier`, if there is one; and how many shards they gave.
+pub async fn key_held_by(
+    sharing: &super::rekey::Sharing,
+    client: &KeeperClient,
+    verifier: crate::crypto::Verifier,
+) -> (Option<RootKey>, usize) {
+    let Round { shards, .. } = gather_from(&sharing.peers, client).await;
+    let threshold = usize::from(sharing.threshold);
+    let key = search(by_index(&shards), threshold, Some(verifier))
         .await
-        .key
-        .ok_or(KeyError::NoKey)
+        .key;
+    (key, shards.len())
 }
 
 /// The Keepers' shards in index order (arrival order within an index), for [`search`].

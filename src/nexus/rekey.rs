@@ -785,14 +785,11 @@ async fn put_over(store: &impl Store, key: &str, value: Vec<u8>) -> Result<(), A
 /// their shard before the journal could be committed.
 async fn learn_to(client: &KeeperClient, j: &Journal) -> Option<RootKey> {
     let sharing = j.sharing()?;
-    let round = super::keepers::gather_from(&sharing.peers, client).await;
-    let shards: Vec<Share> = round.shards.into_iter().map(|(_, s)| s).collect();
-    let to = j.to_verifier();
-    let found = super::keepers::search(shards, usize::from(sharing.threshold), Some(to)).await;
-    if found.key.is_none() {
+    let (key, _) = super::keepers::key_held_by(&sharing, client, j.to_verifier()).await;
+    if key.is_none() {
         tracing::warn!(to = %j.to(), "the Keepers do not hold enough of the rekey's new key yet");
     }
-    found.key.filter(|k| j.is_to(k))
+    key.filter(|k| j.is_to(k))
 }
 
 /// Takes a journal found in the store one step on, from an instance holding `held`:
@@ -920,11 +917,8 @@ pub async fn follow(nexus: &Arc<Nexus>, stale: &Keys) -> Result<Arc<Keys>, ApiEr
         .await?
         .and_then(|d| d.sharing())
         .unwrap_or_else(|| stale.sharing.clone());
-    let round = super::keepers::gather_from(&sharing.peers, &client).await;
-    let shards: Vec<Share> = round.shards.into_iter().map(|(_, s)| s).collect();
-    let found =
-        super::keepers::search(shards, usize::from(sharing.threshold), Some(verifier)).await;
-    let Some(key) = found.key else {
+    let (found, _) = super::keepers::key_held_by(&sharing, &client, verifier).await;
+    let Some(key) = found else {
         tracing::warn!(
             "the root key was replaced by a rekey and the Keepers do not hold enough of the new one yet"
         );
